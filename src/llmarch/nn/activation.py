@@ -1,0 +1,36 @@
+"""Activation functions by config name (the eager functions are the spec)."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmarch.registry import Registry
+
+ACTIVATIONS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("activation")
+
+ACTIVATIONS.add("relu", F.relu)
+ACTIVATIONS.add("gelu", F.gelu)  # exact erf form (BERT, T5 v1.1 "gelu")
+ACTIVATIONS.add("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"))  # GPT-2 "gelu_new", BLOOM
+ACTIVATIONS.add("silu", F.silu)  # a.k.a. swish (LLaMA's SwiGLU)
+ACTIVATIONS.add("sigmoid", torch.sigmoid)  # GLU (Dauphin et al. 2017)
+ACTIVATIONS.add("tanh", torch.tanh)
+
+
+@ACTIVATIONS.register("quick_gelu")
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x) (used by some GPT-style checkpoints)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+@ACTIVATIONS.register("relu2")
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU (So et al. 2021, Primer)."""
+    return F.relu(x).square()
+
+
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU written out (tests hold the registry entry to it)."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))

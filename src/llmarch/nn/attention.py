@@ -1,0 +1,100 @@
+"""Multi-head attention with grouped key/value heads: MHA (G = H), GQA (1 < G < H, Ainslie et al. 2023) and
+MQA (G = 1, Shazeer 2019). Masks come from the layer's pattern combined with causality and padding; positions
+enter through the shared :class:`AttnContext` (rotation of q/k, additive score bias)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmarch.nn.cache import KVCache
+from llmarch.nn.kernels import KERNELS
+from llmarch.nn.patterns import Pattern, causal_mask
+from llmarch.nn.position import PositionScheme
+
+
+class AttnContext:
+    """What every attention layer of one stack shares in one forward: query slots, padding, causality, the
+    position scheme's rotation and bias. Masks and biases are memoised per (pattern, key range)."""
+
+    def __init__(self, q_start: int, T: int, positions: PositionScheme, position_ids: torch.Tensor,
+                 key_padding: torch.Tensor | None, causal: bool, device: torch.device):
+        self.q_start, self.T, self.causal = q_start, T, causal
+        self.q_idx = torch.arange(q_start, q_start + T, device=device)
+        self.key_padding = key_padding  # [B, S_total] bool, True = real token
+        self.positions = positions
+        self.rotation = positions.rotation(position_ids)
+        self._masks: dict = {}
+        self._biases: dict = {}
+
+    def mask(self, pattern: Pattern, k_start: int, S: int) -> tuple[torch.Tensor | None, bool]:
+        """Boolean mask [B|1, 1, T, S] (True = attend) or None, and whether it is exactly causal (T == S)."""
+        key = (id(pattern), k_start, S)
+        if key not in self._masks:
+            self._masks[key] = self._build_mask(pattern, k_start, S)
+        return self._masks[key]
+
+    def _build_mask(self, pattern: Pattern, k_start: int, S: int) -> tuple[torch.Tensor | None, bool]:
+        k_idx = torch.arange(k_start, k_start + S, device=self.q_idx.device)
+        rule = pattern.allowed(self.q_idx, k_idx)
+        needs_causal = self.causal and self.q_start < k_start + S - 1  # some key lies in a query's future
+        if rule is None and self.key_padding is None:
+            if not needs_causal:
+                return None, False
+            if self.q_start == k_start and S == self.T:
+                return None, True
+        m = torch.ones(self.T, S, dtype=torch.bool, device=k_idx.device)
+        if needs_causal:
+            m = m & causal_mask(self.q_idx, k_idx)
+        if rule is not None:
+            m = m & rule
+        m = m[None, None]  # [1, 1, T, S]
+        if self.key_padding is not None:
+            m = m & self.key_padding[:, None, None, k_start:k_start + S]  # [B, 1, T, S]
+        # a query with no visible key (a padding slot) attends everything, so softmax stays finite; its output
+        # is never used
+        return m | ~m.any(-1, keepdim=True), False
+
+    def bias(self, k_start: int, S: int) -> torch.Tensor | None:
+        key = (k_start, S)
+        if key not in self._biases:
+            k_idx = torch.arange(k_start, k_start + S, device=self.q_idx.device)
+            self._biases[key] = self.positions.score_bias(self.q_idx, k_idx)
+        return self._biases[key]
+
+
+class Attention(nn.Module):
+    """Self-attention. x [B, T, D] -> [B, T, D]; q [B, H, T, Dh], k/v [B, G, S, Dh] with S = cached + T.
+
+    q, k and v come from one fused projection ``qkv`` whose output is laid out [q (H*Dh) | k (G*Dh) | v (G*Dh)].
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, layer_idx: int,
+                 pattern: Pattern, qkv_bias: bool = False, out_bias: bool = False, scale: float | None = None,
+                 kernel: str = "sdpa", dropout: float = 0.0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.layer_idx, self.pattern = layer_idx, pattern
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+        self.kernel_name, self.kernel = kernel, KERNELS[kernel]
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)
+        q = q.view(B, T, H, Dh).transpose(1, 2)  # [B, H, T, Dh]
+        k = k.view(B, T, G, Dh).transpose(1, 2)  # [B, G, T, Dh]
+        v = v.view(B, T, G, Dh).transpose(1, 2)  # [B, G, T, Dh]
+        q, k = ctx.rotation.apply(q, k)
+        k_start = ctx.q_start
+        if cache is not None:
+            k, v, k_start = cache.update(self.layer_idx, k, v, self.pattern.lookback)
+        S = k.shape[2]
+        mask, causal = ctx.mask(self.pattern, k_start, S)
+        y = self.kernel(q, k, v, mask=mask, bias=ctx.bias(k_start, S), scale=self.scale, causal=causal,
+                        dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, Dh]
+        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))

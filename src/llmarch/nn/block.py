@@ -1,0 +1,40 @@
+"""Transformer blocks: a mixer (attention) and an FFN, each wrapped in a residual with a norm placed before
+(pre-norm, GPT-2 onwards) or after (post-norm, Vaswani et al. 2017 / BERT). The layout is the ``norm_placement``
+config value."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmarch.registry import Registry
+
+BLOCKS: Registry[type[nn.Module]] = Registry("norm_placement")
+
+
+class _Block(nn.Module):
+    """Holds the parts; subclasses give the residual wiring. x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, attn: nn.Module, ffn: nn.Module, attn_norm: nn.Module, ffn_norm: nn.Module,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.attn, self.ffn = attn, ffn
+        self.attn_norm, self.ffn_norm = attn_norm, ffn_norm
+        self.dropout = nn.Dropout(dropout)
+
+
+@BLOCKS.register("pre")
+class PreNormBlock(_Block):
+    """x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
+        h = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache))
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+
+@BLOCKS.register("post")
+class PostNormBlock(_Block):
+    """norm(x + attn(x)), then norm(h + ffn(h))."""
+
+    def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
+        h = self.attn_norm(x + self.dropout(self.attn(x, ctx, cache)))
+        return self.ffn_norm(h + self.dropout(self.ffn(h)))

@@ -1,0 +1,48 @@
+"""Position-wise feed-forward networks: the two-matrix MLP (Vaswani et al. 2017) and gated GLU variants
+(Shazeer 2020: SwiGLU with silu, GeGLU with gelu, ReGLU with relu)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmarch.nn.activation import ACTIVATIONS
+from llmarch.registry import Registry
+
+FFNS: Registry[type[nn.Module]] = Registry("ffn")
+
+
+@FFNS.register("mlp")
+class MLP(nn.Module):
+    """down(act(up(x))). [B, T, D] -> [B, T, D] via [B, T, F]."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.up = nn.Linear(d_model, d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
+
+
+@FFNS.register("glu")
+class GLU(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up fused in one [2F, D] matrix (one GEMM instead of two).
+
+    [B, T, D] -> [B, T, D] via [B, T, 2F]; ``gate_up.weight`` rows [0, F) are the gate, [F, 2F) the up projection.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.d_ff = d_ff
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias)
+        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x [B, T, F]
+        return self.dropout(self.down(self.act(gate) * up))

@@ -1,0 +1,96 @@
+"""Attention kernels: the same function three ways, held equal by tests.
+
+All take q [B, H, T, Dh], k [B, G, S, Dh], v [B, G, S, Dv] (G divides H: grouped-query attention), an optional
+boolean ``mask`` [B|1, 1, T, S] (True = attend), an optional additive ``bias`` [B|1, H, T, S], and return
+[B, H, T, Dv]. ``causal=True`` means "the mask is exactly lower-triangular with T == S" (lets SDPA skip the mask).
+Softmax runs in fp32 in the reference kernels.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llmarch.registry import Registry
+
+Kernel = Callable[..., torch.Tensor]
+KERNELS: Registry[Kernel] = Registry("attn_kernel")
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, G, S, D] -> [B, G*groups, S, D] (each kv head serves ``groups`` query heads)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _full_mask(mask, T: int, S: int, causal: bool, device) -> torch.Tensor | None:
+    if causal:
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+    return mask
+
+
+@KERNELS.register("sdpa")
+def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
+    """torch's fused scaled_dot_product_attention (flash / memory-efficient / math backends)."""
+    gqa = k.shape[1] != q.shape[1]
+    if bias is not None:
+        m = _full_mask(mask, q.shape[2], k.shape[2], causal, q.device)
+        attn_mask = bias.to(q.dtype) if m is None else bias.to(q.dtype).masked_fill(~m, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+                                          scale=scale, enable_gqa=gqa)
+
+
+@KERNELS.register("naive")
+def naive_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
+    """softmax(q k^T * scale + bias, masked) v, written out (the readable spec)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, T, S]
+    if bias is not None:
+        scores = scores + bias.float()
+    m = _full_mask(mask, q.shape[2], k.shape[2], causal, q.device)
+    if m is not None:
+        scores = scores.masked_fill(~m, float("-inf"))
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return (probs @ v.float()).to(q.dtype)
+
+
+@KERNELS.register("flash")
+def tiled_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0,
+                    block: int = 64) -> torch.Tensor:
+    """The online-softmax tiling of FlashAttention (Dao et al. 2022), in plain torch: keys are visited one block
+    at a time, keeping a running max ``m``, normaliser ``l`` and output ``acc`` per query, so the [T, S] score
+    matrix is never held whole. A reference for the algorithm, not a fast kernel."""
+    if dropout_p > 0:
+        raise ValueError("attn_dropout: the tiled reference kernel has no dropout; use attn_kernel='sdpa'")
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    m_full = _full_mask(mask, T, S, causal, q.device)
+    qf = q.float() * scale
+    m_run = torch.full((B, H, T, 1), float("-inf"), device=q.device)
+    l_run = torch.zeros(B, H, T, 1, device=q.device)
+    acc = torch.zeros(B, H, T, v.shape[-1], device=q.device)
+    for s0 in range(0, S, block):
+        s1 = min(s0 + block, S)
+        scores = qf @ k[:, :, s0:s1].float().transpose(-1, -2)  # [B, H, T, b]
+        if bias is not None:
+            scores = scores + bias[..., s0:s1].float()
+        if m_full is not None:
+            scores = scores.masked_fill(~m_full[..., s0:s1], float("-inf"))
+        m_new = torch.maximum(m_run, scores.amax(-1, keepdim=True))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing seen yet
+        p = torch.exp(scores - safe)
+        correction = torch.exp(m_run - safe)
+        l_run = l_run * correction + p.sum(-1, keepdim=True)
+        acc = acc * correction + p @ v[:, :, s0:s1].float()
+        m_run = m_new
+    return (acc / l_run).to(q.dtype)

@@ -1,0 +1,47 @@
+"""Normalisation layers: LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich 2019)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmarch.registry import Registry
+
+NORMS: Registry[type[nn.Module]] = Registry("norm")
+
+
+@NORMS.register("layernorm")
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim. [..., D] -> [..., D]; statistics in fp32, output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, (self.dim,), self.weight, self.bias, self.eps)
+
+
+@NORMS.register("rmsnorm")
+class RMSNorm(nn.Module):
+    """RMSNorm: x / rms(x) * weight, no mean, no bias. [..., D] -> [..., D]; computed in fp32 (as T5/LLaMA do)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, bias: bool = False):
+        super().__init__()
+        if bias:
+            raise ValueError("norm_bias: RMSNorm has no bias; set norm_bias=False")
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
+    """Build a norm from the registry; ``bias`` only applies to norms that have one."""
+    cls = NORMS[kind]
+    return cls(dim, eps=eps, bias=bias and cls is LayerNorm)

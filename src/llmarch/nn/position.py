@@ -1,0 +1,134 @@
+"""Position schemes. Each answers three questions, so callers never branch on the kind:
+
+- ``embed(position_ids)``: a [B, T, D] term added to the token embeddings, or None;
+- ``rotation(position_ids)``: a rotation applied to q/k in every attention layer (identity if none);
+- ``score_bias(q_idx, k_idx)``: an additive [1, H, T, S] bias on attention scores, or None.
+
+``position_ids`` [B, T] count real tokens (left padding does not advance them); ``q_idx`` [T] and ``k_idx`` [S]
+are absolute slots in the (padded) sequence, which is what relative biases and masks use.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmarch.nn.rope import NoRotation, RotaryEmbedding, Rotation
+from llmarch.registry import Registry
+
+POSITIONS: Registry[type[nn.Module]] = Registry("position")
+
+
+class PositionScheme(nn.Module):
+    """Base with the do-nothing answers; subclasses override what they provide."""
+
+    rotates = False
+
+    def embed(self, position_ids: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def rotation(self, position_ids: torch.Tensor) -> Rotation | NoRotation:
+        return NoRotation()
+
+    def score_bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+@POSITIONS.register("none")
+class NoPositions(PositionScheme):
+    """No position information (NoPE): the causal mask alone orders tokens."""
+
+    def __init__(self, **_: object):
+        super().__init__()
+
+
+@POSITIONS.register("learned")
+class LearnedPositions(PositionScheme):
+    """A learned [max_seq_len, D] table (GPT-2, BERT)."""
+
+    def __init__(self, d_model: int, max_seq_len: int, **_: object):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.weight = nn.Parameter(torch.zeros(max_seq_len, d_model))
+
+    def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
+        top = int(position_ids.max()) if position_ids.numel() else 0
+        if top >= self.max_seq_len:
+            raise ValueError(f"position {top} is past the learned position table (max_seq_len={self.max_seq_len}); "
+                             "shorten the input or use a position scheme that extrapolates (rope, alibi)")
+        return nn.functional.embedding(position_ids, self.weight)
+
+
+def sinusoid_table(n: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Vaswani et al. 2017: PE[p, 2i] = sin(p / base^(2i/D)), PE[p, 2i+1] = cos(...). [n, D] fp32."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(base) / dim))
+    table = torch.zeros(n, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : dim // 2]
+    return table
+
+
+@POSITIONS.register("sinusoidal")
+class SinusoidalPositions(PositionScheme):
+    """Fixed sinusoids (Vaswani et al. 2017), computed on the fly so any length works."""
+
+    def __init__(self, d_model: int, **_: object):
+        super().__init__()
+        self.d_model = d_model
+
+    def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
+        dim = self.d_model
+        inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device)
+                        * (-math.log(10000.0) / dim))
+        angles = position_ids[..., None].float() * inv  # [B, T, D/2]
+        out = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # interleave sin, cos
+        return out[..., :dim]
+
+
+@POSITIONS.register("rope")
+class RopePositions(PositionScheme):
+    """Rotary embeddings applied to q and k in every layer."""
+
+    rotates = True
+
+    def __init__(self, head_dim: int, rope, max_seq_len: int, **_: object):
+        super().__init__()
+        self.rotary = RotaryEmbedding(head_dim, rope, rope.original_max_seq_len or max_seq_len)
+
+    def rotation(self, position_ids: torch.Tensor) -> Rotation:
+        return self.rotary(position_ids)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Press et al. 2022: geometric slopes 2^(-8/n), 2^(-16/n), ...; for a head count that is not a power of two,
+    the slopes of the nearest lower power of two followed by every other slope of the next power of two. [H]"""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(power_of_two(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(power_of_two(closest) + extra)
+
+
+@POSITIONS.register("alibi")
+class AlibiPositions(PositionScheme):
+    """Attention with linear biases: score(i, j) -= slope_h * |i - j| (BLOOM, MPT)."""
+
+    def __init__(self, n_heads: int, **_: object):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def score_bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        dist = (q_idx[:, None] - k_idx[None, :]).abs().float()  # [T, S]
+        return -(self.slopes[:, None, None] * dist)[None]  # [1, H, T, S]
+
+
+def build_positions(kind: str, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int, rope) -> nn.Module:
+    """Instantiate a registry entry with the sizes it needs."""
+    return POSITIONS[kind](d_model=d_model, n_heads=n_heads, head_dim=head_dim, max_seq_len=max_seq_len, rope=rope)

@@ -1,0 +1,122 @@
+"""Rotary position embeddings (Su et al. 2021, RoFormer) in the half-rotation layout, with the context-extension
+scalings: linear position interpolation (Chen et al. 2023), dynamic NTK, Llama 3's frequency bands, and YaRN
+(Peng et al. 2023)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmarch.config import RopeConfig
+
+
+def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    """theta^(-2i/dim) for i < dim/2, fp32. [dim/2]"""
+    return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+
+
+def llama3_inv_freq(inv: torch.Tensor, cfg: RopeConfig) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by ``factor``, short ones kept, a smooth blend in between."""
+    old = cfg.original_max_seq_len
+    low_wavelen, high_wavelen = old / cfg.low_freq_factor, old / cfg.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / cfg.factor, inv)
+    smooth = (old / wavelen - cfg.low_freq_factor) / (cfg.high_freq_factor - cfg.low_freq_factor)
+    blended = (1 - smooth) * scaled / cfg.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def yarn_inv_freq(cfg: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, keep high ones, a linear ramp between; returns (inv_freq, cos/sin scale)."""
+    factor, base, orig = cfg.factor, cfg.theta, cfg.original_max_seq_len
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.beta_fast), correction_dim(cfg.beta_slow)
+    if cfg.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    powers = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / powers, 1.0 / (factor * powers)
+    keep = 1 - ramp  # 1 where the dimension keeps its original frequency
+    inv = interpolation * (1 - keep) + extrapolation * keep
+    scale = cfg.attention_factor
+    if scale is None:
+        scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv, scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Computes cos/sin tables for given position ids and applies the rotation to q and k.
+
+    The first ``rot_dim = fraction * head_dim`` dims of each head are rotated, pairing dim i with i + rot_dim/2.
+    """
+
+    def __init__(self, head_dim: int, rope: RopeConfig, max_seq_len: int):
+        super().__init__()
+        self.rope, self.max_seq_len = rope, max_seq_len
+        self.rot_dim = int(head_dim * rope.fraction)
+        inv, scale = base_inv_freq(rope.theta, self.rot_dim), 1.0
+        if rope.scaling == "linear":
+            inv = inv / rope.factor
+        elif rope.scaling == "llama3":
+            inv = llama3_inv_freq(inv, rope)
+        elif rope.scaling == "yarn":
+            inv, scale = yarn_inv_freq(rope, self.rot_dim)
+        self.scale = scale
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def frequencies(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """Inverse frequencies for this call. Dynamic NTK grows the base once positions pass ``max_seq_len``."""
+        if self.rope.scaling != "dynamic":
+            return self.inv_freq
+        seq_len = int(position_ids.max()) + 1
+        if seq_len <= self.max_seq_len:
+            return self.inv_freq
+        d, f = self.rot_dim, self.rope.factor
+        base = self.rope.theta * ((f * seq_len / self.max_seq_len) - (f - 1)) ** (d / (d - 2))
+        return base_inv_freq(base, d).to(self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor) -> "Rotation":
+        """position_ids [B, T] -> a Rotation holding cos/sin [B, 1, T, rot_dim] in fp32."""
+        inv = self.frequencies(position_ids)
+        angles = position_ids[:, :, None].float() * inv[None, None, :]  # [B, T, rot/2]
+        emb = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, rot]
+        return Rotation(emb.cos() * self.scale, emb.sin() * self.scale)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class Rotation:
+    """cos/sin [B, 1, T, R]; ``apply(q, k)`` rotates the first R dims of q [B, H, T, Dh] and k [B, G, T, Dh]."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        r = self.cos.shape[-1]
+        cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
+        if r == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        x_rot, x_pass = x[..., :r], x[..., r:]
+        return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._one(q), self._one(k)
+
+
+class NoRotation:
+    """The rotation of schemes that do not rotate q/k."""
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return q, k
