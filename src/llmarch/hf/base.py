@@ -1,0 +1,137 @@
+"""What a Hugging Face model type must provide, the registry of them, and shared config helpers."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from llmarch.config import ModelConfig
+from llmarch.hf.convert import Rule
+from llmarch.registry import Registry
+
+
+class Family:
+    """One HF ``model_type``: config translation both ways and the weight rules.
+
+    ``prefixes`` are optional leading names some checkpoints carry (``transformer.``); ``ignore`` are regexes of
+    checkpoint tensors that hold nothing to load (buffers), each with its reason in a comment where declared."""
+
+    model_type: str = ""
+    architecture: str = ""
+    prefixes: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    def to_config(self, hf: dict[str, Any]) -> ModelConfig:
+        raise NotImplementedError
+
+    def from_config(self, cfg: ModelConfig) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def rules(self, cfg: ModelConfig) -> Sequence[Rule]:
+        raise NotImplementedError
+
+    def accepts(self, cfg: ModelConfig) -> str | None:
+        """None if this model type can represent ``cfg`` exactly, else the first reason it cannot."""
+        raise NotImplementedError
+
+    def model_prefix(self) -> str:
+        """The prefix written on save (the LM-head model's base-model attribute)."""
+        return self.prefixes[0] if self.prefixes else ""
+
+
+FAMILIES: Registry[type[Family]] = Registry("HF model_type")
+
+
+ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+               "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu", "quick_gelu": "quick_gelu",
+               "tanh": "tanh", "sigmoid": "sigmoid"}
+ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "silu": "silu",
+             "quick_gelu": "quick_gelu", "tanh": "tanh", "sigmoid": "sigmoid"}
+
+
+def activation_from_hf(name: str, field: str = "hidden_act") -> str:
+    if name not in ACT_FROM_HF:
+        raise ValueError(f"config.json {field}={name!r} is not supported; supported: {sorted(ACT_FROM_HF)}")
+    return ACT_FROM_HF[name]
+
+
+def activation_to_hf(name: str) -> str:
+    if name not in ACT_TO_HF:
+        raise ValueError(f"activation {name!r} has no Hugging Face name; use one of {sorted(ACT_TO_HF)}")
+    return ACT_TO_HF[name]
+
+
+def require(hf: dict[str, Any], *names: str) -> list[Any]:
+    missing = [n for n in names if n not in hf]
+    if missing:
+        raise ValueError(f"config.json lacks {missing} (model_type {hf.get('model_type')!r})")
+    return [hf[n] for n in names]
+
+
+def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings from either layout: ``rope_parameters`` (newer files) or top-level ``rope_theta`` +
+    ``rope_scaling`` (older files, where the type key is ``type`` or ``rope_type``)."""
+    params = dict(hf.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):  # per-layer-type layout
+        params = dict(params["full_attention"])
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    kinds = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3", "yarn": "yarn"}
+    if kind not in kinds:
+        raise ValueError(f"config.json rope type {kind!r} is not supported; supported: {sorted(kinds)}")
+    rope: dict[str, Any] = dict(theta=float(theta), scaling=kinds[kind])
+    fraction = merged.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    if fraction is not None:
+        rope["fraction"] = float(fraction)
+    if kind != "default":
+        rope["factor"] = float(merged.get("factor", 1.0))
+    if kind in ("llama3", "yarn"):
+        rope["original_max_seq_len"] = int(merged.get("original_max_position_embeddings")
+                                           or hf["max_position_embeddings"])
+    if kind == "llama3":
+        rope["low_freq_factor"] = float(merged["low_freq_factor"])
+        rope["high_freq_factor"] = float(merged["high_freq_factor"])
+    if kind == "yarn":
+        for ours, theirs in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
+                             ("attention_factor", "attention_factor")):
+            if merged.get(theirs) is not None:
+                rope[ours] = float(merged[theirs])
+        if "truncate" in merged:
+            rope["truncate"] = bool(merged["truncate"])
+    return rope
+
+
+def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """``rope_parameters`` as the installed transformers writes it."""
+    r = cfg.rope
+    kind = {"none": "default"}.get(r.scaling, r.scaling)
+    out: dict[str, Any] = {"rope_type": kind, "rope_theta": r.theta}
+    if r.fraction != 1.0:
+        out["partial_rotary_factor"] = r.fraction
+    if kind != "default":
+        out["factor"] = r.factor
+    if kind in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = r.original_max_seq_len
+    if kind == "llama3":
+        out.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    if kind == "yarn":
+        out.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate)
+        if r.attention_factor is not None:
+            out["attention_factor"] = r.attention_factor
+    return out
+
+
+def tokens_from_hf(hf: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    """bos/eos/pad ids (an id outside the vocabulary, or a list, is dropped: it cannot index our embedding)."""
+    out = {}
+    for ours, theirs in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                         ("pad_token_id", "pad_token_id")):
+        v = hf.get(theirs)
+        if isinstance(v, list):
+            v = v[0] if v else None
+        out[ours] = v if isinstance(v, int) and 0 <= v < vocab_size else None
+    return out
+
+
+def tokens_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
