@@ -94,7 +94,8 @@ def architecture(cfg, title: str = "") -> Diagram:
     if cfg.final_norm:
         nodes.append(Node("final_norm", f"final {norm_label(cfg)}", "norm"))
     head = f"LM head D -> V={cfg.vocab_size}" + (" (tied to embedding)" if cfg.tie_embeddings else "")
-    nodes += [Node("head", head + (" +bias" if cfg.head_bias else ""), "head"), Node("logits", "logits [B, T, V]", "io")]
+    nodes.append(Node("head", head + (" +bias" if cfg.head_bias else ""), "head"))
+    nodes.append(Node("logits", "logits [B, T, V]", "io"))
     edges = [(a.id, b.id) for a, b in zip(nodes, nodes[1:])]
     notes = [f"kind {cfg.kind}: {cfg.kind.replace('_', '-')} stacks are drawn as one block"] if cfg.kind != "decoder" \
         else []

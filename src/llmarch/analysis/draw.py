@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, FancyBboxPatch
 
@@ -81,5 +82,6 @@ def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     if path.suffix.lower() not in (".svg", ".png", ".pdf"):
         raise ValueError(f"output {path}: use a .svg, .png or .pdf file for a rendered picture (.mmd for Mermaid)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text (searchable, small)
+        fig.savefig(path, dpi=dpi)
     return path

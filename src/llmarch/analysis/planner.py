@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmarch.analysis.flops import forward_flops
-from llmarch.analysis.params import count_params  # noqa: F401  (also used by the CLI)
+from llmarch.analysis.params import count_params
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # dense bf16/fp16 tensor-core peak, FLOP/s, from the vendors' data sheets (no sparsity)

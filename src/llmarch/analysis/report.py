@@ -3,12 +3,12 @@ closed forms beside the exact numbers."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from llmarch.analysis import flops as F
 from llmarch.analysis import memory as M
-from llmarch.analysis.params import ParamCount, closed_form_comparison, count_params, gpt_closed_form_params
-from llmarch.analysis.params import meta_param_count
+from llmarch.analysis.params import (ParamCount, closed_form_comparison, count_params, gpt_closed_form_params,
+                                     meta_param_count)
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,7 @@ def analyze(cfg, seq_len: int = 2048, batch: int = 1, dtype: str = "bf16", verif
         flops=fl, flops_closed_form=F.gpt_closed_form_flops(cfg, seq_len, batch),
         flops_comparison=F.closed_form_comparison(cfg, seq_len, batch),
         decode_flops_per_token=F.decode_flops_per_token(cfg, seq_len),
-        kv_bytes_per_token=M.kv_bytes_per_token(cfg, dtype), kv_cache_bytes=M.kv_cache_bytes(cfg, seq_len, batch, dtype),
+        kv_bytes_per_token=M.kv_bytes_per_token(cfg, dtype),
+        kv_cache_bytes=M.kv_cache_bytes(cfg, seq_len, batch, dtype),
         training_memory=M.training_memory(cfg, seq_len, batch, dtype, n_params=params.total),
         inference_memory=M.inference_memory(cfg, seq_len, batch, dtype, n_params=params.total))
-
-
-def report_dict(report: Report) -> dict:
-    return asdict(report)

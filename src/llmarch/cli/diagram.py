@@ -16,12 +16,14 @@ def add(sub) -> None:
 
 def subtitle(cfg) -> str:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
+    from llmarch.cli.inspect import human_bytes
 
     pc = count_params(cfg)
     f = forward_flops(cfg, min(2048, cfg.max_seq_len), 1)
     active = f", {human(pc.active)} active" if pc.active != pc.total else ""
+    kv = human_bytes(kv_bytes_per_token(cfg))
     return (f"{human(pc.total)} parameters{active} · context {cfg.max_seq_len} · "
-            f"{f.forward / f.tokens:.3g} fwd FLOPs/token · KV {kv_bytes_per_token(cfg) / 1024:.0f} KiB/token (bf16)")
+            f"{f.forward / f.tokens:.3g} fwd FLOPs/token · KV cache {kv}/token (bf16)")
 
 
 def run(args) -> int:
