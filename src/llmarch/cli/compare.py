@@ -10,7 +10,7 @@ from llmarch.cli.common import add_json_flag, emit_json, human, table
 def add(sub) -> None:
     p = sub.add_parser("compare", help="compare presets or config files side by side")
     p.add_argument("models", nargs="+", metavar="MODEL", help="preset names or config files (.json/.yaml)")
-    p.add_argument("--seq-len", type=int, default=2048, help="context for FLOPs/token (default 2048)")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs/token, capped at each model's context (default 2048)")
     p.add_argument("--dtype", default="bf16", help="KV-cache dtype (default bf16)")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -27,7 +27,7 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
 
     pc = count_params(cfg)
-    f = forward_flops(cfg, seq_len, 1)
+    f = forward_flops(cfg, min(seq_len, cfg.max_seq_len), 1)  # a model never runs past its context
     return dict(params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=cfg.n_layers,
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position,
                 ffn=f"{cfg.ffn} {cfg.activation}, F={cfg.d_ff}", norm=f"{cfg.norm} ({cfg.norm_placement})",
@@ -51,7 +51,7 @@ def run(args) -> int:
         return 0
     fmt = {"params": human, "active": human, "flops_per_token": lambda v: f"{v:.3g}",
            "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
-    label = {"flops_per_token": f"fwd FLOPs/token @{args.seq_len}", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+    label = {"flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
     keys = list(next(iter(cols.values())))
     rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]
     print(table(rows, [""] + list(cols)))
