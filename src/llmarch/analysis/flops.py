@@ -77,11 +77,13 @@ def attended_fraction(cfg, T: int) -> float | None:
     """Mean over layers of the fraction of the T×T score matrix that the causal mask and pattern allow."""
     if T > USEFUL_FRACTION_MAX_T:
         return None
-    from llmarch.nn.patterns import build_pattern
+    from llmarch.analysis.memory import layer_pattern
 
     fractions = {}
-    for name in set(cfg.pattern):
-        fractions[name] = float(build_pattern(name, window=cfg.window).render(T).float().mean())
+    for i in range(cfg.n_layers):
+        name = cfg.layer_pattern(i)
+        if name not in fractions:
+            fractions[name] = float(layer_pattern(cfg, i).render(T).float().mean())
     return sum(fractions[cfg.layer_pattern(i)] for i in range(cfg.n_layers)) / cfg.n_layers
 
 

@@ -23,12 +23,17 @@ def dtype_bytes(name: str) -> float:
     return DTYPE_BYTES[name]
 
 
+def layer_pattern(cfg, layer: int):
+    """The attention pattern object of ``layer``, built the way the model's stack builds it."""
+    from llmarch.nn.patterns import build_pattern
+
+    return build_pattern(cfg.layer_pattern(layer), window=cfg.window)
+
+
 def cached_keys(cfg, layer: int, context: int) -> int:
     """Keys layer ``layer`` keeps for a ``context``-token context: a pattern with a finite lookback (a sliding
     window W keeps W-1 past keys + the current one) caps it at lookback + 1."""
-    from llmarch.nn.patterns import build_pattern
-
-    lookback = build_pattern(cfg.layer_pattern(layer), window=cfg.window).lookback
+    lookback = layer_pattern(cfg, layer).lookback
     return context if lookback is None else min(context, lookback + 1)
 
 
