@@ -136,7 +136,7 @@ def closed_form_comparison(cfg) -> list[dict]:
         attn_reasons.append("attention without (some) biases")
     ffn_reasons = []
     if cfg.ffn != "mlp":
-        ffn_reasons.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} matrices (GLU's third, gating one)")
+        ffn_reasons.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} matrices, not 2 (the gate)")
     if cfg.d_ff != 4 * D:
         ffn_reasons.append(f"F = {cfg.d_ff} != 4D = {4 * D}")
     if not cfg.ffn_bias:
