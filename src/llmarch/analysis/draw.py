@@ -1,0 +1,87 @@
+"""Render a :class:`~llmarch.analysis.diagram.Diagram` with matplotlib (no pyplot state: a bare ``Figure`` saved
+by extension, .svg or .png): boxes top to bottom, the repeated block on a shaded panel, residuals as side arrows."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyBboxPatch
+
+from llmarch.analysis.diagram import Diagram
+
+COLOURS = {"io": ("#eeeeee", "#777777"), "embed": ("#d6e9f8", "#3a7bbf"), "norm": ("#fff4c2", "#b59b00"),
+           "attn": ("#f8d7d3", "#c0392b"), "ffn": ("#d8f0d8", "#2e8b57"), "moe": ("#e6dcf5", "#6a3d9a"),
+           "add": ("#ffffff", "#333333"), "head": ("#d6e9f8", "#3a7bbf")}
+WIDTH, BOX_W, LINE_H, PAD, GAP, ADD_R = 7.0, 4.2, 0.2, 0.18, 0.28, 0.16  # inches
+
+
+def _box_height(label: str, kind: str) -> float:
+    return 2 * ADD_R if kind == "add" else PAD * 2 + LINE_H * len(label.split("\n"))
+
+
+def render(d: Diagram, subtitle: str = "") -> Figure:
+    heights = [_box_height(n.label, n.kind) for n in d.nodes]
+    block = [i for i, n in enumerate(d.nodes) if n.in_block]
+    total = sum(heights) + GAP * (len(heights) + 1) + 0.9 + (2 * GAP if block else 0)
+    fig = Figure(figsize=(WIDTH, total))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, WIDTH)
+    ax.set_ylim(0, total)
+    ax.axis("off")
+    ax.text(WIDTH / 2, total - 0.3, d.title, ha="center", va="center", fontsize=13, weight="bold")
+    if subtitle:
+        ax.text(WIDTH / 2, total - 0.6, subtitle, ha="center", va="center", fontsize=9, color="#444444")
+    cx = WIDTH / 2
+    y = total - 0.9
+    centre = {}
+    for i, (n, h) in enumerate(zip(d.nodes, heights)):
+        if block and i == block[0]:
+            y -= GAP
+            block_top = y
+        y -= GAP
+        centre[n.id] = (cx, y - h / 2, h)
+        y -= h
+        if block and i == block[-1]:
+            block_bottom = y - GAP
+            y -= GAP
+    if block:
+        ax.add_patch(FancyBboxPatch((cx - BOX_W / 2 - 0.55, block_bottom), BOX_W + 1.1, block_top - block_bottom,
+                                    boxstyle="round,pad=0.02,rounding_size=0.15", fc="#f6f6f6", ec="#999999",
+                                    ls="--"))
+        ax.text(cx + BOX_W / 2 + 0.5, block_top - 0.12, d.block_label, ha="right", va="top", fontsize=9,
+                style="italic", color="#555555")
+    for n in d.nodes:
+        x, yc, h = centre[n.id]
+        fc, ec = COLOURS.get(n.kind, COLOURS["io"])
+        if n.kind == "add":
+            ax.add_patch(Circle((x, yc), ADD_R, fc=fc, ec=ec))
+            ax.text(x, yc, "+", ha="center", va="center", fontsize=12)
+            continue
+        ax.add_patch(FancyBboxPatch((x - BOX_W / 2, yc - h / 2), BOX_W, h, boxstyle="round,pad=0,rounding_size=0.08",
+                                    fc=fc, ec=ec, lw=1.2))
+        ax.text(x, yc, n.label, ha="center", va="center", fontsize=8.5, linespacing=1.35)
+    for a, b in d.edges:
+        (xa, ya, ha), (xb, yb, hb) = centre[a], centre[b]
+        ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xa, ya - ha / 2),
+                    arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0))
+    for k, (a, b) in enumerate(d.residuals):
+        (xa, ya, ha), (xb, yb, _) = centre[a], centre[b]
+        side = cx - BOX_W / 2 - 0.3 - 0.12 * k
+        start = ya - ha / 2 - GAP / 2
+        ax.plot([xa, side, side], [start, start, yb], color="#666666", lw=1.0, ls="--")
+        ax.annotate("", xy=(xb - ADD_R, yb), xytext=(side, yb),
+                    arrowprops=dict(arrowstyle="-|>", color="#666666", lw=1.0, ls="--", shrinkA=0, shrinkB=0))
+    for j, note in enumerate(d.notes):
+        ax.text(0.1, 0.15 + 0.2 * j, note, fontsize=7, color="#555555")
+    return fig
+
+
+def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in (".svg", ".png", ".pdf"):
+        raise ValueError(f"output {path}: use a .svg, .png or .pdf file for a rendered picture (.mmd for Mermaid)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text (searchable, small)
+        fig.savefig(path, dpi=dpi)
+    return path

@@ -1,0 +1,114 @@
+"""Training-compute planner: FLOPs for a token budget (or tokens for a FLOP budget), GPU-hours at an MFU and an
+accelerator's peak, and the compute-optimal token count.
+
+Training FLOPs = 6·N·D (Kaplan et al. 2020: 2 per parameter per token forward, 4 backward) + the attention term
+3·(forward attention FLOPs per token)·D that 6·N·D leaves out; for MoE, N is the parameters active per token.
+Chinchilla-optimal tokens ≈ 20 per parameter (Hoffmann et al. 2022). Published figures are printed beside the
+computed ones (:data:`PUBLISHED`); formulas are never adjusted to match them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmarch.analysis.flops import forward_flops
+from llmarch.analysis.params import count_params
+
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+# dense bf16/fp16 tensor-core peak, FLOP/s, from the vendors' data sheets (no sparsity)
+ACCELERATORS = {"a100": 312e12, "h100": 989e12, "h200": 989e12, "v100": 125e12, "tpu-v4": 275e12}
+
+
+@dataclass(frozen=True)
+class Published:
+    preset: str
+    tokens: float
+    flops: float | None
+    source: str
+    gpu_hours: float | None = None
+    accelerator: str | None = None
+    note: str = ""
+
+
+PUBLISHED = [
+    Published("gpt3-175b", 300e9, 3.14e23, "Brown et al. 2020, Table D.1 (total train compute)"),
+    Published("llama-2-70b", 2e12, 1.7e23, "a seed document's comparison table", gpu_hours=1_720_320,
+              accelerator="a100",
+              note="6·N·D at 2T tokens gives ~8.3e23, not 1.7e23; the Llama 2 paper (Touvron et al. 2023b, Table 2) "
+                   "reports 1,720,320 A100 GPU-hours for 70B, which may be where a '1.7' came from"),
+]
+
+
+@dataclass
+class Plan:
+    params: int  # N used in 6·N·D (active per token for MoE)
+    tokens: float
+    six_nd: float
+    attention: float
+    seq_len: int
+
+    @property
+    def flops(self) -> float:
+        return self.six_nd + self.attention
+
+
+def attention_training_flops_per_token(cfg, seq_len: int) -> float:
+    """3 × the forward attention FLOPs per token at this sequence length (dense kernel, full T×S)."""
+    return 3 * forward_flops(cfg, seq_len, 1).attention / seq_len
+
+
+def plan_tokens(cfg, tokens: float, seq_len: int | None = None) -> Plan:
+    """Training FLOPs for ``tokens`` training tokens of length ``seq_len`` (default the context length)."""
+    s = seq_len or cfg.max_seq_len
+    n = count_params(cfg).active
+    return Plan(n, tokens, 6.0 * n * tokens, attention_training_flops_per_token(cfg, s) * tokens, s)
+
+
+def plan_flops(cfg, flops: float, seq_len: int | None = None) -> Plan:
+    """The token count a FLOP budget buys (6·N + attention per token)."""
+    s = seq_len or cfg.max_seq_len
+    n = count_params(cfg).active
+    per_token = 6.0 * n + attention_training_flops_per_token(cfg, s)
+    return plan_tokens(cfg, flops / per_token, s)
+
+
+def peak_flops(accelerator: str | float) -> float:
+    if isinstance(accelerator, (int, float)):
+        return float(accelerator)
+    key = accelerator.lower()
+    if key not in ACCELERATORS:
+        try:
+            return float(accelerator)
+        except ValueError:
+            raise ValueError(f"accelerator: unknown {accelerator!r}; choose one of {sorted(ACCELERATORS)} or give "
+                             "a peak in FLOP/s (e.g. 989e12)") from None
+    return ACCELERATORS[key]
+
+
+def gpu_hours(flops: float, accelerator: str | float = "h100", mfu: float = 0.4) -> float:
+    """Device-hours to do ``flops`` at ``mfu`` (model FLOPs utilisation, 0..1) of the accelerator's peak."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu: must be in (0, 1], got {mfu}")
+    return flops / (peak_flops(accelerator) * mfu) / 3600.0
+
+
+def chinchilla_tokens(n_params: float) -> float:
+    return CHINCHILLA_TOKENS_PER_PARAM * n_params
+
+
+def published_checks() -> list[dict]:
+    """Each published figure beside what the formulas give for the preset (computed, published, ratio)."""
+    from llmarch import presets
+
+    rows = []
+    for pub in PUBLISHED:
+        cfg = presets.get(pub.preset)
+        p = plan_tokens(cfg, pub.tokens)
+        row = dict(preset=pub.preset, params=p.params, tokens=pub.tokens, six_nd=p.six_nd,
+                   with_attention=p.flops, published=pub.flops, source=pub.source, note=pub.note,
+                   ratio_6nd_to_published=p.six_nd / pub.flops if pub.flops else None)
+        if pub.gpu_hours:
+            peak = peak_flops(pub.accelerator)
+            row.update(published_gpu_hours=pub.gpu_hours, accelerator=pub.accelerator,
+                       implied_mfu=p.six_nd / (pub.gpu_hours * 3600.0 * peak))
+        rows.append(row)
+    return rows

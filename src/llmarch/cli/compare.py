@@ -1,0 +1,58 @@
+"""`llmarch compare A B ...`: presets or config files side by side (parameters, context, attention, positions,
+activation, norm, FLOPs/token, KV cache/token)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmarch.cli.common import add_json_flag, emit_json, human, table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("compare", help="compare presets or config files side by side")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="preset names or config files (.json/.yaml)")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs/token, capped at each model's context (default 2048)")
+    p.add_argument("--dtype", default="bf16", help="KV-cache dtype (default bf16)")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def attention_kind(cfg) -> str:
+    G, H = cfg.kv_heads, cfg.n_heads
+    kind = "MHA" if G == H else "MQA" if G == 1 else f"GQA {H}/{G}"
+    pats = "+".join(dict.fromkeys(cfg.pattern))
+    return f"{kind}, {pats}" + (f" W={cfg.window}" if cfg.window else "")
+
+
+def summary(cfg, seq_len: int, dtype: str) -> dict:
+    from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
+
+    pc = count_params(cfg)
+    f = forward_flops(cfg, min(seq_len, cfg.max_seq_len), 1)  # a model never runs past its context
+    return dict(params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=cfg.n_layers,
+                d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position,
+                ffn=f"{cfg.ffn} {cfg.activation}, F={cfg.d_ff}", norm=f"{cfg.norm} ({cfg.norm_placement})",
+                tied=cfg.tie_embeddings, flops_per_token=f.forward / f.tokens,
+                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
+
+
+def load(name: str):
+    from llmarch import presets
+    from llmarch.config import ModelConfig
+
+    if Path(name).suffix in (".json", ".yaml", ".yml"):
+        return ModelConfig.from_file(name)
+    return presets.get(name)
+
+
+def run(args) -> int:
+    cols = {m: summary(load(m), args.seq_len, args.dtype) for m in args.models}
+    if args.json:
+        emit_json(cols)
+        return 0
+    fmt = {"params": human, "active": human, "flops_per_token": lambda v: f"{v:.3g}",
+           "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
+    label = {"flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+    keys = list(next(iter(cols.values())))
+    rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]
+    print(table(rows, [""] + list(cols)))
+    return 0

@@ -1,0 +1,76 @@
+"""`llmarch inspect`: parameters by component, FLOPs, KV cache and memory of a config, with the seed closed forms
+beside the exact numbers."""
+from __future__ import annotations
+
+from llmarch.cli.common import add_json_flag, add_model_args, config_from_args, emit_json, human, table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("inspect", help="parameters, FLOPs, KV cache and memory of a model (no weights needed)")
+    p.add_argument("name", nargs="?", help="a preset name (or use --preset / --config)")
+    add_model_args(p, required=False)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--dtype", default="bf16", help="weights/activations/KV dtype: bf16 fp16 fp32 fp8 int8 int4")
+    add_json_flag(p)
+    p.set_defaults(func=run)
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_report(title: str, r) -> str:
+    """The human form of an :class:`llmarch.analysis.Report`."""
+    p, f = r.params, r.flops
+    out = [f"{title}  (seq_len {r.seq_len}, batch {r.batch}, {r.dtype})", ""]
+    rows = [[k, v, f"{100 * v / p.total:.2f}%"] for k, v in p.components.items() if v]
+    rows.append(["total", p.total, "100.00%"])
+    if p.active != p.total:
+        rows.append(["active per token", p.active, f"{100 * p.active / p.total:.2f}%"])
+    out += ["Parameters", table(rows, ["component", "params", "share"])]
+    check = "" if r.meta_params is None else (
+        f"  (= sum(numel) of the meta-device model: {r.meta_params:,})")
+    out += [f"total {human(p.total)}{check}; non-embedding {human(p.non_embedding)}"]
+    out += [f"closed form V·d + L(12d² + 13d) = {r.params_closed_form:,}", ""]
+    out += [table([[c["term"], c["closed_form"], c["exact"], c["delta"], c["reason"]] for c in r.params_comparison],
+                  ["term", "closed form", "exact", "delta", "why"]), ""]
+    tok = f.tokens
+    rows = [[name, v, v / tok, 3 * v / tok] for name, v in
+            (("linear (q/k/v/o + ffn)", f.linear), ("attention (q·kᵀ, p·v)", f.attention), ("head", f.head),
+             ("total", f.forward))]
+    out += [f"FLOPs (one step = {r.batch} × {r.seq_len} tokens; matmuls, 2 per multiply-add)",
+            table(rows, ["part", "forward/step", "forward/token", "training/token"])]
+    out += [f"training/step {f.training:.4g} (3× forward; {f.training_recompute:.4g} with activation "
+            f"checkpointing); decode at context {r.seq_len}: {r.decode_flops_per_token:.4g}/token"]
+    if f.attention_useful is not None:
+        out += [f"attention pairs the mask allows: {f.attention_useful:.4g} of {f.attention:.4g} computed densely"]
+    out += [f"closed form (24·b·s·d² + 4·b·d·s²)·L + 2·b·s·d·V = {r.flops_closed_form:.6g}", ""]
+    out += [table([[c["term"], c["closed_form"], c["exact"], c["delta"], c["reason"]] for c in r.flops_comparison],
+                  ["term", "closed form", "exact", "delta", "why"]), ""]
+    out += [f"KV cache: {human_bytes(r.kv_bytes_per_token)} per token; {human_bytes(r.kv_cache_bytes)} for "
+            f"{r.batch} × {r.seq_len} tokens ({r.dtype})", ""]
+    tm, im = r.training_memory, r.inference_memory
+    rows = [[k.replace("_", " "), human_bytes(v)] for k, v in tm.items()]
+    out += [f"Training memory ({r.dtype} weights and grads, fp32 AdamW moments and master copy)",
+            table(rows, ["item", "bytes"]), ""]
+    out += [f"Inference memory ({r.dtype}, context {r.seq_len})",
+            table([[k.replace("_", " "), human_bytes(v)] for k, v in im.items()], ["item", "bytes"])]
+    if p.notes:
+        out += ["", "notes: " + "; ".join(p.notes)]
+    return "\n".join(out)
+
+
+def run(args) -> int:
+    from llmarch.analysis import analyze
+
+    cfg = config_from_args(args)
+    report = analyze(cfg, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype)
+    if args.json:
+        emit_json(report.to_dict())
+        return 0
+    print(format_report(args.name or args.preset or args.config, report))
+    return 0

@@ -1,0 +1,95 @@
+"""`llmarch plot`: pictures — attention patterns, RoPE, ALiBi, MoE expert load, training curves."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmarch.cli.common import add_model_args, config_from_args
+
+
+def add(sub) -> None:
+    p = sub.add_parser("plot", help="pictures: patterns | rope | alibi | experts | loss")
+    kinds = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+
+    q = kinds.add_parser("patterns", help="every attention pattern's mask (one exact PNG each + an overview)")
+    q.add_argument("-o", "--out", default="patterns", metavar="DIR", help="output directory (default ./patterns)")
+    q.add_argument("--n", type=int, default=32, help="tokens (mask size, default 32)")
+    q.add_argument("--window", type=int, help="window W for windowed patterns (default n/4)")
+    q.add_argument("--scale", type=int, default=8, help="pixels per (query, key) cell in the exact PNGs")
+    q.add_argument("--bidirectional", action="store_true", help="no causal mask (encoders)")
+    q.set_defaults(func=run_patterns)
+
+    for name, helptext in (("rope", "RoPE frequencies and long-term decay"), ("alibi", "ALiBi slopes and biases")):
+        q = kinds.add_parser(name, help=f"{helptext} (of a model, or the default config)")
+        q.add_argument("name", nargs="?", help="a preset name (or --preset / --config)")
+        add_model_args(q, required=False)
+        q.add_argument("-o", "--out", default=f"{name}.png", metavar="FILE")
+        if name == "alibi":
+            q.add_argument("--n", type=int, default=32, help="tokens (default 32)")
+        q.set_defaults(func=run_rope if name == "rope" else run_alibi)
+
+    q = kinds.add_parser("experts", help="MoE expert load per layer from a checkpoint/run directory")
+    q.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="directory with expert_load.json or metrics.jsonl records holding 'expert_load'")
+    q.add_argument("-o", "--out", default="experts.png", metavar="FILE")
+    q.set_defaults(func=run_experts)
+
+    q = kinds.add_parser("loss", help="training and validation loss from RUN_DIR/metrics.jsonl")
+    q.add_argument("run_dir", metavar="RUN_DIR")
+    q.add_argument("-o", "--out", default="loss.png", metavar="FILE")
+    q.set_defaults(func=run_loss)
+
+
+def _model(args):
+    from llmarch.config import ModelConfig
+
+    if args.name or args.preset or args.config:
+        return config_from_args(args), args.name or args.preset or Path(args.config).stem
+    return ModelConfig(), "default config"
+
+
+def _save(fig, out: str) -> int:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(path)
+    return 0
+
+
+def run_patterns(args) -> int:
+    from llmarch.analysis.pattern_plots import plot_patterns
+
+    files = plot_patterns(args.out, n=args.n, window=args.window, scale=args.scale, causal=not args.bidirectional)
+    for name, path in files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def run_rope(args) -> int:
+    from llmarch.analysis.position_plots import rope_figure
+
+    cfg, title = _model(args)
+    if cfg.position != "rope":
+        raise ValueError(f"position: {title} uses {cfg.position!r}, not rope; pick a RoPE model")
+    r = cfg.rope
+    return _save(rope_figure(cfg.dh, r, cfg.max_seq_len, title=f"RoPE of {title}: Dh={cfg.dh}, theta={r.theta:g}, "
+                             f"scaling={r.scaling}"), args.out)
+
+
+def run_alibi(args) -> int:
+    from llmarch.analysis.position_plots import alibi_figure
+
+    cfg, title = _model(args)
+    return _save(alibi_figure(cfg.n_heads, args.n, title=f"ALiBi for {title} ({cfg.n_heads} heads)"), args.out)
+
+
+def run_experts(args) -> int:
+    from llmarch.analysis.run_plots import expert_load_figure, read_expert_load
+
+    stats = read_expert_load(args.checkpoint)
+    return _save(expert_load_figure(stats, title=f"expert load: {args.checkpoint}"), args.out)
+
+
+def run_loss(args) -> int:
+    from llmarch.analysis.run_plots import loss_figure, read_metrics
+
+    return _save(loss_figure(read_metrics(args.run_dir), title=str(args.run_dir)), args.out)

@@ -1,0 +1,115 @@
+"""KV cache, training memory and the planner against the model's own cache, the papers' formulas and published
+figures; the inspect / compare / plan verbs."""
+import json
+
+import pytest
+import torch
+
+import llmarch
+from llmarch import presets
+from llmarch.analysis import analyze, kv_cache_bytes, plan_tokens, published_checks, training_memory
+from llmarch.analysis.memory import kv_bytes_per_token, layer_activation_bytes_per_token, score_bytes_per_token
+from llmarch.analysis.planner import gpu_hours, plan_flops
+from llmarch.cli import main
+
+
+def _prefill_cache_bytes(cfg, T):
+    model = llmarch.build(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, cfg.vocab_size, (2, T)), use_cache=True)
+    return out.cache.nbytes()
+
+
+def test_kv_cache_matches_the_models_cache():
+    dense = presets.get("llama-tiny")  # GQA: 2 kv heads of 32 dims, 4 layers
+    assert kv_bytes_per_token(dense, "fp32") == 2 * 2 * 32 * 4 * 4
+    assert _prefill_cache_bytes(dense, 50) == kv_cache_bytes(dense, 50, batch=2, dtype="fp32")
+    slide = presets.get("mistral-tiny")  # window 64
+    per_key_all_layers = 2 * slide.kv_heads * slide.dh * 4 * slide.n_layers
+    assert kv_cache_bytes(slide, 40, 1, "fp32") == 40 * per_key_all_layers
+    assert kv_cache_bytes(slide, 500, 1, "fp32") == kv_cache_bytes(slide, 64, 1, "fp32") == 64 * per_key_all_layers
+    # between steps the cache keeps W-1 keys; the next token's attention reads those W-1 plus its own (W)
+    assert _prefill_cache_bytes(slide, 100) == 2 * 63 * per_key_all_layers
+
+
+def test_kv_cache_of_published_models():
+    assert kv_bytes_per_token(presets.get("llama-2-7b"), "bf16") == 512 * 1024  # 2·32 heads·128·2 B·32 layers
+    assert kv_bytes_per_token(presets.get("llama-2-70b"), "bf16") == 320 * 1024  # GQA: 8 kv heads, 80 layers
+    mistral = presets.get("mistral-7b")
+    assert kv_cache_bytes(mistral, 32768) == kv_cache_bytes(mistral, 4096) == 4096 * 128 * 1024
+
+
+def test_activations_reduce_to_korthikanti_34sbh_for_a_gpt_block():
+    cfg = presets.get("gpt2", dropout=0.1, attn_dropout=0.1)
+    D, H = cfg.d_model, cfg.n_heads
+    assert layer_activation_bytes_per_token(cfg, 0, 2.0) == 34 * D  # Korthikanti et al. 2022, eq. (1)
+    s = 1024
+    assert score_bytes_per_token(cfg, s, 2.0) == 5 * H * s  # the 5·a·s²·b term per token
+
+
+def test_training_state_is_16_bytes_per_param_in_bf16_and_checkpointing_saves_activations():
+    cfg = presets.get("llama-2-7b")
+    m = training_memory(cfg, 2048, 1, "bf16")
+    N = 6_738_415_616
+    assert m["weights"] + m["grads"] + m["adamw"] + m["master_weights"] == 16 * N
+    assert m["activations_checkpointed"] < m["activations"] / 5
+    assert training_memory(cfg, 2048, 1, "fp32")["master_weights"] == 0
+
+
+def test_planner_against_published_figures():
+    rows = {r["preset"]: r for r in published_checks()}
+    gpt3 = rows["gpt3-175b"]
+    assert gpt3["six_nd"] == 6 * 174_604_259_328 * 300e9
+    assert abs(gpt3["six_nd"] / 3.14e23 - 1) < 0.005  # Brown et al. 2020: 3.14e23
+    llama = rows["llama-2-70b"]
+    assert llama["six_nd"] == 6 * 68_976_648_192 * 2e12 and llama["published"] == 1.7e23
+    assert llama["ratio_6nd_to_published"] > 4  # the seed's figure is not 6·N·D; shown, not matched
+    assert 0.3 < llama["implied_mfu"] < 0.6
+
+
+def test_plan_arithmetic():
+    cfg = presets.get("llama-2-7b")
+    p = plan_tokens(cfg, 1e12, seq_len=4096)
+    assert p.six_nd == 6 * 6_738_415_616 * 1e12
+    attn_per_token = 3 * 4 * 4096 * 4096 * 32  # 3 × 4·s·d per layer × L
+    assert p.attention == pytest.approx(attn_per_token * 1e12)
+    back = plan_flops(cfg, p.flops, seq_len=4096)
+    assert back.tokens == pytest.approx(1e12)
+    assert gpu_hours(3600 * 1e15, 1e15, mfu=0.5) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="mfu"):
+        gpu_hours(1e20, "h100", mfu=1.5)
+
+
+def test_analyze_validates_and_reports():
+    r = analyze(presets.get("mistral-tiny"), seq_len=128, batch=2)
+    assert r.meta_params == r.params.total
+    assert r.flops.attention_useful < r.flops.attention  # causal + window 64
+    with pytest.raises(ValueError, match="seq_len"):
+        analyze(presets.get("gpt2-tiny"), seq_len=0)
+    with pytest.raises(ValueError, match="dtype"):
+        analyze(presets.get("gpt2-tiny"), dtype="fp13")
+
+
+def test_inspect_table_and_json(capsys):
+    assert main(["inspect", "llama-2-7b"]) == 0
+    text = capsys.readouterr().out
+    assert "6,738,415,616" in text and "512.00 KiB per token" in text and "untied LM head" in text
+    assert main(["inspect", "--preset", "gpt2-tiny", "--json", "--seq-len", "64"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"]["total"] == d["params"]["meta_device_count"] == 182_016
+    assert d["flops"]["step"]["forward"] == sum(d["flops"]["step"][k] for k in ("linear", "attention", "head"))
+    assert main(["inspect", "no-such-model"]) == 2
+
+
+def test_compare_and_plan_verbs(capsys, tmp_path):
+    cfg_file = tmp_path / "mine.json"
+    presets.get("llama-tiny", n_kv_heads=1).to_file(cfg_file)
+    assert main(["compare", "llama-tiny", str(cfg_file), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["llama-tiny"]["attention"].startswith("GQA") and d[str(cfg_file)]["attention"].startswith("MQA")
+    assert d[str(cfg_file)]["kv_bytes_per_token"] == d["llama-tiny"]["kv_bytes_per_token"] / 2
+    assert main(["plan", "--check"]) == 0
+    assert "3.14e+23" in capsys.readouterr().out
+    assert main(["plan", "gpt2", "--json", "--accelerator", "a100"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    assert p["tokens"] == 20 * p["params"] and p["gpu_hours"] == pytest.approx(p["flops"] / (312e12 * 0.4) / 3600)
