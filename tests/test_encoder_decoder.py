@@ -210,3 +210,15 @@ def test_generate_runs_encoder_once_and_starts_from_the_start_token():
     with torch.no_grad():  # greedy: each token is the argmax of a full (uncached) forward over the prefix
         logits = model(src, decoder_input_ids=out[:, :-1]).logits
     assert torch.equal(logits.argmax(-1), out[:, 1:])
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "t5-tiny", "t5-v1.1-tiny"])
+def test_llmarch_checkpoint_round_trip(tmp_path, name):
+    from llmarch.checkpoint import load_model, save_model
+
+    model = built(tiny(name))
+    again = load_model(save_model(model, tmp_path / name))
+    assert again.config == model.config
+    assert again.tied_names() == model.tied_names()
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -51,8 +51,8 @@ class BertLike(Family):
                            max_seq_len=n_pos, norm_eps=hf.get("layer_norm_eps", 1e-12),
                            activation=activation_from_hf(hf.get("hidden_act", "gelu")),
                            type_vocab_size=hf.get("type_vocab_size", 2), position_offset=self.position_offset(hf),
-                           dropout=hf.get("hidden_dropout_prob", 0.0), attn_dropout=hf.get("attention_probs_dropout_prob",
-                                                                                              0.0),
+                           dropout=hf.get("hidden_dropout_prob", 0.0),
+                           attn_dropout=hf.get("attention_probs_dropout_prob", 0.0),
                            tie_embeddings=bool(hf.get("tie_word_embeddings", True)), head=head,
                            n_labels=n_labels if head == "classification" else 2, **tokens_from_hf(hf, vocab))
 
@@ -93,8 +93,8 @@ class BertLike(Family):
                  rule("embed.norm.weight", "embeddings.LayerNorm.weight"),
                  rule("embed.norm.bias", "embeddings.LayerNorm.bias")]
         for p in ("weight", "bias"):
-            rules.append(rule(f"{layer}attn.qkv.{p}", *[f"{e}attention.self.{n}.{p}" for n in ("query", "key", "value")],
-                              **qkv))
+            rules.append(rule(f"{layer}attn.qkv.{p}",
+                              *[f"{e}attention.self.{n}.{p}" for n in ("query", "key", "value")], **qkv))
             for ours, theirs in (("attn.out", "attention.output.dense"), ("attn_norm", "attention.output.LayerNorm"),
                                  ("ffn.up", "intermediate.dense"), ("ffn.down", "output.dense"),
                                  ("ffn_norm", "output.LayerNorm")):
