@@ -14,8 +14,10 @@ from llmarch.hf.io import family
 TOL = {torch.float32: 1e-4}
 
 
-def make_hf_model(cfg: llmarch.ModelConfig, model_type: str, tmp: Path, seed: int = 0, **hf_overrides):
-    """A randomly initialised transformers model for ``cfg`` (via our translator), saved under ``tmp/hf``."""
+def make_hf_model(cfg: llmarch.ModelConfig, model_type: str, tmp: Path, seed: int = 0, model_class: str | None = None,
+                  **hf_overrides):
+    """A randomly initialised transformers model for ``cfg`` (via our translator), saved under ``tmp/hf``.
+    ``model_class`` names the transformers class (default: AutoModelForCausalLM)."""
     import transformers
 
     hf_cfg = family(model_type).from_config(cfg)
@@ -26,7 +28,10 @@ def make_hf_model(cfg: llmarch.ModelConfig, model_type: str, tmp: Path, seed: in
     config = transformers.AutoConfig.from_pretrained(d)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if model_class is None:
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = getattr(transformers, model_class)(config).to(torch.float32)
     with torch.no_grad():  # biases and norm gains are zero/one at init; randomise so they are tested too
         for name, p in model.named_parameters():
             if p.dim() == 1:

@@ -76,7 +76,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Mod
     model = build(cfg)
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tied = set(model.tied_names())
     missing = [m for m in missing if m not in tied]
     if missing or unexpected:
         raise ValueError(f"{weights} does not match {path / 'config.json'}: missing {missing[:10]}, "

@@ -121,6 +121,17 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # --- encoders and encoder-decoders ----------------------------------------------------------------------
+    n_decoder_layers: int | None = None  # encoder_decoder: decoder depth (None = n_layers)
+    type_vocab_size: int = 0  # token-type (segment) embeddings, BERT: 2; 0 = none
+    position_offset: int = 0  # added to default position ids (RoBERTa: pad_token_id + 1)
+    scale_embeddings: bool = False  # token embeddings * sqrt(D) (Vaswani et al. 2017, sec. 3.4)
+    scale_head: bool = False  # final hidden states * D**-0.5 before the LM head (T5 with a tied head)
+    head: str = "lm"  # registry nn.heads.HEADS: lm | mlm | pretraining (mlm + nsp) | classification
+    n_labels: int = 2  # classification head outputs
+    rel_buckets: int = 32  # position "t5": relative-distance buckets
+    rel_max_distance: int = 128  # position "t5": distances from here on share the last bucket
+    decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
@@ -190,6 +201,7 @@ class ModelConfig:
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
+        validate_encoder_fields(self)
 
     # --- serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -260,6 +272,35 @@ class ModelConfig:
             return self.replace(**{head: dataclasses.replace(sub, **{rest: _coerce(hints[rest], value, dotted)})})
         hints = typing.get_type_hints(type(self))
         return self.replace(**{head: _coerce(hints[head], value, dotted)})
+
+
+def validate_encoder_fields(cfg: ModelConfig) -> None:
+    """The fields of encoders and encoder-decoders (token types, heads, T5 buckets, decoder depth)."""
+    from llmarch.nn.heads import HEADS
+
+    _check_positive("n_decoder_layers", cfg.n_decoder_layers, allow_none=True)
+    if cfg.n_decoder_layers is not None and cfg.kind != "encoder_decoder":
+        _fail("n_decoder_layers", f"only applies to kind='encoder_decoder' (kind is {cfg.kind!r}); leave it None")
+    for name in ("type_vocab_size", "position_offset"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(name, f"must be an integer >= 0, got {value!r}")
+    _check_choice("head", cfg.head, HEADS)
+    if cfg.head != "lm" and cfg.kind != "encoder":
+        _fail("head", f"{cfg.head!r} needs kind='encoder' (kind is {cfg.kind!r}); decoders use head='lm'")
+    _check_positive("n_labels", cfg.n_labels)
+    if cfg.position == "t5":
+        _check_positive("rel_buckets", cfg.rel_buckets)
+        if cfg.rel_buckets < 4 or cfg.rel_buckets % 2:
+            _fail("rel_buckets", f"must be even and >= 4 (half per direction, half of those exact), "
+                  f"got {cfg.rel_buckets}")
+        _check_positive("rel_max_distance", cfg.rel_max_distance)
+        if cfg.rel_max_distance <= cfg.rel_buckets // 2:
+            _fail("rel_max_distance", f"must exceed rel_buckets // 2 = {cfg.rel_buckets // 2} (the exact range of "
+                  "the causal direction)")
+    tok = cfg.decoder_start_token_id
+    if tok is not None and not 0 <= tok < cfg.vocab_size:
+        _fail("decoder_start_token_id", f"{tok} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:

@@ -1,4 +1,5 @@
-"""Assembly: embeddings, a stack of blocks, the final norm and the LM head, all chosen from the config."""
+"""Assembly: embeddings, one or two stacks of blocks (decoder-only, encoder-only or encoder-decoder, the ``kind``
+config value), final norms and the output head, all chosen from the config."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,12 @@ from torch import nn
 
 from llmarch.config import ModelConfig
 from llmarch.nn.attention import Attention, AttnContext
-from llmarch.nn.block import BLOCKS
-from llmarch.nn.cache import KVCache
+from llmarch.nn.block import BLOCKS, CROSS_BLOCKS
+from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
+from llmarch.nn.cross_attention import CrossAttention
+from llmarch.nn.embedding import Embeddings
 from llmarch.nn.ffn import FFNS
+from llmarch.nn.heads import build_head
 from llmarch.nn.norm import make_norm
 from llmarch.nn.patterns import build_pattern
 from llmarch.nn.position import build_positions
@@ -19,10 +23,13 @@ from llmarch.nn.position import build_positions
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, T, V]
-    hidden_states: torch.Tensor  # [B, T, D] after the final norm
+    logits: torch.Tensor  # [B, T, V] from the default head ([B, n_labels] for the classification head)
+    hidden_states: torch.Tensor  # [B, T, D] after the final norm (decoder side for encoder-decoders)
     aux_loss: torch.Tensor  # scalar; MoE balance losses, 0 when dense
     cache: KVCache | None = None
+    pooled: torch.Tensor | None = None  # [B, D] pooled first position (pretraining / classification heads)
+    nsp_logits: torch.Tensor | None = None  # [B, 2] next-sentence prediction (pretraining head)
+    encoder_hidden_states: torch.Tensor | None = None  # [B, S, D] encoder output (encoder-decoders)
 
 
 def norm_for(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -33,42 +40,34 @@ def ffn_for(cfg: ModelConfig, layer: int) -> nn.Module:
     return FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.ffn_bias, dropout=cfg.dropout)
 
 
-class Embeddings(nn.Module):
-    """Token embedding (+ absolute positions) (+ norm) + dropout. ids [B, T] -> [B, T, D]."""
-
-    def __init__(self, vocab_size: int, d_model: int, norm: nn.Module, dropout: float):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.tokens = nn.Embedding(vocab_size, d_model)
-        self.norm = norm
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, input_ids: torch.Tensor, positions: nn.Module, position_ids: torch.Tensor) -> torch.Tensor:
-        x = self.tokens(input_ids)
-        absolute = positions.embed(position_ids)
-        if absolute is not None:
-            x = x + absolute.to(x.dtype)
-        return self.dropout(self.norm(x))
-
-
 class Stack(nn.Module):
-    """L blocks and the final norm, sharing one position scheme. x [B, T, D] -> [B, T, D]."""
+    """L blocks and the final norm, sharing one position scheme. x [B, T, D] -> [B, T, D].
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    ``causal``: queries see only earlier keys (decoders) or every key (encoders). ``cross``: each block also
+    attends to the encoder output (the decoder of an encoder-decoder)."""
+
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False, n_layers: int | None = None):
         super().__init__()
-        self.causal = causal
+        self.causal, self.cross = causal, cross
+        n_layers = n_layers or cfg.n_layers
         patterns = {name: build_pattern(name, window=cfg.window) for name in set(cfg.pattern)}
         self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads, head_dim=cfg.dh,
-                                         max_seq_len=cfg.max_seq_len, rope=cfg.rope)
-        block = BLOCKS[cfg.norm_placement]
-        self.layers = nn.ModuleList(
-            block(
-                Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i,
-                          pattern=patterns[cfg.layer_pattern(i)], qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
-                          scale=cfg.attn_scale, kernel=cfg.attn_kernel, dropout=cfg.attn_dropout),
-                ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
-            for i in range(cfg.n_layers))
+                                         max_seq_len=cfg.max_seq_len, rope=cfg.rope, causal=causal,
+                                         rel_buckets=cfg.rel_buckets, rel_max_distance=cfg.rel_max_distance)
+        self.layers = nn.ModuleList(self._block(cfg, i, patterns[cfg.layer_pattern(i)]) for i in range(n_layers))
         self.final_norm = norm_for(cfg) if cfg.final_norm else nn.Identity()
+
+    def _block(self, cfg: ModelConfig, i: int, pattern) -> nn.Module:
+        attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i, pattern=pattern,
+                         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
+                         dropout=cfg.attn_dropout)
+        if not self.cross:
+            return BLOCKS[cfg.norm_placement](attn, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
+        cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i, qkv_bias=cfg.qkv_bias,
+                               out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
+                               dropout=cfg.attn_dropout)
+        return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg),
+                                                norm_for(cfg), dropout=cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None) -> torch.Tensor:
         for layer in self.layers:
@@ -84,47 +83,136 @@ def position_ids_from_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor
 
 
 class Model(nn.Module):
-    """A decoder-only language model built from a :class:`ModelConfig`."""
+    """A model built from a :class:`ModelConfig`: decoder-only (``decoder`` stack), encoder-only (``encoder``)
+    or encoder-decoder (both; the token embedding is shared), with the head named by ``cfg.head`` as ``lm_head``."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = Embeddings(cfg.vocab_size, cfg.d_model,
-                                norm_for(cfg) if cfg.embed_norm else nn.Identity(), cfg.dropout)
-        self.decoder = Stack(cfg, causal=True)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.tokens.weight
+        self.embed = Embeddings(cfg.vocab_size, cfg.d_model, norm_for(cfg) if cfg.embed_norm else nn.Identity(),
+                                cfg.dropout, cfg.type_vocab_size, math.sqrt(cfg.d_model) if cfg.scale_embeddings
+                                else 1.0)
+        if cfg.kind != "decoder":
+            self.encoder = Stack(cfg, causal=False)
+        if cfg.kind != "encoder":
+            self.decoder = Stack(cfg, causal=True, cross=cfg.kind == "encoder_decoder",
+                                 n_layers=cfg.n_decoder_layers or cfg.n_layers)
+        self.lm_head = build_head(cfg)
+        if cfg.tie_embeddings and self.lm_head.tied_name:
+            self.lm_head.tie(self.embed.tokens)
+
+    def tied_names(self) -> dict[str, str]:
+        """Parameters that alias another one: {alias: source} (the tied head weight and the token embedding)."""
+        if self.config.tie_embeddings and self.lm_head.tied_name:
+            return {f"lm_head.{self.lm_head.tied_name}": "embed.tokens.weight"}
+        return {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = False) -> ModelOutput:
+                use_cache: bool = False, *, token_type_ids: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
-        position_ids [B, T] (default: from the mask, skipping left padding)."""
-        B, T = check_input_ids(input_ids, self.config.vocab_size)
+        position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
+        [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
+        return the decoder's logits; a cache that already holds the encoded memory skips the encoder."""
+        kind = self.config.kind
+        if kind == "encoder_decoder":
+            return self._seq2seq(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
+                                 decoder_input_ids, decoder_attention_mask)
+        if decoder_input_ids is not None or decoder_attention_mask is not None:
+            raise ValueError(f"decoder_input_ids: only encoder-decoder models take them (kind is {kind!r})")
+        if kind == "encoder":
+            if cache is not None or use_cache:
+                raise ValueError("cache: an encoder attends in both directions and has no incremental cache; "
+                                 "call it on the whole sequence")
+            h = self._run(self.encoder, input_ids, attention_mask, position_ids, token_type_ids, None, None)
+            return self._output(h, None)
         if cache is None and use_cache:
             cache = KVCache()
+        h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None)
+        return self._output(h, cache)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> CrossMemory:
+        """Run the encoder stack once: the memory a decoder attends to (states [B, S, D] + padding)."""
+        h = self._run(self.encoder, input_ids, attention_mask, position_ids, token_type_ids, None, None)
+        return CrossMemory(h, _key_padding(attention_mask))
+
+    def decode(self, decoder_input_ids: torch.Tensor, memory: CrossMemory,
+               decoder_attention_mask: torch.Tensor | None = None,
+               cache: EncoderDecoderCache | None = None) -> ModelOutput:
+        """Run the decoder stack over decoder_input_ids [B, T] against ``memory``; with a cache, only the new tokens."""
+        h = self._run(self.decoder, decoder_input_ids, decoder_attention_mask, None, None, cache, memory)
+        out = self._output(h, cache)
+        out.encoder_hidden_states = memory.states
+        return out
+
+    def _seq2seq(self, input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
+                 decoder_input_ids, decoder_attention_mask) -> ModelOutput:
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids: an encoder-decoder needs decoder inputs (e.g. the decoder start "
+                             "token followed by the target shifted right)")
+        if cache is None and use_cache:
+            cache = EncoderDecoderCache()
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
+            raise ValueError(f"cache: encoder-decoder models take an EncoderDecoderCache, got {type(cache).__name__}")
+        memory = cache.memory if cache is not None else None
+        if memory is None:
+            memory = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+            if cache is not None:
+                cache.memory = memory
+        return self.decode(decoder_input_ids, memory, decoder_attention_mask, cache)
+
+    def _run(self, stack: Stack, input_ids, attention_mask, position_ids, token_type_ids, cache,
+             memory) -> torch.Tensor:
+        """Embed and run one stack. Returns [B, T, D]; advances ``cache`` by T."""
+        cfg = self.config
+        B, T = check_input_ids(input_ids, cfg.vocab_size)
         past = cache.length if cache is not None else 0
-        key_padding = None
-        if attention_mask is not None:
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                                 f"{(B, past + T)} = (batch, cached {past} + new {T} tokens)")
-            key_padding = attention_mask.bool()
-            if bool(key_padding.all()):
-                key_padding = None
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"{(B, past + T)} = (batch, cached {past} + new {T} tokens)")
+        if token_type_ids is not None:
+            check_token_types(token_type_ids, (B, T), cfg.type_vocab_size)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        positions = self.decoder.positions
-        x = self.embed(input_ids, positions, position_ids)
-        ctx = AttnContext(past, T, positions, position_ids, key_padding, causal=True, device=input_ids.device)
-        h = self.decoder(x, ctx, cache)
+            if cfg.position_offset:
+                position_ids = position_ids + cfg.position_offset
+        x = self.embed(input_ids, stack.positions, position_ids, token_type_ids)
+        ctx = AttnContext(past, T, stack.positions, position_ids, _key_padding(attention_mask), causal=stack.causal,
+                          device=input_ids.device, memory=memory)
+        h = stack(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
-        return ModelOutput(self.lm_head(h), h, h.new_zeros(()), cache)
+        return h
+
+    def _output(self, h: torch.Tensor, cache: KVCache | None) -> ModelOutput:
+        outs = self.lm_head.outputs(h)
+        return ModelOutput(outs.pop("logits"), h, h.new_zeros(()), cache, **outs)
+
+
+def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, S] bool (True = real token), or None when nothing is padded."""
+    if attention_mask is None:
+        return None
+    key_padding = attention_mask.bool()
+    return None if bool(key_padding.all()) else key_padding
+
+
+def check_token_types(token_type_ids: torch.Tensor, shape: tuple[int, int], type_vocab_size: int) -> None:
+    if type_vocab_size == 0:
+        raise ValueError("token_type_ids: this model has no token-type embeddings (type_vocab_size=0)")
+    if tuple(token_type_ids.shape) != shape:
+        raise ValueError(f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected {shape} like input_ids")
+    if token_type_ids.numel() and token_type_ids.device.type != "meta":
+        lo, hi = int(token_type_ids.min()), int(token_type_ids.max())
+        if lo < 0 or hi >= type_vocab_size:
+            raise ValueError(f"token_type_ids: type {hi if hi >= type_vocab_size else lo} is outside "
+                             f"[0, {type_vocab_size}) (type_vocab_size)")
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
@@ -147,7 +235,7 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
     residual_std = std / math.sqrt(2 * n_layers)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            is_residual_out = name.endswith(("attn.out.weight", "ffn.down.weight"))
+            is_residual_out = name.endswith(("attn.out.weight", "cross.out.weight", "ffn.down.weight"))
             nn.init.normal_(p, 0.0, residual_std if is_residual_out else std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)

@@ -18,6 +18,7 @@ class Family:
     architecture: str = ""
     prefixes: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+    top_level: tuple[str, ...] = ("lm_head",)  # checkpoint names written without the model prefix (the heads)
 
     def to_config(self, hf: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError
@@ -31,6 +32,10 @@ class Family:
     def accepts(self, cfg: ModelConfig) -> str | None:
         """None if this model type can represent ``cfg`` exactly, else the first reason it cannot."""
         raise NotImplementedError
+
+    def ignore_for(self, cfg: ModelConfig) -> tuple[str, ...]:
+        """Regexes of checkpoint tensors to skip for this config (default: ``ignore``)."""
+        return self.ignore
 
     def model_prefix(self) -> str:
         """The prefix written on save (the LM-head model's base-model attribute)."""

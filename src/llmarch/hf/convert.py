@@ -49,10 +49,11 @@ class Rule:
     theirs: tuple[str, ...]
     to_ours: Callable[[Sequence[Tensor]], Tensor] = identity
     to_theirs: Callable[[Tensor], list[Tensor]] = one
+    layers: int | None = None  # how many layers {layer} runs over (None: the model's n_layers)
 
 
-def rule(ours: str, *theirs: str, to_ours=identity, to_theirs=one) -> Rule:
-    return Rule(ours, tuple(theirs), to_ours, to_theirs)
+def rule(ours: str, *theirs: str, to_ours=identity, to_theirs=one, layers: int | None = None) -> Rule:
+    return Rule(ours, tuple(theirs), to_ours, to_theirs, layers)
 
 
 def _expand(rules: Sequence[Rule], n_layers: int) -> list[Rule]:
@@ -60,7 +61,7 @@ def _expand(rules: Sequence[Rule], n_layers: int) -> list[Rule]:
     for r in rules:
         if "{layer}" in r.ours:
             out += [Rule(r.ours.format(layer=i), tuple(t.format(layer=i) for t in r.theirs), r.to_ours, r.to_theirs)
-                    for i in range(n_layers)]
+                    for i in range(n_layers if r.layers is None else r.layers)]
         else:
             out.append(r)
     return out

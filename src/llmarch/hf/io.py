@@ -77,12 +77,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    ignore = fam.ignore + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
+    tied = model.tied_names()
+    for alias in tied:
+        expected.pop(alias, None)
+    ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
     state = to_ours(_strip(read_safetensors(path), fam.prefixes), fam.rules(cfg), cfg.n_layers, expected, ignore)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["embed.tokens.weight"]
+    for alias, source in tied.items():
+        state[alias] = state[source]
     model.load_state_dict(state, strict=True)
     return model.to(dtype) if dtype is not None else model
 
@@ -114,7 +115,7 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, fam.rules(cfg), cfg.n_layers)
     prefix = fam.model_prefix()
-    tensors = {(n if n.startswith("lm_head") else prefix + n): t.contiguous() for n, t in theirs.items()}
+    tensors = {(n if n.startswith(fam.top_level) else prefix + n): t.contiguous() for n, t in theirs.items()}
     hf_cfg = fam.from_config(cfg)
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -19,8 +19,9 @@ class AttnContext:
     position scheme's rotation and bias. Masks and biases are memoised per (pattern, key range)."""
 
     def __init__(self, q_start: int, T: int, positions: PositionScheme, position_ids: torch.Tensor,
-                 key_padding: torch.Tensor | None, causal: bool, device: torch.device):
+                 key_padding: torch.Tensor | None, causal: bool, device: torch.device, memory=None):
         self.q_start, self.T, self.causal = q_start, T, causal
+        self.memory = memory  # CrossMemory: the encoder output a decoder's cross-attention reads (None elsewhere)
         self.q_idx = torch.arange(q_start, q_start + T, device=device)
         self.key_padding = key_padding  # [B, S_total] bool, True = real token
         self.positions = positions

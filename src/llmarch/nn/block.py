@@ -38,3 +38,39 @@ class PostNormBlock(_Block):
     def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
         h = self.attn_norm(x + self.dropout(self.attn(x, ctx, cache)))
         return self.ffn_norm(h + self.dropout(self.ffn(h)))
+
+
+# Decoder blocks of an encoder-decoder: self-attention, then cross-attention to the encoder output, then the FFN,
+# each in its own residual with its own norm. Keyed by ``norm_placement`` like the blocks above.
+CROSS_BLOCKS: Registry[type[nn.Module]] = Registry("norm_placement (cross-attention block)")
+
+
+class _CrossBlock(nn.Module):
+    """Holds the parts; subclasses give the residual wiring. x [B, T, D] -> [B, T, D]."""
+
+    def __init__(self, attn: nn.Module, cross: nn.Module, ffn: nn.Module, attn_norm: nn.Module,
+                 cross_norm: nn.Module, ffn_norm: nn.Module, dropout: float = 0.0):
+        super().__init__()
+        self.attn, self.cross, self.ffn = attn, cross, ffn
+        self.attn_norm, self.cross_norm, self.ffn_norm = attn_norm, cross_norm, ffn_norm
+        self.dropout = nn.Dropout(dropout)
+
+
+@CROSS_BLOCKS.register("pre")
+class PreNormCrossBlock(_CrossBlock):
+    """x + attn(norm(x)), h + cross(norm(h)), then h + ffn(norm(h)) (T5)."""
+
+    def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
+        h = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache))
+        h = h + self.dropout(self.cross(self.cross_norm(h), ctx, cache))
+        return h + self.dropout(self.ffn(self.ffn_norm(h)))
+
+
+@CROSS_BLOCKS.register("post")
+class PostNormCrossBlock(_CrossBlock):
+    """norm(x + attn(x)), norm(h + cross(h)), then norm(h + ffn(h)) (Vaswani et al. 2017)."""
+
+    def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
+        h = self.attn_norm(x + self.dropout(self.attn(x, ctx, cache)))
+        h = self.cross_norm(h + self.dropout(self.cross(h, ctx, cache)))
+        return self.ffn_norm(h + self.dropout(self.ffn(h)))

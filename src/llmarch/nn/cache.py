@@ -44,3 +44,49 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())
+
+
+class CrossMemory:
+    """What a decoder attends to across: the encoder output ``states`` [B, S, D] and its ``key_padding`` [B, S]
+    (bool, True = real token; None = no padding)."""
+
+    def __init__(self, states: torch.Tensor, key_padding: torch.Tensor | None = None):
+        self.states, self.key_padding = states, key_padding
+
+    def mask(self) -> torch.Tensor | None:
+        """Boolean [B, 1, 1, S] (True = attend) or None."""
+        return None if self.key_padding is None else self.key_padding[:, None, None, :]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.states = self.states[index]
+        if self.key_padding is not None:
+            self.key_padding = self.key_padding[index]
+
+
+class EncoderDecoderCache(KVCache):
+    """The decoder's growing self-attention cache plus the encoder side, fixed for the whole generation:
+    ``memory`` (the encoder output, encoded once) and, per decoder layer ``i``, the cross-attention keys/values
+    ``cross_k[i]`` [B, G, S, Dh] / ``cross_v[i]``, projected on the first step and reused by every later one."""
+
+    def __init__(self, memory: CrossMemory | None = None) -> None:
+        super().__init__()
+        self.memory = memory
+        self.cross_k: dict[int, torch.Tensor] = {}
+        self.cross_v: dict[int, torch.Tensor] = {}
+
+    def cross(self, layer: int, project, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention k/v of ``layer``: ``project(states)`` on first use, stored afterwards."""
+        if layer not in self.cross_k:
+            self.cross_k[layer], self.cross_v[layer] = project(states)
+        return self.cross_k[layer], self.cross_v[layer]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        for i in self.cross_k:
+            self.cross_k[i], self.cross_v[i] = self.cross_k[i][index], self.cross_v[i][index]
+        if self.memory is not None:
+            self.memory.reorder(index)
+
+    def nbytes(self) -> int:
+        cross = sum(t.numel() * t.element_size() for d in (self.cross_k, self.cross_v) for t in d.values())
+        return super().nbytes() + cross

@@ -87,6 +87,23 @@ class SinusoidalPositions(PositionScheme):
         return out[..., :dim]
 
 
+@POSITIONS.register("sinusoidal_halves")
+class SinusoidalHalvesPositions(PositionScheme):
+    """The same sinusoids laid out [sin of every frequency | cos of every frequency] instead of interleaved, as
+    tensor2tensor's reference code for Vaswani et al. 2017 (and Marian) computes them."""
+
+    def __init__(self, d_model: int, **_: object):
+        super().__init__()
+        self.d_model = d_model
+
+    def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
+        dim = self.d_model
+        half = (dim + 1) // 2  # an odd width gets one more sin than cos
+        inv = torch.pow(10000.0, -torch.arange(0, dim, 2, dtype=torch.float64, device=position_ids.device) / dim)
+        angles = position_ids[..., None].double() * inv  # [B, T, half], fp64 so long positions stay exact
+        return torch.cat([angles.sin(), angles[..., : dim - half].cos()], dim=-1).float()
+
+
 @POSITIONS.register("rope")
 class RopePositions(PositionScheme):
     """Rotary embeddings applied to q and k in every layer."""
@@ -129,6 +146,47 @@ class AlibiPositions(PositionScheme):
         return -(self.slopes[:, None, None] * dist)[None]  # [1, H, T, S]
 
 
-def build_positions(kind: str, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int, rope) -> nn.Module:
-    """Instantiate a registry entry with the sizes it needs."""
-    return POSITIONS[kind](d_model=d_model, n_heads=n_heads, head_dim=head_dim, max_seq_len=max_seq_len, rope=rope)
+def build_positions(kind: str, *, d_model: int, n_heads: int, head_dim: int, max_seq_len: int, rope,
+                    **extra: object) -> nn.Module:
+    """Instantiate a registry entry with the sizes it needs (``extra``: scheme-specific settings such as the
+    relative-bias buckets and whether the stack is causal)."""
+    return POSITIONS[kind](d_model=d_model, n_heads=n_heads, head_dim=head_dim, max_seq_len=max_seq_len, rope=rope,
+                           **extra)
+
+
+def relative_buckets(rel: torch.Tensor, bidirectional: bool, n_buckets: int, max_distance: int) -> torch.Tensor:
+    """Raffel et al. 2020 (T5): bucket of each relative distance ``rel = key - query``. Half the buckets (per
+    direction) hold exact small distances, the rest grow logarithmically up to ``max_distance``; farther distances
+    share the last bucket. A causal stack only sees keys at or before the query, so it spends every bucket on that
+    side. [T, S] long -> [T, S] long in [0, n_buckets)."""
+    if bidirectional:
+        n_buckets //= 2
+        side = (rel > 0).long() * n_buckets
+        dist = rel.abs()
+    else:
+        side = torch.zeros_like(rel)
+        dist = (-rel).clamp(min=0)
+    exact = n_buckets // 2
+    # float32 with this operation order, so distances on a bucket edge round as the reference does
+    far = exact + (torch.log(dist.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (n_buckets - exact)).long()
+    far = far.clamp(max=n_buckets - 1)
+    return side + torch.where(dist < exact, dist, far)
+
+
+@POSITIONS.register("t5")
+class RelativeBias(PositionScheme):
+    """T5's learned relative position bias (Raffel et al. 2020): one scalar per (bucket, head) added to the scores
+    of every layer of the stack; bidirectional buckets in an encoder, causal ones in a decoder. ``weight`` [R, H]
+    with R = buckets."""
+
+    def __init__(self, n_heads: int, rel_buckets: int = 32, rel_max_distance: int = 128, causal: bool = False,
+                 **_: object):
+        super().__init__()
+        self.rel_buckets, self.rel_max_distance, self.causal = rel_buckets, rel_max_distance, causal
+        self.weight = nn.Parameter(torch.zeros(rel_buckets, n_heads))
+
+    def score_bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        rel = k_idx[None, :] - q_idx[:, None]  # [T, S]
+        buckets = relative_buckets(rel, not self.causal, self.rel_buckets, self.rel_max_distance)
+        return nn.functional.embedding(buckets, self.weight).permute(2, 0, 1)[None]  # [1, H, T, S]

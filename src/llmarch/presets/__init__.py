@@ -46,3 +46,4 @@ def _load_all() -> None:
     if not _loaded:
         _loaded = True
         from llmarch.presets import bloom, gpt, llama  # noqa: F401  (registration side effects)
+        from llmarch.presets import bert, t5, transformer  # noqa: F401

@@ -1,0 +1,149 @@
+"""Output heads, chosen by the ``head`` config value. Each maps the final hidden states [B, T, D] to its logits
+and says which of its weights may be tied to the token embedding.
+
+Protocol: ``head(h)`` returns the logits; ``head.outputs(h)`` returns ``{"logits": ..., **extras}`` (the NSP
+logits and the pooled [CLS] vector where a head has them); ``tied_name`` is the parameter that
+``tie(embedding)`` shares with the token embedding (None: nothing to tie).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from llmarch.nn.activation import ACTIVATIONS
+from llmarch.nn.norm import make_norm
+from llmarch.registry import Registry
+
+HEADS: Registry[type[nn.Module]] = Registry("head")
+
+
+@HEADS.register("lm")
+class LMHead(nn.Linear):
+    """Next-token logits: [B, T, D] -> [B, T, V], optionally rescaling the hidden states by ``scale`` first
+    (T5 multiplies by D**-0.5 when the head is tied to the embedding)."""
+
+    tied_name = "weight"
+
+    def __init__(self, d_model: int, vocab_size: int, bias: bool = False, scale: float = 1.0):
+        super().__init__(d_model, vocab_size, bias=bias)
+        self.scale = scale
+
+    @classmethod
+    def from_config(cls, cfg) -> "LMHead":
+        return cls(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias,
+                   scale=cfg.d_model ** -0.5 if cfg.scale_head else 1.0)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.scale != 1.0:
+            h = h * self.scale
+        return super().forward(h)
+
+    def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self(h)}
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        self.weight = embedding.weight
+
+
+@HEADS.register("mlm")
+class MLMHead(nn.Module):
+    """Masked-LM head of BERT (Devlin et al. 2019) and RoBERTa: dense -> activation -> norm, then the vocabulary
+    projection ``decoder`` (usually tied to the embedding) with its own bias. [B, T, D] -> [B, T, V]."""
+
+    tied_name = "decoder.weight"
+
+    def __init__(self, d_model: int, vocab_size: int, activation: str, norm: nn.Module):
+        super().__init__()
+        self.activation = activation
+        self.act = ACTIVATIONS[activation]
+        self.dense = nn.Linear(d_model, d_model)
+        self.norm = norm
+        self.decoder = nn.Linear(d_model, vocab_size)
+
+    @classmethod
+    def from_config(cls, cfg) -> "MLMHead":
+        return cls(cfg.d_model, cfg.vocab_size, cfg.activation,
+                   make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.norm_bias))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(h))))
+
+    def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self(h)}
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        self.decoder.weight = embedding.weight
+
+
+class Pooler(nn.Module):
+    """The first ([CLS]) position through dense + tanh (BERT). [B, T, D] -> [B, D]."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.dense = nn.Linear(d_model, d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(h[:, 0]))
+
+
+@HEADS.register("pretraining")
+class PretrainingHead(nn.Module):
+    """BERT's pre-training heads: the masked-LM head, and next-sentence prediction on the pooled [CLS] vector.
+    logits [B, T, V]; extras ``pooled`` [B, D] and ``nsp_logits`` [B, 2]."""
+
+    tied_name = "mlm.decoder.weight"
+
+    def __init__(self, mlm: MLMHead, d_model: int):
+        super().__init__()
+        self.mlm = mlm
+        self.pooler = Pooler(d_model)
+        self.nsp = nn.Linear(d_model, 2)
+
+    @classmethod
+    def from_config(cls, cfg) -> "PretrainingHead":
+        return cls(MLMHead.from_config(cfg), cfg.d_model)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlm(h)
+
+    def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.pooler(h)
+        return {"logits": self.mlm(h), "pooled": pooled, "nsp_logits": self.nsp(pooled)}
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        self.mlm.tie(embedding)
+
+
+@HEADS.register("classification")
+class ClassificationHead(nn.Module):
+    """Sequence classification on the pooled first position: pooler (dense + tanh) -> dropout -> linear.
+    logits [B, n_labels]; extra ``pooled`` [B, D]. Nothing to tie."""
+
+    tied_name = None
+
+    def __init__(self, d_model: int, n_labels: int, dropout: float = 0.0):
+        super().__init__()
+        self.pooler = Pooler(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(d_model, n_labels)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ClassificationHead":
+        return cls(cfg.d_model, cfg.n_labels, cfg.dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.dropout(self.pooler(h)))
+
+    def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.pooler(h)
+        return {"logits": self.out(self.dropout(pooled)), "pooled": pooled}
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        pass
+
+
+def build_head(cfg) -> nn.Module:
+    return HEADS[cfg.head].from_config(cfg)
+
+
+__all__ = ["HEADS", "ClassificationHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "build_head"]
