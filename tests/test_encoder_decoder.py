@@ -12,14 +12,6 @@ from llmarch.nn.cache import EncoderDecoderCache
 from llmarch.presets import PUBLISHED_PARAMS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a loaded machine two threads spin against each other (10-20x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TINY = dict(vocab_size=97, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0, attn_dropout=0.0)
 

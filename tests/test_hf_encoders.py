@@ -11,14 +11,6 @@ import llmarch
 from tests.hf_util import TOL, make_hf_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a loaded machine two threads spin against each other (10-20x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 SMALL = dict(vocab_size=211, d_model=48, n_layers=2, n_heads=4, d_ff=96, dropout=0.0, attn_dropout=0.0)
 CASES = {  # name: (model_type, transformers class, config)
