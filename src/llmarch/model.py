@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from llmarch.config import ModelConfig
-from llmarch.nn.attention import Attention, AttnContext
+from llmarch.nn.attention import AttnContext
 from llmarch.nn.block import BLOCKS
 from llmarch.nn.cache import KVCache
 from llmarch.nn.ffn import FFNS
+from llmarch.nn.mixers import MIXERS
 from llmarch.nn.norm import make_norm
 from llmarch.nn.patterns import build_pattern
 from llmarch.nn.position import build_positions
@@ -57,16 +58,14 @@ class Stack(nn.Module):
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
         self.causal = causal
-        patterns = {name: build_pattern(name, window=cfg.window) for name in set(cfg.pattern)}
-        self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads, head_dim=cfg.dh,
+        patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse) for name in set(cfg.pattern)}
+        self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                                         head_dim=cfg.rope_head_dim,
                                          max_seq_len=cfg.max_seq_len, rope=cfg.rope)
         block = BLOCKS[cfg.norm_placement]
         self.layers = nn.ModuleList(
-            block(
-                Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i,
-                          pattern=patterns[cfg.layer_pattern(i)], qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
-                          scale=cfg.attn_scale, kernel=cfg.attn_kernel, dropout=cfg.attn_dropout),
-                ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
+            block(MIXERS[cfg.mixer].build(cfg, i, patterns[cfg.layer_pattern(i)]),
+                  ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
             for i in range(cfg.n_layers))
         self.final_norm = norm_for(cfg) if cfg.final_norm else nn.Identity()
 
@@ -96,14 +95,19 @@ class Model(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.tokens.weight
 
+    def new_cache(self) -> KVCache:
+        """An empty cache of the kind this model's mixer fills (KVCache, or LatentCache for latent attention)."""
+        return MIXERS[self.config.mixer].cache()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                use_cache: bool = False) -> ModelOutput:
+                use_cache: bool = False, global_attention_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
-        position_ids [B, T] (default: from the mask, skipping left padding)."""
+        position_ids [B, T] (default: from the mask, skipping left padding); global_attention_mask [B, S_total]
+        (1 = global token, for patterns with global attention)."""
         B, T = check_input_ids(input_ids, self.config.vocab_size)
         if cache is None and use_cache:
-            cache = KVCache()
+            cache = self.new_cache()
         past = cache.length if cache is not None else 0
         key_padding = None
         if attention_mask is not None:
@@ -120,7 +124,14 @@ class Model(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         positions = self.decoder.positions
         x = self.embed(input_ids, positions, position_ids)
-        ctx = AttnContext(past, T, positions, position_ids, key_padding, causal=True, device=input_ids.device)
+        glob = None
+        if global_attention_mask is not None:
+            if global_attention_mask.shape != (B, past + T):
+                raise ValueError(f"global_attention_mask has shape {tuple(global_attention_mask.shape)}; expected "
+                                 f"{(B, past + T)} = (batch, cached {past} + new {T} tokens)")
+            glob = global_attention_mask.bool()
+        ctx = AttnContext(past, T, positions, position_ids, key_padding, causal=True, device=input_ids.device,
+                          global_mask=glob)
         h = self.decoder(x, ctx, cache)
         if cache is not None:
             cache.advance(T)

@@ -33,7 +33,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     fill = eos_token_id if pad_token_id is None else pad_token_id
     was_training = model.training
     model.eval()
-    cache = KVCache()
+    cache = model.new_cache() if hasattr(model, "new_cache") else KVCache()
     out = model(input_ids, attention_mask=attention_mask, cache=cache)
     ids, mask = input_ids, attention_mask
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -1,12 +1,16 @@
 """Components, each chosen from a registry keyed by a config value."""
 from llmarch.nn.activation import ACTIVATIONS
 from llmarch.nn.attention import Attention, AttnContext
-from llmarch.nn.cache import KVCache
+from llmarch.nn.cache import KVCache, LatentCache
+from llmarch.nn.execution import EXECUTIONS
 from llmarch.nn.ffn import FFNS, GLU, MLP
 from llmarch.nn.kernels import KERNELS
+from llmarch.nn.latent_attention import LatentAttention
+from llmarch.nn.mixers import MIXERS
 from llmarch.nn.norm import NORMS, LayerNorm, RMSNorm
+from llmarch.nn import patterns_factorized, patterns_global  # noqa: F401  (pattern registration)
 from llmarch.nn.patterns import PATTERNS
 from llmarch.nn.position import POSITIONS
 
-__all__ = ["ACTIVATIONS", "Attention", "AttnContext", "FFNS", "GLU", "KERNELS", "KVCache", "LayerNorm", "MLP",
-           "NORMS", "PATTERNS", "POSITIONS", "RMSNorm"]
+__all__ = ["ACTIVATIONS", "Attention", "AttnContext", "EXECUTIONS", "FFNS", "GLU", "KERNELS", "KVCache",
+           "LatentAttention", "LatentCache", "LayerNorm", "MIXERS", "MLP", "NORMS", "PATTERNS", "POSITIONS", "RMSNorm"]
