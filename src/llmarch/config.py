@@ -195,9 +195,9 @@ class ModelConfig:
                 _fail("window", "is required by the sliding pattern; set window to W > 0")
         if self.window is not None:
             _check_positive("window", self.window)
+        self.validate_sparse_and_mixer()
         if self.position == "rope":
             self.rope.validate(self.rope_head_dim)
-        self.validate_sparse_and_mixer()
         for name in ("dropout", "attn_dropout"):
             _check_probability(name, getattr(self, name))
         if self.init_std <= 0:
