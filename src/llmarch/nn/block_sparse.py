@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 NEG_INF = float("-inf")
+CHUNK_SCORES = 1 << 22  # score elements held at once per chunk of query blocks (16 MiB in fp32)
 
 
 @dataclass
@@ -70,7 +71,7 @@ def _flag_list(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _softmax(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax over the last dim in fp32, and its log-sum-exp (-inf, probabilities 0, where nothing is
     visible)."""
-    scores = scores.float().masked_fill(~mask, NEG_INF)
+    scores = scores.float().masked_fill_(~mask, NEG_INF)
     mx = scores.amax(-1, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
     p = torch.exp(scores - mx)
@@ -144,35 +145,24 @@ def block_sparse_attention(q, k, v, pattern, plan: BlockPlan, *, block: int, sca
     table = torch.sort(table, dim=-1, descending=True).values
     table = table[:, : int((table >= 0).sum(-1).max())]  # drop columns that are empty in every row
     K = table.shape[1]
-    kpos = (table.clamp(min=0)[..., None] * b + torch.arange(b, device=dev)).view(nq, K * b)  # [nq, Kb]
-    in_table = (table >= 0).repeat_interleave(b, dim=-1)
 
     shared_flag = torch.zeros(1, Np, dtype=torch.bool, device=dev)
     shared_flag[:, plan.shared[plan.shared < T].to(dev)] = True
     if plan.shared_global and slots.glob is not None:
         shared_flag = shared_flag | slots.glob
-    ks = kf.view(B, G, nq, b, Dh)[:, :, table.clamp(min=0)].reshape(B, G, nq, K * b, Dh)
-    vs = vf.view(B, G, nq, b, Dv)[:, :, table.clamp(min=0)].reshape(B, G, nq, K * b, Dv)
-    scores = torch.einsum("bgrnqd,bgnkd->bgrnqk", qf, ks)  # [B, G, r, nq, b, Kb]
-    mask = slots.rule(qpos[:, :, None], kpos[:, None, :]) & in_table[:, None, :]
-    mask = mask & ~shared_flag[:, kpos][:, :, None, :]  # [B|1, nq, b, Kb]
-    values = [vs]
+    shared = None
     shared_pos, shared_ok = _flag_list(shared_flag)  # [B|1, Kg]
     if shared_pos.shape[1]:
-        idx = shared_pos.clamp(max=Np - 1)[:, None, :, None]
-        k_sh = kf.gather(2, idx.expand(B, G, -1, Dh))  # [B, G, Kg, Dh]
-        v_sh = vf.gather(2, idx.expand(B, G, -1, Dv))
-        scores = torch.cat([scores, torch.einsum("bgrnqd,bgkd->bgrnqk", qf, k_sh)], dim=-1)
-        sh = shared_pos.clamp(max=Np - 1)[:, None, None, :]  # [B|1, 1, 1, Kg]
-        sh_mask = slots.rule(qpos[None, :, :, None], sh, batch_q=True) & shared_ok[:, None, None, :]
-        Bm = max(mask.shape[0], sh_mask.shape[0])
-        mask = torch.cat([mask.expand(Bm, -1, -1, -1), sh_mask.expand(Bm, -1, -1, -1)], dim=-1)
-        values.append(v_sh)
-    probs, lse = _softmax(scores, mask[:, None, None])
-    out = torch.einsum("bgrnqk,bgnkd->bgrnqd", probs[..., : K * b], vs)
-    if len(values) > 1:
-        out = out + torch.einsum("bgrnqk,bgkd->bgrnqd", probs[..., K * b:], values[1])
-    result = (out.reshape(B, G, r, Np, Dv), lse.reshape(B, G, r, Np))
+        idx = shared_pos.clamp(max=Np - 1)
+        shared = (idx, shared_ok, kf.gather(2, idx[:, None, :, None].expand(B, G, -1, Dh)),
+                  vf.gather(2, idx[:, None, :, None].expand(B, G, -1, Dv)))  # k/v [B, G, Kg, *]
+    qn = qf.permute(0, 1, 3, 2, 4, 5).reshape(B, G, nq, r * b, Dh)  # query blocks as matmul batches
+    step = max(1, CHUNK_SCORES // (H * b * (K * b + shared_pos.shape[1])))  # bounds the live score memory
+    parts = [_table_part(qn[:, :, s0:s0 + step], kf, vf, table[s0:s0 + step], qpos[s0:s0 + step], slots,
+                         shared_flag, shared, b, r) for s0 in range(0, nq, step)]
+    out = torch.cat([o for o, _ in parts], dim=2).permute(0, 1, 3, 2, 4, 5).reshape(B, G, r, Np, Dv)
+    lse = torch.cat([m for _, m in parts], dim=2).permute(0, 1, 3, 2, 4).reshape(B, G, r, Np)
+    result = (out, lse)
 
     if plan.stride is not None:
         covered = torch.zeros(nq, nq + 1, dtype=torch.bool, device=dev)
@@ -188,6 +178,32 @@ def block_sparse_attention(q, k, v, pattern, plan: BlockPlan, *, block: int, sca
     if bool(rows_flag.any()):
         out = _dense_rows(out, qf.view(B, G, r, Np, Dh), kf, vf, rows_flag, slots)
     return out.reshape(B, H, Np, Dv)[:, :, :T].to(q.dtype)
+
+
+def _table_part(qn, kf, vf, table, qpos, slots: _Slots, shared_flag, shared, b: int, r: int):
+    """Query blocks qn [B, G, n, r*b, Dh] against their gathered key blocks ``table`` [n, K] and the shared keys
+    -> (out [B, G, n, r, b, Dv], lse [B, G, n, r, b])."""
+    B, G, n, _, Dh = qn.shape
+    Dv, nk, K = vf.shape[-1], kf.shape[2] // b, table.shape[1]
+    safe = table.clamp(min=0)
+    ks = kf.view(B, G, nk, b, Dh)[:, :, safe].reshape(B, G, n, K * b, Dh)
+    vs = vf.view(B, G, nk, b, Dv)[:, :, safe].reshape(B, G, n, K * b, Dv)
+    kpos = (safe[..., None] * b + torch.arange(b, device=qn.device)).view(n, K * b)  # [n, Kb]
+    mask = slots.rule(qpos[:, :, None], kpos[:, None, :]) & (table >= 0).repeat_interleave(b, dim=-1)[:, None, :]
+    mask = mask & ~shared_flag[:, kpos][:, :, None, :]  # [B|1, n, b, Kb]
+    scores = qn @ ks.transpose(-1, -2)  # [B, G, n, r*b, Kb]
+    if shared is not None:
+        idx, ok, k_sh, v_sh = shared
+        scores = torch.cat([scores, qn @ k_sh.transpose(-1, -2)[:, :, None]], dim=-1)
+        sh_mask = slots.rule(qpos[None, :, :, None], idx[:, None, None, :], batch_q=True) & ok[:, None, None, :]
+        Bm = max(mask.shape[0], sh_mask.shape[0])
+        mask = torch.cat([mask.expand(Bm, -1, -1, -1), sh_mask.expand(Bm, -1, -1, -1)], dim=-1)
+    probs, lse = _softmax(scores.view(B, G, n, r, b, -1), mask[:, None, :, None])
+    probs = probs.view(B, G, n, r * b, -1)
+    out = probs[..., : K * b] @ vs
+    if shared is not None:
+        out = out + probs[..., K * b:] @ shared[3][:, :, None]
+    return out.view(B, G, n, r, b, Dv), lse
 
 
 def _strided_part(qf, kf, vf, stride: int, slots: _Slots, covered, b: int, shared_flag):
