@@ -1,4 +1,5 @@
 """llmarch: every classic and modern LLM architecture from one validated config."""
+from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.config import ModelConfig, RopeConfig
 from llmarch.infer.generate import generate
 from llmarch.model import Model, ModelOutput, build
@@ -25,4 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmarch' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "RopeConfig", "Model", "ModelOutput", "build", "generate", "preset", "presets"]
+__all__ = ["ModelConfig", "RopeConfig", "SparseConfig", "MLAConfig", "Model", "ModelOutput", "build", "generate",
+           "preset", "presets"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmarch.attention_config import MLAConfig, SparseConfig
+
 KINDS = ("decoder", "encoder", "encoder_decoder")
 PLACEMENTS = ("pre", "post")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
@@ -77,6 +79,9 @@ class RopeConfig:
             _fail("rope.high_freq_factor", "must be greater than rope.low_freq_factor")
 
 
+SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A complete architecture. Sizes use the glossary: D d_model, H n_heads, G n_kv_heads, Dh head_dim, F d_ff."""
@@ -132,10 +137,15 @@ class ModelConfig:
     rel_buckets: int = 32  # position "t5": relative-distance buckets
     rel_max_distance: int = 128  # position "t5": distances from here on share the last bucket
     decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
+    # --- sparse attention and latent attention (issue 6) ----------------------------------------------------
+    sparse: SparseConfig = field(default_factory=SparseConfig)  # parameters of the sparse patterns
+    mixer: str = "attention"  # registry nn.mixers.MIXERS: attention | latent (MLA)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope, dict):
-            object.__setattr__(self, "rope", RopeConfig(**self.rope))
+        for name, cls in SUB_CONFIGS.items():
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**getattr(self, name)))
         if isinstance(self.pattern, str):
             object.__setattr__(self, "pattern", (self.pattern,))
         elif isinstance(self.pattern, list):
@@ -152,6 +162,11 @@ class ModelConfig:
     def dh(self) -> int:
         """Dh: per-head width."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The per-head width the rotary embedding sees (MLA rotates only its decoupled rope part)."""
+        return self.mla.qk_rope_head_dim if self.mixer == "latent" else self.dh
 
     def layer_pattern(self, layer: int) -> str:
         """The attention pattern of layer ``layer`` (the ``pattern`` tuple cycled over layers)."""
@@ -191,8 +206,9 @@ class ModelConfig:
                 _fail("window", "is required by the sliding pattern; set window to W > 0")
         if self.window is not None:
             _check_positive("window", self.window)
+        self.validate_sparse_and_mixer()
         if self.position == "rope":
-            self.rope.validate(self.dh)
+            self.rope.validate(self.rope_head_dim)
         for name in ("dropout", "attn_dropout"):
             _check_probability(name, getattr(self, name))
         if self.init_std <= 0:
@@ -202,6 +218,16 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+
+    def validate_sparse_and_mixer(self) -> None:
+        from llmarch import nn as lnn
+
+        self.sparse.validate()
+        _check_choice("mixer", self.mixer, lnn.MIXERS)
+        if self.mixer == "latent":
+            self.mla.validate()
+        if self.sparse.execution == "blocks" and self.attn_dropout > 0:
+            _fail("sparse.execution", "'blocks' has no attention dropout; set attn_dropout=0 or execution='mask'")
 
     # --- serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -216,11 +242,12 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
         d = dict(d)
-        if isinstance(d.get("rope"), dict):
-            rope_known = {f.name for f in dataclasses.fields(RopeConfig)}
-            bad = sorted(set(d["rope"]) - rope_known)
-            if bad:
-                raise ValueError(f"unknown rope field(s) {bad}; known fields are {sorted(rope_known)}")
+        for name, sub in SUB_CONFIGS.items():
+            if isinstance(d.get(name), dict):
+                sub_known = {f.name for f in dataclasses.fields(sub)}
+                bad = sorted(set(d[name]) - sub_known)
+                if bad:
+                    raise ValueError(f"unknown {name} field(s) {bad}; known fields are {sorted(sub_known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -252,9 +279,11 @@ class ModelConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A validated copy with some fields changed; ``rope`` accepts a dict of RopeConfig fields to change."""
-        if isinstance(changes.get("rope"), dict):
-            changes["rope"] = dataclasses.replace(self.rope, **changes["rope"])
+        """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``) accepts a dict
+        of its fields to change."""
+        for name in SUB_CONFIGS:
+            if isinstance(changes.get(name), dict):
+                changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
         return dataclasses.replace(self, **changes)
 
     def with_path(self, dotted: str, value: Any) -> "ModelConfig":
@@ -328,4 +357,4 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "RopeConfig", "KINDS"]
+__all__ = ["ModelConfig", "RopeConfig", "SparseConfig", "MLAConfig", "KINDS"]

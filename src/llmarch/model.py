@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from llmarch.config import ModelConfig
-from llmarch.nn.attention import Attention, AttnContext
+from llmarch.nn.attention import AttnContext
 from llmarch.nn.block import BLOCKS, CROSS_BLOCKS
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
 from llmarch.nn.cross_attention import CrossAttention
 from llmarch.nn.embedding import Embeddings
 from llmarch.nn.ffn import FFNS
 from llmarch.nn.heads import build_head
+from llmarch.nn.mixers import MIXERS
 from llmarch.nn.norm import make_norm
 from llmarch.nn.patterns import build_pattern
 from llmarch.nn.position import build_positions
@@ -50,17 +51,16 @@ class Stack(nn.Module):
         super().__init__()
         self.causal, self.cross = causal, cross
         n_layers = n_layers or cfg.n_layers
-        patterns = {name: build_pattern(name, window=cfg.window) for name in set(cfg.pattern)}
-        self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads, head_dim=cfg.dh,
-                                         max_seq_len=cfg.max_seq_len, rope=cfg.rope, causal=causal,
+        patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse) for name in set(cfg.pattern)}
+        self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
+                                         head_dim=cfg.rope_head_dim, max_seq_len=cfg.max_seq_len, rope=cfg.rope,
+                                         causal=causal,
                                          rel_buckets=cfg.rel_buckets, rel_max_distance=cfg.rel_max_distance)
         self.layers = nn.ModuleList(self._block(cfg, i, patterns[cfg.layer_pattern(i)]) for i in range(n_layers))
         self.final_norm = norm_for(cfg) if cfg.final_norm else nn.Identity()
 
     def _block(self, cfg: ModelConfig, i: int, pattern) -> nn.Module:
-        attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i, pattern=pattern,
-                         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
-                         dropout=cfg.attn_dropout)
+        attn = MIXERS[cfg.mixer].build(cfg, i, pattern)
         if not self.cross:
             return BLOCKS[cfg.norm_placement](attn, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
         cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i, qkv_bias=cfg.qkv_bias,
@@ -101,21 +101,34 @@ class Model(nn.Module):
         if cfg.tie_embeddings and self.lm_head.tied_name:
             self.lm_head.tie(self.embed.tokens)
 
+    def new_cache(self) -> KVCache:
+        """An empty cache of the kind this model fills: EncoderDecoderCache for encoder-decoders, else the
+        mixer's (KVCache, or LatentCache for latent attention)."""
+        if self.config.kind == "encoder_decoder":
+            return EncoderDecoderCache()
+        return MIXERS[self.config.mixer].cache()
+
     def tied_names(self) -> dict[str, str]:
         """Parameters that alias another one: {alias: source} (the tied head weight and the token embedding)."""
         if self.config.tie_embeddings and self.lm_head.tied_name:
             return {f"lm_head.{self.lm_head.tied_name}": "embed.tokens.weight"}
         return {}
 
+    def new_cache(self) -> KVCache:
+        """An empty cache of the kind this model's mixer fills (KVCache, or LatentCache for latent attention)."""
+        return MIXERS[self.config.mixer].cache()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 use_cache: bool = False, *, token_type_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None,
-                decoder_attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                decoder_attention_mask: torch.Tensor | None = None,
+                global_attention_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
-        return the decoder's logits; a cache that already holds the encoded memory skips the encoder."""
+        return the decoder's logits; a cache that already holds the encoded memory skips the encoder.
+        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer)."""
         kind = self.config.kind
         if kind == "encoder_decoder":
             return self._seq2seq(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
@@ -126,11 +139,13 @@ class Model(nn.Module):
             if cache is not None or use_cache:
                 raise ValueError("cache: an encoder attends in both directions and has no incremental cache; "
                                  "call it on the whole sequence")
-            h = self._run(self.encoder, input_ids, attention_mask, position_ids, token_type_ids, None, None)
+            h = self._run(self.encoder, input_ids, attention_mask, position_ids, token_type_ids, None, None,
+                          global_attention_mask)
             return self._output(h, None)
         if cache is None and use_cache:
-            cache = KVCache()
-        h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None)
+            cache = self.new_cache()
+        h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None,
+                      global_attention_mask)
         return self._output(h, cache)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -165,7 +180,7 @@ class Model(nn.Module):
         return self.decode(decoder_input_ids, memory, decoder_attention_mask, cache)
 
     def _run(self, stack: Stack, input_ids, attention_mask, position_ids, token_type_ids, cache,
-             memory) -> torch.Tensor:
+             memory, global_attention_mask=None) -> torch.Tensor:
         """Embed and run one stack. Returns [B, T, D]; advances ``cache`` by T."""
         cfg = self.config
         B, T = check_input_ids(input_ids, cfg.vocab_size)
@@ -184,7 +199,8 @@ class Model(nn.Module):
                 position_ids = position_ids + cfg.position_offset
         x = self.embed(input_ids, stack.positions, position_ids, token_type_ids)
         ctx = AttnContext(past, T, stack.positions, position_ids, _key_padding(attention_mask), causal=stack.causal,
-                          device=input_ids.device, memory=memory)
+                          device=input_ids.device, memory=memory,
+                          global_mask=_global_mask(global_attention_mask, (B, past + T)))
         h = stack(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
@@ -193,6 +209,16 @@ class Model(nn.Module):
     def _output(self, h: torch.Tensor, cache: KVCache | None) -> ModelOutput:
         outs = self.lm_head.outputs(h)
         return ModelOutput(outs.pop("logits"), h, h.new_zeros(()), cache, **outs)
+
+
+def _global_mask(global_attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    """[B, S_total] bool (True = global token) for patterns with global attention, or None."""
+    if global_attention_mask is None:
+        return None
+    if tuple(global_attention_mask.shape) != shape:
+        raise ValueError(f"global_attention_mask has shape {tuple(global_attention_mask.shape)}; expected {shape} "
+                         "= (batch, cached + new tokens)")
+    return global_attention_mask.bool()
 
 
 def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -57,7 +57,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
                 return model.decode(nxt[:, None], memory, cache=cache).logits[:, -1]
         else:
             fill = eos_token_id if pad_token_id is None else pad_token_id
-            cache, ids, masks = KVCache(), input_ids, [attention_mask]
+            cache, ids, masks = model.new_cache(), input_ids, [attention_mask]
             first = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
 
             def step(nxt: torch.Tensor) -> torch.Tensor:

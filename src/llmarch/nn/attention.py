@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmarch.nn.cache import KVCache
+from llmarch.nn.execution import EXECUTIONS
 from llmarch.nn.kernels import KERNELS
 from llmarch.nn.patterns import Pattern, causal_mask
 from llmarch.nn.position import PositionScheme
@@ -16,14 +17,17 @@ from llmarch.nn.position import PositionScheme
 
 class AttnContext:
     """What every attention layer of one stack shares in one forward: query slots, padding, causality, the
-    position scheme's rotation and bias. Masks and biases are memoised per (pattern, key range)."""
+    position scheme's rotation and bias, the batch's global tokens. Masks and biases are memoised per (pattern,
+    key range)."""
 
     def __init__(self, q_start: int, T: int, positions: PositionScheme, position_ids: torch.Tensor,
-                 key_padding: torch.Tensor | None, causal: bool, device: torch.device, memory=None):
+                 key_padding: torch.Tensor | None, causal: bool, device: torch.device, memory=None,
+                 global_mask: torch.Tensor | None = None):
         self.q_start, self.T, self.causal = q_start, T, causal
         self.memory = memory  # CrossMemory: the encoder output a decoder's cross-attention reads (None elsewhere)
         self.q_idx = torch.arange(q_start, q_start + T, device=device)
         self.key_padding = key_padding  # [B, S_total] bool, True = real token
+        self.global_mask = global_mask  # [B, S_total] bool, True = global token (patterns that use one)
         self.positions = positions
         self.rotation = positions.rotation(position_ids)
         self._masks: dict = {}
@@ -38,7 +42,7 @@ class AttnContext:
 
     def _build_mask(self, pattern: Pattern, k_start: int, S: int) -> tuple[torch.Tensor | None, bool]:
         k_idx = torch.arange(k_start, k_start + S, device=self.q_idx.device)
-        rule = pattern.allowed(self.q_idx, k_idx)
+        rule = pattern.allowed(self.q_idx, k_idx, self.q_start + self.T, self.global_mask)  # [T, S] | [B, T, S]
         needs_causal = self.causal and self.q_start < k_start + S - 1  # some key lies in a query's future
         if rule is None and self.key_padding is None:
             if not needs_causal:
@@ -50,7 +54,7 @@ class AttnContext:
             m = m & causal_mask(self.q_idx, k_idx)
         if rule is not None:
             m = m & rule
-        m = m[None, None]  # [1, 1, T, S]
+        m = m[:, None] if m.dim() == 3 else m[None, None]  # [B|1, 1, T, S]
         if self.key_padding is not None:
             m = m & self.key_padding[:, None, None, k_start:k_start + S]  # [B, 1, T, S]
         # a query with no visible key (a padding slot) attends everything, so softmax stays finite; its output
@@ -73,13 +77,14 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, layer_idx: int,
                  pattern: Pattern, qkv_bias: bool = False, out_bias: bool = False, scale: float | None = None,
-                 kernel: str = "sdpa", dropout: float = 0.0):
+                 kernel: str = "sdpa", dropout: float = 0.0, execution: str = "mask", block: int = 64):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.layer_idx, self.pattern = layer_idx, pattern
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.kernel_name, self.kernel = kernel, KERNELS[kernel]
         self.dropout = dropout
+        self.execution_name, self.execution, self.block = execution, EXECUTIONS[execution], block
         self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
 
@@ -94,8 +99,6 @@ class Attention(nn.Module):
         k_start = ctx.q_start
         if cache is not None:
             k, v, k_start = cache.update(self.layer_idx, k, v, self.pattern.lookback)
-        S = k.shape[2]
-        mask, causal = ctx.mask(self.pattern, k_start, S)
-        y = self.kernel(q, k, v, mask=mask, bias=ctx.bias(k_start, S), scale=self.scale, causal=causal,
-                        dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, Dh]
+        y = self.execution(q, k, v, ctx, self.pattern, k_start, kernel=self.kernel, scale=self.scale,
+                           dropout_p=self.dropout if self.training else 0.0, block=self.block)  # [B, H, T, Dh]
         return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))

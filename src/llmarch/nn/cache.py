@@ -90,3 +90,19 @@ class EncoderDecoderCache(KVCache):
     def nbytes(self) -> int:
         cross = sum(t.numel() * t.element_size() for d in (self.cross_k, self.cross_v) for t in d.values())
         return super().nbytes() + cross
+
+
+class LatentCache(KVCache):
+    """The cache of multi-head latent attention (DeepSeek-V2): per layer ``i``, ``k[i]`` holds the normalised
+    compressed latent [B, 1, S_i, R] and ``v[i]`` the rotated, head-shared RoPE key [B, 1, S_i, Dr], so a token
+    costs R + Dr numbers per layer whatever the head count. Keys and values are re-expanded (or absorbed into the
+    query and output) at attention time."""
+
+    def latent(self, layer: int) -> torch.Tensor:
+        return self.k[layer]
+
+    def rope_key(self, layer: int) -> torch.Tensor:
+        return self.v[layer]
+
+    def numbers_per_token(self, layer: int) -> int:
+        return self.k[layer].shape[-1] + self.v[layer].shape[-1]

@@ -1,8 +1,12 @@
 """Attention mask patterns: rules over (query slot, key slot) that combine with causality and padding.
 
-A pattern answers ``allowed(q_idx, k_idx)`` -> bool [T, S] (None = no restriction) and ``lookback`` (how many past
-keys a query can ever need, so a cache may drop older ones). ``render(n)`` draws the pattern as an [n, n] boolean
-matrix for tests and pictures.
+A pattern answers ``allows(q, k, length, global_q, global_k)`` elementwise on broadcastable tensors of absolute
+slots (None = no restriction); ``allowed(q_idx, k_idx)`` is that rule as a [T, S] (or per-batch [B, T, S]) matrix
+and ``render(n)`` draws it as an [n, n] boolean matrix for tests and pictures. ``length`` is the number of slots
+in the sequence (BigBird's "last block" depends on it); ``global_q``/``global_k`` say which slots the batch marks
+global (Longformer's ``global_attention_mask``). ``lookback`` says how many past keys a query can ever need, so a
+cache may drop older ones. ``plan(length, block)`` lists, per query block, a superset of the keys it may attend
+(a :class:`~llmarch.nn.block_sparse.BlockPlan`), which the block-sparse execution gathers; None means dense.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ class Pattern:
     """Base pattern: every key allowed (dense attention)."""
 
     needs_window = False
+    uses_global_mask = False  # reads a per-batch global_attention_mask
 
     def __init__(self, **_: object):
         pass
@@ -26,19 +31,34 @@ class Pattern:
         """Keys older than this many positions before the newest query are never attended (None = all needed)."""
         return None
 
-    def allowed(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor | None:
+    def allows(self, q: torch.Tensor, k: torch.Tensor, length: int, global_q: torch.Tensor | None = None,
+               global_k: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Elementwise rule on broadcastable slot tensors q and k (True = may attend); None = no restriction."""
         return None
 
-    def render(self, n: int, causal: bool = True) -> torch.Tensor:
-        """The [n, n] boolean mask of this pattern (True = query row may attend key column)."""
+    def allowed(self, q_idx: torch.Tensor, k_idx: torch.Tensor, length: int | None = None,
+                global_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The rule as a matrix: q_idx [T], k_idx [S] -> [T, S], or [B, T, S] with ``global_mask`` [B, length]."""
+        length = int(max(q_idx.max(), k_idx.max())) + 1 if length is None else length
+        gq = gk = None
+        if global_mask is not None and self.uses_global_mask:
+            gq, gk = global_mask[:, q_idx, None], global_mask[:, None, k_idx]  # [B, T, 1], [B, 1, S]
+        return self.allows(q_idx[:, None], k_idx[None, :], length, gq, gk)
+
+    def render(self, n: int, causal: bool = True, global_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The [n, n] (or [B, n, n] with a global mask) boolean mask (True = query row may attend key column)."""
         idx = torch.arange(n)
         mask = torch.ones(n, n, dtype=torch.bool)
-        rule = self.allowed(idx, idx)
+        rule = self.allowed(idx, idx, n, global_mask)
         if rule is not None:
-            mask &= rule
+            mask = mask & rule
         if causal:
-            mask &= causal_mask(idx, idx)
+            mask = mask & causal_mask(idx, idx)
         return mask
+
+    def plan(self, length: int, block: int):
+        """A BlockPlan for the block-sparse execution, or None (dense: run the plain kernel)."""
+        return None
 
 
 @PATTERNS.register("dense")
@@ -61,8 +81,13 @@ class Sliding(Pattern):
     def lookback(self) -> int:
         return self.window - 1
 
-    def allowed(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-        return (q_idx[:, None] - k_idx[None, :]).abs() < self.window
+    def allows(self, q, k, length, global_q=None, global_k=None):
+        return (q - k).abs() < self.window
+
+    def plan(self, length, block):
+        from llmarch.nn.block_sparse import BlockPlan
+
+        return BlockPlan.band(length, block, reach=self.window - 1)
 
 
 def causal_mask(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
@@ -70,5 +95,8 @@ def causal_mask(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
     return k_idx[None, :] <= q_idx[:, None]
 
 
-def build_pattern(name: str, *, window: int | None) -> Pattern:
-    return PATTERNS[name](window=window)
+def build_pattern(name: str, *, window: int | None, sparse=None) -> Pattern:
+    """Instantiate pattern ``name`` with the window and the sparse sub-config (SparseConfig) it may need."""
+    from llmarch.attention_config import SparseConfig
+
+    return PATTERNS[name](window=window, sparse=sparse or SparseConfig())

@@ -1,0 +1,57 @@
+"""The token mixer of each block (the ``mixer`` config value): multi-head attention with grouped kv heads, or
+multi-head latent attention. Each entry builds its module from the config and names the cache it fills."""
+from __future__ import annotations
+
+from torch import nn
+
+from llmarch.nn.attention import Attention
+from llmarch.nn.cache import KVCache, LatentCache
+from llmarch.nn.latent_attention import LatentAttention
+from llmarch.nn.patterns import Pattern
+from llmarch.registry import Registry
+
+MIXERS: Registry[type["Mixer"]] = Registry("mixer")
+
+
+class Mixer:
+    cache: type[KVCache] = KVCache
+
+    @staticmethod
+    def build(cfg, layer: int, pattern: Pattern) -> nn.Module:
+        raise NotImplementedError
+
+
+@MIXERS.register("attention")
+class AttentionMixer(Mixer):
+    """MHA / GQA / MQA (``n_kv_heads``)."""
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer, pattern=pattern,
+                         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
+                         dropout=cfg.attn_dropout, execution=cfg.sparse.execution, block=cfg.sparse.block)
+
+
+@MIXERS.register("latent")
+class LatentMixer(Mixer):
+    """MLA (``mla`` sub-config); the softmax scale grows by the yarn mscale^2 when ``mla.mscale_all_dim`` is set."""
+
+    cache = LatentCache
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        m = cfg.mla
+        scale = cfg.attn_scale
+        if scale is None:
+            scale = m.qk_head_dim ** -0.5
+            if m.mscale_all_dim and cfg.rope.scaling != "none" and cfg.rope.factor > 1:
+                import math
+
+                mscale = 0.1 * m.mscale_all_dim * math.log(cfg.rope.factor) + 1.0
+                scale = scale * mscale * mscale
+        return LatentAttention(cfg.d_model, cfg.n_heads, kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank,
+                               qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim,
+                               v_head_dim=m.v_head_dim, layer_idx=layer, pattern=pattern,
+                               latent_norm_eps=m.latent_norm_eps, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+                               scale=scale, absorb=m.absorb, kernel=cfg.attn_kernel, dropout=cfg.attn_dropout,
+                               execution=cfg.sparse.execution, block=cfg.sparse.block)
