@@ -32,7 +32,8 @@ class SparseConfig:
     columns per stride of the fixed pattern. ``global_tokens``: positions that attend and are attended everywhere
     (Longformer; more come per batch from ``global_attention_mask``). ``random_blocks``: r random key blocks per
     query block (BigBird), drawn from ``seed``; ``global_blocks``: BigBird's global block indices (negative
-    counts from the end). ``execution``: mask (a dense [T, S] mask, the reference) | blocks (block-sparse, time
+    counts from the end); ``dense_up_to_blocks``: a sequence of at most this many blocks attends densely under
+    the BigBird pattern (transformers switches to full attention at <= 5 + 2r blocks; 0 = never). ``execution``: mask (a dense [T, S] mask, the reference) | blocks (block-sparse, time
     and memory ~linear in T for banded patterns).
     """
 
@@ -44,6 +45,7 @@ class SparseConfig:
     global_blocks: tuple[int, ...] = (0, -1)
     seed: int = 0
     execution: str = "mask"
+    dense_up_to_blocks: int = 0
 
     def __post_init__(self) -> None:
         _tuple_field(self, "global_tokens")
@@ -55,8 +57,9 @@ class SparseConfig:
             _check_positive(f"sparse.{name}", getattr(self, name))
         if self.summary > self.stride:
             _fail("sparse.summary", f"c={self.summary} must be <= sparse.stride={self.stride}")
-        if self.random_blocks < 0:
-            _fail("sparse.random_blocks", f"must be >= 0, got {self.random_blocks}")
+        for name in ("random_blocks", "dense_up_to_blocks"):
+            if getattr(self, name) < 0:
+                _fail(f"sparse.{name}", f"must be >= 0, got {getattr(self, name)}")
         if any(not isinstance(t, int) or t < 0 for t in self.global_tokens):
             _fail("sparse.global_tokens", f"must be non-negative positions, got {self.global_tokens}")
         if any(not isinstance(b, int) for b in self.global_blocks):

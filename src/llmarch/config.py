@@ -139,7 +139,7 @@ class ModelConfig:
     decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
     # --- sparse attention and latent attention (issue 6) ----------------------------------------------------
     sparse: SparseConfig = field(default_factory=SparseConfig)  # parameters of the sparse patterns
-    mixer: str = "attention"  # registry nn.mixers.MIXERS: attention | latent (MLA)
+    mixer: str = "attention"  # registry nn.mixers.MIXERS: attention | longformer (global projections) | latent
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
 
     def __post_init__(self) -> None:
@@ -226,6 +226,9 @@ class ModelConfig:
         _check_choice("mixer", self.mixer, lnn.MIXERS)
         if self.mixer == "latent":
             self.mla.validate()
+        if self.mixer == "longformer" and not all(hasattr(lnn.PATTERNS[p], "global_slots") for p in self.pattern):
+            _fail("mixer", f"'longformer' projects global rows separately; every layer's pattern needs global "
+                  f"tokens (pattern='longformer'), got {self.pattern}")
         if self.sparse.execution == "blocks" and self.attn_dropout > 0:
             _fail("sparse.execution", "'blocks' has no attention dropout; set attn_dropout=0 or execution='mask'")
 

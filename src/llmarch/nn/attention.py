@@ -90,6 +90,12 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
+        y = self.attend(x, ctx, cache)  # [B, H, T, Dh]
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def attend(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
+        """The heads' outputs before the output projection: x [B, T, D] -> [B, H, T, Dh]."""
+        B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)
         q = q.view(B, T, H, Dh).transpose(1, 2)  # [B, H, T, Dh]
@@ -99,6 +105,5 @@ class Attention(nn.Module):
         k_start = ctx.q_start
         if cache is not None:
             k, v, k_start = cache.update(self.layer_idx, k, v, self.pattern.lookback)
-        y = self.execution(q, k, v, ctx, self.pattern, k_start, kernel=self.kernel, scale=self.scale,
-                           dropout_p=self.dropout if self.training else 0.0, block=self.block)  # [B, H, T, Dh]
-        return self.out(y.transpose(1, 2).reshape(B, T, H * Dh))
+        return self.execution(q, k, v, ctx, self.pattern, k_start, kernel=self.kernel, scale=self.scale,
+                              dropout_p=self.dropout if self.training else 0.0, block=self.block)

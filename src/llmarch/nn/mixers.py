@@ -1,11 +1,13 @@
-"""The token mixer of each block (the ``mixer`` config value): multi-head attention with grouped kv heads, or
-multi-head latent attention. Each entry builds its module from the config and names the cache it fills."""
+"""The token mixer of each block (the ``mixer`` config value): multi-head attention with grouped kv heads, the
+same with a second projection set for global rows (Longformer), or multi-head latent attention. Each entry builds
+its module from the config and names the cache it fills."""
 from __future__ import annotations
 
 from torch import nn
 
 from llmarch.nn.attention import Attention
 from llmarch.nn.cache import KVCache, LatentCache
+from llmarch.nn.global_attention import GlobalProjectionAttention
 from llmarch.nn.latent_attention import LatentAttention
 from llmarch.nn.patterns import Pattern
 from llmarch.registry import Registry
@@ -30,6 +32,18 @@ class AttentionMixer(Mixer):
         return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer, pattern=pattern,
                          qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
                          dropout=cfg.attn_dropout, execution=cfg.sparse.execution, block=cfg.sparse.block)
+
+
+@MIXERS.register("longformer")
+class LongformerMixer(Mixer):
+    """MHA / GQA whose global rows (the pattern's global tokens) use their own ``qkv_global`` projections."""
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        return GlobalProjectionAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer,
+                                         pattern=pattern, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
+                                         scale=cfg.attn_scale, kernel=cfg.attn_kernel, dropout=cfg.attn_dropout,
+                                         execution=cfg.sparse.execution, block=cfg.sparse.block)
 
 
 @MIXERS.register("latent")

@@ -28,6 +28,11 @@ class Longformer(Pattern):
     def allows(self, q, k, length, global_q=None, global_k=None):
         return ((q - k).abs() < self.window) | self.is_global(q, global_q) | self.is_global(k, global_k)
 
+    def global_slots(self, n: int, global_mask: torch.Tensor | None, device) -> torch.Tensor:
+        """[B|1, n] bool: which of slots [0, n) are global (``sparse.global_tokens`` or set in the mask)."""
+        return self.is_global(torch.arange(n, device=device)[None], None if global_mask is None
+                              else global_mask[:, :n])
+
     def plan(self, length, block):
         return BlockPlan.band(length, block, reach=self.window - 1, shared=self.global_tokens, shared_global=True,
                               rows=self.global_tokens, rows_global=True)
@@ -38,12 +43,13 @@ class BigBird(Pattern):
     """Blocks of ``sparse.block`` slots; query block i sees key blocks i-1, i, i+1 (window), the global blocks
     (``sparse.global_blocks``, negative = from the end; global blocks also see everything) and
     ``sparse.random_blocks`` others drawn per query block from ``sparse.seed``, so a run is reproducible. The
-    random blocks are shared by all heads (the HF implementation draws them per head)."""
+    random blocks are shared by all heads (the HF implementation draws them per head). A sequence of at most
+    ``sparse.dense_up_to_blocks`` blocks attends densely."""
 
     def __init__(self, sparse, **_: object):
         super().__init__()
         self.block, self.n_random, self.global_blocks = sparse.block, sparse.random_blocks, sparse.global_blocks
-        self.seed = sparse.seed
+        self.seed, self.dense_up_to_blocks = sparse.seed, sparse.dense_up_to_blocks
         self._layouts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def globals_of(self, nb: int) -> list[int]:
@@ -75,6 +81,8 @@ class BigBird(Pattern):
 
     def allows(self, q, k, length, global_q=None, global_k=None):
         nb = -(-length // self.block)
+        if nb <= self.dense_up_to_blocks:
+            return None
         full, _ = self.layout(nb)
         full = full.to(q.device)
         return full[(q // self.block).clamp(0, nb - 1), (k // self.block).clamp(0, nb - 1)]
@@ -83,6 +91,8 @@ class BigBird(Pattern):
         if block != self.block:
             raise ValueError(f"sparse.block: bigbird runs with its own block ({self.block}), got {block}")
         nb = -(-length // block)
+        if nb <= self.dense_up_to_blocks:
+            return None
         _, local = self.layout(nb)
         width = int(local.sum(-1).max())
         order = torch.sort((~local).to(torch.int8), dim=-1, stable=True).indices[:, :width]
