@@ -1,5 +1,5 @@
 """Layer-level parity of the Longformer and BigBird patterns with transformers' own attention layers, given the
-same projection weights. (Full-model parity needs the encoder model kind; see docs/sparse_attention.md.)
+same projection weights. (Full-model parity: tests/test_hf_sparse_models.py.)
 
 BigBird is made deterministic this way: transformers draws its random blocks with numpy, seeded by the layer's
 ``seed`` in train mode (its block-sparse attention has no dropout, so train mode changes nothing else). We record
