@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import logging
+import functools
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -32,10 +33,16 @@ def default_cache_dir() -> Path:
 
 def stdlib_files() -> tuple[Path, list[Path]]:
     """The running Python's standard-library sources (site-packages excluded), sorted, and their root."""
+    root, files = _stdlib_files()
+    return root, list(files)
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files() -> tuple[Path, tuple[Path, ...]]:  # the installation does not change while we run
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(f for f in root.rglob("*.py") if "site-packages" not in f.relative_to(root).parts
                    and "__pycache__" not in f.parts and f.is_file())
-    return root, files
+    return root, tuple(files)
 
 
 def corpus_files(source: str | os.PathLike | None = None) -> tuple[Path, list[Path]]:
