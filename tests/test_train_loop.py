@@ -216,3 +216,17 @@ def test_cli_train_then_generate(tmp_path, cache, capsys):
     assert main(argv[:-1] + ["--precision", "fp8"]) == 2
     assert "precision" in capsys.readouterr().err
     assert not math.isnan(read_metrics(run)[-1]["loss"])
+
+
+def test_nproc_relaunch_keeps_every_argument():
+    from llmarch.cli import build_parser
+    from llmarch.cli.train import argv_from_args, train_config_from_args
+
+    argv = ["train", "--preset", "llama-tiny", "--set", "d_model=32", "--out", "runs/x", "--steps", "7", "--nproc",
+            "2", "--parallel", "fsdp", "--grad-checkpointing", "--no-progress", "--lr", "0.001", "--max-data-mb", "1.5"]
+    args = build_parser().parse_args(argv)
+    rank_args = build_parser().parse_args(["train"] + argv_from_args(args))
+    assert "--nproc" not in argv_from_args(args) and rank_args.set == ["d_model=32"]
+    assert train_config_from_args(rank_args) == train_config_from_args(args)
+    tc = train_config_from_args(args)
+    assert (tc.steps, tc.parallel, tc.grad_checkpointing, tc.progress, tc.lr) == (7, "fsdp", True, False, 1e-3)

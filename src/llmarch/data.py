@@ -125,7 +125,7 @@ def files_key(files: list[Path]) -> str:
 def tokenize_to_file(texts: list[str], tok: Tokenizer, path: Path, batch: int = 256) -> int:
     """Encode documents (eos after each) into a flat uint16/uint32 file, atomically. Returns the token count."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: two runs may fill one cache at once
     n = 0
     with open(tmp, "wb") as fh:
         for i in range(0, len(texts), batch):
@@ -158,7 +158,7 @@ def tokenize_corpus(train_files: list[Path], val_files: list[Path], tok: Tokeniz
         for name, files in (("train", train_files), ("val", val_files)):
             meta[name] = tokenize_to_file(read_texts(files), tok, d / f"{name}.bin")
             meta[f"{name}_files"] = len(files)
-        tmp = d / ".meta.json.tmp"
+        tmp = d / f".meta.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, meta_path)
         log.info("tokenised %d train / %d validation tokens into %s", meta["train"], meta["val"], d)

@@ -114,7 +114,7 @@ class Tokenizer:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / TOKENIZER_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(self.to_json())
         os.replace(tmp, path)
         return path

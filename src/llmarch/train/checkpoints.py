@@ -133,6 +133,31 @@ def load_checkpoint(path: Path) -> dict:
             "config": ModelConfig.from_file(path / "config.json")}
 
 
+def find_resume(run_dir: Path, resume: bool, log_here: bool = True) -> Path | None:
+    """The checkpoint a run continues from: None for a fresh run (refused if the directory already has
+    checkpoints), else the newest good one (None when there is none yet)."""
+    if not resume:
+        if list_checkpoints(run_dir):
+            raise ValueError(f"{run_dir} already has checkpoints; pass --resume to continue that run or choose a new "
+                             "--out")
+        return None
+    found = latest_good(run_dir)
+    if log_here:
+        if found is None:
+            log.warning("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
+        else:
+            log.info("resuming from %s", found)
+    return found
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-listed parameter appears again (tied weights); they are stored once."""
+    seen, aliases = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (aliases.add(name) if id(p) in seen else seen.add(id(p)))
+    return aliases
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A model directory itself, or the newest good checkpoint of a training run directory."""
     path = Path(path)
@@ -146,4 +171,4 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_good", "list_checkpoints", "verify", "resolve_model_dir",
-           "CheckpointError"]
+           "find_resume", "tied_aliases", "CheckpointError"]

@@ -40,21 +40,13 @@ class TrainResult:
     config: ModelConfig | None = None
 
 
-def tied_aliases(model: torch.nn.Module) -> set[str]:
-    """Names under which an already-listed parameter appears again (tied weights), stored once."""
-    seen, aliases = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        (aliases.add(name) if id(p) in seen else seen.add(id(p)))
-    return aliases
-
-
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, tc: TrainConfig):
         self.tc = tc
         self.env = D.init_distributed(tc.device)
         self.out = Path(tc.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        resume_from = self._find_resume()
+        resume_from = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
         self.prep = prepare(tc, model_cfg, self.env, resume_from)
         self.tokenizer = self.prep.tokenizer
         cfg, notes = fit_model_config(model_cfg, self.tokenizer, tc)
@@ -79,7 +71,7 @@ class Trainer:
 
         torch.manual_seed(tc.seed)  # every rank builds the same initial weights
         model = build(cfg)
-        self.aliases = tied_aliases(model)
+        self.aliases = ckpt.tied_aliases(model)
         if self.state is not None:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
@@ -101,20 +93,6 @@ class Trainer:
             cfg.to_file(self.out / "model_config.json")
 
     # --- resume ---------------------------------------------------------------------------------------------
-    def _find_resume(self) -> Path | None:
-        existing = ckpt.list_checkpoints(self.out)
-        if not self.tc.resume:
-            if existing:
-                raise ValueError(f"{self.out} already has checkpoints; pass --resume to continue that run or choose "
-                                 "a new --out")
-            return None
-        found = ckpt.latest_good(self.out)
-        if found is None and self.env.is_main:
-            log.warning("--resume: %s has no checkpoint yet; starting from step 0", self.out)
-        elif self.env.is_main:
-            log.info("resuming from %s", found)
-        return found
-
     def _restore(self, loaded: dict) -> None:
         s = loaded["state"]
         D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
@@ -240,17 +218,17 @@ class Trainer:
                 self.metrics.advance()
                 result.loss = record["loss"]
                 evaluate = self.step % tc.eval_every == 0 or self.step == last
-                if evaluate:
-                    record["val_loss"] = self.evaluate()
-                    record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-                    result.val_losses.append((self.step, record["val_loss"]))
-                if evaluate or self.step % tc.log_every == 0:
-                    elapsed = time.perf_counter() - t0
-                    record["tokens_per_s"] = tokens / max(elapsed, 1e-9)
+                if evaluate or self.step % tc.log_every == 0:  # throughput of training only, not eval or saving
+                    record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+                    if evaluate:
+                        record["val_loss"] = self.evaluate()
+                        record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                        result.val_losses.append((self.step, record["val_loss"]))
                     self.metrics.log(record)
-                    t0, tokens = time.perf_counter(), 0
                 if self.step % tc.save_every == 0 or self.step == last:
                     result.checkpoint = self.save()
+                if "tokens_per_s" in record:
+                    t0, tokens = time.perf_counter(), 0
             result.step = self.step
             if self.env.is_main and result.checkpoint is not None and tc.samples:
                 from llmarch.train.samples import sample_texts

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 # settings a resumed run may change without breaking exact continuation of the data, schedule and numerics
-RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every", "eval_batches", "log_every",
-                               "save_every", "keep_last", "samples", "sample_tokens", "cache_dir", "resume"})
+RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
+                               "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
+                               "cache_dir", "resume"})
 
 
 @dataclass(frozen=True)
