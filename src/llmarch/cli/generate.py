@@ -34,9 +34,11 @@ def run(args) -> int:
         return 0
     from llmarch.checkpoint import load_model
     from llmarch.tokenizer import load_tokenizer_for
+    from llmarch.train.checkpoints import resolve_model_dir
 
-    model = load_model(args.checkpoint).eval()
-    tok = load_tokenizer_for(args.checkpoint)
+    path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
+    model = load_model(path).eval()
+    tok = load_tokenizer_for(path)
     ids = tok.encode(args.prompt) or [tok.bos_id]
     out = llmarch.generate(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,

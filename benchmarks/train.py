@@ -1,0 +1,200 @@
+"""Training throughput: llmarch vs Hugging Face transformers (LlamaForCausalLM), same config, same weights, same
+step (forward, fp32 cross-entropy, backward, clip, AdamW), fp32 and bf16 autocast, eager and torch.compile.
+
+Configs: the demo preset (llama-tiny, batch 16 x 128) and the LLaMA-style benchmark config (d 512, 8 layers,
+8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512). Achieved FLOP/s = FLOPs of one training step
+(counted by torch.utils.flop_counter on our model) / median step time, as a fraction of the dense matmul peak
+measured in the same run. Timings of the two implementations are interleaved so load on a shared machine hits
+both alike. A short loss-curve check trains both from identical weights on the same batches.
+
+    python benchmarks/train.py [--compile once|all|none] [--repeats 3] [--threads N] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import llmarch  # noqa: E402
+
+CONFIGS = {
+    "demo (llama-tiny)": (llmarch.preset("llama-tiny"), 16, 128),
+    "llama-bench": (llmarch.preset("llama-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
+                                                         d_ff=1376, vocab_size=8192, max_seq_len=512), 4, 512),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def hf_twin(model, device):
+    """The same weights in transformers' LlamaForCausalLM (through llmarch.hf.save), SDPA attention."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as d:
+        llmarch.hf.save(model, d)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa",
+                                                               dtype=torch.float32)
+    return hf.to(device).train()
+
+
+def make_step(model, dtype, device, compiled: bool):
+    """One optimizer step on ``ids`` [B, T+1]; returns the loss (a float)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    fwd = torch.compile(model) if compiled else model
+
+    def step(ids):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = fwd(ids[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_matmul_gflops(dtype, device, n: int = 8192) -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def mm():
+        a @ b
+        torch.cuda.synchronize()
+
+    t, _ = common.median_time(mm, repeats=10, warmup=3)
+    return 2 * n**3 / t / 1e9
+
+
+def step_flops(cfg, B, T, device) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = llmarch.build(cfg, device=device)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    return counter.get_total_flops()
+
+
+def time_pair(steps: dict, ids, repeats: int, device) -> dict[str, list[float]]:
+    """Interleaved step times (s) of several step functions, after one warmup each (two when compiled)."""
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn(ids)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def loss_curves(device, n_steps: int = 30) -> dict:
+    """Train llmarch and HF from identical weights on the same real batches (stdlib text); compare losses."""
+    from llmarch import data
+    from llmarch.tokenizer import train_tokenizer
+
+    root, files = data.stdlib_files()
+    texts = data.read_texts(data.take_bytes(files, 1_500_000))
+    tok = train_tokenizer(texts, 2048)
+    flat = torch.tensor([i for t in texts for i in tok.encode(t) + [tok.eos_id]])
+    cfg, B, T = CONFIGS["demo (llama-tiny)"]
+    batches = flat[: n_steps * B * (T + 1)].view(n_steps, B, T + 1).to(device)
+    out = {}
+    for prec, dtype in DTYPES.items():
+        torch.manual_seed(0)
+        ours = llmarch.build(cfg).to(device).train()
+        hf = hf_twin(ours, device)
+        a, b = make_step(ours, dtype, device, False), make_step(hf, dtype, device, False)
+        la = [a(x) for x in batches]
+        lb = [b(x) for x in batches]
+        out[prec] = {"llmarch": la, "hf": lb, "max_abs_diff": max(abs(x - y) for x, y in zip(la, lb))}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", choices=["once", "all", "none"], default="once",
+                   help="once: only llama-bench bf16 (compiling costs ~40 s cold per model here)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
+                   "1 is steadier on a machine shared with other jobs")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"measuring machine limits ({torch.get_num_threads()} threads) ...", flush=True)
+    lim = common.limits() if device.type == "cpu" else {
+        "fp32_matmul_gflops": gpu_matmul_gflops(torch.float32, device),
+        "bf16_matmul_gflops": gpu_matmul_gflops(torch.bfloat16, device)}
+    rows, results = [], []
+    for cname, (cfg, B, T) in CONFIGS.items():
+        flops = step_flops(cfg, B, T, device)
+        ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+        for prec, dtype in DTYPES.items():
+            modes = [False] + ([True] if args.compile == "all" or (args.compile == "once" and cname == "llama-bench"
+                                                                   and prec == "bf16") else [])
+            for compiled in modes:
+                torch.manual_seed(0)
+                ours = llmarch.build(cfg).to(device).train()
+                hf = hf_twin(ours, device)
+                steps = {"llmarch": make_step(ours, dtype, device, compiled),
+                         "hf": make_step(hf, dtype, device, compiled)}
+                warm = {}
+                for name, fn in steps.items():  # warmup (and compilation) time
+                    t0 = time.perf_counter()
+                    for _ in range(2 if compiled else 1):
+                        fn(ids)
+                    sync(device)
+                    warm[name] = time.perf_counter() - t0
+                times = time_pair(steps, ids, args.repeats, device)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                peak = lim[f"{prec}_matmul_gflops"] * 1e9
+                for name in steps:
+                    tps = B * T / med[name]
+                    frac = flops / med[name] / peak
+                    rec = dict(config=cname, precision=prec, compiled=compiled, impl=name, tokens_per_s=tps,
+                               step_s=med[name], times=times[name], warmup_s=warm[name], step_flops=flops,
+                               achieved_gflops=flops / med[name] / 1e9, fraction_of_matmul_peak=frac)
+                    results.append(rec)
+                ratio = med["hf"] / med["llmarch"]
+                for name in steps:
+                    r = results[-2] if name == "llmarch" else results[-1]
+                    rows.append([cname, prec, "yes" if compiled else "no", name, round(r["tokens_per_s"]),
+                                 r["achieved_gflops"], r["fraction_of_matmul_peak"],
+                                 ratio if name == "llmarch" else 1.0, r["warmup_s"]])
+                print(f"{cname} {prec} compile={compiled}: llmarch {B * T / med['llmarch']:.0f} tok/s, "
+                      f"hf {B * T / med['hf']:.0f} tok/s, ratio {ratio:.2f}", flush=True)
+    common.print_table(rows, ["config", "precision", "compile", "impl", "tokens/s", "GFLOP/s", "of peak",
+                              "vs HF", "warmup s"])
+    base = {(r["config"], r["impl"]): r["tokens_per_s"] for r in results if r["precision"] == "fp32"
+            and not r["compiled"]}
+    for r in results:
+        if r["precision"] == "bf16" and not r["compiled"] and r["impl"] == "llmarch":
+            print(f"{r['config']}: llmarch bf16 / HF fp32 = {r['tokens_per_s'] / base[(r['config'], 'hf')]:.2f}x")
+    curves = loss_curves(device)
+    for prec, c in curves.items():
+        print(f"loss curve, demo config, {prec}: 30 steps from identical weights, max |llmarch - HF| = "
+              f"{c['max_abs_diff']:.2e} (final {c['llmarch'][-1]:.4f} vs {c['hf'][-1]:.4f})")
+    path = common.write_results("train", dict(limits=lim, device=str(device), results=results, loss_curves=curves,
+                                              note="taken on a shared machine under load; ratios of medians of "
+                                                   "interleaved runs"))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`llmarch train`: train a preset or config file on a corpus; ``--nproc N`` relaunches itself under torchrun.
+``python -m llmarch.train`` takes the same arguments (that is what torchrun runs on every rank)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from llmarch.cli.common import add_model_args
+
+# (flag, TrainConfig field, type, help); type None = a switch
+OPTIONS = [
+    ("--steps", "steps", int, "optimizer steps (default 1000)"),
+    ("--data", "data", str, "folder, glob or file of text (default: the Python standard library sources)"),
+    ("--max-data-mb", "max_data_mb", float, "use only the first N MB of the corpus"),
+    ("--val-fraction", "val_fraction", float, "share of files held out for validation (default 0.05)"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch per process (default 8)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
+    ("--lr", "lr", float, "peak learning rate (default 6e-4)"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "final lr as a fraction of the peak (default 0.1)"),
+    ("--warmup", "warmup", int, "linear warmup steps (default 100)"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay on matrices (default 0.1)"),
+    ("--clip", "clip", float, "gradient-norm clip, 0 = off (default 1.0)"),
+    ("--precision", "precision", str, "fp32 | bf16 | fp16 autocast (default fp32)"),
+    ("--grad-checkpointing", "grad_checkpointing", None, "recompute block activations in backward"),
+    ("--curriculum-start", "curriculum_start", int, "sequence-length curriculum: length at step 0"),
+    ("--curriculum-steps", "curriculum_steps", int, "steps to grow from --curriculum-start to --seq-len"),
+    ("--seed", "seed", int, "seed of initialisation, data order and masking (default 0)"),
+    ("--objective", "objective", str, "causal_lm | mlm | span (default: the one for the model kind)"),
+    ("--nsp", "nsp", None, "add next-sentence prediction to mlm"),
+    ("--tokenizer", "tokenizer", str, "an existing tokenizer.json instead of training a BPE"),
+    ("--vocab-size", "vocab_size", int, "size of the BPE to train (default: the config's vocab_size)"),
+    ("--cache-dir", "cache_dir", str, "token/tokenizer cache (default $LLMARCH_CACHE or ~/.cache/llmarch)"),
+    ("--eval-every", "eval_every", int, "validate every N steps (default 100)"),
+    ("--eval-batches", "eval_batches", int, "validation batches per evaluation (default 8)"),
+    ("--log-every", "log_every", int, "write metrics every N steps (default 10)"),
+    ("--save-every", "save_every", int, "checkpoint every N steps (default 500; always at the end)"),
+    ("--keep-last", "keep_last", int, "checkpoints kept (default 3)"),
+    ("--parallel", "parallel", str, "ddp | fsdp with several processes (default ddp)"),
+    ("--device", "device", str, "auto | cpu | cuda (default auto)"),
+    ("--samples", "samples", int, "texts generated at the end (default 3)"),
+    ("--sample-tokens", "sample_tokens", int, "tokens per sample (default 64)"),
+    ("--stop-at", "stop_at", int, "stop after this step with a checkpoint, keeping the schedule of --steps"),
+    ("--resume", "resume", None, "continue from the newest good checkpoint in --out"),
+    ("--no-progress", "progress", False, "no progress bar"),
+]
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
+    for flag, dest, kind, help_ in OPTIONS:
+        if kind is None:
+            p.add_argument(flag, dest=dest, action="store_true", default=None, help=help_)
+        elif kind is False:
+            p.add_argument(flag, dest=dest, action="store_false", default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=dest, type=kind, default=None, help=help_)
+    p.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun when > 1)")
+
+
+def add(sub) -> None:
+    p = sub.add_parser("train", help="train a model (preset or config) on a text corpus")
+    add_train_args(p)
+    p.set_defaults(func=run)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from llmarch.train import TrainConfig
+
+    given = {dest: getattr(args, dest) for _, dest, _, _ in OPTIONS if getattr(args, dest) is not None}
+    return TrainConfig(out=args.out, **given)
+
+
+def argv_from_args(args: argparse.Namespace) -> list[str]:
+    """The command line of these arguments without --nproc (what each torchrun rank receives)."""
+    argv = ["--preset", args.preset] if args.preset else ["--config", args.config]
+    for item in args.set:
+        argv += ["--set", item]
+    argv += ["--out", args.out]
+    for flag, dest, kind, _ in OPTIONS:
+        v = getattr(args, dest)
+        if v is not None:
+            argv += [flag] if kind in (None, False) else [flag, str(v)]
+    return argv
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               "-m", "llmarch.train", *argv_from_args(args)]
+        print("launching: " + " ".join(cmd), file=sys.stderr)
+        return subprocess.call(cmd)
+    return run_local(args)
+
+
+def run_local(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from llmarch.cli.common import config_from_args
+    from llmarch.train import train
+    from llmarch.train.distributed import shutdown
+
+    cfg, tc = config_from_args(args), train_config_from_args(args)
+    try:
+        with logging_redirect_tqdm():
+            result = train(cfg, tc)
+    finally:
+        shutdown()
+    if result.checkpoint is None:  # another rank, or nothing left to do
+        return 0
+    print(f"trained to step {result.step}: loss {result.loss:.4f}" +
+          (f", val_loss {result.val_losses[-1][1]:.4f}" if result.val_losses else ""))
+    print(f"checkpoint: {result.checkpoint}")
+    for prompt, text in result.samples:
+        print(f"--- sample ---\n{prompt}\033[1m{text}\033[0m" if sys.stdout.isatty() else
+              f"--- sample ---\n{prompt}{text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m llmarch.train`` (one rank under torchrun, or a single process)."""
+    p = argparse.ArgumentParser(prog="python -m llmarch.train", description="train (one rank of a torchrun job)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    add_train_args(p)
+    args = p.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if int(os.environ.get("RANK", "0")) != 0:  # rank-0 logging: other ranks report only problems
+        level = logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s")
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        print(f"llmarch train: error: {e}", file=sys.stderr)
+        return 2

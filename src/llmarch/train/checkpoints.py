@@ -1,0 +1,174 @@
+"""Training checkpoints: ``RUN/checkpoints/step_NNNNNNNN/`` holds
+
+- ``config.json`` + ``model.safetensors`` (an llmarch model directory: ``llmarch generate`` reads it) and
+  ``tokenizer.json``;
+- ``optimizer.pt`` (name-keyed tensors and numbers, read back with ``torch.load(weights_only=True)``);
+- ``rng.safetensors`` (every rank's generator states), ``state.json`` (step, data position, schedule, settings);
+- ``manifest.json`` last: the size and sha256 of every other file.
+
+A checkpoint is written in a temporary directory and renamed into place, so a crash leaves the previous one
+intact; one whose manifest is missing or does not match its files is refused with the reason, and the newest
+good one is used instead. Only the last ``keep_last`` are kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmarch.checkpoint import atomic_dir, commit_dir
+from llmarch.config import ModelConfig
+from llmarch.tokenizer import TOKENIZER_FILE, Tokenizer
+
+log = logging.getLogger(__name__)
+SUBDIR = "checkpoints"
+PREFIX = "step_"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is incomplete or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Committed checkpoint directories of a run, oldest first."""
+    d = Path(run_dir) / SUBDIR
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, config: ModelConfig, model_state: dict,
+                    optimizer_state: dict, rng: dict[str, torch.Tensor], state: dict, tokenizer: Tokenizer,
+                    keep_last: int = 3) -> Path:
+    """Write checkpoint ``step`` atomically, verify it, then delete all but the newest ``keep_last``."""
+    path = Path(run_dir) / SUBDIR / f"{PREFIX}{step:08d}"
+    for stale in path.parent.glob(f".{PREFIX}*.tmp.*"):  # left by a crash during an earlier save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = atomic_dir(path)
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "llmarch"})
+        config.to_file(tmp / "config.json")
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        commit_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    verify(path)
+    for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` naming what is wrong if ``path`` is not a complete, intact checkpoint."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST} (the save was interrupted)")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not valid JSON ({e})") from None
+    for name in ("model.safetensors", "config.json", "optimizer.pt", "rng.safetensors", "state.json"):
+        if name not in manifest:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} does not list {name}")
+    for name, meta in manifest.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {f.stat().st_size} bytes, the manifest "
+                                  f"says {meta['bytes']}")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its sha256 in {MANIFEST}")
+
+
+def latest_good(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that verifies; bad ones are reported (warning) and skipped. None if there is none;
+    a ValueError when checkpoints exist but none is usable."""
+    found = list_checkpoints(run_dir)
+    errors = []
+    for path in reversed(found):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            log.warning("%s; using an earlier checkpoint", e)
+            errors.append(str(e))
+    if found:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / SUBDIR}: " + "; ".join(errors))
+    return None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a verified checkpoint: weights, optimizer state, rng tensors, state (dict), config."""
+    verify(path)
+    return {"model": load_file(str(path / "model.safetensors")),
+            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+            "rng": load_file(str(path / "rng.safetensors")),
+            "state": json.loads((path / "state.json").read_text()),
+            "config": ModelConfig.from_file(path / "config.json")}
+
+
+def find_resume(run_dir: Path, resume: bool, log_here: bool = True) -> Path | None:
+    """The checkpoint a run continues from: None for a fresh run (refused if the directory already has
+    checkpoints), else the newest good one (None when there is none yet)."""
+    if not resume:
+        if list_checkpoints(run_dir):
+            raise ValueError(f"{run_dir} already has checkpoints; pass --resume to continue that run or choose a new "
+                             "--out")
+        return None
+    found = latest_good(run_dir)
+    if log_here:
+        if found is None:
+            log.warning("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
+        else:
+            log.info("resuming from %s", found)
+    return found
+
+
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which an already-listed parameter appears again (tied weights); they are stored once."""
+    seen, aliases = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        (aliases.add(name) if id(p) in seen else seen.add(id(p)))
+    return aliases
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory itself, or the newest good checkpoint of a training run directory."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    found = latest_good(path)
+    if found is None:
+        raise FileNotFoundError(f"{path} is neither a model directory (config.json) nor a training run with "
+                                f"checkpoints under {path / SUBDIR}")
+    return found
+
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_good", "list_checkpoints", "verify", "resolve_model_dir",
+           "find_resume", "tied_aliases", "CheckpointError"]
