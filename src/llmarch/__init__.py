@@ -1,5 +1,5 @@
 """llmarch: every classic and modern LLM architecture from one validated config."""
-from llmarch.config import ModelConfig, RopeConfig
+from llmarch.config import ModelConfig, MoEConfig, RopeConfig
 from llmarch.infer.generate import generate
 from llmarch.model import Model, ModelOutput, build
 from llmarch import presets
@@ -25,4 +25,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmarch' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "RopeConfig", "Model", "ModelOutput", "build", "generate", "preset", "presets"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "Model", "ModelOutput", "build", "generate", "preset", "presets"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmarch.moe_config import MoEConfig
+
 KINDS = ("decoder", "encoder", "encoder_decoder")
 PLACEMENTS = ("pre", "post")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
@@ -121,10 +123,14 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # --- mixture of experts ---------------------------------------------------------------------------------
+    moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             object.__setattr__(self, "rope", RopeConfig(**self.rope))
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.pattern, str):
             object.__setattr__(self, "pattern", (self.pattern,))
         elif isinstance(self.pattern, list):
@@ -190,6 +196,16 @@ class ModelConfig:
             tok = getattr(self, name)
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        if (self.ffn == "moe") != (self.moe is not None):
+            _fail("moe", "set ffn='moe' together with moe=MoEConfig(...) (and neither for a dense model); "
+                  f"got ffn={self.ffn!r}, moe={'set' if self.moe is not None else None}")
+        if self.moe is not None:
+            if self.ffn_bias:
+                _fail("ffn_bias", "experts have no biases; set ffn_bias=False for an MoE model")
+            self.moe.validate(self.n_layers)
 
     # --- serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +225,11 @@ class ModelConfig:
             bad = sorted(set(d["rope"]) - rope_known)
             if bad:
                 raise ValueError(f"unknown rope field(s) {bad}; known fields are {sorted(rope_known)}")
+        if isinstance(d.get("moe"), dict):
+            moe_known = {f.name for f in dataclasses.fields(MoEConfig)}
+            bad = sorted(set(d["moe"]) - moe_known)
+            if bad:
+                raise ValueError(f"unknown moe field(s) {bad}; known fields are {sorted(moe_known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -240,9 +261,12 @@ class ModelConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A validated copy with some fields changed; ``rope`` accepts a dict of RopeConfig fields to change."""
+        """A validated copy with some fields changed; ``rope`` (and ``moe``, when set) accept a dict of the
+        sub-config's fields to change."""
         if isinstance(changes.get("rope"), dict):
             changes["rope"] = dataclasses.replace(self.rope, **changes["rope"])
+        if isinstance(changes.get("moe"), dict) and self.moe is not None:
+            changes["moe"] = dataclasses.replace(self.moe, **changes["moe"])
         return dataclasses.replace(self, **changes)
 
     def with_path(self, dotted: str, value: Any) -> "ModelConfig":
@@ -253,6 +277,8 @@ class ModelConfig:
             raise ValueError(f"unknown config field {head!r}; known fields are {sorted(names)}")
         if rest:
             sub = getattr(self, head)
+            if sub is None:
+                raise ValueError(f"cannot set {dotted!r}: {head} is None; set the whole {head} first")
             sub_fields = {f.name: f for f in dataclasses.fields(sub)}
             if rest not in sub_fields:
                 raise ValueError(f"unknown config field {dotted!r}; known are {sorted(sub_fields)}")
@@ -287,4 +313,4 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "RopeConfig", "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "KINDS"]

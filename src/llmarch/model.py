@@ -12,6 +12,7 @@ from llmarch.nn.attention import Attention, AttnContext
 from llmarch.nn.block import BLOCKS
 from llmarch.nn.cache import KVCache
 from llmarch.nn.ffn import FFNS
+from llmarch.nn.moe import MoE, aux_loss
 from llmarch.nn.norm import make_norm
 from llmarch.nn.patterns import build_pattern
 from llmarch.nn.position import build_positions
@@ -30,6 +31,11 @@ def norm_for(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 def ffn_for(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The FFN of layer ``layer``; with ``cfg.moe``, MoE on the schedule's layers and ``moe.expert_ffn`` elsewhere."""
+    if cfg.moe is not None:
+        if cfg.moe.is_moe_layer(layer):
+            return MoE(cfg.d_model, cfg.moe.expert_d_ff(cfg.d_ff), cfg.activation, dropout=cfg.dropout, moe=cfg.moe)
+        return FFNS[cfg.moe.expert_ffn](cfg.d_model, cfg.d_ff, cfg.activation, dropout=cfg.dropout)
     return FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.ffn_bias, dropout=cfg.dropout)
 
 
@@ -124,7 +130,7 @@ class Model(nn.Module):
         h = self.decoder(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
-        return ModelOutput(self.lm_head(h), h, h.new_zeros(()), cache)
+        return ModelOutput(self.lm_head(h), h, aux_loss(self, h), cache)
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]:
@@ -147,7 +153,7 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
     residual_std = std / math.sqrt(2 * n_layers)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            is_residual_out = name.endswith(("attn.out.weight", "ffn.down.weight"))
+            is_residual_out = name.endswith(("attn.out.weight", "ffn.down.weight", "experts.down"))
             nn.init.normal_(p, 0.0, residual_std if is_residual_out else std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)
