@@ -3,6 +3,7 @@ from llmarch.config import ModelConfig, MoEConfig, RopeConfig
 from llmarch.infer.generate import generate
 from llmarch.model import Model, ModelOutput, build
 from llmarch import presets
+from llmarch.upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmarch' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "Model", "ModelOutput", "build", "generate", "preset", "presets"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "Model", "ModelOutput", "build", "generate", "preset", "presets",
+           "upcycle"]

@@ -1,5 +1,5 @@
 """Hugging Face interop: per-family config translation and weight maps; ``load`` and ``save``."""
-from llmarch.hf import bloom, gpt2, llama  # noqa: F401  (registration)
+from llmarch.hf import bloom, gpt2, llama, mixtral, qwen2_moe  # noqa: F401  (registration)
 from llmarch.hf.base import FAMILIES
 from llmarch.hf.convert import ConversionError
 from llmarch.hf.io import config_from_hf, load, read_safetensors, save

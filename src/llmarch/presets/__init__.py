@@ -45,4 +45,4 @@ def _load_all() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from llmarch.presets import bloom, gpt, llama  # noqa: F401  (registration side effects)
+        from llmarch.presets import bloom, gpt, llama, moe  # noqa: F401  (registration side effects)
