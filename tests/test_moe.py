@@ -177,10 +177,10 @@ def test_jitter_only_in_training():
 
 
 def test_layer_schedule():
-    cfg = llmarch.preset("mixtral-tiny").replace(n_layers=5, moe=dict(every=2, first_dense=1))
+    cfg = llmarch.preset("mixtral-tiny").replace(n_layers=6, moe=dict(every=2, offset=1, first_dense=2))
     model = llmarch.build(cfg, device="meta")
     kinds = [type(layer.ffn).__name__ for layer in model.decoder.layers]
-    assert kinds == ["GLU", "MoE", "GLU", "MoE", "GLU"]
+    assert kinds == ["GLU", "GLU", "GLU", "MoE", "GLU", "MoE"]
     assert model.decoder.layers[0].ffn.d_ff == cfg.d_ff
 
 
@@ -193,6 +193,7 @@ def test_layer_schedule():
     (dict(moe=dict(capacity_factor=1.0, expert_capacity=4)), r"moe.expert_capacity: give either"),
     (dict(moe=dict(shared_gate=True)), r"moe.shared_gate"),
     (dict(moe=dict(first_dense=4)), r"moe.every: the schedule"),
+    (dict(moe=dict(every=2, offset=2)), r"moe.offset: must be an integer in \[0, every=2\)"),
     (dict(ffn_bias=True), r"ffn_bias: experts have no biases"),
 ])
 def test_bad_config_names_the_field(changes, match):

@@ -1,7 +1,7 @@
 """MoEConfig: the mixture-of-experts settings of a model (the ``moe`` field of :class:`llmarch.ModelConfig`).
 
 A model with ``ffn="moe"`` carries one; its MoE layers are chosen by a layer schedule (``first_dense``,
-``every``) and the other layers get a dense FFN of kind ``expert_ffn`` and width ``ModelConfig.d_ff``.
+``every``, ``offset``) and the other layers get a dense FFN of kind ``expert_ffn`` and width ``ModelConfig.d_ff``.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ class MoEConfig:
     (DeepSeekMoE, Qwen2-MoE), optionally scaled by a learned sigmoid gate (``shared_gate``, Qwen2-MoE).
     Capacity: None for both ``capacity_factor`` and ``expert_capacity`` is dropless; otherwise each expert serves
     at most ceil(capacity_factor * T * K / E) (or ``expert_capacity``) assignments per sequence.
-    Layer schedule: layer i is MoE iff i >= ``first_dense`` and (i + 1) % ``every`` == 0.
+    Layer schedule: layer i is MoE iff i >= ``first_dense`` and i % ``every`` == ``offset`` (Switch: every 2,
+    offset 1; Qwen2-MoE's decoder_sparse_step s: every s, offset s - 1; DeepSeek: first_dense k).
     """
 
     n_experts: int = 8
@@ -47,11 +48,12 @@ class MoEConfig:
     shared_d_ff: int | None = None
     shared_gate: bool = False
     every: int = 1
+    offset: int = 0
     first_dense: int = 0
     dispatch: str = "auto"  # registry nn.dispatch.DISPATCHERS
 
     def is_moe_layer(self, layer: int) -> bool:
-        return layer >= self.first_dense and (layer + 1) % self.every == 0
+        return layer >= self.first_dense and layer % self.every == self.offset
 
     def expert_d_ff(self, model_d_ff: int) -> int:
         return self.d_ff if self.d_ff is not None else model_d_ff
@@ -88,6 +90,9 @@ class MoEConfig:
             _fail("shared_gate", "gates the shared experts; set n_shared >= 1 or shared_gate=False")
         if isinstance(self.first_dense, bool) or not isinstance(self.first_dense, int) or self.first_dense < 0:
             _fail("first_dense", f"must be an integer >= 0, got {self.first_dense!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or not 0 <= self.offset < self.every:
+            _fail("offset", f"must be an integer in [0, every={self.every}), got {self.offset!r}")
         if not any(self.is_moe_layer(i) for i in range(n_layers)):
-            _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}) makes none of the "
+            _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}, offset={self.offset}) "
+                  f"makes none of the "
                   f"{n_layers} layers MoE; lower first_dense or every")

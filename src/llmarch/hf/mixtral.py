@@ -43,20 +43,20 @@ class Mixtral(Mistral):
             return "mixtral experts are SwiGLU with an unbiased router and no shared experts"
         if m.capacity_factor is not None or m.expert_capacity is not None:
             return "mixtral is dropless (no expert capacity)"
-        if m.every != 1 or m.first_dense:
+        if m.every != 1 or m.first_dense or m.offset:
             return "mixtral has experts on every layer"
         if m.expert_d_ff(cfg.d_ff) != cfg.d_ff:
             return "mixtral's expert width is intermediate_size: leave moe.d_ff None or equal to d_ff"
         return None
 
     def rules(self, cfg):
-        E, D, F = cfg.moe.n_experts, cfg.d_model, cfg.d_ff
+        E, F = cfg.moe.n_experts, cfg.d_ff
 
         def moe(i):
             p, o = f"layers.{i}.block_sparse_moe.", f"decoder.layers.{i}.ffn."
             return [rule(o + "router.proj.weight", p + "gate.weight"),
                     experts_rule(o + "experts.gate_up", [p + "experts.{e}.w1.weight", p + "experts.{e}.w3.weight"],
                                  [F, F], E),
-                    experts_rule(o + "experts.down", [p + "experts.{e}.w2.weight"], [D], E)]
+                    experts_rule(o + "experts.down", [p + "experts.{e}.w2.weight"], None, E)]
 
         return per_layer_rules(super().rules(cfg), cfg, moe, lambda i: [])

@@ -21,12 +21,13 @@ class Qwen2Moe(Qwen2):
                                "shared_expert_intermediate_size")
         if not hf.get("qkv_bias", True):
             raise ValueError("config.json qkv_bias=false is not supported for qwen2_moe (released models have it)")
+        step = int(hf.get("decoder_sparse_step", 1))
         dense_layers = sorted(hf.get("mlp_only_layers") or [])
         if dense_layers != list(range(len(dense_layers))):
             raise ValueError(f"config.json mlp_only_layers={dense_layers} is not supported: only a leading run of "
                              "dense layers (0, 1, ..., n-1) maps to moe.first_dense")
         moe = MoEConfig(n_experts=E, top_k=K, d_ff=Fe, router=ROUTER_FROM_NORM[bool(hf.get("norm_topk_prob"))],
-                        n_shared=1, shared_d_ff=Fs, shared_gate=True, every=int(hf.get("decoder_sparse_step", 1)),
+                        n_shared=1, shared_d_ff=Fs, shared_gate=True, every=step, offset=step - 1,
                         first_dense=len(dense_layers), balance_coef=float(hf.get("router_aux_loss_coef", 0.001)))
         return super().to_config(hf).replace(ffn="moe", moe=moe)
 
@@ -55,11 +56,13 @@ class Qwen2Moe(Qwen2):
             return "qwen2_moe always has a sigmoid-gated shared expert: set moe.n_shared >= 1, moe.shared_gate"
         if m.capacity_factor is not None or m.expert_capacity is not None:
             return "qwen2_moe is dropless (no expert capacity)"
+        if m.offset != m.every - 1:
+            return "qwen2_moe puts experts on layers i with (i + 1) % decoder_sparse_step == 0: set offset = every - 1"
         return None
 
     def rules(self, cfg):
         m = cfg.moe
-        E, D, F, Fe = m.n_experts, cfg.d_model, cfg.d_ff, m.expert_d_ff(cfg.d_ff)
+        E, F, Fe = m.n_experts, cfg.d_ff, m.expert_d_ff(cfg.d_ff)
         Fs = m.n_shared * (m.shared_d_ff or Fe)
 
         def moe(i):
@@ -68,7 +71,7 @@ class Qwen2Moe(Qwen2):
             return [rule(o + "router.proj.weight", p + "gate.weight"),
                     experts_rule(o + "experts.gate_up",
                                  [p + "experts.{e}.gate_proj.weight", p + "experts.{e}.up_proj.weight"], [Fe, Fe], E),
-                    experts_rule(o + "experts.down", [p + "experts.{e}.down_proj.weight"], [D], E),
+                    experts_rule(o + "experts.down", [p + "experts.{e}.down_proj.weight"], None, E),
                     rule(o + "shared.ffn.gate_up.weight", s + "gate_proj.weight", s + "up_proj.weight",
                          to_ours=cat_rows, to_theirs=split_rows([Fs, Fs])),
                     rule(o + "shared.ffn.down.weight", s + "down_proj.weight"),
