@@ -22,6 +22,15 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded machine a second thread waits its turn."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def sharpen_routers(model, path):
     """HF initialises routers with std 0.02, so top-k choices can be near ties; widen them and re-save."""
     with torch.no_grad():
