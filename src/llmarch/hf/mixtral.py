@@ -1,6 +1,7 @@
 """model_type "mixtral" (Jiang et al. 2024, Mixtral of Experts): Mistral's attention with every FFN replaced by 8
 SwiGLU experts, top-2 routing renormalised over the chosen two, dropless. Checkpoints keep one tensor per expert
-(``block_sparse_moe.experts.{e}.w1/w2/w3``: gate, down, up); we stack them into ``experts.gate_up`` / ``down``."""
+(``block_sparse_moe.experts.{e}.w1/w2/w3``: gate, down, up); we stack them, transposed, into ``experts.gate_up``
+/ ``down``."""
 from __future__ import annotations
 
 from llmarch.hf.base import FAMILIES, require

@@ -14,17 +14,17 @@ log = logging.getLogger(__name__)
 
 
 def experts_rule(ours: str, per_expert: Sequence[str], rows: Sequence[int] | None, n_experts: int) -> Rule:
-    """``ours`` [E, sum(rows), in] <- for each expert e the checkpoint tensors ``per_expert`` (names holding
-    ``{e}``), each [rows[j], in], concatenated along rows and stacked over experts; and back. ``rows`` None:
-    one tensor per expert."""
+    """``ours`` [E, in, sum(rows)] <- for each expert e the checkpoint tensors ``per_expert`` (names holding
+    ``{e}``), each an nn.Linear weight [rows[j], in], concatenated along rows, transposed to our [in, out] expert
+    layout and stacked over experts; and back. ``rows`` None: one tensor per expert."""
     names = tuple(n.replace("{e}", str(e)) for e in range(n_experts) for n in per_expert)
     n = len(per_expert)
 
     def stack(ts: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([torch.cat(list(ts[e * n:(e + 1) * n]), dim=0) for e in range(n_experts)])
+        return torch.stack([torch.cat(list(ts[e * n:(e + 1) * n]), dim=0).t() for e in range(n_experts)])
 
     def unstack(t: torch.Tensor) -> list[torch.Tensor]:
-        parts = [[t[e]] if rows is None else t[e].split(list(rows), dim=0) for e in range(n_experts)]
+        parts = [[t[e].t()] if rows is None else t[e].t().split(list(rows), dim=0) for e in range(n_experts)]
         return [p.contiguous() for ps in parts for p in ps]
 
     return Rule(ours, names, stack, unstack)

@@ -1,17 +1,20 @@
-"""A bank of E expert FFNs stored as stacked weights ([E, out, in], one tensor per projection), so a dispatcher
+"""A bank of E expert FFNs stored as stacked weights ([E, in, out], one tensor per projection), so a dispatcher
 can run all experts in one batched or grouped matrix multiply instead of a loop (Shazeer et al. 2017; the
 fine-grained experts of DeepSeekMoE, Dai et al. 2024, are the same bank with a small F and a large E).
 
 Each bank offers three equivalent forms, used by the dispatchers in :mod:`llmarch.nn.dispatch`:
 ``one(e, x)`` for one expert (the readable spec), ``batched(x)`` for a padded [E, C, D] batch, and
 ``grouped(x, offsets)`` for tokens sorted by expert with ``torch._grouped_mm``.
+
+The [E, in, out] layout (x @ W, not nn.Linear's x @ W^T) is the one batched and grouped matmuls take as is, and
+their weight gradients come out in it too; with [E, out, in] every backward pays a transposing copy of the whole
+bank. Checkpoints in the nn.Linear layout are transposed per expert by the translators in ``llmarch.hf``.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmarch.nn.activation import ACTIVATIONS
@@ -29,8 +32,8 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
 
 @EXPERTS.register("glu")
 class GLUExperts(nn.Module):
-    """E gated FFNs: down_e(act(gate_e(x)) * up_e(x)). ``gate_up`` [E, 2F, D] (rows [0, F) gate, [F, 2F) up),
-    ``down`` [E, D, F]; the same layout as :class:`llmarch.nn.ffn.GLU`, stacked."""
+    """E gated FFNs: down_e(act(gate_e(x)) * up_e(x)). ``gate_up`` [E, D, 2F] (columns [0, F) gate, [F, 2F) up,
+    as in :class:`llmarch.nn.ffn.GLU`), ``down`` [E, F, D]."""
 
     dense = GLU
 
@@ -38,8 +41,8 @@ class GLUExperts(nn.Module):
         super().__init__()
         self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
         self.act = ACTIVATIONS[activation]
-        self.gate_up = _uniform((n_experts, 2 * d_ff, d_model), d_model)
-        self.down = _uniform((n_experts, d_model, d_ff), d_ff)
+        self.gate_up = _uniform((n_experts, d_model, 2 * d_ff), d_model)
+        self.down = _uniform((n_experts, d_ff, d_model), d_ff)
 
     def _mid(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = h.chunk(2, dim=-1)
@@ -47,29 +50,28 @@ class GLUExperts(nn.Module):
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x [n, D] -> [n, D]."""
-        return F.linear(self._mid(F.linear(x, self.gate_up[e])), self.down[e])
+        return self._mid(x @ self.gate_up[e]) @ self.down[e]
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
         """x [E, C, D] (row c of expert e is that expert's c-th token) -> [E, C, D]."""
-        h = self._mid(torch.bmm(x, self.gate_up.transpose(1, 2)))  # [E, C, F]
-        return torch.bmm(h, self.down.transpose(1, 2))
+        return torch.bmm(self._mid(torch.bmm(x, self.gate_up)), self.down)  # via [E, C, F]
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x [A, D] sorted by expert; offsets [E] int32 cumulative group ends -> [A, D]."""
-        h = self._mid(torch._grouped_mm(x, self.gate_up.transpose(1, 2), offs=offsets))  # [A, F]
-        return torch._grouped_mm(h, self.down.transpose(1, 2), offs=offsets)
+        h = self._mid(torch._grouped_mm(x, self.gate_up, offs=offsets))  # [A, F]
+        return torch._grouped_mm(h, self.down, offs=offsets)
 
     def load_dense(self, e: int, ffn: GLU) -> None:
         """Copy a dense GLU's weights into expert e (sparse upcycling)."""
         if ffn.gate_up.bias is not None:
             raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
-        self.gate_up.data[e].copy_(ffn.gate_up.weight)
-        self.down.data[e].copy_(ffn.down.weight)
+        self.gate_up.data[e].copy_(ffn.gate_up.weight.t())
+        self.down.data[e].copy_(ffn.down.weight.t())
 
 
 @EXPERTS.register("mlp")
 class MLPExperts(nn.Module):
-    """E two-matrix FFNs: down_e(act(up_e(x))). ``up`` [E, F, D], ``down`` [E, D, F]."""
+    """E two-matrix FFNs: down_e(act(up_e(x))). ``up`` [E, D, F], ``down`` [E, F, D]."""
 
     dense = MLP
 
@@ -77,21 +79,21 @@ class MLPExperts(nn.Module):
         super().__init__()
         self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
         self.act = ACTIVATIONS[activation]
-        self.up = _uniform((n_experts, d_ff, d_model), d_model)
-        self.down = _uniform((n_experts, d_model, d_ff), d_ff)
+        self.up = _uniform((n_experts, d_model, d_ff), d_model)
+        self.down = _uniform((n_experts, d_ff, d_model), d_ff)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.act(F.linear(x, self.up[e])), self.down[e])
+        return self.act(x @ self.up[e]) @ self.down[e]
 
     def batched(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(self.act(torch.bmm(x, self.up.transpose(1, 2))), self.down.transpose(1, 2))
+        return torch.bmm(self.act(torch.bmm(x, self.up)), self.down)
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        h = self.act(torch._grouped_mm(x, self.up.transpose(1, 2), offs=offsets))
-        return torch._grouped_mm(h, self.down.transpose(1, 2), offs=offsets)
+        h = self.act(torch._grouped_mm(x, self.up, offs=offsets))
+        return torch._grouped_mm(h, self.down, offs=offsets)
 
     def load_dense(self, e: int, ffn: MLP) -> None:
         if ffn.up.bias is not None:
             raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
-        self.up.data[e].copy_(ffn.up.weight)
-        self.down.data[e].copy_(ffn.down.weight)
+        self.up.data[e].copy_(ffn.up.weight.t())
+        self.down.data[e].copy_(ffn.down.weight.t())
