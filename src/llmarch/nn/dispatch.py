@@ -6,10 +6,10 @@ only in how the experts run:
 - ``loop``: one slice per chosen expert, in a Python loop (the readable reference; HF's "eager" form).
 - ``padded``: assignments sorted by expert, packed into a zero-padded [E, C, D] batch (C = the busiest expert's
   load) and run as two batched matmuls; no loop over experts.
-- ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups (the GPU path;
-  correct on CPU, where torch runs it as a slow fallback).
-- ``auto``: ``loop`` over the few experts hit when there are fewer assignments than experts (decoding a token:
-  it reads only the weights it needs), ``padded`` otherwise.
+- ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups: no padding,
+  empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
+- ``auto``: ``grouped`` where torch offers it for the tensor (CPU in any dtype; CUDA in bf16), else ``padded``.
+  Chosen by ``benchmarks/moe.py``: on CPU ``grouped`` is the fastest or within noise of it at 1 to 4096 tokens.
 
 Capacity (Switch/GShard, Lepikhin et al. 2020): each expert takes at most C assignments per sequence; choices are
 served in routing order -- all first choices in token order, then all second choices, ... -- and the rest are
@@ -89,11 +89,16 @@ def grouped_dispatch(x, experts, weights, keep, bank):
     return torch.zeros_like(x).index_add(0, token, y * w[:, None])
 
 
+def grouped_mm_supports(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for tensors like ``x`` (CPU kernels take any float dtype; CUDA's bf16)."""
+    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
 @DISPATCHERS.register("auto")
 def auto_dispatch(x, experts, weights, keep, bank):
-    """``loop`` when fewer assignments than experts (only hit experts' weights are read), else ``padded``."""
-    if experts.numel() < bank.n_experts:
-        return loop_dispatch(x, experts, weights, keep, bank)
+    """``grouped`` where supported, else ``padded``."""
+    if grouped_mm_supports(x):
+        return grouped_dispatch(x, experts, weights, keep, bank)
     return padded_dispatch(x, experts, weights, keep, bank)
 
 
