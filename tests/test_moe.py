@@ -147,7 +147,7 @@ def test_capacity_drops_pass_through_as_zero_and_are_counted():
         e = int(route.experts[n, 0])
         ref = m.experts.one(e, x.reshape(-1, D)[n:n + 1]) * route.weights[n, 0]
         torch.testing.assert_close(flat[n:n + 1], ref)
-    stats = m.stats
+    stats = m.stats()
     assert stats["dropped_fraction"].item() == pytest.approx(1 - first.float().mean().item())
 
 

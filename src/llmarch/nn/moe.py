@@ -3,9 +3,9 @@ drop assignments, a dispatcher runs the experts, and optional shared experts run
 (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE).
 
 The forward keeps the FFN protocol ([B, T, D] -> [B, T, D]). What the training loss and the logs need is left on
-the module after each forward: ``aux_loss`` (balance_coef * balance + z_coef * z, a scalar with grad) and
-``stats`` (detached tensors). :func:`aux_loss` sums the former over a model; :func:`router_stats` reads the
-latter per layer.
+the module after each forward: ``aux_loss`` (balance_coef * balance + z_coef * z, a scalar with grad) and the
+detached routing decision, from which :meth:`MoE.stats` computes load statistics only when asked (no cost on the
+hot path). :func:`aux_loss` sums the former over a model; :func:`router_stats` reads the latter per layer.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class MoE(nn.Module):
                                                                                      moe.expert_ffn)
         self.dropout = nn.Dropout(dropout)
         self.aux_loss: torch.Tensor | None = None
-        self.stats: dict[str, torch.Tensor] = {}
+        self.last_routing: tuple[Routing, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -77,11 +77,17 @@ class MoE(nn.Module):
         y = self.dispatch(flat, route.experts, route.weights, keep, self.experts)  # [N, D]
         if self.shared is not None:
             y = y + self.shared(flat)
-        balance, z = balance_loss(route.probs, route.experts), z_loss(route.logits)
-        self.aux_loss = self.moe.balance_coef * balance + self.moe.z_coef * z
-        self.stats = dict(routing_stats(route, keep, self.moe.n_experts), balance_loss=balance.detach(),
-                          z_loss=z.detach())
+        self.aux_loss = self.moe.balance_coef * balance_loss(route.probs, route.experts) \
+            + self.moe.z_coef * z_loss(route.logits)
+        self.last_routing = (Routing(route.logits.detach(), route.probs.detach(), route.weights.detach(),
+                                     route.experts), keep)
         return self.dropout(y.view(B, T, D))
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Load statistics of the last forward (empty before the first)."""
+        if self.last_routing is None:
+            return {}
+        return routing_stats(*self.last_routing, self.moe.n_experts)
 
 
 @torch.no_grad()
@@ -94,7 +100,8 @@ def routing_stats(route: Routing, keep: torch.Tensor | None, E: int) -> dict[str
     p = route.probs
     return dict(tokens_per_expert=routed, kept_per_expert=kept,
                 dropped_fraction=1.0 - kept.sum() / routed.sum().clamp(min=1.0),
-                router_entropy=-(p * p.clamp(min=1e-20).log()).sum(-1).mean())
+                router_entropy=-(p * p.clamp(min=1e-20).log()).sum(-1).mean(),
+                balance_loss=balance_loss(route.probs, route.experts), z_loss=z_loss(route.logits))
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
@@ -119,9 +126,9 @@ def router_stats(model: nn.Module) -> list[dict]:
     ``balance_loss`` and ``z_loss`` (before coefficients)."""
     out = []
     for name, m in moe_layers(model):
-        if not m.stats:
+        s = m.stats()
+        if not s:
             continue
-        s = m.stats
         load = s["tokens_per_expert"]
         frac = load / load.sum().clamp(min=1.0)
         out.append(dict(layer=name, tokens_per_expert=load.tolist(), kept_per_expert=s["kept_per_expert"].tolist(),
