@@ -42,7 +42,7 @@ MOE_CASES = {
 
 @pytest.mark.parametrize("dispatch", [d for d in DISPATCHERS.names() if d != "loop"])
 @pytest.mark.parametrize("case", sorted(MOE_CASES))
-@pytest.mark.parametrize("shape", [(1, 1), (2, 13)])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 13), (2, 600)])  # (2, 600): auto takes its large-group path
 def test_dispatch_equals_loop_outputs_and_grads(dispatch, case, shape):
     m = make_moe(**MOE_CASES[case])
     x = torch.randn(*shape, D)
@@ -58,8 +58,8 @@ def test_dispatch_equals_loop_outputs_and_grads(dispatch, case, shape):
     torch.testing.assert_close(y1, y0, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(gx1, gx0, atol=1e-6, rtol=1e-5)
     assert gp0.keys() == gp1.keys() and any(k.startswith("experts.") for k in gp0)
-    for k in gp0:
-        torch.testing.assert_close(gp1[k], gp0[k], atol=1e-6, rtol=1e-5, msg=k)
+    for k in gp0:  # weight grads sum over up to ~600 tokens per expert in another order: fp32 rounding ~1e-6
+        torch.testing.assert_close(gp1[k], gp0[k], atol=1e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_dispatch_in_bf16_matches_loop():

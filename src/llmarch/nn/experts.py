@@ -61,6 +61,13 @@ class GLUExperts(nn.Module):
         h = self._mid(torch._grouped_mm(x, self.gate_up, offs=offsets))  # [A, F]
         return torch._grouped_mm(h, self.down, offs=offsets)
 
+    def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [A, D] sorted by expert, counts[e] rows each -> [A, D], one matmul per non-empty expert
+        (``unbind`` views of the bank: their backward stacks the gradients once)."""
+        gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
+        return torch.cat([self._mid(xe @ gate_up[e]) @ down[e]
+                          for e, xe in enumerate(x.split(counts)) if counts[e]])
+
     def load_dense(self, e: int, ffn: GLU) -> None:
         """Copy a dense GLU's weights into expert e (sparse upcycling)."""
         if ffn.gate_up.bias is not None:
@@ -91,6 +98,10 @@ class MLPExperts(nn.Module):
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         h = self.act(torch._grouped_mm(x, self.up, offs=offsets))
         return torch._grouped_mm(h, self.down, offs=offsets)
+
+    def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        up, down = self.up.unbind(0), self.down.unbind(0)
+        return torch.cat([self.act(xe @ up[e]) @ down[e] for e, xe in enumerate(x.split(counts)) if counts[e]])
 
     def load_dense(self, e: int, ffn: MLP) -> None:
         if ffn.up.bias is not None:
