@@ -1,9 +1,10 @@
 """llmarch: every classic and modern LLM architecture from one validated config."""
 from llmarch.attention_config import MLAConfig, SparseConfig
-from llmarch.config import ModelConfig, RopeConfig
+from llmarch.config import ModelConfig, MoEConfig, RopeConfig
 from llmarch.infer.generate import generate
 from llmarch.model import Model, ModelOutput, build
 from llmarch import presets
+from llmarch.upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -26,5 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmarch' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "RopeConfig", "SparseConfig", "MLAConfig", "Model", "ModelOutput", "build", "generate",
-           "preset", "presets"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "Model", "ModelOutput", "build",
+           "generate", "preset", "presets", "upcycle"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmarch.attention_config import MLAConfig, SparseConfig
+from llmarch.moe_config import MoEConfig
 
 KINDS = ("decoder", "encoder", "encoder_decoder")
 PLACEMENTS = ("pre", "post")
@@ -79,7 +80,7 @@ class RopeConfig:
             _fail("rope.high_freq_factor", "must be greater than rope.low_freq_factor")
 
 
-SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig}
+SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig}
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class ModelConfig:
     sparse: SparseConfig = field(default_factory=SparseConfig)  # parameters of the sparse patterns
     mixer: str = "attention"  # registry nn.mixers.MIXERS: attention | longformer (global projections) | latent
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
+    # --- mixture of experts ---------------------------------------------------------------------------------
+    moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
@@ -218,6 +221,7 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+        self.validate_moe()
 
     def validate_sparse_and_mixer(self) -> None:
         from llmarch import nn as lnn
@@ -231,6 +235,15 @@ class ModelConfig:
                   f"tokens (pattern='longformer'), got {self.pattern}")
         if self.sparse.execution == "blocks" and self.attn_dropout > 0:
             _fail("sparse.execution", "'blocks' has no attention dropout; set attn_dropout=0 or execution='mask'")
+
+    def validate_moe(self) -> None:
+        if (self.ffn == "moe") != (self.moe is not None):
+            _fail("moe", "set ffn='moe' together with moe=MoEConfig(...) (and neither for a dense model); "
+                  f"got ffn={self.ffn!r}, moe={'set' if self.moe is not None else None}")
+        if self.moe is not None:
+            if self.ffn_bias:
+                _fail("ffn_bias", "experts have no biases; set ffn_bias=False for an MoE model")
+            self.moe.validate(self.n_layers)
 
     # --- serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -282,11 +295,13 @@ class ModelConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``) accepts a dict
+        """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``, ``moe``) accepts a dict
         of its fields to change."""
         for name in SUB_CONFIGS:
             if isinstance(changes.get(name), dict):
-                changes[name] = dataclasses.replace(getattr(self, name), **changes[name])
+                current = getattr(self, name)
+                changes[name] = (SUB_CONFIGS[name](**changes[name]) if current is None
+                                 else dataclasses.replace(current, **changes[name]))
         return dataclasses.replace(self, **changes)
 
     def with_path(self, dotted: str, value: Any) -> "ModelConfig":
@@ -297,6 +312,8 @@ class ModelConfig:
             raise ValueError(f"unknown config field {head!r}; known fields are {sorted(names)}")
         if rest:
             sub = getattr(self, head)
+            if sub is None:
+                raise ValueError(f"cannot set {dotted!r}: {head} is None; set the whole {head} first")
             sub_fields = {f.name: f for f in dataclasses.fields(sub)}
             if rest not in sub_fields:
                 raise ValueError(f"unknown config field {dotted!r}; known are {sorted(sub_fields)}")
@@ -360,4 +377,4 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "RopeConfig", "SparseConfig", "MLAConfig", "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "KINDS"]

@@ -17,6 +17,7 @@ from llmarch.nn.embedding import Embeddings
 from llmarch.nn.ffn import FFNS
 from llmarch.nn.heads import build_head
 from llmarch.nn.mixers import MIXERS
+from llmarch.nn.moe import MoE, aux_loss
 from llmarch.nn.norm import make_norm
 from llmarch.nn.patterns import build_pattern
 from llmarch.nn.position import build_positions
@@ -38,6 +39,11 @@ def norm_for(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 def ffn_for(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The FFN of layer ``layer``; with ``cfg.moe``, MoE on the schedule's layers and ``moe.expert_ffn`` elsewhere."""
+    if cfg.moe is not None:
+        if cfg.moe.is_moe_layer(layer):
+            return MoE(cfg.d_model, cfg.moe.expert_d_ff(cfg.d_ff), cfg.activation, dropout=cfg.dropout, moe=cfg.moe)
+        return FFNS[cfg.moe.expert_ffn](cfg.d_model, cfg.d_ff, cfg.activation, dropout=cfg.dropout)
     return FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.ffn_bias, dropout=cfg.dropout)
 
 
@@ -208,7 +214,7 @@ class Model(nn.Module):
 
     def _output(self, h: torch.Tensor, cache: KVCache | None) -> ModelOutput:
         outs = self.lm_head.outputs(h)
-        return ModelOutput(outs.pop("logits"), h, h.new_zeros(()), cache, **outs)
+        return ModelOutput(outs.pop("logits"), h, aux_loss(self, h), cache, **outs)
 
 
 def _global_mask(global_attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -261,7 +267,7 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
     residual_std = std / math.sqrt(2 * n_layers)
     for name, p in model.named_parameters():
         if p.dim() >= 2:
-            is_residual_out = name.endswith(("attn.out.weight", "cross.out.weight", "ffn.down.weight"))
+            is_residual_out = name.endswith(("attn.out.weight", "cross.out.weight", "ffn.down.weight", "experts.down"))
             nn.init.normal_(p, 0.0, residual_std if is_residual_out else std)
         elif name.endswith("bias"):
             nn.init.zeros_(p)

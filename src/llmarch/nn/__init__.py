@@ -9,6 +9,7 @@ from llmarch.nn.heads import HEADS
 from llmarch.nn.kernels import KERNELS
 from llmarch.nn.latent_attention import LatentAttention
 from llmarch.nn.mixers import MIXERS
+from llmarch.nn.moe import MoE, router_stats
 from llmarch.nn.norm import NORMS, LayerNorm, RMSNorm
 from llmarch.nn import patterns_factorized, patterns_global  # noqa: F401  (pattern registration)
 from llmarch.nn.patterns import PATTERNS
@@ -16,4 +17,4 @@ from llmarch.nn.position import POSITIONS
 
 __all__ = ["ACTIVATIONS", "Attention", "AttnContext", "CrossAttention", "CrossMemory", "EXECUTIONS",
            "EncoderDecoderCache", "FFNS", "GLU", "HEADS", "KERNELS", "KVCache", "LatentAttention", "LatentCache",
-           "LayerNorm", "MIXERS", "MLP", "NORMS", "PATTERNS", "POSITIONS", "RMSNorm"]
+           "LayerNorm", "MIXERS", "MLP", "MoE", "NORMS", "PATTERNS", "POSITIONS", "RMSNorm", "router_stats"]

@@ -45,5 +45,5 @@ def _load_all() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from llmarch.presets import bloom, deepseek, gpt, llama, sparse  # noqa: F401  (registration side effects)
+        from llmarch.presets import bloom, deepseek, gpt, llama, moe, sparse  # noqa: F401  (registration side effects)
         from llmarch.presets import bert, t5, transformer  # noqa: F401

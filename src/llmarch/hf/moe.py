@@ -1,0 +1,45 @@
+"""Shared pieces of the mixture-of-experts translators: the experts stack/unstack transform and per-layer FFN
+rules for models whose layers are not all alike (a dense/MoE layer schedule)."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+
+from llmarch.config import ModelConfig
+from llmarch.hf.convert import Rule
+
+log = logging.getLogger(__name__)
+
+
+def experts_rule(ours: str, per_expert: Sequence[str], rows: Sequence[int] | None, n_experts: int) -> Rule:
+    """``ours`` [E, in, sum(rows)] <- for each expert e the checkpoint tensors ``per_expert`` (names holding
+    ``{e}``), each an nn.Linear weight [rows[j], in], concatenated along rows, transposed to our [in, out] expert
+    layout and stacked over experts; and back. ``rows`` None: one tensor per expert."""
+    names = tuple(n.replace("{e}", str(e)) for e in range(n_experts) for n in per_expert)
+    n = len(per_expert)
+
+    def stack(ts: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.cat(list(ts[e * n:(e + 1) * n]), dim=0).t() for e in range(n_experts)])
+
+    def unstack(t: torch.Tensor) -> list[torch.Tensor]:
+        parts = [[t[e].t()] if rows is None else t[e].t().split(list(rows), dim=0) for e in range(n_experts)]
+        return [p.contiguous() for ps in parts for p in ps]
+
+    return Rule(ours, names, stack, unstack)
+
+
+def per_layer_rules(base: Sequence[Rule], cfg: ModelConfig, moe_rules: Callable[[int], list[Rule]],
+                    dense_rules: Callable[[int], list[Rule]]) -> list[Rule]:
+    """``base`` without its ``{layer}`` FFN rules, plus each layer's own FFN rules (MoE or dense per schedule)."""
+    rules = [r for r in base if not r.ours.startswith("decoder.layers.{layer}.ffn.")]
+    for i in range(cfg.n_layers):
+        rules += moe_rules(i) if cfg.moe.is_moe_layer(i) else dense_rules(i)
+    return rules
+
+
+def warn_dropped(cfg: ModelConfig, model_type: str) -> None:
+    """Training-only settings the Hugging Face config cannot hold are dropped on save, with a log line."""
+    if cfg.moe is not None and cfg.moe.z_coef:
+        log.warning("%s config has no router z-loss; moe.z_coef=%s is not saved", model_type, cfg.moe.z_coef)

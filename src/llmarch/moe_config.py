@@ -1,0 +1,98 @@
+"""MoEConfig: the mixture-of-experts settings of a model (the ``moe`` field of :class:`llmarch.ModelConfig`).
+
+A model with ``ffn="moe"`` carries one; its MoE layers are chosen by a layer schedule (``first_dense``,
+``every``, ``offset``) and the other layers get a dense FFN of kind ``expert_ffn`` and width ``ModelConfig.d_ff``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+def _fail(name: str, message: str) -> None:
+    raise ValueError(f"moe.{name}: {message}")
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        _fail(name, f"must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Mixture of experts (Shazeer et al. 2017; Switch, Fedus et al. 2021; GShard, Lepikhin et al. 2020).
+
+    Sizes: E ``n_experts`` routed experts, K ``top_k`` per token, F ``d_ff`` per expert (None = the model's
+    ``d_ff``). ``n_shared`` always-on experts of width ``shared_d_ff`` each (None = F) run beside the routed ones
+    (DeepSeekMoE, Qwen2-MoE), optionally scaled by a learned sigmoid gate (``shared_gate``, Qwen2-MoE).
+    Capacity: None for both ``capacity_factor`` and ``expert_capacity`` is dropless; otherwise each expert serves
+    at most ceil(capacity_factor * T * K / E) (or ``expert_capacity``) assignments per sequence.
+    Layer schedule: layer i is MoE iff i >= ``first_dense`` and i % ``every`` == ``offset`` (Switch: every 2,
+    offset 1; Qwen2-MoE's decoder_sparse_step s: every s, offset s - 1; DeepSeek: first_dense k).
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_ff: int | None = None
+    router: str = "topk_softmax"  # registry nn.router.ROUTERS
+    router_bias: bool = False
+    expert_ffn: str = "glu"  # registry nn.experts.EXPERTS; also the kind of the schedule's dense layers
+    capacity_factor: float | None = None
+    expert_capacity: int | None = None
+    jitter: float = 0.0  # multiplicative router-input noise in training (Switch)
+    balance_coef: float = 0.01  # load-balancing loss coefficient
+    z_coef: float = 0.0  # router z-loss coefficient (ST-MoE)
+    n_shared: int = 0
+    shared_d_ff: int | None = None
+    shared_gate: bool = False
+    every: int = 1
+    offset: int = 0
+    first_dense: int = 0
+    dispatch: str = "auto"  # registry nn.dispatch.DISPATCHERS
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense and layer % self.every == self.offset
+
+    def expert_d_ff(self, model_d_ff: int) -> int:
+        return self.d_ff if self.d_ff is not None else model_d_ff
+
+    def validate(self, n_layers: int) -> None:
+        from llmarch.nn.dispatch import DISPATCHERS
+        from llmarch.nn.experts import EXPERTS
+        from llmarch.nn.router import ROUTERS
+
+        for name in ("n_experts", "top_k", "every"):
+            _positive_int(name, getattr(self, name))
+        for name in ("d_ff", "shared_d_ff", "expert_capacity"):
+            _positive_int(name, getattr(self, name), allow_none=True)
+        if self.top_k > self.n_experts:
+            _fail("top_k", f"{self.top_k} is more than n_experts ({self.n_experts})")
+        for name, registry in (("router", ROUTERS), ("expert_ffn", EXPERTS), ("dispatch", DISPATCHERS)):
+            if getattr(self, name) not in registry:
+                _fail(name, f"{getattr(self, name)!r} is not allowed; choose one of {registry.names()}")
+        fixed_k = ROUTERS[self.router].fixed_k
+        if fixed_k is not None and self.top_k != fixed_k:
+            _fail("top_k", f"router {self.router!r} routes each token to {fixed_k} expert(s); set top_k={fixed_k}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            _fail("capacity_factor", f"must be > 0 or None (dropless), got {self.capacity_factor}")
+        if self.capacity_factor is not None and self.expert_capacity is not None:
+            _fail("expert_capacity", "give either capacity_factor or expert_capacity, not both")
+        if not 0.0 <= self.jitter < 1.0:
+            _fail("jitter", f"must be in [0, 1), got {self.jitter}")
+        for name in ("balance_coef", "z_coef"):
+            if getattr(self, name) < 0:
+                _fail(name, f"must be >= 0, got {getattr(self, name)}")
+        if isinstance(self.n_shared, bool) or not isinstance(self.n_shared, int) or self.n_shared < 0:
+            _fail("n_shared", f"must be an integer >= 0, got {self.n_shared!r}")
+        if self.shared_gate and self.n_shared == 0:
+            _fail("shared_gate", "gates the shared experts; set n_shared >= 1 or shared_gate=False")
+        if isinstance(self.first_dense, bool) or not isinstance(self.first_dense, int) or self.first_dense < 0:
+            _fail("first_dense", f"must be an integer >= 0, got {self.first_dense!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or not 0 <= self.offset < self.every:
+            _fail("offset", f"must be an integer in [0, every={self.every}), got {self.offset!r}")
+        if not any(self.is_moe_layer(i) for i in range(n_layers)):
+            _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}, offset={self.offset}) "
+                  f"makes none of the "
+                  f"{n_layers} layers MoE; lower first_dense or every")

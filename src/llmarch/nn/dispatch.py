@@ -1,0 +1,161 @@
+"""Dispatch: send each token to its K experts, run them, and combine the outputs with the routing weights.
+
+Every dispatcher computes out[n] = sum_k keep[n, k] * weights[n, k] * expert_{experts[n, k]}(x[n]) and differs
+only in how the experts run:
+
+- ``loop``: one slice per chosen expert, in a Python loop (the readable reference; HF's "eager" form).
+- ``padded``: assignments sorted by expert, packed into a zero-padded [E, C, D] batch (C = the busiest expert's
+  load) and run as two batched matmuls; no loop over experts.
+- ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups: no padding,
+  empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
+- ``sliced``: assignments sorted by expert, one plain matmul per expert's contiguous slice.
+- ``auto``: on CPU, ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows (then the E Python iterations cost
+  microseconds against the matmuls, and CPU's plain matmul beats ``_grouped_mm``'s by ~15% in fp32), else
+  ``grouped``; off CPU, ``grouped`` where torch has it for the dtype (CUDA: bf16), else ``padded``.
+  Chosen by ``benchmarks/moe.py``.
+
+Capacity (Switch/GShard, Lepikhin et al. 2020): each expert takes at most C assignments per sequence; choices are
+served in routing order -- all first choices in token order, then all second choices, ... -- and the rest are
+dropped (their weight is zero, so the token passes through the block's residual unchanged).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmarch.registry import Registry
+
+Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", nn.Module], torch.Tensor]
+DISPATCHERS: Registry[Dispatcher] = Registry("moe.dispatch")
+
+
+@DISPATCHERS.register("loop")
+def loop_dispatch(x, experts, weights, keep, bank):
+    """x [N, D], experts [N, K] long, weights [N, K] fp32, keep [N, K] bool or None -> [N, D]."""
+    out = torch.zeros_like(x)
+    for e in experts.unique().tolist():  # the experts chosen by at least one token
+        chosen = experts == e
+        if keep is not None:
+            chosen = chosen & keep
+        token, k = chosen.nonzero(as_tuple=True)
+        if token.numel():
+            y = bank.one(e, x[token])
+            out.index_add_(0, token, y * weights[token, k, None].to(x.dtype))
+    return out
+
+
+def _sort_by_expert(experts: torch.Tensor, keep: torch.Tensor | None, E: int):
+    """Kept assignments sorted by expert. Returns (order [A] flat assignment ids, expert of each [A],
+    counts [E] per expert as a list of ints); dropped assignments are left out."""
+    flat = experts.reshape(-1)
+    if keep is not None:
+        flat = flat.masked_fill(~keep.reshape(-1), E)  # a sentinel expert, sorted last and cut off
+    counts = torch.bincount(flat, minlength=E + 1)[:E]
+    counts_list = counts.tolist()
+    order = flat.argsort(stable=True)[:sum(counts_list)]
+    return order, flat[order], counts, counts_list
+
+
+@DISPATCHERS.register("padded")
+def padded_dispatch(x, experts, weights, keep, bank):
+    """Sort assignments by expert, pad every expert's group to C rows, run ``bank.batched`` on [E, C, D]."""
+    N, D = x.shape
+    K, E = experts.shape[1], bank.n_experts
+    order, by_expert, counts, counts_list = _sort_by_expert(experts, keep, E)
+    C = max(counts_list)
+    if C == 0:
+        return torch.zeros_like(x)
+    starts = counts.cumsum(0) - counts  # [E] first sorted position of each expert
+    slot = torch.arange(order.numel(), device=x.device) - starts[by_expert]  # [A] row within its expert
+    row = by_expert * C + slot  # [A] row in the flattened [E * C] batch
+    token = order // K
+    packed = x.new_zeros(E * C, D).index_copy(0, row, x[token])  # [E*C, D]
+    y = bank.batched(packed.view(E, C, D)).view(E * C, D)
+    w = weights.reshape(-1)[order].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, token, y[row] * w[:, None])
+
+
+@DISPATCHERS.register("grouped")
+def grouped_dispatch(x, experts, weights, keep, bank):
+    """Sort assignments by expert and run ragged groups with ``torch._grouped_mm`` (no padding)."""
+    K = experts.shape[1]
+    order, _, counts, counts_list = _sort_by_expert(experts, keep, bank.n_experts)
+    if not counts_list or sum(counts_list) == 0:
+        return torch.zeros_like(x)
+    token = order // K
+    y = bank.grouped(x[token], counts.cumsum(0).to(torch.int32))  # [A, D]
+    w = weights.reshape(-1)[order].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, token, y * w[:, None])
+
+
+SLICED_MIN_ROWS = 512
+
+
+def grouped_mm_supports(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs for tensors like ``x`` (CPU kernels take any float dtype; CUDA's bf16)."""
+    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+@DISPATCHERS.register("sliced")
+def sliced_dispatch(x, experts, weights, keep, bank):
+    """Sort assignments by expert and run each expert's contiguous slice with a plain matmul."""
+    K = experts.shape[1]
+    order, _, _, counts_list = _sort_by_expert(experts, keep, bank.n_experts)
+    if sum(counts_list) == 0:
+        return torch.zeros_like(x)
+    token = order // K
+    y = bank.sliced(x[token], counts_list)  # [A, D]
+    w = weights.reshape(-1)[order].to(x.dtype)
+    return torch.zeros_like(x).index_add(0, token, y * w[:, None])
+
+
+@DISPATCHERS.register("auto")
+def auto_dispatch(x, experts, weights, keep, bank):
+    """``sliced`` for large groups on CPU, else ``grouped`` where supported, else ``padded``."""
+    if x.device.type == "cpu" and experts.numel() >= SLICED_MIN_ROWS * bank.n_experts:
+        return sliced_dispatch(x, experts, weights, keep, bank)
+    if grouped_mm_supports(x):
+        return grouped_dispatch(x, experts, weights, keep, bank)
+    return padded_dispatch(x, experts, weights, keep, bank)
+
+
+def keep_within_capacity(experts: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """experts [B, T, K] -> keep [B, T, K] bool: an assignment is kept if fewer than ``capacity`` earlier
+    assignments of its sequence went to the same expert, in routing order (rank k = 0 for all tokens, then 1, ...)."""
+    B, T, K = experts.shape
+    in_order = experts.transpose(1, 2).reshape(B, K * T)  # [B, K*T] routing order
+    onehot = F.one_hot(in_order, n_experts)  # [B, K*T, E]
+    queue_pos = (onehot.cumsum(dim=1) * onehot).sum(dim=-1)  # [B, K*T] 1-based place in its expert's queue
+    return (queue_pos <= capacity).view(B, K, T).transpose(1, 2)
+
+
+class Dropless(nn.Module):
+    """Every assignment is served (the default for decoder LLMs)."""
+
+    def forward(self, experts: torch.Tensor) -> None:
+        return None
+
+
+class CapacityLimit(nn.Module):
+    """At most C assignments per expert per sequence: C = ``expert_capacity`` if given, else
+    ceil(capacity_factor * T * K / E)."""
+
+    def __init__(self, n_experts: int, capacity_factor: float | None = None, expert_capacity: int | None = None):
+        super().__init__()
+        if capacity_factor is None and expert_capacity is None:
+            raise ValueError("moe.capacity_factor: give a capacity factor or moe.expert_capacity (or use Dropless)")
+        self.n_experts, self.capacity_factor, self.expert_capacity = n_experts, capacity_factor, expert_capacity
+
+    def capacity(self, T: int, K: int) -> int:
+        if self.expert_capacity is not None:
+            return self.expert_capacity
+        return math.ceil(self.capacity_factor * T * K / self.n_experts)
+
+    def forward(self, experts: torch.Tensor) -> torch.Tensor:
+        """experts [B, T, K] -> keep [B, T, K] bool."""
+        B, T, K = experts.shape
+        return keep_within_capacity(experts, self.n_experts, self.capacity(T, K))

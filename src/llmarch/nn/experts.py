@@ -1,0 +1,110 @@
+"""A bank of E expert FFNs stored as stacked weights ([E, in, out], one tensor per projection), so a dispatcher
+can run all experts in one batched or grouped matrix multiply instead of a loop (Shazeer et al. 2017; the
+fine-grained experts of DeepSeekMoE, Dai et al. 2024, are the same bank with a small F and a large E).
+
+Each bank offers three equivalent forms, used by the dispatchers in :mod:`llmarch.nn.dispatch`:
+``one(e, x)`` for one expert (the readable spec), ``batched(x)`` for a padded [E, C, D] batch, and
+``grouped(x, offsets)`` for tokens sorted by expert with ``torch._grouped_mm``.
+
+The [E, in, out] layout (x @ W, not nn.Linear's x @ W^T) is the one batched and grouped matmuls take as is, and
+their weight gradients come out in it too; with [E, out, in] every backward pays a transposing copy of the whole
+bank. Checkpoints in the nn.Linear layout are transposed per expert by the translators in ``llmarch.hf``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from llmarch.nn.activation import ACTIVATIONS
+from llmarch.nn.ffn import GLU, MLP
+from llmarch.registry import Registry
+
+EXPERTS: Registry[type[nn.Module]] = Registry("moe.expert_ffn")
+
+
+def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
+    """A parameter initialised like nn.Linear's weight (uniform in +-1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+@EXPERTS.register("glu")
+class GLUExperts(nn.Module):
+    """E gated FFNs: down_e(act(gate_e(x)) * up_e(x)). ``gate_up`` [E, D, 2F] (columns [0, F) gate, [F, 2F) up,
+    as in :class:`llmarch.nn.ffn.GLU`), ``down`` [E, F, D]."""
+
+    dense = GLU
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
+        self.act = ACTIVATIONS[activation]
+        self.gate_up = _uniform((n_experts, d_model, 2 * d_ff), d_model)
+        self.down = _uniform((n_experts, d_ff, d_model), d_ff)
+
+    def _mid(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on x [n, D] -> [n, D]."""
+        return self._mid(x @ self.gate_up[e]) @ self.down[e]
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        """x [E, C, D] (row c of expert e is that expert's c-th token) -> [E, C, D]."""
+        return torch.bmm(self._mid(torch.bmm(x, self.gate_up)), self.down)  # via [E, C, F]
+
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x [A, D] sorted by expert; offsets [E] int32 cumulative group ends -> [A, D]."""
+        h = self._mid(torch._grouped_mm(x, self.gate_up, offs=offsets))  # [A, F]
+        return torch._grouped_mm(h, self.down, offs=offsets)
+
+    def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x [A, D] sorted by expert, counts[e] rows each -> [A, D], one matmul per non-empty expert
+        (``unbind`` views of the bank: their backward stacks the gradients once)."""
+        gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
+        return torch.cat([self._mid(xe @ gate_up[e]) @ down[e]
+                          for e, xe in enumerate(x.split(counts)) if counts[e]])
+
+    def load_dense(self, e: int, ffn: GLU) -> None:
+        """Copy a dense GLU's weights into expert e (sparse upcycling)."""
+        if ffn.gate_up.bias is not None:
+            raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
+        self.gate_up.data[e].copy_(ffn.gate_up.weight.t())
+        self.down.data[e].copy_(ffn.down.weight.t())
+
+
+@EXPERTS.register("mlp")
+class MLPExperts(nn.Module):
+    """E two-matrix FFNs: down_e(act(up_e(x))). ``up`` [E, D, F], ``down`` [E, F, D]."""
+
+    dense = MLP
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str):
+        super().__init__()
+        self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
+        self.act = ACTIVATIONS[activation]
+        self.up = _uniform((n_experts, d_model, d_ff), d_model)
+        self.down = _uniform((n_experts, d_ff, d_model), d_ff)
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x @ self.up[e]) @ self.down[e]
+
+    def batched(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(self.act(torch.bmm(x, self.up)), self.down)
+
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        h = self.act(torch._grouped_mm(x, self.up, offs=offsets))
+        return torch._grouped_mm(h, self.down, offs=offsets)
+
+    def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        up, down = self.up.unbind(0), self.down.unbind(0)
+        return torch.cat([self.act(xe @ up[e]) @ down[e] for e, xe in enumerate(x.split(counts)) if counts[e]])
+
+    def load_dense(self, e: int, ffn: MLP) -> None:
+        if ffn.up.bias is not None:
+            raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
+        self.up.data[e].copy_(ffn.up.weight.t())
+        self.down.data[e].copy_(ffn.down.weight.t())

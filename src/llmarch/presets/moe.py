@@ -1,0 +1,28 @@
+"""Mixture-of-experts decoders: Mixtral (Jiang et al. 2024) and Qwen1.5-MoE / Qwen2-MoE (Qwen team 2024; Yang et
+al. 2024). Sizes from the released config.json files; counts from the model cards where they give one."""
+from llmarch.presets import register
+from llmarch.presets.llama import LLAMA2, QWEN2
+
+# Mixtral: Mistral-style attention (no window in the released configs), 8 SwiGLU experts per layer, top-2.
+MIXTRAL = dict(LLAMA2, ffn="moe", max_seq_len=32768, rope=dict(theta=1000000.0),
+               moe=dict(n_experts=8, top_k=2, router="topk_softmax", balance_coef=0.02))
+register("mixtral-8x7b", dict(MIXTRAL, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336),
+         46_702_792_704)
+register("mixtral-tiny", dict(MIXTRAL, vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256,
+                              max_seq_len=512, moe=dict(MIXTRAL["moe"], n_experts=4), bos_token_id=None,
+                              eos_token_id=None))
+
+# Qwen-MoE: fine-grained experts (softmax, top-k, not renormalised) + one shared expert behind a sigmoid gate.
+QWEN_MOE = dict(QWEN2, ffn="moe", tie_embeddings=False)
+register("qwen1.5-moe-a2.7b", dict(QWEN_MOE, d_model=2048, n_layers=24, n_heads=16, d_ff=5632, max_seq_len=8192,
+                                   moe=dict(n_experts=60, top_k=4, d_ff=1408, router="softmax_topk", n_shared=1,
+                                            shared_d_ff=5632, shared_gate=True, balance_coef=0.001)),
+         14_315_784_192)
+register("qwen2-57b-a14b", dict(QWEN_MOE, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+                                max_seq_len=131072,
+                                moe=dict(n_experts=64, top_k=8, d_ff=2560, router="softmax_topk", n_shared=1,
+                                         shared_d_ff=20480, shared_gate=True, balance_coef=0.001)))
+register("qwen2-moe-tiny", dict(QWEN_MOE, vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2,
+                                d_ff=352, max_seq_len=512, eos_token_id=None,
+                                moe=dict(n_experts=8, top_k=2, d_ff=64, router="softmax_topk", n_shared=1,
+                                         shared_d_ff=128, shared_gate=True)))
