@@ -1,6 +1,6 @@
 """Parity with transformers for the MoE families (mixtral, qwen2_moe): logits on a padded batch, greedy
 generation, save round trip; and layer-level parity with Switch Transformers' sparse MLP (top-1 routing with
-expert capacity), whose encoder-decoder model is not part of this branch."""
+expert capacity; the full model is held to transformers in tests/test_hf_switch.py)."""
 from __future__ import annotations
 
 import pytest

@@ -1,33 +1,39 @@
-"""model_type "switch_transformers" (Fedus et al. 2021): a T5 v1.0 encoder-decoder whose FFN is, on every
-``*_sparse_step``-th layer (layers i with i % step == 1, or all when step is 1), a top-1 switch router over E
-ReLU experts with a fixed per-sequence ``expert_capacity``.
-
-This module holds the mixture-of-experts half of the translation: the MoE settings both ways and the weight rules
-of a sparse or dense FFN sub-layer. The encoder-decoder half (T5 attention, relative position buckets, stacks) and
-the ``Family`` registration belong with the encoder-decoder model kind; they compose with these functions.
+"""model_type "switch_transformers" (SwitchTransformersForConditionalGeneration, Fedus et al. 2021): T5 v1.0
+(``hf.t5``: attention, relative position buckets, stacks, tied and rescaled head) with a top-1 sparse FFN on every
+``*_sparse_step``-th layer of each stack. This module holds the mixture-of-experts half (settings both ways, the
+weight rules of a sparse or dense FFN sub-layer) and the ``Family``, which composes it with the T5 translator.
 
 HF behaviour reproduced: router logits and softmax in fp32 (``router_dtype``), argmax expert weighted by its
-probability (not renormalised), capacity counted per sequence in token order, overflow tokens leave the sub-layer
-as zeros (the residual carries them). HF also multiplies the router input by jitter noise in training; in fp32 its
-in-place multiply reaches the experts' input too, ours jitters the router input only.
+probability (not renormalised), capacity counted per sequence in token order (each forward call's tokens: one
+token per decoding step), overflow tokens leave the sub-layer as zeros (the residual carries them). Layer i of a
+stack is sparse iff i % step == 1 (or step == 1), step = num_layers // num_sparse_layers (num_layers when there are
+no sparse layers, which transformers turns into one sparse layer at index 1). HF also multiplies the router input
+by jitter noise in training; in fp32 its in-place multiply reaches the experts' input too, ours jitters the router
+input only.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from llmarch.config import ModelConfig
+from llmarch.hf.base import FAMILIES, activation_to_hf
 from llmarch.hf.convert import Rule, rule
 from llmarch.hf.moe import experts_rule
+from llmarch.hf.t5 import T5
 from llmarch.moe_config import MoEConfig
 
 
 def sparse_step(hf: dict[str, Any], stack: str) -> int:
-    """The ``encoder``/``decoder`` sparse step, from the explicit field or from num_sparse_*_layers."""
-    key = f"{stack}_sparse_step"
-    if hf.get(key) is not None:
-        return int(hf[key])
-    layers = hf.get("num_layers", 12) if stack == "encoder" else hf.get("num_decoder_layers", hf.get("num_layers"))
-    sparse = hf.get(f"num_sparse_{stack}_layers", 0)
-    return layers // sparse if sparse else 0
+    """The ``encoder``/``decoder`` sparse step as transformers derives it: from num_sparse_*_layers (default 3)
+    whenever that is present, which overrides an explicit ``*_sparse_step``."""
+    layers = hf.get("num_layers", 12) if stack == "encoder" else (hf.get("num_decoder_layers")
+                                                                  or hf.get("num_layers", 12))
+    key = f"num_sparse_{stack}_layers"
+    if key not in hf and hf.get(f"{stack}_sparse_step") is not None:
+        return int(hf[f"{stack}_sparse_step"])
+    sparse = int(hf.get(key, 3))
+    return layers // sparse if sparse > 0 else layers
 
 
 def moe_from_hf(hf: dict[str, Any]) -> MoEConfig:
@@ -93,3 +99,59 @@ def ffn_rules(moe: MoEConfig, n_layers: int, ours: str, theirs: str) -> list[Rul
         o, t = ours.replace("{layer}", str(i)), theirs.replace("{layer}", str(i))
         out += sparse_mlp_rules(o, t, moe) if moe.is_moe_layer(i) else dense_mlp_rules(o, t)
     return out
+
+
+def dense_base(cfg: ModelConfig) -> ModelConfig:
+    """The T5 v1.0 config the MoE model is built on: the same model with plain ``mlp`` FFNs everywhere."""
+    return cfg.replace(ffn="mlp", moe=None)
+
+
+def sparse_layers(n_layers: int, every: int) -> int:
+    """num_sparse_*_layers that transformers turns back into the step ``every`` (n_layers // it == every)."""
+    return n_layers // every
+
+
+@FAMILIES.register("switch_transformers")
+class SwitchTransformers(T5):
+    """The T5 translator on the dense base config, plus the MoE settings and each layer's FFN rules."""
+
+    model_type, architecture = "switch_transformers", "SwitchTransformersForConditionalGeneration"
+
+    def to_config(self, hf):
+        base = super().to_config({**hf, "feed_forward_proj": hf.get("dense_act_fn", "relu")})
+        return base.replace(ffn="moe", moe=moe_from_hf(hf))
+
+    def from_config(self, cfg):
+        out = super().from_config(dense_base(cfg))
+        for key in ("feed_forward_proj", "scale_decoder_outputs"):  # T5-only spellings
+            out.pop(key)
+        n_dec = cfg.n_decoder_layers or cfg.n_layers
+        out.update(model_type=self.model_type, architectures=[self.architecture],
+                   dense_act_fn=activation_to_hf(cfg.activation), **moe_to_hf(cfg.moe),
+                   num_sparse_encoder_layers=sparse_layers(cfg.n_layers, cfg.moe.every),
+                   num_sparse_decoder_layers=sparse_layers(n_dec, cfg.moe.every))
+        return out
+
+    def accepts(self, cfg):
+        if cfg.ffn != "moe":
+            return "switch_transformers needs ffn='moe' (a dense model saves as t5)"
+        reason = super().accepts(dense_base(cfg)) or accepts_moe(cfg.moe)
+        if reason:
+            return reason.replace("t5 ", "switch_transformers ", 1)
+        if cfg.moe.d_ff not in (None, cfg.d_ff):
+            return f"switch_transformers experts have the dense width d_ff={cfg.d_ff}; set moe.d_ff=None"
+        if cfg.moe.capacity_factor is not None:
+            return "switch_transformers has a fixed expert_capacity, not a capacity_factor"
+        for n in (cfg.n_layers, cfg.n_decoder_layers or cfg.n_layers):
+            if cfg.moe.every > n or n // sparse_layers(n, cfg.moe.every) != cfg.moe.every:
+                return (f"transformers derives the sparse step as num_layers // num_sparse_layers, which cannot "
+                        f"give every={cfg.moe.every} for {n} layers")
+        return None
+
+    def rules(self, cfg):
+        dense = [r for r in super().rules(dense_base(cfg)) if not re.search(r"\.ffn\.(up|down)\.", r.ours)]
+        sparse = []
+        for stack, n in (("encoder", cfg.n_layers), ("decoder", cfg.n_decoder_layers or cfg.n_layers)):
+            ff = 2 if stack == "decoder" else 1
+            sparse += ffn_rules(cfg.moe, n, f"{stack}.layers.{{layer}}.ffn.", f"{stack}.block.{{layer}}.layer.{ff}.mlp.")
+        return dense + sparse

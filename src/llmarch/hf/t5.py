@@ -69,6 +69,8 @@ class T5(Family):
                     decoder_start_token_id=cfg.decoder_start_token_id, **tokens_to_hf(cfg))
 
     def accepts(self, cfg):
+        if cfg.ffn not in ("mlp", "glu"):
+            return f"t5 has dense mlp or glu FFNs, config has ffn={cfg.ffn!r} (MoE: switch_transformers)"
         for k, v in T5_FIXED.items():
             if getattr(cfg, k) != v:
                 return f"t5 needs {k}={v!r}, config has {getattr(cfg, k)!r}"

@@ -26,3 +26,15 @@ register("qwen2-moe-tiny", dict(QWEN_MOE, vocab_size=2048, d_model=128, n_layers
                                 d_ff=352, max_seq_len=512, eos_token_id=None,
                                 moe=dict(n_experts=8, top_k=2, d_ff=64, router="softmax_topk", n_shared=1,
                                          shared_d_ff=128, shared_gate=True)))
+
+# Switch Transformers (Fedus et al. 2021): T5 v1.0 (relu, tied and rescaled head) with top-1 experts on every
+# second layer (1, 3, 5, ...) of both stacks, a fixed capacity of 64 tokens per expert per sequence, router jitter
+# 0.01, z-loss and balance coefficients 0.001 (the released google/switch-base-8 config.json).
+from llmarch.presets.t5 import T5  # noqa: E402
+
+SWITCH_MOE = dict(n_experts=8, top_k=1, router="switch", expert_ffn="mlp", expert_capacity=64, jitter=0.01,
+                  balance_coef=0.001, z_coef=0.001, every=2, offset=1)
+SWITCH = dict(T5, ffn="moe", moe=SWITCH_MOE)
+register("switch-base-8", dict(SWITCH, d_model=768, n_layers=12, n_heads=12, head_dim=64, d_ff=3072))
+register("switch-tiny", dict(SWITCH, vocab_size=1024, d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=128,
+                             rel_buckets=8, rel_max_distance=20, moe=dict(SWITCH_MOE, n_experts=4, expert_capacity=8)))
