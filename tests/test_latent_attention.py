@@ -1,5 +1,5 @@
-"""Multi-head latent attention: parity with transformers' DeepSeek-V2/V3 (all-dense tiny configs; the MoE layers
-come with the MoE FFN), the compressed cache, cached decode == recomputation, absorbed == naive."""
+"""Multi-head latent attention: parity with transformers' DeepSeek-V2/V3 (all-dense tiny configs; DeepSeek-V2 with
+MoE layers: tests/test_hf_deepseek_moe.py), the compressed cache, cached decode == recomputation, absorbed == naive."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ from llmarch.nn.latent_attention import LatentAttention
 from tests.hf_util import assert_close_at, hf_logits, make_hf_model, padded_batch
 
 BASE = dict(vocab_size=211, d_model=48, n_layers=2, n_heads=4, d_ff=96, max_seq_len=128)
-TINY = llmarch.preset("deepseek-v2-tiny")
+TINY = llmarch.preset("deepseek-v2-tiny").replace(ffn="glu", moe=None)  # attention under test: dense FFNs
 CASES = {
     "v2-plain-q": ("deepseek_v2", TINY.replace(**BASE, mla=dict(kv_lora_rank=12, q_lora_rank=None,
                                                                 qk_rope_head_dim=8, qk_nope_head_dim=6,
@@ -70,15 +70,15 @@ def test_save_reloads_in_transformers(pair):
         assert torch.equal(a, b), k
 
 
-def test_moe_checkpoints_are_refused_clearly(tmp_path):
-    cfg = CASES["v2-plain-q"][1]
-    _, path = make_hf_model(cfg, "deepseek_v2", tmp_path)
+def test_v3_moe_checkpoints_are_refused_clearly(tmp_path):
+    cfg = CASES["v3-qlora"][1]
+    _, path = make_hf_model(cfg, "deepseek_v3", tmp_path)
     import json
 
     hf = json.loads((path / "config.json").read_text())
     hf["first_k_dense_replace"] = 1
     (path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match="MoE layers are not supported yet"):
+    with pytest.raises(ValueError, match="deepseek_v3 MoE layers .* are not supported"):
         llmarch.hf.load(path)
 
 

@@ -31,6 +31,9 @@ class MoEConfig:
     at most ceil(capacity_factor * T * K / E) (or ``expert_capacity``) assignments per sequence.
     Layer schedule: layer i is MoE iff i >= ``first_dense`` and i % ``every`` == ``offset`` (Switch: every 2,
     offset 1; Qwen2-MoE's decoder_sparse_step s: every s, offset s - 1; DeepSeek: first_dense k).
+    DeepSeek-V2 routing: ``routed_scale`` multiplies the routed weights; ``n_groups`` > 1 splits the experts into
+    equal groups, ranks each group by its highest router probability and lets a token choose only inside its
+    ``topk_groups`` best groups (device-limited routing, "group_limited_greedy").
     """
 
     n_experts: int = 8
@@ -51,6 +54,10 @@ class MoEConfig:
     offset: int = 0
     first_dense: int = 0
     dispatch: str = "auto"  # registry nn.dispatch.DISPATCHERS
+    # --- DeepSeek routing ---
+    routed_scale: float = 1.0  # the K routed weights are multiplied by it (DeepSeek routed_scaling_factor)
+    n_groups: int = 1  # group-limited routing: E experts in n_groups groups (1 = off)
+    topk_groups: int | None = None  # ... each token picks its K experts inside its topk_groups best groups
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense and layer % self.every == self.offset
@@ -92,7 +99,30 @@ class MoEConfig:
             _fail("first_dense", f"must be an integer >= 0, got {self.first_dense!r}")
         if isinstance(self.offset, bool) or not isinstance(self.offset, int) or not 0 <= self.offset < self.every:
             _fail("offset", f"must be an integer in [0, every={self.every}), got {self.offset!r}")
+        self.validate_groups()
         if not any(self.is_moe_layer(i) for i in range(n_layers)):
             _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}, offset={self.offset}) "
                   f"makes none of the "
                   f"{n_layers} layers MoE; lower first_dense or every")
+
+    def validate_groups(self) -> None:
+        if isinstance(self.routed_scale, bool) or not isinstance(self.routed_scale, (int, float)) \
+                or not self.routed_scale > 0:
+            _fail("routed_scale", f"must be a number > 0 (1.0 = unscaled), got {self.routed_scale!r}")
+        _positive_int("n_groups", self.n_groups)
+        _positive_int("topk_groups", self.topk_groups, allow_none=True)
+        if self.n_groups == 1:
+            if self.topk_groups not in (None, 1):
+                _fail("topk_groups", "only applies to group-limited routing; set n_groups > 1 or topk_groups=None")
+            return
+        if self.n_experts % self.n_groups:
+            _fail("n_groups", f"{self.n_groups} groups do not divide n_experts={self.n_experts}")
+        if self.topk_groups is None or self.topk_groups > self.n_groups:
+            _fail("topk_groups", f"group-limited routing needs topk_groups in [1, n_groups={self.n_groups}], "
+                  f"got {self.topk_groups!r}")
+        if self.top_k > self.topk_groups * (self.n_experts // self.n_groups):
+            _fail("top_k", f"{self.top_k} is more than the {self.topk_groups} kept groups hold "
+                  f"({self.topk_groups * (self.n_experts // self.n_groups)} experts)")
+        if self.router not in ("softmax_topk", "softmax_topk_norm"):
+            _fail("n_groups", f"group-limited routing ranks softmax probabilities; router {self.router!r} does not "
+                  "support it (use softmax_topk or softmax_topk_norm)")

@@ -30,6 +30,9 @@ def upcycle(dense: Model, moe: MoEConfig, seed: int | None = None) -> Model:
         good = [n for n in ROUTERS.names() if ROUTERS[n].weights_sum_to_one]
         raise ValueError(f"moe.router: {moe.router!r} does not make the K weights sum to one, so the upcycled "
                          f"model would not equal the dense one; use one of {good}")
+    if moe.routed_scale != 1.0:
+        raise ValueError(f"moe.routed_scale: {moe.routed_scale} scales the routed weights away from summing to one; "
+                         "set routed_scale=1.0 to upcycle")
     if cfg.ffn_bias:
         raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
     new_cfg = cfg.replace(ffn="moe", moe=dataclasses.replace(moe))

@@ -1,8 +1,14 @@
 """model_types "deepseek_v2" and "deepseek_v3": multi-head latent attention, RMSNorm, SwiGLU, RoPE (optionally
 yarn, whose ``mscale_all_dim`` also scales the softmax). Checkpoints store the rope dims of each query head and of
 the shared rope key as interleaved pairs (2i, 2i+1); ours rotates half-split pairs (i, i + Dr/2), so those rows
-are permuted on the way in and back on the way out. Only dense-FFN layers are supported for now
-(``first_k_dense_replace = num_hidden_layers``): the MoE layers arrive with the mixture-of-experts FFN."""
+are permuted on the way in and back on the way out.
+
+MoE (DeepSeekMoE): layers i >= ``first_k_dense_replace`` hold ``n_routed_experts`` fine-grained SwiGLU experts of
+width ``moe_intermediate_size`` (softmax router in fp32, top ``num_experts_per_tok``, weights not renormalised and
+multiplied by ``routed_scaling_factor``; ``topk_method`` "greedy" or "group_limited_greedy" over ``n_group`` /
+``topk_group``) plus ``n_shared_experts`` always-on experts fused into one SwiGLU; the other layers are dense SwiGLU
+of ``intermediate_size``. Settings transformers ignores (``moe_layer_freq`` != 1, ``norm_topk_prob``,
+``scoring_func`` other than softmax) are refused rather than guessed."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +17,8 @@ from llmarch.config import ModelConfig
 from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, rope_from_hf, \
     rope_to_hf, tokens_from_hf, tokens_to_hf
 from llmarch.hf.convert import cat_rows, rule, split_rows
+from llmarch.hf.moe import experts_rule, per_layer_rules
+from llmarch.moe_config import MoEConfig
 
 DEEPSEEK_FIXED = dict(kind="decoder", mixer="latent", norm="rmsnorm", norm_bias=False, norm_placement="pre",
                       ffn="glu", position="rope", embed_norm=False, final_norm=True, head_bias=False, attn_scale=None,
@@ -42,10 +50,7 @@ class DeepseekLike(Family):
         R, Dr, Dn, Dv = require(hf, "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
         if hf.get("rope_interleave", True) is False:
             raise ValueError("config.json rope_interleave=false is not supported (only interleaved rope pairs)")
-        dense_layers = hf.get("first_k_dense_replace", 0)
-        if dense_layers < L and hf.get("n_routed_experts"):
-            raise ValueError(f"config.json first_k_dense_replace={dense_layers} < num_hidden_layers={L}: MoE layers "
-                             "are not supported yet (they come with the mixture-of-experts FFN)")
+        moe = self.moe_from_hf(hf, L)
         if hf.get("num_key_value_heads") not in (None, H):
             raise ValueError("config.json num_key_value_heads must equal num_attention_heads for latent attention")
         rope = rope_from_hf(hf)
@@ -56,7 +61,10 @@ class DeepseekLike(Family):
             if mscale and mscale_all_dim:  # transformers: cos/sin scale = mscale(factor, mscale) / mscale(.., all)
                 rope["attention_factor"] = _mscale(rope["factor"], mscale) / _mscale(rope["factor"], mscale_all_dim)
         bias = bool(hf.get("attention_bias", False))
-        return ModelConfig(**DEEPSEEK_FIXED, vocab_size=vocab, d_model=d, n_layers=L, n_heads=H, d_ff=F,
+        if moe is not None and hf.get("mlp_bias"):
+            raise ValueError("config.json mlp_bias=true with MoE layers is not supported (experts have no biases)")
+        fixed = dict(DEEPSEEK_FIXED, ffn="moe") if moe is not None else DEEPSEEK_FIXED
+        return ModelConfig(**fixed, moe=moe, vocab_size=vocab, d_model=d, n_layers=L, n_heads=H, d_ff=F,
                            max_seq_len=n_pos, norm_eps=hf.get("rms_norm_eps", 1e-6),
                            activation=activation_from_hf(hf.get("hidden_act", "silu")), rope=rope,
                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=bias, out_bias=bias,
@@ -79,13 +87,69 @@ class DeepseekLike(Family):
                     tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.qkv_bias, mlp_bias=cfg.ffn_bias,
                     attention_dropout=0.0, kv_lora_rank=m.kv_lora_rank, q_lora_rank=m.q_lora_rank,
                     qk_rope_head_dim=m.qk_rope_head_dim, qk_nope_head_dim=m.qk_nope_head_dim,
-                    v_head_dim=m.v_head_dim, first_k_dense_replace=cfg.n_layers, **self.extra(cfg),
-                    **tokens_to_hf(cfg))
+                    v_head_dim=m.v_head_dim, **self.moe_to_hf(cfg), **self.extra(cfg), **tokens_to_hf(cfg))
 
     def extra(self, cfg) -> dict:
         return {}
 
+    def moe_from_hf(self, hf, n_layers: int) -> MoEConfig | None:
+        """The MoEConfig of a DeepSeek-V2 config.json, or None when every layer is dense."""
+        first_dense = int(hf.get("first_k_dense_replace") or 0)
+        if first_dense >= n_layers or not hf.get("n_routed_experts"):
+            return None
+        E, K, Fe = require(hf, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+        refused = {"moe_layer_freq": (hf.get("moe_layer_freq", 1), 1),
+                   "norm_topk_prob": (bool(hf.get("norm_topk_prob")), False),
+                   "scoring_func": (hf.get("scoring_func", "softmax"), "softmax")}
+        for name, (value, needed) in refused.items():
+            if value != needed:
+                raise ValueError(f"config.json {name}={value!r} is not supported for {self.model_type} (transformers "
+                                 f"ignores it, so its meaning is not fixed); only {name}={needed!r}")
+        method = hf.get("topk_method") or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ValueError(f"config.json topk_method={method!r} is not supported for {self.model_type}; "
+                             "supported: greedy, group_limited_greedy")
+        shared = int(hf.get("n_shared_experts") or 0)
+        if shared < 1:
+            raise ValueError("config.json n_shared_experts must be >= 1 (transformers always builds the shared "
+                             "experts)")
+        groups = dict(n_groups=int(hf["n_group"]), topk_groups=int(hf["topk_group"])) \
+            if method == "group_limited_greedy" else {}
+        return MoEConfig(n_experts=int(E), top_k=int(K), d_ff=int(Fe), router="softmax_topk", n_shared=shared,
+                         first_dense=first_dense, routed_scale=float(hf.get("routed_scaling_factor", 1.0)),
+                         balance_coef=float(hf.get("aux_loss_alpha", 0.001)), **groups)
+
+    def moe_to_hf(self, cfg) -> dict:
+        m = cfg.moe
+        if m is None:
+            return dict(first_k_dense_replace=cfg.n_layers)
+        return dict(first_k_dense_replace=m.first_dense, n_routed_experts=m.n_experts, num_experts_per_tok=m.top_k,
+                    moe_intermediate_size=m.expert_d_ff(cfg.d_ff), n_shared_experts=m.n_shared,
+                    routed_scaling_factor=m.routed_scale, norm_topk_prob=False, moe_layer_freq=1,
+                    scoring_func="softmax", aux_loss_alpha=m.balance_coef,
+                    topk_method="greedy" if m.n_groups == 1 else "group_limited_greedy",
+                    n_group=m.n_groups if m.n_groups > 1 else None, topk_group=m.topk_groups)
+
+    def accepts_moe(self, cfg) -> str | None:
+        m = cfg.moe
+        if m.router != "softmax_topk" or m.expert_ffn != "glu" or m.router_bias or m.jitter:
+            return (f"{self.model_type} routes with softmax then top-k, not renormalised (router 'softmax_topk'), "
+                    "over SwiGLU experts with an unbiased, noise-free router")
+        if m.capacity_factor is not None or m.expert_capacity is not None:
+            return f"{self.model_type} is dropless (no expert capacity)"
+        if m.every != 1 or m.offset:
+            return f"{self.model_type} has experts on every layer from first_k_dense_replace on (every=1, offset=0)"
+        if m.n_shared < 1 or m.shared_gate or m.shared_d_ff not in (None, m.expert_d_ff(cfg.d_ff)):
+            return (f"{self.model_type} has n_shared >= 1 ungated shared experts of the routed experts' width "
+                    "(shared_d_ff None)")
+        return None
+
     def accepts(self, cfg):
+        if cfg.moe is not None:
+            reason = self.accepts_moe(cfg)
+            if reason:
+                return reason
+            cfg = cfg.replace(ffn="glu", moe=None)
         for k, v in DEEPSEEK_FIXED.items():
             if getattr(cfg, k) != v:
                 return f"{self.model_type} needs {k}={v!r}, config has {getattr(cfg, k)!r}"
@@ -130,7 +194,31 @@ class DeepseekLike(Family):
                       rule(f"{layer}ffn.down.bias", f"{t}mlp.down_proj.bias")]
         if not cfg.tie_embeddings:
             rules.append(rule("lm_head.weight", "lm_head.weight"))
-        return rules
+        return rules if cfg.moe is None else per_layer_rules(rules, cfg, lambda i: moe_rules(cfg, i),
+                                                             lambda i: dense_rules(cfg, i))
+
+
+def moe_rules(cfg: ModelConfig, i: int) -> list:
+    """Layer i's MoE FFN: router ``gate``, per-expert SwiGLU tensors stacked, the fused shared experts."""
+    m = cfg.moe
+    E, Fe = m.n_experts, m.expert_d_ff(cfg.d_ff)
+    Fs = m.n_shared * Fe
+    p, o = f"layers.{i}.mlp.", f"decoder.layers.{i}.ffn."
+    s = p + "shared_experts."
+    return [rule(o + "router.proj.weight", p + "gate.weight"),
+            experts_rule(o + "experts.gate_up", [p + "experts.{e}.gate_proj.weight", p + "experts.{e}.up_proj.weight"],
+                         [Fe, Fe], E),
+            experts_rule(o + "experts.down", [p + "experts.{e}.down_proj.weight"], None, E),
+            rule(o + "shared.ffn.gate_up.weight", s + "gate_proj.weight", s + "up_proj.weight", to_ours=cat_rows,
+                 to_theirs=split_rows([Fs, Fs])),
+            rule(o + "shared.ffn.down.weight", s + "down_proj.weight")]
+
+
+def dense_rules(cfg: ModelConfig, i: int) -> list:
+    p, o, F = f"layers.{i}.mlp.", f"decoder.layers.{i}.ffn.", cfg.d_ff
+    return [rule(o + "gate_up.weight", p + "gate_proj.weight", p + "up_proj.weight", to_ours=cat_rows,
+                 to_theirs=split_rows([F, F])),
+            rule(o + "down.weight", p + "down_proj.weight")]
 
 
 def _mscale(factor: float, mscale: float) -> float:
@@ -155,3 +243,14 @@ class DeepseekV3(DeepseekLike):
 
     def extra(self, cfg):
         return dict(rope_interleave=True)
+
+    def moe_from_hf(self, hf, n_layers):
+        if int(hf.get("first_k_dense_replace") or 0) < n_layers and hf.get("n_routed_experts"):
+            raise ValueError(f"config.json first_k_dense_replace={hf.get('first_k_dense_replace')} < "
+                             f"num_hidden_layers={n_layers}: deepseek_v3 MoE layers (sigmoid router with "
+                             "e_score_correction_bias, group-limited top-k) are not supported; only all-dense "
+                             "deepseek_v3 configs load")
+        return None
+
+    def accepts_moe(self, cfg):
+        return "deepseek_v3 MoE layers (sigmoid router with a score correction bias) are not supported"

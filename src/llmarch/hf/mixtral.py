@@ -7,7 +7,7 @@ from __future__ import annotations
 from llmarch.hf.base import FAMILIES, require
 from llmarch.hf.convert import rule
 from llmarch.hf.llama import Mistral
-from llmarch.hf.moe import experts_rule, per_layer_rules, warn_dropped
+from llmarch.hf.moe import experts_rule, per_layer_rules, plain_routing, warn_dropped
 from llmarch.moe_config import MoEConfig
 
 # softmax over E then top-k renormalised (HF's form) equals softmax over the top-k logits (ours): same weights.
@@ -38,6 +38,8 @@ class Mixtral(Mistral):
         if reason:
             return reason
         m = cfg.moe
+        if plain_routing(m, self.model_type):
+            return plain_routing(m, self.model_type)
         if m.router not in RENORMALISED:
             return f"mixtral renormalises the top-k weights; moe.router must be one of {RENORMALISED}"
         if m.expert_ffn != "glu" or m.router_bias or m.n_shared:

@@ -9,6 +9,7 @@ import torch
 
 from llmarch.config import ModelConfig
 from llmarch.hf.convert import Rule
+from llmarch.moe_config import MoEConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +44,10 @@ def warn_dropped(cfg: ModelConfig, model_type: str) -> None:
     """Training-only settings the Hugging Face config cannot hold are dropped on save, with a log line."""
     if cfg.moe is not None and cfg.moe.z_coef:
         log.warning("%s config has no router z-loss; moe.z_coef=%s is not saved", model_type, cfg.moe.z_coef)
+
+
+def plain_routing(moe: MoEConfig, model_type: str) -> str | None:
+    """Why ``model_type`` cannot hold DeepSeek-style routing (a routed weight scale, group-limited choice)."""
+    if moe.routed_scale != 1.0 or moe.n_groups != 1:
+        return f"{model_type} has no routed weight scale or group-limited routing (routed_scale=1, n_groups=1)"
+    return None

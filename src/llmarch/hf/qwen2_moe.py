@@ -6,7 +6,7 @@ from __future__ import annotations
 from llmarch.hf.base import FAMILIES, require
 from llmarch.hf.convert import cat_rows, rule, split_rows
 from llmarch.hf.llama import Qwen2
-from llmarch.hf.moe import experts_rule, per_layer_rules, warn_dropped
+from llmarch.hf.moe import experts_rule, per_layer_rules, plain_routing, warn_dropped
 from llmarch.moe_config import MoEConfig
 
 ROUTER_FROM_NORM = {False: "softmax_topk", True: "softmax_topk_norm"}
@@ -48,6 +48,8 @@ class Qwen2Moe(Qwen2):
         if reason:
             return reason
         m = cfg.moe
+        if plain_routing(m, self.model_type):
+            return plain_routing(m, self.model_type)
         if m.router not in ROUTER_FROM_NORM.values():
             return f"qwen2_moe routes softmax then top-k; moe.router must be one of {sorted(ROUTER_FROM_NORM.values())}"
         if m.expert_ffn != "glu" or m.router_bias or m.jitter:

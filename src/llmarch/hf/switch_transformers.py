@@ -19,7 +19,7 @@ from typing import Any
 from llmarch.config import ModelConfig
 from llmarch.hf.base import FAMILIES, activation_to_hf
 from llmarch.hf.convert import Rule, rule
-from llmarch.hf.moe import experts_rule
+from llmarch.hf.moe import experts_rule, plain_routing
 from llmarch.hf.t5 import T5
 from llmarch.moe_config import MoEConfig
 
@@ -68,6 +68,8 @@ def accepts_moe(moe: MoEConfig) -> str | None:
         return "switch_transformers has top-1 switch routing over plain (non-gated) experts, no shared experts"
     if moe.expert_capacity is None:
         return "switch_transformers needs a fixed moe.expert_capacity"
+    if plain_routing(moe, "switch_transformers"):
+        return plain_routing(moe, "switch_transformers")
     if moe.first_dense or moe.offset != (1 if moe.every > 1 else 0):
         return "switch_transformers puts experts on layers i with i % step == 1: set offset=1 (or every=1)"
     return None

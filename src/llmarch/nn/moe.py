@@ -54,7 +54,8 @@ class MoE(nn.Module):
             raise ValueError("ffn_bias: experts have no biases; set ffn_bias=False for an MoE model")
         self.d_model, self.d_ff, self.activation, self.moe = d_model, d_ff, activation, moe
         E, K = moe.n_experts, moe.top_k
-        self.router = ROUTERS[moe.router](d_model, E, K, bias=moe.router_bias, jitter=moe.jitter)
+        self.router = ROUTERS[moe.router](d_model, E, K, bias=moe.router_bias, jitter=moe.jitter,
+                                          scale=moe.routed_scale, n_groups=moe.n_groups, topk_groups=moe.topk_groups)
         self.experts = EXPERTS[moe.expert_ffn](E, d_model, d_ff, activation)
         limited = moe.capacity_factor is not None or moe.expert_capacity is not None
         self.capacity = CapacityLimit(E, moe.capacity_factor, moe.expert_capacity) if limited else Dropless()

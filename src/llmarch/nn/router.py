@@ -43,11 +43,13 @@ class Router(nn.Module):
     fixed_k: int | None = None
     weights_sum_to_one = False
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, bias: bool = False, jitter: float = 0.0):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, bias: bool = False, jitter: float = 0.0,
+                 scale: float = 1.0, n_groups: int = 1, topk_groups: int | None = None):
         super().__init__()
         if self.fixed_k is not None and top_k != self.fixed_k:
             raise ValueError(f"moe.top_k: this router routes to exactly {self.fixed_k} expert(s), got {top_k}")
         self.n_experts, self.top_k, self.jitter = n_experts, top_k, jitter
+        self.scale, self.n_groups, self.topk_groups = scale, n_groups, topk_groups
         self.proj = nn.Linear(d_model, n_experts, bias=bias)
 
     def forward(self, x: torch.Tensor) -> Routing:
@@ -58,8 +60,21 @@ class Router(nn.Module):
         bias = self.proj.bias.float() if self.proj.bias is not None else None
         logits = F.linear(h, self.proj.weight.float(), bias)  # [N, E]
         probs = logits.softmax(dim=-1)
-        weights, experts = self.select(logits, probs)
+        weights, experts = self.select(logits, self.limit_groups(probs))
+        if self.scale != 1.0:
+            weights = weights * self.scale
         return Routing(logits, probs, weights, experts)
+
+    def limit_groups(self, probs: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek-V2): probs [N, E] with every expert outside the token's ``topk_groups``
+        best groups (ranked by their highest probability) set to 0; unchanged when ``n_groups`` is 1."""
+        if self.n_groups == 1:
+            return probs
+        N, E = probs.shape
+        grouped = probs.view(N, self.n_groups, E // self.n_groups)  # [N, groups, E / groups]
+        best = grouped.amax(dim=-1).topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
+        keep = torch.zeros(N, self.n_groups, dtype=torch.bool, device=probs.device).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], 0.0).view(N, E)
 
     def select(self, logits: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
