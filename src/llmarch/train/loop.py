@@ -19,8 +19,10 @@ import torch
 from llmarch.config import ModelConfig
 from llmarch.data import PackedSequences
 from llmarch.model import build
+from llmarch.nn.moe import moe_metrics
 from llmarch.train import checkpoints as ckpt
 from llmarch.train import distributed as D
+from llmarch.train.expert_load import ExpertLoad
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
@@ -79,6 +81,7 @@ class Trainer:
         if tc.grad_checkpointing:
             enable_activation_checkpointing(model)
         self.model = D.wrap(model.to(self.env.device), self.env, tc.parallel)
+        self.expert_load = ExpertLoad(self.model)  # empty (falsy) for dense models
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         self.schedule = WarmupCosine(self.optimizer, tc.lr, tc.warmup, tc.steps, tc.min_lr_ratio)
         self.precision = Precision(tc.precision, self.env.device.type)
@@ -140,6 +143,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             with D.grad_sync(self.model, i == len(micro) - 1):
                 out, s = self._forward(batch)
+                if self.expert_load:
+                    self.expert_load.update()
                 loss = sum(s[t] * env.world / counts[t] for t in terms)
                 aux = out.aux_loss
                 if aux.requires_grad or float(aux) != 0.0:
@@ -169,6 +174,15 @@ class Trainer:
             record["grad_norm"] = grad_norm
         record["tokens"] = sum(b.tokens for b in micro) * env.world
         return record
+
+    def _log_experts(self, record: dict) -> None:
+        """MoE load of the last training forward into the record (means over layers); the summed load since the
+        last log into RUN/expert_load.json (read by ``llmarch plot experts``)."""
+        record.update(moe_metrics(self.model))
+        if self.env.is_main:
+            self.expert_load.write(self.out, self.step)
+        else:
+            self.expert_load.reset()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -220,6 +234,8 @@ class Trainer:
                 evaluate = self.step % tc.eval_every == 0 or self.step == last
                 if evaluate or self.step % tc.log_every == 0:  # throughput of training only, not eval or saving
                     record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+                    if self.expert_load:  # before evaluation, whose forwards would replace the routing
+                        self._log_experts(record)
                     if evaluate:
                         record["val_loss"] = self.evaluate()
                         record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
