@@ -120,10 +120,6 @@ class Model(nn.Module):
             return {f"lm_head.{self.lm_head.tied_name}": "embed.tokens.weight"}
         return {}
 
-    def new_cache(self) -> KVCache:
-        """An empty cache of the kind this model's mixer fills (KVCache, or LatentCache for latent attention)."""
-        return MIXERS[self.config.mixer].cache()
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 use_cache: bool = False, *, token_type_ids: torch.Tensor | None = None,
