@@ -120,6 +120,31 @@ def test_inspect_table_and_json(capsys):
     assert main(["inspect", "no-such-model"]) == 2
 
 
+def test_inspect_and_compare_encoder_decoder_moe_and_encoder(capsys):
+    assert main(["inspect", "t5-tiny", "--json", "--seq-len", "32", "--dtype", "fp32"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    t5 = presets.get("t5-tiny")
+    assert d["params"]["total"] == d["params"]["meta_device_count"] and "unaccounted" not in d["params"]["components"]
+    assert d["params"]["components"]["cross_kv"] == t5.n_layers * t5.d_model * 2 * t5.kv_heads * t5.dh
+    assert set(d["params"]["stacks"]) == {"encoder", "decoder"}
+    assert d["kv_cache"]["cross_bytes_for_source"] == 32 * 2 * t5.kv_heads * t5.dh * 4 * t5.n_layers
+    assert d["flops"]["step"]["cross_attention"] > 0
+    assert main(["inspect", "mixtral-tiny", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"]["total"] == d["params"]["meta_device_count"] > d["params"]["active"]
+    assert d["params"]["components"]["router"] > 0 and d["params"]["components"]["ffn"] == 0
+    assert main(["inspect", "bert-tiny"]) == 0  # an encoder: no decode FLOPs, no KV cache
+    text = capsys.readouterr().out
+    assert "an encoder does not generate" in text and "KV cache: none" in text and "pooler" in text
+    assert main(["compare", "t5-tiny", "mixtral-tiny", "deepseek-v2-tiny", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["t5-tiny"]["layers"] == "2+2" and "cross" in d["t5-tiny"]["attention"]
+    assert d["mixtral-tiny"]["ffn"].startswith("moe 4xglu top-2") and d["mixtral-tiny"]["active"] < \
+        d["mixtral-tiny"]["params"]
+    assert d["deepseek-v2-tiny"]["attention"].startswith("MLA")
+    assert d["deepseek-v2-tiny"]["kv_bytes_per_token"] == (32 + 16) * 2 * 4
+
+
 def test_compare_and_plan_verbs(capsys, tmp_path):
     cfg_file = tmp_path / "mine.json"
     presets.get("llama-tiny", n_kv_heads=1).to_file(cfg_file)

@@ -151,12 +151,13 @@ def closed_form_comparison(cfg, seq_len: int, batch: int = 1) -> list[dict]:
         lin.append(f"k/v projections have G={cfg.kv_heads} heads, not H={cfg.n_heads}")
     if cfg.n_heads * cfg.dh != d:
         lin.append(f"H·Dh = {cfg.n_heads * cfg.dh} != D")
-    if cfg.ffn != "mlp":
-        lin.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} FFN matrices")
-    if cfg.d_ff != 4 * d:
-        lin.append(f"F = {cfg.d_ff} != 4D")
     if cfg.moe is not None:
         lin.append("MoE: router + K of E experts per token")
+    else:
+        if cfg.ffn != "mlp":
+            lin.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} FFN matrices")
+        if cfg.d_ff != 4 * d:
+            lin.append(f"F = {cfg.d_ff} != 4D")
     att = list(stack)
     if cfg.mixer == "latent":
         att.append(f"latent attention: q·k over Dn + Dr = {cfg.mla.qk_head_dim}, p·v over Dv = "
