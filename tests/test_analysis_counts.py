@@ -163,6 +163,8 @@ MIXED = {
     # encoder with the MLM + NSP heads (pooler on the first position)
     "encoder-pretraining-heads": ("bert-tiny", {}),
     "encoder-classification": ("bert-tiny", dict(head="classification", n_labels=3)),
+    # Longformer's second projection over all tokens + global rows attending every key (dense-mask execution)
+    "longformer-global-rows": ("longformer-tiny", dict(sparse=dict(execution="mask", global_tokens=(0, 5)))),
 }
 
 
