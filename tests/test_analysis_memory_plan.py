@@ -8,7 +8,8 @@ import torch
 import llmarch
 from llmarch import presets
 from llmarch.analysis import analyze, kv_cache_bytes, plan_tokens, published_checks, training_memory
-from llmarch.analysis.memory import kv_bytes_per_token, layer_activation_bytes_per_token, score_bytes_per_token
+from llmarch.analysis.memory import (cross_kv_bytes_per_source_token, cross_kv_cache_bytes, kv_bytes_per_token,
+                                      layer_activation_bytes_per_token, score_bytes_per_token)
 from llmarch.analysis.planner import gpu_hours, plan_flops
 from llmarch.cli import main
 
@@ -30,6 +31,24 @@ def test_kv_cache_matches_the_models_cache():
     assert kv_cache_bytes(slide, 500, 1, "fp32") == kv_cache_bytes(slide, 64, 1, "fp32") == 64 * per_key_all_layers
     # between steps the cache keeps W-1 keys; the next token's attention reads those W-1 plus its own (W)
     assert _prefill_cache_bytes(slide, 100) == 2 * 63 * per_key_all_layers
+
+
+def test_latent_and_cross_attention_caches_match_the_models_cache():
+    mla = presets.get("deepseek-v2-tiny")  # R=32 latent + Dr=16 rope key per token per layer, 4 layers
+    assert kv_bytes_per_token(mla, "fp32") == (32 + 16) * 4 * mla.n_layers
+    assert _prefill_cache_bytes(mla, 30) == kv_cache_bytes(mla, 30, batch=2, dtype="fp32")
+    t5 = presets.get("t5-tiny", n_decoder_layers=3)
+    model = llmarch.build(t5).eval()
+    S, T = 21, 9
+    with torch.no_grad():
+        out = model(torch.randint(0, t5.vocab_size, (2, S)), decoder_input_ids=torch.randint(0, t5.vocab_size, (2, T)),
+                    use_cache=True)
+    per_layer = 2 * t5.kv_heads * t5.dh * 4
+    assert cross_kv_bytes_per_source_token(t5, "fp32") == 3 * per_layer  # decoder depth, not encoder depth
+    assert out.cache.nbytes() == kv_cache_bytes(t5, T, 2, "fp32") + cross_kv_cache_bytes(t5, S, 2, "fp32")
+    assert kv_bytes_per_token(presets.get("bert-tiny")) == 0  # an encoder keeps no cache
+    lite = presets.get("deepseek-v2-lite")  # 512 + 64 numbers per token per layer vs 2·16·192 for MHA
+    assert kv_bytes_per_token(lite, "bf16") == (512 + 64) * 2 * 27
 
 
 def test_kv_cache_of_published_models():
@@ -99,6 +118,31 @@ def test_inspect_table_and_json(capsys):
     assert d["params"]["total"] == d["params"]["meta_device_count"] == 182_016
     assert d["flops"]["step"]["forward"] == sum(d["flops"]["step"][k] for k in ("linear", "attention", "head"))
     assert main(["inspect", "no-such-model"]) == 2
+
+
+def test_inspect_and_compare_encoder_decoder_moe_and_encoder(capsys):
+    assert main(["inspect", "t5-tiny", "--json", "--seq-len", "32", "--dtype", "fp32"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    t5 = presets.get("t5-tiny")
+    assert d["params"]["total"] == d["params"]["meta_device_count"] and "unaccounted" not in d["params"]["components"]
+    assert d["params"]["components"]["cross_kv"] == t5.n_layers * t5.d_model * 2 * t5.kv_heads * t5.dh
+    assert set(d["params"]["stacks"]) == {"encoder", "decoder"}
+    assert d["kv_cache"]["cross_bytes_for_source"] == 32 * 2 * t5.kv_heads * t5.dh * 4 * t5.n_layers
+    assert d["flops"]["step"]["cross_attention"] > 0
+    assert main(["inspect", "mixtral-tiny", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["params"]["total"] == d["params"]["meta_device_count"] > d["params"]["active"]
+    assert d["params"]["components"]["router"] > 0 and d["params"]["components"]["ffn"] == 0
+    assert main(["inspect", "bert-tiny"]) == 0  # an encoder: no decode FLOPs, no KV cache
+    text = capsys.readouterr().out
+    assert "an encoder does not generate" in text and "KV cache: none" in text and "pooler" in text
+    assert main(["compare", "t5-tiny", "mixtral-tiny", "deepseek-v2-tiny", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["t5-tiny"]["layers"] == "2+2" and "cross" in d["t5-tiny"]["attention"]
+    assert d["mixtral-tiny"]["ffn"].startswith("moe 4xglu top-2") and d["mixtral-tiny"]["active"] < \
+        d["mixtral-tiny"]["params"]
+    assert d["deepseek-v2-tiny"]["attention"].startswith("MLA")
+    assert d["deepseek-v2-tiny"]["kv_bytes_per_token"] == (32 + 16) * 2 * 4
 
 
 def test_compare_and_plan_verbs(capsys, tmp_path):

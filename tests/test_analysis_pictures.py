@@ -4,7 +4,6 @@ import json
 import math
 import re
 import xml.etree.ElementTree as ET
-from types import SimpleNamespace
 
 import matplotlib.image as mpimg
 import pytest
@@ -31,7 +30,14 @@ def test_every_preset_has_a_mermaid_diagram(name):
     used = set(re.findall(r"^\s+(\w+) -(?:->|\. residual \.->) (\w+)$", text, flags=re.M))
     assert used and {x for edge in used for x in edge} <= defined
     assert f"V={cfg.vocab_size} x D={cfg.d_model}" in text and f"block x {cfg.n_layers}" in text
-    assert f"H={cfg.n_heads} q heads, G={cfg.kv_heads} kv heads, Dh={cfg.dh}" in text
+    if cfg.mixer == "latent":
+        assert f"kv latent R={cfg.mla.kv_lora_rank}" in text
+    else:
+        assert f"H={cfg.n_heads} q heads, G={cfg.kv_heads} kv heads, Dh={cfg.dh}" in text
+    if cfg.kind == "encoder_decoder":
+        assert "encoder block x" in text and "decoder block x" in text and "cross-attention" in text
+    if cfg.moe is not None:
+        assert f"MoE: {cfg.moe.n_experts} experts" in text
 
 
 def _labels(cfg):
@@ -50,16 +56,15 @@ def test_diagram_follows_the_config():
     assert "ALiBi" in _labels(presets.get("bloom-tiny"))["attn"]
     assert "emb_norm" in _labels(presets.get("bloom-tiny"))
 
-    class WithMoE:
-        def __init__(self, cfg):
-            self._cfg, self.moe = cfg, SimpleNamespace(num_experts=8, top_k=2, n_shared_experts=1)
-
-        def __getattr__(self, k):
-            return getattr(self._cfg, k)
-
-    d = architecture(WithMoE(llama))
+    d = architecture(presets.get("qwen2-moe-tiny"))
     ffn = next(n for n in d.nodes if n.id == "ffn")
     assert ffn.kind == "moe" and "8 experts" in ffn.label and "top-2" in ffn.label and "1 shared" in ffn.label
+    mla = _labels(presets.get("deepseek-v2-tiny"))["attn"]
+    assert "latent" in mla and "R=32" in mla and "Rq=48" in mla
+    t5 = architecture(presets.get("t5-tiny"))
+    assert set(t5.groups) == {"encoder", "decoder"} and ("enc_final_norm", "dec_cross") in t5.edges
+    assert {n.group for n in t5.nodes if n.id.startswith("dec_") and n.kind == "attn"} == {"decoder"}
+    assert "pooler" in _labels(presets.get("bert-tiny"))["nsp"]
 
 
 @pytest.mark.parametrize("name,suffix", [("llama-tiny", ".png"), ("bloom-tiny", ".svg"), ("gpt2-tiny", ".png")])

@@ -1,11 +1,14 @@
 """The architecture of a config as a small graph (nodes + edges), written as Mermaid text; ``draw.py`` renders the
-same graph with matplotlib. Everything shown is read from the config: the embedding and position scheme, the block
-wiring (pre- or post-norm), attention heads (MHA / GQA / MQA) and pattern, the FFN (MLP, GLU or MoE), the head."""
+same graph with matplotlib. Everything shown is read from the config: the embedding and position scheme, each stack
+(decoder, encoder, or encoder then decoder with cross-attention) drawn as one block repeated L times, wired pre- or
+post-norm, the token mixer (MHA / GQA / MQA with its pattern, Longformer's global projection, or multi-head latent
+attention), the FFN (MLP, GLU or MoE), the head."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmarch.analysis.moe import moe_spec
+from llmarch.analysis.ffn import dense_kind, shared_width
+from llmarch.analysis.layers import stacks
 
 KINDS = ("io", "embed", "norm", "attn", "ffn", "moe", "add", "head")
 
@@ -15,49 +18,88 @@ class Node:
     id: str
     label: str  # lines separated by "\n"
     kind: str  # one of KINDS (picks the colour)
-    in_block: bool = False
+    group: str | None = None  # the repeated block (a key of Diagram.groups) this node belongs to
+
+    @property
+    def in_block(self) -> bool:
+        return self.group is not None
 
 
 @dataclass
 class Diagram:
     title: str
     nodes: list[Node]
-    edges: list[tuple[str, str]]  # the main data path, in order
+    edges: list[tuple[str, str]]  # the data path, in order
     residuals: list[tuple[str, str]]  # skip connections into an "add" node
-    block_label: str
+    groups: dict[str, str]  # block id -> its label ("block x L (pre-norm)")
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def block_label(self) -> str:
+        return " / ".join(self.groups.values())
 
-def attention_label(cfg) -> str:
-    H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
-    kind = "MHA" if G == H else "MQA" if G == 1 else "GQA"
-    lines = [f"{'causal ' if cfg.kind == 'decoder' else ''}self-attention, {kind}",
-             f"H={H} q heads, G={G} kv heads, Dh={Dh}"]
+
+def _pattern_line(cfg) -> str:
     pats = list(dict.fromkeys(cfg.pattern))
     pat = "/".join(pats) + (f" (W={cfg.window})" if cfg.window else "")
-    lines.append(f"pattern: {pat}" + (" cycled per layer" if len(pats) > 1 else ""))
+    return f"pattern: {pat}" + (" cycled per layer" if len(pats) > 1 else "")
+
+
+def _position_line(cfg, on: str) -> list[str]:
     if cfg.position == "rope":
         r = cfg.rope
         extra = f", {r.scaling} x{r.factor:g}" if r.scaling != "none" else ""
         part = f", {r.fraction:g} of Dh" if r.fraction < 1 else ""
-        lines.append(f"RoPE on q,k (theta={r.theta:g}{part}{extra})")
-    elif cfg.position == "alibi":
-        lines.append("ALiBi bias on scores")
-    return "\n".join(lines)
+        return [f"RoPE on {on} (theta={r.theta:g}{part}{extra})"]
+    if cfg.position == "alibi":
+        return ["ALiBi bias on scores"]
+    if cfg.position == "t5":
+        return [f"T5 relative bias ({cfg.rel_buckets} buckets x H, per stack)"]
+    return []
+
+
+def attention_label(cfg, causal: bool | None = None) -> str:
+    causal = cfg.kind == "decoder" if causal is None else causal
+    H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+    if cfg.mixer == "latent":
+        m = cfg.mla
+        q = "q from x" if m.q_lora_rank is None else f"q latent Rq={m.q_lora_rank}"
+        lines = [f"{'causal ' if causal else ''}multi-head latent attention (MLA)",
+                 f"H={H} heads; kv latent R={m.kv_lora_rank} + shared RoPE key Dr={m.qk_rope_head_dim}",
+                 f"{q}; Dn={m.qk_nope_head_dim}, Dv={m.v_head_dim}; caches R + Dr per token",
+                 _pattern_line(cfg)]
+        return "\n".join(lines + _position_line(cfg, "the Dr part of q,k"))
+    kind = "MHA" if G == H else "MQA" if G == 1 else "GQA"
+    lines = [f"{'causal ' if causal else ''}self-attention, {kind}", f"H={H} q heads, G={G} kv heads, Dh={Dh}",
+             _pattern_line(cfg)]
+    if cfg.mixer == "longformer":
+        lines.append("global rows: own q/k/v projection (qkv_global)")
+    return "\n".join(lines + _position_line(cfg, "q,k"))
+
+
+def cross_label(cfg) -> str:
+    H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+    return f"cross-attention to the encoder output\nH={H} q heads, G={G} kv heads, Dh={Dh}; k/v cached per source token"
+
+
+def _dense_label(kind: str, cfg, d_ff: int, bias: bool) -> str:
+    b = " +bias" if bias else ""
+    if kind == "mlp":
+        return f"MLP ({cfg.activation}){b}\nD={cfg.d_model} -> F={d_ff} -> D"
+    return f"{kind.upper()} ({cfg.activation}){b}\nD={cfg.d_model} -> 2x F={d_ff} (gate, up) -> D"
 
 
 def ffn_label(cfg) -> tuple[str, str]:
-    moe = moe_spec(cfg)
-    bias = " +bias" if cfg.ffn_bias else ""
-    dense = (f"MLP ({cfg.activation}){bias}\nD={cfg.d_model} -> F={cfg.d_ff} -> D" if cfg.ffn == "mlp" else
-             f"{cfg.ffn.upper()} ({cfg.activation}){bias}\nD={cfg.d_model} -> 2x F={cfg.d_ff} (gate, up) -> D")
-    if moe is None:
-        return dense, "ffn"
-    lines = [f"MoE: {moe.num_experts} experts ({cfg.ffn}, F={moe.expert_ff}), top-{moe.top_k} router"]
-    if moe.n_shared:
-        lines.append(f"+ {moe.n_shared} shared expert(s), F={moe.shared_ff}")
-    if moe.every > 1 or moe.first_dense:
-        lines.append(f"on every {moe.every}. layer from layer {moe.first_dense}; else dense F={cfg.d_ff}")
+    m = cfg.moe
+    if m is None:
+        return _dense_label(cfg.ffn, cfg, cfg.d_ff, cfg.ffn_bias), "ffn"
+    lines = [f"MoE: {m.n_experts} experts ({m.expert_ffn}, F={m.expert_d_ff(cfg.d_ff)}), top-{m.top_k} router "
+             f"({m.router})"]
+    if m.n_shared:
+        lines.append(f"+ {m.n_shared} shared expert(s), {shared_width(cfg)} wide{' (gated)' if m.shared_gate else ''}")
+    if m.every > 1 or m.first_dense:
+        lines.append(f"on layers i >= {m.first_dense} with i % {m.every} == {m.offset}; "
+                     f"else dense {dense_kind(cfg)} F={cfg.d_ff}")
     return "\n".join(lines), "moe"
 
 
@@ -69,38 +111,84 @@ def norm_label(cfg) -> str:
     return NORM_NAMES.get(cfg.norm, cfg.norm) + (" +bias" if has_bias else "")
 
 
-def architecture(cfg, title: str = "") -> Diagram:
-    """The graph of ``cfg``: embeddings, one block (repeated L times), the final norm and the head."""
-    nodes = [Node("ids", "input ids [B, T]", "io")]
-    emb = f"token embedding\nV={cfg.vocab_size} x D={cfg.d_model}"
-    if cfg.position in ("learned", "sinusoidal"):
-        emb += f"\n+ {cfg.position} positions" + (f" ({cfg.max_seq_len} x D)" if cfg.position == "learned" else "")
-    nodes.append(Node("emb", emb, "embed"))
-    if cfg.embed_norm:
-        nodes.append(Node("emb_norm", f"embedding {norm_label(cfg)}", "norm"))
-    entry = nodes[-1].id
-    attn = Node("attn", attention_label(cfg), "attn", True)
+def _block(cfg, p: str, group: str, entry: str, causal: bool, cross: bool):
+    """One block's nodes (ids prefixed ``p``), its residual edges, and the id of the node it ends in."""
     ffn_text, ffn_kind = ffn_label(cfg)
-    ffn = Node("ffn", ffn_text, ffn_kind, True)
-    n1, n2 = Node("norm1", norm_label(cfg), "norm", True), Node("norm2", norm_label(cfg), "norm", True)
-    add1, add2 = Node("add1", "+", "add", True), Node("add2", "+", "add", True)
-    if cfg.norm_placement == "pre":  # x + attn(norm(x)); h + ffn(norm(h))
-        block = [n1, attn, add1, n2, ffn, add2]
-        residuals = [(entry, "add1"), ("add1", "add2")]
-    else:  # norm(x + attn(x)); norm(h + ffn(h))
-        block = [attn, add1, n1, ffn, add2, n2]
-        residuals = [(entry, "add1"), ("norm1", "add2")]
-    nodes += block
-    if cfg.final_norm:
-        nodes.append(Node("final_norm", f"final {norm_label(cfg)}", "norm"))
-    head = f"LM head D -> V={cfg.vocab_size}" + (" (tied to embedding)" if cfg.tie_embeddings else "")
-    nodes.append(Node("head", head + (" +bias" if cfg.head_bias else ""), "head"))
-    nodes.append(Node("logits", "logits [B, T, V]", "io"))
-    edges = [(a.id, b.id) for a, b in zip(nodes, nodes[1:])]
-    notes = [f"kind {cfg.kind}: {cfg.kind.replace('_', '-')} stacks are drawn as one block"] if cfg.kind != "decoder" \
-        else []
-    return Diagram(title or "model", nodes, edges, residuals,
-                   f"block x {cfg.n_layers} ({cfg.norm_placement}-norm)", notes)
+    parts = [(Node(f"{p}attn", attention_label(cfg, causal), "attn", group), "1")]
+    if cross:
+        parts.append((Node(f"{p}cross", cross_label(cfg), "attn", group), "x"))
+    parts.append((Node(f"{p}ffn", ffn_text, ffn_kind, group), "2"))
+    nodes, residuals, prev = [], [], entry
+    for sub, tag in parts:
+        norm = Node(f"{p}norm{tag}", norm_label(cfg), "norm", group)
+        add = Node(f"{p}add{tag}", "+", "add", group)
+        if cfg.norm_placement == "pre":  # x + sub(norm(x))
+            nodes += [norm, sub, add]
+            residuals.append((prev, add.id))
+            prev = add.id
+        else:  # norm(x + sub(x))
+            nodes += [sub, add, norm]
+            residuals.append((prev, add.id))
+            prev = norm.id
+    return nodes, residuals
+
+
+def _chain(nodes: list[Node]) -> list[tuple[str, str]]:
+    return [(a.id, b.id) for a, b in zip(nodes, nodes[1:])]
+
+
+def architecture(cfg, title: str = "") -> Diagram:
+    """The graph of ``cfg``: embeddings, each stack's block (repeated L times) and final norm, the head."""
+    specs = stacks(cfg)
+    placement = f"{cfg.norm_placement}-norm"
+    emb = f"token embedding\nV={cfg.vocab_size} x D={cfg.d_model}"
+    if cfg.type_vocab_size:
+        emb += f"\n+ {cfg.type_vocab_size} token type(s)"
+    if cfg.position in ("learned", "sinusoidal", "sinusoidal_halves"):
+        emb += f"\n+ {cfg.position} positions" + (f" ({cfg.max_seq_len} x D)" if cfg.position == "learned" else "")
+    nodes, edges, residuals, groups = [], [], [], {}
+    memory = None
+    for k, st in enumerate(specs):
+        p = "" if len(specs) == 1 else st.name[:3] + "_"
+        io = "input ids [B, T]" if len(specs) == 1 else \
+            ("source ids [B, S]" if st.name == "encoder" else "target ids [B, T] (shifted right)")
+        part = [Node(f"{p}ids", io, "io"),
+                Node(f"{p}emb", emb + ("\n(shared with the encoder)" if k else ""), "embed")]
+        if cfg.embed_norm:
+            part.append(Node(f"{p}emb_norm", f"embedding {norm_label(cfg)}", "norm"))
+        group = "block" if len(specs) == 1 else st.name
+        groups[group] = (f"{st.name} " if len(specs) > 1 else "") + f"block x {st.n_layers} ({placement})"
+        block, res = _block(cfg, p, group, part[-1].id, st.causal, st.cross)
+        part += block
+        if cfg.final_norm:
+            part.append(Node(f"{p}final_norm", f"final {norm_label(cfg)}", "norm"))
+        nodes += part
+        edges += _chain(part)
+        residuals += res
+        if st.cross and memory is not None:
+            edges.append((memory, f"{p}cross"))
+        memory = part[-1].id
+    head, tail = head_nodes(cfg)
+    edges += _chain([nodes[-1]] + head + [tail])
+    nodes += head + [tail]
+    return Diagram(title or "model", nodes, edges, residuals, groups)
+
+
+def head_nodes(cfg) -> tuple[list[Node], Node]:
+    """The head's nodes and the output node."""
+    V, tied = cfg.vocab_size, " (tied to embedding)" if cfg.tie_embeddings else ""
+    if cfg.head == "classification":
+        return [Node("pooler", "pooler: first position, dense D -> D, tanh", "head"),
+                Node("head", f"classifier D -> {cfg.n_labels} labels", "head")], Node("logits", "logits [B, n_labels]",
+                                                                                     "io")
+    if cfg.head in ("mlm", "pretraining"):
+        nodes = [Node("head_transform", f"MLM transform: dense D -> D, {cfg.activation}, {norm_label(cfg)}", "head"),
+                 Node("head", f"MLM decoder D -> V={V}{tied} +bias", "head")]
+        if cfg.head == "pretraining":
+            nodes.append(Node("nsp", "+ pooler (dense + tanh) and next-sentence head D -> 2 on [CLS]", "head"))
+        return nodes, Node("logits", "logits [B, T, V]", "io")
+    head = f"LM head D -> V={V}{tied}" + (" +bias" if cfg.head_bias else "")
+    return [Node("head", head, "head")], Node("logits", "logits [B, T, V]", "io")
 
 
 def _mermaid_text(label: str) -> str:
@@ -114,7 +202,7 @@ MERMAID_STYLE = {"io": "fill:#eeeeee,stroke:#777", "embed": "fill:#d6e9f8,stroke
 
 
 def to_mermaid(d: Diagram) -> str:
-    """Mermaid ``flowchart`` text: the block is a subgraph, residuals are dotted edges."""
+    """Mermaid ``flowchart`` text: each block is a subgraph, residuals are dotted edges."""
     lines = ["---", f"title: {d.title}", "---", "flowchart TB"]
 
     def node(n: Node) -> str:
@@ -122,9 +210,10 @@ def to_mermaid(d: Diagram) -> str:
         return f'  {n.id}{shape[0]}{_mermaid_text(n.label)}{shape[1]}:::{n.kind}'
 
     lines += [node(n) for n in d.nodes if not n.in_block]
-    lines.append(f'  subgraph block["{_mermaid_text(d.block_label)}"]')
-    lines += ["  " + node(n) for n in d.nodes if n.in_block]
-    lines.append("  end")
+    for group, label in d.groups.items():
+        lines.append(f'  subgraph {group}["{_mermaid_text(label)}"]')
+        lines += ["  " + node(n) for n in d.nodes if n.group == group]
+        lines.append("  end")
     lines += [f"  {a} --> {b}" for a, b in d.edges]
     lines += [f"  {a} -. residual .-> {b}" for a, b in d.residuals]
     lines += [f"  classDef {k} {v}" for k, v in MERMAID_STYLE.items()]

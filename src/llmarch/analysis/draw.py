@@ -1,5 +1,5 @@
 """Render a :class:`~llmarch.analysis.diagram.Diagram` with matplotlib (no pyplot state: a bare ``Figure`` saved
-by extension, .svg or .png): boxes top to bottom, the repeated block on a shaded panel, residuals as side arrows."""
+by extension, .svg or .png): boxes top to bottom, each repeated block on a shaded panel, residuals as side arrows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +22,12 @@ def _box_height(label: str, kind: str) -> float:
 
 def render(d: Diagram, subtitle: str = "") -> Figure:
     heights = [_box_height(n.label, n.kind) for n in d.nodes]
-    block = [i for i, n in enumerate(d.nodes) if n.in_block]
-    total = sum(heights) + GAP * (len(heights) + 1) + 0.9 + (2 * GAP if block else 0)
+    spans = {}  # group -> [first index, last index]
+    for i, n in enumerate(d.nodes):
+        if n.group is not None:
+            spans.setdefault(n.group, [i, i])[1] = i
+    firsts, lasts = {a: g for g, (a, _) in spans.items()}, {b: g for g, (_, b) in spans.items()}
+    total = sum(heights) + GAP * (len(heights) + 1) + 0.9 + 2 * GAP * len(spans)
     fig = Figure(figsize=(WIDTH, total))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, WIDTH)
@@ -34,23 +38,23 @@ def render(d: Diagram, subtitle: str = "") -> Figure:
         ax.text(WIDTH / 2, total - 0.6, subtitle, ha="center", va="center", fontsize=9, color="#444444")
     cx = WIDTH / 2
     y = total - 0.9
-    centre = {}
+    centre, top = {}, {}
     for i, (n, h) in enumerate(zip(d.nodes, heights)):
-        if block and i == block[0]:
+        if i in firsts:
             y -= GAP
-            block_top = y
+            top[firsts[i]] = y
         y -= GAP
         centre[n.id] = (cx, y - h / 2, h)
         y -= h
-        if block and i == block[-1]:
-            block_bottom = y - GAP
+        if i in lasts:
+            bottom = y - GAP
             y -= GAP
-    if block:
-        ax.add_patch(FancyBboxPatch((cx - BOX_W / 2 - 0.55, block_bottom), BOX_W + 1.1, block_top - block_bottom,
-                                    boxstyle="round,pad=0.02,rounding_size=0.15", fc="#f6f6f6", ec="#999999",
-                                    ls="--"))
-        ax.text(cx + BOX_W / 2 + 0.5, block_top - 0.12, d.block_label, ha="right", va="top", fontsize=9,
-                style="italic", color="#555555")
+            group = lasts[i]
+            ax.add_patch(FancyBboxPatch((cx - BOX_W / 2 - 0.55, bottom), BOX_W + 1.1, top[group] - bottom,
+                                        boxstyle="round,pad=0.02,rounding_size=0.15", fc="#f6f6f6", ec="#999999",
+                                        ls="--"))
+            ax.text(cx + BOX_W / 2 + 0.5, top[group] - 0.12, d.groups[group], ha="right", va="top", fontsize=9,
+                    style="italic", color="#555555")
     for n in d.nodes:
         x, yc, h = centre[n.id]
         fc, ec = COLOURS.get(n.kind, COLOURS["io"])
@@ -61,10 +65,17 @@ def render(d: Diagram, subtitle: str = "") -> Figure:
         ax.add_patch(FancyBboxPatch((x - BOX_W / 2, yc - h / 2), BOX_W, h, boxstyle="round,pad=0,rounding_size=0.08",
                                     fc=fc, ec=ec, lw=1.2))
         ax.text(x, yc, n.label, ha="center", va="center", fontsize=8.5, linespacing=1.35)
+    order = {n.id: i for i, n in enumerate(d.nodes)}
     for a, b in d.edges:
         (xa, ya, ha), (xb, yb, hb) = centre[a], centre[b]
-        ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xa, ya - ha / 2),
-                    arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0))
+        if order[b] == order[a] + 1:
+            ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xa, ya - ha / 2),
+                        arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0))
+        else:  # a long edge (encoder output -> cross-attention) runs down the right side
+            side = cx + BOX_W / 2 + 0.3
+            ax.plot([xa + BOX_W / 2, side, side], [ya, ya, yb], color="#333333", lw=1.0)
+            ax.annotate("", xy=(xb + BOX_W / 2, yb), xytext=(side, yb),
+                        arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0))
     for k, (a, b) in enumerate(d.residuals):
         (xa, ya, ha), (xb, yb, _) = centre[a], centre[b]
         side = cx - BOX_W / 2 - 0.3 - 0.12 * k

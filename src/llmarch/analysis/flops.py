@@ -15,23 +15,28 @@ and weights of every matmul); with activation checkpointing one more forward is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from llmarch.analysis.moe import moe_spec
-from llmarch.analysis.params import FFN_SHAPES
+from llmarch.analysis.ffn import FFN_SHAPES, ffn_cost
+from llmarch.analysis.heads import head_cost
+from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
 
 USEFUL_FRACTION_MAX_T = 8192  # the attended fraction is measured by rendering the mask up to this length
 
 
 @dataclass
 class Flops:
-    """Forward FLOPs of one step (B sequences of T tokens), by part."""
+    """Forward FLOPs of one step (B sequences of T tokens; an encoder-decoder runs B×T source and B×T' target
+    tokens), by part. ``cross_attention`` (q/kv/o and its scores) is already inside ``linear``/``attention``;
+    ``by_stack`` splits linear + attention between encoder and decoder."""
 
     linear: int
     attention: int
     head: int
     attention_useful: int | None  # only the (query, key) pairs the causal mask and the pattern allow
     tokens: int
+    cross_attention: int = 0
+    by_stack: dict[str, int] = field(default_factory=dict)
 
     @property
     def forward(self) -> int:
@@ -52,59 +57,79 @@ class Flops:
 
 def ffn_macs_per_token(cfg, layer: int) -> int:
     """Multiply-adds of one token through the FFN of ``layer`` (router + K experts + shared ones for MoE)."""
-    mats = FFN_SHAPES[cfg.ffn][0] if cfg.ffn in FFN_SHAPES else None
-    if mats is None:
-        raise ValueError(f"ffn: the analysis does not know the shape of {cfg.ffn!r}; add it to "
-                         "llmarch/analysis/params.py FFN_SHAPES")
-    moe = moe_spec(cfg)
-    D = cfg.d_model
-    if moe is None or not moe.is_moe_layer(layer):
-        return mats * D * cfg.d_ff
-    return D * moe.num_experts + moe.top_k * mats * D * moe.expert_ff + moe.n_shared * mats * D * moe.shared_ff
+    return ffn_cost(cfg, layer).macs
 
 
 def projection_macs_per_token(cfg) -> int:
-    """q/k/v/o: D·(H + 2G)·Dh + H·Dh·D."""
-    return cfg.d_model * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh + cfg.n_heads * cfg.dh * cfg.d_model
+    """The token mixer's projections (q/k/v/o for attention: D·(H + 2G)·Dh + H·Dh·D)."""
+    return mixer_cost(cfg).proj_macs(cfg)
 
 
-def linear_macs_per_token(cfg) -> int:
-    """All per-layer matmuls of one token, summed over the layers (the head excluded)."""
-    return sum(projection_macs_per_token(cfg) + ffn_macs_per_token(cfg, i) for i in range(cfg.n_layers))
+def linear_macs_per_token(cfg, n_layers: int | None = None) -> int:
+    """All per-layer matmuls of one token through one stack (the head excluded)."""
+    n = cfg.n_layers if n_layers is None else n_layers
+    return sum(projection_macs_per_token(cfg) + ffn_macs_per_token(cfg, i) for i in range(n))
 
 
-def attended_fraction(cfg, T: int) -> float | None:
-    """Mean over layers of the fraction of the T×T score matrix that the causal mask and pattern allow."""
+def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True) -> float | None:
+    """Mean over layers of the fraction of the T×T score matrix that the (causal) mask and pattern allow."""
     if T > USEFUL_FRACTION_MAX_T:
         return None
     from llmarch.analysis.memory import layer_pattern
 
+    n = cfg.n_layers if n_layers is None else n_layers
     fractions = {}
-    for i in range(cfg.n_layers):
+    for i in range(n):
         name = cfg.layer_pattern(i)
         if name not in fractions:
-            fractions[name] = float(layer_pattern(cfg, i).render(T).float().mean())
-    return sum(fractions[cfg.layer_pattern(i)] for i in range(cfg.n_layers)) / cfg.n_layers
+            fractions[name] = float(layer_pattern(cfg, i).render(T, causal=causal).float().mean())
+    return sum(fractions[cfg.layer_pattern(i)] for i in range(n)) / n
 
 
-def forward_flops(cfg, seq_len: int, batch: int = 1) -> Flops:
-    """Matmul FLOPs of ``model(input_ids)`` with input_ids [batch, seq_len] and no cache."""
-    B, T = batch, seq_len
-    tokens = B * T
-    linear = 2 * tokens * linear_macs_per_token(cfg)
-    attention = 2 * 2 * B * cfg.n_heads * T * T * cfg.dh * cfg.n_layers
-    head = 2 * tokens * cfg.d_model * cfg.vocab_size
-    frac = attended_fraction(cfg, T)
-    useful = None if frac is None else round(attention * frac)
-    return Flops(linear, attention, head, useful, tokens)
+def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = None) -> Flops:
+    """Matmul FLOPs of ``model(input_ids)`` with input_ids [batch, seq_len] and no cache; an encoder-decoder's
+    decoder runs ``target_len`` tokens (default ``seq_len``) against the ``seq_len`` encoded ones."""
+    B, mixer = batch, mixer_cost(cfg)
+    lengths = {"encoder": seq_len, "decoder": seq_len if cfg.kind != "encoder_decoder" else target_len or seq_len}
+    linear = attention = useful = cross = 0
+    by_stack = {}
+    for st in stacks(cfg):
+        T = lengths[st.name]
+        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers) + 2 * st.n_layers * mixer.global_macs(cfg, B, T)
+        att = 2 * B * T * T * mixer.pair_macs(cfg) * st.n_layers
+        frac = attended_fraction(cfg, T, st.n_layers, st.causal)
+        useful = None if frac is None or useful is None else useful + round(att * frac)
+        if st.cross:
+            S, c = lengths["encoder"], CrossAttentionCost
+            x_lin = 2 * st.n_layers * B * (T * c.target_macs(cfg) + S * c.source_macs(cfg))
+            x_att = 2 * st.n_layers * B * T * S * c.pair_macs(cfg)
+            cross = x_lin + x_att
+            lin, att = lin + x_lin, att + x_att
+            useful = None if useful is None else useful + x_att
+        linear, attention = linear + lin, attention + att
+        by_stack[st.name] = lin + att
+    per_token, per_seq = head_cost(cfg).macs(cfg)
+    T_out = lengths["decoder" if cfg.kind != "encoder" else "encoder"]
+    head = 2 * B * (T_out * per_token + per_seq)
+    tokens = B * sum(lengths[st.name] for st in stacks(cfg))
+    return Flops(linear, attention, head, useful, tokens, cross, by_stack)
 
 
-def decode_flops_per_token(cfg, context: int) -> int:
-    """Forward FLOPs of generating one token with ``context`` keys cached (sliding layers see at most W)."""
+def decode_flops_per_token(cfg, context: int) -> int | None:
+    """Forward FLOPs of generating one token with ``context`` keys cached (sliding layers see at most W; an
+    encoder-decoder's cross-attention reads ``context`` encoded tokens, their k/v cached). None for encoders."""
     from llmarch.analysis.memory import cached_keys
 
-    attention = sum(4 * cfg.n_heads * cfg.dh * cached_keys(cfg, i, context) for i in range(cfg.n_layers))
-    return 2 * linear_macs_per_token(cfg) + attention + 2 * cfg.d_model * cfg.vocab_size
+    if cfg.kind == "encoder":
+        return None
+    mixer = mixer_cost(cfg)
+    dec = stacks(cfg)[-1]
+    macs = 0
+    for i in range(dec.n_layers):
+        macs += mixer.decode_macs(cfg, cached_keys(cfg, i, context)) + ffn_macs_per_token(cfg, i)
+        if dec.cross:
+            macs += CrossAttentionCost.target_macs(cfg) + context * CrossAttentionCost.pair_macs(cfg)
+    return 2 * macs + 2 * head_cost(cfg).macs(cfg)[0]
 
 
 def gpt_closed_form_flops(cfg, seq_len: int, batch: int = 1) -> int:
@@ -117,20 +142,31 @@ def closed_form_comparison(cfg, seq_len: int, batch: int = 1) -> list[dict]:
     """The three terms of the seed formula beside the exact parts, with the reasons they differ."""
     b, s, d, L, V = batch, seq_len, cfg.d_model, cfg.n_layers, cfg.vocab_size
     f = forward_flops(cfg, s, b)
-    lin = []
-    if cfg.kv_heads != cfg.n_heads:
+    stack = ([f"encoder-decoder: encoder and decoder stacks + cross-attention ({cfg.n_layers} + "
+              f"{cfg.n_decoder_layers or cfg.n_layers} blocks)"] if cfg.kind == "encoder_decoder" else [])
+    lin = list(stack)
+    if cfg.mixer == "latent":
+        lin.append("multi-head latent attention projections (q, kv_a, kv_b expanded per token, o)")
+    elif cfg.kv_heads != cfg.n_heads:
         lin.append(f"k/v projections have G={cfg.kv_heads} heads, not H={cfg.n_heads}")
     if cfg.n_heads * cfg.dh != d:
         lin.append(f"H·Dh = {cfg.n_heads * cfg.dh} != D")
-    if cfg.ffn != "mlp":
-        lin.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} FFN matrices")
-    if cfg.d_ff != 4 * d:
-        lin.append(f"F = {cfg.d_ff} != 4D")
-    if moe_spec(cfg) is not None:
+    if cfg.moe is not None:
         lin.append("MoE: router + K of E experts per token")
-    att = [f"H·Dh = {cfg.n_heads * cfg.dh} != D"] if cfg.n_heads * cfg.dh != d else []
+    else:
+        if cfg.ffn != "mlp":
+            lin.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} FFN matrices")
+        if cfg.d_ff != 4 * d:
+            lin.append(f"F = {cfg.d_ff} != 4D")
+    att = list(stack)
+    if cfg.mixer == "latent":
+        att.append(f"latent attention: q·k over Dn + Dr = {cfg.mla.qk_head_dim}, p·v over Dv = "
+                   f"{cfg.mla.v_head_dim} per head")
+    elif cfg.n_heads * cfg.dh != d:
+        att.append(f"H·Dh = {cfg.n_heads * cfg.dh} != D")
+    head = [f"{cfg.head} head"] if cfg.head != "lm" else []
     rows = [("linear 24·b·s·d²·L", 24 * b * s * d * d * L, f.linear, lin),
             ("attention 4·b·d·s²·L", 4 * b * d * s * s * L, f.attention, att),
-            ("head 2·b·s·d·V", 2 * b * s * d * V, f.head, [])]
+            ("head 2·b·s·d·V", 2 * b * s * d * V, f.head, head)]
     return [dict(term=t, closed_form=cf, exact=ex, delta=ex - cf, reason="; ".join(r) if ex != cf else "")
             for t, cf, ex, r in rows]

@@ -5,11 +5,18 @@ gradients in the parameter dtype, fp32 Adam moments (8 bytes/param) and an fp32 
 narrower than fp32 — 16 bytes/param for bf16. Activations follow Korthikanti et al. 2022 (sequence length × batch ×
 width × bytes per saved tensor), generalised to GQA, GLU and MoE; for a GPT block with dropout and 2-byte
 activations the per-token count is their 34·D, and the T×S attention scores add 5·H·S when a kernel keeps them
-(``scores_materialised``; fused SDPA/flash kernels keep only an O(T) log-sum-exp).
+(``scores_materialised``; fused SDPA/flash kernels keep only an O(T) log-sum-exp). Latent attention, the
+cross-attention of encoder-decoders and the encoder stack are counted with the same rules (each saved matmul input
+and output); the closed forms are only checked for the GPT block.
+
+KV cache: the decoder stack's self-attention cache (per token per layer: 2·G·Dh numbers, or R + Dr for latent
+attention); an encoder keeps none; an encoder-decoder's cross-attention k/v (2·G·Dh per source token per decoder
+layer) are reported separately (:func:`cross_kv_cache_bytes`).
 """
 from __future__ import annotations
 
-from llmarch.analysis.moe import moe_spec
+from llmarch.analysis.ffn import dense_kind, ffn_cost, shared_width
+from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
 
 DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "tf32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0,
                "float16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -27,7 +34,7 @@ def layer_pattern(cfg, layer: int):
     """The attention pattern object of ``layer``, built the way the model's stack builds it."""
     from llmarch.nn.patterns import build_pattern
 
-    return build_pattern(cfg.layer_pattern(layer), window=cfg.window)
+    return build_pattern(cfg.layer_pattern(layer), window=cfg.window, sparse=cfg.sparse)
 
 
 def cached_keys(cfg, layer: int, context: int) -> int:
@@ -37,30 +44,69 @@ def cached_keys(cfg, layer: int, context: int) -> int:
     return context if lookback is None else min(context, lookback + 1)
 
 
+def _cached_layers(cfg) -> int:
+    """Layers with an incremental self-attention cache: the decoder stack's (none for encoders, none for a
+    mixer without a cache)."""
+    if cfg.kind == "encoder" or mixer_cost(cfg).cache_numbers(cfg) is None:
+        return 0
+    return stacks(cfg)[-1].n_layers
+
+
 def kv_bytes_per_token(cfg, dtype: str = "bf16") -> float:
-    """k and v of one token in every layer: 2·G·Dh·bytes·L (before any window cap)."""
-    return 2 * cfg.kv_heads * cfg.dh * dtype_bytes(dtype) * cfg.n_layers
+    """The self-attention cache of one token in every decoder layer: 2·G·Dh·bytes·L for attention, (R + Dr)·bytes·L
+    for latent attention (before any window cap); 0 for an encoder."""
+    n = _cached_layers(cfg)
+    return float(mixer_cost(cfg).cache_numbers(cfg) * dtype_bytes(dtype) * n) if n else 0.0
 
 
 def kv_cache_bytes(cfg, context: int, batch: int = 1, dtype: str = "bf16") -> float:
-    """The KV cache of ``batch`` sequences holding ``context`` tokens (sliding-window layers hold at most W)."""
-    per_key = 2 * cfg.kv_heads * cfg.dh * dtype_bytes(dtype)
-    return batch * per_key * sum(cached_keys(cfg, i, context) for i in range(cfg.n_layers))
+    """The self-attention cache of ``batch`` sequences holding ``context`` tokens (sliding-window layers hold at
+    most W)."""
+    n = _cached_layers(cfg)
+    if not n:
+        return 0.0
+    per_key = mixer_cost(cfg).cache_numbers(cfg) * dtype_bytes(dtype)
+    return batch * per_key * sum(cached_keys(cfg, i, context) for i in range(n))
 
 
-def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float) -> float:
+def cross_kv_bytes_per_source_token(cfg, dtype: str = "bf16") -> float:
+    """An encoder-decoder's cross-attention k/v of one encoded token in every decoder layer (2·G·Dh·bytes·L');
+    0 for other kinds."""
+    if cfg.kind != "encoder_decoder":
+        return 0.0
+    return CrossAttentionCost.cache_numbers(cfg) * dtype_bytes(dtype) * stacks(cfg)[-1].n_layers
+
+
+def cross_kv_cache_bytes(cfg, source_len: int, batch: int = 1, dtype: str = "bf16") -> float:
+    """The cross-attention k/v cached for ``batch`` encoded sequences of ``source_len`` tokens."""
+    return batch * source_len * cross_kv_bytes_per_source_token(cfg, dtype)
+
+
+def _mixer_widths(cfg) -> tuple[int, int]:
+    """(q/k/v output width, o input width) per token of the token mixer."""
+    if cfg.mixer == "latent":
+        m, H = cfg.mla, cfg.n_heads
+        qkv = H * (2 * m.qk_head_dim + m.v_head_dim) + m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)
+        return qkv, H * m.v_head_dim
+    return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh, cfg.n_heads * cfg.dh
+
+
+def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: bool = False) -> float:
     """Bytes one token's activations in one block keep for the backward (attention scores excluded)."""
-    D, H, G, Dh, a = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, act_bytes
+    D, a = cfg.d_model, act_bytes
     masks = D if cfg.dropout > 0 else 0  # one byte per element per residual dropout mask
-    attn = a * D + a * D + a * (H + 2 * G) * Dh + a * H * Dh + masks  # norm in, qkv in, q/k/v, o in
-    saved_f = FFN_SAVED_F.get(cfg.ffn, 2)
-    moe = moe_spec(cfg)
-    if moe is None or not moe.is_moe_layer(layer):
-        ffn = a * D + a * D + a * saved_f * cfg.d_ff + masks
-    else:  # router logits in fp32; each of the K visits keeps its dispatched input and its [*, F] tensors
-        ffn = (a * D + 4 * moe.num_experts + moe.top_k * (a * D + a * saved_f * moe.expert_ff)
-               + moe.n_shared * a * saved_f * moe.shared_ff + masks)
-    return attn + ffn
+    qkv, o_in = _mixer_widths(cfg)
+    attn = a * D + a * D + a * qkv + a * o_in + masks  # norm in, qkv in, q/k/v, o in
+    if cross:  # norm in, q in, q, o in (+ the source's k/v, counted per target token)
+        H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+        attn += a * D + a * D + a * (H + 2 * G) * Dh + a * H * Dh + masks
+    ffn = ffn_cost(cfg, layer)
+    if ffn.kind != "moe":
+        return attn + a * D + a * D + a * FFN_SAVED_F.get(ffn.kind, 2) * cfg.d_ff + masks
+    m = cfg.moe  # router logits in fp32; each of the K visits keeps its dispatched input and its [*, F] tensors
+    saved_f = FFN_SAVED_F.get(m.expert_ffn, 2)
+    return (attn + a * D + 4 * m.n_experts + m.top_k * (a * D + a * saved_f * m.expert_d_ff(cfg.d_ff))
+            + a * saved_f * shared_width(cfg) + masks)
 
 
 def score_bytes_per_token(cfg, seq_len: int, act_bytes: float) -> float:
@@ -78,13 +124,14 @@ def training_memory(cfg, seq_len: int, batch: int = 1, dtype: str = "bf16", n_pa
     N = count_params(cfg).total if n_params is None else n_params
     w = dtype_bytes(dtype)
     tokens = batch * seq_len
-    layers = [layer_activation_bytes_per_token(cfg, i, w) for i in range(cfg.n_layers)]
+    layers = [layer_activation_bytes_per_token(cfg, i, w, st.cross) for st in stacks(cfg)
+              for i in range(st.n_layers)]
     if scores_materialised:
         layers = [x + score_bytes_per_token(cfg, seq_len, w) for x in layers]
     head_loss = w * cfg.d_model + 4 * cfg.vocab_size  # head input + the loss's fp32 log-probabilities
     out = {"weights": N * w, "grads": N * w, "adamw": 8.0 * N, "master_weights": 4.0 * N if w < 4 else 0.0,
            "activations": tokens * (sum(layers) + head_loss),
-           "activations_checkpointed": tokens * (cfg.n_layers * w * cfg.d_model + max(layers) + head_loss)}
+           "activations_checkpointed": tokens * (len(layers) * w * cfg.d_model + max(layers) + head_loss)}
     state = out["weights"] + out["grads"] + out["adamw"] + out["master_weights"]
     out["total"] = state + out["activations"]
     out["total_checkpointed"] = state + out["activations_checkpointed"]
@@ -99,10 +146,11 @@ def inference_memory(cfg, context: int, batch: int = 1, dtype: str = "bf16", kv_
 
     N = count_params(cfg).total if n_params is None else n_params
     w = dtype_bytes(dtype)
-    moe = moe_spec(cfg)
-    widest = cfg.d_ff if moe is None else max(cfg.d_ff, moe.expert_ff)
-    work = batch * context * w * (4 * cfg.d_model + FFN_SAVED_F.get(cfg.ffn, 2) * widest + cfg.vocab_size)
-    out = {"weights": N * w, "kv_cache": kv_cache_bytes(cfg, context, batch, kv_dtype or dtype),
-           "prefill_working": work}
+    widest = cfg.d_ff if cfg.moe is None else max(cfg.d_ff, cfg.moe.expert_d_ff(cfg.d_ff), shared_width(cfg))
+    work = batch * context * w * (4 * cfg.d_model + FFN_SAVED_F.get(dense_kind(cfg), 2) * widest + cfg.vocab_size)
+    out = {"weights": N * w, "kv_cache": kv_cache_bytes(cfg, context, batch, kv_dtype or dtype)}
+    if cfg.kind == "encoder_decoder":  # the source is ``context`` tokens too
+        out["cross_kv_cache"] = cross_kv_cache_bytes(cfg, context, batch, kv_dtype or dtype)
+    out["prefill_working"] = work
     out["total"] = sum(out.values())
     return out

@@ -10,65 +10,56 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from llmarch.analysis.moe import moe_spec
+from llmarch.analysis.ffn import FFN_SHAPES, dense_ffn_params, ffn_cost
+from llmarch.analysis.heads import head_cost
+from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, norm_params, stacks
 
 log = logging.getLogger(__name__)
 
-# FFN kind -> (number of D×F matrices, bias length in units of F, bias length in units of D)
-FFN_SHAPES = {"mlp": (2, 1, 1), "glu": (3, 2, 1)}
-# position kind -> parameters as a function of the config (kinds not listed carry no parameters)
-POSITION_PARAMS = {"learned": lambda cfg: cfg.max_seq_len * cfg.d_model}
-PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal")
+# position kind -> parameters of one stack's table (kinds not listed carry no parameters)
+POSITION_PARAMS = {"learned": lambda cfg: cfg.max_seq_len * cfg.d_model,
+                   "t5": lambda cfg: cfg.rel_buckets * cfg.n_heads}
+PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_halves")
 
-COMPONENTS = ("embeddings", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn", "router",
-              "experts", "shared_experts", "norms", "final_norm", "head")
+COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
+              "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
+              "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
+              "head")
 
 
 @dataclass
 class ParamCount:
-    """Parameters by component (in :data:`COMPONENTS` order), the total, and what one token uses."""
+    """Parameters by component (in :data:`COMPONENTS` order), the total, what one token uses, and the total
+    of each stack (``stacks``: encoder / decoder, their blocks, positions and final norm)."""
 
     components: dict[str, int]
     total: int
     active: int  # per token: routed experts a token does not visit are left out
     notes: list[str] = field(default_factory=list)
+    stacks: dict[str, int] = field(default_factory=dict)
 
     @property
     def embedding(self) -> int:
-        return self.components["embeddings"] + self.components["positions"]
+        return self.components["embeddings"] + self.components["positions"] + self.components["token_types"]
 
     @property
     def non_embedding(self) -> int:
-        """Kaplan et al. 2020's N: everything but the token and position tables."""
+        """Kaplan et al. 2020's N: everything but the token, token-type and position tables."""
         return self.total - self.embedding
 
 
-def norm_params(cfg, dim: int | None = None) -> int:
-    """One norm layer: a gain vector, plus a bias for LayerNorm with ``norm_bias``."""
-    dim = dim or cfg.d_model
-    if cfg.norm == "layernorm":
-        return dim * (2 if cfg.norm_bias else 1)
-    return dim  # rmsnorm and gain-only norms
-
-
 def ffn_params(cfg, d_ff: int) -> int:
-    """One dense FFN of width ``d_ff`` (an MLP, or a GLU with its third matrix)."""
-    if cfg.ffn not in FFN_SHAPES:
-        raise ValueError(f"ffn: the analysis does not know the shape of {cfg.ffn!r}; add it to "
-                         "llmarch/analysis/params.py FFN_SHAPES")
-    mats, bias_f, bias_d = FFN_SHAPES[cfg.ffn]
-    return mats * cfg.d_model * d_ff + (bias_f * d_ff + bias_d * cfg.d_model if cfg.ffn_bias else 0)
+    """One dense FFN of the model's kind and width ``d_ff``."""
+    return dense_ffn_params(cfg.d_model, d_ff, cfg.ffn, cfg.ffn_bias)
 
 
 def attention_params(cfg) -> dict[str, int]:
-    """q [D -> H·Dh], k and v [D -> G·Dh], o [H·Dh -> D], with their biases."""
-    D, H, G, Dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh
-    qb = cfg.qkv_bias
-    return {"attn_q": D * H * Dh + (H * Dh if qb else 0), "attn_k": D * G * Dh + (G * Dh if qb else 0),
-            "attn_v": D * G * Dh + (G * Dh if qb else 0), "attn_o": H * Dh * D + (D if cfg.out_bias else 0)}
+    """The token mixer of one layer, by component."""
+    return mixer_cost(cfg).params(cfg)
 
 
 def position_params(cfg) -> tuple[int, list[str]]:
+    """One stack's position parameters (each stack builds its own scheme)."""
     if cfg.position in POSITION_PARAMS:
         return POSITION_PARAMS[cfg.position](cfg), []
     if cfg.position in PARAMETER_FREE_POSITIONS:
@@ -78,36 +69,35 @@ def position_params(cfg) -> tuple[int, list[str]]:
 
 def count_params(cfg) -> ParamCount:
     """Exact parameters of the model ``llmarch.build(cfg)`` builds, by component."""
-    D, V, L = cfg.d_model, cfg.vocab_size, cfg.n_layers
+    D, V = cfg.d_model, cfg.vocab_size
     c = dict.fromkeys(COMPONENTS, 0)
-    notes: list[str] = []
     c["embeddings"] = V * D
-    c["positions"], pnotes = position_params(cfg)
-    notes += pnotes
+    c["token_types"] = cfg.type_vocab_size * D
     c["embed_norm"] = norm_params(cfg) if cfg.embed_norm else 0
-    attn = attention_params(cfg)
-    moe = moe_spec(cfg)
+    pos, notes = position_params(cfg)
+    mixer = attention_params(cfg)
     inactive = 0
-    for layer in range(L):
-        for k, v in attn.items():
-            c[k] += v
-        c["norms"] += 2 * norm_params(cfg)
-        if moe is not None and moe.is_moe_layer(layer):
-            c["router"] += D * moe.num_experts + (moe.num_experts if moe.router_bias else 0)
-            expert = ffn_params(cfg, moe.expert_ff)
-            c["experts"] += moe.num_experts * expert
-            c["shared_experts"] += moe.n_shared * ffn_params(cfg, moe.shared_ff) if moe.n_shared else 0
-            inactive += (moe.num_experts - moe.top_k) * expert
-        else:
-            c["ffn"] += ffn_params(cfg, cfg.d_ff)
-    c["final_norm"] = norm_params(cfg) if cfg.final_norm else 0
-    c["head"] = 0 if cfg.tie_embeddings else V * D
-    c["head"] += V if cfg.head_bias else 0
-    if cfg.kind != "decoder":
-        notes.append(f"kind {cfg.kind!r}: counted as one decoder-style stack; extra stacks, cross-attention and "
-                     "task heads are not modelled")
+    per_stack = {}
+    for stack in stacks(cfg):
+        before = sum(c.values())
+        c["positions"] += pos
+        for layer in range(stack.n_layers):
+            for k, v in mixer.items():
+                c[k] += v
+            if stack.cross:
+                for k, v in CrossAttentionCost.params(cfg).items():
+                    c[k] += v
+            c["norms"] += (3 if stack.cross else 2) * norm_params(cfg)
+            ffn = ffn_cost(cfg, layer)
+            for k, v in ffn.components.items():
+                c[k] += v
+            inactive += ffn.params - ffn.active
+        c["final_norm"] += norm_params(cfg) if cfg.final_norm else 0
+        per_stack[stack.name] = sum(c.values()) - before
+    for k, v in head_cost(cfg).params(cfg).items():
+        c[k] += v
     total = sum(c.values())
-    return ParamCount(c, total, total - inactive, notes)
+    return ParamCount(c, total, total - inactive, notes, per_stack)
 
 
 def meta_param_count(cfg) -> int:
@@ -123,38 +113,67 @@ def gpt_closed_form_params(cfg) -> int:
     return V * D + L * (12 * D * D + 13 * D)
 
 
+ATTN_KEYS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global",
+             "cross_q", "cross_kv", "cross_o")
+FFN_KEYS = ("ffn", "router", "experts", "shared_experts")
+HEAD_KEYS = ("head_transform", "pooler", "nsp", "head")
+
+
+def _structure_reasons(cfg) -> list[str]:
+    """What changes every per-layer term: a second stack, another mixer."""
+    reasons = []
+    if cfg.kind == "encoder_decoder":
+        reasons.append(f"encoder-decoder: {cfg.n_layers} encoder + {cfg.n_decoder_layers or cfg.n_layers} decoder "
+                       "blocks (L counts one stack)")
+    return reasons
+
+
 def closed_form_comparison(cfg) -> list[dict]:
     """Each term of the closed form beside the exact count, with the config facts that make them differ."""
     D, V, L, H, G, Dh = cfg.d_model, cfg.vocab_size, cfg.n_layers, cfg.n_heads, cfg.kv_heads, cfg.dh
     exact = count_params(cfg).components
-    attn_reasons = []
-    if G != H:
+    stack = _structure_reasons(cfg)
+    attn_reasons = list(stack)
+    if cfg.mixer == "latent":
+        attn_reasons.append("multi-head latent attention: low-rank q/kv projections, latent norms")
+    elif G != H:
         attn_reasons.append(f"{'MQA' if G == 1 else 'GQA'}: k/v have G={G} heads, not H={H}")
-    if H * Dh != D:
+    if cfg.mixer != "latent" and H * Dh != D:
         attn_reasons.append(f"H·Dh = {H * Dh} != D")
     if not (cfg.qkv_bias and cfg.out_bias):
         attn_reasons.append("attention without (some) biases")
-    ffn_reasons = []
-    if cfg.ffn != "mlp":
-        ffn_reasons.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} matrices, not 2 (the gate)")
-    if cfg.d_ff != 4 * D:
-        ffn_reasons.append(f"F = {cfg.d_ff} != 4D = {4 * D}")
-    if not cfg.ffn_bias:
-        ffn_reasons.append("FFN without biases")
-    if moe_spec(cfg) is not None:
+    if exact["attn_global"]:
+        attn_reasons.append("second q/k/v projection for global tokens")
+    if exact["cross_q"]:
+        attn_reasons.append("cross-attention q/kv/o in each decoder block")
+    ffn_reasons = list(stack)
+    if cfg.moe is not None:
         ffn_reasons.append("MoE: router + E experts (+ shared) instead of one FFN")
-    norm_reasons = [] if cfg.norm == "layernorm" and cfg.norm_bias else [f"{cfg.norm} without bias: D per norm"]
-    attn_exact = sum(exact[k] for k in ("attn_q", "attn_k", "attn_v", "attn_o"))
-    ffn_exact = sum(exact[k] for k in ("ffn", "router", "experts", "shared_experts"))
+    else:
+        if cfg.ffn != "mlp":
+            ffn_reasons.append(f"{cfg.ffn}: {FFN_SHAPES.get(cfg.ffn, ('?',))[0]} matrices, not 2 (the gate)")
+        if cfg.d_ff != 4 * D:
+            ffn_reasons.append(f"F = {cfg.d_ff} != 4D = {4 * D}")
+        if not cfg.ffn_bias:
+            ffn_reasons.append("FFN without biases")
+    norm_reasons = list(stack) + ([] if cfg.norm == "layernorm" and cfg.norm_bias
+                                  else [f"{cfg.norm} without bias: D per norm"])
+    if exact["cross_q"]:
+        norm_reasons.append("a third norm (cross-attention) per decoder block")
+    head_reasons = [f"{cfg.head} head"] if cfg.head != "lm" else []
+    if not cfg.tie_embeddings and cfg.head != "classification":
+        head_reasons.append("untied LM head" if cfg.head == "lm" else "untied vocabulary projection")
+    head_reasons += ["head bias"] * (cfg.head_bias and cfg.head == "lm")
     rows = [
-        ("token embeddings", V * D, exact["embeddings"], []),
-        ("attention (L blocks)", L * (4 * D * D + 4 * D), attn_exact, attn_reasons),
-        ("ffn (L blocks)", L * (8 * D * D + 5 * D), ffn_exact, ffn_reasons),
+        ("token embeddings", V * D, exact["embeddings"] + exact["token_types"],
+         [f"{cfg.type_vocab_size} token types"] if exact["token_types"] else []),
+        ("attention (L blocks)", L * (4 * D * D + 4 * D), sum(exact[k] for k in ATTN_KEYS), attn_reasons),
+        ("ffn (L blocks)", L * (8 * D * D + 5 * D), sum(exact[k] for k in FFN_KEYS), ffn_reasons),
         ("block norms (L blocks)", L * 4 * D, exact["norms"], norm_reasons),
         ("positions", 0, exact["positions"], [f"{cfg.position} positions"] if exact["positions"] else []),
         ("embedding / final norms", 0, exact["embed_norm"] + exact["final_norm"],
          ["final norm"] * cfg.final_norm + ["embedding norm"] * cfg.embed_norm),
-        ("head", 0, exact["head"], ["untied LM head"] * (not cfg.tie_embeddings) + ["head bias"] * cfg.head_bias),
+        ("head", 0, sum(exact[k] for k in HEAD_KEYS), head_reasons),
     ]
     return [dict(term=t, closed_form=cf, exact=ex, delta=ex - cf, reason="; ".join(r) if ex != cf else "")
             for t, cf, ex, r in rows]

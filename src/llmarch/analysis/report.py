@@ -27,9 +27,11 @@ class Report:
     flops: F.Flops
     flops_closed_form: int
     flops_comparison: list[dict]
-    decode_flops_per_token: int
+    decode_flops_per_token: int | None  # None for encoders (no generation)
     kv_bytes_per_token: float
     kv_cache_bytes: float
+    cross_kv_bytes_per_source_token: float  # encoder-decoders: cross-attention k/v per encoded token (else 0)
+    cross_kv_cache_bytes: float  # ... for batch × seq_len encoded tokens
     training_memory: dict[str, float]
     inference_memory: dict[str, float]
 
@@ -40,13 +42,16 @@ class Report:
             params=dict(components=self.params.components, total=self.params.total, active=self.params.active,
                         non_embedding=self.params.non_embedding, meta_device_count=self.meta_params,
                         closed_form=self.params_closed_form, comparison=self.params_comparison,
-                        notes=self.params.notes),
+                        notes=self.params.notes, stacks=self.params.stacks),
             flops=dict(step=dict(linear=f.linear, attention=f.attention, head=f.head, forward=f.forward,
                                  training=f.training, training_recompute=f.training_recompute,
-                                 attention_useful=f.attention_useful),
+                                 attention_useful=f.attention_useful, cross_attention=f.cross_attention,
+                                 by_stack=f.by_stack),
                        per_token=f.per_token(), closed_form_forward=self.flops_closed_form,
                        comparison=self.flops_comparison, decode_per_token=self.decode_flops_per_token),
-            kv_cache=dict(bytes_per_token=self.kv_bytes_per_token, bytes_for_context=self.kv_cache_bytes),
+            kv_cache=dict(bytes_per_token=self.kv_bytes_per_token, bytes_for_context=self.kv_cache_bytes,
+                          cross_bytes_per_source_token=self.cross_kv_bytes_per_source_token,
+                          cross_bytes_for_source=self.cross_kv_cache_bytes),
             memory=dict(training=self.training_memory, inference=self.inference_memory))
 
 
@@ -82,5 +87,7 @@ def analyze(cfg, seq_len: int = 2048, batch: int = 1, dtype: str = "bf16", verif
         decode_flops_per_token=F.decode_flops_per_token(cfg, seq_len),
         kv_bytes_per_token=M.kv_bytes_per_token(cfg, dtype),
         kv_cache_bytes=M.kv_cache_bytes(cfg, seq_len, batch, dtype),
+        cross_kv_bytes_per_source_token=M.cross_kv_bytes_per_source_token(cfg, dtype),
+        cross_kv_cache_bytes=M.cross_kv_cache_bytes(cfg, seq_len, batch, dtype),
         training_memory=M.training_memory(cfg, seq_len, batch, dtype, n_params=params.total),
         inference_memory=M.inference_memory(cfg, seq_len, batch, dtype, n_params=params.total))

@@ -19,20 +19,31 @@ def add(sub) -> None:
 def attention_kind(cfg) -> str:
     G, H = cfg.kv_heads, cfg.n_heads
     kind = "MHA" if G == H else "MQA" if G == 1 else f"GQA {H}/{G}"
+    if cfg.mixer == "latent":
+        kind = f"MLA H={H} R={cfg.mla.kv_lora_rank}+{cfg.mla.qk_rope_head_dim}"
+    elif cfg.mixer != "attention":
+        kind += f" ({cfg.mixer})"
+    if cfg.kind == "encoder_decoder":
+        kind += " + cross"
     pats = "+".join(dict.fromkeys(cfg.pattern))
     return f"{kind}, {pats}" + (f" W={cfg.window}" if cfg.window else "")
 
 
 def summary(cfg, seq_len: int, dtype: str) -> dict:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
+    from llmarch.analysis.layers import stacks
 
     pc = count_params(cfg)
     f = forward_flops(cfg, min(seq_len, cfg.max_seq_len), 1)  # a model never runs past its context
-    return dict(params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=cfg.n_layers,
-                d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position,
-                ffn=f"{cfg.ffn} {cfg.activation}, F={cfg.d_ff}", norm=f"{cfg.norm} ({cfg.norm_placement})",
-                tied=cfg.tie_embeddings, flops_per_token=f.forward / f.tokens,
-                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
+    m = cfg.moe
+    ffn = f"{cfg.ffn} {cfg.activation}, F={cfg.d_ff}" if m is None else \
+        (f"moe {m.n_experts}x{m.expert_ffn} top-{m.top_k}" + (f" +{m.n_shared} shared" if m.n_shared else "")
+         + f" {cfg.activation}, F={m.expert_d_ff(cfg.d_ff)}")
+    layers = "+".join(str(s.n_layers) for s in stacks(cfg))
+    return dict(kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
+                d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
+                norm=f"{cfg.norm} ({cfg.norm_placement})", tied=cfg.tie_embeddings,
+                flops_per_token=f.forward / f.tokens, kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
 
 
 def load(name: str):

@@ -35,6 +35,9 @@ def format_report(title: str, r) -> str:
     check = "" if r.meta_params is None else (
         f"  (= sum(numel) of the meta-device model: {r.meta_params:,})")
     out += [f"total {human(p.total)}{check}; non-embedding {human(p.non_embedding)}"]
+    if len(p.stacks) > 1:
+        out += ["by stack (blocks, positions, final norm): " + ", ".join(f"{k} {v:,}" for k, v in p.stacks.items())
+                + "; shared embeddings and head counted once"]
     out += [f"closed form V·d + L(12d² + 13d) = {r.params_closed_form:,}", ""]
     out += [table([[c["term"], c["closed_form"], c["exact"], c["delta"], c["reason"]] for c in r.params_comparison],
                   ["term", "closed form", "exact", "delta", "why"]), ""]
@@ -44,15 +47,28 @@ def format_report(title: str, r) -> str:
              ("total", f.forward))]
     out += [f"FLOPs (one step = {r.batch} × {r.seq_len} tokens; matmuls, 2 per multiply-add)",
             table(rows, ["part", "forward/step", "forward/token", "training/token"])]
+    if len(f.by_stack) > 1:
+        out += ["linear + attention by stack: " + ", ".join(f"{k} {v:.4g}" for k, v in f.by_stack.items())
+                + f" (cross-attention {f.cross_attention:.4g}; the decoder runs {r.seq_len} target tokens against "
+                f"{r.seq_len} source tokens)"]
+    decode = "an encoder does not generate" if r.decode_flops_per_token is None else \
+        f"decode at context {r.seq_len}: {r.decode_flops_per_token:.4g}/token"
     out += [f"training/step {f.training:.4g} (3× forward; {f.training_recompute:.4g} with activation "
-            f"checkpointing); decode at context {r.seq_len}: {r.decode_flops_per_token:.4g}/token"]
+            f"checkpointing); {decode}"]
     if f.attention_useful is not None:
         out += [f"attention pairs the mask allows: {f.attention_useful:.4g} of {f.attention:.4g} computed densely"]
     out += [f"closed form (24·b·s·d² + 4·b·d·s²)·L + 2·b·s·d·V = {r.flops_closed_form:.6g}", ""]
     out += [table([[c["term"], c["closed_form"], c["exact"], c["delta"], c["reason"]] for c in r.flops_comparison],
                   ["term", "closed form", "exact", "delta", "why"]), ""]
-    out += [f"KV cache: {human_bytes(r.kv_bytes_per_token)} per token; {human_bytes(r.kv_cache_bytes)} for "
-            f"{r.batch} × {r.seq_len} tokens ({r.dtype})", ""]
+    if r.kv_bytes_per_token:
+        out += [f"KV cache: {human_bytes(r.kv_bytes_per_token)} per token; {human_bytes(r.kv_cache_bytes)} for "
+                f"{r.batch} × {r.seq_len} tokens ({r.dtype})"]
+    else:
+        out += ["KV cache: none (no incremental decoding for this model)"]
+    if r.cross_kv_bytes_per_source_token:
+        out += [f"cross-attention k/v: {human_bytes(r.cross_kv_bytes_per_source_token)} per source token; "
+                f"{human_bytes(r.cross_kv_cache_bytes)} for {r.batch} × {r.seq_len} source tokens"]
+    out += [""]
     tm, im = r.training_memory, r.inference_memory
     rows = [[k.replace("_", " "), human_bytes(v)] for k, v in tm.items()]
     out += [f"Training memory ({r.dtype} weights and grads, fp32 AdamW moments and master copy)",
