@@ -64,7 +64,7 @@ class Trainer:
         if self.env.is_main:
             for note in notes:
                 log.info("model %s", note)
-        self.objective = objective_for(tc.objective, cfg.kind, self.tokenizer, cfg.vocab_size, nsp=tc.nsp)
+        self.objective = objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp)
         extra = self.objective.extra_tokens
         self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed)
         self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False)
