@@ -126,7 +126,10 @@ def test_activation_checkpointing_on_encoder_kinds(name):
 
 
 def test_cli_trains_presets_with_their_vocabulary_and_objective(tmp_path, cache, capsys):
+    from llmarch.checkpoint import load_model
     from llmarch.cli import main
+    from llmarch.tokenizer import load_tokenizer
+    from llmarch.train.checkpoints import resolve_model_dir
 
     common = ["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--max-data-mb", "0.2", "--vocab-size", "400",
               "--cache-dir", str(cache), "--eval-every", "2", "--samples", "1", "--sample-tokens", "4",
@@ -138,5 +141,11 @@ def test_cli_trains_presets_with_their_vocabulary_and_objective(tmp_path, cache,
     assert main(["train", "--preset", "t5-tiny", "--out", str(tmp_path / "t5")] + common) == 0
     out = capsys.readouterr().out
     assert out.count("trained to step 2") == 3 and out.count("--- sample ---") == 1  # t5 only
+    prompt = "def f(x):<extra_id_0>"
+    assert main(["generate", "--checkpoint", str(tmp_path / "t5"), "--prompt", prompt, "--max-new-tokens", "3",
+                 "--temperature", "0"]) == 0
+    tok, model = load_tokenizer(tmp_path / "t5"), load_model(resolve_model_dir(tmp_path / "t5"))
+    ids = llmarch.generate(model, torch.tensor([tok.encode(prompt)]), max_new_tokens=3, eos_token_id=tok.eos_id)
+    assert capsys.readouterr().out == tok.decode(ids[0, 1:].tolist()) + "\n"  # without the decoder start token
     assert main(["train", "--preset", "t5-tiny", "--objective", "mlm", "--out", str(tmp_path / "x")] + common) == 2
     assert "'mlm' trains encoder models" in capsys.readouterr().err
