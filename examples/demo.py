@@ -1,7 +1,8 @@
 """`make demo`: train the `llama-tiny` preset on the Python standard library for a few minutes on the CPU.
 
-Steps: describe the model -> train a byte-level BPE on the corpus -> tokenise and cache it -> train with AdamW +
-warmup/cosine, validating as it goes -> save a checkpoint -> print samples. Everything runs locally, no download.
+Steps: describe the model (the `llmarch inspect` report) -> train a byte-level BPE on the corpus -> tokenise and
+cache it -> train with AdamW + warmup/cosine, validating as it goes -> save a checkpoint -> print samples.
+Everything runs locally, no download.
 """
 from __future__ import annotations
 
@@ -15,20 +16,8 @@ import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import llmarch
+from llmarch.cli.inspect import format_report
 from llmarch.train import TrainConfig, train
-
-
-def param_table(cfg: llmarch.ModelConfig) -> str:
-    """Parameters by top-level module (counted on the meta device: no memory)."""
-    model = llmarch.build(cfg, device="meta")
-    rows, seen = [], set()
-    for name, module in model.named_children():
-        n = sum(p.numel() for p in module.parameters() if id(p) not in seen)
-        seen.update(id(p) for p in module.parameters())
-        rows.append((name, n))
-    rows.append(("total", sum(n for _, n in rows)))
-    width = max(len(r[0]) for r in rows)
-    return "\n".join(f"  {name:<{width}}  {n:>10,}" for name, n in rows)
 
 
 def main() -> None:
@@ -45,15 +34,16 @@ def main() -> None:
     start = time.perf_counter()
 
     cfg = llmarch.preset("llama-tiny")
-    print(f"llama-tiny: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.kv_heads} kv), "
-          f"d_ff {cfg.d_ff}, {cfg.norm}, {cfg.ffn}/{cfg.activation}, {cfg.position} positions")
-    print(param_table(cfg))
     out = Path(args.out)
     if out.exists() and not args.resume:
         shutil.rmtree(out)
     tc = TrainConfig(out=str(out), steps=args.steps, batch_size=16, seq_len=128, lr=3e-3, warmup=40,
                      max_data_mb=args.max_data_mb, vocab_size=cfg.vocab_size, eval_every=50, eval_batches=8,
                      log_every=10, save_every=200, samples=3, sample_tokens=96, resume=args.resume)
+    print(f"llama-tiny: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.kv_heads} kv), "
+          f"d_ff {cfg.d_ff}, {cfg.norm}, {cfg.ffn}/{cfg.activation}, {cfg.position} positions\n")
+    # what `llmarch inspect llama-tiny --seq-len 128 --batch 16 --dtype fp32` prints, for one training step
+    print(format_report("llama-tiny", llmarch.analyze(cfg, seq_len=tc.seq_len, batch=tc.batch_size, dtype="fp32")))
     print(f"\ntraining {tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens on the first {tc.max_data_mb:g} MB "
           f"of the Python standard library ({torch.get_num_threads()} CPU threads)\n")
     with logging_redirect_tqdm():

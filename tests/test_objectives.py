@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llmarch
 from llmarch import data
 from llmarch.tokenizer import train_tokenizer
 from llmarch.train.masking import IGNORE, mlm_mask, nsp_pairs, span_corrupt, span_plan, span_restore
-from llmarch.train.objectives import objective_for
+from llmarch.train.objectives import default_objective, objective_for
 from tests.train_util import one_thread  # noqa: F401  (fixture)
 
 
@@ -17,8 +18,12 @@ def tok():
     return train_tokenizer(data.read_texts(data.take_bytes(files, 100_000)), vocab_size=500)
 
 
+def cfg(name: str, **changes) -> llmarch.ModelConfig:
+    return llmarch.preset(name, vocab_size=500, **changes)
+
+
 def test_causal_shift(tok):
-    obj = objective_for(None, "decoder", tok, tok.vocab_size)
+    obj = objective_for(None, cfg("llama-tiny"), tok)
     chunk = torch.arange(20).view(2, 10)
     b = obj.make_batch(chunk, torch.Generator())
     assert torch.equal(b.inputs["input_ids"], chunk[:, :-1]) and torch.equal(b.labels["lm"], chunk[:, 1:])
@@ -65,7 +70,7 @@ def test_nsp_pairs(tok):
 
 
 def test_mlm_objective_with_nsp(tok):
-    obj = objective_for("mlm", "encoder", tok, tok.vocab_size, nsp=True)
+    obj = objective_for("mlm", cfg("bert-tiny"), tok, nsp=True)
     b = obj.make_batch(torch.randint(100, 400, (4, 32)), torch.Generator().manual_seed(1))
     assert set(b.inputs) == {"input_ids", "token_type_ids"} and set(b.labels) == {"lm", "nsp"}
     assert b.counts["nsp"] == 4 and b.counts["lm"] == int((b.labels["lm"] != IGNORE).sum())
@@ -96,18 +101,32 @@ def test_span_corruption_round_trip(tok):
 
 
 def test_span_objective_batch(tok):
-    obj = objective_for(None, "encoder_decoder", tok, tok.vocab_size)
+    obj = objective_for(None, cfg("t5-tiny", decoder_start_token_id=7), tok)
     b = obj.make_batch(torch.randint(100, 400, (2, 64)), torch.Generator().manual_seed(0))
     dec, tgt = b.inputs["decoder_input_ids"], b.labels["lm"]
-    assert (dec[:, 0] == tok.pad_id).all() and torch.equal(dec[:, 1:], tgt[:, :-1])
+    assert (dec[:, 0] == 7).all() and torch.equal(dec[:, 1:], tgt[:, :-1])  # the config's start token
     with pytest.raises(ValueError, match="sentinel tokens"):
         span_corrupt(torch.zeros(1, 4096, dtype=torch.long), tok.sentinel_ids, tok.eos_id, torch.Generator())
 
 
 def test_objective_kind_checks(tok):
     with pytest.raises(ValueError, match="trains encoder models"):
-        objective_for("mlm", "decoder", tok, tok.vocab_size)
+        objective_for("mlm", cfg("llama-tiny"), tok)
     with pytest.raises(ValueError, match="unknown objective"):
-        objective_for("nope", "decoder", tok, tok.vocab_size)
+        objective_for("nope", cfg("llama-tiny"), tok)
     with pytest.raises(ValueError, match="nsp"):
-        objective_for("causal_lm", "decoder", tok, tok.vocab_size, nsp=True)
+        objective_for("causal_lm", cfg("llama-tiny"), tok, nsp=True)
+    with pytest.raises(ValueError, match="nsp: next-sentence prediction needs a head with NSP logits"):
+        objective_for("mlm", cfg("roberta-tiny"), tok, nsp=True)
+    with pytest.raises(ValueError, match="nothing pre-trains kind 'encoder' with head 'classification'"):
+        objective_for(None, cfg("bert-tiny", head="classification", n_labels=3), tok)
+
+
+@pytest.mark.parametrize("name,expected", [("llama-tiny", ("causal_lm", False)), ("bert-tiny", ("mlm", True)),
+                                           ("roberta-tiny", ("mlm", False)), ("t5-tiny", ("span", False)),
+                                           ("t5-v1.1-tiny", ("span", False)), ("transformer-tiny", ("span", False))])
+def test_default_objective_follows_head_and_kind(tok, name, expected):
+    assert default_objective(cfg(name)) == expected
+    obj = objective_for(None, cfg(name), tok)
+    assert (obj.name, getattr(obj, "nsp", False)) == expected
+    assert objective_for(obj.name, cfg(name), tok, nsp=False).__dict__.get("nsp", False) is False

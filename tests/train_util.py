@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import llmarch
-from llmarch.model import ModelOutput
 from llmarch.train import TrainConfig
 
 TINY = llmarch.preset("llama-tiny").replace(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -18,26 +17,6 @@ def settings(out, cache, **changes) -> TrainConfig:
                 samples=0)
     base.update(changes)
     return TrainConfig(**base)
-
-
-class StandIn(torch.nn.Module):
-    """Until the encoder and encoder-decoder kinds land (issue 4): a decoder run over the sequences the way an
-    encoder (MLM: reads input_ids and token_type_ids) or an encoder-decoder (reads input_ids, predicts from
-    decoder_input_ids) would take them, so the objectives' loss plumbing trains end to end."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.config = cfg
-        self.inner = llmarch.build(cfg.replace(kind="decoder"))
-
-    def forward(self, input_ids, token_type_ids=None, decoder_input_ids=None):
-        if decoder_input_ids is None:
-            out = self.inner(input_ids)
-            return ModelOutput(out.logits, out.hidden_states, out.aux_loss)
-        ids = torch.cat([input_ids, decoder_input_ids], dim=1)
-        out = self.inner(ids)
-        T = decoder_input_ids.shape[1]
-        return ModelOutput(out.logits[:, -T:], out.hidden_states[:, -T:], out.aux_loss)
 
 
 @pytest.fixture(autouse=True, scope="module")

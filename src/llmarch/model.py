@@ -249,7 +249,8 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
         raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
         raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
-    if input_ids.numel() and input_ids.device.type != "meta":
+    # the range check reads two numbers back from the device: skipped while torch.compile traces (a graph break)
+    if input_ids.numel() and input_ids.device.type != "meta" and not torch.compiler.is_compiling():
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"input_ids: token id {hi if hi >= vocab_size else lo} is outside the vocabulary "

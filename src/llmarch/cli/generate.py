@@ -43,5 +43,7 @@ def run(args) -> int:
     out = llmarch.generate(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
                            eos_token_id=tok.eos_id)
-    sys.stdout.write(tok.decode(out[0].tolist()) + "\n")
+    # an encoder-decoder returns the decoder's tokens after its start token (the prompt went through the encoder)
+    tokens = out[0, 1:] if model.config.kind == "encoder_decoder" else out[0]
+    sys.stdout.write(tok.decode(tokens.tolist()) + "\n")
     return 0

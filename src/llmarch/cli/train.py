@@ -29,8 +29,10 @@ OPTIONS = [
     ("--curriculum-start", "curriculum_start", int, "sequence-length curriculum: length at step 0"),
     ("--curriculum-steps", "curriculum_steps", int, "steps to grow from --curriculum-start to --seq-len"),
     ("--seed", "seed", int, "seed of initialisation, data order and masking (default 0)"),
-    ("--objective", "objective", str, "causal_lm | mlm | span (default: the one for the model kind)"),
-    ("--nsp", "nsp", None, "add next-sentence prediction to mlm"),
+    ("--objective", "objective", str, "causal_lm | mlm | span (default: head mlm -> mlm, pretraining -> mlm + "
+     "nsp; kind encoder_decoder -> span, decoder -> causal_lm)"),
+    ("--nsp", "nsp", None, "add next-sentence prediction to mlm (default: on for the pretraining head)"),
+    ("--no-nsp", "nsp", False, "mlm without next-sentence prediction"),
     ("--tokenizer", "tokenizer", str, "an existing tokenizer.json instead of training a BPE"),
     ("--vocab-size", "vocab_size", int, "size of the BPE to train (default: the config's vocab_size)"),
     ("--cache-dir", "cache_dir", str, "token/tokenizer cache (default $LLMARCH_CACHE or ~/.cache/llmarch)"),
@@ -83,8 +85,9 @@ def argv_from_args(args: argparse.Namespace) -> list[str]:
     argv += ["--out", args.out]
     for flag, dest, kind, _ in OPTIONS:
         v = getattr(args, dest)
-        if v is not None:
-            argv += [flag] if kind in (None, False) else [flag, str(v)]
+        if v is None or (kind is None and v is not True) or (kind is False and v is not False):
+            continue  # unset, or the other switch of a pair (--nsp / --no-nsp)
+        argv += [flag] if kind in (None, False) else [flag, str(v)]
     return argv
 
 

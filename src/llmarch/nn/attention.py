@@ -61,6 +61,14 @@ class AttnContext:
         # is never used
         return m | ~m.any(-1, keepdim=True), False
 
+    def memo(self) -> tuple[dict, dict]:
+        """The masks and biases memoised so far. Activation checkpointing restores this before recomputing a
+        block, so the recomputation repeats the ops its first run did (a learned bias built there, T5's)."""
+        return dict(self._masks), dict(self._biases)
+
+    def restore_memo(self, memo: tuple[dict, dict]) -> None:
+        self._masks, self._biases = dict(memo[0]), dict(memo[1])
+
     def bias(self, k_start: int, S: int) -> torch.Tensor | None:
         key = (k_start, S)
         if key not in self._biases:

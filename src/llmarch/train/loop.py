@@ -66,7 +66,7 @@ class Trainer:
         if self.env.is_main:
             for note in notes:
                 log.info("model %s", note)
-        self.objective = objective_for(tc.objective, cfg.kind, self.tokenizer, cfg.vocab_size, nsp=tc.nsp)
+        self.objective = objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp)
         extra = self.objective.extra_tokens
         self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed)
         self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False)
@@ -85,7 +85,9 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         self.schedule = WarmupCosine(self.optimizer, tc.lr, tc.warmup, tc.steps, tc.min_lr_ratio)
         self.precision = Precision(tc.precision, self.env.device.type)
-        self.generator = torch.Generator().manual_seed(tc.seed * 7919 + self.env.rank)  # masking draws
+        # masking draws, reseeded per micro-batch from its first sample's index: the same masks whatever the
+        # number of processes or micro-batches
+        self.generator = torch.Generator().manual_seed(tc.seed * 7919 + self.env.rank)
         torch.manual_seed(tc.seed + 1 + self.env.rank)  # dropout
         self.step, self.consumed = 0, 0
         if self.state is not None:
@@ -121,7 +123,7 @@ class Trainer:
         for m in range(tc.grad_accum):
             start = self.consumed + (m * env.world + env.rank) * tc.batch_size
             chunk = self.train_seqs.batch(start, tc.batch_size)[:, :length]
-            out.append(self.objective.make_batch(chunk, self.generator))
+            out.append(self.objective.make_batch(chunk, self.generator.manual_seed(sample_seed(tc.seed, start))))
         self.consumed += tc.batch_size * tc.grad_accum * env.world
         return out
 
@@ -189,11 +191,12 @@ class Trainer:
         """Mean loss of the main term over ``eval_batches`` fixed validation batches (same masks every time)."""
         tc, env = self.tc, self.env
         self.model.eval()
-        gen = torch.Generator().manual_seed(tc.seed + 12345)
+        gen = torch.Generator()
         total = count = 0.0
         for i in range(math.ceil(tc.eval_batches / env.world)):
-            chunk = self.val_seqs.batch((i * env.world + env.rank) * tc.batch_size, tc.batch_size)
-            batch = self.objective.make_batch(chunk, gen)
+            start = (i * env.world + env.rank) * tc.batch_size
+            chunk = self.val_seqs.batch(start, tc.batch_size)
+            batch = self.objective.make_batch(chunk, gen.manual_seed(sample_seed(tc.seed + 12345, start)))
             _, s = self._forward(batch)
             total += float(s[self.objective.main_term])
             count += batch.counts[self.objective.main_term]
@@ -253,6 +256,11 @@ class Trainer:
         finally:
             self.metrics.close()
         return result
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """Seed of the masking draws of the batch starting at ``sample`` of the stream."""
+    return (seed * 1_000_003 + sample) % 2**63
 
 
 def train(model_cfg: ModelConfig, tc: TrainConfig) -> TrainResult:

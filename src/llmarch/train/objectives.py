@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llmarch.config import ModelConfig
 from llmarch.registry import Registry
 from llmarch.tokenizer import Tokenizer
 from llmarch.train.masking import IGNORE, mlm_mask, nsp_pairs, span_corrupt
@@ -46,6 +47,10 @@ class Objective:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         if nsp:
             raise ValueError(f"nsp: next-sentence prediction belongs to the mlm objective, not {type(self).name}")
+
+    @classmethod
+    def from_config(cls, tokenizer: Tokenizer, cfg: ModelConfig, nsp: bool = False) -> "Objective":
+        return cls(tokenizer, cfg.vocab_size, nsp=nsp)
 
     def make_batch(self, chunk: torch.Tensor, generator: torch.Generator) -> Batch:
         raise NotImplementedError
@@ -111,13 +116,18 @@ class SpanCorruption(Objective):
     model_kind = "encoder_decoder"
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, nsp: bool = False, density: float = 0.15,
-                 mean_span: float = 3.0):
+                 mean_span: float = 3.0, decoder_start_token_id: int | None = None):
         super().__init__(tokenizer, vocab_size, nsp)
         self.density, self.mean_span = density, mean_span
         self.eos_id = tokenizer.require("eos")
-        self.start_id = tokenizer.require("pad")  # the decoder starts from the pad token (T5's convention)
+        # the decoder reads the targets shifted right behind the start token (default: pad, T5's convention)
+        self.start_id = tokenizer.require("pad") if decoder_start_token_id is None else decoder_start_token_id
         if not tokenizer.sentinel_ids:
             raise ValueError("span corruption needs sentinel tokens <extra_id_0>, <extra_id_1>, ... in the tokenizer")
+
+    @classmethod
+    def from_config(cls, tokenizer: Tokenizer, cfg: ModelConfig, nsp: bool = False) -> "SpanCorruption":
+        return cls(tokenizer, cfg.vocab_size, nsp=nsp, decoder_start_token_id=cfg.decoder_start_token_id)
 
     def make_batch(self, chunk: torch.Tensor, generator: torch.Generator) -> Batch:
         inputs, targets = span_corrupt(chunk, self.tokenizer.sentinel_ids, self.eos_id, generator, self.density,
@@ -128,19 +138,39 @@ class SpanCorruption(Objective):
                      {"lm": targets.numel()})
 
 
-def objective_for(name: str | None, model_kind: str, tokenizer: Tokenizer, vocab_size: int,
-                  nsp: bool = False) -> Objective:
-    """The named objective (default: the one that trains ``model_kind``), checked against the model kind."""
+# what pre-trains a model when no objective is named: its head's objective (with NSP for the head that has an NSP
+# output), else its kind's
+HEAD_OBJECTIVES = {"mlm": ("mlm", False), "pretraining": ("mlm", True)}
+KIND_OBJECTIVES = {"decoder": "causal_lm", "encoder_decoder": "span"}
+
+
+def default_objective(cfg: ModelConfig) -> tuple[str, bool]:
+    """(objective name, nsp) that pre-trains ``cfg``: head mlm -> mlm, pretraining -> mlm + NSP, else by kind."""
+    if cfg.head in HEAD_OBJECTIVES:
+        return HEAD_OBJECTIVES[cfg.head]
+    if cfg.kind in KIND_OBJECTIVES:
+        return KIND_OBJECTIVES[cfg.kind], False
+    raise ValueError(f"objective: nothing pre-trains kind {cfg.kind!r} with head {cfg.head!r}; use head "
+                     f"{sorted(HEAD_OBJECTIVES)} (--set head=mlm) or name one with --objective {OBJECTIVES.names()}")
+
+
+def objective_for(name: str | None, cfg: ModelConfig, tokenizer: Tokenizer, nsp: bool | None = None) -> Objective:
+    """The named objective (default: :func:`default_objective`), checked against the model's kind and head.
+    ``nsp`` None = on when the head has an NSP output and the objective is mlm."""
     if name is None:
-        name = next((n for n in OBJECTIVES if OBJECTIVES[n].model_kind == model_kind), None)
-        if name is None:
-            raise ValueError(f"objective: no objective trains model kind {model_kind!r}; choose one of "
-                             f"{OBJECTIVES.names()}")
+        name, default_nsp = default_objective(cfg)
+    else:
+        default_nsp = HEAD_OBJECTIVES.get(cfg.head) == (name, True)
     cls = OBJECTIVES[name]
-    if cls.model_kind != model_kind:
+    if cls.model_kind != cfg.kind:
         raise ValueError(f"objective: {name!r} trains {cls.model_kind} models but the config's kind is "
-                         f"{model_kind!r}; pick --objective for that kind or change the config")
-    return cls(tokenizer, vocab_size, nsp=nsp)
+                         f"{cfg.kind!r}; pick --objective for that kind or change the config")
+    nsp = default_nsp if nsp is None else nsp
+    objective = cls.from_config(tokenizer, cfg, nsp=nsp)
+    if nsp and not HEAD_OBJECTIVES.get(cfg.head, (None, False))[1]:
+        raise ValueError(f"nsp: next-sentence prediction needs a head with NSP logits (head 'pretraining'), "
+                         f"not {cfg.head!r}; --set head=pretraining or drop --nsp")
+    return objective
 
 
-__all__ = ["OBJECTIVES", "Objective", "Batch", "objective_for", "ce_sum"]
+__all__ = ["OBJECTIVES", "Objective", "Batch", "objective_for", "default_objective", "ce_sum"]

@@ -103,14 +103,25 @@ def block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute each block's activations in the backward pass instead of storing them (Chen et al. 2016).
-    Wraps each block's forward in place, so parameter names and checkpoints are unchanged. Returns the count."""
+    Wraps each block's forward in place, so parameter names and checkpoints are unchanged. Returns the count.
+
+    Blocks take (x, ctx, cache); ``ctx`` memoises masks and position biases for the blocks after the first. A
+    block's recomputation starts from the memo its first run saw (``ctx.memo()``), so it builds what that run
+    built: the same ops, and the same tensors saved."""
     n = 0
     for layers in block_lists(model):
         for block in layers:
             plain = block.forward
 
-            def forward(*args, _plain=plain, **kwargs):
-                return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+            def forward(x, ctx, *args, _plain=plain, **kwargs):
+                memo = ctx.memo() if hasattr(ctx, "memo") else None
+
+                def run(x, ctx, *args, **kwargs):
+                    if memo is not None:
+                        ctx.restore_memo(memo)
+                    return _plain(x, ctx, *args, **kwargs)
+
+                return checkpoint(run, x, ctx, *args, use_reentrant=False, **kwargs)
 
             block.forward = forward
             n += 1

@@ -35,8 +35,8 @@ class TrainConfig:
     curriculum_start: int | None = None  # sequence-length curriculum: length at step 0 ...
     curriculum_steps: int = 0  # ... growing linearly to seq_len over this many steps
     seed: int = 0
-    objective: str | None = None  # causal_lm | mlm | span; None = the one for the model kind
-    nsp: bool = False  # next-sentence prediction with mlm
+    objective: str | None = None  # causal_lm | mlm | span; None = from the head (mlm) or the kind
+    nsp: bool | None = None  # next-sentence prediction with mlm; None = when the head has NSP logits
     data: str | None = None  # folder, glob or file of text; None = the Python standard library
     max_data_mb: float | None = None  # use only the first N MB of the corpus (sorted by path)
     val_fraction: float = 0.05

@@ -62,13 +62,24 @@ def prepare(tc: TrainConfig, model_cfg: ModelConfig, env: DistEnv, resume_from: 
 
 def fit_model_config(cfg: ModelConfig, tok: Tokenizer, tc: TrainConfig) -> tuple[ModelConfig, list[str]]:
     """The model config with the vocabulary size and special-token ids of the tokenizer, and what changed."""
-    changes = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
-               "pad_token_id": tok.pad_id}
+    roles = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
+    changes = {"vocab_size": tok.vocab_size, **roles}
+    start = cfg.decoder_start_token_id
+    if start is not None:  # keep its role: the config's pad (T5, Marian) or bos/eos id becomes the tokenizer's
+        role = next((k for k in roles if getattr(cfg, k) == start and roles[k] is not None), None)
+        if role is not None:
+            changes["decoder_start_token_id"] = roles[role]
+        elif start >= tok.vocab_size:
+            raise ValueError(f"decoder_start_token_id: {start} is outside the tokenizer's vocabulary "
+                             f"({tok.vocab_size}); set it with --set decoder_start_token_id=N")
     notes = [f"{k}: {getattr(cfg, k)} -> {v} (from the tokenizer)" for k, v in changes.items()
              if getattr(cfg, k) != v]
-    if tc.seq_len > cfg.max_seq_len:
-        raise ValueError(f"seq_len: {tc.seq_len} is longer than the model's max_seq_len {cfg.max_seq_len}; lower "
-                         "--seq-len or raise max_seq_len (--set max_seq_len=N)")
+    # learned position tables are read at position_offset .. position_offset + seq_len - 1 (RoBERTa's offset)
+    longest = tc.seq_len + (cfg.position_offset if cfg.position == "learned" else 0)
+    if longest > cfg.max_seq_len:
+        offset = f" + position_offset {cfg.position_offset}" if longest != tc.seq_len else ""
+        raise ValueError(f"seq_len: {tc.seq_len}{offset} is longer than the model's max_seq_len {cfg.max_seq_len}; "
+                         "lower --seq-len or raise max_seq_len (--set max_seq_len=N)")
     return cfg.replace(**changes), notes
 
 
