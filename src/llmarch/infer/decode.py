@@ -1,0 +1,94 @@
+"""Decode steps: prefill the prompt in one pass, then one token per call. Two engines share one interface
+(``prefill(ids, mask) -> logits [B, V]``, ``step(tokens [B]) -> logits [B, V]``):
+
+- :class:`DynamicEngine`: the model's own forward with a growing :class:`~llmarch.nn.cache.KVCache`;
+- :class:`StaticEngine`: a :class:`~llmarch.infer.static_cache.StaticKVCache` and :func:`forward_static`, whose
+  one-token step has fixed shapes, so ``torch.compile(fullgraph=True)`` captures it once (inductor on CPU; with
+  ``mode="reduce-overhead"`` CUDA graphs on GPU). The pattern follows gpt-fast: static cache, prefill + step,
+  compile at the call site.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmarch.infer.static_cache import StaticContext, StaticKVCache
+from llmarch.nn.cache import KVCache
+
+
+def forward_static(model, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: StaticKVCache,
+                   last_only: bool = False) -> torch.Tensor:
+    """The decoder stack over a static cache. input_ids [B, T], new_mask [B, T] (1 = real token) -> logits
+    [B, T, V] ([B, 1, V] with ``last_only``: a prefill needs only the last position's head)."""
+    positions = model.decoder.positions
+    position_ids = cache.begin(new_mask)
+    x = model.embed(input_ids, positions, position_ids)
+    ctx = StaticContext(cache, positions, position_ids, causal=model.decoder.causal)
+    h = model.decoder(x, ctx, cache)
+    cache.advance(input_ids.shape[1])
+    if last_only:
+        h = h[:, -1:]
+    return model.lm_head(h)
+
+
+def _step(model, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """One token per row: tokens [B] -> logits [B, V] (fp32)."""
+    ids = tokens[:, None]
+    return forward_static(model, ids, torch.ones_like(ids), cache)[:, -1].float()
+
+
+class DynamicEngine:
+    """Prefill and step through ``model.forward`` with a growing KV cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = KVCache()
+        self.mask: torch.Tensor | None = None
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.mask = attention_mask
+        return self.model(input_ids, attention_mask=attention_mask, cache=self.cache).logits[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        return self.model(tokens[:, None], attention_mask=self.mask, cache=self.cache).logits[:, -1].float()
+
+
+_COMPILED: dict = {}
+
+
+def compiled_step(mode: str | None = None):
+    """``_step`` compiled once per process and mode (dynamo guards re-specialise per model and cache shape)."""
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_step, fullgraph=True, mode=mode)
+    return _COMPILED[mode]
+
+
+class StaticEngine:
+    """Prefill (eager, one pass) and step (eager or compiled) over a pre-allocated cache of ``max_len`` slots."""
+
+    def __init__(self, model, batch: int, max_len: int, compile: bool = False, compile_mode: str | None = None):
+        self.model = model
+        self.cache = StaticKVCache.for_model(model, batch, max_len)
+        self._step = compiled_step(compile_mode) if compile else _step
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return forward_static(self.model, input_ids, attention_mask, self.cache, last_only=True)[:, -1].float()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._step(self.model, tokens, self.cache)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """All-real tokens [B, T] -> fp32 logits [B, T, V] for every position (speculative verification)."""
+        return forward_static(self.model, input_ids, torch.ones_like(input_ids), self.cache).float()
+
+
+def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = False,
+                compile_mode: str | None = None):
+    """``kind``: "dynamic" (growing cache, model.forward) or "static" (pre-allocated, compilable)."""
+    if kind == "dynamic":
+        if compile:
+            raise ValueError("compile=True needs cache='static' (a growing cache changes shape every step)")
+        return DynamicEngine(model)
+    if kind == "static":
+        return StaticEngine(model, batch, max_len, compile, compile_mode)
+    raise ValueError(f"cache must be 'dynamic' or 'static', got {kind!r}")
