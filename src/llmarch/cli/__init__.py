@@ -8,7 +8,7 @@ import logging
 import sys
 
 # one module per verb (or family of verbs); order is the order of `llmarch --help`
-VERB_MODULES = ["presets", "generate", "convert"]
+VERB_MODULES = ["presets", "generate", "chat", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
