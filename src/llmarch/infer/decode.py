@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from llmarch.infer.static_cache import StaticContext, StaticKVCache
@@ -53,14 +55,16 @@ class DynamicEngine:
         return self.model(tokens[:, None], attention_mask=self.mask, cache=self.cache).logits[:, -1].float()
 
 
-_COMPILED: dict = {}
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def compiled_step(mode: str | None = None):
-    """``_step`` compiled once per process and mode (dynamo guards re-specialise per model and cache shape)."""
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_step, fullgraph=True, mode=mode)
-    return _COMPILED[mode]
+def compiled_step(model, mode: str | None = None):
+    """``_step`` compiled once per model and mode (a shared function would re-specialise for every model and
+    hit dynamo's recompile limit); new batch sizes or cache lengths re-specialise it."""
+    per_model = _COMPILED.setdefault(model, {})
+    if mode not in per_model:
+        per_model[mode] = torch.compile(_step, fullgraph=True, mode=mode)
+    return per_model[mode]
 
 
 class StaticEngine:
@@ -69,7 +73,7 @@ class StaticEngine:
     def __init__(self, model, batch: int, max_len: int, compile: bool = False, compile_mode: str | None = None):
         self.model = model
         self.cache = StaticKVCache.for_model(model, batch, max_len)
-        self._step = compiled_step(compile_mode) if compile else _step
+        self._step = compiled_step(model, compile_mode) if compile else _step
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return forward_static(self.model, input_ids, attention_mask, self.cache, last_only=True)[:, -1].float()

@@ -29,6 +29,32 @@ def _kernels_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled()
 
 
+# The packed kernels as opaque custom ops: inductor (torch 2.13) fails to lower _weight_int8pack_mm when an input
+# is a fused expression, so a compiled decode step calls them through these wrappers.
+@torch.library.custom_op("llmarch::int8_mm", mutates_args=())
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype, bf16 inside."""
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales.to(torch.bfloat16)).to(x.dtype)
+
+
+@int8_mm.register_fake
+def _(x, qweight, scales):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("llmarch::int4_mm", mutates_args=())
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor,
+            n: int) -> torch.Tensor:
+    """x [M, K] @ the first n rows of a CPU-packed int4 weight -> [M, n] in x's dtype, bf16 inside."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales_zeros)
+    return y[:, :n].to(x.dtype).contiguous()
+
+
+@int4_mm.register_fake
+def _(x, packed, group_size, scales_zeros, n):
+    return x.new_empty(x.shape[0], n)
+
+
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W stored int8 per output channel. x [*, K] -> [*, N]."""
 
@@ -56,7 +82,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
         if _kernels_ok(x):
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self.scales.to(torch.bfloat16))
+            y = int8_mm(x2, self.qweight, self.scales)
         else:
             y = x2 @ (self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype)).T
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -123,8 +149,7 @@ class Int4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if _kernels_ok(x):
             packed, sz = self._kernel_args()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size, sz)
-            y = y[:, :self.out_features]
+            y = int4_mm(x2, packed, self.group_size, sz, self.out_features)
         else:
             y = x2 @ self.dequantize().to(x.dtype).T
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
