@@ -113,6 +113,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # every (model, batch, cache length) is one specialisation of the same compiled step function; dynamo's
+    # default limit of 8 per function is too few for this sweep
+    torch._dynamo.config.recompile_limit = 64
     args.batches = [int(b) for b in args.batches.split(",")]
     load_before = os.getloadavg()
     lim = limits()

@@ -59,11 +59,13 @@ _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def compiled_step(model, mode: str | None = None):
-    """``_step`` compiled once per model and mode (a shared function would re-specialise for every model and
-    hit dynamo's recompile limit); new batch sizes or cache lengths re-specialise it."""
+    """``_step`` compiled per model and mode with static shapes (``dynamic=False``: symbolic head counts would
+    reach SDPA's ``enable_gqa`` as a SymBool); a new batch size or cache length re-specialises it, which is why
+    :func:`~llmarch.infer.generate.generate` rounds cache lengths up to a multiple of 64. Dynamo counts
+    specialisations per code object (default limit 8), across models."""
     per_model = _COMPILED.setdefault(model, {})
     if mode not in per_model:
-        per_model[mode] = torch.compile(_step, fullgraph=True, mode=mode)
+        per_model[mode] = torch.compile(_step, fullgraph=True, dynamic=False, mode=mode)
     return per_model[mode]
 
 

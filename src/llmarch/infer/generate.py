@@ -63,7 +63,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     was_training = model.training
     model.eval()
     try:
-        engine = make_engine(model, cache, B, T + max_new_tokens, compile, compile_mode)
+        slots = min(model.config.max_seq_len, -(-(T + max_new_tokens) // 64) * 64)  # few compiled shapes
+        engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
+                             compile_mode)
         logits = engine.prefill(input_ids, attention_mask)
         ids, mask, new = input_ids, attention_mask, []
         for i in range(max_new_tokens):
