@@ -69,6 +69,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Mod
         from llmarch import hf
 
         return hf.load(path, dtype=dtype)
+    if (path / "quantization.json").is_file():  # written by `llmarch convert --quantize`
+        from llmarch.infer.quantize import load_quantized
+
+        return load_quantized(path)
     cfg = ModelConfig.from_file(path / "config.json")
     weights = path / "model.safetensors"
     if not weights.is_file():

@@ -8,7 +8,8 @@ import logging
 import sys
 
 # one module per verb (or family of verbs); order is the order of `llmarch --help`
-VERB_MODULES = ["presets", "inspect", "compare", "plan", "diagram", "plot", "train", "generate", "convert"]
+VERB_MODULES = ["presets", "inspect", "compare", "plan", "diagram", "plot", "train", "generate", "chat",
+                "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:

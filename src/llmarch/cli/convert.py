@@ -1,4 +1,4 @@
-"""`llmarch convert`: a Hugging Face checkpoint directory -> llmarch (and back)."""
+"""`llmarch convert`: a Hugging Face checkpoint directory -> llmarch (and back), optionally weight-quantized."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,9 @@ def add(sub) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--to", choices=["llmarch", "hf"], default="llmarch", help="target format (default llmarch)")
     p.add_argument("--model-type", help="HF model_type to write with --to hf (default: the first that fits)")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of every Linear layer "
+                   "(llmarch format only; `llmarch generate --checkpoint OUT` loads it)")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
     p.set_defaults(func=run)
 
 
@@ -20,12 +23,22 @@ def run(args) -> int:
     from llmarch.checkpoint import load_model, save_model
 
     src, out = Path(args.src), Path(args.out)
+    if args.quantize and args.to != "llmarch":
+        raise ValueError("--quantize writes an llmarch directory; drop --to hf")
     if args.to == "llmarch":
-        model = hf.load(src)
-        save_model(model, out)
+        model = load_model(src)
+        n = sum(p.numel() for p in model.parameters())
+        if args.quantize:
+            from llmarch.infer.quantize import quantize, save_quantized
+
+            save_quantized(quantize(model.eval(), args.quantize, args.group_size), out)
+        else:
+            save_model(model, out)
     else:
         model = load_model(src)
+        n = sum(p.numel() for p in model.parameters())
         hf.save(model, out, model_type=args.model_type)
-    n = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"out": str(out), "format": args.to, "params": n}))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(json.dumps({"out": str(out), "format": args.to, "params": n, "quantize": args.quantize,
+                      "bytes": size}))
     return 0

@@ -1,4 +1,5 @@
-"""`llmarch generate`: sample text from a checkpoint (or token ids from a preset with random weights)."""
+"""`llmarch generate`: sample text from a checkpoint (or token ids from a preset with random weights), printing
+tokens as they come."""
 from __future__ import annotations
 
 import sys
@@ -16,21 +17,45 @@ def add(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
+    p.add_argument("--cache", choices=["auto", "dynamic", "static"], default="auto",
+                   help="KV cache: static where the model supports it (auto), else dynamic")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
+    p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 
+def cache_for(model, choice: str) -> str:
+    """``auto``: the static (compilable) cache for decoders with multi-head attention, else the growing one."""
+    if choice != "auto":
+        return choice
+    cfg = model.config
+    return "static" if cfg.kind == "decoder" and cfg.mixer == "attention" else "dynamic"
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def run(args) -> int:
     import llmarch
+    from llmarch.infer.chat import TextStream
 
-    gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile)
     if args.preset:
         model = llmarch.build(llmarch.preset(args.preset)).eval()
+        kw["cache"] = cache_for(model, args.cache)
         ids = [int(t) for t in args.prompt.split()] or [0]
-        out = llmarch.generate(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen)
-        print(" ".join(str(t) for t in out[0].tolist()))
+        _emit(" ".join(str(t) for t in ids))
+        stream = None if args.no_stream else (lambda tok: _emit(f" {int(tok[0])}"))
+        out = llmarch.generate(model, torch.tensor([ids]), streamer=stream, **kw)
+        _emit("\n" if stream else " ".join(str(t) for t in out[0, len(ids):].tolist()) + "\n")
         return 0
     from llmarch.checkpoint import load_model
     from llmarch.tokenizer import load_tokenizer_for
@@ -39,11 +64,23 @@ def run(args) -> int:
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
     model = load_model(path).eval()
     tok = load_tokenizer_for(path)
+    kw["cache"] = cache_for(model, args.cache)
     ids = tok.encode(args.prompt) or [tok.bos_id]
-    out = llmarch.generate(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
-                           eos_token_id=tok.eos_id)
-    # an encoder-decoder returns the decoder's tokens after its start token (the prompt went through the encoder)
-    tokens = out[0, 1:] if model.config.kind == "encoder_decoder" else out[0]
-    sys.stdout.write(tok.decode(tokens.tolist()) + "\n")
+    stops = tuple(args.stop)
+    stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
+    _emit(args.prompt)
+    out = llmarch.generate(model, torch.tensor([ids]), eos_token_id=tok.eos_id, stop_strings=stops or None,
+                           decode=tok.decode, streamer=stream, **kw)
+    # an encoder-decoder returns its start token and the new tokens (the prompt went through the encoder)
+    new = out[0, 1 if model.config.kind == "encoder_decoder" else len(ids):].tolist()
+    if tok.eos_id is not None and tok.eos_id in new:
+        new = new[:new.index(tok.eos_id)]
+    text = tok.decode(new)
+    for s in stops:
+        text = text.split(s)[0]
+    if stream is not None:
+        stream.finish(text)
+        _emit("\n")
+    else:
+        _emit(text + "\n")
     return 0

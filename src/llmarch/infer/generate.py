@@ -1,27 +1,20 @@
-"""Autoregressive generation with a KV cache: prefill the prompt once, then one token per step. Encoder-decoders
-encode the input once and decode from the decoder start token, reusing the cross-attention keys/values."""
+"""Autoregressive generation: prefill the prompt once, then one token per step, for a batch of left-padded rows
+that stop independently. The step runs on a growing cache (``cache="dynamic"``) or a pre-allocated one
+(``cache="static"``), which ``compile=True`` turns into one captured graph."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-from llmarch.infer.sampling import sample_next
-from llmarch.nn.cache import EncoderDecoderCache, KVCache
+from llmarch.infer.decode import make_engine
+from llmarch.infer.sampling import Sampling
+from llmarch.infer.stopping import Stopper
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-             attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, decoder_start_token_id: int | None = None) -> torch.Tensor:
-    """Extend ``input_ids`` [B, T] (left-padded when rows differ in length; pass ``attention_mask``) by up to
-    ``max_new_tokens``. Returns [B, T + n]. A row that produced ``eos_token_id`` is filled with ``pad_token_id``
-    (default: the eos id) until all rows finish. Greedy when ``temperature == 0``.
-
-    Encoder-decoders read ``input_ids`` (padded either side) with the encoder and return the decoder's tokens
-    [B, 1 + n], starting with ``decoder_start_token_id`` (default: the config's); finished rows are filled with
-    ``pad_token_id`` (default: the config's pad id, else the eos id)."""
+def check_prompt(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a prompt [B, T] (or [T]) and its mask; returns both as [B, T]."""
     cfg = model.config
     if cfg.kind == "encoder":
         raise ValueError("generate: an encoder-only model has no decoder to generate with (kind='encoder')")
@@ -29,7 +22,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
         input_ids = input_ids[None]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    B, T = input_ids.shape
+    T = input_ids.shape[1]
     if T == 0:
         raise ValueError("input_ids: the prompt is empty; give at least one token (e.g. a BOS id)")
     if T > cfg.max_seq_len:
@@ -37,52 +30,64 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
                          f"(max_seq_len={cfg.max_seq_len}); truncate it")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.dim() == 1:
+        attention_mask = attention_mask[None]
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}")
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, *, min_p: float | None = None,
+             repetition_penalty: float = 1.0, seed: int | None = None,
+             stop_sequences: Sequence[Sequence[int]] | None = None, stop_strings: Sequence[str] | None = None,
+             decode: Callable[[list[int]], str] | None = None, cache: str = "dynamic", compile: bool = False,
+             compile_mode: str | None = None, streamer: Callable[[torch.Tensor], None] | None = None
+             ) -> torch.Tensor:
+    """Extend ``input_ids`` [B, T] (left-padded when rows differ in length; pass ``attention_mask``) by up to
+    ``max_new_tokens``. Returns [B, T + n]. A finished row (eos, a stop sequence or stop string) is filled with
+    ``pad_token_id`` (default: the eos id, else 0) until all rows finish. Greedy when ``temperature == 0``;
+    ``seed`` makes sampling reproducible (or pass ``generator``). ``streamer(tokens [B])`` sees each step's
+    tokens as they come. ``cache="static"`` pre-allocates T + max_new_tokens slots; ``compile=True`` compiles
+    its one-token step.
+
+    Encoder-decoders read ``input_ids`` (padded either side) with the encoder once and return the decoder's tokens
+    [B, 1 + n], starting with ``decoder_start_token_id`` (default: the config's); finished rows are filled with
+    ``pad_token_id`` (default: the config's pad id, else the eos id)."""
+    sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
+    B, T = input_ids.shape
+    seq2seq = model.config.kind == "encoder_decoder"
+    if cache == "static" and not seq2seq and T + max_new_tokens > model.config.max_seq_len:
+        max_new_tokens = model.config.max_seq_len - T  # the static cache cannot hold more
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    stopper = Stopper(B, eos_token_id, stop_sequences, stop_strings, decode, device=input_ids.device)
+    fill = next((t for t in (pad_token_id, model.config.pad_token_id if seq2seq else None, eos_token_id, 0)
+                 if t is not None))
     was_training = model.training
     model.eval()
     try:
-        if cfg.kind == "encoder_decoder":
-            start = cfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
-            if start is None:
-                raise ValueError("decoder_start_token_id: the config has none; pass decoder_start_token_id=")
-            fill = pad_token_id if pad_token_id is not None else (
-                cfg.pad_token_id if cfg.pad_token_id is not None else eos_token_id)
-            memory = model.encode(input_ids, attention_mask)
-            cache = EncoderDecoderCache(memory)
-            ids = torch.full((B, 1), start, dtype=torch.long, device=input_ids.device)
-            first = model.decode(ids, memory, cache=cache).logits[:, -1]
-
-            def step(nxt: torch.Tensor) -> torch.Tensor:
-                return model.decode(nxt[:, None], memory, cache=cache).logits[:, -1]
-        else:
-            fill = eos_token_id if pad_token_id is None else pad_token_id
-            cache, ids, masks = model.new_cache(), input_ids, [attention_mask]
-            first = model(input_ids, attention_mask=attention_mask, cache=cache).logits[:, -1]
-
-            def step(nxt: torch.Tensor) -> torch.Tensor:
-                masks[0] = torch.cat([masks[0], masks[0].new_ones(B, 1)], dim=1)
-                return model(nxt[:, None], attention_mask=masks[0], cache=cache).logits[:, -1]
-
-        return _sample_loop(first, step, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, fill,
-                            generator)
+        slots = min(model.config.max_seq_len, -(-(T + max_new_tokens) // 64) * 64)  # few compiled shapes
+        engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
+                             compile_mode, decoder_start_token_id)
+        logits = engine.prefill(input_ids, attention_mask)
+        ids, mask, new = engine.prefix(input_ids, attention_mask)
+        for i in range(max_new_tokens):
+            history = torch.cat([ids] + [t[:, None] for t in new], 1) if sampling.repetition_penalty != 1 else None
+            hist_mask = torch.cat([mask, mask.new_ones(B, len(new))], 1) if history is not None else None
+            nxt = sampling.sample(logits, history, hist_mask, generator)
+            nxt = torch.where(stopper.done, torch.full_like(nxt, fill), nxt)
+            new.append(nxt)
+            if streamer is not None:
+                streamer(nxt)
+            if stopper.active and stopper.update(nxt).all():
+                break
+            if i + 1 < max_new_tokens:
+                logits = engine.step(nxt)
     finally:
         model.train(was_training)
-
-
-def _sample_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor,
-                 max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                 eos_token_id: int | None, fill: int | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from next-token ``logits`` [B, V], append, and ask ``step`` for the next logits, up to
-    ``max_new_tokens`` times or until every row has produced ``eos_token_id``. ids [B, T] -> [B, T + n]."""
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
-            done = done | (nxt == eos_token_id)
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
-        if eos_token_id is not None and bool(done.all()):
-            break
-        logits = step(nxt)
-    return ids
+    return torch.cat([ids] + [t[:, None] for t in new], dim=1)

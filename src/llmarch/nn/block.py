@@ -26,6 +26,10 @@ class _Block(nn.Module):
 class PreNormBlock(_Block):
     """x + attn(norm(x)), then h + ffn(norm(h))."""
 
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the mixer sees for block input x (early exit fills skipped layers' caches from it)."""
+        return self.attn_norm(x)
+
     def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
         h = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache))
         return h + self.dropout(self.ffn(self.ffn_norm(h)))
@@ -34,6 +38,9 @@ class PreNormBlock(_Block):
 @BLOCKS.register("post")
 class PostNormBlock(_Block):
     """norm(x + attn(x)), then norm(h + ffn(h))."""
+
+    def attn_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
     def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
         h = self.attn_norm(x + self.dropout(self.attn(x, ctx, cache)))

@@ -53,6 +53,8 @@ class LearnedPositions(PositionScheme):
         self.weight = nn.Parameter(torch.zeros(max_seq_len, d_model))
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # a compiled decode step sizes its static cache within max_seq_len
+            return nn.functional.embedding(position_ids, self.weight)
         top = int(position_ids.max()) if position_ids.numel() else 0
         if top >= self.max_seq_len:
             raise ValueError(f"position {top} is past the learned position table (max_seq_len={self.max_seq_len}); "

@@ -1,0 +1,28 @@
+"""`llmarch chat`: an interactive conversation with a checkpoint (history, /reset, /quit)."""
+from __future__ import annotations
+
+
+def add(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (/reset, /quit)")
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a model directory with its tokenizer")
+    p.add_argument("--system", default=None, help="a line placed before the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from llmarch.checkpoint import load_model
+    from llmarch.infer.chat import Chat, repl
+    from llmarch.tokenizer import load_tokenizer_for
+
+    model = load_model(args.checkpoint).eval()
+    chat = Chat(model, load_tokenizer_for(args.checkpoint), system=args.system, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return repl(chat)

@@ -1,0 +1,215 @@
+"""Weight-only quantization of Linear layers, dequantized on the fly inside the matmul.
+
+- int8, per output channel, symmetric: w ≈ q * s[n], q in [-127, 127] (LLM.int8-style absmax, Dettmers et al.
+  2022, without the outlier split).
+- int4, group-wise, asymmetric: each run of ``group_size`` input weights of a row gets its own scale and
+  minimum, w ≈ q * s + m with q in [0, 15] (the GPTQ/AWQ storage format, here with plain round-to-nearest).
+
+On CPU the matmuls run in torch's packed kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
+which take bf16 activations: that rounding, not the weights, dominates the int8 logit error. Elsewhere the
+weight is dequantized and multiplied in the activation dtype. Files keep a portable layout (int8 rows; two 4-bit
+values per byte); the kernel layout is derived at the first forward.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+log = logging.getLogger(__name__)
+
+
+def _kernels_ok(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
+# The packed kernels as opaque custom ops: inductor (torch 2.13) fails to lower _weight_int8pack_mm when an input
+# is a fused expression, so a compiled decode step calls them through these wrappers.
+@torch.library.custom_op("llmarch::int8_mm", mutates_args=())
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype, bf16 inside."""
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales.to(torch.bfloat16)).to(x.dtype)
+
+
+@int8_mm.register_fake
+def _(x, qweight, scales):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("llmarch::int4_mm", mutates_args=())
+def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor,
+            n: int) -> torch.Tensor:
+    """x [M, K] @ the first n rows of a CPU-packed int4 weight -> [M, n] in x's dtype, bf16 inside."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group_size, scales_zeros)
+    return y[:, :n].to(x.dtype).contiguous()
+
+
+@int4_mm.register_fake
+def _(x, packed, group_size, scales_zeros, n):
+    return x.new_empty(x.shape[0], n)
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored int8 per output channel. x [*, K] -> [*, N]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        w = linear.weight.detach().float()
+        m = cls(w.shape[1], w.shape[0], linear.bias is not None).to(w.device)
+        scales = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        m.qweight.copy_((w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        m.scales.copy_(scales)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales[:, None]  # [N, K]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if _kernels_ok(x):
+            y = int8_mm(x2, self.qweight, self.scales)
+        else:
+            y = x2 @ (self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype)).T
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ + b with W stored 4-bit in groups of ``group_size`` along K. x [*, K] -> [*, N]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 64):
+        super().__init__()
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+        if in_features % group_size:
+            raise ValueError(f"int4: in_features {in_features} is not a multiple of group_size {group_size}; "
+                             "pick a group size that divides it")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, n_groups))
+        self.register_buffer("mins", torch.zeros(out_features, n_groups))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._packed: tuple | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> "Int4Linear":
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        m = cls(K, N, linear.bias is not None, group_size).to(w.device)
+        g = w.view(N, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scales = ((hi - lo) / 15).clamp(min=1e-12)
+        q = ((g - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+        m.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
+        m.scales.copy_(scales)
+        m.mins.copy_(lo)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def unpack(self) -> torch.Tensor:
+        """4-bit codes [N, K] as uint8."""
+        return torch.stack([self.qweight & 15, self.qweight >> 4], -1).view(self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        N, K, gs = self.out_features, self.in_features, self.group_size
+        q = self.unpack().float().view(N, K // gs, gs)
+        return (q * self.scales[..., None] + self.mins[..., None]).view(N, K)
+
+    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch's CPU layout: rows padded to a multiple of 16, (scale, zero) [K/gs, N, 2] in bf16, with the
+        kernel's convention w = (q - 8) * scale + zero."""
+        if self._packed is None:
+            pad = -self.out_features % 16
+            q = nn.functional.pad(self.unpack().to(torch.int32), (0, 0, 0, pad))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            zeros = self.mins + 8 * self.scales
+            sz = torch.stack([self.scales, zeros], -1)  # [N, K/gs, 2]
+            sz = nn.functional.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._packed = (packed, sz)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if _kernels_ok(x):
+            packed, sz = self._kernel_args()
+            y = int4_mm(x2, packed, self.group_size, sz, self.out_features)
+        else:
+            y = x2 @ self.dequantize().to(x.dtype).T
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every ``nn.Linear`` (except names in ``skip``) by its quantized version, in place. A tied LM head
+    is quantized as its own copy; the embedding table stays in full precision."""
+    if mode not in MODES:
+        raise ValueError(f"quantize mode must be one of {MODES}, got {mode!r}")
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+    if mode == "int4":
+        misfit = [name for name, m in targets if m.in_features % group_size]
+        if misfit:
+            log.warning("int4: %d Linear layers have in_features not divisible by group_size %d and stay in full "
+                        "precision: %s", len(misfit), group_size, misfit[:4])
+            skip = tuple(skip) + tuple(misfit)
+            targets = [(name, m) for name, m in targets if name not in misfit]
+    for name, linear in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        q = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+        setattr(parent, attr, q)
+    model.quantization = dict(mode=mode, group_size=group_size if mode == "int4" else None, skip=list(skip))
+    return model
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """An llmarch model directory plus ``quantization.json``; :func:`llmarch.checkpoint.load_model` reads it."""
+    from llmarch.checkpoint import atomic_dir, commit_dir, state_for_saving
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "quantization"):
+        raise ValueError("save_quantized: the model is not quantized; call quantize(model, mode) first")
+    path = Path(path)
+    tmp = atomic_dir(path)
+    save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "llmarch"})
+    model.config.to_file(tmp / "config.json")
+    (tmp / "quantization.json").write_text(json.dumps(model.quantization) + "\n")
+    commit_dir(tmp, path)
+    return path
+
+
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """Rebuild the quantized structure from ``quantization.json`` and load the stored tensors strictly."""
+    from safetensors.torch import load_file
+
+    from llmarch.config import ModelConfig
+    from llmarch.model import build
+
+    path = Path(path)
+    spec = json.loads((path / "quantization.json").read_text())
+    model = build(ModelConfig.from_file(path / "config.json"))
+    quantize(model, spec["mode"], spec.get("group_size") or 64, tuple(spec.get("skip", ())))
+    state = load_file(str(path / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if model.config.tie_embeddings:  # the head's float weight is gone; the embedding keeps the shared one
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: stored tensors do not match quantization.json: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    return model.eval()

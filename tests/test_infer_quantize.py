@@ -1,0 +1,82 @@
+"""Weight-only int8 / int4 quantization: rounding error bounds per weight, the packed kernels against the
+dequantized matmul, model logits against fp32 (errors reported, tolerances documented in docs/inference.md) and
+the saved directory reloading through load_model."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import llmarch
+from llmarch.checkpoint import load_model
+from llmarch.infer.quantize import Int4Linear, Int8Linear, quantize, save_quantized
+
+log = logging.getLogger(__name__)
+CFG = llmarch.preset("llama-tiny").replace(vocab_size=211, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                           d_ff=128, max_seq_len=64)
+# |logits - fp32 logits| relative to the fp32 logits' std. int8: bf16 activations in the packed kernel dominate;
+# int4: 16 levels per group of random (uniform-ish) weights.
+TOL = {"int8": dict(mean=0.02, max=0.1), "int4": dict(mean=0.2, max=1.0)}
+
+
+def test_int8_rounding_and_kernel():
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=True)
+    q = Int8Linear.from_linear(lin)
+    assert ((q.dequantize() - lin.weight).abs() <= q.scales[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, 5, 96)
+    with torch.no_grad():
+        want = x @ q.dequantize().T + lin.bias
+        got = q(x)
+    assert got.shape == (3, 5, 40)
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()  # bf16 activations
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_rounding_and_kernel(group_size):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 50, bias=False)  # 50 rows: not a multiple of 16, exercises the kernel's padding
+    q = Int4Linear.from_linear(lin, group_size)
+    err = (q.dequantize() - lin.weight).abs().view(50, -1, group_size)
+    assert (err <= q.scales[..., None] / 2 + 1e-6).all()
+    x = torch.randn(4, 256)
+    with torch.no_grad():
+        want = x @ q.dequantize().T
+        got = q(x)
+    assert (got - want).abs().max() < 3e-2 * want.abs().max()  # bf16 activations, bf16 scales and zeros
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear(256, 8, group_size=48)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_logits_close_to_fp32_and_reload(mode, tmp_path):
+    torch.manual_seed(0)
+    model = llmarch.build(CFG).eval()
+    ids = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        qmodel = quantize(copy.deepcopy(model), mode, group_size=32)
+        out = qmodel(ids).logits
+    err = (out - ref).abs() / ref.std()
+    log.info("%s logits: max rel err %.4f, mean rel err %.4f", mode, err.max(), err.mean())
+    assert err.mean() < TOL[mode]["mean"] and err.max() < TOL[mode]["max"]
+    assert not any(isinstance(m, nn.Linear) for m in qmodel.modules())
+    save_quantized(qmodel, tmp_path / "q")
+    again = load_model(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, out)
+    gen = llmarch.generate(again, ids[:1, :4], 8, cache="static")
+    assert gen.shape == (1, 12)
+
+
+def test_int4_skips_layers_its_groups_do_not_fit(caplog):
+    model = llmarch.build(CFG.replace(d_ff=96))  # ffn.down has 96 inputs: not a multiple of 64
+    quantize(model, "int4", group_size=64)
+    assert isinstance(model.decoder.layers[0].ffn.down, nn.Linear)
+    assert isinstance(model.decoder.layers[0].ffn.gate_up, Int4Linear)
+    assert "decoder.layers.0.ffn.down" in model.quantization["skip"]
+    with pytest.raises(ValueError, match="mode"):
+        quantize(model, "int3")
