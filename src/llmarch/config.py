@@ -78,6 +78,43 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class RetrievalConfig:
+    """RETRO retrieval (Borgeaud et al. 2022): the decoder is split into chunks of ``chunk_size`` (m) tokens; each
+    chunk retrieves ``n_neighbours`` (k) neighbours of ``neighbour_len`` (r) tokens (a chunk and its continuation),
+    encoded by a bidirectional stack of ``encoder_layers``; decoder layers listed in ``cca_layers`` (0-based) run
+    chunked cross-attention to them."""
+
+    chunk_size: int = 64
+    n_neighbours: int = 2
+    neighbour_len: int = 128
+    cca_layers: tuple[int, ...] = (5,)
+    encoder_layers: int = 2
+
+    def __post_init__(self) -> None:
+        layers = self.cca_layers if isinstance(self.cca_layers, (list, tuple)) else (self.cca_layers,)
+        object.__setattr__(self, "cca_layers", tuple(int(i) if isinstance(i, str) and i.isdigit() else i
+                                                     for i in layers))  # "5,8" from the command line
+
+    def validate(self, cfg: "ModelConfig") -> None:
+        for name in ("chunk_size", "neighbour_len", "encoder_layers"):
+            _check_positive(f"retrieval.{name}", getattr(self, name))
+        if isinstance(self.n_neighbours, bool) or not isinstance(self.n_neighbours, int) or self.n_neighbours < 0:
+            _fail("retrieval.n_neighbours", f"must be an integer >= 0, got {self.n_neighbours!r}")
+        if cfg.kind != "decoder":
+            _fail("retrieval", f"RETRO retrieval needs kind='decoder' (kind is {cfg.kind!r}); set retrieval=None")
+        if cfg.norm_placement != "pre":
+            _fail("retrieval", "chunked cross-attention is wired pre-norm; set norm_placement='pre'")
+        if not self.cca_layers or len(set(self.cca_layers)) != len(self.cca_layers):
+            _fail("retrieval.cca_layers", f"needs distinct decoder layer indices, got {self.cca_layers!r}")
+        bad = [i for i in self.cca_layers if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < cfg.n_layers]
+        if bad:
+            _fail("retrieval.cca_layers", f"{bad} outside the decoder layers [0, {cfg.n_layers}) (0-based)")
+        if self.neighbour_len > cfg.max_seq_len:
+            _fail("retrieval.neighbour_len", f"{self.neighbour_len} exceeds max_seq_len={cfg.max_seq_len}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A complete architecture. Sizes use the glossary: D d_model, H n_heads, G n_kv_heads, Dh head_dim, F d_ff."""
 
@@ -132,10 +169,14 @@ class ModelConfig:
     rel_buckets: int = 32  # position "t5": relative-distance buckets
     rel_max_distance: int = 128  # position "t5": distances from here on share the last bucket
     decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
+    # --- retrieval ------------------------------------------------------------------------------------------
+    retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             object.__setattr__(self, "rope", RopeConfig(**self.rope))
+        if isinstance(self.retrieval, dict):
+            object.__setattr__(self, "retrieval", RetrievalConfig(**self.retrieval))
         if isinstance(self.pattern, str):
             object.__setattr__(self, "pattern", (self.pattern,))
         elif isinstance(self.pattern, list):
@@ -202,11 +243,15 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+        if self.retrieval is not None:
+            self.retrieval.validate(self)
 
     # --- serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pattern"] = list(self.pattern)
+        if self.retrieval is not None:
+            d["retrieval"]["cca_layers"] = list(self.retrieval.cca_layers)
         return d
 
     @classmethod
@@ -221,6 +266,11 @@ class ModelConfig:
             bad = sorted(set(d["rope"]) - rope_known)
             if bad:
                 raise ValueError(f"unknown rope field(s) {bad}; known fields are {sorted(rope_known)}")
+        if isinstance(d.get("retrieval"), dict):
+            known_r = {f.name for f in dataclasses.fields(RetrievalConfig)}
+            bad = sorted(set(d["retrieval"]) - known_r)
+            if bad:
+                raise ValueError(f"unknown retrieval field(s) {bad}; known fields are {sorted(known_r)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -255,6 +305,8 @@ class ModelConfig:
         """A validated copy with some fields changed; ``rope`` accepts a dict of RopeConfig fields to change."""
         if isinstance(changes.get("rope"), dict):
             changes["rope"] = dataclasses.replace(self.rope, **changes["rope"])
+        if isinstance(changes.get("retrieval"), dict) and self.retrieval is not None:
+            changes["retrieval"] = dataclasses.replace(self.retrieval, **changes["retrieval"])
         return dataclasses.replace(self, **changes)
 
     def with_path(self, dotted: str, value: Any) -> "ModelConfig":
@@ -328,4 +380,4 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "RopeConfig", "KINDS"]
+__all__ = ["ModelConfig", "RopeConfig", "RetrievalConfig", "KINDS"]
