@@ -1,6 +1,7 @@
 """Hugging Face interop: per-family config translation and weight maps; ``load`` and ``save``."""
 from llmarch.hf import bloom, gpt2, llama  # noqa: F401  (registration)
 from llmarch.hf import bert, marian, roberta, t5  # noqa: F401  (registration)
+from llmarch.hf import dpr  # noqa: F401  (registration; after bert, which it extends)
 from llmarch.hf.base import FAMILIES
 from llmarch.hf.convert import ConversionError
 from llmarch.hf.io import config_from_hf, load, read_safetensors, save
