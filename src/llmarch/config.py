@@ -362,6 +362,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     args = typing.get_args(hint)
     if value.lower() in ("none", "null") and type(None) in args:
         return None
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: comma (or +) separated items
+        return tuple(v for v in value.replace("+", ",").split(",") if v)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     origin = typing.get_origin(base)
     if origin is tuple:

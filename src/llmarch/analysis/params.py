@@ -21,7 +21,7 @@ POSITION_PARAMS = {"learned": lambda cfg: cfg.max_seq_len * cfg.d_model}
 PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal")
 
 COMPONENTS = ("embeddings", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o", "ffn", "router",
-              "experts", "shared_experts", "norms", "final_norm", "head")
+              "experts", "shared_experts", "norms", "final_norm", "head", "retrieval")
 
 
 @dataclass
@@ -103,11 +103,26 @@ def count_params(cfg) -> ParamCount:
     c["final_norm"] = norm_params(cfg) if cfg.final_norm else 0
     c["head"] = 0 if cfg.tie_embeddings else V * D
     c["head"] += V if cfg.head_bias else 0
+    if cfg.retrieval is not None:
+        c["retrieval"] = retrieval_params(cfg)
     if cfg.kind != "decoder":
         notes.append(f"kind {cfg.kind!r}: counted as one decoder-style stack; extra stacks, cross-attention and "
                      "task heads are not modelled")
     total = sum(c.values())
     return ParamCount(c, total, total - inactive, notes)
+
+
+def retrieval_params(cfg) -> int:
+    """RETRO's additions: chunked cross-attention (q, kv, out + its norm) in each CCA layer, and the neighbour
+    encoder (per layer: self-attention, cross-attention, FFN, three norms; its final norm and position table)."""
+    D, H, G, Dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh
+    a = attention_params(cfg)
+    cross = D * H * Dh + 2 * D * G * Dh + H * Dh * D + (H * Dh + 2 * G * Dh if cfg.qkv_bias else 0) + \
+        (D if cfg.out_bias else 0)
+    r = cfg.retrieval
+    encoder_layer = sum(a.values()) + cross + ffn_params(cfg, cfg.d_ff) + 3 * norm_params(cfg)
+    encoder = r.encoder_layers * encoder_layer + (norm_params(cfg) if cfg.final_norm else 0) + position_params(cfg)[0]
+    return len(r.cca_layers) * (cross + norm_params(cfg)) + encoder
 
 
 def meta_param_count(cfg) -> int:
