@@ -8,7 +8,7 @@ import logging
 import sys
 
 # one module per verb (or family of verbs); order is the order of `llmarch --help`
-VERB_MODULES = ["presets", "generate", "convert", "inspect", "compare", "plan", "diagram", "plot"]
+VERB_MODULES = ["presets", "generate", "convert", "inspect", "compare", "plan", "diagram", "plot", "index"]
 
 
 def build_parser() -> argparse.ArgumentParser:

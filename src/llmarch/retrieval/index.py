@@ -101,8 +101,16 @@ class ChunkIndex:
             return 0
         vecs = np.concatenate([np.asarray(embed(chunks[i:i + batch_size]), dtype=np.float32)
                                for i in range(0, len(chunks), batch_size)])
+        return self.add_embedded(chunks, following, vecs)
+
+    def add_embedded(self, chunks: np.ndarray, following: np.ndarray, vecs: np.ndarray) -> int:
+        """Append chunks [N, m], their continuations [N, m] and their vectors [N, dim] (already embedded)."""
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+        if chunks.shape != following.shape or chunks.shape[1:] != (self.chunk_size,):
+            raise ValueError(f"chunks {chunks.shape} and continuations {following.shape} must both be "
+                             f"[N, {self.chunk_size}]")
         if vecs.shape != (len(chunks), self.meta["dim"]):
-            raise ValueError(f"embed returned shape {vecs.shape}; expected {(len(chunks), self.meta['dim'])} "
+            raise ValueError(f"chunk vectors have shape {vecs.shape}; expected {(len(chunks), self.meta['dim'])} "
                              "(one dim-sized vector per chunk): check the index dim matches the encoder width")
         if self.index is None:
             self.index = self._new_faiss(len(vecs))
