@@ -2,9 +2,12 @@
 
 Both models start from the same decoder weights and see the same batches in the same loop; RETRO also gets, for
 every 32-byte chunk, k=2 neighbours (chunk + continuation) retrieved from a faiss flat index over the training
-files, embedded by a frozen randomly initialised BERT-style encoder of this library (mean-pooled; no pretrained
-weights can be downloaded here). Training sequences never retrieve their own text; validation files are not in
-the index. Prints both validation losses and writes them as JSON.
+files, embedded by a frozen BERT-style encoder of this library (mean-pooled). No pretrained encoder can be
+downloaded here, so the encoder is random (a random-feature embedder) unless ``--retriever-steps N`` first gives
+it N DPR-style contrastive steps (a chunk should pick out its own next chunk among the batch's, in-batch
+negatives).
+Training sequences never retrieve their own text; validation files are not in the index. Prints both validation
+losses and writes them as JSON.
 
     PYTHONPATH=src python examples/retro_vs_base.py --steps 300 --json benchmarks/results/retro_vs_base.json
 
@@ -27,7 +30,8 @@ import torch.nn.functional as F
 
 import llmarch
 from llmarch.model import Model
-from llmarch.retrieval import ChunkIndex, EncoderEmbedder, own_text_exclusion, retrieve_neighbours
+from llmarch.retrieval import (ChunkIndex, EncoderEmbedder, in_batch_negatives_loss, own_text_exclusion,
+                               retrieve_neighbours)
 from llmarch.retrieval.corpus import byte_stream, split_files, text_files
 
 
@@ -37,11 +41,33 @@ def retro_config(seq: int, d_model: int = 128, n_layers: int = 4) -> llmarch.Mod
                                                 d_ff=4 * d_model, n_layers=n_layers)
 
 
-def build_index(stream: np.ndarray, path: Path, chunk_size: int, seed: int) -> tuple[ChunkIndex, EncoderEmbedder]:
+def train_retriever(encoder, stream: np.ndarray, m: int, steps: int, seed: int, batch: int = 64) -> None:
+    """DPR-style contrastive training (in-batch negatives) of one shared encoder: a chunk's mean-pooled, normalised
+    embedding should pick out the chunk that follows it among the batch's next chunks. Neighbours then come from
+    similar contexts. The encoder is frozen afterwards."""
+    opt = torch.optim.AdamW(encoder.parameters(), lr=1e-3)
+    rng = np.random.default_rng(seed + 1)
+    encoder.train()
+    for _ in range(steps):
+        at = rng.integers(0, len(stream) // m - 1, size=batch) * m
+        pair = torch.from_numpy(np.stack([stream[a:a + 2 * m] for a in at]).astype(np.int64)).view(2 * batch, m)
+        v = F.normalize(encoder(pair).hidden_states.mean(1), dim=-1).view(batch, 2, -1)
+        loss = in_batch_negatives_loss(v[:, 0] / 0.05, v[:, 1])  # temperature 0.05
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    print(f"  retriever: {steps} contrastive steps, last loss {loss.item():.3f}", flush=True)
+
+
+def build_index(stream: np.ndarray, path: Path, chunk_size: int, seed: int,
+                retriever_steps: int = 0) -> tuple[ChunkIndex, EncoderEmbedder]:
     torch.manual_seed(seed)
     encoder = llmarch.build(llmarch.preset("dpr-tiny").replace(vocab_size=256, dropout=0.0, attn_dropout=0.0))
+    if retriever_steps:
+        train_retriever(encoder, stream, chunk_size, retriever_steps, seed)
     embed = EncoderEmbedder(encoder, pool="mean")
-    index = ChunkIndex.create(path, dim=embed.dim, chunk_size=chunk_size, kind="flat", encoder="random dpr-tiny")
+    name = f"dpr-tiny, {retriever_steps} contrastive steps" if retriever_steps else "random dpr-tiny"
+    index = ChunkIndex.create(path, dim=embed.dim, chunk_size=chunk_size, kind="flat", encoder=name)
     index.add(stream, embed, batch_size=1024)
     return index, embed
 
@@ -106,14 +132,15 @@ def train(model, stream, steps, batch, seq, lr, seed, index=None, embed=None, lo
 
 
 def run(steps: int = 300, train_bytes: int = 2_000_000, val_bytes: int = 100_000, batch: int = 8, seq: int = 256,
-        lr: float = 2e-3, seed: int = 0, d_model: int = 128, workdir: str | None = None) -> dict:
+        lr: float = 2e-3, seed: int = 0, d_model: int = 128, retriever_steps: int = 0,
+        workdir: str | None = None) -> dict:
     train_files, val_files = split_files(text_files(), val_fraction=0.1, seed=seed)
     train_stream, val_stream = byte_stream(train_files, train_bytes), byte_stream(val_files, val_bytes)
     cfg = retro_config(seq, d_model)
     m = cfg.retrieval.chunk_size
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
-        index, embed = build_index(train_stream, Path(tmp) / "index", m, seed)
+        index, embed = build_index(train_stream, Path(tmp) / "index", m, seed, retriever_steps)
         index_s = time.perf_counter() - t0
         val_chunks = val_stream[:len(val_stream) // m * m].reshape(-1, m)[:2000]
         top = index.neighbours(index.search(embed(val_chunks), 1)[0])[:, 0, :m]
@@ -123,7 +150,8 @@ def run(steps: int = 300, train_bytes: int = 2_000_000, val_bytes: int = 100_000
         base = Model(cfg.replace(retrieval=None))
         base.load_state_dict({k: v for k, v in retro.state_dict().items()
                               if ".cross" not in k and not k.startswith("neighbour_encoder")})
-        results = dict(steps=steps, batch=batch, seq=seq, lr=lr, seed=seed, train_bytes=len(train_stream),
+        results = dict(steps=steps, batch=batch, seq=seq, lr=lr, seed=seed, retriever=index.meta["encoder"],
+                       train_bytes=len(train_stream),
                        val_bytes=len(val_stream), chunks_indexed=len(index), index_build_s=round(index_s, 1),
                        val_chunks_with_verbatim_top1=round(exact_copies, 4),
                        params_base=sum(p.numel() for p in base.parameters()),
@@ -148,11 +176,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--retriever-steps", type=int, default=0,
+                   help="contrastive steps for the frozen chunk encoder (0: random encoder)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    res = run(args.steps, args.train_bytes, args.val_bytes, args.batch, args.seq, args.lr, args.seed, args.d_model)
+    res = run(args.steps, args.train_bytes, args.val_bytes, args.batch, args.seq, args.lr, args.seed, args.d_model,
+              args.retriever_steps)
     print(f"validation loss (nats/byte): base {res['base_val_loss']:.4f}  retro {res['retro_val_loss']:.4f}  "
           f"(retro with retrieval off {res['retro_val_loss_retrieval_off']:.4f}); "
           f"{res['val_chunks_with_verbatim_top1']:.1%} of validation chunks have a verbatim top-1 neighbour")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from llmarch.cli import main
-from llmarch.retrieval import ChunkIndex
+from llmarch.retrieval import ChunkIndex, embedder_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,9 @@ def test_index_build_and_info(tmp_path, capsys):
     index = ChunkIndex.load(out)
     raw = (data / "a.py").read_bytes() + b"\n" + (data / "b.py").read_bytes() + b"\n"
     assert bytes(index.neighbours(np.array([3]))[0, :16].astype(np.uint8)) == raw[48:64]
+    embed = embedder_for(index)  # the stored frozen encoder embeds queries exactly like the chunks
+    chunks = index.neighbours(np.arange(5))[:, :16]
+    np.testing.assert_allclose(index.search(embed(chunks), 1)[1][:, 0], 1.0, atol=1e-5)  # itself (or a copy)
     assert main(["index", "info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["count"] == info["chunks"]
     assert main(["index", "build", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

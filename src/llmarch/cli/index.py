@@ -78,6 +78,7 @@ def _encoder(args, vocab: int):
 
 
 def run_build(args) -> int:
+    from llmarch.checkpoint import save_model
     from llmarch.retrieval import ChunkIndex, EncoderEmbedder
 
     t0 = time.perf_counter()
@@ -85,7 +86,9 @@ def run_build(args) -> int:
     model, name = _encoder(args, vocab)
     embed = EncoderEmbedder(model, pool=args.pool)
     index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
-                              metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder=name)
+                              metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder="encoder",
+                              pool=args.pool)
+    save_model(model, Path(args.out) / "encoder")  # queries are embedded with the same frozen encoder
     n = index.add(tokens, embed)
     info = dict(out=str(Path(args.out)), files=n_files, tokens=int(len(tokens)), chunks=n, dim=embed.dim,
                 kind=args.kind, metric=args.metric, encoder=name, seconds=round(time.perf_counter() - t0, 2))

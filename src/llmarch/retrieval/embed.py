@@ -40,4 +40,16 @@ class EncoderEmbedder:
         return v.float().numpy()
 
 
-__all__ = ["EncoderEmbedder", "POOLINGS"]
+def embedder_for(index) -> EncoderEmbedder:
+    """The frozen embedder an index was built with, when its encoder is stored in the index directory (as
+    ``llmarch index build`` does): queries must be embedded exactly like the chunks."""
+    from llmarch.checkpoint import load_model
+
+    path = index.path / index.meta.get("encoder", "")
+    if not index.meta.get("encoder") or not (path / "config.json").is_file():
+        raise ValueError(f"{index.path}: the index does not store its encoder (meta.json encoder="
+                         f"{index.meta.get('encoder')!r}); build it with `llmarch index build` or pass an embedder")
+    return EncoderEmbedder(load_model(path), pool=index.meta.get("pool", "mean"))
+
+
+__all__ = ["EncoderEmbedder", "POOLINGS", "embedder_for"]

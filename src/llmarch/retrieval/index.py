@@ -57,8 +57,9 @@ class ChunkIndex:
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, chunk_size: int = 64, kind: str = "flat", metric: str = "ip",
                nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32, pad_id: int = 0,
-               encoder: str = "") -> "ChunkIndex":
-        """An empty index in directory ``path`` (created; must not already hold an index)."""
+               encoder: str = "", pool: str = "mean") -> "ChunkIndex":
+        """An empty index in directory ``path`` (created; must not already hold an index). ``encoder`` names the
+        frozen encoder (a model directory relative to ``path`` when it is stored there) and ``pool`` its pooling."""
         if kind not in INDEX_KINDS:
             raise ValueError(f"kind: {kind!r} is not allowed; choose one of {list(INDEX_KINDS)}")
         if metric not in METRICS:
@@ -73,7 +74,7 @@ class ChunkIndex:
         for name in ("chunks.i32", "continuations.i32"):
             (path / name).write_bytes(b"")
         meta = dict(dim=dim, chunk_size=chunk_size, kind=kind, metric=metric, nlist=nlist, nprobe=nprobe,
-                    hnsw_m=hnsw_m, pad_id=pad_id, count=0, encoder=encoder)
+                    hnsw_m=hnsw_m, pad_id=pad_id, count=0, encoder=encoder, pool=pool)
         index = cls(path, meta, None)
         index.save()
         return index
