@@ -9,7 +9,8 @@ negatives).
 Training sequences never retrieve their own text; validation files are not in the index. Prints both validation
 losses and writes them as JSON.
 
-    PYTHONPATH=src python examples/retro_vs_base.py --steps 300 --json benchmarks/results/retro_vs_base.json
+    PYTHONPATH=src python examples/retro_vs_base.py --steps 500 --train-bytes 2000000 --val-bytes 100000 \
+        --seq 128 --batch 16 --d-model 96 --lr 2e-3 --threads 1 --json benchmarks/results/retro_vs_base.json
 
 The loop is deliberately small. With the shared training loop the only RETRO-specific step is, per batch,
 ``nb, mask = retrieve_neighbours(index, embed, inputs, k, r, own_text_exclusion(starts, T + 1, m))`` and
