@@ -7,9 +7,9 @@ from typing import Any
 
 
 def _checks():
-    from llmarch import config  # the shared validation helpers (imported late: config imports this module)
+    from llmarch import validation
 
-    return config._fail, config._check_positive, config._check_choice
+    return validation.fail, validation.check_positive, validation.check_choice
 
 
 def _tuple_field(obj: Any, name: str) -> None:

@@ -15,31 +15,17 @@ from typing import Any
 
 from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.moe_config import MoEConfig
+from llmarch.retrieval_config import RetrievalConfig
+from llmarch.validation import check_choice as _check_choice
+from llmarch.validation import check_positive as _check_positive
+from llmarch.validation import check_probability as _check_probability
+from llmarch.validation import fail as _fail
 
 KINDS = ("decoder", "encoder", "encoder_decoder")
 PLACEMENTS = ("pre", "post")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
 
 
-def _fail(field_name: str, message: str) -> None:
-    raise ValueError(f"{field_name}: {message}")
-
-
-def _check_choice(field_name: str, value: Any, choices) -> None:
-    if value not in choices:
-        _fail(field_name, f"{value!r} is not allowed; choose one of {sorted(choices)}")
-
-
-def _check_positive(field_name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _fail(field_name, f"must be a positive integer, got {value!r}")
-
-
-def _check_probability(field_name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        _fail(field_name, f"must be in [0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +66,8 @@ class RopeConfig:
             _fail("rope.high_freq_factor", "must be greater than rope.low_freq_factor")
 
 
-SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig}
+SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
+               "retrieval": RetrievalConfig}
 
 
 @dataclass(frozen=True)
@@ -144,6 +131,10 @@ class ModelConfig:
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
+
+    # --- retrieval ------------------------------------------------------------------------------------------
+    retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
+
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
@@ -222,6 +213,8 @@ class ModelConfig:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
         self.validate_moe()
+        if self.retrieval is not None:
+            self.retrieval.validate(self)
 
     def validate_sparse_and_mixer(self) -> None:
         from llmarch import nn as lnn
@@ -249,6 +242,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pattern"] = list(self.pattern)
+        if self.retrieval is not None:
+            d["retrieval"]["cca_layers"] = list(self.retrieval.cca_layers)
         return d
 
     @classmethod
@@ -295,8 +290,8 @@ class ModelConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "ModelConfig":
-        """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``, ``moe``) accepts a dict
-        of its fields to change."""
+        """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``, ``moe``,
+        ``retrieval``) accepts a dict of its fields to change."""
         for name in SUB_CONFIGS:
             if isinstance(changes.get(name), dict):
                 current = getattr(self, name)
@@ -359,6 +354,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     args = typing.get_args(hint)
     if value.lower() in ("none", "null") and type(None) in args:
         return None
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: comma (or +) separated items
+        return tuple(v for v in value.replace("+", ",").split(",") if v)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
     origin = typing.get_origin(base)
     if origin is tuple:
@@ -377,4 +374,4 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "KINDS"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,31 +48,39 @@ def ffn_for(cfg: ModelConfig, layer: int) -> nn.Module:
     return FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.activation, bias=cfg.ffn_bias, dropout=cfg.dropout)
 
 
+def cross_attention_for(cfg: ModelConfig, layer: int, cls: type[CrossAttention] = CrossAttention, **extra):
+    """The cross-attention of decoder layer ``layer`` (``cls`` may be a variant taking ``extra`` arguments)."""
+    return cls(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer, qkv_bias=cfg.qkv_bias,
+               out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel, dropout=cfg.attn_dropout, **extra)
+
+
 class Stack(nn.Module):
     """L blocks and the final norm, sharing one position scheme. x [B, T, D] -> [B, T, D].
 
     ``causal``: queries see only earlier keys (decoders) or every key (encoders). ``cross``: each block also
-    attends to the encoder output (the decoder of an encoder-decoder)."""
+    attends to the encoder output (the decoder of an encoder-decoder). ``cross_for(i)``, when given, builds the
+    cross module of layer i instead (None: a plain block there), for per-layer schedules such as RETRO's."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False, n_layers: int | None = None):
+    def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False, n_layers: int | None = None,
+                 cross_for: Callable[[int], nn.Module | None] | None = None):
         super().__init__()
         self.causal, self.cross = causal, cross
+        if cross_for is None:
+            cross_for = (lambda i: cross_attention_for(cfg, i)) if cross else (lambda i: None)
         n_layers = n_layers or cfg.n_layers
         patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse) for name in set(cfg.pattern)}
         self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                          head_dim=cfg.rope_head_dim, max_seq_len=cfg.max_seq_len, rope=cfg.rope,
                                          causal=causal,
                                          rel_buckets=cfg.rel_buckets, rel_max_distance=cfg.rel_max_distance)
-        self.layers = nn.ModuleList(self._block(cfg, i, patterns[cfg.layer_pattern(i)]) for i in range(n_layers))
+        self.layers = nn.ModuleList(self._block(cfg, i, patterns[cfg.layer_pattern(i)], cross_for(i))
+                                    for i in range(n_layers))
         self.final_norm = norm_for(cfg) if cfg.final_norm else nn.Identity()
 
-    def _block(self, cfg: ModelConfig, i: int, pattern) -> nn.Module:
+    def _block(self, cfg: ModelConfig, i: int, pattern, cross: nn.Module | None) -> nn.Module:
         attn = MIXERS[cfg.mixer].build(cfg, i, pattern)
-        if not self.cross:
+        if cross is None:
             return BLOCKS[cfg.norm_placement](attn, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
-        cross = CrossAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=i, qkv_bias=cfg.qkv_bias,
-                               out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
-                               dropout=cfg.attn_dropout)
         return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg),
                                                 norm_for(cfg), dropout=cfg.dropout)
 
@@ -102,7 +111,7 @@ class Model(nn.Module):
             self.encoder = Stack(cfg, causal=False)
         if cfg.kind != "encoder":
             self.decoder = Stack(cfg, causal=True, cross=cfg.kind == "encoder_decoder",
-                                 n_layers=cfg.n_decoder_layers or cfg.n_layers)
+                                 n_layers=cfg.n_decoder_layers or cfg.n_layers, cross_for=self.decoder_cross(cfg))
         self.lm_head = build_head(cfg)
         if cfg.tie_embeddings and self.lm_head.tied_name:
             self.lm_head.tie(self.embed.tokens)
@@ -113,6 +122,10 @@ class Model(nn.Module):
         if self.config.kind == "encoder_decoder":
             return EncoderDecoderCache()
         return MIXERS[self.config.mixer].cache()
+
+    def decoder_cross(self, cfg: ModelConfig) -> Callable[[int], nn.Module | None] | None:
+        """Builder of the decoder's per-layer cross modules; None: the stack's default (variants override it)."""
+        return None
 
     def tied_names(self) -> dict[str, str]:
         """Parameters that alias another one: {alias: source} (the tied head weight and the token embedding)."""
@@ -276,8 +289,13 @@ def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torc
     """Build and initialise a model. ``device="meta"`` allocates nothing (for counting and analysis)."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build() takes a ModelConfig, got {type(cfg).__name__}; use llmarch.preset(name)")
+    cls = Model
+    if cfg.retrieval is not None:
+        from llmarch.retrieval.retro import RetroModel  # a decoder with chunked cross-attention
+
+        cls = RetroModel
     with torch.device(device or "cpu"):
-        model = Model(cfg)
+        model = cls(cfg)
     if str(device) != "meta":
         with torch.no_grad():
             init_weights(model, cfg.init_std, cfg.n_layers)

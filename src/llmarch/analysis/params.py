@@ -24,7 +24,7 @@ PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_h
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
               "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
-              "head")
+              "head", "retrieval")
 
 
 @dataclass
@@ -96,8 +96,23 @@ def count_params(cfg) -> ParamCount:
         per_stack[stack.name] = sum(c.values()) - before
     for k, v in head_cost(cfg).params(cfg).items():
         c[k] += v
+    if cfg.retrieval is not None:
+        c["retrieval"] = retrieval_params(cfg)
     total = sum(c.values())
     return ParamCount(c, total, total - inactive, notes, per_stack)
+
+
+def retrieval_params(cfg) -> int:
+    """RETRO's additions: chunked cross-attention (q, kv, out + its norm) in each CCA layer, and the neighbour
+    encoder (per layer: self-attention, cross-attention, FFN, three norms; its final norm and position table)."""
+    D, H, G, Dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh
+    a = attention_params(cfg)
+    cross = D * H * Dh + 2 * D * G * Dh + H * Dh * D + (H * Dh + 2 * G * Dh if cfg.qkv_bias else 0) + \
+        (D if cfg.out_bias else 0)
+    r = cfg.retrieval
+    encoder_layer = sum(a.values()) + cross + ffn_params(cfg, cfg.d_ff) + 3 * norm_params(cfg)
+    encoder = r.encoder_layers * encoder_layer + (norm_params(cfg) if cfg.final_norm else 0) + position_params(cfg)[0]
+    return len(r.cca_layers) * (cross + norm_params(cfg)) + encoder
 
 
 def meta_param_count(cfg) -> int:

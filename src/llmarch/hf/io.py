@@ -89,6 +89,9 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
 
 
 def pick_family(model: Model, model_type: str | None) -> Family:
+    if model.config.retrieval is not None:
+        raise ValueError("retrieval: RETRO has no transformers counterpart; save it with "
+                         "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
         reason = fam.accepts(model.config)

@@ -142,8 +142,29 @@ class ClassificationHead(nn.Module):
         pass
 
 
+@HEADS.register("first_token")
+class FirstTokenHead(nn.Module):
+    """A sequence embedding: the final hidden state of the first ([CLS]) position, unchanged (DPR's pooled output,
+    Karpukhin et al. 2020). logits = pooled = [B, D]. No parameters."""
+
+    tied_name = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "FirstTokenHead":
+        return cls()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, 0]
+
+    def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": h[:, 0], "pooled": h[:, 0]}
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        pass
+
+
 def build_head(cfg) -> nn.Module:
     return HEADS[cfg.head].from_config(cfg)
 
 
-__all__ = ["HEADS", "ClassificationHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "build_head"]
+__all__ = ["HEADS", "ClassificationHead", "FirstTokenHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "build_head"]

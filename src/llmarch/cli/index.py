@@ -1,0 +1,110 @@
+"""`llmarch index`: build a retrieval index (faiss + memmapped chunks) from text files, inspect it, query it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from llmarch.cli.common import add_json_flag, emit_json, table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("index", help="build, inspect and query a retrieval index (RETRO chunks in faiss)")
+    verbs = p.add_subparsers(dest="index_verb", metavar="ACTION", required=True)
+    b = verbs.add_parser("build", help="chunk text files, embed the chunks with a frozen encoder, store them")
+    b.add_argument("--data", metavar="PATH", help="a text file or a directory (default: the Python stdlib sources)")
+    b.add_argument("--out", metavar="DIR", required=True, help="index directory to create")
+    b.add_argument("--pattern", default="*.py", help="file pattern under a directory (default *.py)")
+    b.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
+    b.add_argument("--tokenizer", metavar="FILE", help="a tokenizers tokenizer.json (default: UTF-8 bytes, V=256)")
+    b.add_argument("--chunk-size", type=int, default=64, help="tokens per chunk (RETRO: 64)")
+    b.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat", help="faiss index (flat = exact)")
+    b.add_argument("--metric", choices=["ip", "l2"], default="ip")
+    b.add_argument("--nlist", type=int, default=None, help="ivf cells (default ~4 sqrt(N))")
+    b.add_argument("--nprobe", type=int, default=8, help="ivf cells visited per query")
+    enc = b.add_mutually_exclusive_group()
+    enc.add_argument("--encoder", metavar="DIR", help="frozen encoder: an llmarch or HF model directory")
+    enc.add_argument("--encoder-preset", default="bert-tiny", help="encoder preset with seeded random weights, "
+                     "a random-feature embedder (default bert-tiny)")
+    b.add_argument("--pool", choices=["mean", "first"], default="mean", help="mean (RETRO) or [CLS] (DPR)")
+    b.add_argument("--seed", type=int, default=0)
+    add_json_flag(b)
+    b.set_defaults(func=run_build)
+    i = verbs.add_parser("info", help="what an index holds")
+    i.add_argument("index", metavar="DIR")
+    add_json_flag(i)
+    i.set_defaults(func=run_info)
+
+
+def _tokens(args):
+    import numpy as np
+
+    from llmarch.retrieval.corpus import byte_stream, text_files
+
+    files = text_files(args.data, args.pattern)
+    if args.tokenizer is None:
+        return byte_stream(files, args.max_bytes).astype(np.int64), 256, len(files)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(args.tokenizer)
+    ids, total = [], 0
+    for f in files:
+        text = f.read_text(errors="replace")
+        ids += tok.encode(text).ids
+        total += len(text.encode())
+        if args.max_bytes is not None and total >= args.max_bytes:
+            break
+    return np.asarray(ids, dtype=np.int64), tok.get_vocab_size(), len(files)
+
+
+def _encoder(args, vocab: int):
+    import torch
+
+    import llmarch
+
+    if args.encoder:
+        from llmarch.checkpoint import load_model
+
+        model = load_model(args.encoder)
+        if model.config.vocab_size < vocab:
+            raise ValueError(f"--encoder {args.encoder}: its vocabulary ({model.config.vocab_size}) does not cover "
+                             f"the corpus tokens ({vocab}); use the encoder's tokenizer with --tokenizer")
+        return model, args.encoder
+    torch.manual_seed(args.seed)
+    cfg = llmarch.preset(args.encoder_preset)
+    if cfg.kind != "encoder":
+        raise ValueError(f"--encoder-preset {args.encoder_preset}: needs an encoder preset (bert-tiny, dpr-tiny, ...)")
+    return llmarch.build(cfg.replace(vocab_size=vocab, dropout=0.0, attn_dropout=0.0)), \
+        f"{args.encoder_preset} (random, seed {args.seed})"
+
+
+def run_build(args) -> int:
+    from llmarch.checkpoint import save_model
+    from llmarch.retrieval import ChunkIndex, EncoderEmbedder
+
+    t0 = time.perf_counter()
+    tokens, vocab, n_files = _tokens(args)
+    model, name = _encoder(args, vocab)
+    embed = EncoderEmbedder(model, pool=args.pool)
+    index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
+                              metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder="encoder",
+                              pool=args.pool)
+    save_model(model, Path(args.out) / "encoder")  # queries are embedded with the same frozen encoder
+    n = index.add(tokens, embed)
+    info = dict(out=str(Path(args.out)), files=n_files, tokens=int(len(tokens)), chunks=n, dim=embed.dim,
+                kind=args.kind, metric=args.metric, encoder=name, seconds=round(time.perf_counter() - t0, 2))
+    if args.json:
+        emit_json(info)
+    else:
+        print(table([[k, v] for k, v in info.items()], ["field", "value"]))
+    return 0
+
+
+def run_info(args) -> int:
+    from llmarch.retrieval import ChunkIndex
+
+    meta = ChunkIndex.load(args.index).meta
+    if args.json:
+        emit_json(meta)
+    else:
+        print(table([[k, v] for k, v in meta.items()], ["field", "value"]))
+    return 0
