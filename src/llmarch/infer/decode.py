@@ -102,18 +102,19 @@ class Seq2SeqEngine:
     decoder on one token with an :class:`~llmarch.nn.cache.EncoderDecoderCache` (cross-attention k/v projected
     once). The generated sequence starts with the start token, not the source."""
 
-    def __init__(self, model, start: int | None):
+    def __init__(self, model, start: int | None, encode=None):
         start = model.config.decoder_start_token_id if start is None else start
         if start is None:
             raise ValueError("decoder_start_token_id: the config has none; pass decoder_start_token_id=")
         self.model, self.start = model, start
+        self.encode = model.encode if encode is None else encode  # (input_ids, attention_mask) -> CrossMemory
 
     def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         ids = torch.full((input_ids.shape[0], 1), self.start, dtype=torch.long, device=input_ids.device)
         return ids, torch.ones_like(ids), []
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self.memory = self.model.encode(input_ids, attention_mask)
+        self.memory = self.encode(input_ids, attention_mask)
         self.cache = EncoderDecoderCache(self.memory)
         ids, _, _ = self.prefix(input_ids, attention_mask)
         return self.model.decode(ids, self.memory, cache=self.cache).logits[:, -1].float()

@@ -45,8 +45,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
              repetition_penalty: float = 1.0, seed: int | None = None,
              stop_sequences: Sequence[Sequence[int]] | None = None, stop_strings: Sequence[str] | None = None,
              decode: Callable[[list[int]], str] | None = None, cache: str = "dynamic", compile: bool = False,
-             compile_mode: str | None = None, streamer: Callable[[torch.Tensor], None] | None = None
-             ) -> torch.Tensor:
+             compile_mode: str | None = None, streamer: Callable[[torch.Tensor], None] | None = None,
+             decoder_start_token_id: int | None = None) -> torch.Tensor:
     """Extend ``input_ids`` [B, T] (left-padded when rows differ in length; pass ``attention_mask``) by up to
     ``max_new_tokens``. Returns [B, T + n]. A finished row (eos, a stop sequence or stop string) is filled with
     ``pad_token_id`` (default: the eos id, else 0) until all rows finish. Greedy when ``temperature == 0``;
@@ -68,14 +68,25 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     stopper = Stopper(B, eos_token_id, stop_sequences, stop_strings, decode, device=input_ids.device)
     fill = next((t for t in (pad_token_id, model.config.pad_token_id if seq2seq else None, eos_token_id, 0)
                  if t is not None))
+    slots = min(model.config.max_seq_len, -(-(T + max_new_tokens) // 64) * 64)  # few compiled shapes
+    engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
+                         compile_mode, decoder_start_token_id)
+    return run_engine(model, engine, input_ids, attention_mask, max_new_tokens, sampling, stopper, fill,
+                      generator, streamer)
+
+
+@torch.no_grad()
+def run_engine(model, engine, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+               sampling: Sampling, stopper: Stopper, fill: int, generator: torch.Generator | None = None,
+               streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """The sampling loop over any engine (``prefix``, ``prefill``, ``step``; see :mod:`llmarch.infer.decode`):
+    sample, fill finished rows, stream, stop, step. Returns the engine's prefix followed by the new tokens."""
     was_training = model.training
     model.eval()
     try:
-        slots = min(model.config.max_seq_len, -(-(T + max_new_tokens) // 64) * 64)  # few compiled shapes
-        engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
-                             compile_mode, decoder_start_token_id)
         logits = engine.prefill(input_ids, attention_mask)
         ids, mask, new = engine.prefix(input_ids, attention_mask)
+        B = ids.shape[0]
         for i in range(max_new_tokens):
             history = torch.cat([ids] + [t[:, None] for t in new], 1) if sampling.repetition_penalty != 1 else None
             hist_mask = torch.cat([mask, mask.new_ones(B, len(new))], 1) if history is not None else None

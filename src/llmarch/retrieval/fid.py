@@ -9,9 +9,12 @@ from typing import Sequence
 
 import torch
 
-from llmarch.infer.generate import _sample_loop
+from llmarch.infer.decode import Seq2SeqEngine
+from llmarch.infer.generate import run_engine
+from llmarch.infer.sampling import Sampling
+from llmarch.infer.stopping import Stopper
 from llmarch.model import Model, ModelOutput
-from llmarch.nn.cache import CrossMemory, EncoderDecoderCache
+from llmarch.nn.cache import CrossMemory
 
 
 def fid_inputs(question: Sequence[int], passages: Sequence[Sequence[int]], max_len: int, pad_id: int,
@@ -59,25 +62,11 @@ def fid_generate(model: Model, input_ids: torch.Tensor, attention_mask: torch.Te
     """Answer tokens [B, 1 + n] (starting with the decoder start token) from passages [B, N, T]; the fused memory
     is encoded once and its cross-attention keys/values are cached."""
     cfg = model.config
-    if cfg.decoder_start_token_id is None:
-        raise ValueError("decoder_start_token_id: the config has none; set it (T5: the pad id)")
-    was_training = model.training
-    model.eval()
-    try:
-        memory = fid_encode(model, input_ids, attention_mask)
-        cache = EncoderDecoderCache(memory)
-        ids = torch.full((input_ids.shape[0], 1), cfg.decoder_start_token_id, dtype=torch.long,
-                         device=input_ids.device)
-        first = model.decode(ids, memory, cache=cache).logits[:, -1]
-
-        def step(nxt: torch.Tensor) -> torch.Tensor:
-            return model.decode(nxt[:, None], memory, cache=cache).logits[:, -1]
-
-        fill = cfg.pad_token_id if cfg.pad_token_id is not None else eos_token_id
-        return _sample_loop(first, step, ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, fill,
-                            generator)
-    finally:
-        model.train(was_training)
+    engine = Seq2SeqEngine(model, None, encode=lambda ids, mask: fid_encode(model, ids, mask))
+    stopper = Stopper(input_ids.shape[0], eos_token_id, device=input_ids.device)
+    fill = next(t for t in (cfg.pad_token_id, eos_token_id, 0) if t is not None)
+    return run_engine(model, engine, input_ids, attention_mask, max_new_tokens, Sampling(temperature, top_k, top_p),
+                      stopper, fill, generator)
 
 
 __all__ = ["fid_encode", "fid_forward", "fid_generate", "fid_inputs"]

@@ -8,7 +8,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from llmarch.infer.generate import _sample_loop
+from llmarch.infer.decode import prompt_prefix
+from llmarch.infer.generate import run_engine
+from llmarch.infer.sampling import Sampling
+from llmarch.infer.stopping import Stopper
 from llmarch.retrieval.index import ChunkIndex, Embed
 
 
@@ -61,29 +64,40 @@ def retro_generate(model, input_ids: torch.Tensor, index: ChunkIndex, embed: Emb
         raise ValueError(f"max_new_tokens: {input_ids.shape[1]} prompt + {max_new_tokens} new tokens exceed "
                          f"max_seq_len={model.config.max_seq_len}")
     k = r.n_neighbours if n_neighbours is None else n_neighbours
-    state = dict(ids=input_ids)
-    state["nb"], state["mask"] = retrieve_neighbours(index, embed, input_ids, k, r.neighbour_len)
+    engine = RetroEngine(model, index, embed, k)
+    stopper = Stopper(input_ids.shape[0], eos_token_id, device=input_ids.device)
+    fill = next(t for t in (model.config.pad_token_id, eos_token_id, 0) if t is not None)
+    return run_engine(model, engine, input_ids, None, max_new_tokens, Sampling(temperature, top_k, top_p), stopper,
+                      fill, generator)
 
-    def logits() -> torch.Tensor:
-        out = model(state["ids"], neighbours=state["nb"], neighbour_mask=state["mask"])
-        return out.logits[:, -1]
 
-    def step(nxt: torch.Tensor) -> torch.Tensor:
-        ids = state["ids"] = torch.cat([state["ids"], nxt[:, None]], dim=1)
-        if ids.shape[1] % r.chunk_size == 0:  # a chunk just completed: retrieve its neighbours
-            nb, mask = retrieve_neighbours(index, embed, ids[:, -r.chunk_size:], k, r.neighbour_len)
-            state["nb"] = torch.cat([state["nb"], nb], dim=1)
-            state["mask"] = torch.cat([state["mask"], mask], dim=1)
-        return logits()
+class RetroEngine:
+    """Decode engine (see :mod:`llmarch.infer.decode`) that re-runs the whole sequence each step and retrieves the
+    neighbours of every chunk as soon as it is complete."""
 
-    was_training = model.training
-    model.eval()
-    try:
-        fill = eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id
-        return _sample_loop(logits(), step, input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                            fill, generator)
-    finally:
-        model.train(was_training)
+    prefix = staticmethod(prompt_prefix)
+
+    def __init__(self, model, index: ChunkIndex, embed: Embed, n_neighbours: int):
+        self.model, self.index, self.embed, self.k = model, index, embed, n_neighbours
+        self.r = model.config.retrieval
+
+    def _retrieve(self, tokens: torch.Tensor):
+        return retrieve_neighbours(self.index, self.embed, tokens, self.k, self.r.neighbour_len)
+
+    def _logits(self) -> torch.Tensor:
+        return self.model(self.ids, neighbours=self.nb, neighbour_mask=self.mask).logits[:, -1].float()
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        self.ids = input_ids
+        self.nb, self.mask = self._retrieve(input_ids)
+        return self._logits()
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
+        if self.ids.shape[1] % self.r.chunk_size == 0:  # a chunk just completed: retrieve its neighbours
+            nb, mask = self._retrieve(self.ids[:, -self.r.chunk_size:])
+            self.nb, self.mask = torch.cat([self.nb, nb], dim=1), torch.cat([self.mask, mask], dim=1)
+        return self._logits()
 
 
 __all__ = ["own_text_exclusion", "retrieve_neighbours", "retro_generate"]
