@@ -8,7 +8,7 @@ import logging
 import sys
 
 # one module per verb (or family of verbs); order is the order of `llmarch --help`
-VERB_MODULES = ["presets", "train", "generate", "convert"]
+VERB_MODULES = ["presets", "train", "generate", "convert", "ablate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
