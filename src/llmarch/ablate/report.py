@@ -12,6 +12,7 @@ from llmarch.ablate.spec import Study
 log = logging.getLogger(__name__)
 LOSS_PLOT = "loss_curves.png"
 LENGTH_PLOT = "extrapolation.png"
+ERROR_CHARS = 90  # of a failed variant's error in the table; the full text is listed under it
 
 
 def _num(x, digits: int = 4) -> str:
@@ -35,7 +36,9 @@ def table(results: list[dict], eval_lengths: tuple[int, ...] | list[int] = ()) -
     rows = []
     for r in results:
         if r.get("status") != "ok":
-            rows.append([r["name"], f"failed ({r.get('stage', '?')}): {r.get('error', '')}"] +
+            error = r.get("error", "")
+            error = error if len(error) <= ERROR_CHARS else error[:ERROR_CHARS] + "…"
+            rows.append([r["name"], f"failed ({r.get('stage', '?')}): {error}"] +
                         ["-"] * (len(header) - 2))
             continue
         ppl_at = r.get("ppl_at", {})
@@ -129,6 +132,10 @@ def section(study: Study, results: list[dict], header: list[str], rows: list[lis
                   ""]
     lines += [markdown_table(header, rows), "", "Variants:", ""]
     lines += [f"- `{r['name']}`: {r.get('settings', '')}" for r in results]
+    failed = [r for r in results if r.get("status") != "ok"]
+    if failed:
+        lines += ["", "Failed variants:", ""]
+        lines += [f"- `{r['name']}` ({r.get('stage')}): {r.get('error')}" for r in failed]
     return "\n".join(lines)
 
 
