@@ -8,8 +8,8 @@ import logging
 import sys
 
 # one module per verb (or family of verbs); order is the order of `llmarch --help`
-VERB_MODULES = ["presets", "inspect", "compare", "plan", "diagram", "plot", "train", "generate", "chat",
-                "convert", "index"]
+VERB_MODULES = ["presets", "inspect", "compare", "plan", "diagram", "plot", "train", "ablate", "generate",
+                "chat", "convert", "index"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ class PositionScheme(nn.Module):
     """Base with the do-nothing answers; subclasses override what they provide."""
 
     rotates = False
+    max_positions: int | None = None  # positions it can represent (None = any); a learned table has a size
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -51,6 +52,10 @@ class LearnedPositions(PositionScheme):
         super().__init__()
         self.max_seq_len = max_seq_len
         self.weight = nn.Parameter(torch.zeros(max_seq_len, d_model))
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_seq_len
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled decode step sizes its static cache within max_seq_len
