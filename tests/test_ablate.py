@@ -81,8 +81,10 @@ def test_study_file_and_variant_fields(tmp_path):
     assert study.variant_config(study.variants[3]).kv_heads == 1
     assert study.train_settings(study.variants[2]) == {"steps": 5, "seq_len": 32, "warmup": 0}
     assert apply_fields(cfg, {"rope.theta": "5e5"}).rope.theta == 5e5
-    with pytest.raises(ValueError, match="unknown config field 'moe'"):
-        study.variant_config(Variant("moe", {"ffn": "moe", "moe": {"n_experts": 8}}))
+    moe = study.variant_config(Variant("moe", {"ffn": "moe", "moe": {"n_experts": 8, "top_k": 2}}))
+    assert (moe.ffn, moe.moe.n_experts, moe.moe.top_k) == ("moe", 8, 2)  # fields that must change together
+    with pytest.raises(ValueError, match="unknown config field 'experts'"):
+        study.variant_config(Variant("moe", {"ffn": "moe", "experts": 8}))
     spec.write_text("preset: llama-tiny\nvariants: {a: {norm: rmsnorm}}\ntrian: {steps: 3}\n")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['trian'\]"):
         load_study(spec)

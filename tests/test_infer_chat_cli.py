@@ -86,5 +86,5 @@ def test_cli_convert_quantize(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["quantize"] == "int8"
     model = load_model(tmp_path / "int8")
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head.proj, Int8Linear)  # inside the head, which keeps its outputs()
     assert (tmp_path / "int8" / "model.safetensors").stat().st_size < (tmp_path / "fp32" / "model.safetensors").stat().st_size

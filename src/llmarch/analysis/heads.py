@@ -65,7 +65,20 @@ class ClassificationCost:
         return 0, D * D + D * cfg.n_labels
 
 
-HEAD_COSTS = {"lm": LMCost, "mlm": MLMCost, "pretraining": PretrainingCost, "classification": ClassificationCost}
+class FirstTokenCost:
+    """The first position's hidden state as the sequence embedding (DPR): no parameters, no matmuls."""
+
+    @staticmethod
+    def params(cfg) -> dict[str, int]:
+        return {}
+
+    @staticmethod
+    def macs(cfg) -> tuple[int, int]:
+        return 0, 0
+
+
+HEAD_COSTS = {"lm": LMCost, "mlm": MLMCost, "pretraining": PretrainingCost, "classification": ClassificationCost,
+              "first_token": FirstTokenCost}
 
 
 def head_cost(cfg):

@@ -68,11 +68,13 @@ def run(args) -> int:
     ids = tok.encode(args.prompt) or [tok.bos_id]
     stops = tuple(args.stop)
     stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
-    _emit(args.prompt)
+    seq2seq = model.config.kind == "encoder_decoder"
+    if not seq2seq:  # a decoder continues the prompt; an encoder-decoder answers it
+        _emit(args.prompt)
     out = llmarch.generate(model, torch.tensor([ids]), eos_token_id=tok.eos_id, stop_strings=stops or None,
                            decode=tok.decode, streamer=stream, **kw)
     # an encoder-decoder returns its start token and the new tokens (the prompt went through the encoder)
-    new = out[0, 1 if model.config.kind == "encoder_decoder" else len(ids):].tolist()
+    new = out[0, 1 if seq2seq else len(ids):].tolist()
     if tok.eos_id is not None and tok.eos_id in new:
         new = new[:new.index(tok.eos_id)]
     text = tok.decode(new)

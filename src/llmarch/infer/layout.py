@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmarch.nn.heads import swap_projection
+
 
 class TransposedLinear(nn.Module):
     """y = x @ weight_t + bias with weight_t = Wᵀ [K, N] contiguous. x [*, K] -> [*, N]."""
@@ -28,5 +30,6 @@ def transpose_linears(model: nn.Module, names: tuple[str, ...] = ("lm_head",)) -
     targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(names)]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, TransposedLinear(linear))
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                swap_projection(linear, TransposedLinear(linear)))
     return model

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmarch.nn.heads import swap_projection
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 log = logging.getLogger(__name__)
@@ -173,7 +175,7 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: t
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         q = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
-        setattr(parent, attr, q)
+        setattr(parent, attr, swap_projection(linear, q))
     model.quantization = dict(mode=mode, group_size=group_size if mode == "int4" else None, skip=list(skip))
     return model
 

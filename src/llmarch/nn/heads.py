@@ -163,8 +163,30 @@ class FirstTokenHead(nn.Module):
         pass
 
 
+class SwappedLMHead(nn.Module):
+    """The LM head with its D -> V projection replaced by another module of the same function (a quantized or
+    re-laid-out copy); keeps the head's input ``scale`` and its ``outputs``. h [B, T, D] -> logits [B, T, V]."""
+
+    def __init__(self, proj: nn.Module, scale: float = 1.0):
+        super().__init__()
+        self.proj, self.scale = proj, scale
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h * self.scale if self.scale != 1.0 else h)
+
+    def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self(h)}
+
+
+def swap_projection(linear: nn.Linear, replacement: nn.Module) -> nn.Module:
+    """What to put where ``linear`` was: the replacement itself, or, for the LM head, the replacement inside a
+    :class:`SwappedLMHead` so the model still reads ``lm_head.outputs``."""
+    return SwappedLMHead(replacement, linear.scale) if isinstance(linear, LMHead) else replacement
+
+
 def build_head(cfg) -> nn.Module:
     return HEADS[cfg.head].from_config(cfg)
 
 
-__all__ = ["HEADS", "ClassificationHead", "FirstTokenHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "build_head"]
+__all__ = ["HEADS", "ClassificationHead", "FirstTokenHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "SwappedLMHead", "build_head",
+           "swap_projection"]
