@@ -351,14 +351,15 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     """Convert a command-line string to the annotated type of a config field."""
     if not isinstance(value, str):
         return value
+    if typing.get_origin(hint) is tuple:  # "dense,sliding" or "dense+sliding"
+        return tuple(v for v in value.replace("+", ",").split(",") if v)
     args = typing.get_args(hint)
     if value.lower() in ("none", "null") and type(None) in args:
         return None
     if typing.get_origin(hint) is tuple:  # tuple[X, ...]: comma (or +) separated items
         return tuple(v for v in value.replace("+", ",").split(",") if v)
     base = next((a for a in args if a is not type(None)), hint) if args else hint
-    origin = typing.get_origin(base)
-    if origin is tuple:
+    if typing.get_origin(base) is tuple:
         return tuple(v for v in value.replace("+", ",").split(",") if v)
     try:
         if base is bool:
