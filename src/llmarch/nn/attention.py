@@ -85,11 +85,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)
-        q = q.view(B, T, H, Dh).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.view(B, T, G, Dh).transpose(1, 2)  # [B, G, T, Dh]
-        v = v.view(B, T, G, Dh).transpose(1, 2)  # [B, G, T, Dh]
-        q, k = ctx.rotation.apply(q, k)
+        qkv = self.qkv(x).view(B, T, H + 2 * G, Dh).transpose(1, 2)  # [B, H+2G, T, Dh]
+        qk = ctx.rotation.rotate(qkv[:, :H + G])  # q and k heads rotated in one pass: [B, H+G, T, Dh]
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + G:]  # [B, H, T, Dh], [B, G, T, Dh], [B, G, T, Dh]
         k_start = ctx.q_start
         if cache is not None:
             k, v, k_start = cache.update(self.layer_idx, k, v, self.pattern.lookback)
