@@ -86,8 +86,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = self.qkv(x).view(B, T, H + 2 * G, Dh).transpose(1, 2)  # [B, H+2G, T, Dh]
-        qk = ctx.rotation.rotate(qkv[:, :H + G])  # q and k heads rotated in one pass: [B, H+G, T, Dh]
-        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + G:]  # [B, H, T, Dh], [B, G, T, Dh], [B, G, T, Dh]
+        qk, v = qkv.split([H + G, G], dim=1)  # v [B, G, T, Dh]
+        q, k = ctx.rotation.rotate(qk).split([H, G], dim=1)  # q and k rotated in one pass: [B, H|G, T, Dh]
         k_start = ctx.q_start
         if cache is not None:
             k, v, k_start = cache.update(self.layer_idx, k, v, self.pattern.lookback)
