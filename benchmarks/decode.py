@@ -1,5 +1,5 @@
 """Decode speed: tokens/s at batch 1 and 8 for GPT-2-124M and a LLaMA-style model, Hugging Face `generate`
-against llmarch (eager, static cache + torch.compile, transposed head, int8, speculative), each as a fraction of
+against llmarch (eager, static cache + torch.compile, int8, speculative), each as a fraction of
 the memory-bandwidth bound (weight bytes streamed per step / measured read bandwidth).
 
     PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama]
@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import limits, median_time, print_table, write_results  # noqa: E402
 
 import llmarch  # noqa: E402
-from llmarch.infer.layout import transpose_linears  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
 
@@ -64,7 +63,6 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model(model, kind, tmp)
     int8 = quantize(copy.deepcopy(model), "int8")
-    t_head = transpose_linears(copy.deepcopy(model))
     for B in args.batches:
         ids = torch.randint(0, V, (B, args.prompt), generator=torch.Generator().manual_seed(B))
         mask = torch.ones_like(ids)
@@ -74,8 +72,6 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
             "llmarch static + compile": lambda: llmarch.generate(model, ids, N, cache="static", compile=True),
-            "llmarch static + compile, head as x@Wt": lambda: llmarch.generate(t_head, ids, N, cache="static",
-                                                                                compile=True),
             "llmarch int8 static + compile": lambda: llmarch.generate(int8, ids, N, cache="static", compile=True),
         }
         if B == 1:

@@ -10,11 +10,15 @@ fp32 matmul (torch's default BLAS, MKL, and oneDNN), bf16 matmul, memory read ba
 achieved FLOP/s / fp32 matmul peak with FLOPs = 6 N tokens + 12 L H Dh T tokens (PaLM's count: N = weights of
 every matmul, attention scores counted in full); decoding as tokens/s / (bandwidth / bytes of matmul weights).
 
-    python benchmarks/decoder.py [--quick] [--repeats N] [--only llama-style|gpt2-124m]
+    python benchmarks/decoder.py [--quick] [--repeats N] [--threads N] [--only llama-style|gpt2-124m]
+
+On a machine shared with other jobs, torch's default of one thread per core makes every parallel kernel wait for
+a descheduled thread (we saw 5x slower decoding at 2 threads than at 1 under load); ``--threads 1`` avoids that.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -159,7 +163,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 repeats (decode 3) instead of the default")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per library (default 5; quick 2)")
     ap.add_argument("--only", choices=sorted(MODELS), action="append", help="run only these models")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 keeps a loaded machine's scheduler out of the timings")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (2 if args.quick else 5)
     torch.manual_seed(0)
     lim_before = machine_limits(3)
@@ -173,7 +181,8 @@ def main() -> None:
 
     print(f"limits (max of before/after): fp32 matmul {lim['fp32_matmul_gflops_4096']:.0f} GFLOP/s (MKL, 4096^2), "
           f"{lim['fp32_onednn_matmul_gflops']:.0f} (oneDNN); bf16 {lim['bf16_matmul_gflops']:.0f}; "
-          f"read bandwidth {lim['read_bandwidth_gbs']:.1f} GB/s")
+          f"read bandwidth {lim['read_bandwidth_gbs']:.1f} GB/s; {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name, s in summary.items():
         t, d = s["train"], s["decode"]
@@ -189,8 +198,9 @@ def main() -> None:
     for name, r in results.items():
         if not r["greedy_tokens_identical"]:
             print(f"WARNING {name}: greedy tokens differ between llmarch and transformers")
-    path = write_results("decoder", dict(settings=dict(batch=BATCH, seq=SEQ, prompt=PROMPT, new_tokens=NEW,
-                                                       repeats=repeats, dtype="float32"),
+    settings = dict(batch=BATCH, seq=SEQ, prompt=PROMPT, new_tokens=NEW, repeats=repeats, dtype="float32",
+                    threads=torch.get_num_threads(), load_average=os.getloadavg())
+    path = write_results("decoder", dict(settings=settings,
                                          limits_before=lim_before, limits_after=lim_after, limits=lim,
                                          summary=summary, raw=results))
     print(f"wrote {path}")

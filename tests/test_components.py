@@ -125,7 +125,7 @@ def test_cached_decoding_equals_full_recomputation(name, padded):
 
     with torch.no_grad():
         full = model(ids, attention_mask=mask).logits
-        cache = llmarch.nn.KVCache()
+        cache = model.new_cache()
         steps = [model(ids[:, :5], attention_mask=upto(5), cache=cache).logits]  # prefill, then one by one
         for t in range(5, 14):
             steps.append(model(ids[:, t:t + 1], attention_mask=upto(t + 1), cache=cache).logits)
@@ -252,3 +252,27 @@ def test_rope_inv_freq_matches_transformers(name):
         mine = ours.frequencies(torch.arange(seq_len)[None])
         torch.testing.assert_close(mine, inv.float(), atol=0, rtol=1e-6)
         assert ours.scale == pytest.approx(scale)
+
+
+# --- decoding layout -------------------------------------------------------------------------------------------
+
+
+def test_decode_layout_changes_strides_not_values_and_training_still_works():
+    from llmarch.infer.layout import decode_layout
+
+    cfg = llmarch.ModelConfig(**TINY, tie_embeddings=True)
+    torch.manual_seed(0)
+    a, b = llmarch.build(cfg), llmarch.build(cfg)
+    b.load_state_dict(a.state_dict())
+    ids = torch.randint(0, 97, (2, 6))
+    out = llmarch.generate(a, ids, max_new_tokens=4)  # re-lays a's wide weights
+    assert not a.lm_head.weight.is_contiguous() and a.lm_head.weight is a.embed.tokens.weight
+    assert decode_layout(a) == 0  # idempotent
+    assert torch.equal(out, llmarch.generate(b, ids, max_new_tokens=4))
+    for model in (a, b):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        logits = model(out).logits
+        F.cross_entropy(logits[:, :-1].flatten(0, 1), out[:, 1:].flatten()).backward()  # `out` is trainable input
+        opt.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from llmarch.infer.decode import make_engine
+from llmarch.infer.layout import decode_layout
 from llmarch.infer.sampling import Sampling
 from llmarch.infer.stopping import Stopper
 
@@ -58,6 +59,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     [B, 1 + n], starting with ``decoder_start_token_id`` (default: the config's); finished rows are filled with
     ``pad_token_id`` (default: the config's pad id, else the eos id)."""
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+    decode_layout(model)  # wide weights column-major: same values, ~2x faster matrix-vector products (idempotent)
     input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
     B, T = input_ids.shape
     seq2seq = model.config.kind == "encoder_decoder"

@@ -1,35 +1,30 @@
-"""Weight layouts for decoding. A decode step multiplies a few rows by every weight matrix, so its speed is how
-fast the matrix-vector product streams the weights. For nn.Linear's [N, K] layout torch (MKL) streams the
-50257x768 GPT-2 head at about half the rate it reaches on the same matrix stored [K, N] (benchmarks/decode.py
-measures both), so :func:`transpose_linears` stores chosen layers as Wᵀ and multiplies x @ Wᵀ. Inference only:
-the weights are copies (a tied head no longer shares the embedding's storage)."""
+"""Weight layout for decoding: one token at a time, every linear layer is a matrix-vector product that streams
+its whole weight from memory, and how fast it streams depends on the layout.
+
+With torch's CPU BLAS, ``x [1, in] @ W^T`` for a row-major ``W [out, in]`` (nn.Linear's layout) runs as per-row
+dot products and streams about half as fast as the same product over a column-major copy of ``W`` when
+``out >= in`` (measured in ``benchmarks/decoder.py``; e.g. the 8192 x 512 and 50257 x 768 LM heads). Storing
+those weights column-major changes no value, only strides, so parameters, state dicts and checkpoints stay as
+they were (savers call ``.contiguous()``).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from llmarch.nn.heads import swap_projection
+
+def wants_column_major(weight: torch.Tensor) -> bool:
+    """A [out, in] weight with out >= in that is still row-major."""
+    return weight.dim() == 2 and weight.shape[0] >= weight.shape[1] > 1 and weight.is_contiguous()
 
 
-class TransposedLinear(nn.Module):
-    """y = x @ weight_t + bias with weight_t = Wᵀ [K, N] contiguous. x [*, K] -> [*, N]."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight_t
-        return y if self.bias is None else y + self.bias
-
-
-def transpose_linears(model: nn.Module, names: tuple[str, ...] = ("lm_head",)) -> nn.Module:
-    """Replace the nn.Linear layers whose qualified name ends with one of ``names`` ("" = all), in place."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(names)]
-    for name, linear in targets:
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr,
-                swap_projection(linear, TransposedLinear(linear)))
-    return model
+@torch.no_grad()
+def decode_layout(model: nn.Module) -> int:
+    """Re-store every wide (out >= in) nn.Linear weight of ``model`` column-major, in place; values unchanged.
+    Returns how many weights were re-laid. Idempotent."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and wants_column_major(m.weight):
+            m.weight.data = m.weight.data.t().contiguous().t()  # same [out, in] values, strides (1, out)
+            n += 1
+    return n

@@ -105,11 +105,9 @@ class Attention(nn.Module):
         """The heads' outputs before the output projection: x [B, T, D] -> [B, H, T, Dh]."""
         B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * Dh, G * Dh, G * Dh], dim=-1)
-        q = q.view(B, T, H, Dh).transpose(1, 2)  # [B, H, T, Dh]
-        k = k.view(B, T, G, Dh).transpose(1, 2)  # [B, G, T, Dh]
-        v = v.view(B, T, G, Dh).transpose(1, 2)  # [B, G, T, Dh]
-        q, k = ctx.rotation.apply(q, k)
+        qkv = self.qkv(x).view(B, T, H + 2 * G, Dh).transpose(1, 2)  # [B, H+2G, T, Dh]
+        qk, v = qkv.split([H + G, G], dim=1)  # v [B, G, T, Dh]
+        q, k = ctx.rotation.rotate(qk).split([H, G], dim=1)  # q and k rotated in one pass: [B, H|G, T, Dh]
         k_start = ctx.q_start
         if cache is not None:
             k, v, k_start = cache.update(self.layer_idx, k, v, self.pattern.lookback)

@@ -35,7 +35,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return nn.functional.rms_norm(x, (self.dim,), self.weight, self.eps)  # the same math in one call
+        dtype = x.dtype  # lower precision: normalise in fp32, round once, then apply the gain (as LLaMA does)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)

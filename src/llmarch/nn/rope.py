@@ -103,6 +103,10 @@ class Rotation:
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
         self.cos, self.sin = cos, sin
 
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate the first R dims of x [B, N, T, Dh] (any number N of q or k heads)."""
+        return self._one(x)
+
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         r = self.cos.shape[-1]
         cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
@@ -120,3 +124,6 @@ class NoRotation:
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        return x
