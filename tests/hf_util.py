@@ -66,3 +66,55 @@ def assert_close_at(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor
     diff = (ours[real] - theirs[real]).abs().max().item()
     assert diff <= tol, f"max abs diff {diff:.3g} > {tol}"
     return diff
+
+
+# --- the four checks every causal-LM family runs (config, logits, greedy generation, save round trip) ----------
+# A test module builds its `pair` fixture with `causal_pair(...)` and calls these from thin test functions.
+
+
+def causal_pair(name: str, model_type: str, cfg: llmarch.ModelConfig, tmp: Path, prepare=None):
+    """(name, model_type, cfg, hf_model, ours, tmp): a random HF model for ``cfg`` and ours loaded from it.
+    ``prepare(hf_model, path)`` may adjust the HF model (and re-save it) before we load it."""
+    hf_model, path = make_hf_model(cfg, model_type, tmp)
+    if prepare is not None:
+        prepare(hf_model, path)
+    return name, model_type, cfg, hf_model, llmarch.hf.load(path).eval(), tmp
+
+
+def check_config_round_trip(pair) -> None:
+    _, _, cfg, _, ours, _ = pair
+    assert ours.config == cfg
+
+
+def check_padded_logits(pair) -> None:
+    _, _, cfg, hf_model, ours, _ = pair
+    ids, mask = padded_batch(cfg.vocab_size, lengths=(14, 9, 3))
+    with torch.no_grad():
+        mine = ours(ids, attention_mask=mask).logits
+    assert_close_at(mine, hf_logits(hf_model, ids, mask), mask)
+
+
+def check_greedy_generation(pair, new_tokens: int = 20) -> None:
+    name, _, cfg, hf_model, ours, _ = pair
+    ids, mask = padded_batch(cfg.vocab_size, lengths=(6, 4), seed=3)
+    hf_out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=new_tokens)
+    assert torch.equal(mine, hf_out), f"{name}: generations differ\n{mine}\n{hf_out}"
+
+
+def check_save_reloads(pair, explicit_type: bool = False) -> None:
+    """hf.save -> transformers.from_pretrained gives the same logits; hf.load of the save gives the same weights."""
+    import transformers
+
+    _, model_type, cfg, _, ours, tmp = pair
+    out = llmarch.hf.save(ours, tmp / "saved", model_type=model_type if explicit_type else None)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert reloaded.config.model_type == model_type
+    ids, mask = padded_batch(cfg.vocab_size, lengths=(10, 5))
+    with torch.no_grad():
+        mine = ours(ids, attention_mask=mask).logits
+    assert_close_at(mine, hf_logits(reloaded, ids, mask), mask)
+    again = llmarch.hf.load(out)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k

@@ -9,7 +9,8 @@ import transformers
 
 import llmarch
 from llmarch.hf import ConversionError
-from tests.hf_util import assert_close_at, hf_logits, make_hf_model, padded_batch
+from tests.hf_util import (causal_pair, check_config_round_trip, check_greedy_generation, check_padded_logits,
+                           check_save_reloads, make_hf_model)
 
 BASE = dict(vocab_size=211, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=128)
 CASES = {
@@ -22,13 +23,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine a second thread waits its turn."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sharpen_routers(model, path):
@@ -43,47 +37,23 @@ def sharpen_routers(model, path):
 @pytest.fixture(params=sorted(CASES), scope="module")
 def pair(request, tmp_path_factory):
     model_type, cfg = CASES[request.param]
-    tmp = tmp_path_factory.mktemp(request.param)
-    hf_model, path = make_hf_model(cfg, model_type, tmp)
-    sharpen_routers(hf_model, path)
-    ours = llmarch.hf.load(path).eval()
-    return request.param, model_type, cfg, hf_model, ours, tmp
+    return causal_pair(request.param, model_type, cfg, tmp_path_factory.mktemp(request.param), prepare=sharpen_routers)
 
 
 def test_config_round_trips(pair):
-    _, _, cfg, _, ours, _ = pair
-    assert ours.config == cfg
+    check_config_round_trip(pair)
 
 
 def test_logits_match_on_padded_batch(pair):
-    name, _, cfg, hf_model, ours, _ = pair
-    ids, mask = padded_batch(cfg.vocab_size, lengths=(14, 9, 3))
-    with torch.no_grad():
-        mine = ours(ids, attention_mask=mask).logits
-    assert_close_at(mine, hf_logits(hf_model, ids, mask), mask)
+    check_padded_logits(pair)
 
 
 def test_greedy_generation_matches(pair):
-    name, _, cfg, hf_model, ours, _ = pair
-    ids, mask = padded_batch(cfg.vocab_size, lengths=(6, 4), seed=3)
-    hf_out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
-    mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=20)
-    assert torch.equal(mine, hf_out), f"{name}: generations differ\n{mine}\n{hf_out}"
+    check_greedy_generation(pair)
 
 
 def test_save_reloads_in_transformers(pair):
-    name, model_type, cfg, _, ours, tmp = pair
-    out = llmarch.hf.save(ours, tmp / "saved")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert reloaded.config.model_type == model_type
-    ids, mask = padded_batch(cfg.vocab_size, lengths=(10, 5))
-    with torch.no_grad():
-        mine = ours(ids, attention_mask=mask).logits
-    assert_close_at(mine, hf_logits(reloaded, ids, mask), mask)
-    again = llmarch.hf.load(out)
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    check_save_reloads(pair)
 
 
 def test_dense_families_refuse_moe_and_missing_expert_is_named(tmp_path):

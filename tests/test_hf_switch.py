@@ -25,12 +25,6 @@ CASES = {"drop": 2, "dropless": 64}  # expert_capacity
 CLS = "SwitchTransformersForConditionalGeneration"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def config(capacity: int) -> llmarch.ModelConfig:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 import llmarch
 from llmarch.nn.cache import KVCache, LatentCache
 from llmarch.nn.latent_attention import LatentAttention
-from tests.hf_util import assert_close_at, hf_logits, make_hf_model, padded_batch
+from tests.hf_util import (assert_close_at, causal_pair, check_config_round_trip, check_greedy_generation,
+                           check_padded_logits, check_save_reloads, make_hf_model, padded_batch)
 
 BASE = dict(vocab_size=211, d_model=48, n_layers=2, n_heads=4, d_ff=96, max_seq_len=128)
 TINY = llmarch.preset("deepseek-v2-tiny").replace(ffn="glu", moe=None)  # attention under test: dense FFNs
@@ -29,45 +29,23 @@ CASES = {
 @pytest.fixture(params=sorted(CASES), scope="module")
 def pair(request, tmp_path_factory):
     model_type, cfg = CASES[request.param]
-    tmp = tmp_path_factory.mktemp(request.param)
-    hf_model, path = make_hf_model(cfg, model_type, tmp)
-    ours = llmarch.hf.load(path).eval()
-    return request.param, model_type, cfg, hf_model, ours, tmp
+    return causal_pair(request.param, model_type, cfg, tmp_path_factory.mktemp(request.param))
 
 
 def test_config_round_trips(pair):
-    _, _, cfg, _, ours, _ = pair
-    assert ours.config == cfg
+    check_config_round_trip(pair)
 
 
 def test_logits_match_on_padded_batch(pair):
-    _, _, cfg, hf_model, ours, _ = pair
-    ids, mask = padded_batch(cfg.vocab_size, lengths=(14, 9, 3))
-    with torch.no_grad():
-        mine = ours(ids, attention_mask=mask).logits
-    assert_close_at(mine, hf_logits(hf_model, ids, mask), mask)
+    check_padded_logits(pair)
 
 
 def test_greedy_generation_matches(pair):
-    name, _, cfg, hf_model, ours, _ = pair
-    ids, mask = padded_batch(cfg.vocab_size, lengths=(6, 4), seed=3)
-    hf_out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
-                               pad_token_id=0, eos_token_id=None)
-    mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=16)
-    assert torch.equal(mine, hf_out), f"{name}: generations differ\n{mine}\n{hf_out}"
+    check_greedy_generation(pair, new_tokens=16)
 
 
 def test_save_reloads_in_transformers(pair):
-    _, model_type, cfg, _, ours, tmp = pair
-    out = llmarch.hf.save(ours, tmp / "saved", model_type=model_type)
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids, mask = padded_batch(cfg.vocab_size, lengths=(10, 5))
-    with torch.no_grad():
-        mine = ours(ids, attention_mask=mask).logits
-    assert_close_at(mine, hf_logits(reloaded, ids, mask), mask)
-    again = llmarch.hf.load(out)
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    check_save_reloads(pair, explicit_type=True)
 
 
 def test_v3_moe_checkpoints_are_refused_clearly(tmp_path):

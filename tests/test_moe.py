@@ -16,13 +16,6 @@ from llmarch.nn.router import ROUTERS, balance_loss, z_loss
 D, F = 16, 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine a second thread waits its turn."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_moe(seed=0, **fields) -> MoE:

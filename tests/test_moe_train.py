@@ -11,13 +11,6 @@ from llmarch.nn.moe import router_stats
 E, K, STEPS = 8, 2, 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded machine a second thread waits its turn."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def train(balance_coef: float) -> tuple[list[float], list[dict]]:

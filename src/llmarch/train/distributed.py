@@ -57,7 +57,10 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the process group together: without the barrier a rank that exits first can close its gloo
+    connections under a peer still tearing down, which then aborts."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
