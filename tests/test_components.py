@@ -92,7 +92,7 @@ ROPES = {"rope-none": dict(), "rope-linear": dict(scaling="linear", factor=2.0),
          "rope-yarn": dict(scaling="yarn", factor=4.0, original_max_seq_len=8),
          "rope-partial": dict(fraction=0.5)}
 CACHE_CASES = {name: dict(position=name)
-               for name in ("none", "learned", "sinusoidal", "sinusoidal_halves", "alibi", "t5")}
+               for name in ("none", "learned", "sinusoidal", "sinusoidal_halves", "alibi", "relative")}
 CACHE_CASES.update({name: dict(position="rope", rope=r) for name, r in ROPES.items()})
 CACHE_CASES["sliding-window-3"] = dict(position="rope", pattern=("sliding",), window=3)
 CACHE_CASES["mixed-dense-sliding-4"] = dict(position="alibi", pattern=("dense", "sliding"), window=4)

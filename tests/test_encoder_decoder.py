@@ -163,8 +163,8 @@ def test_config_serialises_new_fields():
 @pytest.mark.parametrize("fields,match", [
     (dict(kind="decoder", head="mlm"), "head: 'mlm' needs kind='encoder'"),
     (dict(kind="decoder", n_decoder_layers=2), "n_decoder_layers: only applies"),
-    (dict(kind="encoder_decoder", position="t5", rel_buckets=7), "rel_buckets: must be even"),
-    (dict(kind="encoder_decoder", position="t5", rel_buckets=32, rel_max_distance=10), "rel_max_distance"),
+    (dict(kind="encoder_decoder", position="relative", rel_buckets=7), "rel_buckets: must be even"),
+    (dict(kind="encoder_decoder", position="relative", rel_buckets=32, rel_max_distance=10), "rel_max_distance"),
     (dict(kind="encoder", type_vocab_size=-1), "type_vocab_size: must be an integer >= 0"),
     (dict(kind="encoder", head="ranking"), "head: 'ranking' is not allowed"),
 ])

@@ -122,8 +122,8 @@ class ModelConfig:
     scale_head: bool = False  # final hidden states * D**-0.5 before the LM head (T5 with a tied head)
     head: str = "lm"  # registry nn.heads.HEADS: lm | mlm | pretraining (mlm + nsp) | classification
     n_labels: int = 2  # classification head outputs
-    rel_buckets: int = 32  # position "t5": relative-distance buckets
-    rel_max_distance: int = 128  # position "t5": distances from here on share the last bucket
+    rel_buckets: int = 32  # position "relative": relative-distance buckets
+    rel_max_distance: int = 128  # position "relative": distances from here on share the last bucket
     decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
     # --- sparse attention and latent attention (issue 6) ----------------------------------------------------
     sparse: SparseConfig = field(default_factory=SparseConfig)  # parameters of the sparse patterns
@@ -333,7 +333,7 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
     if cfg.head != "lm" and cfg.kind != "encoder":
         _fail("head", f"{cfg.head!r} needs kind='encoder' (kind is {cfg.kind!r}); decoders use head='lm'")
     _check_positive("n_labels", cfg.n_labels)
-    if cfg.position == "t5":
+    if cfg.position == "relative":
         _check_positive("rel_buckets", cfg.rel_buckets)
         if cfg.rel_buckets < 4 or cfg.rel_buckets % 2:
             _fail("rel_buckets", f"must be even and >= 4 (half per direction, half of those exact), "

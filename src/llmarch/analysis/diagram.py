@@ -53,7 +53,7 @@ def _position_line(cfg, on: str) -> list[str]:
         return [f"RoPE on {on} (theta={r.theta:g}{part}{extra})"]
     if cfg.position == "alibi":
         return ["ALiBi bias on scores"]
-    if cfg.position == "t5":
+    if cfg.position == "relative":
         return [f"T5 relative bias ({cfg.rel_buckets} buckets x H, per stack)"]
     return []
 

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # position kind -> parameters of one stack's table (kinds not listed carry no parameters)
 POSITION_PARAMS = {"learned": lambda cfg: cfg.max_seq_len * cfg.d_model,
-                   "t5": lambda cfg: cfg.rel_buckets * cfg.n_heads}
+                   "relative": lambda cfg: cfg.rel_buckets * cfg.n_heads}
 PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_halves")
 
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",

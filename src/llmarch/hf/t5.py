@@ -9,7 +9,7 @@ from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_
     tokens_to_hf
 from llmarch.hf.convert import cat_rows, rule, split_rows
 
-T5_FIXED = dict(kind="encoder_decoder", norm="rmsnorm", norm_bias=False, norm_placement="pre", position="t5",
+T5_FIXED = dict(kind="encoder_decoder", norm="rmsnorm", norm_bias=False, norm_placement="pre", position="relative",
                 attn_scale=1.0, qkv_bias=False, out_bias=False, ffn_bias=False, final_norm=True, embed_norm=False,
                 scale_embeddings=False, head="lm", head_bias=False, type_vocab_size=0, position_offset=0,
                 pattern=("dense",))

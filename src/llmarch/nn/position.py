@@ -181,7 +181,7 @@ def relative_buckets(rel: torch.Tensor, bidirectional: bool, n_buckets: int, max
     return side + torch.where(dist < exact, dist, far)
 
 
-@POSITIONS.register("t5")
+@POSITIONS.register("relative")
 class RelativeBias(PositionScheme):
     """T5's learned relative position bias (Raffel et al. 2020): one scalar per (bucket, head) added to the scores
     of every layer of the stack; bidirectional buckets in an encoder, causal ones in a decoder. ``weight`` [R, H]
