@@ -16,7 +16,7 @@ import shlex
 import sys
 
 from llmarch.cli.common import add_model_args, emit_json, table
-from llmarch.cli.train import OPTIONS
+from llmarch.cli.train import OPTIONS, add_options
 
 RUNNER_OWNED = {"stop_at", "resume", "save_every", "keep_last", "samples", "sample_tokens", "parallel"}
 TRAIN_OPTIONS = [o for o in OPTIONS if o[1] not in RUNNER_OWNED]
@@ -32,13 +32,7 @@ def add(sub) -> None:
                    help="a named variant setting several fields at once (repeatable); tuple items joined by +")
     p.add_argument("--out", required=True, metavar="DIR", help="study directory: variants/, report.md, plots")
     p.add_argument("--eval-lengths", metavar="L1,L2", help="also evaluate perplexity at these sequence lengths")
-    for flag, dest, kind, help_ in TRAIN_OPTIONS:
-        if kind is None:
-            p.add_argument(flag, dest=dest, action="store_true", default=None, help=help_)
-        elif kind is False:
-            p.add_argument(flag, dest=dest, action="store_false", default=None, help=help_)
-        else:
-            p.add_argument(flag, dest=dest, type=kind, default=None, help=help_)
+    add_options(p, TRAIN_OPTIONS)
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     p.set_defaults(func=run)
 

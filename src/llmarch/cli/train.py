@@ -51,16 +51,22 @@ OPTIONS = [
 ]
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
-    for flag, dest, kind, help_ in OPTIONS:
+def add_options(p: argparse.ArgumentParser, options) -> None:
+    """Training-setting flags from (flag, dest, type, help) rows: type None = on-switch, False = off-switch.
+    Defaults are None so only what the user gave overrides the settings."""
+    for flag, dest, kind, help_ in options:
         if kind is None:
             p.add_argument(flag, dest=dest, action="store_true", default=None, help=help_)
         elif kind is False:
             p.add_argument(flag, dest=dest, action="store_false", default=None, help=help_)
         else:
             p.add_argument(flag, dest=dest, type=kind, default=None, help=help_)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
+    add_options(p, OPTIONS)
     p.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun when > 1)")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from llmarch.hf.base import FAMILIES, require
 from llmarch.hf.convert import rule
 from llmarch.hf.llama import Mistral
-from llmarch.hf.moe import experts_rule, per_layer_rules, plain_routing, warn_dropped
+from llmarch.hf.moe import experts_rule, moe_on_dense_reason, per_layer_rules, warn_dropped
 from llmarch.moe_config import MoEConfig
 
 # softmax over E then top-k renormalised (HF's form) equals softmax over the top-k logits (ours): same weights.
@@ -32,14 +32,10 @@ class Mixtral(Mistral):
                     router_aux_loss_coef=m.balance_coef, router_jitter_noise=m.jitter, output_router_logits=False)
 
     def accepts(self, cfg):
-        if cfg.moe is None:
-            return "mixtral is a mixture of experts; the config has no moe"
-        reason = super().accepts(cfg.replace(ffn="glu", moe=None))
+        reason = moe_on_dense_reason(super().accepts, cfg, self.model_type)
         if reason:
             return reason
         m = cfg.moe
-        if plain_routing(m, self.model_type):
-            return plain_routing(m, self.model_type)
         if m.router not in RENORMALISED:
             return f"mixtral renormalises the top-k weights; moe.router must be one of {RENORMALISED}"
         if m.expert_ffn != "glu" or m.router_bias or m.n_shared:

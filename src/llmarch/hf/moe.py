@@ -46,6 +46,14 @@ def warn_dropped(cfg: ModelConfig, model_type: str) -> None:
         log.warning("%s config has no router z-loss; moe.z_coef=%s is not saved", model_type, cfg.moe.z_coef)
 
 
+def moe_on_dense_reason(dense_accepts, cfg, model_type: str) -> str | None:
+    """The checks every MoE family over a dense one shares: the config has an MoE, its dense part fits the dense
+    family (``dense_accepts`` of the config with a GLU FFN), and the routing is plain (no DeepSeek-style scale)."""
+    if cfg.moe is None:
+        return f"{model_type} is a mixture of experts; the config has no moe"
+    return dense_accepts(cfg.replace(ffn="glu", moe=None)) or plain_routing(cfg.moe, model_type)
+
+
 def plain_routing(moe: MoEConfig, model_type: str) -> str | None:
     """Why ``model_type`` cannot hold DeepSeek-style routing (a routed weight scale, group-limited choice)."""
     if moe.routed_scale != 1.0 or moe.n_groups != 1:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from llmarch.hf.base import FAMILIES, require
 from llmarch.hf.convert import cat_rows, rule, split_rows
 from llmarch.hf.llama import Qwen2
-from llmarch.hf.moe import experts_rule, per_layer_rules, plain_routing, warn_dropped
+from llmarch.hf.moe import experts_rule, moe_on_dense_reason, per_layer_rules, warn_dropped
 from llmarch.moe_config import MoEConfig
 
 ROUTER_FROM_NORM = {False: "softmax_topk", True: "softmax_topk_norm"}
@@ -42,14 +42,10 @@ class Qwen2Moe(Qwen2):
                     qkv_bias=True, output_router_logits=False)
 
     def accepts(self, cfg):
-        if cfg.moe is None:
-            return "qwen2_moe is a mixture of experts; the config has no moe"
-        reason = super().accepts(cfg.replace(ffn="glu", moe=None))
+        reason = moe_on_dense_reason(super().accepts, cfg, self.model_type)
         if reason:
             return reason
         m = cfg.moe
-        if plain_routing(m, self.model_type):
-            return plain_routing(m, self.model_type)
         if m.router not in ROUTER_FROM_NORM.values():
             return f"qwen2_moe routes softmax then top-k; moe.router must be one of {sorted(ROUTER_FROM_NORM.values())}"
         if m.expert_ffn != "glu" or m.router_bias or m.jitter:
