@@ -25,6 +25,8 @@ def add(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", metavar="DIR", help="RETRO: retrieve neighbours from this chunk index (built with "
+                   "the checkpoint's tokenizer) as each chunk completes; no streaming")
     p.set_defaults(func=run)
 
 
@@ -49,6 +51,9 @@ def run(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile)
     if args.preset:
+        if args.index:
+            raise ValueError("--index needs --checkpoint (a trained RETRO run and the tokenizer its index was built "
+                             "with), not --preset")
         model = llmarch.build(llmarch.preset(args.preset)).eval()
         kw["cache"] = cache_for(model, args.cache)
         ids = [int(t) for t in args.prompt.split()] or [0]
@@ -57,6 +62,7 @@ def run(args) -> int:
         out = llmarch.generate(model, torch.tensor([ids]), streamer=stream, **kw)
         _emit("\n" if stream else " ".join(str(t) for t in out[0, len(ids):].tolist()) + "\n")
         return 0
+
     from llmarch.checkpoint import load_model
     from llmarch.tokenizer import load_tokenizer_for
     from llmarch.train.checkpoints import resolve_model_dir
@@ -66,6 +72,8 @@ def run(args) -> int:
     tok = load_tokenizer_for(path)
     kw["cache"] = cache_for(model, args.cache)
     ids = tok.encode(args.prompt) or [tok.bos_id]
+    if args.index:
+        return _retro(args, model, tok, ids)
     stops = tuple(args.stop)
     stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
     seq2seq = model.config.kind == "encoder_decoder"
@@ -85,4 +93,23 @@ def run(args) -> int:
         _emit("\n")
     else:
         _emit(text + "\n")
+    return 0
+
+
+def _retro(args, model, tok, ids: list[int]) -> int:
+    """``--index``: RETRO generation that retrieves once per completed chunk (recomputes each step, no cache)."""
+    from llmarch.retrieval import retro_generate
+    from llmarch.train.retrieving import load_index
+
+    if args.min_p is not None or args.repetition_penalty != 1.0 or args.stop:
+        raise ValueError("--index: RETRO generation takes --temperature and --top-k/--top-p only; drop --min-p, "
+                         "--repetition-penalty and --stop")
+    index, embed = load_index(args.index, model.config, tok)
+    out = retro_generate(model, torch.tensor([ids]), index, embed, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=tok.eos_id,
+                         generator=torch.Generator().manual_seed(args.seed))
+    new = out[0, len(ids):].tolist()
+    if tok.eos_id is not None and tok.eos_id in new:
+        new = new[:new.index(tok.eos_id)]
+    _emit(args.prompt + tok.decode(new) + "\n")
     return 0

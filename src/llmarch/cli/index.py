@@ -40,20 +40,22 @@ def _tokens(args):
 
     from llmarch.retrieval.corpus import byte_stream, text_files
 
+    from llmarch.train.retrieving import index_tokenizer
+
     files = text_files(args.data, args.pattern)
     if args.tokenizer is None:
-        return byte_stream(files, args.max_bytes).astype(np.int64), 256, len(files)
-    from tokenizers import Tokenizer
+        return byte_stream(files, args.max_bytes).astype(np.int64), index_tokenizer(None), len(files)
+    from llmarch.tokenizer import load_tokenizer
 
-    tok = Tokenizer.from_file(args.tokenizer)
+    tok = load_tokenizer(args.tokenizer)  # the same encoding as training (no special tokens added)
     ids, total = [], 0
     for f in files:
         text = f.read_text(errors="replace")
-        ids += tok.encode(text).ids
+        ids += tok.encode(text)
         total += len(text.encode())
         if args.max_bytes is not None and total >= args.max_bytes:
             break
-    return np.asarray(ids, dtype=np.int64), tok.get_vocab_size(), len(files)
+    return np.asarray(ids, dtype=np.int64), index_tokenizer(tok), len(files)
 
 
 def _encoder(args, vocab: int):
@@ -82,12 +84,13 @@ def run_build(args) -> int:
     from llmarch.retrieval import ChunkIndex, EncoderEmbedder
 
     t0 = time.perf_counter()
-    tokens, vocab, n_files = _tokens(args)
-    model, name = _encoder(args, vocab)
+    tokens, tok_meta, n_files = _tokens(args)
+    model, name = _encoder(args, tok_meta["vocab_size"])
     embed = EncoderEmbedder(model, pool=args.pool)
     index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
                               metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder="encoder",
                               pool=args.pool)
+    index.meta.update(tok_meta)  # which tokens the chunks hold: checked by train/generate --index
     save_model(model, Path(args.out) / "encoder")  # queries are embedded with the same frozen encoder
     n = index.add(tokens, embed)
     info = dict(out=str(Path(args.out)), files=n_files, tokens=int(len(tokens)), chunks=n, dim=embed.dim,

@@ -48,6 +48,10 @@ OPTIONS = [
     ("--stop-at", "stop_at", int, "stop after this step with a checkpoint, keeping the schedule of --steps"),
     ("--resume", "resume", None, "continue from the newest good checkpoint in --out"),
     ("--no-progress", "progress", False, "no progress bar"),
+    ("--teacher", "teacher", str, "distil from this checkpoint (model or run directory; causal_lm, same tokenizer)"),
+    ("--distill-temperature", "distill_temperature", float, "softening temperature of the distillation KL (default 2)"),
+    ("--distill-alpha", "distill_alpha", float, "weight of the KL term, 1 - alpha on the hard CE (default 0.5)"),
+    ("--index", "index", str, "chunk index (llmarch index build, same tokenizer) for a RETRO config"),
 ]
 
 

@@ -26,8 +26,10 @@ from llmarch.train.expert_load import ExpertLoad
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
+from llmarch.train.retrieving import with_retrieval
 from llmarch.train.settings import TrainConfig
 from llmarch.train.setup import fit_model_config, prepare
+from llmarch.train.teacher import with_teacher
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +68,9 @@ class Trainer:
         if self.env.is_main:
             for note in notes:
                 log.info("model %s", note)
-        self.objective = objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp)
+        objective = with_retrieval(objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp), tc, cfg,
+                                   self.tokenizer)  # --index: RETRO neighbours in every batch; --teacher: distil
+        self.objective = with_teacher(objective, tc, cfg, self.tokenizer, self.env.device)
         extra = self.objective.extra_tokens
         self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed)
         self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False)

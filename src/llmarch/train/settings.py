@@ -55,6 +55,11 @@ class TrainConfig:
     stop_at: int | None = None  # stop (with a checkpoint) after this step, as if the run were cut there
     resume: bool = False
     progress: bool = True
+    # --- distillation and retrieval (train/teacher.py, train/retrieving.py) ---
+    teacher: str | None = None  # a teacher checkpoint (model or run directory): knowledge distillation
+    distill_temperature: float = 2.0  # softening temperature T of the distillation KL
+    distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard-label CE
+    index: str | None = None  # a chunk index (llmarch index build) for a RETRO config; None = retrieval off
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
@@ -86,6 +91,10 @@ class TrainConfig:
             raise ValueError(f"curriculum_start: must be in [1, seq_len={self.seq_len}], got {self.curriculum_start}")
         if self.stop_at is not None and not 0 < self.stop_at <= self.steps:
             raise ValueError(f"stop_at: must be in [1, steps={self.steps}], got {self.stop_at}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature: must be > 0, got {self.distill_temperature}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
         if self.max_data_mb is not None and self.max_data_mb <= 0:
             raise ValueError(f"max_data_mb: must be > 0, got {self.max_data_mb}")
 
