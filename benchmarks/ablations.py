@@ -163,8 +163,8 @@ def v_moe(res) -> str:
     d, m = ok(res, "dense"), ok(res, "moe-8x-top2")
     if not m:
         err = next((r.get("error", "") for r in res if r["name"] == "moe-8x-top2"), "not run")[:60] + "…"
-        return (f"**not measured on this branch**: the MoE variant failed with `{err}` (the `moe` config field "
-                "arrives with the MoE work; re-run `python benchmarks/ablations.py --only moe` after it is merged).")
+        return (f"**not measured**: the MoE variant failed with `{err}`; re-run "
+                "`python benchmarks/ablations.py --only moe`.")
     budget = train_flops_curve(d)[-1][0]  # the dense run's whole budget; the MoE's router makes its own larger
     diff = loss_at_flops(m, budget) - loss(d)
     return (f"**{'supported' if diff < -0.01 else 'not supported'} at this scale** (rule: MoE lower by > 0.01 nats "
