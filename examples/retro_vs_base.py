@@ -19,6 +19,7 @@ The loop is deliberately small. With the shared training loop the only RETRO-spe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import tempfile
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 
 import llmarch
 from llmarch.model import Model
-from llmarch.retrieval import (ChunkIndex, EncoderEmbedder, in_batch_negatives_loss, own_text_exclusion,
-                               retrieve_neighbours)
+from llmarch.retrieval import (ChunkIndex, EncoderEmbedder, HashedNgramEmbedder, in_batch_negatives_loss,
+                               own_text_exclusion, retrieve_neighbours)
 from llmarch.retrieval.corpus import byte_stream, split_files, text_files
 
 
@@ -60,8 +61,14 @@ def train_retriever(encoder, stream: np.ndarray, m: int, steps: int, seed: int, 
     print(f"  retriever: {steps} contrastive steps, last loss {loss.item():.3f}", flush=True)
 
 
-def build_index(stream: np.ndarray, path: Path, chunk_size: int, seed: int,
-                retriever_steps: int = 0) -> tuple[ChunkIndex, EncoderEmbedder]:
+def build_index(stream: np.ndarray, path: Path, chunk_size: int, seed: int, retriever_steps: int = 0,
+                retriever: str = "encoder", ngram_dim: int = 1024):
+    if retriever == "ngram":  # lexical: hashed bag of byte 1..4-grams, no training
+        embed = HashedNgramEmbedder(ngram_dim, 4)
+        index = ChunkIndex.create(path, dim=embed.dim, chunk_size=chunk_size, kind="flat", embedder=embed.meta,
+                                  encoder=f"hashed byte 1..4-grams, {ngram_dim} buckets")
+        index.add(stream, embed, batch_size=1024)
+        return index, embed
     torch.manual_seed(seed)
     encoder = llmarch.build(llmarch.preset("dpr-tiny").replace(vocab_size=256, dropout=0.0, attn_dropout=0.0))
     if retriever_steps:
@@ -71,6 +78,21 @@ def build_index(stream: np.ndarray, path: Path, chunk_size: int, seed: int,
     index = ChunkIndex.create(path, dim=embed.dim, chunk_size=chunk_size, kind="flat", encoder=name)
     index.add(stream, embed, batch_size=1024)
     return index, embed
+
+
+def ngram_overlap(index, embed, val: np.ndarray, m: int, n_chunks: int = 2000, seed: int = 0) -> dict:
+    """How much the top-1 neighbour (chunk + continuation) of a validation chunk shares with the true continuation:
+    the fraction of the continuation's distinct byte 4-grams found in it, against a random indexed chunk."""
+    chunks = val[:len(val) // m * m].reshape(-1, m)[:n_chunks + 1]
+    queries, truth = chunks[:-1], chunks[1:]
+    top = index.neighbours(index.search(embed(queries), 1)[0])[:, 0]  # [Q, 2m]
+    rand = index.neighbours(np.random.default_rng(seed).integers(0, len(index), size=len(queries)))
+    grams = lambda row: {row[i:i + 4].astype(np.int32).tobytes() for i in range(len(row) - 3)}
+
+    def share(nbs):
+        return float(np.mean([len(grams(t) & grams(nb)) / max(1, len(grams(t))) for t, nb in zip(truth, nbs)]))
+    return dict(neighbour=round(share(top), 4), random=round(share(rand), 4),
+                verbatim_top1=round(float((top[:, :m] == queries).all(1).mean()), 4))
 
 
 def sample_batch(stream: np.ndarray, batch: int, seq: int, m: int, rng: np.random.Generator):
@@ -134,18 +156,22 @@ def train(model, stream, steps, batch, seq, lr, seed, index=None, embed=None, lo
 
 def run(steps: int = 300, train_bytes: int = 2_000_000, val_bytes: int = 100_000, batch: int = 8, seq: int = 256,
         lr: float = 2e-3, seed: int = 0, d_model: int = 128, retriever_steps: int = 0,
-        workdir: str | None = None) -> dict:
+        workdir: str | None = None, retriever: str = "encoder", n_neighbours: int | None = None,
+        ngram_dim: int = 1024) -> dict:
     train_files, val_files = split_files(text_files(), val_fraction=0.1, seed=seed)
     train_stream, val_stream = byte_stream(train_files, train_bytes), byte_stream(val_files, val_bytes)
     cfg = retro_config(seq, d_model)
+    if n_neighbours is not None:
+        cfg = cfg.replace(retrieval=dataclasses.replace(cfg.retrieval, n_neighbours=n_neighbours))
     m = cfg.retrieval.chunk_size
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
-        index, embed = build_index(train_stream, Path(tmp) / "index", m, seed, retriever_steps)
+        index, embed = build_index(train_stream, Path(tmp) / "index", m, seed, retriever_steps, retriever,
+                                   ngram_dim)
         index_s = time.perf_counter() - t0
-        val_chunks = val_stream[:len(val_stream) // m * m].reshape(-1, m)[:2000]
-        top = index.neighbours(index.search(embed(val_chunks), 1)[0])[:, 0, :m]
-        exact_copies = float((top == val_chunks).all(1).mean())  # validation chunks found verbatim in training
+        overlap = ngram_overlap(index, embed, val_stream, m, seed=seed)
+        print(f"  index: {len(index)} chunks in {index_s:.0f}s; top-1 neighbour shares {overlap['neighbour']:.1%} "
+              f"of the true continuation's 4-grams (random chunk {overlap['random']:.1%})", flush=True)
         torch.manual_seed(seed)
         retro = llmarch.build(cfg)
         base = Model(cfg.replace(retrieval=None))
@@ -154,7 +180,8 @@ def run(steps: int = 300, train_bytes: int = 2_000_000, val_bytes: int = 100_000
         results = dict(steps=steps, batch=batch, seq=seq, lr=lr, seed=seed, retriever=index.meta["encoder"],
                        train_bytes=len(train_stream),
                        val_bytes=len(val_stream), chunks_indexed=len(index), index_build_s=round(index_s, 1),
-                       val_chunks_with_verbatim_top1=round(exact_copies, 4),
+                       val_chunks_with_verbatim_top1=overlap["verbatim_top1"],
+                       continuation_4gram_overlap=overlap,
                        params_base=sum(p.numel() for p in base.parameters()),
                        params_retro=sum(p.numel() for p in retro.parameters()),
                        config=cfg.to_dict())
@@ -179,12 +206,17 @@ def main() -> None:
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--retriever-steps", type=int, default=0,
                    help="contrastive steps for the frozen chunk encoder (0: random encoder)")
+    p.add_argument("--retriever", choices=["encoder", "ngram"], default="encoder",
+                   help="encoder: frozen dpr-tiny (random unless --retriever-steps); ngram: hashed byte n-grams")
+    p.add_argument("--ngram-dim", type=int, default=1024, help="hash buckets of the ngram retriever")
+    p.add_argument("--neighbours", type=int, default=None, help="neighbours per chunk (default: retro-tiny's 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="PATH", help="write the results here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     res = run(args.steps, args.train_bytes, args.val_bytes, args.batch, args.seq, args.lr, args.seed, args.d_model,
-              args.retriever_steps)
+              args.retriever_steps, retriever=args.retriever, n_neighbours=args.neighbours,
+              ngram_dim=args.ngram_dim)
     print(f"validation loss (nats/byte): base {res['base_val_loss']:.4f}  retro {res['retro_val_loss']:.4f}  "
           f"(retro with retrieval off {res['retro_val_loss_retrieval_off']:.4f}); "
           f"{res['val_chunks_with_verbatim_top1']:.1%} of validation chunks have a verbatim top-1 neighbour")

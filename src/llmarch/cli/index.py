@@ -21,9 +21,14 @@ def add(sub) -> None:
     b.add_argument("--metric", choices=["ip", "l2"], default="ip")
     b.add_argument("--nlist", type=int, default=None, help="ivf cells (default ~4 sqrt(N))")
     b.add_argument("--nprobe", type=int, default=8, help="ivf cells visited per query")
+    b.add_argument("--embedder", choices=["ngram", "encoder"], default=None,
+                   help="ngram: hashed bag of token 1..4-grams, lexical and training-free (the default); encoder: a "
+                   "frozen encoder model (the default when --encoder or --encoder-preset is given)")
+    b.add_argument("--ngram-dim", type=int, default=1024, help="hash buckets of the ngram embedder")
+    b.add_argument("--ngram-n", type=int, default=4, help="longest n-gram of the ngram embedder")
     enc = b.add_mutually_exclusive_group()
     enc.add_argument("--encoder", metavar="DIR", help="frozen encoder: an llmarch or HF model directory")
-    enc.add_argument("--encoder-preset", default="bert-tiny", help="encoder preset with seeded random weights, "
+    enc.add_argument("--encoder-preset", default=None, help="encoder preset with seeded random weights, "
                      "a random-feature embedder (default bert-tiny)")
     b.add_argument("--pool", choices=["mean", "first"], default="mean", help="mean (RETRO) or [CLS] (DPR)")
     b.add_argument("--seed", type=int, default=0)
@@ -72,26 +77,33 @@ def _encoder(args, vocab: int):
                              f"the corpus tokens ({vocab}); use the encoder's tokenizer with --tokenizer")
         return model, args.encoder
     torch.manual_seed(args.seed)
-    cfg = llmarch.preset(args.encoder_preset)
+    cfg = llmarch.preset(args.encoder_preset or "bert-tiny")
     if cfg.kind != "encoder":
         raise ValueError(f"--encoder-preset {args.encoder_preset}: needs an encoder preset (bert-tiny, dpr-tiny, ...)")
     return llmarch.build(cfg.replace(vocab_size=vocab, dropout=0.0, attn_dropout=0.0)), \
-        f"{args.encoder_preset} (random, seed {args.seed})"
+        f"{args.encoder_preset or 'bert-tiny'} (random, seed {args.seed})"
 
 
 def run_build(args) -> int:
     from llmarch.checkpoint import save_model
-    from llmarch.retrieval import ChunkIndex, EncoderEmbedder
+    from llmarch.retrieval import ChunkIndex, EncoderEmbedder, HashedNgramEmbedder
 
     t0 = time.perf_counter()
     tokens, tok_meta, n_files = _tokens(args)
-    model, name = _encoder(args, tok_meta["vocab_size"])
-    embed = EncoderEmbedder(model, pool=args.pool)
-    index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
-                              metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder="encoder",
-                              pool=args.pool)
+    kind = args.embedder or ("encoder" if args.encoder or args.encoder_preset else "ngram")
+    if kind == "ngram":
+        embed = HashedNgramEmbedder(args.ngram_dim, args.ngram_n)
+        name = f"hashed 1..{args.ngram_n}-grams, {args.ngram_dim} buckets"
+        index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
+                                  metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, embedder=embed.meta)
+    else:
+        model, name = _encoder(args, tok_meta["vocab_size"])
+        embed = EncoderEmbedder(model, pool=args.pool)
+        index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
+                                  metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder="encoder",
+                                  pool=args.pool)
+        save_model(model, Path(args.out) / "encoder")  # queries are embedded with the same frozen encoder
     index.meta.update(tok_meta)  # which tokens the chunks hold: checked by train/generate --index
-    save_model(model, Path(args.out) / "encoder")  # queries are embedded with the same frozen encoder
     n = index.add(tokens, embed)
     info = dict(out=str(Path(args.out)), files=n_files, tokens=int(len(tokens)), chunks=n, dim=embed.dim,
                 kind=args.kind, metric=args.metric, encoder=name, seconds=round(time.perf_counter() - t0, 2))

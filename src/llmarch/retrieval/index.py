@@ -57,9 +57,10 @@ class ChunkIndex:
     @classmethod
     def create(cls, path: str | os.PathLike, dim: int, chunk_size: int = 64, kind: str = "flat", metric: str = "ip",
                nlist: int | None = None, nprobe: int = 8, hnsw_m: int = 32, pad_id: int = 0,
-               encoder: str = "", pool: str = "mean") -> "ChunkIndex":
+               encoder: str = "", pool: str = "mean", embedder: dict | None = None) -> "ChunkIndex":
         """An empty index in directory ``path`` (created; must not already hold an index). ``encoder`` names the
-        frozen encoder (a model directory relative to ``path`` when it is stored there) and ``pool`` its pooling."""
+        frozen encoder (a model directory relative to ``path`` when it is stored there) and ``pool`` its pooling;
+        ``embedder`` is a model-free embedder's description (``HashedNgramEmbedder.meta``), recorded instead."""
         if kind not in INDEX_KINDS:
             raise ValueError(f"kind: {kind!r} is not allowed; choose one of {list(INDEX_KINDS)}")
         if metric not in METRICS:
@@ -67,6 +68,8 @@ class ChunkIndex:
         for name, v in (("dim", dim), ("chunk_size", chunk_size), ("nprobe", nprobe), ("hnsw_m", hnsw_m)):
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        if embedder is not None and embedder.get("dim", dim) != dim:
+            raise ValueError(f"dim: {dim} differs from the embedder's dim {embedder['dim']}; pass dim=embed.dim")
         path = Path(path)
         if (path / "meta.json").exists():
             raise ValueError(f"{path} already holds an index; load it with ChunkIndex.load or pick a new --out")
@@ -74,7 +77,8 @@ class ChunkIndex:
         for name in ("chunks.i32", "continuations.i32"):
             (path / name).write_bytes(b"")
         meta = dict(dim=dim, chunk_size=chunk_size, kind=kind, metric=metric, nlist=nlist, nprobe=nprobe,
-                    hnsw_m=hnsw_m, pad_id=pad_id, count=0, encoder=encoder, pool=pool)
+                    hnsw_m=hnsw_m, pad_id=pad_id, count=0, encoder=encoder, pool=pool, embedder="encoder")
+        meta.update(embedder or {})
         index = cls(path, meta, None)
         index.save()
         return index
