@@ -2,15 +2,17 @@
 
 Both models start from the same decoder weights and see the same batches in the same loop; RETRO also gets, for
 every 32-byte chunk, k=2 neighbours (chunk + continuation) retrieved from a faiss flat index over the training
-files, embedded by a frozen BERT-style encoder of this library (mean-pooled). No pretrained encoder can be
-downloaded here, so the encoder is random (a random-feature embedder) unless ``--retriever-steps N`` first gives
-it N DPR-style contrastive steps (a chunk should pick out its own next chunk among the batch's, in-batch
-negatives).
+files. ``--retriever ngram`` embeds chunks as hashed bags of byte 1..4-grams (lexical, no training);
+``--retriever encoder`` (the default) uses a frozen BERT-style encoder of this library (mean-pooled). No pretrained
+encoder can be downloaded here, so the encoder is random (a random-feature embedder) unless ``--retriever-steps N``
+first gives it N DPR-style contrastive steps (a chunk should pick out its own next chunk among the batch's,
+in-batch negatives). Also reports how many of the true continuation's byte 4-grams the top-1 neighbour holds.
 Training sequences never retrieve their own text; validation files are not in the index. Prints both validation
 losses and writes them as JSON.
 
     PYTHONPATH=src python examples/retro_vs_base.py --steps 500 --train-bytes 2000000 --val-bytes 100000 \
-        --seq 128 --batch 16 --d-model 96 --lr 2e-3 --threads 1 --json benchmarks/results/retro_vs_base.json
+        --seq 128 --batch 16 --d-model 96 --lr 2e-3 --threads 1 --retriever ngram --ngram-dim 256 \
+        --json benchmarks/results/retro_vs_base.json
 
 The loop is deliberately small. With the shared training loop the only RETRO-specific step is, per batch,
 ``nb, mask = retrieve_neighbours(index, embed, inputs, k, r, own_text_exclusion(starts, T + 1, m))`` and
@@ -157,12 +159,14 @@ def train(model, stream, steps, batch, seq, lr, seed, index=None, embed=None, lo
 def run(steps: int = 300, train_bytes: int = 2_000_000, val_bytes: int = 100_000, batch: int = 8, seq: int = 256,
         lr: float = 2e-3, seed: int = 0, d_model: int = 128, retriever_steps: int = 0,
         workdir: str | None = None, retriever: str = "encoder", n_neighbours: int | None = None,
-        ngram_dim: int = 1024) -> dict:
+        ngram_dim: int = 1024, cca_layers: tuple[int, ...] | None = None) -> dict:
     train_files, val_files = split_files(text_files(), val_fraction=0.1, seed=seed)
     train_stream, val_stream = byte_stream(train_files, train_bytes), byte_stream(val_files, val_bytes)
     cfg = retro_config(seq, d_model)
     if n_neighbours is not None:
         cfg = cfg.replace(retrieval=dataclasses.replace(cfg.retrieval, n_neighbours=n_neighbours))
+    if cca_layers is not None:
+        cfg = cfg.replace(retrieval=dataclasses.replace(cfg.retrieval, cca_layers=tuple(cca_layers)))
     m = cfg.retrieval.chunk_size
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         t0 = time.perf_counter()
@@ -209,6 +213,8 @@ def main() -> None:
     p.add_argument("--retriever", choices=["encoder", "ngram"], default="encoder",
                    help="encoder: frozen dpr-tiny (random unless --retriever-steps); ngram: hashed byte n-grams")
     p.add_argument("--ngram-dim", type=int, default=1024, help="hash buckets of the ngram retriever")
+    p.add_argument("--cca-layers", type=int, nargs="+", default=None,
+                   help="decoder layers with chunked cross-attention (default: retro-tiny's 1 3)")
     p.add_argument("--neighbours", type=int, default=None, help="neighbours per chunk (default: retro-tiny's 2)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", metavar="PATH", help="write the results here")
@@ -216,7 +222,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     res = run(args.steps, args.train_bytes, args.val_bytes, args.batch, args.seq, args.lr, args.seed, args.d_model,
               args.retriever_steps, retriever=args.retriever, n_neighbours=args.neighbours,
-              ngram_dim=args.ngram_dim)
+              ngram_dim=args.ngram_dim, cca_layers=args.cca_layers)
     print(f"validation loss (nats/byte): base {res['base_val_loss']:.4f}  retro {res['retro_val_loss']:.4f}  "
           f"(retro with retrieval off {res['retro_val_loss_retrieval_off']:.4f}); "
           f"{res['val_chunks_with_verbatim_top1']:.1%} of validation chunks have a verbatim top-1 neighbour")
