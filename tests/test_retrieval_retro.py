@@ -21,8 +21,27 @@ CFG = llmarch.preset("retro-tiny").replace(vocab_size=61, d_model=32, n_layers=3
 
 @pytest.fixture(scope="module")
 def model():
+    """A RETRO whose CCA outputs are no longer zero (as after some training), so neighbours change its logits."""
     torch.manual_seed(0)
-    return llmarch.build(CFG).eval()
+    m = llmarch.build(CFG).eval()
+    with torch.no_grad():
+        for module in m.modules():
+            if isinstance(module, ChunkedCrossAttention):
+                module.out.weight.normal_(0.0, 0.02)
+    return m
+
+
+def test_a_fresh_retro_computes_its_base_decoder_even_with_neighbours():
+    """The CCA output projections start at zero, so retrieval is learned from the base decoder's function."""
+    torch.manual_seed(0)
+    fresh = llmarch.build(CFG).eval()
+    ids = torch.randint(0, CFG.vocab_size, (2, 4 * M))
+    nb = torch.randint(0, CFG.vocab_size, (2, 4, 2, 2 * M))
+    with torch.no_grad():
+        with_nb = fresh(ids, neighbours=nb, neighbour_mask=torch.ones_like(nb)).logits
+        without = fresh(ids).logits
+    assert torch.equal(with_nb, without)
+    assert all(not module.out.weight.any() for module in fresh.modules() if isinstance(module, ChunkedCrossAttention))
 
 
 @pytest.fixture(scope="module")

@@ -299,6 +299,9 @@ def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torc
     if str(device) != "meta":
         with torch.no_grad():
             init_weights(model, cfg.init_std, cfg.n_layers)
+            for module in model.modules():  # components that start from a particular point (e.g. a zero output)
+                if hasattr(module, "after_init"):
+                    module.after_init()
     if dtype is not None:
         model = model.to(dtype)
     return model

@@ -61,6 +61,11 @@ class ChunkedCrossAttention(CrossAttention):
         super().__init__(*args, **kwargs)
         self.chunk_size = chunk_size
 
+    def after_init(self) -> None:
+        """Zero the output projection after the model's init: a fresh RETRO computes exactly its base decoder and
+        learns to use the neighbours from there (the gradient reaches ``out`` first, then q/kv)."""
+        torch.nn.init.zeros_(self.out.weight)
+
     def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
         memory: Neighbours | None = ctx.memory
         B, T, D = x.shape
