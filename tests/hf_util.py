@@ -115,6 +115,21 @@ def check_save_reloads(pair, explicit_type: bool = False) -> None:
     with torch.no_grad():
         mine = ours(ids, attention_mask=mask).logits
     assert_close_at(mine, hf_logits(reloaded, ids, mask), mask)
-    again = llmarch.hf.load(out)
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(ours, llmarch.hf.load(out))
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same parameter and buffer names, bit-identical tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb), sorted(set(sa) ^ set(sb))
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def assert_seq2seq_greedy_matches(name: str, cfg, hf_model, ours, ids, mask, new_tokens: int = 12) -> None:
+    """Greedy generation of an encoder-decoder equals transformers' and is not degenerate (a weak test)."""
+    theirs = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                               num_beams=1)
+    mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=cfg.eos_token_id)
+    assert torch.equal(mine, theirs), f"{name}: generations differ\n{mine}\n{theirs}"
+    assert len(set(mine[:, 1:].flatten().tolist())) > 2, f"{name}: degenerate generations make a weak test: {mine}"

@@ -14,7 +14,6 @@ from llmarch.ablate.costs import _local
 from llmarch.ablate.extrapolate import perplexity_at_lengths
 from llmarch.cli import main as cli_main
 from llmarch.train.objectives import OBJECTIVES
-from tests.train_util import one_thread  # noqa: F401  (fixture)
 
 BASE = ["--preset", "llama-tiny", "--set", "d_model=32", "--set", "n_layers=2", "--set", "d_ff=64",
         "--set", "max_seq_len=64"]

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import llmarch
+from tests.hf_util import assert_same_weights
 from llmarch.nn.cache import EncoderDecoderCache
 from llmarch.presets import PUBLISHED_PARAMS
 
@@ -212,5 +213,4 @@ def test_llmarch_checkpoint_round_trip(tmp_path, name):
     again = load_model(save_model(model, tmp_path / name))
     assert again.config == model.config
     assert again.tied_names() == model.tied_names()
-    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(model, again)

@@ -12,7 +12,7 @@ import transformers
 import llmarch
 from llmarch.hf.io import family
 from llmarch.nn import router_stats
-from tests.hf_util import assert_close_at, hf_logits, make_hf_model, padded_batch
+from tests.hf_util import assert_close_at, assert_same_weights, hf_logits, make_hf_model, padded_batch
 
 BASE = dict(vocab_size=211, d_model=48, n_layers=3, n_heads=4, d_ff=96, max_seq_len=128)
 MLA = dict(kv_lora_rank=12, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=6, v_head_dim=10)
@@ -78,8 +78,7 @@ def test_save_reloads_in_transformers(pair):
     assert_close_at(mine, hf_logits(reloaded, ids, mask), mask)
     again = llmarch.hf.load(out)
     assert again.config == cfg
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(ours, again)
 
 
 def test_deepseek_v2_lite_counts_equal_transformers():

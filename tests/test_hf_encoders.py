@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import llmarch
-from tests.hf_util import TOL, make_hf_model
+from tests.hf_util import TOL, assert_same_weights, make_hf_model
 
 
 
@@ -102,8 +102,7 @@ def test_save_reloads_in_transformers(pair):
     compare(name + "-saved", cfg, reloaded, ours)
     again = llmarch.hf.load(out)
     assert again.config == cfg
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(ours, again)
 
 
 def test_mlm_checkpoint_with_nsp_weights_loads(tmp_path):

@@ -22,7 +22,7 @@ from transformers.models.big_bird.modeling_big_bird import BigBirdBlockSparseAtt
 import llmarch
 from llmarch.hf.io import family
 from llmarch.nn.patterns import build_pattern
-from tests.hf_util import TOL, make_hf_model
+from tests.hf_util import TOL, assert_same_weights, make_hf_model
 
 SMALL = dict(vocab_size=211, d_model=48, n_layers=2, n_heads=4, d_ff=96, dropout=0.0, attn_dropout=0.0)
 LONGFORMER = llmarch.preset("roberta-tiny").replace(**SMALL, max_seq_len=66, pattern=("longformer",), window=4,
@@ -107,8 +107,7 @@ def test_longformer_save_reloads_in_transformers(longformer):
         assert max_diff(ours(ids, attention_mask=mask, global_attention_mask=glob).logits, theirs, mask) <= 1e-4
     again = llmarch.hf.load(out)
     assert again.config == LONGFORMER
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(ours, again)
 
 
 def test_longformer_refuses_what_it_cannot_express():
@@ -207,8 +206,7 @@ def test_bigbird_save_reloads_in_transformers(bigbird):
     compare_bigbird(cfg, reloaded, ours, ids, mask)
     again = llmarch.hf.load(out)
     assert again.config == cfg
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(ours, again)
 
 
 def test_bigbird_original_full_config_is_dense():

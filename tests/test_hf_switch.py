@@ -16,7 +16,7 @@ import transformers
 import llmarch
 from llmarch.hf.io import family
 from llmarch.nn import router_stats
-from tests.hf_util import make_hf_model
+from tests.hf_util import assert_same_weights, assert_seq2seq_greedy_matches, make_hf_model
 from tests.test_hf_seq2seq import compare_logits, source_batch
 
 SMALL = dict(vocab_size=211, d_model=48, n_heads=4, head_dim=12, d_ff=96, n_layers=4, dropout=0.0,
@@ -68,10 +68,7 @@ def test_greedy_generation_matches_hf(pair):
     # larger weights than transformers' init: otherwise these tiny models echo their last token
     hf_model, ours = make_pair(cfg, tmp / "generation", initializer_factor=3.0)
     ids, mask = source_batch(cfg, lengths=(9, 4), seed=3)
-    theirs = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, num_beams=1)
-    mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=12, eos_token_id=cfg.eos_token_id)
-    assert torch.equal(mine, theirs), f"{name}: generations differ\n{mine}\n{theirs}"
-    assert len(set(mine[:, 1:].flatten().tolist())) > 2, f"{name}: degenerate generations make a weak test: {mine}"
+    assert_seq2seq_greedy_matches(name, cfg, hf_model, ours, ids, mask)
 
 
 def test_save_reloads_in_transformers(pair):
@@ -82,8 +79,7 @@ def test_save_reloads_in_transformers(pair):
     compare_logits(name + "-saved", cfg, reloaded, ours)
     again = llmarch.hf.load(out)
     assert again.config == cfg
-    for (k, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert_same_weights(ours, again)
 
 
 def test_switch_base_8_counts_equal_transformers():

@@ -9,7 +9,6 @@ from llmarch import data
 from llmarch.tokenizer import train_tokenizer
 from llmarch.train.masking import IGNORE, mlm_mask, nsp_pairs, span_corrupt, span_plan, span_restore
 from llmarch.train.objectives import default_objective, objective_for
-from tests.train_util import one_thread  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from llmarch.train.metrics import read_metrics
 from llmarch.train.objectives import ce_sum
 from llmarch.train.retrieving import with_retrieval
 from llmarch.train.teacher import load_teacher, with_teacher
-from tests.train_util import TINY, one_thread, settings  # noqa: F401  (fixture)
+from tests.train_util import TINY, settings  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

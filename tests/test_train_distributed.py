@@ -12,7 +12,7 @@ import pytest
 import llmarch
 from llmarch.train import train
 from llmarch.train.metrics import read_metrics
-from tests.train_util import TINY, one_thread, settings  # noqa: F401  (fixture)
+from tests.train_util import TINY, settings  # noqa: F401  (fixture)
 
 SRC = str(Path(llmarch.__file__).resolve().parents[1])
 MODEL_ARGS = ["--preset", "llama-tiny"] + [a for k, v in dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,

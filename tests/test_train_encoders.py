@@ -15,7 +15,7 @@ from llmarch.train.metrics import read_metrics
 from llmarch.train.objectives import ce_sum, objective_for
 from llmarch.train.optim import enable_activation_checkpointing
 from llmarch.train.samples import span_after_sentinel
-from tests.train_util import one_thread, settings  # noqa: F401  (fixture)
+from tests.train_util import settings  # noqa: F401  (fixture)
 
 
 RUN = dict(steps=40, batch_size=8, eval_every=4, eval_batches=4, lr=5e-3, warmup=4)  # ~2 s per preset

@@ -16,7 +16,7 @@ from llmarch.train import checkpoints as ckpt
 from llmarch.train import loop
 from llmarch.train.metrics import read_metrics
 from llmarch.train.optim import WarmupCosine, param_groups
-from tests.train_util import TINY, one_thread, settings  # noqa: F401  (fixture)
+from tests.train_util import TINY, settings  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import llmarch
 from llmarch.cli import main
 from llmarch.train import train
 from llmarch.train.metrics import read_metrics
-from tests.train_util import one_thread, settings  # noqa: F401  (fixture)
+from tests.train_util import settings  # noqa: F401  (fixture)
 
 E, K = 4, 2
 CFG = llmarch.preset("mixtral-tiny").replace(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=32,

@@ -1,9 +1,6 @@
 """Shared tiny settings for the training tests: a 2-layer model and ~0.2 MB of the standard library."""
 from __future__ import annotations
 
-import pytest
-import torch
-
 import llmarch
 from llmarch.train import TrainConfig
 
@@ -19,11 +16,3 @@ def settings(out, cache, **changes) -> TrainConfig:
     return TrainConfig(**base)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spinning threads that wait on each
-    other (30x slower under load). Restored after the module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -72,12 +72,13 @@ class HashedNgramEmbedder:
         rows = np.arange(N)[:, None]
         valid = np.ones_like(ids, dtype=bool) if self.pad_id is None else ids != self.pad_id
         h = np.zeros((N, m), dtype=np.uint64)
+        ok = valid  # n-grams made only of real tokens
         with np.errstate(over="ignore"):  # wrap-around uint64 arithmetic is the hash
             for n in range(1, min(self.max_n, m) + 1):
                 L = m - n + 1
                 h = (h[:, :L] + np.uint64(1)) * _HASH_MUL + ids[:, n - 1:].astype(np.uint64) + _HASH_ADD
                 h ^= h >> np.uint64(29)
-                ok = valid[:, :L] if n == 1 else ok[:, :L] & valid[:, n - 1:]
+                ok = ok[:, :L] & valid[:, n - 1:]
                 bucket = ((h * _HASH_MUL) >> np.uint64(32)) % np.uint64(self.dim)
                 np.add.at(out, (np.broadcast_to(rows, bucket.shape)[ok], bucket[ok].astype(np.int64)), float(n))
         norm = np.linalg.norm(out, axis=1, keepdims=True)
