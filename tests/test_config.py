@@ -165,3 +165,18 @@ def test_generate_refuses_other_bad_arguments(tiny):
         llmarch.generate(tiny, ids, max_new_tokens=1, temperature=-1.0)
     with pytest.raises(ValueError, match="input_ids must hold integer token ids"):
         llmarch.generate(tiny, ids.float(), max_new_tokens=1)
+
+
+def test_layer_mixers_schedule_cycles_and_is_validated():
+    cfg = llmarch.preset("llama-tiny")
+    hybrid = cfg.replace(layer_mixers=["latent", "attention"], mla={"kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                                                                    "qk_nope_head_dim": 8, "v_head_dim": 16})
+    assert [hybrid.layer_mixer(i) for i in range(cfg.n_layers)] == ["latent", "attention"] * (cfg.n_layers // 2)
+    assert hybrid.mixers == ("latent", "attention")
+    assert llmarch.ModelConfig.from_dict(hybrid.to_dict()) == hybrid
+    model = llmarch.build(hybrid)
+    assert [type(b.attn).__name__ for b in model.decoder.layers][:2] == ["LatentAttention", "Attention"]
+    with pytest.raises(ValueError, match="layer_mixers"):
+        cfg.replace(layer_mixers=("attention", "nope"))
+    with pytest.raises(ValueError, match="layer_mixers"):
+        cfg.replace(layer_mixers=("attention",) * (cfg.n_layers + 1))

@@ -128,6 +128,9 @@ class ModelConfig:
     # --- sparse attention and latent attention (issue 6) ----------------------------------------------------
     sparse: SparseConfig = field(default_factory=SparseConfig)  # parameters of the sparse patterns
     mixer: str = "attention"  # registry nn.mixers.MIXERS: attention | longformer (global projections) | latent
+    # per-layer mixer schedule cycled over layers, like ``pattern`` (transformers' ``layer_types``); empty = ``mixer``
+    # in every layer. E.g. ("gated_delta", "gated_delta", "gated_delta", "attention") for a 3:1 hybrid.
+    layer_mixers: tuple[str, ...] = ()
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
@@ -140,10 +143,12 @@ class ModelConfig:
         for name, cls in SUB_CONFIGS.items():
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, cls(**getattr(self, name)))
-        if isinstance(self.pattern, str):
-            object.__setattr__(self, "pattern", (self.pattern,))
-        elif isinstance(self.pattern, list):
-            object.__setattr__(self, "pattern", tuple(self.pattern))
+        for name in ("pattern", "layer_mixers"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         self.validate()
 
     # --- derived sizes --------------------------------------------------------------------------------------
@@ -161,6 +166,15 @@ class ModelConfig:
     def rope_head_dim(self) -> int:
         """The per-head width the rotary embedding sees (MLA rotates only its decoupled rope part)."""
         return self.mla.qk_rope_head_dim if self.mixer == "latent" else self.dh
+
+    def layer_mixer(self, layer: int) -> str:
+        """The mixer of layer ``layer`` (``layer_mixers`` cycled over layers, or ``mixer`` when it is empty)."""
+        return self.layer_mixers[layer % len(self.layer_mixers)] if self.layer_mixers else self.mixer
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The distinct mixers of the model, in layer order."""
+        return tuple(dict.fromkeys(self.layer_mixer(i) for i in range(self.n_layers)))
 
     def layer_pattern(self, layer: int) -> str:
         """The attention pattern of layer ``layer`` (the ``pattern`` tuple cycled over layers)."""
@@ -221,6 +235,11 @@ class ModelConfig:
 
         self.sparse.validate()
         _check_choice("mixer", self.mixer, lnn.MIXERS)
+        for m in self.layer_mixers:
+            _check_choice("layer_mixers", m, lnn.MIXERS)
+        if len(self.layer_mixers) > 1 and self.n_layers % len(self.layer_mixers):
+            _fail("layer_mixers", f"has {len(self.layer_mixers)} entries; give n_layers ({self.n_layers}) or a "
+                  "divisor, cycled over the layers")
         if self.mixer == "latent":
             self.mla.validate()
         if self.mixer == "longformer" and not all(hasattr(lnn.PATTERNS[p], "global_slots") for p in self.pattern):
@@ -242,6 +261,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["pattern"] = list(self.pattern)
+        d["layer_mixers"] = list(self.layer_mixers)
         if self.retrieval is not None:
             d["retrieval"]["cca_layers"] = list(self.retrieval.cca_layers)
         return d

@@ -78,7 +78,7 @@ class Stack(nn.Module):
         self.final_norm = norm_for(cfg) if cfg.final_norm else nn.Identity()
 
     def _block(self, cfg: ModelConfig, i: int, pattern, cross: nn.Module | None) -> nn.Module:
-        attn = MIXERS[cfg.mixer].build(cfg, i, pattern)
+        attn = MIXERS[cfg.layer_mixer(i)].build(cfg, i, pattern)
         if cross is None:
             return BLOCKS[cfg.norm_placement](attn, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
         return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg),
@@ -88,6 +88,19 @@ class Stack(nn.Module):
         for layer in self.layers:
             x = layer(x, ctx, cache)
         return self.final_norm(x)
+
+
+def cache_class_for(classes) -> type[KVCache]:
+    """The most derived of the mixers' cache classes; they must lie on one line of subclasses."""
+    classes = list(dict.fromkeys(classes))
+    best = classes[0]
+    for c in classes[1:]:
+        if issubclass(c, best):
+            best = c
+        elif not issubclass(best, c):
+            raise ValueError(f"layer_mixers: no cache serves both {best.__name__} and {c.__name__} layers; "
+                             "schedule mixers whose caches are compatible")
+    return best
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
@@ -117,11 +130,12 @@ class Model(nn.Module):
             self.lm_head.tie(self.embed.tokens)
 
     def new_cache(self) -> KVCache:
-        """An empty cache of the kind this model fills: EncoderDecoderCache for encoder-decoders, else the
-        mixer's (KVCache, or LatentCache for latent attention)."""
+        """An empty cache of the kind this model fills: EncoderDecoderCache for encoder-decoders, else the one
+        cache class that serves every scheduled mixer (KVCache, LatentCache for latent attention, StateCache for
+        recurrent mixers, which also holds k/v for the attention layers of a hybrid)."""
         if self.config.kind == "encoder_decoder":
             return EncoderDecoderCache()
-        return MIXERS[self.config.mixer].cache()
+        return cache_class_for(MIXERS[m].cache for m in self.config.mixers)()
 
     def decoder_cross(self, cfg: ModelConfig) -> Callable[[int], nn.Module | None] | None:
         """Builder of the decoder's per-layer cross modules; None: the stack's default (variants override it)."""

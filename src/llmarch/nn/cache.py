@@ -106,3 +106,27 @@ class LatentCache(KVCache):
 
     def numbers_per_token(self, layer: int) -> int:
         return self.k[layer].shape[-1] + self.v[layer].shape[-1]
+
+
+class StateCache(KVCache):
+    """The cache of recurrent (linear-time) mixers, composed with the KV cache of a hybrid's attention layers.
+
+    Per recurrent layer ``i``: ``conv[i]`` [B, C, K-1], the last K-1 inputs of its short causal convolution
+    (C channels, kernel K), and ``state[i]``, its fixed-size recurrent state (e.g. [B, H, Dk, Dv] for a gated
+    delta rule, [B, H, Dh, N] for an SSM). Both stay the same size however long the context; attention layers of
+    the same model use the inherited ``k``/``v`` dicts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv: dict[int, torch.Tensor] = {}
+        self.state: dict[int, torch.Tensor] = {}
+
+    def reorder(self, index: torch.Tensor) -> None:
+        super().reorder(index)
+        for d in (self.conv, self.state):
+            for i in d:
+                d[i] = d[i][index]
+
+    def nbytes(self) -> int:
+        return super().nbytes() + sum(t.numel() * t.element_size() for d in (self.conv, self.state)
+                                      for t in d.values())
