@@ -16,6 +16,7 @@ from typing import Any
 from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
+from llmarch.vision_config import VisionConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import check_probability as _check_probability
@@ -67,7 +68,7 @@ class RopeConfig:
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
-               "retrieval": RetrievalConfig}
+               "retrieval": RetrievalConfig, "vision": VisionConfig}
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,8 @@ class ModelConfig:
 
     # --- retrieval ------------------------------------------------------------------------------------------
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
+    # --- images ---------------------------------------------------------------------------------------------
+    vision: VisionConfig | None = None  # a ViT tower + image-text fusion (LLaVA projector, gated cross-attn)
 
 
     def __post_init__(self) -> None:
@@ -229,6 +232,8 @@ class ModelConfig:
         self.validate_moe()
         if self.retrieval is not None:
             self.retrieval.validate(self)
+        if self.vision is not None:
+            self.vision.validate_fusion(self)
 
     def validate_sparse_and_mixer(self) -> None:
         from llmarch import nn as lnn
@@ -264,6 +269,8 @@ class ModelConfig:
         d["layer_mixers"] = list(self.layer_mixers)
         if self.retrieval is not None:
             d["retrieval"]["cca_layers"] = list(self.retrieval.cca_layers)
+        if self.vision is not None:
+            d["vision"] = self.vision.to_dict()
         return d
 
     @classmethod
@@ -395,4 +402,5 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "VisionConfig",
+           "KINDS"]

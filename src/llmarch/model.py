@@ -226,7 +226,7 @@ class Model(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             if cfg.position_offset:
                 position_ids = position_ids + cfg.position_offset
-        x = self.embed(input_ids, stack.positions, position_ids, token_type_ids)
+        x = self.embed_inputs(input_ids, stack.positions, position_ids, token_type_ids, memory)
         ctx = AttnContext(past, T, stack.positions, position_ids, _key_padding(attention_mask), causal=stack.causal,
                           device=input_ids.device, memory=memory,
                           global_mask=_global_mask(global_attention_mask, (B, past + T)))
@@ -234,6 +234,11 @@ class Model(nn.Module):
         if cache is not None:
             cache.advance(T)
         return h
+
+    def embed_inputs(self, input_ids, positions, position_ids, token_type_ids, memory) -> torch.Tensor:
+        """The stack's input [B, T, D]: the embeddings of input_ids (variants place other inputs, e.g. image
+        features from ``memory``)."""
+        return self.embed(input_ids, positions, position_ids, token_type_ids)
 
     def _output(self, h: torch.Tensor, cache: KVCache | None) -> ModelOutput:
         outs = self.lm_head.outputs(h)
@@ -299,15 +304,33 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
             nn.init.ones_(p)
 
 
-def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Model:
-    """Build and initialise a model. ``device="meta"`` allocates nothing (for counting and analysis)."""
-    if not isinstance(cfg, ModelConfig):
-        raise TypeError(f"build() takes a ModelConfig, got {type(cfg).__name__}; use llmarch.preset(name)")
-    cls = Model
+def model_class(cfg) -> type[nn.Module]:
+    """The module class a config builds: Model, or a variant for retrieval, images, or a vision tower alone."""
+    from llmarch.vision_config import VisionConfig
+
+    if isinstance(cfg, VisionConfig):
+        from llmarch.nn.vision.tower import VisionTower
+
+        return VisionTower
     if cfg.retrieval is not None:
         from llmarch.retrieval.retro import RetroModel  # a decoder with chunked cross-attention
 
-        cls = RetroModel
+        return RetroModel
+    if cfg.vision is not None:
+        from llmarch.nn.vision.vlm import VisionLanguageModel  # a decoder that reads images
+
+        return VisionLanguageModel
+    return Model
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Model:
+    """Build and initialise a model. ``device="meta"`` allocates nothing (for counting and analysis)."""
+    from llmarch.vision_config import VisionConfig
+
+    if not isinstance(cfg, (ModelConfig, VisionConfig)):
+        raise TypeError(f"build() takes a ModelConfig (or a VisionConfig), got {type(cfg).__name__}; use "
+                        "llmarch.preset(name)")
+    cls = model_class(cfg)
     with torch.device(device or "cpu"):
         model = cls(cfg)
     if str(device) != "meta":

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from llmarch.hf.base import FAMILIES, Family
 from llmarch.hf.convert import to_ours, to_theirs
-from llmarch.model import Model
+from llmarch.model import Model, model_class
 
 
 def _read_config(path: Path) -> dict:
@@ -75,13 +75,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     fam = family(hf["model_type"])
     cfg = fam.to_config(hf)
     with torch.device("cpu"):
-        model = Model(cfg)  # torch's default init; every parameter is overwritten below
+        model = model_class(cfg)(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.tied_names()
     for alias in tied:
         expected.pop(alias, None)
-    ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-    state = to_ours(_strip(read_safetensors(path), fam.prefixes), fam.rules(cfg), cfg.n_layers, expected, ignore)
+    ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if getattr(cfg, "tie_embeddings", False) else ())
+    tensors = fam.rename(_strip(read_safetensors(path), fam.prefixes))
+    state = to_ours(tensors, fam.rules(cfg), cfg.n_layers, expected, ignore)
     for alias, source in tied.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
@@ -89,19 +90,19 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
 
 
 def pick_family(model: Model, model_type: str | None) -> Family:
-    if model.config.retrieval is not None:
+    if getattr(model.config, "retrieval", None) is not None:
         raise ValueError("retrieval: RETRO has no transformers counterpart; save it with "
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config)
+        reason = fam.fits(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config)
+        reason = fam.fits(model.config)
         if reason is None:
             return fam
         reasons[name] = reason
