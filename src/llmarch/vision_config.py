@@ -9,7 +9,7 @@ Glossary additions: P patch size, N image tokens per image (patches, + 1 with a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
@@ -32,6 +32,8 @@ class VisionConfig:
     states (0 = embeddings, L = last block, negative from the end); ``feature_select`` default | full;
     ``fusion`` projector | cross_attention; ``image_token_id`` marks the text slots the projected features fill;
     ``cross_layers`` are the decoder layers that get gated cross-attention (fusion cross_attention)."""
+
+    kind: ClassVar[str] = "vision"  # what `llmarch presets` lists (text configs: decoder / encoder / ...)
 
     image_size: int = 224
     patch_size: int = 16
@@ -67,7 +69,7 @@ class VisionConfig:
     # --- derived sizes --------------------------------------------------------------------------------------
     @property
     def grid(self) -> int:
-        """Patches per side at ``image_size``."""
+        """Patches per side at ``image_size`` (a remainder narrower than a patch is not seen, as in SigLIP 384/14)."""
         return self.image_size // self.patch_size
 
     @property
@@ -104,8 +106,8 @@ class VisionConfig:
 
         for name in ("image_size", "patch_size", "channels", "d_model", "n_layers", "n_heads", "d_ff"):
             _check_positive(f"vision.{name}", getattr(self, name))
-        if self.image_size % self.patch_size:
-            _fail("vision.patch_size", f"must divide image_size ({self.image_size} % {self.patch_size} != 0)")
+        if self.patch_size > self.image_size:
+            _fail("vision.patch_size", f"{self.patch_size} is larger than image_size {self.image_size}")
         if self.d_model % self.n_heads:
             _fail("vision.n_heads", f"must divide vision.d_model ({self.d_model} % {self.n_heads} != 0)")
         if self.norm_eps <= 0:

@@ -30,8 +30,8 @@ class PatchEmbedding(nn.Module):
                              f"{tuple(pixel_values.shape)}")
         H, W = pixel_values.shape[-2:]
         P = self.patch_size
-        if H % P or W % P:
-            raise ValueError(f"pixel_values: height and width ({H}x{W}) must be multiples of the patch size {P}")
+        if H < P or W < P:
+            raise ValueError(f"pixel_values: the image ({H}x{W}) is smaller than one {P}x{P} patch")
         x = self.proj(pixel_values.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)  # [B, h*w, D]
         if self.class_token is not None:
             x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)
