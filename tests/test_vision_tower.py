@@ -76,3 +76,22 @@ def test_save_reloads_in_transformers(pair):
     with torch.no_grad():
         close(ours(x).last_hidden_state, reloaded(pixel_values=x).last_hidden_state)
     assert_same_weights(ours, llmarch.hf.load(out))
+
+
+@pytest.mark.parametrize("name", ["clip-vit-tiny", "siglip-tiny"])
+def test_tower_flops_and_params_match_the_module(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmarch.analysis import count_params
+    from llmarch.analysis.vision import tower_flops
+    from llmarch.nn.kernels import KERNELS
+
+    cfg = llmarch.preset(name)
+    tower = llmarch.build(cfg).eval()
+    assert count_params(cfg).total == sum(p.numel() for p in tower.parameters())
+    for m in tower.modules():  # the reference kernel's matmuls are visible to the counter (SDPA's on CPU are not)
+        if hasattr(m, "kernel"):
+            m.kernel = KERNELS["naive"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tower(torch.randn(1, cfg.channels, cfg.image_size, cfg.image_size))
+    assert tower_flops(cfg) == counter.get_total_flops()

@@ -24,7 +24,7 @@ PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_h
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
               "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
-              "head", "retrieval")
+              "head", "retrieval", "vision", "projector", "image_cross")
 
 
 @dataclass
@@ -68,7 +68,14 @@ def position_params(cfg) -> tuple[int, list[str]]:
 
 
 def count_params(cfg) -> ParamCount:
-    """Exact parameters of the model ``llmarch.build(cfg)`` builds, by component."""
+    """Exact parameters of the model ``llmarch.build(cfg)`` builds, by component (a VisionConfig: the tower's
+    parts)."""
+    from llmarch.analysis.vision import fusion_params, tower_params
+    from llmarch.vision_config import VisionConfig
+
+    if isinstance(cfg, VisionConfig):
+        parts = tower_params(cfg)
+        return ParamCount(parts, sum(parts.values()), sum(parts.values()))
     D, V = cfg.d_model, cfg.vocab_size
     c = dict.fromkeys(COMPONENTS, 0)
     c["embeddings"] = V * D
@@ -98,6 +105,8 @@ def count_params(cfg) -> ParamCount:
         c[k] += v
     if cfg.retrieval is not None:
         c["retrieval"] = retrieval_params(cfg)
+    if cfg.vision is not None:
+        c.update(fusion_params(cfg))
     total = sum(c.values())
     return ParamCount(c, total, total - inactive, notes, per_stack)
 

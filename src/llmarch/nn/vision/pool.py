@@ -42,7 +42,7 @@ class AttentionPool(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, activation: str, norm_eps: float, **_: object):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.kernel = n_heads, KERNELS["sdpa"]
         self.probe = nn.Parameter(torch.zeros(1, 1, d_model))
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
@@ -56,7 +56,7 @@ class AttentionPool(nn.Module):
         bq, bkv = self.qkv.bias.split([D, 2 * D])
         q = nn.functional.linear(self.probe, wq, bq).view(1, 1, H, Dh).transpose(1, 2).expand(B, H, 1, Dh)
         k, v = nn.functional.linear(h, wkv, bkv).view(B, N, 2, H, Dh).permute(2, 0, 3, 1, 4)  # [B, H, N, Dh]
-        y = KERNELS["sdpa"](q, k, v, mask=None, bias=None, scale=Dh ** -0.5, causal=False, dropout_p=0.0)
+        y = self.kernel(q, k, v, mask=None, bias=None, scale=Dh ** -0.5, causal=False, dropout_p=0.0)
         y = self.out(y.transpose(1, 2).reshape(B, 1, D))  # [B, 1, D]
         y = y + self.mlp(self.norm(y))
         return y[:, 0]
