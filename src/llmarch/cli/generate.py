@@ -27,6 +27,8 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", metavar="DIR", help="RETRO: retrieve neighbours from this chunk index (built with "
                    "the checkpoint's tokenizer) as each chunk completes; no streaming")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for a vision-language model (repeatable; its image tokens lead the prompt)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +59,11 @@ def run(args) -> int:
         model = llmarch.build(llmarch.preset(args.preset)).eval()
         kw["cache"] = cache_for(model, args.cache)
         ids = [int(t) for t in args.prompt.split()] or [0]
+        if args.image:
+            from llmarch.infer.images import image_prompt, processor_for
+
+            ids, kw["pixel_values"] = image_prompt(model, ids, args.image, processor_for(model))
+            kw["cache"] = "dynamic"
         _emit(" ".join(str(t) for t in ids))
         stream = None if args.no_stream else (lambda tok: _emit(f" {int(tok[0])}"))
         out = llmarch.generate(model, torch.tensor([ids]), streamer=stream, **kw)
@@ -74,6 +81,11 @@ def run(args) -> int:
     ids = tok.encode(args.prompt) or [tok.bos_id]
     if args.index:
         return _retro(args, model, tok, ids)
+    if args.image:
+        from llmarch.infer.images import image_prompt, processor_for
+
+        ids, kw["pixel_values"] = image_prompt(model, ids, args.image, processor_for(model, path), tok.bos_id)
+        kw["cache"] = "dynamic"  # images enter through the model's forward
     stops = tuple(args.stop)
     stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
     seq2seq = model.config.kind == "encoder_decoder"

@@ -52,6 +52,8 @@ OPTIONS = [
     ("--distill-temperature", "distill_temperature", float, "softening temperature of the distillation KL (default 2)"),
     ("--distill-alpha", "distill_alpha", float, "weight of the KL term, 1 - alpha on the hard CE (default 0.5)"),
     ("--index", "index", str, "chunk index (llmarch index build, same tokenizer) for a RETRO config"),
+    ("--images", "images", str, "train a vision config on image-text pairs: digits (sklearn 8x8) | shapes "
+     "(Pillow-rendered counts); one process"),
 ]
 
 
@@ -120,6 +122,8 @@ def run_local(args: argparse.Namespace) -> int:
     from llmarch.train.distributed import shutdown
 
     cfg, tc = config_from_args(args), train_config_from_args(args)
+    if tc.images is not None:  # image-text pairs: their own small loop (train/image_loop.py)
+        from llmarch.train.image_loop import train_image_text as train
     try:
         with logging_redirect_tqdm():
             result = train(cfg, tc)

@@ -60,6 +60,7 @@ class TrainConfig:
     distill_temperature: float = 2.0  # softening temperature T of the distillation KL
     distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard-label CE
     index: str | None = None  # a chunk index (llmarch index build) for a RETRO config; None = retrieval off
+    images: str | None = None  # an image-text source (train/image_text.py: digits | shapes) for a vision config
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
@@ -95,6 +96,10 @@ class TrainConfig:
             raise ValueError(f"distill_temperature: must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
+        if self.images is not None:
+            from llmarch.train.image_text import SOURCES
+
+            SOURCES[self.images]  # ValueError naming the choices
         if self.max_data_mb is not None and self.max_data_mb <= 0:
             raise ValueError(f"max_data_mb: must be > 0, got {self.max_data_mb}")
 
