@@ -31,6 +31,11 @@ def close(a, b, tol=TOL[torch.float32]):
     assert diff <= tol, f"max abs diff {diff:.3g} > {tol}"
 
 
+@torch.no_grad()
+def both(ours, hf_model, x, **hf_kwargs):
+    return ours(x), hf_model(pixel_values=x, **hf_kwargs)
+
+
 def test_config_round_trip(pair):
     _, cfg, _, ours, _ = pair
     assert ours.config == cfg
@@ -39,12 +44,10 @@ def test_config_round_trip(pair):
 def test_hidden_states_and_pooled_match(pair):
     _, cfg, hf_model, ours, _ = pair
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        theirs = hf_model(pixel_values=x, output_hidden_states=True)
-        mine = ours(x)
+    mine, theirs = both(ours, hf_model, x, output_hidden_states=True)
     assert len(mine.hidden_states) == len(theirs.hidden_states) == cfg.n_layers + 1
     for i, (a, b) in enumerate(zip(mine.hidden_states, theirs.hidden_states)):
-        close(a, b), i
+        close(a, b)
     close(mine.last_hidden_state, theirs.last_hidden_state)
     close(mine.pooled, theirs.pooler_output)
     for layer, select in ((-2, "default"), (-1, "full"), (1, "default")):  # the feature layer an LM reads
@@ -58,9 +61,7 @@ def test_hidden_states_and_pooled_match(pair):
 def test_positions_interpolate_for_other_image_sizes(pair):
     _, _, hf_model, ours, _ = pair
     x = torch.randn(1, 3, 24, 24, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        theirs = hf_model(pixel_values=x, interpolate_pos_encoding=True)
-        mine = ours(x)
+    mine, theirs = both(ours, hf_model, x, interpolate_pos_encoding=True)
     assert mine.last_hidden_state.shape[1] == theirs.last_hidden_state.shape[1]
     close(mine.last_hidden_state, theirs.last_hidden_state)
 

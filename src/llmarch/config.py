@@ -19,6 +19,7 @@ from llmarch.retrieval_config import RetrievalConfig
 from llmarch.vision_config import VisionConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
+from llmarch.validation import check_known
 from llmarch.validation import check_probability as _check_probability
 from llmarch.validation import fail as _fail
 
@@ -282,10 +283,7 @@ class ModelConfig:
         d = dict(d)
         for name, sub in SUB_CONFIGS.items():
             if isinstance(d.get(name), dict):
-                sub_known = {f.name for f in dataclasses.fields(sub)}
-                bad = sorted(set(d[name]) - sub_known)
-                if bad:
-                    raise ValueError(f"unknown {name} field(s) {bad}; known fields are {sorted(sub_known)}")
+                check_known(name, sub, d[name])
         return cls(**d)
 
     def to_json(self) -> str:

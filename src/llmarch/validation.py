@@ -23,3 +23,13 @@ def check_positive(field_name: str, value: Any, allow_none: bool = False) -> Non
 def check_probability(field_name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         fail(field_name, f"must be in [0, 1), got {value!r}")
+
+
+def check_known(what: str, cls, d: dict[str, Any]) -> None:
+    """Refuse keys of ``d`` that are not fields of the dataclass ``cls``, listing the known ones."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(d) - known)
+    if bad:
+        raise ValueError(f"unknown {what} field(s) {bad}; known fields are {sorted(known)}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmarch.validation import check_choice as _check_choice
+from llmarch.validation import check_known
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import fail as _fail
 
@@ -158,12 +159,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
-        import dataclasses
-
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"unknown vision field(s) {bad}; known fields are {sorted(known)}")
+        check_known("vision", cls, d)
         return cls(**d)
 
     def replace(self, **changes: Any) -> "VisionConfig":
