@@ -61,10 +61,12 @@ class VisionConfig:
     cross_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.cross_layers, (list, str, int)):
-            layers = self.cross_layers.split(",") if isinstance(self.cross_layers, str) else self.cross_layers
-            layers = [layers] if isinstance(layers, int) else layers
+        layers = self.cross_layers.split(",") if isinstance(self.cross_layers, str) else self.cross_layers
+        layers = [layers] if isinstance(layers, int) else layers
+        try:  # "1,3" or ("1", "3") from the command line
             object.__setattr__(self, "cross_layers", tuple(int(i) for i in layers if str(i).strip()))
+        except (TypeError, ValueError):
+            _fail("vision.cross_layers", f"needs decoder layer indices, got {self.cross_layers!r}")
         self.validate()
 
     # --- derived sizes --------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def fusion_params(cfg) -> dict[str, int]:
         one = D * H * Dh + 2 * D * G * Dh + H * Dh * D + (H * Dh + 2 * G * Dh if cfg.qkv_bias else 0)
         one += (D if cfg.out_bias else 0) + 1  # + the gate
         norm = D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
-        cross = len(v.cross_layers) * (one + norm)
+        cross = len(v.cross_layers) * (one + norm) + norm  # + the norm on the features
     return {"vision": sum(tower_params(v).values()), "projector": projector, "image_cross": cross}
 
 

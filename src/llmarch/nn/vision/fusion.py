@@ -58,6 +58,11 @@ class Fusion:
     cache: type[KVCache] = KVCache
 
     @staticmethod
+    def feature_norm(cfg) -> nn.Module:
+        """A norm on the projected features (identity by default)."""
+        return nn.Identity()
+
+    @staticmethod
     def cross_for(cfg):
         """Builder of the decoder's per-layer cross modules (None: none)."""
         return None
@@ -92,6 +97,15 @@ class CrossAttentionFusion(Fusion):
     row: features [B, N, D]) and their k/v are projected once into the cache."""
 
     cache = EncoderDecoderCache
+
+    @staticmethod
+    def feature_norm(cfg) -> nn.Module:
+        """The model's norm on the features: keys and values of unit scale whatever the projector's output scale
+        (a token embedding is normed by the next block; cross-attention memory is not, as in T5's encoder
+        output or Flamingo's resampler output)."""
+        from llmarch.model import norm_for
+
+        return norm_for(cfg)
 
     @staticmethod
     def cross_for(cfg):

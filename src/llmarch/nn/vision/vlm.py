@@ -25,6 +25,7 @@ class VisionLanguageModel(Model):
         v = cfg.vision
         self.vision = VisionTower(v)
         self.projector = Projector(v.d_model, cfg.d_model, v.projector_activation, v.projector_bias)
+        self.feature_norm = self.fusion.feature_norm(cfg)
 
     def decoder_cross(self, cfg: ModelConfig):
         return self.fusion.cross_for(cfg)
@@ -34,7 +35,7 @@ class VisionLanguageModel(Model):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [n_images, C, H, W] -> projected features [n_images, N, D]."""
-        return self.projector(self.vision.features(pixel_values))
+        return self.feature_norm(self.projector(self.vision.features(pixel_values)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, use_cache: bool = False, *,
