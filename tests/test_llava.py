@@ -127,4 +127,4 @@ def test_cross_attention_gates_at_zero_leave_the_text_model_unchanged():
             if hasattr(m, "gate"):
                 torch.nn.init.constant_(m.gate, 0.5)
         opened = model(ids, attention_mask=mask, pixel_values=pixels).logits
-    assert (opened - reference)[mask.bool()].abs().max() > 1e-5  # an open gate lets the image in (small init)
+    assert (opened - reference)[mask.bool()].abs().max() > 1e-3  # an open gate lets the image in
