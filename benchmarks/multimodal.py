@@ -2,7 +2,7 @@
 of the same parts on image-text pairs with ``llmarch train --images``, report held-out answer accuracy beside
 chance and the training throughput, and draw held-out images with the model's answers.
 
-    PYTHONPATH=src python benchmarks/multimodal.py [--images digits] [--steps 600] [--out runs/multimodal]
+    PYTHONPATH=src python benchmarks/multimodal.py [--images digits] [--steps 1500] [--out runs/multimodal]
 
 Writes RUN/<preset>/ (metrics.jsonl, eval.json, checkpoint), benchmarks/results/multimodal-<images>.json and
 docs/img/multimodal-<images>.png.
@@ -68,7 +68,7 @@ def figure(args, out: Path, path: Path, n: int = 10) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", default="digits")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)

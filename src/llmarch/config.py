@@ -16,6 +16,7 @@ from typing import Any
 from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
+from llmarch.condition_config import ConditionConfig
 from llmarch.vision_config import VisionConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
@@ -69,7 +70,7 @@ class RopeConfig:
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
-               "retrieval": RetrievalConfig, "vision": VisionConfig}
+               "retrieval": RetrievalConfig, "vision": VisionConfig, "condition": ConditionConfig}
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class ModelConfig:
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
     # --- images ---------------------------------------------------------------------------------------------
     vision: VisionConfig | None = None  # a ViT tower + image-text fusion (LLaVA projector, gated cross-attn)
+    condition: ConditionConfig | None = None  # a style id fused into the hidden states (add | adanorm)
 
 
     def __post_init__(self) -> None:
@@ -235,6 +237,8 @@ class ModelConfig:
             self.retrieval.validate(self)
         if self.vision is not None:
             self.vision.validate_fusion(self)
+        if self.condition is not None and (self.kind != "decoder" or self.vision or self.retrieval):
+            _fail("condition", "a style condition needs a plain decoder (kind='decoder', no vision or retrieval)")
 
     def validate_sparse_and_mixer(self) -> None:
         from llmarch import nn as lnn

@@ -320,6 +320,10 @@ def model_class(cfg) -> type[nn.Module]:
         from llmarch.nn.vision.vlm import VisionLanguageModel  # a decoder that reads images
 
         return VisionLanguageModel
+    if cfg.condition is not None:
+        from llmarch.nn.condition import ConditionedModel  # a decoder conditioned on a style id
+
+        return ConditionedModel
     return Model
 
 

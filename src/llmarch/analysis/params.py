@@ -24,7 +24,7 @@ PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_h
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
               "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
-              "head", "retrieval", "vision", "projector", "image_cross")
+              "head", "retrieval", "vision", "projector", "image_cross", "condition")
 
 
 @dataclass
@@ -107,6 +107,8 @@ def count_params(cfg) -> ParamCount:
         c["retrieval"] = retrieval_params(cfg)
     if cfg.vision is not None:
         c.update(fusion_params(cfg))
+    if cfg.condition is not None:  # the style table (+ the adaptive norm's scale/shift projection)
+        c["condition"] = cfg.condition.n_styles * D + (2 * D * D + 2 * D if cfg.condition.fusion == "adanorm" else 0)
     total = sum(c.values())
     return ParamCount(c, total, total - inactive, notes, per_stack)
 

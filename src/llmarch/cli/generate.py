@@ -29,6 +29,8 @@ def add(sub) -> None:
                    "the checkpoint's tokenizer) as each chunk completes; no streaming")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for a vision-language model (repeatable; its image tokens lead the prompt)")
+    p.add_argument("--style", type=int, default=None, metavar="ID",
+                   help="the condition id of a conditioned model (config.condition)")
     p.set_defaults(func=run)
 
 
@@ -52,12 +54,14 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile)
+    if args.style is not None:
+        kw["style"] = args.style
     if args.preset:
         if args.index:
             raise ValueError("--index needs --checkpoint (a trained RETRO run and the tokenizer its index was built "
                              "with), not --preset")
         model = llmarch.build(llmarch.preset(args.preset)).eval()
-        kw["cache"] = cache_for(model, args.cache)
+        kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
         ids = [int(t) for t in args.prompt.split()] or [0]
         if args.image:
             from llmarch.infer.images import image_prompt, processor_for
@@ -77,7 +81,7 @@ def run(args) -> int:
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
     model = load_model(path).eval()
     tok = load_tokenizer_for(path)
-    kw["cache"] = cache_for(model, args.cache)
+    kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
     ids = tok.encode(args.prompt) or [tok.bos_id]
     if args.index:
         return _retro(args, model, tok, ids)

@@ -127,15 +127,18 @@ class Seq2SeqEngine:
 
 def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = False,
                 compile_mode: str | None = None, decoder_start_token_id: int | None = None,
-                pixel_values: torch.Tensor | None = None):
+                prefill_inputs: dict | None = None):
     """``kind``: "dynamic" (growing cache, model.forward) or "static" (pre-allocated, compilable); encoder-decoders
-    always use the growing cache of :class:`Seq2SeqEngine`; images (``pixel_values``) the dynamic engine."""
-    if pixel_values is not None:
-        if getattr(model.config, "vision", None) is None:
-            raise ValueError("pixel_values: this model has no vision tower (config.vision is None)")
+    always use the growing cache of :class:`Seq2SeqEngine`; ``prefill_inputs`` (pixel_values for images, style
+    for a conditioned model) the dynamic engine, which hands them to the prefill."""
+    if prefill_inputs:
+        for name, field in (("pixel_values", "vision"), ("style", "condition")):
+            if name in prefill_inputs and getattr(model.config, field, None) is None:
+                raise ValueError(f"{name}: this model takes none (config.{field} is None)")
         if kind != "dynamic" or compile:
-            raise ValueError("cache: images decode with cache='dynamic' (the static engine reads text only)")
-        return DynamicEngine(model, {"pixel_values": pixel_values})
+            raise ValueError(f"cache: {sorted(prefill_inputs)} decode with cache='dynamic' (the static engine reads "
+                             "text only)")
+        return DynamicEngine(model, prefill_inputs)
     if model.config.kind == "encoder_decoder":
         if kind != "dynamic" or compile:
             raise ValueError("cache: encoder-decoders decode with cache='dynamic' (no static cache or compile yet)")

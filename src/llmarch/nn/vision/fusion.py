@@ -44,7 +44,7 @@ class GatedCrossAttention(CrossAttention):
         nn.init.zeros_(self.gate)
 
     def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
-        if ctx.memory is None:
+        if getattr(ctx, "memory", None) is None:  # no image (or a text-only static decode context)
             return torch.zeros_like(x)
         return torch.tanh(self.gate).to(x.dtype) * super().forward(x, ctx, cache)
 
