@@ -66,3 +66,10 @@ def test_generate_style_from_the_cli(capsys):
                      "--max-new-tokens", "6", "--temperature", "0", "--no-stream"]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] != outs[2]
+
+
+def test_hf_save_refuses_a_conditioned_model(tmp_path):
+    model = llmarch.build(llmarch.preset("llama-tiny-style"))
+    with pytest.raises(ValueError, match="condition"):
+        llmarch.hf.save(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -41,6 +41,8 @@ class Family:
             return f"{self.model_type} describes a {self.config_type.__name__}, not a {type(cfg).__name__}"
         if isinstance(cfg, ModelConfig) and (cfg.vision is not None) != self.takes_images:
             return f"{self.model_type} {'needs' if self.takes_images else 'has no'} vision tower (config.vision)"
+        if isinstance(cfg, ModelConfig) and cfg.condition is not None:
+            return "transformers has no style-conditioned model (config.condition); save with llmarch.checkpoint"
         return self.accepts(cfg)
 
     def rename(self, tensors: dict) -> dict:

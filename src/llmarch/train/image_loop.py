@@ -101,10 +101,10 @@ def train_image_text(model_cfg: ModelConfig, tc: TrainConfig) -> TrainResult:
             schedule.step()
             tokens, images = tokens + int(mask.sum()), images + len(idx)
             metrics.advance()
-            result.step, result.loss = step, float(loss)
+            result.step, result.loss = step, float(loss.detach())
             if step % tc.log_every == 0 or step % tc.eval_every == 0 or step == tc.steps:
                 busy += time.perf_counter() - t0
-                record = {"step": step, "loss": float(loss), "lr": lr, "tokens_per_s": tokens / busy,
+                record = {"step": step, "loss": result.loss, "lr": lr, "tokens_per_s": tokens / busy,
                           "images_per_s": images / busy}
                 if step % tc.eval_every == 0 or step == tc.steps:
                     n = min(len(test), tc.eval_batches * tc.batch_size) if step < tc.steps else len(test)
