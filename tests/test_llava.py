@@ -88,6 +88,9 @@ def test_image_token_count_must_match_the_images(pair):
         ours(ids, attention_mask=mask, pixel_values=pixels[:1])
     with pytest.raises(ValueError, match="no image was given"):
         ours(ids, attention_mask=mask)
+    text_only = llmarch.build(cfg.replace(vision=None))
+    with pytest.raises(ValueError, match="reads text only"):
+        text_only(ids, attention_mask=mask, pixel_values=pixels)
 
 
 @pytest.mark.parametrize("name", ["llava-tiny", "llava-tiny-xattn"])

@@ -152,13 +152,18 @@ class Model(nn.Module):
                 use_cache: bool = False, *, token_type_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                global_attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                global_attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
         return the decoder's logits; a cache that already holds the encoded memory skips the encoder.
-        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer)."""
+        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer).
+        pixel_values [n_images, C, H, W] only for models with ``config.vision`` (VisionLanguageModel)."""
         kind = self.config.kind
+        if pixel_values is not None:  # vision configs build a VisionLanguageModel, which reads them
+            raise ValueError("pixel_values: this model reads text only (config.vision is None); use a vision "
+                             "preset such as llava-tiny")
         if kind == "encoder_decoder":
             return self._seq2seq(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
                                  decoder_input_ids, decoder_attention_mask)
