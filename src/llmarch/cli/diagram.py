@@ -30,6 +30,8 @@ def run(args) -> int:
     from llmarch.analysis.diagram import architecture, to_mermaid
 
     cfg = config_from_args(args)
+    if cfg.kind == "vision":
+        raise ValueError("diagram: a vision tower alone is not drawn; `llmarch inspect NAME` lists its parts")
     title = args.name or args.preset or Path(args.config).stem
     d = architecture(cfg, title)
     if not args.out:
