@@ -31,7 +31,7 @@ def run(args) -> int:
 
     cfg = config_from_args(args)
     if cfg.kind == "vision":
-        raise ValueError("diagram: a vision tower alone is not drawn; `llmarch inspect NAME` lists its parts")
+        raise ValueError("a vision tower alone (kind vision) is not drawn; `llmarch inspect NAME` lists its parts")
     title = args.name or args.preset or Path(args.config).stem
     d = architecture(cfg, title)
     if not args.out:
