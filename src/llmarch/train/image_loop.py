@@ -40,9 +40,11 @@ def fit_vision_config(cfg: ModelConfig, tok) -> ModelConfig:
 
 
 @torch.no_grad()
-def evaluate(model, tok, pairs, pixels: torch.Tensor, batch: int, new_tokens: int = 4) -> tuple[float, float, list]:
-    """(held-out loss on the answers, answer accuracy, the answers) over ``pairs`` with their pixel values."""
+def evaluate(model, tok, pairs, pixels: torch.Tensor, batch: int) -> tuple[float, float, list]:
+    """(held-out loss on the answers, answer accuracy, the answers) over ``pairs`` with their pixel values.
+    Greedy answers get room for the longest true answer and one more token."""
     model.eval()
+    new_tokens = max(len(tok.encode(" " + p.answer)) for p in pairs) + 1
     total = count = correct = 0.0
     answers = []
     for s in range(0, len(pairs), batch):
