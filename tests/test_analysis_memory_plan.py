@@ -91,7 +91,8 @@ def test_plan_arithmetic():
     p = plan_tokens(cfg, 1e12, seq_len=4096)
     assert p.six_nd == 6 * 6_738_415_616 * 1e12
     attn_per_token = 3 * 4 * 4096 * 4096 * 32  # 3 × 4·s·d per layer × L
-    assert p.attention == pytest.approx(attn_per_token * 1e12)
+    assert p.attention_dense == pytest.approx(attn_per_token * 1e12)
+    assert p.attention == pytest.approx(attn_per_token * 1e12 * 4097 / (2 * 4096))  # causal: T(T+1)/2 of T² pairs
     back = plan_flops(cfg, p.flops, seq_len=4096)
     assert back.tokens == pytest.approx(1e12)
     assert gpu_hours(3600 * 1e15, 1e15, mfu=0.5) == pytest.approx(2.0)

@@ -2,7 +2,9 @@
 accelerator's peak, and the compute-optimal token count.
 
 Training FLOPs = 6·N·D (Kaplan et al. 2020: 2 per parameter per token forward, 4 backward) + the attention term
-3·(forward attention FLOPs per token)·D that 6·N·D leaves out; for MoE, N is the parameters active per token.
+3·(forward attention FLOPs per token)·D that 6·N·D leaves out, counting only the (query, key) pairs the mask allows
+(causal, sliding windows, sparse patterns), at the sequence length the preset's paper pre-trained at unless one is
+given; for MoE, N is the parameters active per token.
 Chinchilla-optimal tokens ≈ 20 per parameter (Hoffmann et al. 2022). Published figures are printed beside the
 computed ones (:data:`PUBLISHED`); formulas are never adjusted to match them.
 """
@@ -43,32 +45,65 @@ class Plan:
     params: int  # N used in 6·N·D (active per token for MoE)
     tokens: float
     six_nd: float
-    attention: float
+    attention: float  # only the (query, key) pairs the mask allows (causal, windows, sparse patterns)
     seq_len: int
+    attention_dense: float = 0.0  # the same term over the full T×T score matrix
+    seq_len_source: str = ""  # where seq_len came from
+    counting: str = ""  # how the attention term was counted
 
     @property
     def flops(self) -> float:
         return self.six_nd + self.attention
 
 
-def attention_training_flops_per_token(cfg, seq_len: int) -> float:
-    """3 × the forward attention FLOPs per token at this sequence length (dense kernel, full T×S)."""
-    return 3 * forward_flops(cfg, seq_len, 1).attention / seq_len
+def default_seq_len(cfg, name: str | None = None) -> tuple[int, str]:
+    """The length to cost training at: the preset's paper's pre-training context (:mod:`llmarch.presets.training`),
+    else the model's ``max_seq_len`` — with a note saying which."""
+    from llmarch.presets.training import training_context
+
+    found = training_context(name)
+    if found is not None:
+        return min(found.tokens, cfg.max_seq_len), f"the pre-training context of {name}: {found.source}"
+    return cfg.max_seq_len, (f"max_seq_len: no recorded pre-training context for {name or 'this config'}; pass "
+                             "--seq-len to cost another length")
 
 
-def plan_tokens(cfg, tokens: float, seq_len: int | None = None) -> Plan:
-    """Training FLOPs for ``tokens`` training tokens of length ``seq_len`` (default the context length)."""
-    s = seq_len or cfg.max_seq_len
+def attention_training_flops_per_token(cfg, seq_len: int) -> tuple[float, float, str]:
+    """3 × the forward attention FLOPs per token at this sequence length: (mask-allowed pairs, dense T×S, how the
+    first was counted)."""
+    f = forward_flops(cfg, seq_len, 1)
+    dense = 3 * f.attention / seq_len
+    if f.attention_useful is None:
+        return dense, dense, f"dense T×T (a pattern is too long to count at T={seq_len})"
+    frac = f.attention_useful / f.attention if f.attention else 1.0
+    from llmarch.analysis.layers import stacks
+
+    parts = ["causal"] if any(st.causal for st in stacks(cfg)) else []
+    parts += [p + (f" W={cfg.window}" if p == "sliding" else "") for p in dict.fromkeys(cfg.pattern) if p != "dense"]
+    if not parts:
+        return 3 * f.attention_useful / seq_len, dense, "dense T×T (bidirectional, no sparse pattern)"
+    return (3 * f.attention_useful / seq_len, dense,
+            f"only the pairs the {' + '.join(parts)} mask allows ({100 * frac:.1f}% of T×T)")
+
+
+def _seq_len(cfg, seq_len: int | None, name: str | None) -> tuple[int, str]:
+    return (seq_len, "given (--seq-len)") if seq_len else default_seq_len(cfg, name)
+
+
+def plan_tokens(cfg, tokens: float, seq_len: int | None = None, name: str | None = None) -> Plan:
+    """Training FLOPs for ``tokens`` training tokens of length ``seq_len`` (default :func:`default_seq_len`)."""
+    s, source = _seq_len(cfg, seq_len, name)
     n = count_params(cfg).active
-    return Plan(n, tokens, 6.0 * n * tokens, attention_training_flops_per_token(cfg, s) * tokens, s)
+    attn, dense, counting = attention_training_flops_per_token(cfg, s)
+    return Plan(n, tokens, 6.0 * n * tokens, attn * tokens, s, dense * tokens, source, counting)
 
 
-def plan_flops(cfg, flops: float, seq_len: int | None = None) -> Plan:
+def plan_flops(cfg, flops: float, seq_len: int | None = None, name: str | None = None) -> Plan:
     """The token count a FLOP budget buys (6·N + attention per token)."""
-    s = seq_len or cfg.max_seq_len
+    s, _ = _seq_len(cfg, seq_len, name)
     n = count_params(cfg).active
-    per_token = 6.0 * n + attention_training_flops_per_token(cfg, s)
-    return plan_tokens(cfg, flops / per_token, s)
+    per_token = 6.0 * n + attention_training_flops_per_token(cfg, s)[0]
+    return plan_tokens(cfg, flops / per_token, seq_len, name)
 
 
 def peak_flops(accelerator: str | float) -> float:
@@ -102,7 +137,7 @@ def published_checks() -> list[dict]:
     rows = []
     for pub in PUBLISHED:
         cfg = presets.get(pub.preset)
-        p = plan_tokens(cfg, pub.tokens)
+        p = plan_tokens(cfg, pub.tokens, name=pub.preset)
         row = dict(preset=pub.preset, params=p.params, tokens=pub.tokens, six_nd=p.six_nd,
                    with_attention=p.flops, published=pub.flops, source=pub.source, note=pub.note,
                    ratio_6nd_to_published=p.six_nd / pub.flops if pub.flops else None)

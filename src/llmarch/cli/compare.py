@@ -2,14 +2,12 @@
 activation, norm, FLOPs/token, KV cache/token)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from llmarch.cli.common import add_json_flag, emit_json, human, table
+from llmarch.cli.common import MODEL_SPEC, add_json_flag, emit_json, human, resolve_model, table
 
 
 def add(sub) -> None:
-    p = sub.add_parser("compare", help="compare presets or config files side by side")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="preset names or config files (.json/.yaml)")
+    p = sub.add_parser("compare", help="compare models side by side (presets, config files, HF or llmarch directories)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=f"each {MODEL_SPEC}")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs/token, capped at each model's context (default 2048)")
     p.add_argument("--dtype", default="bf16", help="KV-cache dtype (default bf16)")
     add_json_flag(p)
@@ -46,17 +44,8 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
                 flops_per_token=f.forward / f.tokens, kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
 
 
-def load(name: str):
-    from llmarch import presets
-    from llmarch.config import ModelConfig
-
-    if Path(name).suffix in (".json", ".yaml", ".yml"):
-        return ModelConfig.from_file(name)
-    return presets.get(name)
-
-
 def run(args) -> int:
-    cols = {m: summary(load(m), args.seq_len, args.dtype) for m in args.models}
+    cols = {m: summary(resolve_model(m), args.seq_len, args.dtype) for m in args.models}
     if args.json:
         emit_json(cols)
         return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmarch.cli.common import add_model_args, config_from_args
+from llmarch.cli.common import MODEL_SPEC, add_model_args, config_from_args, model_title
 
 
 def add(sub) -> None:
@@ -20,7 +20,7 @@ def add(sub) -> None:
 
     for name, helptext in (("rope", "RoPE frequencies and long-term decay"), ("alibi", "ALiBi slopes and biases")):
         q = kinds.add_parser(name, help=f"{helptext} (of a model, or the default config)")
-        q.add_argument("name", nargs="?", help="a preset name (or --preset / --config)")
+        q.add_argument("name", nargs="?", help=f"{MODEL_SPEC} (or --preset / --config)")
         add_model_args(q, required=False)
         q.add_argument("-o", "--out", default=f"{name}.png", metavar="FILE")
         if name == "alibi":
@@ -43,7 +43,7 @@ def _model(args):
     from llmarch.config import ModelConfig
 
     if args.name or args.preset or args.config:
-        return config_from_args(args), args.name or args.preset or Path(args.config).stem
+        return config_from_args(args, dirs=True), model_title(args)
     return ModelConfig(), "default config"
 
 

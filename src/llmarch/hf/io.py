@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from llmarch.hf.base import FAMILIES, Family
 from llmarch.hf.convert import to_ours, to_theirs
 from llmarch.model import Model
+from llmarch.model_files import carry_model_files, write_tokenizer_config
 
 
 def _read_config(path: Path) -> dict:
@@ -85,6 +86,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     for alias, source in tied.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
+    model.loaded_from = path  # where save() finds the tokenizer files to carry
     return model.to(dtype) if dtype is not None else model
 
 
@@ -109,9 +111,12 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                      + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
-def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads. Written to a temporary
-    directory first and renamed into place, so an existing directory is never left half-written."""
+def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
+         files_from: str | os.PathLike | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads, with the tokenizer files and
+    ``generation_config.json`` of ``files_from`` (default: the directory the model was loaded from, if any; see
+    :mod:`llmarch.model_files`). Written to a temporary directory first and renamed into place, so an existing
+    directory is never left half-written."""
     path = Path(path)
     fam = pick_family(model, model_type)
     cfg = model.config
@@ -125,6 +130,10 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    files_from = files_from if files_from is not None else getattr(model, "loaded_from", None)
+    if files_from is not None:
+        carry_model_files(files_from, tmp)
+        write_tokenizer_config(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         os.replace(path, old)
