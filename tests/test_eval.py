@@ -45,8 +45,9 @@ def test_rolling_windows_predict_every_token_once():
     assert ws[0].ids == [1, 10, 11, 12] and ws[1].ids == [13, 14, 15, 16]  # inputs are the tokens before
 
 
-def test_perplexity_matches_token_by_token_scoring(lm):
+def test_perplexity_matches_token_by_token_scoring(lm, monkeypatch):
     L = 8
+    monkeypatch.setattr("llmarch.eval.perplexity.WINDOWS_PER_ROUND", 2)  # several scoring rounds
     s = score_texts(lm.model, lm.tok, TEXTS, max_len=L, batch_size=3)
     nll = 0.0
     for text in TEXTS:
@@ -68,6 +69,8 @@ def test_eval_verb_on_a_file_and_a_folder(lm, tmp_path, capsys):
     ref = score_texts(lm.model, lm.tok, TEXTS, max_len=8)
     assert d["files"] == 3 and d["tokens"] == ref.tokens and d["bits_per_byte"] == pytest.approx(ref.bits_per_byte)
     assert d["tokens_per_s"] > 0 and d["perplexity"] == pytest.approx(ref.perplexity)
+    assert main(["eval", "--checkpoint", str(lm.dir), "--data", str(tmp_path / "[01].txt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == 2  # a glob
     assert main(["eval", "--checkpoint", str(lm.dir), "--data", str(tmp_path / "0.txt")]) == 0
     assert "bits per byte" in capsys.readouterr().out
     assert main(["eval", "--checkpoint", str(lm.dir), "--data", str(tmp_path / "nope.txt")]) == 2

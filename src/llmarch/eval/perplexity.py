@@ -109,21 +109,27 @@ def score_texts(model, tokenizer, texts: list[str], max_len: int | None = None, 
     check_causal(model)
     max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
     prefix = prefix_token(tokenizer)
-    windows, tokens, n_bytes = [], 0, 0
+    tokens = n_bytes = 0
+    nll = seconds = 0.0
+    was_training = model.training
+    model.eval()
+    windows: list[Window] = []
     for d, text in enumerate(texts):
         ids = tokenizer.encode(text)
         windows += rolling_windows(d, ids, prefix, max_len)
         tokens, n_bytes = tokens + len(ids), n_bytes + len(text.encode("utf-8"))
+        if len(windows) >= WINDOWS_PER_ROUND or d == len(texts) - 1:  # score as we go: memory stays bounded
+            start = time.perf_counter()
+            nll -= float(sum(lp.sum() for lp, _ in score_windows(model, windows, batch_size)))
+            seconds += time.perf_counter() - start
+            windows = []
+    model.train(was_training)
     if not tokens:
         raise ValueError("the text has no tokens to score")
-    was_training = model.training
-    model.eval()
-    start = time.perf_counter()
-    scores = score_windows(model, windows, batch_size)
-    seconds = time.perf_counter() - start
-    model.train(was_training)
-    nll = -float(sum(lp.sum() for lp, _ in scores))
     return TextScore(len(texts), tokens, n_bytes, nll, seconds, max_len)
+
+
+WINDOWS_PER_ROUND = 256
 
 
 __all__ = ["rolling_windows", "score_windows", "score_texts", "TextScore", "prefix_token", "check_causal"]
