@@ -89,7 +89,7 @@ def req(*args):
 
 
 def test_harness_requests_match_plain_forward_passes(lm):
-    pytest.importorskip("lm_eval")
+    import lm_eval  # noqa: F401  (the test extra installs it)
     from llmarch.eval.harness import LlmarchLM
 
     h = LlmarchLM(model=lm.model, tokenizer=lm.tok, batch_size=2)
@@ -125,7 +125,7 @@ output_type: {kind}
 
 def test_harness_runs_local_tasks(lm, tmp_path):
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    lm_eval = pytest.importorskip("lm_eval")
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     import llmarch.eval.harness  # noqa: F401  (registers "llmarch")
