@@ -3,6 +3,7 @@ steps with one parallel axis and with one process (the reference, computed on ev
 and compares losses and gradients (fp32, 1e-5). Usage: torchrun ... tests/dist_checks.py CHECK [CHECK ...]."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
@@ -88,6 +89,50 @@ def tp():
         opt.step()
         opt.zero_grad()
     compare("tp", ref, losses, grads, layout.to_natural)
+
+
+def average_replicated(model) -> None:
+    """Data-parallel gradient mean of the plain (replicated) parameters, as DDP does."""
+    for p in model.parameters():
+        if p.grad is not None and not hasattr(p.grad, "full_tensor"):
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+@check
+def ep():
+    """Expert parallel over all ranks, data parallel tokens, with a capacity limit that drops assignments."""
+    from llmarch.train.parallel.expert import apply_expert_parallel
+
+    cfg = llmarch.preset("mixtral-tiny", **LLAMA)
+    cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, capacity_factor=1.0, balance_coef=0.0, dispatch="sliced"))
+    ref = reference(cfg)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    spec = M.spec_for(cfg, world, ep=world)
+    mesh = M.build_mesh(spec)
+    torch.manual_seed(0)
+    model = llmarch.build(cfg)
+    assert apply_expert_parallel(model, mesh["dp"]) == cfg.n_layers
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses, grads, dropped = [], [], 0.0
+    for s in range(STEPS):
+        ids, labels = batch(s)
+        rows = slice(rank * len(ids) // world, (rank + 1) * len(ids) // world)
+        out = model(ids[rows])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), labels[rows].flatten()) / world
+        loss.backward()
+        loss = loss.detach()
+        dist.all_reduce(loss)
+        losses.append(loss.item())
+        dropped += llmarch.nn.moe.moe_metrics(model)["moe_dropped_fraction"]
+        for p in model.parameters():  # the DDP convention: each rank's loss times world, gradients averaged
+            p.grad *= world
+        average_replicated(model)
+        grads.append({n: full(p.grad).clone() for n, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    assert dropped > 0, "the capacity limit should drop some assignments"
+    compare("ep", ref, losses, grads)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""Parallel axes on torch.distributed: mesh validation (in process) and, in one torchrun launch of 2 gloo
+processes (tests/dist_checks.py), tensor / expert / pipeline parallel each equal to one process."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmarch
+from llmarch.train.parallel.mesh import MeshSpec, spec_for
+from llmarch.train.parallel.tensor import Relayout, halves_layout, heads_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = str(Path(llmarch.__file__).resolve().parents[1])
+CHECKS = ["tp", "ep"]
+
+
+def test_two_processes_equal_one():
+    """One launch runs every check; each prints 'NAME: ok' after comparing losses and gradients within 1e-5."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_checks.py"), *CHECKS]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in CHECKS:
+        assert f"{name}: ok" in done.stdout, done.stdout
+
+
+LLAMA = llmarch.preset("llama-tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tp=3), "does not divide the world size"),
+    (dict(dp=4, tp=2), "must equal the world size"),
+    (dict(tp=4, ep=1, pp=1, world=8), "n_kv_heads: 2 is not divisible by tp = 4"),
+    (dict(ep=2, world=2), "needs an MoE model"),
+    (dict(pp=4, world=4), "n_layers: 2 is not divisible by pp = 4"),
+])
+def test_mesh_errors_name_the_field(kwargs, message):
+    world = kwargs.pop("world", 4)
+    with pytest.raises(ValueError, match=message):
+        spec_for(LLAMA, world, **kwargs)
+
+
+def test_mesh_fills_dp_and_checks_experts():
+    assert spec_for(LLAMA, 8, tp=2, pp=2) == MeshSpec(2, 2, 1, 2)
+    moe = llmarch.preset("mixtral-tiny")
+    assert spec_for(moe, 2, ep=2).ep == 2
+    with pytest.raises(ValueError, match="ep must equal dp"):
+        spec_for(moe, 4, ep=2)
+    with pytest.raises(ValueError, match="moe.n_experts: 4 is not divisible by ep = 3"):
+        spec_for(moe, 3, ep=3)
+
+
+def test_relayouts_keep_each_ranks_heads_together():
+    H, G, Dh, tp = 4, 2, 1, 2  # rows: q0 q1 q2 q3 k0 k1 v0 v1
+    assert heads_layout(H, G, Dh, tp).tolist() == [0, 1, 4, 6, 2, 3, 5, 7]
+    assert halves_layout(4, 2).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+    order = heads_layout(8, 2, 3, 2)
+    r = Relayout({"w": order})
+    w = torch.randn(len(order), 5)
+    assert torch.equal(r.to_natural("w", r.to_parallel("w", w)), w)
+    assert torch.equal(r.to_parallel("other", w), w)
