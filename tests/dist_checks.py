@@ -135,6 +135,42 @@ def ep():
     compare("ep", ref, losses, grads)
 
 
+@check
+def pp():
+    """Pipeline parallel: 2 stages of one layer each, 4 micro-batches under 1F1B (GPipe on the last step)."""
+    from llmarch.train.parallel.pipeline import build_pipeline
+
+    cfg = llmarch.preset("llama-tiny", **LLAMA)
+    ref = reference(cfg)
+    world = dist.get_world_size()
+    mesh = M.build_mesh(M.spec_for(cfg, world, pp=world))
+    torch.manual_seed(0)
+    model = llmarch.build(cfg)
+
+    def loss_fn(logits, labels):
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+    stage, sched = build_pipeline(model, mesh["pp"], 4, loss_fn, "1f1b")
+    _, gpipe = build_pipeline(model, mesh["pp"], 4, loss_fn, "gpipe")
+    opt = torch.optim.Adam(stage.parameters(), lr=1e-2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    losses, grads = [], []
+    for s in range(STEPS):
+        ids, labels = batch(s)
+        mb = []
+        (gpipe if s == STEPS - 1 else sched).step(ids if stage.first else None,
+                                                   target=labels if stage.last else None, losses=mb)
+        loss = torch.tensor(sum(float(x) for x in mb) / 4 if stage.last else 0.0)
+        dist.all_reduce(loss)
+        losses.append(loss.item())
+        grads.append({names[id(p)]: p.grad.clone() for p in stage.parameters()})
+        opt.step()
+        opt.zero_grad()
+    assert len(grads[0]) < len(ref[1][0])
+    ref = (ref[0], [{n: g[n] for n in mine} for g, mine in zip(ref[1], grads)])
+    compare("pp", ref, losses, grads)
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
