@@ -66,3 +66,22 @@ def test_relayouts_keep_each_ranks_heads_together():
     w = torch.randn(len(order), 5)
     assert torch.equal(r.to_natural("w", r.to_parallel("w", w)), w)
     assert torch.equal(r.to_parallel("other", w), w)
+
+
+def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
+    """``llmarch train --nproc 2 --tp 2`` (both ranks read the same batch of 4): the losses of one process; its
+    checkpoint holds the natural layout (the same weights as one process's)."""
+    from llmarch.train import train
+    from llmarch.train.metrics import read_metrics
+    from tests.test_train_distributed import losses, torchrun
+    from tests.train_util import TINY, settings
+
+    train(TINY, settings(tmp_path / "one", tmp_path / "cache", steps=4, batch_size=4, eval_every=2))
+    torchrun(tmp_path / "tp", tmp_path / "cache", "--tp", "2", "--batch-size", "4")
+    a, b = losses(read_metrics(tmp_path / "one")), losses(read_metrics(tmp_path / "tp"))
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    one = llmarch.train.checkpoints.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004")
+    two = llmarch.train.checkpoints.load_checkpoint(tmp_path / "tp" / "checkpoints" / "step_00000004")
+    for k, v in one["model"].items():
+        assert (v - two["model"][k]).abs().max() < 1e-4, k
