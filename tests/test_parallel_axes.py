@@ -16,7 +16,7 @@ from llmarch.train.parallel.tensor import Relayout, halves_layout, heads_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(Path(llmarch.__file__).resolve().parents[1])
-CHECKS = ["tp", "ep", "pp"]
+CHECKS = ["tp", "ep", "pp", "dcp"]
 
 
 def test_two_processes_equal_one():
