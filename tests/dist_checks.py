@@ -1,4 +1,4 @@
-"""Run under torchrun (2 gloo processes) by tests/test_parallel_axes.py: each named check trains a tiny model a few
+"""Run under torchrun (2 or 4 gloo processes) by tests/test_parallel_axes.py: each named check trains a tiny model a few
 steps with one parallel axis and with one process (the reference, computed on every rank from the same seed),
 and compares losses and gradients (fp32, 1e-5). Usage: torchrun ... tests/dist_checks.py CHECK [CHECK ...]."""
 from __future__ import annotations
@@ -137,12 +137,12 @@ def ep():
 
 @check
 def pp():
-    """Pipeline parallel: 2 stages of one layer each, 4 micro-batches under 1F1B (GPipe on the last step)."""
+    """Pipeline parallel: one stage of one layer per rank, 4 micro-batches under 1F1B (GPipe on the last step)."""
     from llmarch.train.parallel.pipeline import build_pipeline
 
-    cfg = llmarch.preset("llama-tiny", **LLAMA)
-    ref = reference(cfg)
     world = dist.get_world_size()
+    cfg = llmarch.preset("llama-tiny", **dict(LLAMA, n_layers=max(2, world)))
+    ref = reference(cfg)
     mesh = M.build_mesh(M.spec_for(cfg, world, pp=world))
     torch.manual_seed(0)
     model = llmarch.build(cfg)
@@ -185,7 +185,7 @@ def mesh_model(cfg, **degrees):
     return model, torch.optim.Adam(model.parameters(), lr=1e-2), env
 
 
-def train_steps(model, opt, env, steps) -> list[float]:
+def train_steps(model, opt, env, steps, grads: list | None = None) -> list[float]:
     """Steps of the global batch: each data-parallel rank its rows, the loss summed over the batch's targets."""
     out_losses = []
     for s in steps:
@@ -198,8 +198,11 @@ def train_steps(model, opt, env, steps) -> list[float]:
             (loss * env.dp_world).backward()
         loss = full(loss).detach().clone()
         if env.dp_world > 1:
-            dist.all_reduce(loss)
+            mesh = getattr(model, "parallel_mesh", None)  # over the data-parallel ranks only
+            dist.all_reduce(loss, group=mesh["dp"].get_group() if mesh is not None else None)
         out_losses.append(loss.item())
+        if grads is not None:
+            grads.append({n: full(p.grad).clone() for n, p in model.named_parameters()})
         opt.step()
         opt.zero_grad()
     return out_losses
@@ -223,8 +226,9 @@ def same(a: dict, b: dict, tol: float = 0.0) -> float:
 
 @check
 def dcp():
-    """DCP: save sharded on tp=2 at step 2; resume on tp=2 bit-equal to the uninterrupted run; resume on dp=2
-    (FSDP2) with the same full state bit-for-bit and the same losses within 1e-5; export one safetensors dir."""
+    """DCP: save sharded on tp=2 (x dp = world/2, FSDP2) at step 2; resume on the same mesh bit-equal to the
+    uninterrupted run; resume on dp=world (FSDP2 only) with the same full state bit-for-bit and the same losses
+    within 1e-5; export one safetensors dir."""
     import tempfile
     from pathlib import Path
 
@@ -232,18 +236,18 @@ def dcp():
 
     cfg = llmarch.preset("llama-tiny", **LLAMA)
     world = dist.get_world_size()
-    model, opt, env = mesh_model(cfg, tp=world)
+    model, opt, env = mesh_model(cfg, tp=2)
     whole = train_steps(model, opt, env, range(4))
     final = full_states(model, opt)
     tmp = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(tmp)
     ckpt = Path(tmp[0]) / "step2"
-    model, opt, env = mesh_model(cfg, tp=world)
+    model, opt, env = mesh_model(cfg, tp=2)
     first = train_steps(model, opt, env, range(2))
     saved = full_states(model, opt)
     DCP.save(model, opt, ckpt)
     DCP.export(model, opt, Path(tmp[0]) / "export")
-    model, opt, env = mesh_model(cfg, tp=world)
+    model, opt, env = mesh_model(cfg, tp=2)
     DCP.load(model, opt, ckpt)
     again = first + train_steps(model, opt, env, range(2, 4))
     assert again == whole, (again, whole)
@@ -260,6 +264,18 @@ def dcp():
     assert worst < TOL, (other, whole)
     if dist.get_rank() == 0:
         print(f"dcp: ok (resume on tp bit-equal, on fsdp within {worst:.1e})", flush=True)
+
+
+@check
+def tp_fsdp():
+    """2-D mesh: FSDP2 over dp = world/2 composed with tensor parallel over tp = 2."""
+    cfg = llmarch.preset("llama-tiny", **LLAMA)
+    ref = reference(cfg)
+    model, opt, env = mesh_model(cfg, tp=2)
+    assert env.dp_world == dist.get_world_size() // 2
+    grads = []
+    losses = train_steps(model, opt, env, range(STEPS), grads)
+    compare("tp_fsdp", ref, losses, grads, model.tp_layout.to_natural)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Parallel axes on torch.distributed: mesh validation (in process) and, in one torchrun launch of 2 gloo
-processes (tests/dist_checks.py), tensor / expert / pipeline parallel each equal to one process."""
+"""Parallel axes on torch.distributed: mesh validation (in process); in one torchrun launch of 4 gloo processes
+(tests/dist_checks.py) TP x FSDP2 on a 2-D mesh, expert parallel and pipeline parallel each equal to one process,
+and DCP save on one mesh / resume on another; and ``llmarch train --tp 2`` on 2 processes."""
 from __future__ import annotations
 
 import os
@@ -16,12 +17,12 @@ from llmarch.train.parallel.tensor import Relayout, halves_layout, heads_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(Path(llmarch.__file__).resolve().parents[1])
-CHECKS = ["tp", "ep", "pp", "dcp"]
+CHECKS = ["tp_fsdp", "ep", "pp", "dcp"]  # ("tp", tensor parallel alone, runs on 2 processes)
 
 
-def test_two_processes_equal_one():
+def test_parallel_axes_equal_one_process():
     """One launch runs every check; each prints 'NAME: ok' after comparing losses and gradients within 1e-5."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
            str(ROOT / "tests" / "dist_checks.py"), *CHECKS]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
