@@ -86,3 +86,24 @@ def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
     two = llmarch.train.checkpoints.load_checkpoint(tmp_path / "tp" / "checkpoints" / "step_00000004")
     for k, v in one["model"].items():
         assert (v - two["model"][k]).abs().max() < 1e-4, k
+
+
+def test_plan_mesh_per_rank_figures(capsys):
+    """``llmarch plan --mesh``: tp splits the projections, embedding and head; FSDP2 divides what is left by dp;
+    the bad mesh is a one-line error naming the field. (Measured per-rank parameters and Adam state of the
+    torchrun checks are compared with these formulas in tests/dist_checks.py.)"""
+    import json
+
+    from llmarch.analysis.parallel_plan import mesh_plan, rank_params
+    from llmarch.cli import main
+
+    cfg = LLAMA.replace(vocab_size=128)
+    assert rank_params(cfg, tp=2, fsdp=False) == (26784 - 160) // 2 + 160  # norms stay replicated
+    assert rank_params(cfg, dp=2, tp=2) == rank_params(cfg, tp=2, fsdp=False) // 2
+    one, two = mesh_plan(cfg, 16, 4, dp=1), mesh_plan(cfg, 16, 4, dp=1, tp=2)
+    assert two["activations"] < one["activations"] and two["comm_tp"] > 0 == one["comm_tp"]
+    assert main(["plan", "llama-2-7b", "--mesh", "dp=8,tp=8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["world"] == 64 and out["params"] < 7e9 / 64 * 1.1
+    assert main(["plan", "llama-2-7b", "--mesh", "tp=3"]) != 0
+    assert "n_heads: 32 is not divisible by tp = 3" in capsys.readouterr().err
