@@ -199,7 +199,7 @@ def mesh_model(cfg, **degrees):
 
     env = DistEnv(dist.get_rank(), dist.get_world_size())
     torch.manual_seed(0)
-    tc = SimpleNamespace(**{**dict(dp=None, tp=1, ep=1, pp=1, parallel="fsdp"), **degrees})
+    tc = SimpleNamespace(**{**dict(dp=None, tp=1, ep=1, pp=1, parallel="fsdp", seq_len=16), **degrees})
     model = parallelize(llmarch.build(cfg), cfg, env, tc)
     return model, torch.optim.Adam(model.parameters(), lr=1e-2), env
 
@@ -297,6 +297,18 @@ def tp_fsdp():
     compare("tp_fsdp", ref, losses, grads, model.tp_layout.to_natural)
     # FSDP2 chunks dim 0 of each parameter: ranks differ by a few rows from the even split the plan assumes
     check_plan("tp_fsdp", cfg, model.parameters(), opt, rel=0.05, dp=env.dp_world, tp=2)
+
+
+@check
+def tp_sp():
+    """Sequence parallel with TP x FSDP2: the residual stream split over T between the column/row pairs."""
+    cfg = llmarch.preset("llama-tiny", **LLAMA)
+    ref = reference(cfg)
+    model, opt, env = mesh_model(cfg, tp=2, sequence_parallel=True, seq_len=16)
+    grads = []
+    losses = train_steps(model, opt, env, range(STEPS), grads)
+    compare("tp_sp", ref, losses, grads, model.tp_layout.to_natural)
+    assert model(batch(0)[0][:1]).hidden_states.shape[1] == 16 // 2  # each rank keeps half of the sequence
 
 
 if __name__ == "__main__":

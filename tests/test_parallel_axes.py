@@ -1,6 +1,6 @@
 """Parallel axes on torch.distributed: mesh validation (in process); in one torchrun launch of 4 gloo processes
-(tests/dist_checks.py) TP x FSDP2 on a 2-D mesh, expert parallel and pipeline parallel each equal to one process,
-and DCP save on one mesh / resume on another; and ``llmarch train --tp 2`` on 2 processes."""
+(tests/dist_checks.py) TP x FSDP2 on a 2-D mesh (without and with sequence parallel), expert parallel and pipeline parallel each equal to one process,
+and DCP save on one mesh / resume on another; and ``llmarch train --tp 2 --sp`` on 2 processes."""
 from __future__ import annotations
 
 import os
@@ -17,7 +17,7 @@ from llmarch.train.parallel.tensor import Relayout, halves_layout, heads_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(Path(llmarch.__file__).resolve().parents[1])
-CHECKS = ["tp_fsdp", "ep", "pp", "dcp"]  # ("tp", tensor parallel alone, runs on 2 processes)
+CHECKS = ["tp_fsdp", "tp_sp", "ep", "pp", "dcp"]  # ("tp", tensor parallel alone, runs on 2 processes)
 
 
 def test_parallel_axes_equal_one_process():
@@ -70,15 +70,16 @@ def test_relayouts_keep_each_ranks_heads_together():
 
 
 def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
-    """``llmarch train --nproc 2 --tp 2`` (both ranks read the same batch of 4): the losses of one process; its
-    checkpoint holds the natural layout (the same weights as one process's)."""
+    """``llmarch train --nproc 2 --tp 2 --sp`` (both ranks read the same batch of 4, each keeps half of every
+    sequence between the tensor-parallel layers): the losses of one process; its checkpoint holds the natural
+    layout (the same weights as one process's)."""
     from llmarch.train import train
     from llmarch.train.metrics import read_metrics
     from tests.test_train_distributed import losses, torchrun
     from tests.train_util import TINY, settings
 
     train(TINY, settings(tmp_path / "one", tmp_path / "cache", steps=4, batch_size=4, eval_every=2))
-    torchrun(tmp_path / "tp", tmp_path / "cache", "--tp", "2", "--batch-size", "4")
+    torchrun(tmp_path / "tp", tmp_path / "cache", "--tp", "2", "--sp", "--batch-size", "4")
     a, b = losses(read_metrics(tmp_path / "one")), losses(read_metrics(tmp_path / "tp"))
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)

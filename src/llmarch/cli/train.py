@@ -46,6 +46,7 @@ OPTIONS = [
     ("--tp", "tp", int, "tensor-parallel degree: heads, FFN width and vocabulary split over T ranks (default 1)"),
     ("--ep", "ep", int, "expert-parallel degree: MoE experts split over the data-parallel ranks (default 1)"),
     ("--pp", "pp", int, "pipeline-parallel degree (default 1)"),
+    ("--sp", "sequence_parallel", None, "sequence parallel with --tp: norms and residual on T/tp tokens per rank"),
     ("--device", "device", str, "auto | cpu | cuda (default auto)"),
     ("--samples", "samples", int, "texts generated at the end (default 3)"),
     ("--sample-tokens", "sample_tokens", int, "tokens per sample (default 64)"),

@@ -9,7 +9,8 @@ from typing import Any
 # settings a resumed run may change without breaking exact continuation of the data, schedule and numerics
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
                                "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
-                               "cache_dir", "resume", "dp", "tp", "ep", "pp"})
+                               "cache_dir", "resume", "dp", "tp", "ep", "pp",
+                               "sequence_parallel"})
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel degree (attention heads, FFN width, vocabulary split over tp ranks)
     ep: int = 1  # expert-parallel degree (MoE experts split over the data-parallel ranks; ep = dp)
     pp: int = 1  # pipeline-parallel degree (stages of layers)
+    sequence_parallel: bool = False  # with tp: norms, residual and dropout on T/tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     samples: int = 3  # texts generated at the end
     sample_tokens: int = 64

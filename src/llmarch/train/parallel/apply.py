@@ -23,6 +23,9 @@ def mesh_spec(cfg: ModelConfig, world: int, tc) -> MeshSpec:
     if spec.tp > 1 and spec.dp > 1 and tc.parallel != "fsdp":
         raise ValueError("parallel: tensor parallel with several data-parallel ranks composes with FSDP2 on a 2-D "
                          "mesh; add --parallel fsdp")
+    if getattr(tc, "sequence_parallel", False) and (spec.tp == 1 or tc.seq_len % spec.tp):
+        raise ValueError(f"sequence_parallel: splits the sequence over the tp ranks; it needs --tp > 1 and --seq-len "
+                         f"divisible by tp (tp {spec.tp}, seq_len {tc.seq_len})")
     if spec.ep > 1 and tc.parallel != "ddp":
         raise ValueError("parallel: expert parallel shards experts over the data-parallel ranks and keeps the other "
                          "weights replicated; use --parallel ddp with --ep")
@@ -43,7 +46,7 @@ def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
     if spec.tp > 1:
         from llmarch.train.parallel.tensor import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], getattr(tc, "sequence_parallel", False))
     if spec.ep > 1:
         from llmarch.train.parallel.expert import apply_expert_parallel, expert_parallel_names
 

@@ -11,6 +11,9 @@ into DTensors on the ``tp`` mesh dim.
 - embedding: vocabulary-parallel (rows of the table split, outputs summed); LM head: column-wise over the
   vocabulary, its logits left sharded ([B, T, V/T] per rank as a DTensor) for a parallel cross-entropy
   (``loss_parallel``) that never gathers [B, T, V].
+- sequence parallel (Korthikanti et al. 2022), optional: between the column/row pairs the residual stream stays
+  split over the sequence ([B, T/tp, D] per rank), so norms, residual adds and dropout run on 1/tp of the
+  tokens; the column-wise projections all-gather the sequence and the row-wise ones reduce-scatter it.
 
 Re-laid-out parameters are recorded in a :class:`Relayout` kept on the model (``model.tp_layout``): full state
 dicts are converted back to the natural layout when saved and forward again when loaded, so checkpoints and
@@ -47,47 +50,69 @@ def halves_layout(F: int, tp: int) -> torch.Tensor:
 
 
 @TP_PLANS.register("Attention")
-def attention_plan(m: nn.Module, tp: int):
+def attention_plan(m: nn.Module, tp: int, sp: bool):
     """(plan, {param: row order}); the module is told its local head counts."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
     order = heads_layout(m.n_heads, m.n_kv_heads, m.head_dim, tp)
     layout = {"qkv.weight": order} | ({"qkv.bias": order} if m.qkv.bias is not None else {})
     m.n_heads, m.n_kv_heads = m.n_heads // tp, m.n_kv_heads // tp
-    return {"qkv": ColwiseParallel(), "out": RowwiseParallel()}, layout
+    return {"qkv": column(sp), "out": row(sp)}, layout
 
 
 @TP_PLANS.register("GLU")
-def glu_plan(m: nn.Module, tp: int):
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
+def glu_plan(m: nn.Module, tp: int, sp: bool):
     order = halves_layout(m.d_ff, tp)
     layout = {"gate_up.weight": order} | ({"gate_up.bias": order} if m.gate_up.bias is not None else {})
     m.d_ff //= tp
-    return {"gate_up": ColwiseParallel(), "down": RowwiseParallel()}, layout
+    return {"gate_up": column(sp), "down": row(sp)}, layout
 
 
 @TP_PLANS.register("MLP")
-def mlp_plan(m: nn.Module, tp: int):
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    return {"up": ColwiseParallel(), "down": RowwiseParallel()}, {}
+def mlp_plan(m: nn.Module, tp: int, sp: bool):
+    return {"up": column(sp), "down": row(sp)}, {}
 
 
 @TP_PLANS.register("Embeddings")
-def embedding_plan(m: nn.Module, tp: int):
-    from torch.distributed.tensor import Replicate
+def embedding_plan(m: nn.Module, tp: int, sp: bool):
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import RowwiseParallel
 
-    return {"tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())}, {}
+    return {"tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1) if sp else Replicate())}, {}
 
 
 @TP_PLANS.register("LMHead")
-def lm_head_plan(m: nn.Module, tp: int):
-    from torch.distributed.tensor import Shard
+def lm_head_plan(m: nn.Module, tp: int, sp: bool):
+    from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel
 
-    return ColwiseParallel(output_layouts=Shard(-1), use_local_output=False), {}
+    return ColwiseParallel(input_layouts=Shard(1) if sp else Replicate(), output_layouts=Shard(-1),
+                           use_local_output=False), {}
+
+
+def norm_plan(m: nn.Module, tp: int, sp: bool):
+    """Sequence parallel only: the norm runs on this rank's tokens, its weights replicated."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    return (SequenceParallel(use_local_output=True) if sp else None), {}
+
+
+TP_PLANS.add("RMSNorm", norm_plan)
+TP_PLANS.add("LayerNorm", norm_plan)
+
+
+def column(sp: bool):
+    """Column-wise: input replicated, or gathered from sequence shards under sequence parallel."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel
+
+    return ColwiseParallel(input_layouts=Shard(1) if sp else Replicate())
+
+
+def row(sp: bool):
+    """Row-wise: partial sums all-reduced, or reduce-scattered into sequence shards under sequence parallel."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    return RowwiseParallel(output_layouts=Shard(1) if sp else Replicate())
 
 
 class Relayout:
@@ -123,8 +148,9 @@ class Relayout:
         return dict(optim_state, state=state)
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> Relayout:
-    """Shard ``model`` (unwrapped, on its device) over the 1-D ``tp_mesh`` by the components' plans, in place."""
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> Relayout:
+    """Shard ``model`` (unwrapped, on its device) over the 1-D ``tp_mesh`` by the components' plans, in place;
+    ``sequence_parallel`` keeps the residual stream split over the sequence between them."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     tp = tp_mesh.size()
@@ -136,7 +162,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> Relayout:
             if any(True for _ in m.parameters(recurse=False)):
                 replicated.add(key)
             continue
-        plan, layout = TP_PLANS[key](m, tp)
+        plan, layout = TP_PLANS[key](m, tp, sequence_parallel)
+        if plan is None:
+            continue
         params = dict(m.named_parameters())
         for pname, order in layout.items():
             with torch.no_grad():
