@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import llmarch
 from llmarch.train.parallel import mesh as M
-from llmarch.train.parallel.tensor import apply_tensor_parallel, loss_context
+from llmarch.train.parallel.tensor import loss_context
 
 TOL = 1e-5
 STEPS = 3
@@ -86,26 +86,7 @@ def compare(name, ref, losses, grads, natural=lambda n, t: t):
 @check
 def tp():
     """Tensor parallel over all ranks: vocab-parallel embedding and loss, column/row attention and GLU."""
-    cfg = llmarch.preset("llama-tiny", **LLAMA)
-    ref = reference(cfg)
-    spec = M.spec_for(cfg, dist.get_world_size(), tp=dist.get_world_size())
-    mesh = M.build_mesh(spec)
-    torch.manual_seed(0)
-    model = llmarch.build(cfg)
-    layout = apply_tensor_parallel(model, mesh["tp"])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses, grads = [], []
-    for s in range(STEPS):
-        ids, labels = batch(s)
-        with loss_context(model):
-            out = model(ids)
-            loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten()) + out.aux_loss
-            loss.backward()
-        losses.append(full(loss).item())
-        grads.append({n: full(p.grad).clone() for n, p in model.named_parameters()})
-        opt.step()
-        opt.zero_grad()
-    compare("tp", ref, losses, grads, layout.to_natural)
+    tensor_parallel("tp", tp=dist.get_world_size())
 
 
 def average_replicated(model) -> None:
@@ -285,16 +266,22 @@ def dcp():
         print(f"dcp: ok (resume on tp bit-equal, on fsdp within {worst:.1e})", flush=True)
 
 
+def tensor_parallel(name: str, **degrees):
+    """Train with tensor parallel (+ FSDP2 over what the world leaves) and compare with one process."""
+    cfg = llmarch.preset("llama-tiny", **LLAMA)
+    ref = reference(cfg)
+    model, opt, env = mesh_model(cfg, **degrees)
+    assert env.dp_world == dist.get_world_size() // degrees["tp"]
+    grads = []
+    losses = train_steps(model, opt, env, range(STEPS), grads)
+    compare(name, ref, losses, grads, model.tp_layout.to_natural)
+    return cfg, model, opt, env
+
+
 @check
 def tp_fsdp():
     """2-D mesh: FSDP2 over dp = world/2 composed with tensor parallel over tp = 2."""
-    cfg = llmarch.preset("llama-tiny", **LLAMA)
-    ref = reference(cfg)
-    model, opt, env = mesh_model(cfg, tp=2)
-    assert env.dp_world == dist.get_world_size() // 2
-    grads = []
-    losses = train_steps(model, opt, env, range(STEPS), grads)
-    compare("tp_fsdp", ref, losses, grads, model.tp_layout.to_natural)
+    cfg, model, opt, env = tensor_parallel("tp_fsdp", tp=2)
     # FSDP2 chunks dim 0 of each parameter: ranks differ by a few rows from the even split the plan assumes
     check_plan("tp_fsdp", cfg, model.parameters(), opt, rel=0.05, dp=env.dp_world, tp=2)
 
@@ -302,12 +289,7 @@ def tp_fsdp():
 @check
 def tp_sp():
     """Sequence parallel with TP x FSDP2: the residual stream split over T between the column/row pairs."""
-    cfg = llmarch.preset("llama-tiny", **LLAMA)
-    ref = reference(cfg)
-    model, opt, env = mesh_model(cfg, tp=2, sequence_parallel=True, seq_len=16)
-    grads = []
-    losses = train_steps(model, opt, env, range(STEPS), grads)
-    compare("tp_sp", ref, losses, grads, model.tp_layout.to_natural)
+    _, model, _, _ = tensor_parallel("tp_sp", tp=2, sequence_parallel=True)
     assert model(batch(0)[0][:1]).hidden_states.shape[1] == 16 // 2  # each rank keeps half of the sequence
 
 
