@@ -108,3 +108,19 @@ def test_plan_mesh_per_rank_figures(capsys):
     assert out["world"] == 64 and out["params"] < 7e9 / 64 * 1.1
     assert main(["plan", "llama-2-7b", "--mesh", "tp=3"]) != 0
     assert "n_heads: 32 is not divisible by tp = 3" in capsys.readouterr().err
+
+
+def test_train_settings_refuse_meshes_the_loop_cannot_run(tmp_path):
+    from llmarch.train import TrainConfig
+    from llmarch.train.parallel.apply import mesh_spec
+
+    with pytest.raises(ValueError, match="tp: must be a positive integer"):
+        TrainConfig(out=str(tmp_path), tp=0)
+    tc = TrainConfig(out=str(tmp_path), seq_len=31, sequence_parallel=True, tp=2, parallel="fsdp")
+    with pytest.raises(ValueError, match="sequence_parallel: .* divisible by tp"):
+        mesh_spec(LLAMA, 4, tc)
+    with pytest.raises(ValueError, match="parallel: .* add --parallel fsdp"):
+        mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), tp=2))
+    with pytest.raises(ValueError, match="pp: the training loop does not drive pipeline stages"):
+        mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2))
+    assert mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), tp=2, parallel="fsdp")) == MeshSpec(2, 2, 1, 1)
