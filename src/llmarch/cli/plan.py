@@ -2,8 +2,8 @@
 MFU and accelerator peak, Chinchilla-optimal tokens; `--check` prints published figures beside the formulas."""
 from __future__ import annotations
 
-from llmarch.cli.plan_mesh import add_mesh_args, run_mesh
 from llmarch.cli.common import MODEL_SPEC, add_json_flag, add_model_args, config_from_args, emit_json, human, preset_name, table
+from llmarch.cli.plan_mesh import add_mesh_args, run_mesh
 
 
 def add(sub) -> None:
