@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmarch.validation import check_field_types
+
 
 def _fail(name: str, message: str) -> None:
     raise ValueError(f"moe.{name}: {message}")
@@ -58,6 +60,9 @@ class MoEConfig:
     routed_scale: float = 1.0  # the K routed weights are multiplied by it (DeepSeek routed_scaling_factor)
     n_groups: int = 1  # group-limited routing: E experts in n_groups groups (1 = off)
     topk_groups: int | None = None  # ... each token picks its K experts inside its topk_groups best groups
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "moe.")
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense and layer % self.every == self.offset

@@ -27,12 +27,13 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         cfg = ModelConfig.from_file(args.config)
     else:
         raise ValueError("give a model: NAME, --preset NAME or --config FILE")
-    for item in args.set:
+    changes = {}
+    for item in args.set:  # every override first, then one validation (pattern=sliding needs window=W too)
         field, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not field.strip():
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        cfg = cfg.with_path(field.strip(), value.strip())
-    return cfg
+        changes[field.strip()] = value.strip()
+    return cfg.with_overrides(changes) if changes else cfg
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
