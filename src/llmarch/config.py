@@ -331,11 +331,15 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``, ``moe``,
         ``retrieval``) accepts a dict of its fields to change."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
         for name in SUB_CONFIGS:
-            if isinstance(changes.get(name), dict):
-                current = getattr(self, name)
-                changes[name] = (SUB_CONFIGS[name](**changes[name]) if current is None
-                                 else dataclasses.replace(current, **changes[name]))
+            current = getattr(self, name)
+            if isinstance(changes.get(name), dict) and current is not None:  # checked and built in __post_init__
+                changes[name] = {**{f.name: getattr(current, f.name) for f in dataclasses.fields(current)},
+                                 **changes[name]}
         return dataclasses.replace(self, **changes)
 
     def with_path(self, dotted: str, value: Any) -> "ModelConfig":

@@ -13,7 +13,7 @@ import torch
 
 from llmarch.nn.attention import AttnContext
 from llmarch.nn.patterns import Pattern
-from llmarch.nn.position import PositionScheme
+from llmarch.nn.position import PositionScheme, position_limit
 
 
 class StaticKVCache:
@@ -39,9 +39,10 @@ class StaticKVCache:
     def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
         """Sized from the model's config, on its device and in its dtype."""
         cfg = model.config
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} is longer than the model's context (max_seq_len="
-                             f"{cfg.max_seq_len}); shorten the prompt or max_new_tokens")
+        limit = position_limit(model)  # the context rule of generate(): only a learned table has an end
+        if limit is not None and max_len > limit:
+            raise ValueError(f"max_len={max_len} is longer than the model's learned position table (max_seq_len="
+                             f"{limit}); shorten the prompt or max_new_tokens")
         p = next(model.parameters())
         return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dh, dtype=p.dtype, device=p.device)
 
