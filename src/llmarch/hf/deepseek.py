@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from llmarch.config import ModelConfig
-from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, rope_from_hf, \
+from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, rope_dict, rope_from_hf, \
     rope_to_hf, tokens_from_hf, tokens_to_hf
 from llmarch.hf.convert import cat_rows, rule, split_rows
 from llmarch.hf.moe import experts_rule, per_layer_rules
@@ -54,7 +54,7 @@ class DeepseekLike(Family):
         if hf.get("num_key_value_heads") not in (None, H):
             raise ValueError("config.json num_key_value_heads must equal num_attention_heads for latent attention")
         rope = rope_from_hf(hf)
-        params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        params = rope_dict(hf)
         mscale_all_dim = float(params.get("mscale_all_dim") or 0.0)
         if rope["scaling"] == "yarn" and "attention_factor" not in rope:
             mscale = params.get("mscale")

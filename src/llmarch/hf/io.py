@@ -68,6 +68,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     """A Model with the weights of the Hugging Face checkpoint directory ``path``."""
     path = Path(path)
     fam, cfg = _translate(path)
+    tensors, origin = read_weights(path)
+    theirs = _strip(tensors, fam.prefixes)
+    origin = {k: origin[n] for n, k in zip(tensors, theirs)}
+    cfg = fam.tie_from_weights(cfg, theirs)  # transformers decides tying with the checkpoint in hand
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -75,10 +79,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     for alias in tied:
         expected.pop(alias, None)
     ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-    tensors, origin = read_weights(path)
-    origin = {k: origin[n] for n, k in zip(tensors, _strip(tensors, fam.prefixes))}
     try:
-        state = to_ours(_strip(tensors, fam.prefixes), fam.rules(cfg), cfg.n_layers, expected, ignore, origin)
+        state = to_ours(theirs, fam.rules(cfg), cfg.n_layers, expected, ignore, origin)
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from None
     for alias, source in tied.items():
