@@ -7,6 +7,7 @@ belongs is refused (or, for numeric text such as ``"1e-5"``, read as the number)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -95,10 +96,15 @@ def coerce_value(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)  # evaluating string annotations is slow: once per class
+
+
 def check_field_types(obj: Any, prefix: str = "") -> None:
     """Check every field of the frozen dataclass ``obj`` against its annotation, storing converted values.
     Fields whose annotation is itself a dataclass (sub-configs) are left to their owner."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         base, _ = _optional(hints[f.name])
         if dataclasses.is_dataclass(base):

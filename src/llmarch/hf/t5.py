@@ -57,7 +57,7 @@ class T5(Family):
                            n_heads=H, max_seq_len=hf.get("n_positions", 512),
                            rel_buckets=hf.get("relative_attention_num_buckets", 32),
                            rel_max_distance=hf.get("relative_attention_max_distance", 128),
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.0),
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.1),
                            tie_embeddings=tied, scale_head=scale,
                            decoder_start_token_id=tokens["pad_token_id"] if start is None else start, **tokens)
 
