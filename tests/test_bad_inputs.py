@@ -69,3 +69,8 @@ def test_cli_bad_prompts_are_one_line_errors(capsys):
         assert main(["generate", "--preset", "llama-tiny", "--max-new-tokens", "2", *argv]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_a_static_cache_too_large_to_allocate_is_refused_by_name(rope):
+    with pytest.raises(ValueError, match=r"max_new_tokens: a static cache of \d+ slots needs .* GiB"):
+        llmarch.generate(rope, torch.tensor([[1, 2]]), max_new_tokens=10**12, cache="static")

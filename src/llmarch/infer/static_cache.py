@@ -44,7 +44,12 @@ class StaticKVCache:
             raise ValueError(f"max_len={max_len} is longer than the model's learned position table (max_seq_len="
                              f"{limit}); shorten the prompt or max_new_tokens")
         p = next(model.parameters())
-        return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dh, dtype=p.dtype, device=p.device)
+        try:
+            return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dh, dtype=p.dtype, device=p.device)
+        except (RuntimeError, MemoryError):  # the allocator's "can't allocate" / out of memory
+            need = 2 * cfg.n_layers * batch * cfg.kv_heads * max_len * cfg.dh * p.element_size()
+            raise ValueError(f"max_new_tokens: a static cache of {max_len} slots needs {need / 2**30:.1f} GiB, more "
+                             f"than {p.device} can allocate; lower max_new_tokens") from None
 
     # --- the KVCache protocol -----------------------------------------------------------------------------
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
