@@ -60,7 +60,8 @@ def test_cli_set_and_bad_files_give_one_line_errors(tmp_path, capsys):
     bad_yaml.write_text("d_model: [1, 2\nn_layers: 2\n")
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{\"d_model\": 64,}")
-    for argv, words in ((["--config", str(bad_yaml)], "not valid YAML"), (["--config", str(bad_json)], "not valid JSON"),
+    for argv, words in ((["--config", str(bad_yaml)], "not valid YAML"),
+                        (["--config", str(bad_json)], "not valid JSON"),
                         (["--preset", "llama-tiny", "--set", "rope=none"], "rope: must be a mapping"),
                         (["--preset", "llama-tiny", "--set", "norm_eps=nan"], "norm_eps: must be a finite number"),
                         (["--preset", "llama-tiny", "--set", "tie_embeddings=maybe"], "tie_embeddings")):

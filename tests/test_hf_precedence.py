@@ -129,7 +129,8 @@ def test_defaults_of_absent_keys_follow_the_config_class(tmp_path, model_type, b
     theirs = transformers.AutoConfig.from_pretrained(tmp_path)
     ours = llmarch.hf.config_from_hf(tmp_path)
     window = getattr(theirs, "sliding_window", None)
-    types = getattr(theirs, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * ours.n_layers
+    types = getattr(theirs, "layer_types", None) or \
+        ["sliding_attention" if window else "full_attention"] * ours.n_layers
     assert [ours.layer_pattern(i) == "sliding" for i in range(ours.n_layers)] == \
         [t == "sliding_attention" and window is not None for t in types]
     if window is not None and "sliding" in ours.pattern:

@@ -18,7 +18,7 @@ from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
-from llmarch.validation import _optional, check_field_types, sub_config
+from llmarch.validation import check_field_types, read_cli_value, sub_config
 from llmarch.validation import check_probability as _check_probability
 from llmarch.validation import fail as _fail
 
@@ -357,7 +357,7 @@ class ModelConfig:
                 raise ValueError(f"unknown config field {head!r}; known fields are {sorted(names)}")
             hints = typing.get_type_hints(type(self))
             if not rest:
-                d[head] = _coerce(hints[head], value, dotted)
+                d[head] = read_cli_value(hints[head], value, dotted)
                 continue
             sub_cls = SUB_CONFIGS.get(head)
             if sub_cls is None:
@@ -367,7 +367,7 @@ class ModelConfig:
             sub_fields = {f.name for f in dataclasses.fields(sub_cls)}
             if rest not in sub_fields:
                 raise ValueError(f"unknown config field {dotted!r}; known are {sorted(sub_fields)}")
-            d[head][rest] = _coerce(typing.get_type_hints(sub_cls)[rest], value, dotted)
+            d[head][rest] = read_cli_value(typing.get_type_hints(sub_cls)[rest], value, dotted)
         return type(self).from_dict(d)
 
 
@@ -398,24 +398,6 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
     tok = cfg.decoder_start_token_id
     if tok is not None and not 0 <= tok < cfg.vocab_size:
         _fail("decoder_start_token_id", f"{tok} is outside the vocabulary [0, {cfg.vocab_size})")
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    """Read a command-line string for a config field: none/null, true/false and comma-separated tuples here;
-    numbers are read by the field type check (:func:`llmarch.validation.coerce_value`), like numeric YAML text."""
-    if not isinstance(value, str):
-        return value
-    base, nullable = _optional(hint)
-    if value.strip().lower() in ("none", "null") and (nullable or dataclasses.is_dataclass(base)):
-        return None
-    if base is bool:
-        word = value.strip().lower()
-        if word not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"{name}: expected true or false, got {value!r}")
-        return word in ("true", "1", "yes")
-    if typing.get_origin(base) is tuple:  # "dense,sliding" or "dense+sliding"
-        return tuple(v.strip() for v in value.replace("+", ",").split(",") if v.strip())
-    return value
 
 
 __all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "KINDS"]

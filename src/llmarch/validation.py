@@ -131,3 +131,21 @@ def sub_config(cls: type, value: Any, name: str, nullable: bool, hint: str = "")
     if bad:
         raise ValueError(f"unknown {name} field(s) {bad}; known fields are {sorted(known)}")
     return cls(**value)
+
+
+def read_cli_value(hint: Any, value: Any, name: str) -> Any:
+    """Read a command-line string for a config field: none/null, true/false and comma-separated tuples here;
+    numbers are read by the field type check (:func:`llmarch.validation.coerce_value`), like numeric YAML text."""
+    if not isinstance(value, str):
+        return value
+    base, nullable = _optional(hint)
+    if value.strip().lower() in ("none", "null") and (nullable or dataclasses.is_dataclass(base)):
+        return None
+    if base is bool:
+        word = value.strip().lower()
+        if word not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return word in ("true", "1", "yes")
+    if typing.get_origin(base) is tuple:  # "dense,sliding" or "dense+sliding"
+        return tuple(v.strip() for v in value.replace("+", ",").split(",") if v.strip())
+    return value

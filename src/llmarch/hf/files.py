@@ -18,7 +18,8 @@ from llmarch.hf.convert import ConversionError
 # configuration classes of transformers declare them int / float / bool, and its @strict check refuses text
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "max_position_embeddings", "head_dim", "d_model", "d_kv", "d_ff",
-                 "num_layers", "num_decoder_layers", "num_heads", "n_embd", "n_embed", "n_layer", "n_head", "n_positions",
+                 "num_layers", "num_decoder_layers", "num_heads", "n_embd", "n_embed", "n_layer", "n_head",
+                 "n_positions",
                  "n_inner", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
                  "encoder_ffn_dim", "decoder_ffn_dim", "num_experts", "num_local_experts", "num_experts_per_tok",
                  "n_routed_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank",

@@ -46,7 +46,8 @@ class LlamaLike(Family):
                            head_dim=_unless(hf.get("head_dim"), d // H if d % H == 0 else None),
                            max_seq_len=n_pos, norm_eps=hf.get("rms_norm_eps", self.default_eps),
                            activation=activation_from_hf(hf.get("hidden_act", "silu")),
-                           rope=rope_from_hf(hf, self.default_theta), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                           rope=rope_from_hf(hf, self.default_theta),
+                           tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                            **self.biases(hf), **self.windows(hf, L), **tokens_from_hf(hf, vocab))
 
     def from_config(self, cfg):

@@ -5,8 +5,8 @@ rescales the decoder output by d_model**-0.5; an untied one (v1.1) does not."""
 from __future__ import annotations
 
 from llmarch.config import ModelConfig
-from llmarch.hf.base import FAMILIES, Family, same_values, activation_from_hf, activation_to_hf, require, tokens_from_hf, \
-    tokens_to_hf
+from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, same_values, \
+    tokens_from_hf, tokens_to_hf
 from llmarch.hf.convert import cat_rows, rule, split_rows
 
 T5_FIXED = dict(kind="encoder_decoder", norm="rmsnorm", norm_bias=False, norm_placement="pre", position="relative",
