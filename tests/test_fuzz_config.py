@@ -5,6 +5,7 @@ Deterministic (seeded) and small."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 
@@ -125,3 +126,27 @@ def test_random_decode_inputs_raise_value_errors_naming_the_argument():
             assert any(n in str(e) for n in names), f"{kw} {ids.shape}: {e}"
         except Exception as e:  # noqa: BLE001
             pytest.fail(f"{kw}, ids {tuple(ids.shape)} {ids.dtype}: {type(e).__name__} escaped: {e}")
+
+
+HF_TYPES = {"llama": "llama-tiny", "qwen2": "qwen2-tiny", "mixtral": "mixtral-tiny", "gpt2": "gpt2-tiny",
+            "bert": "bert-tiny", "t5": "t5-tiny", "switch_transformers": "switch-tiny", "bloom": "bloom-tiny",
+            "deepseek_v2": "deepseek-v2-tiny", "qwen2_moe": "qwen2-moe-tiny"}
+
+
+def test_random_hf_config_mutations_raise_conversion_errors_naming_the_key(tmp_path):
+    from llmarch.hf import ConversionError
+    from llmarch.hf.io import family
+
+    rng = random.Random(SEED + 3)
+    sources = [(t, family(t).from_config(llmarch.preset(p))) for t, p in HF_TYPES.items()]
+    for i in range(400):
+        model_type, hf = rng.choice(sources)
+        key = rng.choice(sorted(k for k in hf if k not in ("model_type", "architectures")))
+        value = rng.choice(VALUES)
+        (tmp_path / "config.json").write_text(json.dumps({**hf, key: value}))
+        try:
+            llmarch.hf.config_from_hf(tmp_path)
+        except ConversionError as e:
+            assert key in str(e), f"{model_type} {key}={value!r}: the message does not name the key: {e}"
+        except Exception as e:  # noqa: BLE001
+            pytest.fail(f"{model_type} {key}={value!r}: {type(e).__name__} escaped: {e}")

@@ -61,7 +61,7 @@ def test_a_tensor_of_the_wrong_shape_names_file_and_tensor(bad):
     (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number"),
     (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
     (dict(num_key_value_heads=3), "n_kv_heads: must divide n_heads"),
-    (dict(rope_parameters=[1]), "cannot translate this config"),
+    (dict(rope_parameters=[1]), "rope_parameters must be a mapping"),
 ])
 def test_bad_config_fields_name_config_json_and_the_field(bad, changes, words):
     edit_config(bad, **changes)

@@ -107,8 +107,7 @@ class MoEConfig:
         self.validate_groups()
         if not any(self.is_moe_layer(i) for i in range(n_layers)):
             _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}, offset={self.offset}) "
-                  f"makes none of the "
-                  f"{n_layers} layers MoE; lower first_dense or every")
+                  f"makes none of the n_layers={n_layers} layers MoE; lower first_dense or every")
 
     def validate_groups(self) -> None:
         if isinstance(self.routed_scale, bool) or not isinstance(self.routed_scale, (int, float)) \

@@ -72,7 +72,7 @@ ACT_TO_HF = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu", "
 
 
 def activation_from_hf(name: str, field: str = "hidden_act") -> str:
-    if name not in ACT_FROM_HF:
+    if not isinstance(name, str) or name not in ACT_FROM_HF:
         raise ValueError(f"config.json {field}={name!r} is not supported; supported: {sorted(ACT_FROM_HF)}")
     return ACT_FROM_HF[name]
 
@@ -92,7 +92,11 @@ def require(hf: dict[str, Any], *names: str) -> list[Any]:
 
 def rope_dict(hf: dict[str, Any]) -> dict[str, Any]:
     """The RoPE mapping transformers keeps: a non-empty ``rope_scaling`` replaces ``rope_parameters`` whole."""
-    merged = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    merged = hf.get(key) or {}
+    if not isinstance(merged, dict):
+        raise ValueError(f"config.json {key} must be a mapping of rope settings, got {merged!r}")
+    merged = dict(merged)
     if isinstance(merged.get("full_attention"), dict):  # per-layer-type layout
         merged = dict(merged["full_attention"])
     return merged

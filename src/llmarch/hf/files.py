@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from llmarch.hf.convert import ConversionError
 POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "max_position_embeddings", "head_dim", "d_model", "d_kv", "d_ff",
                  "num_layers", "num_decoder_layers", "num_heads", "n_embd", "n_embed", "n_layer", "n_head",
-                 "n_positions",
+                 "n_positions", "seq_length",
                  "n_inner", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
                  "encoder_ffn_dim", "decoder_ffn_dim", "num_experts", "num_local_experts", "num_experts_per_tok",
                  "n_routed_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank",
@@ -27,12 +28,19 @@ POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "relative_attention_num_buckets", "relative_attention_max_distance", "attention_window",
                  "block_size", "moe_layer_freq",
                  "n_group", "topk_group", "expert_capacity")
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "n_embd", "n_layer", "n_head",
+            "d_model", "num_layers", "num_heads", "intermediate_size", "d_ff", "d_kv", "max_position_embeddings",
+            "n_positions", "moe_intermediate_size", "expert_capacity", "decoder_sparse_step", "router_jitter_noise",
+            "router_aux_loss_coef", "router_z_loss_coef", "aux_loss_alpha", "tie_word_embeddings", "attention_bias",
+            "mlp_bias", "use_sliding_window", "num_experts", "num_local_experts", "num_experts_per_tok",
+            "routed_scaling_factor")  # declared without None by the config classes that have them
 COUNTS = ("type_vocab_size", "n_shared_experts", "first_k_dense_replace", "max_window_layers", "sliding_window",
           "num_sparse_encoder_layers", "num_sparse_decoder_layers", "num_random_blocks", "decoder_sparse_step",
           "encoder_sparse_step")
 NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "partial_rotary_factor",
            "routed_scaling_factor", "router_aux_loss_coef", "router_z_loss_coef", "initializer_range",
-           "dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob")
+           "dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
+           "aux_loss_alpha", "router_jitter_noise")
 SWITCHES = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_decoder_outputs",
             "is_encoder_decoder", "norm_topk_prob", "router_bias", "add_cross_attention")
 
@@ -42,6 +50,9 @@ def check_config_types(hf: dict[str, Any], where: Path) -> None:
     def bad(key: str, what: str) -> None:
         raise ConversionError(f"{where}: {key} must be {what}, got {hf[key]!r}")
 
+    for key in REQUIRED:
+        if key in hf and hf[key] is None:
+            bad(key, "given (not null)")
     for key in POSITIVE_INTS + COUNTS:
         v = hf.get(key)
         if v is None or (key == "attention_window" and isinstance(v, list)):  # longformer: one per layer
@@ -55,6 +66,47 @@ def check_config_types(hf: dict[str, Any], where: Path) -> None:
     for key in SWITCHES:
         if hf.get(key) is not None and not isinstance(hf[key], bool):
             bad(key, "true or false")
+
+
+# our field -> the config.json keys it is read from (any family), to name the key when our check refuses a value
+KEYS_OF_FIELD = {"vocab_size": ("vocab_size",), "d_model": ("hidden_size", "n_embd", "n_embed", "d_model"),
+                 "n_layers": ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers"),
+                 "n_decoder_layers": ("num_decoder_layers", "decoder_layers"),
+                 "n_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+                 "n_kv_heads": ("num_key_value_heads",), "head_dim": ("head_dim", "d_kv"),
+                 "d_ff": ("intermediate_size", "n_inner", "d_ff", "encoder_ffn_dim"),
+                 "max_seq_len": ("max_position_embeddings", "n_positions", "seq_length"),
+                 "norm_eps": ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon"),
+                 "dropout": ("hidden_dropout_prob", "dropout_rate", "dropout"),
+                 "attn_dropout": ("attention_probs_dropout_prob", "attention_dropout"),
+                 "window": ("sliding_window", "attention_window"), "rope": ("rope_parameters", "rope_scaling"),
+                 "type_vocab_size": ("type_vocab_size",), "rel_buckets": ("relative_attention_num_buckets",),
+                 "rel_max_distance": ("relative_attention_max_distance",),
+                 "pad_token_id": ("pad_token_id",), "bos_token_id": ("bos_token_id",),
+                 "eos_token_id": ("eos_token_id",), "decoder_start_token_id": ("decoder_start_token_id",),
+                 "moe.n_experts": ("num_experts", "num_local_experts", "n_routed_experts"),
+                 "moe.top_k": ("num_experts_per_tok",), "moe.d_ff": ("moe_intermediate_size",),
+                 "moe.expert_capacity": ("expert_capacity",), "moe.n_shared": ("n_shared_experts",),
+                 "moe.jitter": ("router_jitter_noise",), "moe.z_coef": ("router_z_loss_coef",),
+                 "moe.balance_coef": ("router_aux_loss_coef", "aux_loss_alpha"),
+                 "moe.every": ("decoder_sparse_step", "encoder_sparse_step", "num_sparse_encoder_layers",
+                               "num_sparse_decoder_layers", "moe_layer_freq"),
+                 "moe.first_dense": ("first_k_dense_replace", "mlp_only_layers"),
+                 "moe.routed_scale": ("routed_scaling_factor",), "moe.n_groups": ("n_group",),
+                 "moe.topk_groups": ("topk_group",), "mla.kv_lora_rank": ("kv_lora_rank",),
+                 "mla.q_lora_rank": ("q_lora_rank",), "mla.qk_rope_head_dim": ("qk_rope_head_dim",),
+                 "mla.qk_nope_head_dim": ("qk_nope_head_dim",), "mla.v_head_dim": ("v_head_dim",)}
+
+
+def keys_behind(message: str, hf: dict[str, Any]) -> str:
+    """" (config.json hidden_size=2, num_attention_heads=4)": the keys of ``hf`` that the fields of ours named in
+    ``message`` ("n_heads: must divide d_model", "moe.top_k: ...") are read from, with their values."""
+    fields = re.findall(r"\b[a-z_]+(?:\.[a-z_]+)?\b", message)
+    def keys_of(f: str) -> tuple[str, ...]:  # a sub-config field may be named without its prefix
+        return KEYS_OF_FIELD.get(f) or KEYS_OF_FIELD.get(f"moe.{f}") or KEYS_OF_FIELD.get(f"mla.{f}") or ()
+
+    keys = list(dict.fromkeys(k for f in fields for k in keys_of(f) if k in hf))
+    return f" (config.json {', '.join(f'{k}={hf[k]!r}' for k in keys)})" if keys else ""
 
 
 def read_json(file: Path, what: str) -> dict[str, Any]:

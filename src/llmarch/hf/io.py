@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from llmarch.hf.base import FAMILIES, Family
 from llmarch.hf.convert import ConversionError, to_ours, to_theirs
-from llmarch.hf.files import read_config, read_weights
+from llmarch.hf.files import keys_behind, read_config, read_weights
 from llmarch.model import Model
 
 
@@ -57,8 +57,8 @@ def _translate(path: Path):
         return fam, fam.to_config(hf)
     except ConversionError:
         raise
-    except ValueError as e:
-        raise ConversionError(f"{path / 'config.json'}: {e}") from None
+    except ValueError as e:  # our field's check: name the config.json key(s) it came from too
+        raise ConversionError(f"{path / 'config.json'}: {e}{keys_behind(str(e), hf)}") from None
     except (TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:  # a field of an odd shape
         raise ConversionError(f"{path / 'config.json'}: cannot translate this config ({type(e).__name__}: {e}); "
                               "a field is missing or has an unexpected value") from None

@@ -147,8 +147,9 @@ class Qwen2(LlamaLike):
             first = hf.get("max_window_layers", 28)
             types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                      for i in range(L)]
-        if len(types) != L:
-            raise ValueError(f"config.json layer_types has {len(types)} entries for num_hidden_layers={L}")
+        if not isinstance(types, list) or len(types) != L:
+            raise ValueError(f"config.json layer_types={types!r} must list one type per layer "
+                             f"(num_hidden_layers={L})")
         pattern = tuple("sliding" if t == "sliding_attention" else "dense" for t in types)
         if "sliding" in pattern and window is None:
             raise ValueError("config.json layer_types has sliding layers but use_sliding_window is false, so they have "

@@ -26,8 +26,9 @@ class Qwen2Moe(Qwen2):
             below = hf.get("max_window_layers", 28)
             types = ["sliding_attention" if (i + 1) % 2 and i < below and use else "full_attention"
                      for i in range(L)]
-        if len(types) != L:
-            raise ValueError(f"config.json layer_types has {len(types)} entries for num_hidden_layers={L}")
+        if not isinstance(types, list) or len(types) != L:
+            raise ValueError(f"config.json layer_types={types!r} must list one type per layer "
+                             f"(num_hidden_layers={L})")
         pattern = tuple("sliding" if t == "sliding_attention" else "dense" for t in types)
         if "sliding" not in pattern:
             return dict(pattern=("dense",), window=None)
@@ -43,7 +44,10 @@ class Qwen2Moe(Qwen2):
         if not hf.get("qkv_bias", True):
             raise ValueError("config.json qkv_bias=false is not supported for qwen2_moe (released models have it)")
         step = int(hf.get("decoder_sparse_step", 1))
-        dense_layers = sorted(hf.get("mlp_only_layers") or [])
+        dense_layers = hf.get("mlp_only_layers") or []
+        if not isinstance(dense_layers, list) or not all(isinstance(i, int) for i in dense_layers):
+            raise ValueError(f"config.json mlp_only_layers={dense_layers!r} must be a list of layer indices")
+        dense_layers = sorted(dense_layers)
         if dense_layers != list(range(len(dense_layers))):
             raise ValueError(f"config.json mlp_only_layers={dense_layers} is not supported: only a leading run of "
                              "dense layers (0, 1, ..., n-1) maps to moe.first_dense")

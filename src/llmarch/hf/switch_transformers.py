@@ -17,7 +17,7 @@ import re
 from typing import Any
 
 from llmarch.config import ModelConfig
-from llmarch.hf.base import FAMILIES, Family, activation_to_hf
+from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf
 from llmarch.hf.convert import Rule, rule
 from llmarch.hf.moe import experts_rule, plain_routing
 from llmarch.hf.t5 import T5
@@ -127,6 +127,7 @@ class SwitchTransformers(T5):
     tie_from_weights = Family.tie_from_weights
 
     def to_config(self, hf):
+        activation_from_hf(hf.get("dense_act_fn", "relu"), "dense_act_fn")  # its own name in the message
         base = super().to_config({**hf, "feed_forward_proj": hf.get("dense_act_fn", "relu"),
                                   "num_decoder_layers": decoder_layers(hf)})
         # the decoder output is rescaled iff tie_word_embeddings (default true); scale_decoder_outputs is T5's

@@ -17,6 +17,8 @@ T5_FIXED = dict(kind="encoder_decoder", norm="rmsnorm", norm_bias=False, norm_pl
 
 def ffn_from_hf(proj: str) -> dict:
     """``feed_forward_proj`` ("relu", "gated-gelu", "gated-silu", ...) -> our ffn + activation."""
+    if not isinstance(proj, str):
+        raise ValueError(f"config.json feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT'")
     parts = proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
         raise ValueError(f"config.json feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT'")
