@@ -4,11 +4,14 @@ required sub-config) is a ValueError naming the field; ``--set`` overrides are a
 once; YAML/JSON syntax errors name the file."""
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
 import llmarch
 from llmarch import ModelConfig
 from llmarch.cli import main
+from llmarch.cli.common import config_from_args
 
 BASE = llmarch.preset("llama-tiny")
 
@@ -53,9 +56,8 @@ def test_set_overrides_are_validated_once_and_reach_sub_config_tuples():
 
 
 def test_cli_set_and_bad_files_give_one_line_errors(tmp_path, capsys):
-    assert main(["inspect", "--preset", "llama-tiny", "--set", "pattern=sliding", "--set", "window=64",
-                 "--json"]) == 0
-    capsys.readouterr()
+    args = argparse.Namespace(preset="llama-tiny", config=None, set=["pattern=sliding", "window=64"])
+    assert config_from_args(args).window == 64  # what every verb's --set goes through
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("d_model: [1, 2\nn_layers: 2\n")
     bad_json = tmp_path / "bad.json"
