@@ -99,6 +99,7 @@ class ModelConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     attn_scale: float | None = None  # None = 1/sqrt(Dh)
+    attn_scale_by_layer: bool = False  # scores further divided by (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_kernel: str = "sdpa"  # registry nn.kernels.KERNELS
     pattern: tuple[str, ...] = ("dense",)  # per-layer attention pattern, cycled over layers; nn.patterns.PATTERNS
     window: int | None = None  # W for the sliding pattern: a query sees itself and the W-1 keys before it
