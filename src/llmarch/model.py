@@ -33,6 +33,7 @@ class ModelOutput:
     pooled: torch.Tensor | None = None  # [B, D] pooled first position (pretraining / classification heads)
     nsp_logits: torch.Tensor | None = None  # [B, 2] next-sentence prediction (pretraining head)
     encoder_hidden_states: torch.Tensor | None = None  # [B, S, D] encoder output (encoder-decoders)
+    attentions: dict[str, torch.Tensor] | None = None  # output_attentions: attention module name -> [B, H, T, S]
 
 
 def norm_for(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -152,12 +153,22 @@ class Model(nn.Module):
                 use_cache: bool = False, *, token_type_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                global_attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                global_attention_mask: torch.Tensor | None = None, output_attentions: bool = False) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
         return the decoder's logits; a cache that already holds the encoded memory skips the encoder.
-        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer)."""
+        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer).
+        output_attentions: also return every attention module's weights (computed by the reference kernel)."""
+        if output_attentions:
+            from llmarch.nn.attention_maps import record_attentions
+
+            with record_attentions(self) as maps:
+                out = self(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids=token_type_ids,
+                           decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                           global_attention_mask=global_attention_mask)
+            out.attentions = {name: w[-1] for name, w in maps.items() if w}  # the last call (recomputation repeats it)
+            return out
         kind = self.config.kind
         if kind == "encoder_decoder":
             return self._seq2seq(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
