@@ -71,3 +71,23 @@ def test_block_sparse_execution_refuses_to_invent_weights():
     model = llmarch.build(cfg).eval()
     with pytest.raises(ValueError, match="sparse.execution"):
         model(torch.randint(0, cfg.vocab_size, (1, 16)), output_attentions=True)
+
+
+def test_plot_attention_cli_draws_every_layer_and_head(tmp_path):
+    from llmarch.checkpoint import save_model
+    from llmarch.cli import main
+    from llmarch.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], vocab_size=300)
+    cfg = llmarch.preset("llama-tiny").replace(vocab_size=tok.vocab_size, n_layers=2)
+    save_model(llmarch.build(cfg), tmp_path / "m")
+    tok.save(tmp_path / "m")
+    out = tmp_path / "attn.png"
+    assert main(["plot", "attention", "--checkpoint", str(tmp_path / "m"), "--prompt", "the cat sat",
+                 "-o", str(out)]) == 0
+    from matplotlib.image import imread
+
+    img = imread(out)
+    assert img.shape[0] > 100 and img.shape[1] > 4 * 100  # 2 layer rows, 4 head columns
+    assert main(["plot", "attention", "--checkpoint", str(tmp_path / "m"), "--prompt", "the cat",
+                 "--layers", "5", "-o", str(out)]) == 2  # a bad layer is a message, not a traceback
