@@ -35,6 +35,8 @@ OPTIONS = [
     ("--no-nsp", "nsp", False, "mlm without next-sentence prediction"),
     ("--tokenizer", "tokenizer", str, "an existing tokenizer.json instead of training a BPE"),
     ("--vocab-size", "vocab_size", int, "size of the BPE to train (default: the config's vocab_size)"),
+    ("--qat", "qat", str, "quantization-aware training: int8 | int4 | int3 | int2 | ternary (weights; STE)"),
+    ("--qat-group-size", "qat_group_size", int, "group size of int4/int3/int2 QAT (default 64)"),
     ("--tokenizer-kind", "tokenizer_kind", str, "bbpe (byte-level, default) | bpe (character-level)"),
     ("--cache-dir", "cache_dir", str, "token/tokenizer cache (default $LLMARCH_CACHE or ~/.cache/llmarch)"),
     ("--eval-every", "eval_every", int, "validate every N steps (default 100)"),

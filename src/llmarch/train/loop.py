@@ -82,6 +82,10 @@ class Trainer:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
                 raise ValueError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        if tc.qat:  # the forward sees quantized weights; the float weights train (straight-through)
+            from llmarch.infer.lowbit import prepare_qat
+
+            prepare_qat(model, tc.qat, tc.qat_group_size)
         if tc.grad_checkpointing:
             enable_activation_checkpointing(model)
         self.model = D.wrap(model.to(self.env.device), self.env, tc.parallel)
