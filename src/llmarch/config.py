@@ -136,6 +136,9 @@ class ModelConfig:
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
+    # --- early exit -----------------------------------------------------------------------------------------------
+    exit_heads: bool = False  # decoders: a learned exit classifier per layer (AdaptiveLLM); see nn/exits.py
+
     # --- retrieval ------------------------------------------------------------------------------------------
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
 
@@ -227,6 +230,8 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+        if self.exit_heads and self.kind != "decoder":
+            _fail("exit_heads", f"learned exits are for decoders (kind is {self.kind!r}); set exit_heads=False")
         self.validate_moe()
         if self.retrieval is not None:
             self.retrieval.validate(self)

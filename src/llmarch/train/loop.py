@@ -139,7 +139,7 @@ class Trainer:
         inputs = {k: v.to(self.env.device) for k, v in batch.inputs.items()}
         labels = {k: v.to(self.env.device) for k, v in batch.labels.items()}
         with self.precision.autocast():
-            out = self.model(**inputs)
+            out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
 
     def train_step(self) -> dict:
