@@ -158,3 +158,27 @@ def test_compare_and_plan_verbs(capsys, tmp_path):
     assert main(["plan", "gpt2", "--json", "--accelerator", "a100"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["tokens"] == 20 * p["params"] and p["gpu_hours"] == pytest.approx(p["flops"] / (312e12 * 0.4) / 3600)
+
+
+def test_effective_reach_of_sliding_windows():
+    from llmarch.analysis.reach import effective_reach
+
+    mistral = effective_reach(llmarch.preset("mistral-7b"))
+    assert mistral.paper_form == 32 * 4096  # the Mistral paper's 131k
+    assert mistral.tokens == 32768 and mistral.limited_by_context  # capped by the 32k context
+    long = effective_reach(llmarch.preset("mistral-7b").replace(max_seq_len=1_000_000))
+    assert long.tokens == 32 * 4095  # each layer moves information W - 1 positions back
+    tiny = llmarch.preset("mistral-tiny").replace(n_layers=3, window=4, max_seq_len=64)
+    assert effective_reach(tiny).tokens == 9
+    # naive: propagate "can influence the last position" back through 3 layers of the pattern's own mask
+    from llmarch.nn.patterns import build_pattern
+
+    allowed = build_pattern("sliding", window=4).allows(torch.arange(64)[:, None], torch.arange(64)[None, :], 64)
+    allowed = allowed & (torch.arange(64)[:, None] >= torch.arange(64)[None, :])  # causal
+    influence = torch.zeros(64, dtype=torch.bool)
+    influence[-1] = True
+    for _ in range(3):
+        influence = influence | (allowed & influence[:, None]).any(0)
+    assert int(influence.sum()) - 1 == effective_reach(tiny).tokens
+    dense = effective_reach(llmarch.preset("llama-2-7b"))
+    assert dense.tokens == 4096 and dense.paper_form is None

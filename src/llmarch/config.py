@@ -99,6 +99,7 @@ class ModelConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     attn_scale: float | None = None  # None = 1/sqrt(Dh)
+    attn_scale_by_layer: bool = False  # scores further divided by (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_kernel: str = "sdpa"  # registry nn.kernels.KERNELS
     pattern: tuple[str, ...] = ("dense",)  # per-layer attention pattern, cycled over layers; nn.patterns.PATTERNS
     window: int | None = None  # W for the sliding pattern: a query sees itself and the W-1 keys before it
@@ -134,6 +135,9 @@ class ModelConfig:
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
+
+    # --- early exit -----------------------------------------------------------------------------------------------
+    exit_heads: bool = False  # decoders: a learned exit classifier per layer (AdaptiveLLM); see nn/exits.py
 
     # --- retrieval ------------------------------------------------------------------------------------------
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
@@ -226,6 +230,8 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+        if self.exit_heads and self.kind != "decoder":
+            _fail("exit_heads", f"learned exits are for decoders (kind is {self.kind!r}); set exit_heads=False")
         self.validate_moe()
         if self.retrieval is not None:
             self.retrieval.validate(self)

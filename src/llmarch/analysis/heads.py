@@ -29,8 +29,11 @@ class MLMCost:
 
     @staticmethod
     def params(cfg) -> dict[str, int]:
+        from llmarch.analysis.ffn import activation_params
+
         D = cfg.d_model
-        return {"head_transform": D * D + D + norm_params(cfg), "head": _vocab_projection(cfg, True)}
+        return {"head_transform": D * D + D + norm_params(cfg) + activation_params(cfg.activation),
+                "head": _vocab_projection(cfg, True)}
 
     @staticmethod
     def macs(cfg) -> tuple[int, int]:

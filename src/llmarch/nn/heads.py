@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmarch.nn.activation import ACTIVATIONS
+from llmarch.nn.activation import make_activation
 from llmarch.nn.norm import make_norm
 from llmarch.registry import Registry
 
@@ -55,7 +55,7 @@ class MLMHead(nn.Module):
     def __init__(self, d_model: int, vocab_size: int, activation: str, norm: nn.Module):
         super().__init__()
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.dense = nn.Linear(d_model, d_model)
         self.norm = norm
         self.decoder = nn.Linear(d_model, vocab_size)
