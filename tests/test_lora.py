@@ -49,7 +49,7 @@ def test_zero_b_equals_base_and_only_adapters_train():
     assert torch.equal(_logits(model, ids), base)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters." in n for n in trainable)
-    assert lora.settings(model) == dict(r=4, alpha=8, dropout=0.0, targets=list(ALL))
+    assert lora.settings(model) == dict(r=4, alpha=8, dropout=0.0, targets=list(ALL), trainable=[])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -226,3 +226,16 @@ def test_adapter_state_dict_round_trip():
     ids = _ids()
     assert torch.equal(_logits(other, ids), _logits(model, ids))
     copy.deepcopy(other)  # adapted models copy (DPO and distillation keep copies)
+
+
+def test_trainable_projection_trains_in_full():
+    """``trainable`` keeps a whole projection trainable (a new reward score) beside the adapters; fused slices
+    cannot be."""
+    cfg = CFG.replace(head="last_token", n_labels=1)
+    model = lora.apply(_model(cfg), r=2, alpha=4, targets=("q",), trainable=("head",))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.score.weight" in names and all(".adapters." in n for n in names - {"lm_head.score.weight"})
+    assert "lm_head.score.weight" in lora.adapter_state_dict(model)
+    assert lora.settings(model)["trainable"] == ["head"]
+    with pytest.raises(ValueError, match="trainable"):
+        lora.apply(_model(), targets=("o",), trainable=("q",))

@@ -37,7 +37,7 @@ def _batch(vocab: int, lengths=(9, 5, 2), left: bool = True, seed: int = 4):
 
 def _hf_pair(case, tmp):
     cfg = CASES[case]
-    head = family(case).head_to_hf(cfg, {})  # architectures + labels, from the production translator
+    head = family(case).score_head_to_hf(cfg, {})  # architectures + labels, from the production translator
     hf_model, path = make_hf_model(cfg, case, tmp, model_class=CLASSES[case], **head)
     return cfg, hf_model, path
 
@@ -92,17 +92,19 @@ def test_config_and_analysis():
         llmarch.hf.save(llmarch.build(bloom), "/nonexistent/never-written", model_type="bloom")
 
 
-def test_lora_on_the_score_loads_in_peft(tmp_path):
+def test_reward_adapter_with_trained_score_both_ways(tmp_path):
+    """A LoRA reward model whose new score trains in full (``trainable=("head",)``): saved as PEFT's
+    modules_to_save, it loads in peft on the SequenceClassification model; a peft SEQ_CLS adapter loads in ours."""
     import peft
     import transformers
 
     from llmarch import lora
 
-    cfg, _, path = _hf_pair("llama", tmp_path)
-    ours = lora.apply(llmarch.hf.load(path).eval(), r=2, alpha=4, targets=("q", "head"))
+    cfg, hf_model, path = _hf_pair("llama", tmp_path)
+    ours = lora.apply(llmarch.hf.load(path).eval(), r=2, alpha=4, targets=("q", "down"), trainable=("head",))
     with torch.no_grad():
         for name, p in ours.named_parameters():
-            if "lora_B" in name:
+            if p.requires_grad:
                 p.normal_(0, 0.3)
     adapter = llmarch.hf.save_adapter(ours, tmp_path / "adapter")
     base = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
@@ -110,6 +112,18 @@ def test_lora_on_the_score_loads_in_peft(tmp_path):
     ids, mask = _batch(cfg.vocab_size)
     with torch.no_grad():
         mine = ours(ids, attention_mask=mask).logits
-    with lora.disabled(ours), torch.no_grad():
-        assert (mine - ours(ids, attention_mask=mask).logits).abs().max() > 1e-3
+    assert (mine - hf_logits(hf_model, ids, mask)).abs().max() > 1e-3  # adapters and score both moved
     assert (mine - hf_logits(theirs, ids, mask)).abs().max() <= TOL[torch.float32]
+
+    peft_model = peft.get_peft_model(hf_model, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["v_proj"],
+                                                                task_type="SEQ_CLS"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = llmarch.hf.load_adapter(llmarch.hf.load(path).eval(), tmp_path / "peft")
+    assert lora.settings(loaded)["targets"] == ["v"] and lora.settings(loaded)["trainable"] == ["head"]
+    with torch.no_grad():
+        assert (loaded(ids, attention_mask=mask).logits - hf_logits(peft_model.eval(), ids, mask)).abs().max() \
+            <= TOL[torch.float32]

@@ -9,13 +9,14 @@ exactly either way: one checkpoint module per projection (llama's q_proj) takes 
 they are; a fused one (GPT-2's c_attn, all of q | k | v) takes the adapted projections' A stacked and their B as a
 block matrix (rank = the sum, written in ``rank_pattern`` / ``alpha_pattern`` so the scale stays alpha / r); loading
 a fused module gives each of our projections its rows of B and the whole A. Same logits, not the same rank.
+(Training differs in one way only: PEFT draws one dropout mask per fused module, ours one per projection.)
+Expert-bank adapters have no PEFT counterpart here and are refused.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,78 +24,14 @@ from safetensors.torch import load_file, save_file
 
 from llmarch import lora
 from llmarch.checkpoint import atomic_dir, commit_dir
+from llmarch.hf.adapter_layout import adaptable_projections, placements, slot_ranges
 from llmarch.hf.convert import _expand
 from llmarch.hf.io import checkpoint_name, pick_family
 from llmarch.lora.layers import Adapter, LoRABank, LoRAProjection, adapt
-from llmarch.lora.sites import TARGETS, sites
+from llmarch.lora.sites import TARGETS
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
-
-
-@dataclass
-class Placement:
-    """Checkpoint module ``theirs`` holds our projection ``ours``'s output rows ``rows`` [n], in its own order."""
-
-    ours: str
-    theirs: str
-    rows: torch.Tensor
-    transposed: bool
-
-
-def _rows_of(t: torch.Tensor, d_in: int) -> tuple[torch.Tensor | None, bool]:
-    """Our row behind each row of a probe piece, and whether the piece is stored [in, out]."""
-    for piece, transposed in ((t, False), (t.T, True)):
-        if t.dim() == 2 and piece.shape[1] == d_in:
-            cols, rows = piece % d_in, piece // d_in
-            if torch.equal(cols, torch.arange(d_in).expand_as(cols)) and torch.equal(rows, rows[:, :1].expand_as(rows)):
-                return rows[:, 0], transposed
-    return None, False
-
-
-def _projections(model) -> dict[str, tuple[torch.nn.Module, tuple]]:
-    """Every adaptable Linear-like projection: name -> (module, slots). Expert banks have no PEFT counterpart."""
-    out = {}
-    for owner_name, owner in model.named_modules():
-        for site in sites(owner):
-            if site.bank:
-                continue
-            name = ".".join(p for p in (owner_name, site.attr) if p)
-            out[name] = (getattr(owner, site.attr) if site.attr else owner, site.slots)
-    return out
-
-
-def _placements(model, fam, names) -> dict[str, list[Placement]]:
-    """Placements of our projections ``names`` in the checkpoint layout of family ``fam``."""
-    cfg, projections = model.config, _projections(model)
-    rules = {r.ours: r for r in _expand(fam.rules(cfg), cfg.n_layers)}
-    probes: dict = {}
-    out: dict[str, list[Placement]] = {}
-    for name in names:
-        proj, _ = projections[name]
-        rule = rules.get(f"{name}.weight")
-        if rule is None:
-            raise ValueError(f"adapter: {name} has no weight of its own in the {fam.model_type} checkpoint (a head "
-                             "tied to the embedding, or a quantized head); leave its target out")
-        key = (rule.to_theirs, proj.out_features, proj.in_features)
-        if key not in probes:
-            probe = torch.arange(proj.out_features * proj.in_features).view(proj.out_features, proj.in_features)
-            probes[key] = [_rows_of(t, proj.in_features) for t in rule.to_theirs(probe)]
-        out[name] = []
-        for theirs, (rows, transposed) in zip(rule.theirs, probes[key]):
-            if rows is None:
-                raise ValueError(f"adapter: {fam.model_type} stores {theirs} with its input dim rearranged; a "
-                                 "LoRA update cannot be moved there exactly")
-            out[name].append(Placement(name, checkpoint_name(fam, theirs[:-len(".weight")]), rows, transposed))
-    return out
-
-
-def _slot_ranges(slots) -> list[tuple[str, int, int]]:
-    ranges, start = [], 0
-    for target, width in slots:
-        ranges.append((target, start, start + width))
-        start += width
-    return ranges
 
 
 def save_adapter(model, path: str | os.PathLike, model_type: str | None = None) -> Path:
@@ -112,10 +49,10 @@ def save_adapter(model, path: str | os.PathLike, model_type: str | None = None) 
     mods = dict(lora.adapted(model))
     scale = s["alpha"] / s["r"]
     tensors, ranks, alphas, modules, transposed = {}, {}, {}, [], False
-    for name, places in _placements(model, fam, list(mods)).items():
+    for name, places in placements(model, fam, list(mods)).items():
         m = mods[name]
         for place in places:
-            touched = [(t, lo, hi) for t, lo, hi in _slot_ranges(m.lora_slots)
+            touched = [(t, lo, hi) for t, lo, hi in slot_ranges(m.lora_slots)
                        if t in m.adapters and bool(((place.rows >= lo) & (place.rows < hi)).any())]
             if not touched:
                 continue
@@ -133,10 +70,11 @@ def save_adapter(model, path: str | os.PathLike, model_type: str | None = None) 
             if A.shape[0] != s["r"]:
                 ranks[re.escape(place.theirs)] = A.shape[0]
                 alphas[re.escape(place.theirs)] = scale * A.shape[0]
+    saved = _full_weights(model, fam, s["trainable"], tensors)
     config = dict(peft_type="LORA", task_type="CAUSAL_LM" if model.config.head == "lm" else None, r=s["r"],
                   lora_alpha=s["alpha"], lora_dropout=s["dropout"], target_modules=sorted(modules),
                   fan_in_fan_out=transposed, bias="none", rank_pattern=ranks, alpha_pattern=alphas,
-                  modules_to_save=None, init_lora_weights=True, use_rslora=False, use_dora=False,
+                  modules_to_save=saved or None, init_lora_weights=True, use_rslora=False, use_dora=False,
                   inference_mode=True, base_model_name_or_path=None, layers_to_transform=None, layers_pattern=None)
     path = Path(path)
     tmp = atomic_dir(path)
@@ -144,6 +82,43 @@ def save_adapter(model, path: str | os.PathLike, model_type: str | None = None) 
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     commit_dir(tmp, path)
     return path
+
+
+def _full_weights(model, fam, trainable, tensors: dict) -> list[str]:
+    """The ``trainable`` projections' own weights, in checkpoint layout, as PEFT's ``modules_to_save``."""
+    cfg = model.config
+    rules = {r.ours: r for r in _expand(fam.rules(cfg), cfg.n_layers)}
+    modules = []
+    for name, proj in lora.whole_projections(model, trainable).items():
+        for k, p in proj.named_parameters(recurse=False):
+            rule = rules.get(f"{name}.{k}")
+            if rule is None:
+                raise ValueError(f"save_adapter: trainable {name}.{k} has no place in the {fam.model_type} checkpoint")
+            for theirs, t in zip(rule.theirs, rule.to_theirs(p.detach().float())):
+                tensors[PEFT_PREFIX + checkpoint_name(fam, theirs)] = t.contiguous()
+                modules.append(checkpoint_name(fam, theirs).rsplit(".", 1)[0])
+    return sorted(set(modules))
+
+
+def _load_full_weights(model, fam, full: dict[str, torch.Tensor], path) -> list[str]:
+    """Copy PEFT ``modules_to_save`` weights into our projections; returns their targets (now trainable)."""
+    cfg = model.config
+    projections, params, found = adaptable_projections(model), dict(model.named_parameters()), []
+    for r in _expand(fam.rules(cfg), cfg.n_layers):
+        names = [checkpoint_name(fam, t) for t in r.theirs]
+        if not any(n in full for n in names):
+            continue
+        owner = r.ours.rsplit(".", 1)[0]
+        if owner not in projections or any(n not in full for n in names):
+            raise ValueError(f"{path}: modules_to_save weights {names} do not fill a whole projection here")
+        with torch.no_grad():
+            params[r.ours].copy_(r.to_ours([full.pop(n) for n in names]))
+        params[r.ours].requires_grad_(True)
+        found.append(projections[owner][1][0][0])
+    if full:
+        raise ValueError(f"{path}: unexpected tensors {sorted(full)[:5]}; only lora_A / lora_B weights and "
+                         "whole projections (modules_to_save) load here")
+    return found
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -160,27 +135,29 @@ def _read(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
         raise FileNotFoundError(f"{path}: a PEFT adapter needs adapter_config.json and adapter_model.safetensors")
     config = json.loads(cfg_file.read_text())
     for field, ok in (("peft_type", config.get("peft_type") == "LORA"), ("use_dora", not config.get("use_dora")),
-                      ("bias", config.get("bias", "none") == "none"), ("lora_bias", not config.get("lora_bias")),
-                      ("modules_to_save", not config.get("modules_to_save"))):
+                      ("bias", config.get("bias", "none") == "none"), ("lora_bias", not config.get("lora_bias"))):
         if not ok:
             raise ValueError(f"{cfg_file}: {field}={config.get(field)!r} is not supported; plain LoRA adapters "
-                             "(peft_type LORA, no DoRA, no bias, no modules_to_save) load here")
+                             "(peft_type LORA, no DoRA, no bias terms) load here")
     modules: dict[str, dict[str, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}  # modules_to_save: whole weights
     for key, t in load_file(str(weights)).items():
-        m = LORA_KEY.match(key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key)
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = LORA_KEY.match(name)
         if m is None:
-            raise ValueError(f"{weights}: unexpected tensor {key!r}; only lora_A / lora_B weights load here")
-        modules.setdefault(m.group(1), {})[m.group(2)] = t
-    return config, modules
+            full[name] = t
+        else:
+            modules.setdefault(m.group(1), {})[m.group(2)] = t
+    return config, modules, full
 
 
 def load_adapter(model, path: str | os.PathLike, model_type: str | None = None):
     """Load a PEFT LoRA adapter (made by peft on the transformers model, or by :func:`save_adapter`) into
     ``model``: adapters are attached where the file has them (or replaced, when ``lora.apply`` made them) and the
     base is frozen. Returns ``model``."""
-    config, modules = _read(Path(path))
+    config, modules, full = _read(Path(path))
     fam = pick_family(model, model_type)
-    projections = _projections(model)
+    projections = adaptable_projections(model)
     known = {checkpoint_name(fam, t[:-len(".weight")]): name for r in _expand(fam.rules(model.config),
                                                                            model.config.n_layers)
              for t in r.theirs if t.endswith(".weight") and r.ours[:-len(".weight")] in projections
@@ -191,9 +168,9 @@ def load_adapter(model, path: str | os.PathLike, model_type: str | None = None):
     names = sorted({known[mod] for mod in modules})
     rslora = bool(config.get("use_rslora"))
     loaded: dict[tuple[str, str], Adapter] = {}
-    for name, places in _placements(model, fam, names).items():
+    for name, places in placements(model, fam, names).items():
         proj, slots = projections[name]
-        for t, lo, hi in _slot_ranges(slots):
+        for t, lo, hi in slot_ranges(slots):
             parts = [(p, modules[p.theirs]) for p in places if p.theirs in modules
                      and bool(((p.rows >= lo) & (p.rows < hi)).any())]
             if not parts:
@@ -214,6 +191,9 @@ def load_adapter(model, path: str | os.PathLike, model_type: str | None = None):
                 a.lora_B.copy_(B)
             loaded[(name, t)] = a
     _install(model, projections, loaded, config)
+    trainable = _load_full_weights(model, fam, full, path)
+    model.lora_settings["trainable"] = sorted(set(model.lora_settings.get("trainable", [])) | set(trainable),
+                                              key=TARGETS.index)
     return model
 
 
@@ -236,4 +216,4 @@ def _install(model, projections, loaded: dict[tuple[str, str], Adapter], config:
     if existing is None:
         targets = sorted({t for _, t in loaded}, key=TARGETS.index)
         model.lora_settings = dict(r=int(config.get("r", 8)), alpha=config.get("lora_alpha", 8),
-                                   dropout=float(config.get("lora_dropout", 0.0)), targets=targets)
+                                   dropout=float(config.get("lora_dropout", 0.0)), targets=targets, trainable=[])

@@ -63,4 +63,4 @@ class GPT2(Family):
             rules += [rule(f"{layer}{ours}.weight", f"{h}{theirs}.weight", **conv),
                       rule(f"{layer}{ours}.bias", f"{h}{theirs}.bias")]
         rules += [rule("decoder.final_norm.weight", "ln_f.weight"), rule("decoder.final_norm.bias", "ln_f.bias")]
-        return rules + self.head_rules(cfg)
+        return rules + self.decoder_head_rules(cfg)

@@ -66,7 +66,7 @@ def config_from_hf(path: str | os.PathLike):
     """The ModelConfig of a checkpoint directory, from its config.json alone."""
     hf = _read_config(Path(path))
     fam = family(hf["model_type"])
-    return fam.head_from_hf(hf, fam.to_config(hf))
+    return fam.score_head_from_hf(hf, fam.to_config(hf))
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
@@ -74,7 +74,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     path = Path(path)
     hf = _read_config(path)
     fam = family(hf["model_type"])
-    cfg = fam.head_from_hf(hf, fam.to_config(hf))
+    cfg = fam.score_head_from_hf(hf, fam.to_config(hf))
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -95,14 +95,14 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config) or fam.accepts_head(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config) or fam.accepts_head(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason is None:
             return fam
         reasons[name] = reason
@@ -124,7 +124,7 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, fam.rules(cfg), cfg.n_layers)
     tensors = {checkpoint_name(fam, n): t.contiguous() for n, t in theirs.items()}
-    hf_cfg = fam.head_to_hf(cfg, fam.from_config(cfg))
+    hf_cfg = fam.score_head_to_hf(cfg, fam.from_config(cfg))
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

@@ -89,7 +89,7 @@ class LlamaLike(Family):
             rules += [rule(f"{layer}ffn.gate_up.bias", f"{m}mlp.gate_proj.bias", f"{m}mlp.up_proj.bias",
                            to_ours=cat_rows, to_theirs=split_rows([F, F])),
                       rule(f"{layer}ffn.down.bias", f"{m}mlp.down_proj.bias")]
-        return rules + self.head_rules(cfg)
+        return rules + self.decoder_head_rules(cfg)
 
 
 @FAMILIES.register("llama")

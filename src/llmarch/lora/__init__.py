@@ -22,20 +22,24 @@ from llmarch.lora.layers import Adapter, ExpertAdapter, LoRABank, LoRAProjection
 from llmarch.lora.sites import EXPERT_PREFIX, TARGETS, Site, sites
 
 
-def _check(r: int, alpha: float, dropout: float, targets: Sequence[str]) -> tuple[str, ...]:
+def _check(r: int, alpha: float, dropout: float) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r: the adapter rank must be a positive integer, got {r!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ValueError(f"alpha: must be a number > 0 (the update is scaled by alpha / r), got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout: must be in [0, 1), got {dropout!r}")
-    if isinstance(targets, str):
-        targets = [t for t in targets.replace("+", ",").split(",") if t]
-    targets = tuple(dict.fromkeys(targets))
-    bad = [t for t in targets if t not in TARGETS]
-    if not targets or bad:
-        raise ValueError(f"targets: {bad or 'none given'} not allowed; choose from {list(TARGETS)}")
-    return targets
+
+
+def _names(field: str, names: Sequence[str] | str, required: bool = True) -> tuple[str, ...]:
+    """Target names from a sequence or a comma-separated string, checked against TARGETS."""
+    if isinstance(names, str):
+        names = [t for t in names.replace("+", ",").split(",") if t]
+    names = tuple(dict.fromkeys(names))
+    bad = [t for t in names if t not in TARGETS]
+    if (required and not names) or bad:
+        raise ValueError(f"{field}: {bad or 'none given'} not allowed; choose from {list(TARGETS)}")
+    return names
 
 
 def _device(module: nn.Module) -> torch.device:
@@ -78,11 +82,30 @@ def _attach(owner: nn.Module, owner_sites: list[Site], targets: tuple[str, ...],
     return found
 
 
+def whole_projections(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """name -> projection of every site that is one whole target in ``names`` (the ``trainable`` ones)."""
+    out = {}
+    for owner_name, owner in model.named_modules():
+        for site in sites(owner):
+            hit = [t for t, _ in site.slots if t in names]
+            if hit and (site.bank or len(site.slots) > 1):
+                raise ValueError(f"trainable: {hit[0]!r} is one slice of a fused projection in "
+                                 f"{owner_name or 'the model'}; only whole projections (head, o, down, ...) train "
+                                 "in full")
+            if hit:
+                out[".".join(p for p in (owner_name, site.attr) if p)] = getattr(owner, site.attr) if site.attr \
+                    else owner
+    return out
+
+
 def apply(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-          targets: Sequence[str] = ("q", "v")) -> nn.Module:
+          targets: Sequence[str] = ("q", "v"), trainable: Sequence[str] = ()) -> nn.Module:
     """Attach rank-``r`` adapters scaled by ``alpha / r`` to every projection named in ``targets``, with
-    ``dropout`` on the adapters' input; freeze every base parameter. In place; returns ``model``."""
-    targets = _check(r, alpha, dropout, targets)
+    ``dropout`` on the adapters' input; freeze every base parameter except those of the whole projections named
+    in ``trainable`` (PEFT's ``modules_to_save``, e.g. ``("head",)`` for a new reward score). In place; returns
+    ``model``."""
+    _check(r, alpha, dropout)
+    targets, trainable = _names("targets", targets), _names("trainable", trainable, required=False)
     if settings(model) is not None:
         raise ValueError("lora.apply: this model already has adapters; lora.unload(model) first")
     model.requires_grad_(False)
@@ -96,12 +119,19 @@ def apply(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
         available = sorted({t for _, m in model.named_modules() for s in sites(m) for t, _ in s.slots})
         unload(model)
         raise ValueError(f"targets: {missing} match no projection of this model; it has {available}")
-    model.lora_settings = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets))
+    for name, proj in whole_projections(model, trainable).items():
+        weights = [p for p in proj.parameters(recurse=False) if p.is_floating_point()]
+        if not weights:
+            raise ValueError(f"trainable: {name} is quantized and cannot train in full; leave it out")
+        for p in weights:
+            p.requires_grad_(True)
+    model.lora_settings = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets), trainable=list(trainable))
     return model
 
 
 def settings(model: nn.Module) -> dict | None:
-    """dict(r, alpha, dropout, targets) of the adapters, or None for a model without."""
+    """dict(r, alpha, dropout, targets, trainable) of the adapters (``lora.apply(m, **settings)`` repeats them),
+    or None for a model without."""
     s = getattr(model, "lora_settings", None)
     return dict(s) if s is not None else None
 
@@ -158,9 +188,14 @@ def disabled(model: nn.Module):
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors under their model names (``decoder.layers.0.attn.qkv.adapters.q.lora_A``)."""
-    return {f"{name}.adapters.{k}": v.detach() for name, m in adapted(model)
-            for k, v in m.adapters.state_dict().items()}
+    """What training changed: the adapters' tensors under their model names
+    (``decoder.layers.0.attn.qkv.adapters.q.lora_A``) and the ``trainable`` projections' own weights."""
+    out = {f"{name}.adapters.{k}": v.detach() for name, m in adapted(model)
+           for k, v in m.adapters.state_dict().items()}
+    s = settings(model)
+    for name, proj in whole_projections(model, s["trainable"] if s else ()).items():
+        out.update({f"{name}.{k}": p.detach() for k, p in proj.named_parameters(recurse=False)})
+    return out
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -188,5 +223,5 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["TARGETS", "Adapter", "ExpertAdapter", "adapted", "adapter_state_dict", "apply", "disabled",
+__all__ = ["TARGETS", "Adapter", "ExpertAdapter", "adapted", "whole_projections", "adapter_state_dict", "apply", "disabled",
            "load_adapter_state_dict", "merge", "settings", "unload", "unmerge"]
