@@ -63,19 +63,26 @@ def test_zero_b_equals_base_and_only_adapters_train():
     assert any("lora_A" in n for n in changed) or any("lora_B" in n for n in changed)
 
 
+def _trained_merged(model, ids, base, min_change=1e-3):
+    """Give the adapters a non-zero B; check they change the logits, disabled() is the base and the merged model
+    equals the unmerged one. Returns the adapted logits; the model is left merged."""
+    _randomise(model)
+    adapted = _logits(model, ids)
+    assert (adapted - base).abs().max() > min_change
+    with lora.disabled(model):
+        assert torch.allclose(_logits(model, ids), base, atol=1e-6)
+    lora.merge(model)
+    assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
+    return adapted
+
+
 def test_merge_unmerge_disabled():
     model = _model()
     ids = _ids()
     base = _logits(model, ids)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     lora.apply(model, r=4, alpha=16, targets=ALL)
-    _randomise(model)
-    adapted = _logits(model, ids)
-    assert (adapted - base).abs().max() > 1e-3
-    with lora.disabled(model):
-        assert torch.allclose(_logits(model, ids), base, atol=1e-6)
-    lora.merge(model)
-    assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
+    adapted = _trained_merged(model, ids, base)
     with lora.disabled(model):  # a merged model is folded out and back in
         assert torch.allclose(_logits(model, ids), base, atol=1e-5)
     assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
@@ -168,13 +175,7 @@ def test_expert_and_latent_targets(cfg, target):
     base = _logits(model, ids)
     lora.apply(model, r=2, alpha=4, targets=(target,))
     assert torch.equal(_logits(model, ids), base)
-    _randomise(model)
-    adapted = _logits(model, ids)
-    assert (adapted - base).abs().max() > 1e-4
-    with lora.disabled(model):
-        assert torch.allclose(_logits(model, ids), base, atol=1e-6)
-    lora.merge(model)
-    assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
+    adapted = _trained_merged(model, ids, base, min_change=1e-4)
     lora.unmerge(model)
     assert torch.allclose(_logits(model, ids), adapted, atol=1e-5)
 
