@@ -240,3 +240,19 @@ def test_trainable_projection_trains_in_full():
     assert lora.settings(model)["trainable"] == ["head"]
     with pytest.raises(ValueError, match="trainable"):
         lora.apply(_model(), targets=("o",), trainable=("q",))
+
+
+def test_encoder_decoder_cross_attention_targets():
+    """T5: "k" adapts the k rows of self-attention's qkv and of cross-attention's kv ([k | v])."""
+    cfg = llmarch.preset("t5-tiny").replace(vocab_size=97, n_layers=1)
+    model = _model(cfg)
+    ids, dec = _ids(), _ids(seed=3)
+    base = _logits(model, ids, decoder_input_ids=dec)
+    lora.apply(model, r=2, alpha=4, targets=("k",))
+    cross = model.decoder.layers[0].cross
+    assert list(cross.kv.adapters) == ["k"] and cross.kv.lora_slots[0][0] == "k"
+    _randomise(model)
+    adapted = _logits(model, ids, decoder_input_ids=dec)
+    assert (adapted - base).abs().max() > 1e-4
+    lora.merge(model)
+    assert torch.allclose(_logits(model, ids, decoder_input_ids=dec), adapted, atol=1e-5)

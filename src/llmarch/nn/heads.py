@@ -3,7 +3,8 @@ and says which of its weights may be tied to the token embedding.
 
 Protocol: ``head(h)`` returns the logits; ``head.outputs(h)`` returns ``{"logits": ..., **extras}`` (the NSP
 logits and the pooled [CLS] vector where a head has them); ``tied_name`` is the parameter that
-``tie(embedding)`` shares with the token embedding (None: nothing to tie).
+``tie(embedding)`` shares with the token embedding (None: nothing to tie). A head with ``reads_tokens = True``
+(the last-token score) is called ``outputs(h, input_ids, attention_mask)`` by the model.
 """
 from __future__ import annotations
 
