@@ -238,8 +238,13 @@ def test_trainable_projection_trains_in_full():
     assert "lm_head.score.weight" in names and all(".adapters." in n for n in names - {"lm_head.score.weight"})
     assert "lm_head.score.weight" in lora.adapter_state_dict(model)
     assert lora.settings(model)["trainable"] == ["head"]
-    with pytest.raises(ValueError, match="trainable"):
-        lora.apply(_model(), targets=("o",), trainable=("q",))
+    plain = _model()
+    for bad in (("q",), ("kv_b",)):  # a slice of fused qkv; a projection this model lacks
+        with pytest.raises(ValueError, match="trainable"):
+            lora.apply(plain, targets=("o",), trainable=bad)
+    assert lora.settings(plain) is None and not list(lora.adapted(plain))  # nothing changed
+    with pytest.raises(ValueError, match="dropout"):
+        lora.apply(_model(MOE), dropout=0.1, targets=("q", "experts.up"))
 
 
 def test_encoder_decoder_cross_attention_targets():

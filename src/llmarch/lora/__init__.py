@@ -57,9 +57,6 @@ def _attach(owner: nn.Module, owner_sites: list[Site], targets: tuple[str, ...],
     found: set[str] = set()
     bank_slots = {s.attr: s.slots for s in owner_sites if s.bank and any(t in targets for t, _ in s.slots)}
     if bank_slots:
-        if dropout > 0:
-            raise ValueError("dropout: expert adapters enter the expert weights and take no input dropout; use "
-                             "dropout=0 or leave the experts.* targets out")
         short = {attr: tuple((t[len(EXPERT_PREFIX):], w) for t, w in slots) for attr, slots in bank_slots.items()}
         adapt(owner, LoRABank, short)  # adapters keyed "gate" / "up" / "down" (ModuleDict keys hold no dots)
         for attr, slots in bank_slots.items():
@@ -82,12 +79,14 @@ def _attach(owner: nn.Module, owner_sites: list[Site], targets: tuple[str, ...],
     return found
 
 
-def whole_projections(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """name -> projection of every site that is one whole target in ``names`` (the ``trainable`` ones)."""
-    out = {}
+def whole_projections(model: nn.Module, names: Sequence[str], require: bool = False) -> dict[str, nn.Module]:
+    """name -> projection of every site that is one whole target in ``names`` (the ``trainable`` ones);
+    ``require``: each name must match one."""
+    out, seen = {}, set()
     for owner_name, owner in model.named_modules():
         for site in sites(owner):
             hit = [t for t, _ in site.slots if t in names]
+            seen.update(hit)
             if hit and (site.bank or len(site.slots) > 1):
                 raise ValueError(f"trainable: {hit[0]!r} is one slice of a fused projection in "
                                  f"{owner_name or 'the model'}; only whole projections (head, o, down, ...) train "
@@ -95,6 +94,8 @@ def whole_projections(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mo
             if hit:
                 out[".".join(p for p in (owner_name, site.attr) if p)] = getattr(owner, site.attr) if site.attr \
                     else owner
+    if require and set(names) - seen:
+        raise ValueError(f"trainable: {sorted(set(names) - seen)} match no projection of this model")
     return out
 
 
@@ -108,6 +109,14 @@ def apply(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
     targets, trainable = _names("targets", targets), _names("trainable", trainable, required=False)
     if settings(model) is not None:
         raise ValueError("lora.apply: this model already has adapters; lora.unload(model) first")
+    if dropout > 0 and any(t.startswith(EXPERT_PREFIX) for t in targets):
+        raise ValueError("dropout: expert adapters enter the expert weights and take no input dropout; use "
+                         "dropout=0 or leave the experts.* targets out")
+    full = whole_projections(model, trainable, require=True)  # checked before anything changes
+    quantized = [name for name, proj in full.items()
+                 if not any(p.is_floating_point() for p in proj.parameters(recurse=False))]
+    if quantized:
+        raise ValueError(f"trainable: {quantized[0]} is quantized and cannot train in full; leave it out")
     model.requires_grad_(False)
     found: set[str] = set()
     for _, owner in list(model.named_modules()):
@@ -119,12 +128,9 @@ def apply(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
         available = sorted({t for _, m in model.named_modules() for s in sites(m) for t, _ in s.slots})
         unload(model)
         raise ValueError(f"targets: {missing} match no projection of this model; it has {available}")
-    for name, proj in whole_projections(model, trainable).items():
-        weights = [p for p in proj.parameters(recurse=False) if p.is_floating_point()]
-        if not weights:
-            raise ValueError(f"trainable: {name} is quantized and cannot train in full; leave it out")
-        for p in weights:
-            p.requires_grad_(True)
+    for proj in full.values():
+        for p in proj.parameters(recurse=False):
+            p.requires_grad_(p.is_floating_point())
     model.lora_settings = dict(r=r, alpha=alpha, dropout=dropout, targets=list(targets), trainable=list(trainable))
     return model
 
