@@ -196,7 +196,7 @@ class Model(nn.Module):
             cache = self.new_cache()
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None,
                       global_attention_mask)
-        return self._output(h, cache)
+        return self._output(h, cache, input_ids, attention_mask)
 
     def _with_exits(self, input_ids, attention_mask, position_ids, cache, use_cache) -> ModelOutput:
         from llmarch.nn.exits import record_layer_outputs
@@ -268,8 +268,12 @@ class Model(nn.Module):
             cache.advance(T)
         return h
 
-    def _output(self, h: torch.Tensor, cache: KVCache | None) -> ModelOutput:
-        outs = self.lm_head.outputs(h)
+    def _output(self, h: torch.Tensor, cache: KVCache | None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        # a head that reads the tokens (the last-token score of a reward model) gets them
+        tokens = dict(input_ids=input_ids, attention_mask=attention_mask) if getattr(
+            self.lm_head, "reads_tokens", False) else {}
+        outs = self.lm_head.outputs(h, **tokens)
         return ModelOutput(outs.pop("logits"), h, aux_loss(self, h), cache, **outs)
 
 

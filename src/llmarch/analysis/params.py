@@ -179,7 +179,7 @@ def closed_form_comparison(cfg) -> list[dict]:
     if exact["cross_q"]:
         norm_reasons.append("a third norm (cross-attention) per decoder block")
     head_reasons = [f"{cfg.head} head"] if cfg.head != "lm" else []
-    if not cfg.tie_embeddings and cfg.head != "classification":
+    if not cfg.tie_embeddings and cfg.head not in ("classification", "last_token"):
         head_reasons.append("untied LM head" if cfg.head == "lm" else "untied vocabulary projection")
     head_reasons += ["head bias"] * (cfg.head_bias and cfg.head == "lm")
     rows = [

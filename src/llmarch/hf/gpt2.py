@@ -14,6 +14,7 @@ GPT2_FIXED = dict(kind="decoder", norm="layernorm", norm_placement="pre", ffn="m
 @FAMILIES.register("gpt2")
 class GPT2(Family):
     model_type, architecture = "gpt2", "GPT2LMHeadModel"
+    sequence_classifier = "GPT2ForSequenceClassification"
     prefixes = ("transformer.",)
     # attn.bias / attn.masked_bias: causal-mask buffers stored by older checkpoints
     ignore = (r"attn\.(masked_)?bias$",)
@@ -66,6 +67,4 @@ class GPT2(Family):
             rules += [rule(f"{layer}{ours}.weight", f"{h}{theirs}.weight", **conv),
                       rule(f"{layer}{ours}.bias", f"{h}{theirs}.bias")]
         rules += [rule("decoder.final_norm.weight", "ln_f.weight"), rule("decoder.final_norm.bias", "ln_f.bias")]
-        if not cfg.tie_embeddings:
-            rules.append(rule("lm_head.weight", "lm_head.weight"))
-        return rules
+        return rules + self.decoder_head_rules(cfg)

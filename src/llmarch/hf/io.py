@@ -66,7 +66,8 @@ def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[
 def config_from_hf(path: str | os.PathLike):
     """The ModelConfig of a checkpoint directory, from its config.json alone."""
     hf = _read_config(Path(path))
-    return family(hf["model_type"]).to_config(hf)
+    fam = family(hf["model_type"])
+    return fam.score_head_from_hf(hf, fam.to_config(hf))
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
@@ -74,7 +75,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     path = Path(path)
     hf = _read_config(path)
     fam = family(hf["model_type"])
-    cfg = fam.to_config(hf)
+    cfg = fam.score_head_from_hf(hf, fam.to_config(hf))
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -96,19 +97,24 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason is None:
             return fam
         reasons[name] = reason
     raise ValueError("no Hugging Face model type can represent this config exactly: "
                      + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
+
+
+def checkpoint_name(fam: Family, name: str) -> str:
+    """A rule's checkpoint name as written in the file: with the model prefix, except for the heads."""
+    return name if name.startswith(fam.top_level) else fam.model_prefix() + name
 
 
 def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
@@ -122,9 +128,8 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, fam.rules(cfg), cfg.n_layers)
-    prefix = fam.model_prefix()
-    tensors = {(n if n.startswith(fam.top_level) else prefix + n): t.contiguous() for n, t in theirs.items()}
-    hf_cfg = fam.from_config(cfg)
+    tensors = {checkpoint_name(fam, n): t.contiguous() for n, t in theirs.items()}
+    hf_cfg = fam.score_head_to_hf(cfg, fam.from_config(cfg))
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
