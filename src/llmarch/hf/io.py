@@ -16,6 +16,7 @@ from llmarch.hf.base import FAMILIES, Family
 from llmarch.hf.convert import ConversionError, to_ours, to_theirs
 from llmarch.hf.files import keys_behind, read_config, read_weights
 from llmarch.model import Model
+from llmarch.model_files import carry_model_files, write_tokenizer_config
 
 
 def _read_config(path: Path) -> dict:
@@ -54,7 +55,7 @@ def _translate(path: Path):
     hf = _read_config(path)
     fam = family(hf["model_type"])
     try:
-        return fam, fam.to_config(hf)
+        return fam, fam.score_head_from_hf(hf, fam.to_config(hf))
     except ConversionError:
         raise
     except ValueError as e:  # our field's check: name the config.json key(s) it came from too
@@ -86,6 +87,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     for alias, source in tied.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
+    model.loaded_from = path  # where save() finds the tokenizer files to carry
     return model.to(dtype) if dtype is not None else model
 
 
@@ -95,14 +97,14 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason is None:
             return fam
         reasons[name] = reason
@@ -110,22 +112,33 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                      + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
-def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads. Written to a temporary
-    directory first and renamed into place, so an existing directory is never left half-written."""
+def checkpoint_name(fam: Family, name: str) -> str:
+    """A rule's checkpoint name as written in the file: with the model prefix, except for the heads."""
+    return name if name.startswith(fam.top_level) else fam.model_prefix() + name
+
+
+def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
+         files_from: str | os.PathLike | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads, with the tokenizer files and
+    ``generation_config.json`` of ``files_from`` (default: the directory the model was loaded from, if any; see
+    :mod:`llmarch.model_files`). Written to a temporary directory first and renamed into place, so an existing
+    directory is never left half-written."""
     path = Path(path)
     fam = pick_family(model, model_type)
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, fam.rules(cfg), cfg.n_layers)
-    prefix = fam.model_prefix()
-    tensors = {(n if n.startswith(fam.top_level) else prefix + n): t.contiguous() for n, t in theirs.items()}
-    hf_cfg = fam.from_config(cfg)
+    tensors = {checkpoint_name(fam, n): t.contiguous() for n, t in theirs.items()}
+    hf_cfg = fam.score_head_to_hf(cfg, fam.from_config(cfg))
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    files_from = files_from if files_from is not None else getattr(model, "loaded_from", None)
+    if files_from is not None:
+        carry_model_files(files_from, tmp)
+        write_tokenizer_config(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         os.replace(path, old)
