@@ -46,7 +46,9 @@ class StaticKVCache:
         p = next(model.parameters())
         try:
             return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dh, dtype=p.dtype, device=p.device)
-        except (RuntimeError, MemoryError):  # the allocator's "can't allocate" / out of memory
+        except (RuntimeError, MemoryError) as e:  # the allocator's "can't allocate" / out of memory
+            if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("alloc", "memory")):
+                raise
             need = 2 * cfg.n_layers * batch * cfg.kv_heads * max_len * cfg.dh * p.element_size()
             raise ValueError(f"max_new_tokens: a static cache of {max_len} slots needs {need / 2**30:.1f} GiB, more "
                              f"than {p.device} can allocate; lower max_new_tokens") from None
