@@ -30,6 +30,7 @@ def attention_kind(cfg) -> str:
 def summary(cfg, seq_len: int, dtype: str) -> dict:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
     from llmarch.analysis.layers import stacks
+    from llmarch.analysis.reach import effective_reach
 
     pc = count_params(cfg)
     f = forward_flops(cfg, min(seq_len, cfg.max_seq_len), 1)  # a model never runs past its context
@@ -41,7 +42,8 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
     return dict(kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
                 norm=f"{cfg.norm} ({cfg.norm_placement})", tied=cfg.tie_embeddings,
-                flops_per_token=f.forward / f.tokens, kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
+                reach=effective_reach(cfg).tokens, flops_per_token=f.forward / f.tokens,
+                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
 
 
 def run(args) -> int:
@@ -51,7 +53,8 @@ def run(args) -> int:
         return 0
     fmt = {"params": human, "active": human, "flops_per_token": lambda v: f"{v:.3g}",
            "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
-    label = {"flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+    fmt["reach"] = lambda v: f"{v:,}"
+    label = {"reach": "reach (tokens)", "flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
     keys = list(next(iter(cols.values())))
     rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]
     print(table(rows, [""] + list(cols)))

@@ -12,9 +12,10 @@ def add(sub) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--to", choices=["llmarch", "hf"], default="llmarch", help="target format (default llmarch)")
     p.add_argument("--model-type", help="HF model_type to write with --to hf (default: the first that fits)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of every Linear layer "
+    p.add_argument("--quantize", choices=["int8", "int4", "int3", "int2", "ternary"],
+                   help="weight-only quantization of every Linear layer "
                    "(llmarch format only; `llmarch generate --checkpoint OUT` loads it)")
-    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4/int3/int2 group size")
     p.set_defaults(func=run)
 
 

@@ -82,11 +82,15 @@ def format_report(title: str, r) -> str:
 
 def run(args) -> int:
     from llmarch.analysis import analyze
+    from llmarch.analysis.reach import effective_reach
 
     cfg = config_from_args(args, dirs=True)
     report = analyze(cfg, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype)
+    reach = effective_reach(cfg)
     if args.json:
-        emit_json(report.to_dict())
+        emit_json(dict(report.to_dict(), reach=dict(tokens=reach.tokens, per_layer=reach.per_layer,
+                                                    paper_form=reach.paper_form)))
         return 0
     print(format_report(model_title(args), report))
+    print(f"\nEffective reach: {reach.describe()}")
     return 0
