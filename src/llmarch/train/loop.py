@@ -98,7 +98,7 @@ class Trainer:
         # masking draws, reseeded per micro-batch from its first sample's index: the same masks whatever the
         # number of processes or micro-batches
         self.generator = torch.Generator().manual_seed(tc.seed * 7919 + self.env.rank)
-        torch.manual_seed(tc.seed + 1 + self.env.rank)  # dropout
+        torch.manual_seed(tc.seed + 1 + self.env.dp_rank)  # dropout: the same masks on the ranks of a tp group
         self.step, self.consumed = 0, 0
         if self.state is not None:
             self._restore(self.state)
