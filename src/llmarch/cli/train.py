@@ -120,6 +120,10 @@ def argv_from_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    from llmarch.train.parallel.mesh import MeshSpec
+
+    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))  # a torchrun rank: its job
+    MeshSpec(args.dp, args.tp or 1, args.ep or 1, args.pp or 1).resolve(world)  # before launching anything
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                "-m", "llmarch.train", *argv_from_args(args)]
