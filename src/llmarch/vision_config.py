@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from llmarch.validation import check_choice as _check_choice
-from llmarch.validation import check_known
+from llmarch.validation import check_field_types, sub_config
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import fail as _fail
 
@@ -61,12 +61,11 @@ class VisionConfig:
     cross_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        layers = self.cross_layers.split(",") if isinstance(self.cross_layers, str) else self.cross_layers
-        layers = [layers] if isinstance(layers, int) else layers
-        try:  # "1,3" or ("1", "3") from the command line
-            object.__setattr__(self, "cross_layers", tuple(int(i) for i in layers if str(i).strip()))
-        except (TypeError, ValueError):
-            _fail("vision.cross_layers", f"needs decoder layer indices, got {self.cross_layers!r}")
+        if isinstance(self.cross_layers, (list, str, int)):  # [1, 3], "1,3" or 3
+            layers = self.cross_layers.split(",") if isinstance(self.cross_layers, str) else self.cross_layers
+            object.__setattr__(self, "cross_layers", tuple([layers] if isinstance(layers, int) else
+                                                           (i for i in layers if str(i).strip())))
+        check_field_types(self, "vision.")  # numbers from text, ("1", "3") -> (1, 3)
         self.validate()
 
     # --- derived sizes --------------------------------------------------------------------------------------
@@ -161,8 +160,7 @@ class VisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
-        check_known("vision", cls, d)
-        return cls(**d)
+        return sub_config(cls, d, "vision", nullable=False)
 
     def replace(self, **changes: Any) -> "VisionConfig":
         import dataclasses

@@ -1,10 +1,11 @@
-"""`llmarch chat`: an interactive conversation with a checkpoint (history, /reset, /image PATH, /quit)."""
+"""`llmarch chat`: an interactive conversation with a checkpoint (history, /reset, /quit)."""
 from __future__ import annotations
 
 
 def add(sub) -> None:
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (/reset, /image PATH, /quit)")
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a model directory with its tokenizer")
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a training run directory (its newest good "
+                   "checkpoint), a checkpoint directory or a Hugging Face directory, with its tokenizer")
     p.add_argument("--system", default=None, help="a line placed before the conversation")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -20,12 +21,14 @@ def run(args) -> int:
     from llmarch.checkpoint import load_model
     from llmarch.infer.chat import Chat, repl
     from llmarch.tokenizer import load_tokenizer_for
+    from llmarch.train.checkpoints import resolve_model_dir
 
+    path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
+    model = load_model(path).eval()
     from llmarch.infer.images import processor_for
 
-    model = load_model(args.checkpoint).eval()
-    processor = processor_for(model, args.checkpoint) if getattr(model.config, "vision", None) else None
-    chat = Chat(model, load_tokenizer_for(args.checkpoint), system=args.system, max_new_tokens=args.max_new_tokens,
+    processor = processor_for(model, path) if getattr(model.config, "vision", None) else None
+    chat = Chat(model, load_tokenizer_for(path), system=args.system, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, processor=processor)
     return repl(chat)

@@ -82,6 +82,19 @@ class VisionFamily(Family):
     def model_prefix(self) -> str:
         return ""  # transformers 5 writes the tower's names without vision_model.
 
+    # a tower has no LM head: nothing to tie, no score head
+    def tie_from_weights(self, cfg, tensors):
+        return cfg
+
+    def score_head_from_hf(self, hf, cfg):
+        return cfg
+
+    def score_head_to_hf(self, cfg, hf):
+        return hf
+
+    def accepts_score_head(self, cfg):
+        return None
+
     def to_config(self, hf):
         return vision_from_hf(hf, self.defaults, self.fixed | self.pool_from_hf(hf))
 

@@ -11,6 +11,7 @@ import torch
 
 from llmarch.infer.generate import generate
 from llmarch.infer.images import with_image_tokens
+from llmarch.tokenizer import encode_prompt
 
 
 class TextStream:
@@ -68,8 +69,8 @@ class Chat:
 
     def add_image(self, path: str) -> None:
         """Attach the image at ``path`` to the conversation (``/image PATH``); its tokens lead the transcript."""
-        from llmarch.infer.images import processor_for
         from llmarch.image_processing import load_image
+        from llmarch.infer.images import processor_for
 
         processor = self.processor or processor_for(self.model)
         self.pixel_values = processor([load_image(path)])
@@ -80,13 +81,16 @@ class Chat:
         return "".join(turns) + f"{self.user}: {message}\n{self.assistant}:"
 
     def prompt_ids(self, message: str) -> list[int]:
-        """The transcript's ids, cut from the left to leave room for the reply."""
-        ids = list(self.tokenizer.encode(self.transcript(message)))
-        bos = getattr(self.tokenizer, "bos_id", None)
+        """The transcript's ids (the tokenizer's BOS/EOS rule, :func:`~llmarch.tokenizer.encode_prompt`), the text
+        between them cut from the left to leave room for the reply."""
+        ids = encode_prompt(self.tokenizer, self.transcript(message))
+        empty = encode_prompt(self.tokenizer, "")  # the specials alone: what the rule puts before and after
+        head = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
+        tail = len(empty) - head
         images = [] if self.pixel_values is None else with_image_tokens([], self.model.config.vision)
-        room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - (bos is not None) - len(images)
-        ids = ids[-room:]
-        return ([bos] if bos is not None else []) + images + ids
+        room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - len(empty) - len(images)
+        body = ids[head:len(ids) - tail]
+        return ids[:head] + images + body[max(len(body) - room, 0):] + ids[len(ids) - tail:]
 
     def send(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         ids = torch.tensor([self.prompt_ids(message)])
@@ -114,8 +118,12 @@ class Chat:
         self.pixel_values = None
 
 
+USER_LABEL, MODEL_LABEL = "you> ", "model> "
+
+
 def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = None) -> int:
-    """Read messages until /quit or end of input; /reset forgets the history. Replies stream to ``out``."""
+    """Read messages (prompted ``you> ``) until /quit or end of input; /reset forgets the history. Each reply
+    streams to ``out`` after a ``model> `` label."""
     out = out or sys.stdout
 
     def emit(text: str) -> None:
@@ -126,7 +134,7 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
          "leaves.\n")
     while True:
         try:
-            line = read("> ").strip()
+            line = read(USER_LABEL).strip()
         except EOFError:
             return 0
         if line == "/quit":
@@ -143,5 +151,6 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
                 emit(f"error: {e}\n")
             continue
         if line:
+            emit(MODEL_LABEL)
             chat.send(line, on_text=emit)
             emit("\n")
