@@ -87,3 +87,11 @@ def test_sync_free_paths_compute_the_same(monkeypatch):
             monkeypatch.setattr(importlib.import_module(name), "host_reads_ok", lambda t: False)
         ours = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_layout_is_only_applied_where_it_was_measured():
+    from llmarch.infer.layout import decode_layout
+
+    cpu, meta = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32, device="meta")
+    assert decode_layout(cpu) == 1 and not cpu.weight.is_contiguous()
+    assert decode_layout(meta) == 0 and meta.weight.is_contiguous()
