@@ -13,12 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK_ELEMENTS = 1 << 23  # fp32 values per chunk (32 MB): a few cache-sized blocks, small next to [N, V]
+# fp32 values per chunk. CPU: 4 MB, cache-sized; measured at N 2048, V 32000 (fwd+bwd of the loss alone, one
+# thread): 8-32 rows per chunk ~1.05 s, 64 rows 1.1-1.3 s, 262 rows 1.24 s, 1024 rows 1.96 s, F.cross_entropy 1.7 s.
+# Accelerators: 256 MB, so a step launches a handful of chunks rather than hundreds of small kernels (not measured).
+CHUNK_ELEMENTS = {"cpu": 1 << 20}
+CHUNK_ELEMENTS_DEFAULT = 1 << 26
 
 
-def chunk_rows(V: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """Tokens per chunk for a vocabulary of V."""
-    return max(1, chunk_elements // max(V, 1))
+def chunk_rows(V: int, device: torch.device | str = "cpu") -> int:
+    """Tokens per chunk for a vocabulary of V on ``device``."""
+    return max(1, CHUNK_ELEMENTS.get(torch.device(device).type, CHUNK_ELEMENTS_DEFAULT) // max(V, 1))
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
@@ -63,7 +67,7 @@ def chunked_ce_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     flat, y = logits.flatten(0, -2), labels.flatten()
     if type(logits) is not torch.Tensor:
         return F.cross_entropy(flat.float(), y, ignore_index=ignore_index, reduction="sum")
-    return ChunkedCrossEntropy.apply(flat, y, ignore_index, rows or chunk_rows(flat.shape[-1]))
+    return ChunkedCrossEntropy.apply(flat, y, ignore_index, rows or chunk_rows(flat.shape[-1], flat.device))
 
 
 __all__ = ["ChunkedCrossEntropy", "chunked_ce_sum", "chunk_rows"]
