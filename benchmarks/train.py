@@ -132,35 +132,6 @@ def loss_curves(device, n_steps: int = 30) -> dict:
     return out
 
 
-class PeakLive(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of the tensors created inside the mode and still alive (device-free: counts the storages of
-    freshly allocated outputs; freed when their tensor is collected). Parameters and inputs made before are not
-    counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def _free(self, key: int, n: int) -> None:
-        self.seen.discard(key)
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        import weakref
-
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t._base is None and t.untyped_storage().data_ptr() not in self.seen:
-                key, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-                if key:
-                    self.seen.add(key)
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(t, self._free, key, n)
-        return out
-
-
 def loss_comparison(device, repeats: int) -> dict:
     """The chunked loss against the plain one and transformers' at [1, 2048], V 32000 (see the docstring)."""
     from llmarch.train.objectives import ce_sum
@@ -188,7 +159,7 @@ def loss_comparison(device, repeats: int) -> dict:
         }
         vals, peak = {}, {}
         for k, fn in losses.items():  # one step each under the counter (also the warmup)
-            with PeakLive() as counter:
+            with common.PeakLive() as counter:
                 vals[k] = run(fn)
             peak[k] = counter.peak
         times = time_pair({k: (lambda _ids, fn=fn: run(fn)) for k, fn in losses.items()}, ids, repeats, device)
