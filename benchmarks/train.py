@@ -8,7 +8,7 @@ measured in the same run. Timings of the two implementations are interleaved so 
 both alike. A short loss-curve check trains both from identical weights on the same batches.
 
     python benchmarks/train.py [--compile once|all|none] [--repeats 3] [--threads N] [--device cpu|cuda]
-    python benchmarks/train.py --loss-only [--repeats 3]   # the chunked loss at seq 2048, vocab 32000 (below)
+    python benchmarks/train.py --loss-only [--repeats 3] [--profile]   # chunked loss, seq 2048, V 32000 (below)
 
 ``--loss-only``: one fp32 training step at [1, 2048] with a 32000-token vocabulary (the LLaMA-style config
 otherwise), llmarch with its chunked cross-entropy, llmarch with ``F.cross_entropy(logits.float())`` and
@@ -132,7 +132,7 @@ def loss_curves(device, n_steps: int = 30) -> dict:
     return out
 
 
-def loss_comparison(device, repeats: int) -> dict:
+def loss_comparison(device, repeats: int, profile: bool = False) -> dict:
     """The chunked loss against the plain one and transformers' at [1, 2048], V 32000 (see the docstring)."""
     from llmarch.train.objectives import ce_sum
 
@@ -162,6 +162,11 @@ def loss_comparison(device, repeats: int) -> dict:
             with common.PeakLive() as counter:
                 vals[k] = run(fn)
             peak[k] = counter.peak
+        if profile:  # where one step's time goes, per variant
+            for k, fn in losses.items():
+                with torch.profiler.profile() as prof:
+                    run(fn)
+                print(f"{prec} {k}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         times = time_pair({k: (lambda _ids, fn=fn: run(fn)) for k, fn in losses.items()}, ids, repeats, device)
         ours.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
         med = {k: statistics.median(v) for k, v in times.items()}
@@ -184,13 +189,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
                    "1 is steadier on a machine shared with other jobs")
     p.add_argument("--loss-only", action="store_true", help="only the chunked-loss comparison at seq 2048")
+    p.add_argument("--profile", action="store_true", help="with --loss-only: profile one step of each variant")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.loss_only:
         print(f"load average {os.getloadavg()}", flush=True)
-        result = loss_comparison(device, args.repeats)
+        result = loss_comparison(device, args.repeats, args.profile)
         print(f"wrote {common.write_results('train_loss', dict(device=str(device), **result))}")
         return
     print(f"measuring machine limits ({torch.get_num_threads()} threads) ...", flush=True)
