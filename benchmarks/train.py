@@ -10,7 +10,7 @@ both alike. A short loss-curve check trains both from identical weights on the s
     python benchmarks/train.py [--compile once|all|none] [--repeats 3] [--threads N] [--device cpu|cuda]
     python benchmarks/train.py --loss-only [--repeats 3] [--profile]   # chunked loss, seq 2048, V 32000 (below)
 
-``--loss-only``: one fp32 training step at [1, 2048] with a 32000-token vocabulary (the LLaMA-style config
+``--loss-only``: one training step at [1, 2048] with a 32000-token vocabulary (the LLaMA-style config
 otherwise), llmarch with its chunked cross-entropy, llmarch with ``F.cross_entropy(logits.float())`` and
 transformers with its own loss, fp32 and bf16 autocast, interleaved: step time, and the peak bytes of the tensors
 the step allocates (forward, loss and backward; counted by a dispatch mode, so the same on any device).
