@@ -18,12 +18,14 @@ from llmarch.analysis.params import count_params
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 # dense bf16/fp16 tensor-core peak, FLOP/s, from the vendors' data sheets (no sparsity)
 ACCELERATORS = {"a100": 312e12, "h100": 989e12, "h200": 989e12, "v100": 125e12, "tpu-v4": 275e12}
+# memory bandwidth, bytes/s, from the same data sheets (A100 80GB SXM, H100 SXM, H200 SXM, V100 SXM2, TPU v4)
+BANDWIDTH = {"a100": 2.039e12, "h100": 3.35e12, "h200": 4.8e12, "v100": 0.9e12, "tpu-v4": 1.2e12}
 
 
 @dataclass(frozen=True)
 class Published:
     preset: str
-    tokens: float
+    tokens: float | None  # None: the source gives compute only; the planner shows the tokens it implies
     flops: float | None
     source: str
     gpu_hours: float | None = None
@@ -37,6 +39,11 @@ PUBLISHED = [
               accelerator="a100",
               note="6·N·D at 2T tokens gives ~8.3e23, not 1.7e23; the Llama 2 paper (Touvron et al. 2023b, Table 2) "
                    "reports 1,720,320 A100 GPU-hours for 70B, which may be where a '1.7' came from"),
+    Published("mistral-7b", None, 2.5e22, "a seed document's table (Mistral AI publishes no token count)",
+              note="the tokens shown are what 2.5e22 implies at 6·N + attention per token"),
+    Published("gpt4-speculated", None, 2e25, "a seed document's speculation (~2e25 FLOPs)",
+              note="N is the speculated MoE's active parameters (top-2 of 16); its architecture is assumed, see "
+                   "the preset"),
 ]
 
 
@@ -137,9 +144,10 @@ def published_checks() -> list[dict]:
     rows = []
     for pub in PUBLISHED:
         cfg = presets.get(pub.preset)
-        p = plan_tokens(cfg, pub.tokens, name=pub.preset)
-        row = dict(preset=pub.preset, params=p.params, tokens=pub.tokens, six_nd=p.six_nd,
-                   with_attention=p.flops, published=pub.flops, source=pub.source, note=pub.note,
+        p = plan_tokens(cfg, pub.tokens, name=pub.preset) if pub.tokens else plan_flops(cfg, pub.flops,
+                                                                                       name=pub.preset)
+        row = dict(preset=pub.preset, params=p.params, tokens=p.tokens, tokens_implied=pub.tokens is None,
+                   six_nd=p.six_nd, with_attention=p.flops, published=pub.flops, source=pub.source, note=pub.note,
                    ratio_6nd_to_published=p.six_nd / pub.flops if pub.flops else None)
         if pub.gpu_hours:
             peak = peak_flops(pub.accelerator)
@@ -147,3 +155,24 @@ def published_checks() -> list[dict]:
                        implied_mfu=p.six_nd / (pub.gpu_hours * 3600.0 * peak))
         rows.append(row)
     return rows
+
+
+def decode_roofline(cfg, accelerator: str = "h100", context: int = 2048, batch: int = 1,
+                    dtype: str = "bf16") -> dict:
+    """Tokens/s of batched decoding at ``context`` on ``accelerator`` by the roofline: each step reads the weights
+    the step uses (all of them for a dense model; for MoE, the active parameters times the batch, at most all of
+    them: distinct tokens rarely share all their experts) and the KV cache, and does ``batch`` tokens' FLOPs; the step takes the longer of the two."""
+    from llmarch.analysis.flops import decode_flops_per_token
+    from llmarch.analysis.memory import dtype_bytes, kv_cache_bytes
+
+    key = accelerator.lower()
+    if key not in BANDWIDTH:
+        raise ValueError(f"accelerator: no bandwidth recorded for {accelerator!r}; choose one of {sorted(BANDWIDTH)}")
+    pc = count_params(cfg)
+    weights = pc.total if pc.active == pc.total else min(pc.total, pc.active * batch)
+    read = weights * dtype_bytes(dtype) + kv_cache_bytes(cfg, context, batch, dtype)
+    flops = batch * (decode_flops_per_token(cfg, context) or 0)
+    t_mem, t_compute = read / BANDWIDTH[key], flops / ACCELERATORS[key]
+    return dict(accelerator=key, context=context, batch=batch, dtype=dtype, bytes_per_step=read,
+                flops_per_step=flops, tokens_per_s=batch / max(t_mem, t_compute),
+                bound="memory" if t_mem >= t_compute else "compute")

@@ -3,6 +3,7 @@ MFU and accelerator peak, Chinchilla-optimal tokens; `--check` prints published 
 from __future__ import annotations
 
 from llmarch.cli.common import MODEL_SPEC, add_json_flag, add_model_args, config_from_args, emit_json, human, preset_name, table
+from llmarch.cli.plan_mesh import add_mesh_args, run_mesh
 
 
 def add(sub) -> None:
@@ -18,7 +19,8 @@ def add(sub) -> None:
     p.add_argument("--accelerator", default="h100", help="a100 | h100 | h200 | v100 | tpu-v4 | peak FLOP/s")
     p.add_argument("--gpus", type=int, default=1, help="devices in parallel, for wall-clock days (default 1)")
     p.add_argument("--check", action="store_true", help="print published training-compute figures beside the "
-                   "formulas (GPT-3 175B, Llama-2-70B) and exit")
+                   "formulas (GPT-3 175B, Llama-2-70B, and the seeds' Mistral 7B and GPT-4 figures) and exit")
+    add_mesh_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -32,6 +34,8 @@ def run(args) -> int:
     if args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len: must be a positive number of tokens, got {args.seq_len}")
     name = preset_name(args)
+    if args.mesh:
+        return run_mesh(args, cfg, args.seq_len or planner.plan_tokens(cfg, 1, None, name).seq_len)
     if args.flops:
         plan = planner.plan_flops(cfg, args.flops, args.seq_len, name)
     else:
@@ -43,6 +47,10 @@ def run(args) -> int:
                attention_counting=plan.counting, flops=plan.flops, chinchilla_tokens=planner.chinchilla_tokens(plan.params),
                accelerator=args.accelerator, peak_flops=planner.peak_flops(args.accelerator), mfu=args.mfu,
                gpu_hours=hours, gpus=args.gpus, days=hours / args.gpus / 24)
+    roof = None
+    if args.accelerator.lower() in planner.BANDWIDTH and cfg.kind != "encoder":
+        roof = planner.decode_roofline(cfg, args.accelerator, context=plan.seq_len)
+        out["decode_roofline"] = roof
     if args.json:
         emit_json(out)
         return 0
@@ -52,6 +60,9 @@ def run(args) -> int:
             ["training FLOPs", f"{plan.flops:.3e}"],
             [f"GPU-hours ({args.accelerator}, {out['peak_flops']:.3g} FLOP/s peak, MFU {args.mfu})", f"{hours:,.0f}"],
             [f"days on {args.gpus} device(s)", f"{out['days']:,.1f}"]]
+    if roof is not None:
+        rows.append([f"decode roofline, batch 1, context {roof['context']} ({roof['dtype']}, {roof['bound']}-bound)",
+                     f"{roof['tokens_per_s']:,.0f} tokens/s"])
     print(table(rows, ["quantity", "value"]))
     print(f"seq_len {plan.seq_len}: {plan.seq_len_source}")
     dense = f"; over the dense T×T it would be {plan.attention_dense:.3e}" if plan.attention_dense != plan.attention \
@@ -67,7 +78,8 @@ def check(args) -> int:
     if args.json:
         emit_json(rows)
         return 0
-    print(table([[r["preset"], human(r["params"]), human(r["tokens"]), f"{r['six_nd']:.3e}",
+    print(table([[r["preset"], human(r["params"]), human(r["tokens"]) + (" (implied)" if r["tokens_implied"] else ""),
+                  f"{r['six_nd']:.3e}",
                   f"{r['with_attention']:.3e}", f"{r['published']:.3g}", f"{r['ratio_6nd_to_published']:.3f}"]
                  for r in rows],
                 ["model", "N", "D", "6·N·D", "+ attention", "published", "6ND / published"]))

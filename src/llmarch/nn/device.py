@@ -32,9 +32,10 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def read_back(values: list[torch.Tensor]) -> list[float]:
     """The values of several scalar tensors as Python floats, in one transfer (one host sync, not one per value);
-    each value is exactly ``float(v)``."""
+    each value is exactly ``float(v)``. Distributed tensors (DTensor) are read through their full value."""
     if not values:
         return []
+    values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
     return torch.stack([v.detach().reshape(()).to(torch.float32 if v.dtype != torch.float64 else v.dtype)
                         for v in values]).tolist()
 

@@ -9,7 +9,8 @@ from typing import Any
 # settings a resumed run may change without breaking exact continuation of the data, schedule and numerics
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
                                "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
-                               "cache_dir", "resume"})
+                               "cache_dir", "resume", "dp", "tp", "ep", "pp",
+                               "sequence_parallel"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     parallel: str = "ddp"  # ddp | fsdp (with several processes)
+    dp: int | None = None  # data-parallel degree; None = the processes left after tp and pp (train/parallel/)
+    tp: int = 1  # tensor-parallel degree (attention heads, FFN width, vocabulary split over tp ranks)
+    ep: int = 1  # expert-parallel degree (MoE experts split over the data-parallel ranks; ep = dp)
+    pp: int = 1  # pipeline-parallel degree (stages of layers)
+    sequence_parallel: bool = False  # with tp: norms, residual and dropout on T/tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     samples: int = 3  # texts generated at the end
     sample_tokens: int = 64
@@ -69,6 +75,10 @@ class TrainConfig:
                      "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        for name in ("tp", "ep", "pp") + (("dp",) if self.dp is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         for name in ("warmup", "keep_last", "samples", "sample_tokens", "curriculum_steps", "seed"):
             if getattr(self, name) < 0:
