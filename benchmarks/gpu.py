@@ -204,8 +204,8 @@ def decode(device, dry: bool, bandwidth_tbs: float) -> tuple[list[list], dict]:
     tps = N / statistics.median(times)
     nbytes = decode_bench.weight_bytes(model)
     bound = bandwidth_tbs * 1e12 / nbytes
-    rows = [["decode", f"{'llama-tiny' if dry else 'llama-2-7b'} bf16 batch 1, static cache + compile: "
-             "fraction of HBM bound", tps / bound, 0.70,
+    rows = [["decode", f"{'llama-tiny' if dry else 'llama-2-7b'} bf16 batch 1, static cache"
+             f"{' + compile' if compile else ''}: fraction of HBM bound", tps / bound, 0.70,
              f"{tps:.0f} tok/s (bound {bound:.0f}; eager {N / eager:.0f}); compile {compile_s:.0f} s; "
              f"tokens {'equal' if same else 'DIFFER'} to eager"]]
     del model
