@@ -14,6 +14,7 @@ from llmarch.nn.attention import AttnContext
 from llmarch.nn.block import BLOCKS, CROSS_BLOCKS
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
 from llmarch.nn.cross_attention import CrossAttention
+from llmarch.nn.device import assert_on_device, host_reads_ok
 from llmarch.nn.embedding import Embeddings
 from llmarch.nn.ffn import FFNS
 from llmarch.nn.heads import build_head
@@ -301,6 +302,8 @@ def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     key_padding = attention_mask.bool()
+    if not host_reads_ok(key_padding):  # keep the mask rather than read it back: same result, no host sync
+        return key_padding
     return None if bool(key_padding.all()) else key_padding
 
 
@@ -322,12 +325,16 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
         raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
         raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
-    # the range check reads two numbers back from the device: skipped while torch.compile traces (a graph break)
-    if input_ids.numel() and input_ids.device.type != "meta" and not torch.compiler.is_compiling():
+    # the range check reads two numbers back: on the CPU only (skipped while torch.compile traces, a graph break);
+    # an accelerator asserts on the device instead, so the forward never waits for the launch queue to drain
+    if input_ids.numel() and host_reads_ok(input_ids):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"input_ids: token id {hi if hi >= vocab_size else lo} is outside the vocabulary "
                              f"[0, {vocab_size}); check the tokenizer matches the model")
+    elif input_ids.numel():
+        assert_on_device(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                         f"input_ids: a token id is outside the vocabulary [0, {vocab_size}); check the tokenizer")
     return input_ids.shape[0], input_ids.shape[1]
 
 

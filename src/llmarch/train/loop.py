@@ -19,6 +19,7 @@ import torch
 from llmarch.config import ModelConfig
 from llmarch.data import PackedSequences
 from llmarch.model import build
+from llmarch.nn.device import host_reads_ok, read_back, to_device
 from llmarch.nn.moe import moe_metrics
 from llmarch.train import checkpoints as ckpt
 from llmarch.train import distributed as D
@@ -138,8 +139,8 @@ class Trainer:
         return out
 
     def _forward(self, batch: Batch):
-        inputs = {k: v.to(self.env.device) for k, v in batch.inputs.items()}
-        labels = {k: v.to(self.env.device) for k, v in batch.labels.items()}
+        inputs = {k: to_device(v, self.env.device) for k, v in batch.inputs.items()}  # pinned + async on CUDA
+        labels = {k: to_device(v, self.env.device) for k, v in batch.labels.items()}
         with self.precision.autocast():
             out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
@@ -152,6 +153,7 @@ class Trainer:
         self.model.train()
         sums = {t: 0.0 for t in terms}
         aux_total = 0.0
+        per_micro = []  # loss terms (+ aux) of each micro-batch as device scalars: read back once, after the step
         for i, batch in enumerate(micro):
             with D.grad_sync(self.model, i == len(micro) - 1), loss_context(D.unwrap(self.model)):
                 out, s = self._forward(batch)
@@ -159,23 +161,31 @@ class Trainer:
                     self.expert_load.update()
                 loss = sum(s[t] * env.world / counts[t] for t in terms)
                 aux = out.aux_loss
-                if aux.requires_grad or float(aux) != 0.0:
+                with_aux = aux.requires_grad or not host_reads_ok(aux) or float(aux) != 0.0  # adding 0: same grads
+                if with_aux:
                     loss = loss + aux.float() / len(micro)
-                    aux_total += float(aux.detach()) / len(micro)
                 self.precision.backward(loss)
-            for t in terms:
-                sums[t] += float(s[t].detach())
+            per_micro.append([s[t].detach() for t in terms] + ([aux.detach()] if with_aux else []))
         D.grad_sync(self.model, True)
         self.precision.unscale(self.optimizer)
         grad_norm = None
         if tc.clip > 0:
             clip = clip_grad_norm if hasattr(D.unwrap(self.model), "parallel_mesh") else torch.nn.utils.clip_grad_norm_
             grad_norm = clip(self.model.parameters(), tc.clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.schedule.lr
         self.precision.step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        scalars = [v for row in per_micro for v in row] + ([grad_norm] if grad_norm is not None else [])
+        values = iter(read_back(scalars))  # the step's one host read, once the whole step is queued
+        for row in per_micro:
+            for t in terms:
+                sums[t] += next(values)
+            if len(row) > len(terms):
+                aux_total += next(values) / len(micro)
+        if grad_norm is not None:
+            grad_norm = next(values)
         self.step += 1
         reduced = D.all_reduce_sum(env, [sums[t] for t in terms] + [aux_total])
         record = {"step": self.step, "loss": sum(reduced[i] / counts[t] for i, t in enumerate(terms)), "lr": lr}
