@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmarch.attention_config import MLAConfig, SparseConfig
+from llmarch.linear_config import LinearMixerConfig
 from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
 from llmarch.validation import check_choice as _check_choice
@@ -67,7 +68,7 @@ class RopeConfig:
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
-               "retrieval": RetrievalConfig}
+               "retrieval": RetrievalConfig, "linear": LinearMixerConfig}
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class ModelConfig:
     # in every layer. E.g. ("gated_delta", "gated_delta", "gated_delta", "attention") for a 3:1 hybrid.
     layer_mixers: tuple[str, ...] = ()
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
+    linear: LinearMixerConfig = field(default_factory=LinearMixerConfig)  # sizes of the gated_delta layers
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
@@ -242,6 +244,8 @@ class ModelConfig:
                   "divisor, cycled over the layers")
         if self.mixer == "latent":
             self.mla.validate()
+        if "gated_delta" in self.mixers:
+            self.linear.validate()
         if self.mixer == "longformer" and not all(hasattr(lnn.PATTERNS[p], "global_slots") for p in self.pattern):
             _fail("mixer", f"'longformer' projects global rows separately; every layer's pattern needs global "
                   f"tokens (pattern='longformer'), got {self.pattern}")
@@ -395,4 +399,5 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "LinearMixerConfig",
+           "KINDS"]
