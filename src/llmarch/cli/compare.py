@@ -16,7 +16,22 @@ def add(sub) -> None:
     p.set_defaults(func=run)
 
 
+def mixer_schedule(cfg) -> str:
+    """A hybrid's layer schedule, e.g. "gated_delta×3 + gated_attention (×12)"; "" for one mixer everywhere."""
+    if len(cfg.mixers) < 2:
+        return ""
+    runs, cycle = [], cfg.layer_mixers
+    for m in cycle:
+        if runs and runs[-1][0] == m:
+            runs[-1][1] += 1
+        else:
+            runs.append([m, 1])
+    return " + ".join(f"{m}×{n}" if n > 1 else m for m, n in runs) + f" (×{cfg.n_layers // len(cycle)})"
+
+
 def attention_kind(cfg) -> str:
+    if len(cfg.mixers) > 1:
+        return mixer_schedule(cfg) + f", GQA {cfg.n_heads}/{cfg.kv_heads}"
     G, H = cfg.kv_heads, cfg.n_heads
     kind = "MHA" if G == H else "MQA" if G == 1 else f"GQA {H}/{G}"
     if cfg.mixer == "latent":
@@ -31,6 +46,7 @@ def attention_kind(cfg) -> str:
 
 def summary(cfg, seq_len: int, dtype: str) -> dict:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
+    from llmarch.analysis.memory import kv_cache_bytes, state_bytes
     from llmarch.analysis.layers import stacks
 
     pc = count_params(cfg)
@@ -43,7 +59,9 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
     return dict(kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
                 norm=f"{cfg.norm} ({cfg.norm_placement})", tied=cfg.tie_embeddings,
-                flops_per_token=f.forward / f.tokens, kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
+                flops_per_token=f.forward / f.tokens, kv_bytes_per_token=kv_bytes_per_token(cfg, dtype),
+                state_bytes=state_bytes(cfg, 1, dtype),
+                decode_memory=kv_cache_bytes(cfg, min(seq_len, cfg.max_seq_len), 1, dtype) + state_bytes(cfg, 1, dtype))
 
 
 def load(name: str):
@@ -61,8 +79,11 @@ def run(args) -> int:
         emit_json(cols)
         return 0
     fmt = {"params": human, "active": human, "flops_per_token": lambda v: f"{v:.3g}",
-           "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
-    label = {"flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+           "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB", "state_bytes": lambda v: f"{v / 2**20:.1f} MiB",
+           "decode_memory": lambda v: f"{v / 2**20:.1f} MiB"}
+    label = {"flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})",
+             "state_bytes": "recurrent state (any context)",
+             "decode_memory": f"KV + state at T=min({args.seq_len}, ctx)"}
     keys = list(next(iter(cols.values())))
     rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]
     print(table(rows, [""] + list(cols)))
