@@ -30,7 +30,7 @@ from llmarch.ablate import load_study, run_study, write_report  # noqa: E402
 from llmarch.ablate.report import LENGTH_PLOT, LOSS_PLOT, section, table  # noqa: E402
 from llmarch.ablate.runner import VARIANTS_DIR, read_result  # noqa: E402
 
-STUDIES = ["positions", "norm_placement", "norm", "ffn", "kv_heads", "moe", "sliding"]
+STUDIES = ["positions", "norm_placement", "norm", "ffn", "kv_heads", "moe", "sliding", "mixers"]
 SPEC_DIR = ROOT / "benchmarks" / "studies"
 RUN_DIR = ROOT / "runs" / "ablations"
 IMG_DIR = ROOT / "docs" / "img" / "ablations"
@@ -187,6 +187,27 @@ def v_sliding(res) -> str:
             "them, so tokens/s does not show the saving).")
 
 
+def v_mixers(res) -> str:
+    att, gd, hy = ok(res, "attention"), ok(res, "gated-delta"), ok(res, "hybrid-3-1")
+    if not (att and gd and hy):
+        return "**not measured** (a variant failed)."
+    longest = str(max(int(L) for L in att["ppl_at"]))
+
+    def growth(r):
+        p = r["ppl_at"]
+        return p[longest] / p["128"] if isinstance(p.get(longest), float) else math.inf
+
+    dh, dg = loss(hy) - loss(att), loss(gd) - loss(att)
+    good = dh < 0.03 and growth(gd) < growth(att)
+    return (f"**{'supported' if good else 'not supported'} at this scale** (rule: the 3:1 hybrid within 0.03 nats "
+            f"of full attention at the 128-token training length, and all-gated-delta's perplexity growing less "
+            f"than attention's from 128 to {longest} tokens). Loss vs attention: hybrid {dh:+.3f}, all gated delta "
+            f"{dg:+.3f} nats. Perplexity growth 128 → {longest}: attention ×{growth(att):.2f}, hybrid "
+            f"×{growth(hy):.2f}, gated delta ×{growth(gd):.2f}. Training throughput vs attention: hybrid "
+            f"{hy['tokens_per_s'] / att['tokens_per_s']:.2f}×, gated delta {gd['tokens_per_s'] / att['tokens_per_s']:.2f}× "
+            "(eager chunked form on CPU at T = 128, where SDPA attention is cheap).")
+
+
 # facts about the setup that a reader needs to judge a verdict (not measurements)
 NOTES = {"positions": "`position=sinusoidal` adds the fixed sinusoids (amplitude 1) to token embeddings initialised "
                       "with std 0.02 and no √D embedding scale, so position swamps token identity at the start; "
@@ -204,6 +225,11 @@ NOTES = {"positions": "`position=sinusoidal` adds the fixed sinusoids (amplitude
                 "experts and the router, not the total parameters. Validation loss is the language-model term only "
                 "(no auxiliary loss). One seed, ~256K tokens: the MoE has ~1.9× the parameters to fill with 1/4 of "
                 "the tokens per expert.",
+         "mixers": "Every variant keeps d_model 64, 4 layers and the SwiGLU FFN; only `layer_mixers` changes "
+                   "(attention: MHA 4×16 with RoPE; gated delta: 2 q/k heads of 12, 4 v heads of 16, conv 4, "
+                   "chunk 64, no position encoding). The attention layers of the hybrid are the plain ones, "
+                   "not Qwen3-Next's gated attention. Decode time per token vs context is measured separately "
+                   "in docs/hybrid.md.",
          "norm_placement": "Gradient norms logged every 25 steps stayed below 1.0 in these runs, so the default "
                            "clipping at 1.0 hardly acted (the no-clip variants confirm it changes little). With 8 "
                            "layers of width 64 and a peak lr of 2e-3 the post-norm model trained fine without "
@@ -211,7 +237,7 @@ NOTES = {"positions": "`position=sinusoidal` adds the fixed sinusoids (amplitude
                            "this CPU-sized study does not reach."}
 
 VERDICTS = {"positions": v_positions, "norm_placement": v_norm_placement, "norm": v_norm, "ffn": v_ffn,
-            "kv_heads": v_kv, "moe": v_moe, "sliding": v_sliding}
+            "kv_heads": v_kv, "moe": v_moe, "sliding": v_sliding, "mixers": v_mixers}
 
 
 def collect(study, out: Path, earlier: dict | None = None) -> list[dict] | None:
