@@ -3,30 +3,47 @@
     PYTHONPATH=src python benchmarks/gated_delta.py [--lengths 1024,4096] [--contexts 1024,2048,4096,8192]
 
 1. The rule alone (B = 1, H = 4 heads, Dk = Dv = 64, fp32): forward time of the quadratic ``parallel`` form,
-   the ``chunked`` form (chunk 64) and SDPA causal attention over the same q/k/v, vs length; the ``recurrent`` form
-   at the shortest length only (a Python loop over tokens).
+   the ``chunked`` form (chunk 64) and SDPA causal attention over the same q/k/v, vs length; the ``parallel`` form
+   up to 4096 tokens (its T×T matrices), the ``recurrent`` form at the shortest length only (a loop over tokens).
 2. Decoding: ms per generated token after a prompt of ``context`` tokens, batch 1, for a small model of four
    attention layers, four gated delta layers, and the 3:1 hybrid (d_model 256, 4 heads): attention's step reads a
    KV cache growing with the context, a gated delta layer's step reads a constant state.
-Results: benchmarks/results/gated_delta.json.
+Times are the median **CPU time of this process on one thread** (``time.process_time``), not wall time: on a
+machine shared with other jobs the wall clock mostly measures the scheduler, while the CPU seconds a single-threaded
+run spends are the work itself. Results: benchmarks/results/gated_delta.json.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, print_table, write_results  # noqa: E402
+from common import print_table, write_results  # noqa: E402
 
 import llmarch  # noqa: E402
 from llmarch.nn.linear import FORMS  # noqa: E402
 
+PARALLEL_MAX_T = 4096
 SCHEDULES = {"attention": ["attention"], "gated_delta": ["gated_delta"],
              "hybrid-3-1": ["gated_delta", "gated_delta", "gated_delta", "attention"]}
+
+
+def cpu_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median CPU seconds of ``fn()`` in this process over ``repeats`` runs after ``warmup`` runs, and the raw times."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times), times
 
 
 def rule_inputs(T: int, H: int = 4, D: int = 64):
@@ -39,13 +56,14 @@ def bench_rule(lengths: list[int], repeats: int) -> list[dict]:
     for T in lengths:
         q, k, v, g, beta = rule_inputs(T)
         forms = {"chunked": lambda: FORMS["chunked"](q, k, v, g, beta, chunk_size=64),
-                 "parallel": lambda: FORMS["parallel"](q, k, v, g, beta),
                  "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        if T <= PARALLEL_MAX_T:  # several [H, T, T] fp32 matrices: 1 GiB each at 8k
+            forms["parallel"] = lambda: FORMS["parallel"](q, k, v, g, beta)
         if T == min(lengths):
             forms["recurrent"] = lambda: FORMS["recurrent"](q, k, v, g, beta)
         with torch.no_grad():
             for name, fn in forms.items():
-                t, raw = median_time(fn, repeats=repeats)
+                t, raw = cpu_time(fn, repeats)
                 rows.append(dict(T=T, form=name, ms=1e3 * t, tokens_per_s=T / t, raw=raw))
     return rows
 
@@ -65,7 +83,7 @@ def bench_decode(contexts: list[int], new_tokens: int) -> list[dict]:
                 model(ids, cache=cache)
                 tok = ids[:, -1:]
                 # one step at a time on the same cache: the median over steps (the context grows by new_tokens)
-                t, raw = median_time(lambda: model(tok, cache=cache), repeats=new_tokens, warmup=1)
+                t, raw = cpu_time(lambda: model(tok, cache=cache), new_tokens)
             rows.append(dict(model=name, context=S, ms_per_token=1e3 * t, cache_mib=cache.nbytes() / 2**20, raw=raw))
     return rows
 
@@ -78,6 +96,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     args = p.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     lengths = [int(x) for x in args.lengths.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
     rule = bench_rule(lengths, args.repeats)
