@@ -198,13 +198,14 @@ def v_mixers(res) -> str:
         return p[longest] / p["128"] if isinstance(p.get(longest), float) else math.inf
 
     dh, dg = loss(hy) - loss(att), loss(gd) - loss(att)
+    speed = {k: r["tokens_per_s"] / att["tokens_per_s"] for k, r in (("hybrid", hy), ("gd", gd))}
     good = dh < 0.03 and growth(gd) < growth(att)
     return (f"**{'supported' if good else 'not supported'} at this scale** (rule: the 3:1 hybrid within 0.03 nats "
             f"of full attention at the 128-token training length, and all-gated-delta's perplexity growing less "
             f"than attention's from 128 to {longest} tokens). Loss vs attention: hybrid {dh:+.3f}, all gated delta "
             f"{dg:+.3f} nats. Perplexity growth 128 → {longest}: attention ×{growth(att):.2f}, hybrid "
             f"×{growth(hy):.2f}, gated delta ×{growth(gd):.2f}. Training throughput vs attention: hybrid "
-            f"{hy['tokens_per_s'] / att['tokens_per_s']:.2f}×, gated delta {gd['tokens_per_s'] / att['tokens_per_s']:.2f}× "
+            f"{speed['hybrid']:.2f}×, gated delta {speed['gd']:.2f}× "
             "(eager chunked form on CPU at T = 128, where SDPA attention is cheap).")
 
 

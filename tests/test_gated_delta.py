@@ -135,6 +135,8 @@ def test_left_padding_does_not_leak():
 
 def test_config_errors_name_the_field():
     cfg = llmarch.preset("qwen3-next-tiny")
+    assert llmarch.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.with_path("layer_mixers", "gated_delta+attention").layer_mixers == ("gated_delta", "attention")
     with pytest.raises(ValueError, match=r"linear.n_v_heads: must be a multiple"):
         cfg.replace(linear=dict(n_k_heads=3))
     with pytest.raises(ValueError, match=r"linear.conv_kernel: must be a positive integer"):
