@@ -55,3 +55,19 @@ def test_state_is_constant_and_matches_the_cache():
     assert M.kv_bytes_per_token(cfg, "bf16") == 2 * cfg.kv_heads * cfg.dh * 2 * cfg.n_layers // 4
     mem = M.inference_memory(cfg, 1000, dtype="bf16")
     assert mem["recurrent_state"] == M.state_bytes(cfg, dtype="bf16") > 0
+
+
+def test_cli_shows_the_schedule_state_and_picture(tmp_path, capsys):
+    from llmarch.analysis.diagram import architecture
+    from llmarch.cli import main
+
+    cfg = llmarch.preset("qwen3-next-80b-a3b")
+    assert architecture(cfg).schedule == [cfg.layer_mixer(i) for i in range(48)]
+    assert main(["inspect", "qwen3-next-80b-a3b", "--seq-len", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "layer schedule: gated_delta×3 + gated_attention (×12)" in out
+    assert f"recurrent state: {M.state_bytes(cfg) / 2**20:.2f} MiB" in out and "768.00 MiB for 1 × 32768" in out
+    assert main(["compare", "qwen3-next-tiny", "llama-tiny"]) == 0
+    assert "recurrent state (any context)" in capsys.readouterr().out
+    assert main(["diagram", "qwen3-next-tiny", "-o", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").stat().st_size > 10_000

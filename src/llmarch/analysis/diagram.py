@@ -76,7 +76,7 @@ def mixer_label(cfg, mixer: str, causal: bool | None = None) -> str:
 
 def hybrid_label(cfg, causal: bool | None = None) -> str:
     """A scheduled mixer: the cycle, then each distinct mixer's label."""
-    from llmarch.cli.compare import mixer_schedule
+    from llmarch.analysis.linear_costs import mixer_schedule
 
     parts = [f"mixer by layer: {mixer_schedule(cfg)}"]
     for m in cfg.mixers:

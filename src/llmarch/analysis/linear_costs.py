@@ -85,4 +85,17 @@ class GatedDeltaCost:
             m.n_v_heads * m.v_head_dim
 
 
+def mixer_schedule(cfg) -> str:
+    """A hybrid's layer schedule, e.g. "gated_delta×3 + gated_attention (×12)"; "" for one mixer everywhere."""
+    if len(cfg.mixers) < 2:
+        return ""
+    runs, cycle = [], cfg.layer_mixers
+    for m in cycle:
+        if runs and runs[-1][0] == m:
+            runs[-1][1] += 1
+        else:
+            runs.append([m, 1])
+    return " + ".join(f"{m}×{n}" if n > 1 else m for m, n in runs) + f" (×{cfg.n_layers // len(cycle)})"
+
+
 MIXER_COSTS.update(gated_attention=GatedAttentionCost, gated_delta=GatedDeltaCost)

@@ -16,20 +16,9 @@ def add(sub) -> None:
     p.set_defaults(func=run)
 
 
-def mixer_schedule(cfg) -> str:
-    """A hybrid's layer schedule, e.g. "gated_delta×3 + gated_attention (×12)"; "" for one mixer everywhere."""
-    if len(cfg.mixers) < 2:
-        return ""
-    runs, cycle = [], cfg.layer_mixers
-    for m in cycle:
-        if runs and runs[-1][0] == m:
-            runs[-1][1] += 1
-        else:
-            runs.append([m, 1])
-    return " + ".join(f"{m}×{n}" if n > 1 else m for m, n in runs) + f" (×{cfg.n_layers // len(cycle)})"
-
-
 def attention_kind(cfg) -> str:
+    from llmarch.analysis.linear_costs import mixer_schedule
+
     if len(cfg.mixers) > 1:
         return mixer_schedule(cfg) + f", GQA {cfg.n_heads}/{cfg.kv_heads}"
     G, H = cfg.kv_heads, cfg.n_heads

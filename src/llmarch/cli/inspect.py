@@ -85,7 +85,7 @@ def format_report(title: str, r) -> str:
 def recurrent_lines(r) -> list[str]:
     """A hybrid's decoding memory: the recurrent layers' constant state beside the attention layers' KV cache."""
     from llmarch.analysis.memory import kv_cache_bytes, state_bytes
-    from llmarch.cli.compare import mixer_schedule
+    from llmarch.analysis.linear_costs import mixer_schedule
 
     cfg = r.config
     lines = [f"layer schedule: {mixer_schedule(cfg) or cfg.mixers[0]}",
