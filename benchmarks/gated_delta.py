@@ -15,7 +15,6 @@ run spends are the work itself. Results: benchmarks/results/gated_delta.json.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_results  # noqa: E402
+from common import median_time, print_table, write_results  # noqa: E402
 
 import llmarch  # noqa: E402
 from llmarch.nn.linear import FORMS  # noqa: E402
@@ -34,16 +33,9 @@ SCHEDULES = {"attention": ["attention"], "gated_delta": ["gated_delta"],
              "hybrid-3-1": ["gated_delta", "gated_delta", "gated_delta", "attention"]}
 
 
-def cpu_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median CPU seconds of ``fn()`` in this process over ``repeats`` runs after ``warmup`` runs, and the raw times."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times), times
+def cpu_time(fn, repeats: int) -> tuple[float, list[float]]:
+    """Median CPU seconds of ``fn()`` in this process (after one warm-up run), and the raw times."""
+    return median_time(fn, repeats=repeats, clock=time.process_time)
 
 
 def rule_inputs(T: int, H: int = 4, D: int = 64):
