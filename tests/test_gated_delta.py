@@ -145,3 +145,9 @@ def test_config_errors_name_the_field():
         cfg.replace(layer_mixers=("gated_deltas",))
     with pytest.raises(ValueError, match=r"layer_mixers: has 3 entries"):
         cfg.replace(layer_mixers=("gated_delta",) * 3)
+
+
+def test_static_cache_refuses_recurrent_layers():
+    model = hybrid()
+    with pytest.raises(ValueError, match=r"cache: the static cache holds multi-head k/v; mixers"):
+        llmarch.generate(model, torch.randint(0, 97, (1, 4)), max_new_tokens=2, cache="static")

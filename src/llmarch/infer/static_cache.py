@@ -39,6 +39,9 @@ class StaticKVCache:
     def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
         """Sized from the model's config, on its device and in its dtype."""
         cfg = model.config
+        if set(cfg.mixers) != {"attention"}:
+            raise ValueError(f"cache: the static cache holds multi-head k/v; mixers {list(cfg.mixers)} decode with "
+                             "cache='dynamic'")
         if max_len > cfg.max_seq_len:
             raise ValueError(f"max_len={max_len} is longer than the model's context (max_seq_len="
                              f"{cfg.max_seq_len}); shorten the prompt or max_new_tokens")
