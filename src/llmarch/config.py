@@ -25,6 +25,7 @@ from llmarch.validation import fail as _fail
 KINDS = ("decoder", "encoder", "encoder_decoder")
 PLACEMENTS = ("pre", "post")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
+DECODER_HEADS = ("lm", "last_token")  # heads a decoder may have (the others read an encoder's first position)
 
 
 
@@ -100,6 +101,7 @@ class ModelConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     attn_scale: float | None = None  # None = 1/sqrt(Dh)
+    attn_scale_by_layer: bool = False  # scores further divided by (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_kernel: str = "sdpa"  # registry nn.kernels.KERNELS
     pattern: tuple[str, ...] = ("dense",)  # per-layer attention pattern, cycled over layers; nn.patterns.PATTERNS
     window: int | None = None  # W for the sliding pattern: a query sees itself and the W-1 keys before it
@@ -121,8 +123,8 @@ class ModelConfig:
     position_offset: int = 0  # added to default position ids (RoBERTa: pad_token_id + 1)
     scale_embeddings: bool = False  # token embeddings * sqrt(D) (Vaswani et al. 2017, sec. 3.4)
     scale_head: bool = False  # final hidden states * D**-0.5 before the LM head (T5 with a tied head)
-    head: str = "lm"  # registry nn.heads.HEADS: lm | mlm | pretraining (mlm + nsp) | classification
-    n_labels: int = 2  # classification head outputs
+    head: str = "lm"  # registry nn.heads.HEADS: lm | mlm | pretraining (mlm + nsp) | classification | last_token
+    n_labels: int = 2  # classification / last_token head outputs (a reward model: 1)
     rel_buckets: int = 32  # position "relative": relative-distance buckets
     rel_max_distance: int = 128  # position "relative": distances from here on share the last bucket
     decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
@@ -136,6 +138,9 @@ class ModelConfig:
     linear: LinearMixerConfig = field(default_factory=LinearMixerConfig)  # sizes of the gated_delta layers
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
+
+    # --- early exit -----------------------------------------------------------------------------------------------
+    exit_heads: bool = False  # decoders: a learned exit classifier per layer (AdaptiveLLM); see nn/exits.py
 
     # --- retrieval ------------------------------------------------------------------------------------------
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
@@ -228,6 +233,8 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+        if self.exit_heads and self.kind != "decoder":
+            _fail("exit_heads", f"learned exits are for decoders (kind is {self.kind!r}); set exit_heads=False")
         self.validate_moe()
         if self.retrieval is not None:
             self.retrieval.validate(self)
@@ -354,8 +361,12 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             _fail(name, f"must be an integer >= 0, got {value!r}")
     _check_choice("head", cfg.head, HEADS)
-    if cfg.head != "lm" and cfg.kind != "encoder":
-        _fail("head", f"{cfg.head!r} needs kind='encoder' (kind is {cfg.kind!r}); decoders use head='lm'")
+    if cfg.head not in DECODER_HEADS and cfg.kind != "encoder":
+        _fail("head", f"{cfg.head!r} needs kind='encoder' (kind is {cfg.kind!r}); decoders use one of "
+              f"{list(DECODER_HEADS)}")
+    if cfg.head == "last_token" and cfg.kind != "decoder":
+        _fail("head", f"'last_token' scores a decoder's last real token; it needs kind='decoder' (kind is "
+              f"{cfg.kind!r})")
     _check_positive("n_labels", cfg.n_labels)
     if cfg.position == "relative":
         _check_positive("rel_buckets", cfg.rel_buckets)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from llmarch.config import ModelConfig
-from llmarch.hf.convert import Rule
+from llmarch.hf.convert import Rule, rule
 from llmarch.registry import Registry
 
 
@@ -18,7 +18,8 @@ class Family:
     architecture: str = ""
     prefixes: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
-    top_level: tuple[str, ...] = ("lm_head",)  # checkpoint names written without the model prefix (the heads)
+    top_level: tuple[str, ...] = ("lm_head", "score")  # checkpoint names written without the model prefix (heads)
+    sequence_classifier: str = ""  # transformers' *ForSequenceClassification class (head "last_token"); "" = none
 
     def to_config(self, hf: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError
@@ -36,6 +37,31 @@ class Family:
     def ignore_for(self, cfg: ModelConfig) -> tuple[str, ...]:
         """Regexes of checkpoint tensors to skip for this config (default: ``ignore``)."""
         return self.ignore
+
+    def decoder_head_rules(self, cfg: ModelConfig) -> list[Rule]:
+        """The decoder head's weights: an untied LM head, or the reward / classification ``score``."""
+        if cfg.head == "last_token":
+            return [rule("lm_head.score.weight", "score.weight")]
+        return [] if cfg.tie_embeddings else [rule("lm_head.weight", "lm_head.weight")]
+
+    def score_head_from_hf(self, hf: dict[str, Any], cfg: ModelConfig) -> ModelConfig:
+        """``cfg`` with the head the ``architectures`` field names (a *ForSequenceClassification: last_token)."""
+        if not self.sequence_classifier or self.sequence_classifier not in (hf.get("architectures") or ()):
+            return cfg
+        n_labels = len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+        return cfg.replace(head="last_token", n_labels=n_labels)
+
+    def score_head_to_hf(self, cfg: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
+        if cfg.head != "last_token":
+            return hf
+        labels = {str(i): f"LABEL_{i}" for i in range(cfg.n_labels)}
+        return {**hf, "architectures": [self.sequence_classifier], "id2label": labels,
+                "label2id": {v: int(k) for k, v in labels.items()}}
+
+    def accepts_score_head(self, cfg: ModelConfig) -> str | None:
+        if cfg.head == "last_token" and not self.sequence_classifier:
+            return f"{self.model_type} has no *ForSequenceClassification mapped here for head='last_token'"
+        return None
 
     def model_prefix(self) -> str:
         """The prefix written on save (the LM-head model's base-model attribute)."""

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from llmarch.hf.base import FAMILIES, Family
 from llmarch.hf.convert import to_ours, to_theirs
 from llmarch.model import Model
+from llmarch.model_files import carry_model_files, write_tokenizer_config
 
 
 def _read_config(path: Path) -> dict:
@@ -65,7 +66,8 @@ def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[
 def config_from_hf(path: str | os.PathLike):
     """The ModelConfig of a checkpoint directory, from its config.json alone."""
     hf = _read_config(Path(path))
-    return family(hf["model_type"]).to_config(hf)
+    fam = family(hf["model_type"])
+    return fam.score_head_from_hf(hf, fam.to_config(hf))
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
@@ -73,7 +75,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     path = Path(path)
     hf = _read_config(path)
     fam = family(hf["model_type"])
-    cfg = fam.to_config(hf)
+    cfg = fam.score_head_from_hf(hf, fam.to_config(hf))
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -85,6 +87,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     for alias, source in tied.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
+    model.loaded_from = path  # where save() finds the tokenizer files to carry
     return model.to(dtype) if dtype is not None else model
 
 
@@ -94,14 +97,14 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason is None:
             return fam
         reasons[name] = reason
@@ -109,22 +112,33 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                      + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
-def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads. Written to a temporary
-    directory first and renamed into place, so an existing directory is never left half-written."""
+def checkpoint_name(fam: Family, name: str) -> str:
+    """A rule's checkpoint name as written in the file: with the model prefix, except for the heads."""
+    return name if name.startswith(fam.top_level) else fam.model_prefix() + name
+
+
+def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
+         files_from: str | os.PathLike | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads, with the tokenizer files and
+    ``generation_config.json`` of ``files_from`` (default: the directory the model was loaded from, if any; see
+    :mod:`llmarch.model_files`). Written to a temporary directory first and renamed into place, so an existing
+    directory is never left half-written."""
     path = Path(path)
     fam = pick_family(model, model_type)
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, fam.rules(cfg), cfg.n_layers)
-    prefix = fam.model_prefix()
-    tensors = {(n if n.startswith(fam.top_level) else prefix + n): t.contiguous() for n, t in theirs.items()}
-    hf_cfg = fam.from_config(cfg)
+    tensors = {checkpoint_name(fam, n): t.contiguous() for n, t in theirs.items()}
+    hf_cfg = fam.score_head_to_hf(cfg, fam.from_config(cfg))
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    files_from = files_from if files_from is not None else getattr(model, "loaded_from", None)
+    if files_from is not None:
+        carry_model_files(files_from, tmp)
+        write_tokenizer_config(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         os.replace(path, old)

@@ -90,19 +90,19 @@ class LlamaLike(Family):
             rules += [rule(f"{layer}ffn.gate_up.bias", f"{m}mlp.gate_proj.bias", f"{m}mlp.up_proj.bias",
                            to_ours=cat_rows, to_theirs=split_rows([F, F])),
                       rule(f"{layer}ffn.down.bias", f"{m}mlp.down_proj.bias")]
-        if not cfg.tie_embeddings:
-            rules.append(rule("lm_head.weight", "lm_head.weight"))
-        return rules
+        return rules + self.decoder_head_rules(cfg)
 
 
 @FAMILIES.register("llama")
 class Llama(LlamaLike):
     model_type, architecture = "llama", "LlamaForCausalLM"
+    sequence_classifier = "LlamaForSequenceClassification"
 
 
 @FAMILIES.register("mistral")
 class Mistral(LlamaLike):
     model_type, architecture = "mistral", "MistralForCausalLM"
+    sequence_classifier = "MistralForSequenceClassification"
 
     def biases(self, hf):
         return dict(qkv_bias=False, out_bias=False, ffn_bias=False)
@@ -125,6 +125,7 @@ class Mistral(LlamaLike):
 @FAMILIES.register("qwen2")
 class Qwen2(LlamaLike):
     model_type, architecture = "qwen2", "Qwen2ForCausalLM"
+    sequence_classifier = "Qwen2ForSequenceClassification"
 
     def biases(self, hf):
         return dict(qkv_bias=True, out_bias=False, ffn_bias=False)

@@ -99,8 +99,12 @@ class Chat:
         self.history.clear()
 
 
+USER_LABEL, MODEL_LABEL = "you> ", "model> "
+
+
 def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = None) -> int:
-    """Read messages until /quit or end of input; /reset forgets the history. Replies stream to ``out``."""
+    """Read messages (prompted ``you> ``) until /quit or end of input; /reset forgets the history. Each reply
+    streams to ``out`` after a ``model> `` label."""
     out = out or sys.stdout
 
     def emit(text: str) -> None:
@@ -110,7 +114,7 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
     emit("llmarch chat: type a message; /reset clears the history, /quit leaves.\n")
     while True:
         try:
-            line = read("> ").strip()
+            line = read(USER_LABEL).strip()
         except EOFError:
             return 0
         if line == "/quit":
@@ -120,5 +124,6 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
             emit("(history cleared)\n")
             continue
         if line:
+            emit(MODEL_LABEL)
             chat.send(line, on_text=emit)
             emit("\n")
