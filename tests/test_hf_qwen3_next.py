@@ -72,3 +72,28 @@ def test_80b_preset_counts_like_transformers():
     n_theirs = sum(p.numel() for p in theirs.parameters())
     assert sum(p.numel() for p in ours.parameters()) == n_theirs
     assert 79e9 < n_theirs < 82e9  # "80B total" on the model card
+
+
+def test_multi_token_prediction_tensors_are_ignored(pair, tmp_path):
+    """Released checkpoints carry an MTP head (``mtp.*``) that transformers does not run: loading skips it by
+    name, and still refuses any other stray tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llmarch.hf import ConversionError
+    from tests.hf_util import assert_same_weights
+
+    _, _, _, _, ours, tmp = pair
+    src = tmp / "hf"
+    for extra, ok in (("mtp.fc.weight", True), ("model.layers.0.stray.weight", False)):
+        d = tmp_path / extra
+        d.mkdir()
+        shutil.copy(src / "config.json", d / "config.json")
+        tensors = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+        save_file({**tensors, extra: torch.zeros(3, 3)}, d / "model.safetensors")
+        if ok:
+            assert_same_weights(llmarch.hf.load(d), ours)
+        else:
+            with pytest.raises(ConversionError, match="stray"):
+                llmarch.hf.load(d)
