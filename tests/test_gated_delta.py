@@ -151,3 +151,24 @@ def test_static_cache_refuses_recurrent_layers():
     model = hybrid()
     with pytest.raises(ValueError, match=r"cache: the static cache holds multi-head k/v; mixers"):
         llmarch.generate(model, torch.randint(0, 97, (1, 4)), max_new_tokens=2, cache="static")
+
+
+def test_lora_on_the_hybrid_merges_exactly():
+    """Gated attention's q adapter spans the query and its gate ([q | gate | k | v]); gated delta layers adapt
+    their output projection; merged weights compute what the adapters did."""
+    from llmarch import lora
+
+    model = hybrid()
+    ids = torch.randint(0, 97, (2, 9))
+    lora.apply(model, r=4, alpha=8, targets=("q", "k", "v", "o"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+        adapted = model(ids).logits
+        lora.merge(model)
+        merged = model(ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+    q_b = dict(model.named_parameters())["decoder.layers.3.attn.qkv.adapters.q.lora_B"]
+    assert q_b.shape[0] == 2 * 4 * 8  # 2·H·Dh rows
+    assert any(n.startswith("decoder.layers.0.attn.out.adapters.o.") for n, _ in model.named_parameters())
