@@ -410,5 +410,5 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     return value
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "LinearMixerConfig",
-           "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig",
+           "LinearMixerConfig", "KINDS"]
