@@ -181,4 +181,23 @@ def load_tokenizer_for(checkpoint_dir: str | os.PathLike) -> Tokenizer:
     return load_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE)
 
 
-__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "load_tokenizer_for", "default_specials", "sentinel"]
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt text -> ids, the one encode path of ``generate``, ``chat`` and the Python API: what transformers'
+    tokenizer gives for the same files with ``add_special_tokens=True``, i.e. the BOS/EOS of tokenizer.json's
+    post-processor. (transformers >= 5 ignores ``add_bos_token`` / ``add_eos_token`` of tokenizer_config.json
+    when a tokenizer.json exists: ``PreTrainedTokenizerBase._from_pretrained`` drops them.) Any other tokenizer
+    object (``encode``, optional ``bos_id``) gets its BOS in front."""
+    if not isinstance(text, str):
+        raise ValueError(f"prompt: expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 on the command line
+        raise ValueError(f"prompt: not valid UTF-8 text (position {e.start}); pass UTF-8 encoded text") from None
+    if isinstance(tok, Tokenizer):
+        return tok.inner.encode(text, add_special_tokens=True).ids
+    bos = getattr(tok, "bos_id", None)
+    return ([bos] if bos is not None else []) + list(tok.encode(text))
+
+
+__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "load_tokenizer_for", "default_specials", "sentinel",
+           "encode_prompt"]

@@ -87,12 +87,13 @@ def config_from_args(args: argparse.Namespace, dirs: bool = False) -> ModelConfi
     if spec is None:
         raise ValueError(f"give a model: NAME, --preset NAME or --config FILE ({MODEL_SPEC})")
     cfg = resolve_model(spec, dirs=dirs)
-    for item in args.set:
+    changes = {}
+    for item in args.set:  # every override first, then one validation (pattern=sliding needs window=W too)
         field, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not field.strip():
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        cfg = cfg.with_path(field.strip(), value.strip())
-    return cfg
+        changes[field.strip()] = value.strip()
+    return cfg.with_overrides(changes) if changes else cfg
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:

@@ -10,22 +10,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmarch.hf.base import FAMILIES, Family
-from llmarch.hf.convert import to_ours, to_theirs
+from llmarch.hf.convert import ConversionError, to_ours, to_theirs
+from llmarch.hf.files import keys_behind, read_config, read_weights
 from llmarch.model import Model
 from llmarch.model_files import carry_model_files, write_tokenizer_config
 
 
 def _read_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    hf = json.loads(cfg_path.read_text())
-    if "model_type" not in hf:
-        raise ValueError(f"{cfg_path} has no model_type")
-    return hf
+    return read_config(path)
 
 
 def family(model_type: str) -> Family:
@@ -36,20 +31,7 @@ def family(model_type: str) -> Family:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (one file or shards listed in the index)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / s for s in shards]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        bins = sorted(p.name for p in path.glob("*.bin"))
-        extra = f" (found {bins}: convert them to safetensors first; pickled weights are never loaded)" if bins else ""
-        raise FileNotFoundError(f"{path} has no *.safetensors weights{extra}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
+    return read_weights(Path(path))[0]
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -65,17 +47,32 @@ def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[
 
 def config_from_hf(path: str | os.PathLike):
     """The ModelConfig of a checkpoint directory, from its config.json alone."""
-    hf = _read_config(Path(path))
+    return _translate(Path(path))[1]
+
+
+def _translate(path: Path):
+    """(family, ModelConfig) of ``path/config.json``; any problem is a ConversionError naming the file."""
+    hf = _read_config(path)
     fam = family(hf["model_type"])
-    return fam.score_head_from_hf(hf, fam.to_config(hf))
+    try:
+        return fam, fam.score_head_from_hf(hf, fam.to_config(hf))
+    except ConversionError:
+        raise
+    except ValueError as e:  # our field's check: name the config.json key(s) it came from too
+        raise ConversionError(f"{path / 'config.json'}: {e}{keys_behind(str(e), hf)}") from None
+    except (TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:  # a field of an odd shape
+        raise ConversionError(f"{path / 'config.json'}: cannot translate this config ({type(e).__name__}: {e}); "
+                              "a field is missing or has an unexpected value") from None
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     """A Model with the weights of the Hugging Face checkpoint directory ``path``."""
     path = Path(path)
-    hf = _read_config(path)
-    fam = family(hf["model_type"])
-    cfg = fam.score_head_from_hf(hf, fam.to_config(hf))
+    fam, cfg = _translate(path)
+    tensors, origin = read_weights(path)
+    theirs = _strip(tensors, fam.prefixes)
+    origin = {k: origin[n] for n, k in zip(tensors, theirs)}
+    cfg = fam.tie_from_weights(cfg, theirs)  # transformers decides tying with the checkpoint in hand
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -83,7 +80,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     for alias in tied:
         expected.pop(alias, None)
     ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-    state = to_ours(_strip(read_safetensors(path), fam.prefixes), fam.rules(cfg), cfg.n_layers, expected, ignore)
+    try:
+        state = to_ours(theirs, fam.rules(cfg), cfg.n_layers, expected, ignore, origin)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
     for alias, source in tied.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
