@@ -195,7 +195,9 @@ class ModelConfig:
     @property
     def mixers(self) -> tuple[str, ...]:
         """The distinct mixers of the model, in layer order."""
-        return tuple(dict.fromkeys(self.layer_mixer(i) for i in range(self.n_layers)))
+        # one cycle of the schedule holds every mixer (never a loop over n_layers, which may be huge)
+        cycle = min(self.n_layers, len(self.layer_mixers) or 1)
+        return tuple(dict.fromkeys(self.layer_mixer(i) for i in range(cycle)))
 
     def layer_pattern(self, layer: int) -> str:
         """The attention pattern of layer ``layer`` (the ``pattern`` tuple cycled over layers)."""
