@@ -23,6 +23,13 @@ CASES = {
         **BASE, mla=dict(q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=8, qk_nope_head_dim=6, v_head_dim=10),
         moe=dict(n_experts=4, top_k=2, d_ff=16, n_shared=1)), ("q_a", "q_b", "kv_a", "kv_b", "o"),
         ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]),
+    # q_proj holds each head's query and output gate interleaved; ours [q | gate | k | v]: the probe maps the rows.
+    # (peft's own weight conversion for qwen3_next treats the dense mlp projections as fused expert weights when
+    # loading an adapter onto them, so our export is checked on the attention and gated delta projections)
+    "qwen3_next": ("qwen3_next", llmarch.preset("qwen3-next-tiny").replace(
+        **BASE, head_dim=8, n_kv_heads=2, ffn="glu", moe=None, layer_mixers=("gated_delta", "gated_attention"),
+        linear=dict(n_k_heads=2, n_v_heads=4, k_head_dim=8, v_head_dim=8)), ("q", "k", "v", "o"),
+        ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]),
 }
 
 

@@ -1,6 +1,7 @@
 """llmarch: every classic and modern LLM architecture from one validated config."""
 from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.config import ModelConfig, MoEConfig, RopeConfig
+from llmarch.linear_config import LinearMixerConfig
 from llmarch.infer.generate import generate
 from llmarch.model import Model, ModelOutput, build
 from llmarch import presets
@@ -27,5 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'llmarch' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "Model", "ModelOutput", "build",
-           "generate", "preset", "presets", "upcycle"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "LinearMixerConfig", "Model",
+           "ModelOutput", "build", "generate", "preset", "presets", "upcycle"]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmarch.attention_config import MLAConfig, SparseConfig
+from llmarch.linear_config import LinearMixerConfig
 from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
 from llmarch.condition_config import ConditionConfig
@@ -88,7 +89,8 @@ class RopeConfig:
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
-               "retrieval": RetrievalConfig, "vision": VisionConfig, "condition": ConditionConfig}
+               "retrieval": RetrievalConfig, "vision": VisionConfig, "condition": ConditionConfig,
+               "linear": LinearMixerConfig}
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class ModelConfig:
     # in every layer. E.g. ("gated_delta", "gated_delta", "gated_delta", "attention") for a 3:1 hybrid.
     layer_mixers: tuple[str, ...] = ()
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
+    linear: LinearMixerConfig = field(default_factory=LinearMixerConfig)  # sizes of the gated_delta layers
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
@@ -198,7 +201,9 @@ class ModelConfig:
     @property
     def mixers(self) -> tuple[str, ...]:
         """The distinct mixers of the model, in layer order."""
-        return tuple(dict.fromkeys(self.layer_mixer(i) for i in range(self.n_layers)))
+        # one cycle of the schedule holds every mixer (never a loop over n_layers, which may be huge)
+        cycle = min(self.n_layers, len(self.layer_mixers) or 1)
+        return tuple(dict.fromkeys(self.layer_mixer(i) for i in range(cycle)))
 
     def layer_pattern(self, layer: int) -> str:
         """The attention pattern of layer ``layer`` (the ``pattern`` tuple cycled over layers)."""
@@ -272,6 +277,8 @@ class ModelConfig:
                   "divisor, cycled over the layers")
         if self.mixer == "latent":
             self.mla.validate()
+        if "gated_delta" in self.mixers:
+            self.linear.validate()
         if self.mixer == "longformer" and not all(hasattr(lnn.PATTERNS[p], "global_slots") for p in self.pattern):
             _fail("mixer", f"'longformer' projects global rows separately; every layer's pattern needs global "
                   f"tokens (pattern='longformer'), got {self.pattern}")
@@ -423,4 +430,4 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
 
 
 __all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "VisionConfig",
-           "ConditionConfig", "KINDS"]
+           "ConditionConfig", "LinearMixerConfig", "KINDS"]

@@ -34,6 +34,7 @@ class Diagram:
     residuals: list[tuple[str, str]]  # skip connections into an "add" node
     groups: dict[str, str]  # block id -> its label ("block x L (pre-norm)")
     notes: list[str] = field(default_factory=list)
+    schedule: list[str] = field(default_factory=list)  # a hybrid's mixer per layer (empty: one mixer everywhere)
 
     @property
     def block_label(self) -> str:
@@ -59,9 +60,38 @@ def _position_line(cfg, on: str) -> list[str]:
     return []
 
 
+def gated_delta_label(cfg) -> str:
+    m = cfg.linear
+    return "\n".join([f"gated delta rule (linear time, chunk {m.chunk_size})",
+                      f"q,k: {m.n_k_heads} heads x Dk={m.k_head_dim}; v,z: {m.n_v_heads} heads x Dv={m.v_head_dim}",
+                      f"causal conv K={m.conv_kernel} + SiLU; L2-norm q,k; decay g, write beta",
+                      f"gated RMSNorm(o, z); state {m.n_v_heads}x{m.k_head_dim}x{m.v_head_dim} per layer"])
+
+
+def mixer_label(cfg, mixer: str, causal: bool | None = None) -> str:
+    """The label of one mixer kind (``mixer`` a MIXERS key)."""
+    if mixer == "gated_delta":
+        return gated_delta_label(cfg)
+    return attention_label(cfg.replace(mixer=mixer, layer_mixers=()), causal)
+
+
+def hybrid_label(cfg, causal: bool | None = None) -> str:
+    """A scheduled mixer: the cycle, then each distinct mixer's label."""
+    from llmarch.analysis.linear_costs import mixer_schedule
+
+    parts = [f"mixer by layer: {mixer_schedule(cfg)}"]
+    for m in cfg.mixers:
+        parts.append(f"— {m}: " + mixer_label(cfg, m, causal))
+    return "\n".join(parts)
+
+
 def attention_label(cfg, causal: bool | None = None) -> str:
     causal = cfg.kind == "decoder" if causal is None else causal
     H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+    if len(cfg.mixers) > 1:
+        return hybrid_label(cfg, causal)
+    if cfg.mixer == "gated_delta":
+        return gated_delta_label(cfg)
     if cfg.mixer == "latent":
         m = cfg.mla
         q = "q from x" if m.q_lora_rank is None else f"q latent Rq={m.q_lora_rank}"
@@ -75,6 +105,9 @@ def attention_label(cfg, causal: bool | None = None) -> str:
              _pattern_line(cfg)]
     if cfg.mixer == "longformer":
         lines.append("global rows: own q/k/v projection (qkv_global)")
+    if cfg.mixer == "gated_attention":
+        lines[0] += " + sigmoid output gate"
+        lines.append(f"q,k {norm_label(cfg)} per head")
     return "\n".join(lines + _position_line(cfg, "q,k"))
 
 
@@ -174,7 +207,8 @@ def architecture(cfg, title: str = "") -> Diagram:
     head, head_edges = head_graph(cfg, nodes[-1].id)
     nodes += head
     edges += head_edges
-    return Diagram(title or "model", nodes, edges, residuals, groups)
+    schedule = [cfg.layer_mixer(i) for i in range(specs[-1].n_layers)] if len(cfg.mixers) > 1 else []
+    return Diagram(title or "model", nodes, edges, residuals, groups, schedule=schedule)
 
 
 def head_graph(cfg, entry: str) -> tuple[list[Node], list[tuple[str, str]]]:
@@ -228,4 +262,6 @@ def to_mermaid(d: Diagram) -> str:
     lines += [f"  {a} -. residual .-> {b}" for a, b in d.residuals]
     lines += [f"  classDef {k} {v}" for k, v in MERMAID_STYLE.items()]
     lines += [f"  %% {note}" for note in d.notes]
+    if d.schedule:
+        lines.append("  %% layer schedule: " + " ".join(d.schedule))
     return "\n".join(lines) + "\n"

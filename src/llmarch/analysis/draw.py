@@ -47,7 +47,8 @@ def render(d: Diagram, subtitle: str = "") -> Figure:
     width = WIDTH + (SIDE_W + SIDE_GAP if side else 0)
     sub = wrap_subtitle(subtitle, width - 0.3)
     head_h = TITLE_H + SUB_LINE_H * len(sub)
-    total = sum(heights) + GAP * (len(heights) + 1) + head_h + 0.3 + 2 * GAP * len(spans)
+    strip = 1.1 if d.schedule else 0.0  # the layer-schedule strip of a hybrid, under the graph
+    total = sum(heights) + GAP * (len(heights) + 1) + head_h + 0.3 + 2 * GAP * len(spans) + strip
     fig = Figure(figsize=(width, total))
     ax = fig.add_axes((0, 0, 1, 1))
     ax.set_xlim(0, width)
@@ -110,7 +111,27 @@ def render(d: Diagram, subtitle: str = "") -> Figure:
                     arrowprops=dict(arrowstyle="-|>", color="#666666", lw=1.0, ls="--", shrinkA=0, shrinkB=0))
     for j, note in enumerate(d.notes):
         ax.text(0.1, 0.15 + 0.2 * j, note, fontsize=7, color="#555555")
+    if d.schedule:
+        draw_schedule(ax, d.schedule, 0.25)
     return fig
+
+
+SCHEDULE_COLOURS = ("#c0392b", "#2e8b57", "#3a7bbf", "#6a3d9a", "#b59b00")
+
+
+def draw_schedule(ax, schedule: list[str], y: float) -> None:
+    """One cell per layer, coloured by its mixer, layer 0 on the left; a legend of the mixers above it."""
+    kinds = list(dict.fromkeys(schedule))
+    colour = {k: SCHEDULE_COLOURS[i % len(SCHEDULE_COLOURS)] for i, k in enumerate(kinds)}
+    x0, width = 0.4, WIDTH - 0.8
+    cell = width / len(schedule)
+    for i, k in enumerate(schedule):
+        ax.add_patch(FancyBboxPatch((x0 + i * cell + 0.01, y), cell - 0.02, 0.3, boxstyle="square,pad=0",
+                                    fc=colour[k], ec="white", lw=0.5))
+    ax.text(x0, y + 0.42, f"layer schedule (layer 0 -> {len(schedule) - 1}): ", fontsize=8, va="bottom")
+    for j, k in enumerate(kinds):
+        ax.text(x0 + 2.6 + 1.9 * j, y + 0.42, f"■ {k} ×{schedule.count(k)}", color=colour[k], fontsize=8,
+                va="bottom")
 
 
 def save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:

@@ -57,15 +57,15 @@ def ffn_macs_per_token(cfg, layer: int) -> int:
     return ffn_cost(cfg, layer).macs
 
 
-def projection_macs_per_token(cfg) -> int:
-    """The token mixer's projections (q/k/v/o for attention: D·(H + 2G)·Dh + H·Dh·D)."""
-    return mixer_cost(cfg).proj_macs(cfg)
+def projection_macs_per_token(cfg, layer: int | None = None) -> int:
+    """The token mixer's projections (q/k/v/o for attention: D·(H + 2G)·Dh + H·Dh·D) in layer ``layer``."""
+    return mixer_cost(cfg, layer).proj_macs(cfg)
 
 
 def linear_macs_per_token(cfg, n_layers: int | None = None) -> int:
     """All per-layer matmuls of one token through one stack (the head excluded)."""
     n = cfg.n_layers if n_layers is None else n_layers
-    return sum(projection_macs_per_token(cfg) + ffn_macs_per_token(cfg, i) for i in range(n))
+    return sum(projection_macs_per_token(cfg, i) + ffn_macs_per_token(cfg, i) for i in range(n))
 
 
 def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True) -> float | None:
@@ -89,16 +89,18 @@ def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = T
 def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = None) -> Flops:
     """Matmul FLOPs of ``model(input_ids)`` with input_ids [batch, seq_len] and no cache; an encoder-decoder's
     decoder runs ``target_len`` tokens (default ``seq_len``) against the ``seq_len`` encoded ones."""
-    B, mixer = batch, mixer_cost(cfg)
+    B = batch
     lengths = {"encoder": seq_len, "decoder": seq_len if cfg.kind != "encoder_decoder" else target_len or seq_len}
     linear = attention = useful = cross = 0
     by_stack = {}
     for st in stacks(cfg):
         T = lengths[st.name]
-        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers) + 2 * st.n_layers * mixer.global_macs(cfg, B, T)
-        att = 2 * B * T * T * mixer.pair_macs(cfg) * st.n_layers
+        costs = [mixer_cost(cfg, i) for i in range(st.n_layers)]
+        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers) + 2 * sum(c.global_macs(cfg, B, T) for c in costs)
+        att = 2 * sum(c.mixing_macs(cfg, B, T) for c in costs)  # score/value products (or a recurrent rule)
+        pairs = 2 * B * T * T * sum(c.pair_macs(cfg) for c in costs)  # the part a mask can thin out
         frac = attended_fraction(cfg, T, st.n_layers, st.causal)
-        useful = None if frac is None or useful is None else useful + round(att * frac)
+        useful = None if frac is None or useful is None else useful + round(pairs * frac) + att - pairs
         if st.cross:
             S, c = lengths["encoder"], CrossAttentionCost
             x_lin = 2 * st.n_layers * B * (T * c.target_macs(cfg) + S * c.source_macs(cfg))
@@ -122,11 +124,10 @@ def decode_flops_per_token(cfg, context: int) -> int | None:
 
     if cfg.kind == "encoder":
         return None
-    mixer = mixer_cost(cfg)
     dec = stacks(cfg)[-1]
     macs = 0
     for i in range(dec.n_layers):
-        macs += mixer.decode_macs(cfg, cached_keys(cfg, i, context)) + ffn_macs_per_token(cfg, i)
+        macs += mixer_cost(cfg, i).decode_macs(cfg, cached_keys(cfg, i, context)) + ffn_macs_per_token(cfg, i)
         if dec.cross:
             macs += CrossAttentionCost.target_macs(cfg) + context * CrossAttentionCost.pair_macs(cfg)
     return 2 * macs + 2 * head_cost(cfg).macs(cfg)[0]

@@ -71,6 +71,16 @@ class AttentionCost:
     def global_macs(cfg, batch: int, T: int) -> int:
         return 0
 
+    @classmethod
+    def mixing_macs(cls, cfg, batch: int, T: int) -> int:
+        """Sequence mixing of T tokens without a cache: every (query, key) pair of the dense score matrix."""
+        return batch * T * T * cls.pair_macs(cfg)
+
+    @staticmethod
+    def state_bytes(cfg, dtype_bytes: float) -> float:
+        """A fixed-size decoding state per layer (recurrent mixers); attention keeps none."""
+        return 0.0
+
 
 class LongformerCost(AttentionCost):
     """Attention plus a second projection ``qkv_global`` [D -> (H + 2G)·Dh] for the global rows (Longformer).
@@ -147,11 +157,13 @@ class LatentCost(AttentionCost):
 MIXER_COSTS = {"attention": AttentionCost, "longformer": LongformerCost, "latent": LatentCost}
 
 
-def mixer_cost(cfg):
-    if cfg.mixer not in MIXER_COSTS:
-        raise ValueError(f"mixer: the analysis does not know the cost of {cfg.mixer!r}; add a class to "
+def mixer_cost(cfg, layer: int | None = None):
+    """The cost class of layer ``layer``'s mixer (``layer_mixers`` schedule), or of ``cfg.mixer`` when None."""
+    name = cfg.mixer if layer is None else cfg.layer_mixer(layer)
+    if name not in MIXER_COSTS:
+        raise ValueError(f"mixer: the analysis does not know the cost of {name!r}; add a class to "
                          "llmarch/analysis/layers.py MIXER_COSTS")
-    return MIXER_COSTS[cfg.mixer]
+    return MIXER_COSTS[name]
 
 
 class CrossAttentionCost:
@@ -182,3 +194,6 @@ class CrossAttentionCost:
     def cache_numbers(cfg) -> int:
         """Per source token and decoder layer: k and v, 2·G·Dh."""
         return 2 * cfg.kv_heads * cfg.dh
+
+
+from llmarch.analysis import linear_costs  # noqa: E402,F401  (adds the hybrid mixers' costs to MIXER_COSTS)

@@ -44,29 +44,34 @@ def cached_keys(cfg, layer: int, context: int) -> int:
     return context if lookback is None else min(context, lookback + 1)
 
 
-def _cached_layers(cfg) -> int:
-    """Layers with an incremental self-attention cache: the decoder stack's (none for encoders, none for a
-    mixer without a cache)."""
-    if cfg.kind == "encoder" or mixer_cost(cfg).cache_numbers(cfg) is None:
-        return 0
-    return stacks(cfg)[-1].n_layers
+def _cached_layers(cfg) -> list[tuple[int, int]]:
+    """(layer, numbers cached per token) of the layers with an incremental self-attention cache: the decoder
+    stack's (none for encoders, none for a mixer without a per-token cache)."""
+    if cfg.kind == "encoder":
+        return []
+    per = [(i, mixer_cost(cfg, i).cache_numbers(cfg)) for i in range(stacks(cfg)[-1].n_layers)]
+    return [(i, n) for i, n in per if n is not None]
 
 
 def kv_bytes_per_token(cfg, dtype: str = "bf16") -> float:
     """The self-attention cache of one token in every decoder layer: 2·G·Dh·bytes·L for attention, (R + Dr)·bytes·L
-    for latent attention (before any window cap); 0 for an encoder."""
-    n = _cached_layers(cfg)
-    return float(mixer_cost(cfg).cache_numbers(cfg) * dtype_bytes(dtype) * n) if n else 0.0
+    for latent attention (before any window cap); recurrent layers add nothing; 0 for an encoder."""
+    return float(sum(n for _, n in _cached_layers(cfg)) * dtype_bytes(dtype))
 
 
 def kv_cache_bytes(cfg, context: int, batch: int = 1, dtype: str = "bf16") -> float:
     """The self-attention cache of ``batch`` sequences holding ``context`` tokens (sliding-window layers hold at
     most W)."""
-    n = _cached_layers(cfg)
-    if not n:
+    return batch * dtype_bytes(dtype) * sum(n * cached_keys(cfg, i, context) for i, n in _cached_layers(cfg))
+
+
+def state_bytes(cfg, batch: int = 1, dtype: str = "bf16") -> float:
+    """The fixed-size decoding state of the recurrent layers (gated delta: its matrix state and conv window),
+    the same at every context length; 0 for models of attention only."""
+    if cfg.kind == "encoder":
         return 0.0
-    per_key = mixer_cost(cfg).cache_numbers(cfg) * dtype_bytes(dtype)
-    return batch * per_key * sum(cached_keys(cfg, i, context) for i in range(n))
+    w = dtype_bytes(dtype)
+    return batch * sum(mixer_cost(cfg, i).state_bytes(cfg, w) for i in range(stacks(cfg)[-1].n_layers))
 
 
 def cross_kv_bytes_per_source_token(cfg, dtype: str = "bf16") -> float:
@@ -82,8 +87,11 @@ def cross_kv_cache_bytes(cfg, source_len: int, batch: int = 1, dtype: str = "bf1
     return batch * source_len * cross_kv_bytes_per_source_token(cfg, dtype)
 
 
-def _mixer_widths(cfg) -> tuple[int, int]:
-    """(q/k/v output width, o input width) per token of the token mixer."""
+def _mixer_widths(cfg, layer: int | None = None) -> tuple[int, int]:
+    """(q/k/v output width, o input width) per token of the token mixer of ``layer``."""
+    cost = mixer_cost(cfg, layer)
+    if hasattr(cost, "widths"):
+        return cost.widths(cfg)
     if cfg.mixer == "latent":
         m, H = cfg.mla, cfg.n_heads
         qkv = H * (2 * m.qk_head_dim + m.v_head_dim) + m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)
@@ -95,7 +103,7 @@ def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: b
     """Bytes one token's activations in one block keep for the backward (attention scores excluded)."""
     D, a = cfg.d_model, act_bytes
     masks = D if cfg.dropout > 0 else 0  # one byte per element per residual dropout mask
-    qkv, o_in = _mixer_widths(cfg)
+    qkv, o_in = _mixer_widths(cfg, layer)
     attn = a * D + a * D + a * qkv + a * o_in + masks  # norm in, qkv in, q/k/v, o in
     if cross:  # norm in, q in, q, o in (+ the source's k/v, counted per target token)
         H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
@@ -149,6 +157,8 @@ def inference_memory(cfg, context: int, batch: int = 1, dtype: str = "bf16", kv_
     widest = cfg.d_ff if cfg.moe is None else max(cfg.d_ff, cfg.moe.expert_d_ff(cfg.d_ff), shared_width(cfg))
     work = batch * context * w * (4 * cfg.d_model + FFN_SAVED_F.get(dense_kind(cfg), 2) * widest + cfg.vocab_size)
     out = {"weights": N * w, "kv_cache": kv_cache_bytes(cfg, context, batch, kv_dtype or dtype)}
+    if state_bytes(cfg):
+        out["recurrent_state"] = state_bytes(cfg, batch, kv_dtype or dtype)
     if cfg.kind == "encoder_decoder":  # the source is ``context`` tokens too
         out["cross_kv_cache"] = cross_kv_cache_bytes(cfg, context, batch, kv_dtype or dtype)
     out["prefill_working"] = work

@@ -22,7 +22,8 @@ POSITION_PARAMS = {"learned": lambda cfg: cfg.max_seq_len * cfg.d_model,
 PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_halves")
 
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
-              "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
+              "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "attn_gate", "attn_qk_norms", "delta_in",
+              "delta_conv", "delta_gates", "delta_norm", "delta_out", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
               "head", "exit_gates", "retrieval", "vision", "projector", "image_cross", "condition")
 
@@ -53,9 +54,9 @@ def ffn_params(cfg, d_ff: int) -> int:
     return dense_ffn_params(cfg.d_model, d_ff, cfg.ffn, cfg.ffn_bias)
 
 
-def attention_params(cfg) -> dict[str, int]:
-    """The token mixer of one layer, by component."""
-    return mixer_cost(cfg).params(cfg)
+def attention_params(cfg, layer: int | None = None) -> dict[str, int]:
+    """The token mixer of layer ``layer`` (None: of ``cfg.mixer``), by component."""
+    return mixer_cost(cfg, layer).params(cfg)
 
 
 def position_params(cfg) -> tuple[int, list[str]]:
@@ -81,14 +82,13 @@ def count_params(cfg) -> ParamCount:
     c["token_types"] = cfg.type_vocab_size * D
     c["embed_norm"] = norm_params(cfg) if cfg.embed_norm else 0
     pos, notes = position_params(cfg)
-    mixer = attention_params(cfg)
     inactive = 0
     per_stack = {}
     for stack in stacks(cfg):
         before = sum(c.values())
         c["positions"] += pos
         for layer in range(stack.n_layers):
-            for k, v in mixer.items():
+            for k, v in attention_params(cfg, layer).items():
                 c[k] += v
             if stack.cross:
                 for k, v in CrossAttentionCost.params(cfg).items():
@@ -142,6 +142,7 @@ def gpt_closed_form_params(cfg) -> int:
 
 
 ATTN_KEYS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global",
+             "attn_gate", "attn_qk_norms", "delta_in", "delta_conv", "delta_gates", "delta_norm", "delta_out",
              "cross_q", "cross_kv", "cross_o")
 FFN_KEYS = ("ffn", "router", "experts", "shared_experts")
 HEAD_KEYS = ("head_transform", "pooler", "nsp", "head")
@@ -172,6 +173,10 @@ def closed_form_comparison(cfg) -> list[dict]:
         attn_reasons.append("attention without (some) biases")
     if exact["attn_global"]:
         attn_reasons.append("second q/k/v projection for global tokens")
+    if exact["attn_gate"]:
+        attn_reasons.append("gated attention: an output-gate projection and q/k norms")
+    if exact["delta_in"]:
+        attn_reasons.append("gated delta layers: qkvz/ba projections, conv, gates, gated norm")
     if exact["cross_q"]:
         attn_reasons.append("cross-attention q/kv/o in each decoder block")
     ffn_reasons = list(stack)

@@ -34,6 +34,8 @@ class Report:
     cross_kv_cache_bytes: float  # ... for batch × seq_len encoded tokens
     training_memory: dict[str, float]
     inference_memory: dict[str, float]
+    state_bytes: float = 0.0  # recurrent layers' constant decoding state for ``batch`` sequences (0 without any)
+    config: object = None  # the analysed ModelConfig
 
     def to_dict(self) -> dict:
         f = self.flops
@@ -51,7 +53,8 @@ class Report:
                        comparison=self.flops_comparison, decode_per_token=self.decode_flops_per_token),
             kv_cache=dict(bytes_per_token=self.kv_bytes_per_token, bytes_for_context=self.kv_cache_bytes,
                           cross_bytes_per_source_token=self.cross_kv_bytes_per_source_token,
-                          cross_bytes_for_source=self.cross_kv_cache_bytes),
+                          cross_bytes_for_source=self.cross_kv_cache_bytes, recurrent_state_bytes=self.state_bytes,
+                          decode_bytes_for_context=self.kv_cache_bytes + self.state_bytes),
             memory=dict(training=self.training_memory, inference=self.inference_memory))
 
 
@@ -90,4 +93,5 @@ def analyze(cfg, seq_len: int = 2048, batch: int = 1, dtype: str = "bf16", verif
         cross_kv_bytes_per_source_token=M.cross_kv_bytes_per_source_token(cfg, dtype),
         cross_kv_cache_bytes=M.cross_kv_cache_bytes(cfg, seq_len, batch, dtype),
         training_memory=M.training_memory(cfg, seq_len, batch, dtype, n_params=params.total),
-        inference_memory=M.inference_memory(cfg, seq_len, batch, dtype, n_params=params.total))
+        inference_memory=M.inference_memory(cfg, seq_len, batch, dtype, n_params=params.total),
+        state_bytes=M.state_bytes(cfg, batch, dtype), config=cfg)

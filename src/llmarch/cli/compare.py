@@ -15,6 +15,10 @@ def add(sub) -> None:
 
 
 def attention_kind(cfg) -> str:
+    from llmarch.analysis.linear_costs import mixer_schedule
+
+    if len(cfg.mixers) > 1:
+        return mixer_schedule(cfg) + f", GQA {cfg.n_heads}/{cfg.kv_heads}"
     G, H = cfg.kv_heads, cfg.n_heads
     kind = "MHA" if G == H else "MQA" if G == 1 else f"GQA {H}/{G}"
     if cfg.mixer == "latent":
@@ -30,6 +34,7 @@ def attention_kind(cfg) -> str:
 def summary(cfg, seq_len: int, dtype: str) -> dict:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
     from llmarch.analysis.layers import stacks
+    from llmarch.analysis.memory import kv_cache_bytes, state_bytes
     from llmarch.analysis.reach import effective_reach
 
     pc = count_params(cfg)
@@ -43,7 +48,8 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
                 norm=f"{cfg.norm} ({cfg.norm_placement})", tied=cfg.tie_embeddings,
                 reach=effective_reach(cfg).tokens, flops_per_token=f.forward / f.tokens,
-                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
+                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype), state_bytes=state_bytes(cfg, 1, dtype),
+                decode_memory=kv_cache_bytes(cfg, min(seq_len, cfg.max_seq_len), 1, dtype) + state_bytes(cfg, 1, dtype))
 
 
 def run(args) -> int:
@@ -54,7 +60,9 @@ def run(args) -> int:
     fmt = {"params": human, "active": human, "flops_per_token": lambda v: f"{v:.3g}",
            "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
     fmt["reach"] = lambda v: f"{v:,}"
+    fmt["state_bytes"] = fmt["decode_memory"] = lambda v: f"{v / 2**20:.1f} MiB"
     label = {"reach": "reach (tokens)", "flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+    label.update(state_bytes="recurrent state (any context)", decode_memory=f"KV + state at T=min({args.seq_len}, ctx)")
     keys = list(next(iter(cols.values())))
     rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]
     print(table(rows, [""] + list(cols)))

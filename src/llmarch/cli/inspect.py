@@ -63,8 +63,10 @@ def format_report(title: str, r) -> str:
     if r.kv_bytes_per_token:
         out += [f"KV cache: {human_bytes(r.kv_bytes_per_token)} per token; {human_bytes(r.kv_cache_bytes)} for "
                 f"{r.batch} × {r.seq_len} tokens ({r.dtype})"]
-    else:
+    elif not r.state_bytes:
         out += ["KV cache: none (no incremental decoding for this model)"]
+    if r.state_bytes:
+        out += recurrent_lines(r)
     if r.cross_kv_bytes_per_source_token:
         out += [f"cross-attention k/v: {human_bytes(r.cross_kv_bytes_per_source_token)} per source token; "
                 f"{human_bytes(r.cross_kv_cache_bytes)} for {r.batch} × {r.seq_len} source tokens"]
@@ -78,6 +80,25 @@ def format_report(title: str, r) -> str:
     if p.notes:
         out += ["", "notes: " + "; ".join(p.notes)]
     return "\n".join(out)
+
+
+def recurrent_lines(r) -> list[str]:
+    """A hybrid's decoding memory: the recurrent layers' constant state beside the attention layers' KV cache."""
+    from llmarch.analysis.memory import kv_cache_bytes, state_bytes
+    from llmarch.analysis.linear_costs import mixer_schedule
+
+    cfg = r.config
+    lines = [f"layer schedule: {mixer_schedule(cfg) or cfg.mixers[0]}",
+             f"recurrent state: {human_bytes(r.state_bytes)} for {r.batch} sequence(s), the same at any context "
+             "(delta-rule state in fp32 + conv window)",
+             f"effective decode memory (KV + state) at context {r.seq_len}: "
+             f"{human_bytes(r.kv_cache_bytes + r.state_bytes)}"]
+    contexts = [c for c in (4096, 32768, 262144) if c <= cfg.max_seq_len]
+    if contexts:
+        lines.append("  at " + ", ".join(f"{c}: {human_bytes(kv_cache_bytes(cfg, c, r.batch, r.dtype))} KV + "
+                                         f"{human_bytes(state_bytes(cfg, r.batch, r.dtype))} state"
+                                         for c in contexts))
+    return lines
 
 
 def run(args) -> int:

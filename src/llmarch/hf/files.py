@@ -22,7 +22,7 @@ POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "num_layers", "num_decoder_layers", "num_heads", "n_embd", "n_embed", "n_layer", "n_head",
                  "n_positions", "seq_length",
                  "n_inner", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
-                 "encoder_ffn_dim", "decoder_ffn_dim", "num_experts", "num_local_experts", "num_experts_per_tok",
+                 "encoder_ffn_dim", "decoder_ffn_dim", "num_local_experts", "num_experts_per_tok",
                  "n_routed_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "kv_lora_rank",
                  "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
                  "relative_attention_num_buckets", "relative_attention_max_distance", "attention_window",
@@ -37,7 +37,7 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
 # (num_experts_per_tok is not: DeepseekV2Config declares it `int | None`, None for an all-dense model)
 COUNTS = ("type_vocab_size", "n_shared_experts", "first_k_dense_replace", "max_window_layers", "sliding_window",
           "num_sparse_encoder_layers", "num_sparse_decoder_layers", "num_random_blocks", "decoder_sparse_step",
-          "encoder_sparse_step")
+          "encoder_sparse_step", "num_experts")  # num_experts 0: a dense qwen2_moe / qwen3_next
 NUMBERS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "partial_rotary_factor",
            "routed_scaling_factor", "router_aux_loss_coef", "router_z_loss_coef", "initializer_range",
            "dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",

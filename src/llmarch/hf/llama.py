@@ -9,7 +9,8 @@ from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_
 from llmarch.hf.convert import cat_rows, rule, split_rows
 
 LLAMA_FIXED = dict(kind="decoder", norm="rmsnorm", norm_bias=False, norm_placement="pre", ffn="glu",
-                   position="rope", embed_norm=False, final_norm=True, head_bias=False, attn_scale=None)
+                   position="rope", embed_norm=False, final_norm=True, head_bias=False, attn_scale=None,
+                   mixer="attention", layer_mixers=())
 
 
 def _unless(value, default):

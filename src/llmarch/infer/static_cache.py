@@ -39,6 +39,9 @@ class StaticKVCache:
     def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
         """Sized from the model's config, on its device and in its dtype."""
         cfg = model.config
+        if set(cfg.mixers) != {"attention"}:
+            raise ValueError(f"cache: the static cache holds multi-head k/v; mixers {list(cfg.mixers)} decode with "
+                             "cache='dynamic'")
         limit = position_limit(model)  # the context rule of generate(): only a learned table has an end
         if limit is not None and max_len > limit:
             raise ValueError(f"max_len={max_len} is longer than the model's learned position table (max_seq_len="

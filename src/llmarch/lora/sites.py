@@ -18,9 +18,11 @@ from llmarch.nn.attention import Attention
 from llmarch.nn.cross_attention import CrossAttention
 from llmarch.nn.experts import GLUExperts, MLPExperts
 from llmarch.nn.ffn import GLU, MLP
+from llmarch.nn.gated_attention import GatedAttention
 from llmarch.nn.global_attention import GlobalProjectionAttention
 from llmarch.nn.heads import ClassificationHead, LastTokenHead, LMHead, SwappedLMHead
 from llmarch.nn.latent_attention import LatentAttention, LowRankQuery
+from llmarch.nn.linear.gated_delta import GatedDeltaNet
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "head", "experts.gate", "experts.up", "experts.down",
            "q_a", "q_b", "kv_a", "kv_b")
@@ -62,6 +64,19 @@ def _out_features(proj: nn.Module) -> int:
 def _attention(m: Attention) -> list[Site]:
     H, G, Dh = m.n_heads, m.n_kv_heads, m.head_dim
     return [Site("qkv", (("q", H * Dh), ("k", G * Dh), ("v", G * Dh))), _whole("out", "o", m)]
+
+
+@sites_for(GatedAttention)
+def _gated_attention(m: GatedAttention) -> list[Site]:
+    """``q`` adapts the query and its output gate together (they share one q projection in Qwen3-Next)."""
+    H, G, Dh = m.n_heads, m.n_kv_heads, m.head_dim
+    return [Site("qkv", (("q", 2 * H * Dh), ("k", G * Dh), ("v", G * Dh))), _whole("out", "o", m)]
+
+
+@sites_for(GatedDeltaNet)
+def _gated_delta(m: GatedDeltaNet) -> list[Site]:
+    """Only the output projection: the fused q/k/v/z and b/a in-projections have no target names yet."""
+    return [_whole("out", "o", m)]
 
 
 @sites_for(GlobalProjectionAttention)

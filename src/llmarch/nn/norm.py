@@ -43,6 +43,20 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+@NORMS.register("rmsnorm_zero")
+class ZeroCenteredRMSNorm(RMSNorm):
+    """RMSNorm whose gain is stored zero-centred: x / rms(x) * (1 + weight), weight starting at 0 (Gemma,
+    Qwen3-Next). [..., D] -> [..., D]; computed in fp32, rounded to the input dtype last."""
+
+    def after_init(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
     """Build a norm from the registry; ``bias`` only applies to norms that have one."""
     cls = NORMS[kind]

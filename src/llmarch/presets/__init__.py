@@ -50,3 +50,4 @@ def _load_all() -> None:
         from llmarch.presets import bert, t5, transformer  # noqa: F401
         from llmarch.presets import retrieval  # noqa: F401
         from llmarch.presets import condition, vision  # noqa: F401
+        from llmarch.presets import hybrid  # noqa: F401
