@@ -64,7 +64,8 @@ class RopeConfig:
         rot = int(head_dim * self.fraction)
         if rot % 2 or rot == 0:
             _fail("rope.fraction", f"rotary dim head_dim*fraction = {head_dim}*{self.fraction} = {rot} must be even "
-                  "and > 0; pick a fraction that gives an even number of dims")
+                  "and > 0 (head_dim is the head_dim field, else d_model / n_heads); pick a fraction, d_model, "
+                  "n_heads or head_dim that gives an even number of dims")
         _check_choice("rope.scaling", self.scaling, ROPE_SCALINGS)
         if self.scaling != "none" and self.factor < 1.0:
             _fail("rope.factor", f"must be >= 1 for scaling {self.scaling!r}, got {self.factor}")
