@@ -46,7 +46,8 @@ OPTIONS = [
     ("--samples", "samples", int, "texts generated at the end (default 3)"),
     ("--sample-tokens", "sample_tokens", int, "tokens per sample (default 64)"),
     ("--stop-at", "stop_at", int, "stop after this step with a checkpoint, keeping the schedule of --steps"),
-    ("--resume", "resume", None, "continue from the newest good checkpoint in --out"),
+    ("--resume", "resume", None, "continue from the newest good checkpoint in --out, with the run's saved model "
+     "and settings (flags given override them; changes that alter the run are refused)"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--teacher", "teacher", str, "distil from this checkpoint (model or run directory; causal_lm, same tokenizer)"),
     ("--distill-temperature", "distill_temperature", float, "softening temperature of the distillation KL (default 2)"),
@@ -68,7 +69,7 @@ def add_options(p: argparse.ArgumentParser, options) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, required=False)  # required unless --resume (the run's own config)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
     add_options(p, OPTIONS)
     p.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun when > 1)")
@@ -82,14 +83,29 @@ def add(sub) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     from llmarch.train import TrainConfig
+    from llmarch.train.resume import resume_settings
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in OPTIONS if getattr(args, dest) is not None}
+    if args.resume:  # the run's saved settings, overridden by what was given
+        return resume_settings(args.out, given)
     return TrainConfig(out=args.out, **given)
+
+
+def model_config_from_args(args: argparse.Namespace):
+    """--preset / --config (+ --set); with --resume and neither, the run's own model_config.json (+ --set)."""
+    from llmarch.cli.common import config_from_args
+    from llmarch.train.resume import resume_model_config_file
+
+    if args.preset or args.config:
+        return config_from_args(args)
+    if not args.resume:
+        raise ValueError("give a model: --preset NAME or --config FILE (or --resume to continue the run in --out)")
+    return config_from_args(argparse.Namespace(**{**vars(args), "config": str(resume_model_config_file(args.out))}))
 
 
 def argv_from_args(args: argparse.Namespace) -> list[str]:
     """The command line of these arguments without --nproc (what each torchrun rank receives)."""
-    argv = ["--preset", args.preset] if args.preset else ["--config", args.config]
+    argv = ["--preset", args.preset] if args.preset else ["--config", args.config] if args.config else []
     for item in args.set:
         argv += ["--set", item]
     argv += ["--out", args.out]
@@ -115,11 +131,10 @@ def run(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from llmarch.cli.common import config_from_args
     from llmarch.train import train
     from llmarch.train.distributed import shutdown
 
-    cfg, tc = config_from_args(args), train_config_from_args(args)
+    cfg, tc = model_config_from_args(args), train_config_from_args(args)
     try:
         with logging_redirect_tqdm():
             result = train(cfg, tc)
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s")
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         if args.verbose:
             raise
         print(f"llmarch train: error: {e}", file=sys.stderr)

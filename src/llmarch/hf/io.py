@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -109,10 +108,13 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                      + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
-def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads. Written to a temporary
-    directory first and renamed into place, so an existing directory is never left half-written."""
-    path = Path(path)
+def save(model: Model, path: str | os.PathLike, model_type: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads. A non-empty ``path`` is refused
+    unless ``overwrite`` (then only model files there are replaced); the files are written beside it first and
+    renamed in, so nothing is ever left half-written (:mod:`llmarch.outdir`)."""
+    from llmarch.outdir import check_out_dir, staged_dir
+
+    check_out_dir(path, overwrite)
     fam = pick_family(model, model_type)
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -121,17 +123,7 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -
     tensors = {(n if n.startswith(fam.top_level) else prefix + n): t.contiguous() for n, t in theirs.items()}
     hf_cfg = fam.from_config(cfg)
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    return path
+    with staged_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return Path(path)
