@@ -18,13 +18,14 @@ class NonFiniteError(ValueError):
 def check_record(record: dict, last_good: str | None, scaled: bool = False) -> None:
     """Raise :class:`NonFiniteError` if a loss term (or, without a gradient scaler, the gradient norm) of one
     step's record is NaN or infinite. ``record`` values are host floats already (no extra device sync)."""
-    names = [k for k in record if k == "loss" or k.startswith("loss_")] + ["aux_loss"]
+    # the term that broke first (a named loss term before the total), the gradient norm last
+    names = [k for k in record if k.startswith("loss_")] + ["aux_loss", "loss"]
     if not scaled:  # with fp16's scaler an infinite norm is expected now and then: that step is skipped
         names.append("grad_norm")
     bad = [k for k in names if k in record and not math.isfinite(record[k])]
     if not bad:
         return
-    term = next((k for k in bad if k != "loss"), bad[0])  # the term that broke, not only the total
+    term = bad[0]
     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
     raise NonFiniteError(f"step {record['step']}: {term} is {record[term]} (non-finite); training stopped and {where}. "
                          f"Hint: {HINT}")
