@@ -89,7 +89,13 @@ def test_corrupt_and_crafted_checkpoints_fall_back(tmp_path, cache, caplog):
     assert "not a training checkpoint" in caplog.text and "torn write" in caplog.text
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 6  # resumed from step 2 (the crafted step 4 was skipped)
-    assert main(["generate", "--checkpoint", str(first), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    newest = ckpt.list_checkpoints(run)[-1]
+    (newest / "model.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"{}")  # a crafted header, hashed
+    write_manifest(newest)
+    caplog.clear()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert f"checkpoint {newest} cannot be read" in caplog.text  # fell back to the one before
+    assert main(["generate", "--checkpoint", str(newest), "--prompt", "x", "--max-new-tokens", "2"]) == 2
 
 
 def test_failed_run_removes_only_what_it_created(tmp_path, cache):

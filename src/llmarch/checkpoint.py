@@ -3,7 +3,6 @@ written atomically without touching a user's other files (:mod:`llmarch.outdir`)
 Training checkpoints (optimizer, RNG, data position) build on this in ``llmarch.train``."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmarch.config import ModelConfig
-from llmarch.manifest import MANIFEST, CheckpointError, verify_manifest, write_manifest
+from llmarch.manifest import MANIFEST, CheckpointError, read_json_object, verify_manifest, write_manifest
 from llmarch.model import Model, build
 from llmarch.outdir import fsync_path, fsync_tree, staged_dir
 
@@ -67,11 +66,7 @@ def is_llmarch_dir(path: Path) -> bool:
     cfg = path / "config.json"
     if not cfg.is_file():
         return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg} is not valid JSON: {e}") from None
-    return isinstance(data, dict) and "model_type" not in data
+    return "model_type" not in read_json_object(cfg, "config")
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:

@@ -250,5 +250,5 @@ class PackedSequences:
         return torch.from_numpy(np.stack(rows))
 
 
-__all__ = ["corpus_files", "stdlib_files", "split_files", "split_corpus", "CorpusSplit", "split_text", "take_bytes", "tokenize_corpus", "PackedSequences",
-           "TokenSplits", "read_texts", "default_cache_dir"]
+__all__ = ["corpus_files", "stdlib_files", "split_files", "split_corpus", "CorpusSplit", "split_text", "take_bytes",
+           "tokenize_corpus", "PackedSequences", "TokenSplits", "read_texts", "default_cache_dir"]

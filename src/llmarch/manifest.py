@@ -21,6 +21,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_json_object(path: Path, what: str, error: type[ValueError] = ValueError) -> dict:
+    """The JSON object in ``path``; ``error`` naming ``what`` (the reader's context) when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what}: {path} does not hold a JSON object")
+    return data
+
+
 def write_manifest(directory: Path) -> None:
     """Record every file of ``directory`` (not sub-directories) in ``manifest.json``."""
     files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
@@ -35,12 +46,7 @@ def verify_manifest(path: Path, required: tuple[str, ...] = ()) -> None:
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST} (the save was interrupted)")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not an object of file entries")
+    manifest = read_json_object(manifest_file, f"checkpoint {path} is corrupt", CheckpointError)
     for name in required:
         if name not in manifest:
             raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} does not list {name}")
@@ -61,4 +67,4 @@ def verify_manifest(path: Path, required: tuple[str, ...] = ()) -> None:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its sha256 in {MANIFEST}")
 
 
-__all__ = ["MANIFEST", "CheckpointError", "sha256", "write_manifest", "verify_manifest"]
+__all__ = ["MANIFEST", "CheckpointError", "read_json_object", "sha256", "write_manifest", "verify_manifest"]

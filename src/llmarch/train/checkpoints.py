@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmarch.checkpoint import atomic_dir, commit_dir
 from llmarch.config import ModelConfig
-from llmarch.manifest import MANIFEST, CheckpointError, verify_manifest, write_manifest
+from llmarch.manifest import CheckpointError, verify_manifest, write_manifest
 from llmarch.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,20 +76,38 @@ def verify(path: Path) -> None:
 
 
 def latest_good(run_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that verifies; bad ones are reported (warning) and skipped. None if there is none;
-    a ValueError when checkpoints exist but none is usable."""
+    """The newest checkpoint that verifies and whose model files parse (config, safetensors header); bad ones are
+    reported (warning) and skipped. None if there is none; a CheckpointError when none is usable."""
+    return _newest(run_dir, readable)[0]
+
+
+def readable(path: Path) -> Path:
+    """``path`` after checking its manifest and that its config and weights header parse (cheap: no tensors)."""
+    from safetensors import safe_open
+
+    verify(path)
+    try:
+        ModelConfig.from_file(path / "config.json")
+        with safe_open(str(path / "model.safetensors"), "pt") as fh:
+            fh.keys()
+    except Exception as e:  # noqa: BLE001 - a crafted file that passes its hash
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    return path
+
+
+def _newest(run_dir: str | os.PathLike, check) -> tuple[Path, object] | tuple[None, None]:
+    """(path, check(path)) of the newest checkpoint ``check`` accepts, warning about each one it refuses."""
     found = list_checkpoints(run_dir)
     errors = []
     for path in reversed(found):
         try:
-            verify(path)
-            return path
+            return path, check(path)
         except CheckpointError as e:
             log.warning("%s; using an earlier checkpoint", e)
             errors.append(str(e))
     if found:
         raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / SUBDIR}: " + "; ".join(errors))
-    return None
+    return None, None
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -115,17 +133,7 @@ def load_checkpoint(path: Path) -> dict:
 def load_for_resume(run_dir: str | os.PathLike) -> tuple[Path, dict] | tuple[None, None]:
     """The newest checkpoint of a run that verifies and reads, loaded; unusable ones are reported (warning) and
     the one before is tried. (None, None) when the run has none; a CheckpointError when none is usable."""
-    found = list_checkpoints(run_dir)
-    errors = []
-    for path in reversed(found):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as e:
-            log.warning("%s; using an earlier checkpoint", e)
-            errors.append(str(e))
-    if found:
-        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / SUBDIR}: " + "; ".join(errors))
-    return None, None
+    return _newest(run_dir, load_checkpoint)
 
 
 def find_resume(run_dir: Path, resume: bool, log_here: bool = True) -> tuple[Path | None, dict | None]:
@@ -165,5 +173,5 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return found
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_for_resume", "latest_good", "list_checkpoints", "verify", "resolve_model_dir",
-           "find_resume", "tied_aliases", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_for_resume", "latest_good", "list_checkpoints", "verify",
+           "readable", "resolve_model_dir", "find_resume", "tied_aliases", "CheckpointError"]

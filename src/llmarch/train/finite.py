@@ -15,7 +15,7 @@ class NonFiniteError(ValueError):
     """Training produced NaN or infinity."""
 
 
-def check_record(record: dict, last_good: str | None, scaled: bool = False) -> None:
+def check_record(record: dict, run_dir, scaled: bool = False) -> None:
     """Raise :class:`NonFiniteError` if a loss term (or, without a gradient scaler, the gradient norm) of one
     step's record is NaN or infinite. ``record`` values are host floats already (no extra device sync)."""
     # the term that broke first (a named loss term before the total), the gradient norm last
@@ -25,8 +25,10 @@ def check_record(record: dict, last_good: str | None, scaled: bool = False) -> N
     bad = [k for k in names if k in record and not math.isfinite(record[k])]
     if not bad:
         return
-    term = bad[0]
-    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+    from llmarch.train.checkpoints import list_checkpoints
+
+    term, saved = bad[0], list_checkpoints(run_dir)  # none of them is non-finite: they were checked when saved
+    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
     raise NonFiniteError(f"step {record['step']}: {term} is {record[term]} (non-finite); training stopped and {where}. "
                          f"Hint: {HINT}")
 

@@ -237,7 +237,7 @@ class Trainer:
         try:
             while self.step < last:
                 record = self.train_step()
-                check_record(record, result.checkpoint, self.precision.scaler is not None)  # NaN -> stop, say why
+                check_record(record, self.out, self.precision.scaler is not None)  # NaN -> stop, say why
                 tokens += record.pop("tokens")
                 self.metrics.advance()
                 result.loss = record["loss"]

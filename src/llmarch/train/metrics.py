@@ -44,7 +44,7 @@ class Metrics:
         self.tb = None
         if not enabled:
             return
-        kept = [r for r in read_metrics(run_dir) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= start_step]
+        kept = [r for r in read_metrics(run_dir) if isinstance(r.get("step"), int) and r["step"] <= start_step]
         tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

@@ -4,11 +4,11 @@ explicitly override those settings and are checked against the checkpoint before
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from llmarch.config import ModelConfig
+from llmarch.manifest import read_json_object
 from llmarch.train.settings import TrainConfig
 
 TRAIN_FILE = "train.json"
@@ -20,12 +20,7 @@ def saved_settings(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / TRAIN_FILE
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--resume: {path} is not valid JSON ({e}); pass the run's settings as flags") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume: {path} is not an object of settings")
+    saved = read_json_object(path, "--resume (pass the run's settings as flags instead)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in saved.items() if k in known}
 
