@@ -40,16 +40,14 @@ class RunDirectory:
             return self
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"--out {self.path} is a file; choose a directory")
-        self.created = not self.path.exists()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.before = {p.name for p in self.path.iterdir()}
-        try:
-            self._lock()
-        except BaseException:
-            self._fh = None
-            if self.created:
-                shutil.rmtree(self.path, ignore_errors=True)
-            raise
+        try:  # atomic: of two runs started together only one "created" the directory
+            self.path.mkdir(parents=True)
+            self.created = True
+        except FileExistsError:
+            self.created = False
+        had_lock = (self.path / LOCK_FILE).exists()
+        self._lock()  # refused: nothing is removed (the directory may be the other run's)
+        self.before = {p.name for p in self.path.iterdir()} - ({LOCK_FILE} if not had_lock else set())
         return self
 
     def _lock(self) -> None:
@@ -96,11 +94,9 @@ class RunDirectory:
             shutil.rmtree(self.path, ignore_errors=True)
             log.info("removed %s: the run stopped before its first checkpoint", self.path)
             return
-        for p in self.path.iterdir():
-            if p.name not in self.before and p.name != LOCK_FILE:
+        for p in self.path.iterdir():  # the lock file too when this run made it (unlinking keeps our lock)
+            if p.name not in self.before:
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        if LOCK_FILE not in self.before:
-            (self.path / LOCK_FILE).unlink(missing_ok=True)
 
 
 __all__ = ["RunDirectory", "RunLocked", "LOCK_FILE"]
