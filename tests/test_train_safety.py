@@ -144,3 +144,13 @@ def test_one_text_file_is_split_within(tmp_path, cache):
     result = train(TINY, settings(tmp_path / "run", cache, data=str(corpus), max_data_mb=None, steps=2,
                                   eval_every=2))
     assert result.step == 2 and result.val_losses
+
+
+def test_the_default_sequence_length_fits_the_model(tmp_path):
+    from llmarch.train import TrainConfig
+    from llmarch.train.setup import default_seq_len
+
+    for name in ("bert-tiny", "roberta-tiny", "llama-tiny"):
+        cfg = llmarch.preset(name)
+        limit = cfg.max_seq_len - (cfg.position_offset if cfg.position == "learned" else 0)
+        assert default_seq_len(cfg, TrainConfig(out=str(tmp_path))).seq_len == min(256, limit)

@@ -18,7 +18,7 @@ OPTIONS = [
     ("--val-fraction", "val_fraction", float, "share of files held out for validation (default 0.05)"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch per process (default 8)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
-    ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default 256, or the model's context when shorter)"),
     ("--lr", "lr", float, "peak learning rate (default 6e-4)"),
     ("--min-lr-ratio", "min_lr_ratio", float, "final lr as a fraction of the peak (default 0.1)"),
     ("--warmup", "warmup", int, "linear warmup steps (default 100)"),
@@ -134,7 +134,11 @@ def run_local(args: argparse.Namespace) -> int:
     from llmarch.train import train
     from llmarch.train.distributed import shutdown
 
+    from llmarch.train.setup import default_seq_len
+
     cfg, tc = model_config_from_args(args), train_config_from_args(args)
+    if args.seq_len is None and not args.resume:  # the default fits the model; a chosen length is checked
+        tc = default_seq_len(cfg, tc)
     try:
         with logging_redirect_tqdm():
             result = train(cfg, tc)

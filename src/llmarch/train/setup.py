@@ -87,4 +87,14 @@ def fit_model_config(cfg: ModelConfig, tok: Tokenizer, tc: TrainConfig) -> tuple
     return cfg.replace(**changes), notes
 
 
-__all__ = ["prepare", "fit_model_config", "Prepared", "cache_dir_for"]
+def default_seq_len(cfg: ModelConfig, tc: TrainConfig) -> TrainConfig:
+    """``tc`` with a seq_len the model can read when the default (256) is longer than its context (bert-tiny: 128);
+    for a seq_len the user did not choose."""
+    limit = cfg.max_seq_len - (cfg.position_offset if cfg.position == "learned" else 0)
+    if tc.seq_len <= limit:
+        return tc
+    log.info("seq_len: %d (the model's context; the default %d is longer; --seq-len to choose)", limit, tc.seq_len)
+    return tc.replace(seq_len=limit)
+
+
+__all__ = ["prepare", "fit_model_config", "default_seq_len", "Prepared", "cache_dir_for"]
