@@ -3,7 +3,7 @@
 # PASS / FAIL / SKIP per command and a summary. Not run by CI (it trains; minutes on 2 cores).
 #
 #   examples/tour.sh                      # from the repository root, after `make demo`
-#   TOUR_STEPS=3 TOUR_DIR=/tmp/tour examples/tour.sh
+#   TOUR_STEPS=3 TOUR_DIR=/tmp/tour TOUR_ONLY='README|training' examples/tour.sh
 #
 # The commands are read from the fenced code blocks of the docs (lines starting with `llmarch `, `python`,
 # `PYTHONPATH=`), continuation lines joined, `# comments` dropped. Each document runs in its own fresh workspace
@@ -28,6 +28,7 @@ STEPS="${TOUR_STEPS:-3}"
 MAXMB="${TOUR_MAX_DATA_MB-2}"
 TIMEOUT="${TOUR_TIMEOUT:-900}"
 SLOW="${TOUR_SLOW:-0}"
+ONLY="${TOUR_ONLY:-}"  # a regex: only the documents whose path matches (e.g. TOUR_ONLY=training)
 TOUR="${TOUR_DIR:-$(mktemp -d /tmp/llmarch-tour.XXXXXX)}"
 mkdir -p "$TOUR"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -69,8 +70,9 @@ import llmarch, torch
 from llmarch.tokenizer import train_tokenizer
 ws = pathlib.Path(sys.argv[1])
 texts = [inspect.getsource(m) for m in (pathlib, textwrap, inspect)]
-for i, t in enumerate(texts):
-    (ws / "corpus" / ("sub" if i else ".") / f"doc{i}.txt").write_text(t)
+for i, t in enumerate(texts):  # .txt for `--data 'corpus/**/*.txt'`, .py for index build's default pattern
+    for suffix in (".txt", ".py"):
+        (ws / "corpus" / ("sub" if i else ".") / f"doc{i}{suffix}").write_text(t)
 (ws / "notes.txt").write_text(texts[0])
 (ws / "PATH").write_text(texts[1])
 train_tokenizer(texts, 2048).save(ws / "runs/r0/tokenizer.json")
@@ -106,6 +108,7 @@ pass=0; fail=0; skip=0; failed=()
 current=""
 while IFS=$'\t' read -r doc cmd; do
     [ -z "$doc" ] && continue
+    [[ -n "$ONLY" && ! "$doc" =~ $ONLY ]] && continue
     ws="$TOUR/$(tr '/.' '__' <<<"$doc")"
     if [ "$doc" != "$current" ]; then
         current="$doc"; rm -rf "$ws"; mkdir -p "$ws"; fixtures "$ws" >>"$LOG" 2>&1
@@ -129,7 +132,7 @@ while IFS=$'\t' read -r doc cmd; do
         echo "PASS  $run   (${took}s)"; pass=$((pass + 1))
     else
         echo "FAIL  $run   (exit $rc, ${took}s; see $LOG)"; fail=$((fail + 1)); failed+=("$doc: $run")
-        grep -v '^\s*$' "$LOG" | tail -n 2 | sed 's/^/        /'
+        grep -av '^\s*$' "$LOG" | tail -n 2 | cut -c1-300 | sed 's/^/        /'
     fi
 done <<<"$COMMANDS"
 
