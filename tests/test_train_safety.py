@@ -41,10 +41,12 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path, cache, capsys
         assert "in use by another llmarch train" in err and f"pid {os.getpid()}" in err
         assert not ckpt.list_checkpoints(run)
     # a holder killed with SIGKILL releases the lock (the kernel does)
-    code = ("import os, sys; from llmarch.train.rundir import RunDirectory; RunDirectory(sys.argv[1]).__enter__(); "
-            "os.kill(os.getpid(), 9)")
-    env = {**os.environ, "PYTHONPATH": str(Path(llmarch.__file__).parents[1])}
-    assert subprocess.run([sys.executable, "-c", code, str(run)], env=env).returncode == -9
+    import llmarch.train.rundir as rundir
+
+    code = ("import importlib.util as u, os, sys; s = u.spec_from_file_location('rundir', sys.argv[1]); "
+            "m = u.module_from_spec(s); s.loader.exec_module(m); m.RunDirectory(sys.argv[2]).__enter__(); "
+            "os.kill(os.getpid(), 9)")  # the module alone (stdlib only): no torch import in the child
+    assert subprocess.run([sys.executable, "-c", code, rundir.__file__, str(run)]).returncode == -9
     assert main(_cli(run, cache)) == 0 and len(ckpt.list_checkpoints(run)) == 1
 
 
