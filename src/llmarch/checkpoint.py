@@ -105,4 +105,5 @@ def _load(path: Path, dtype: torch.dtype | None) -> Model:
     if missing or unexpected:
         raise ValueError(f"{weights} does not match {path / 'config.json'}: missing {missing[:10]}, "
                          f"unexpected {unexpected[:10]}")
+    model.loaded_from = path  # where llmarch.hf.save finds the tokenizer files to carry
     return model.to(dtype) if dtype is not None else model

@@ -6,7 +6,8 @@ through :func:`staged_dir`:
 - an existing non-empty ``OUT`` (or a file at ``OUT``) is refused unless ``overwrite=True``;
 - the files are written into a temporary directory beside ``OUT``, fsynced, then renamed into ``OUT`` one by one
   (each rename is atomic); with ``overwrite`` only llmarch's own model files in ``OUT`` are replaced or removed
-  (:data:`MODEL_FILES` and ``*.safetensors``), everything else there is left alone;
+  (:data:`MODEL_FILES`: config, weights, manifest, tokenizer files, generation config; and ``*.safetensors``),
+  everything else there is left alone;
 - on any error the temporary directory is removed and ``OUT`` is as it was.
 """
 from __future__ import annotations
@@ -18,10 +19,11 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from llmarch.model_files import CARRIED
+
 # the files a model directory is made of: replaced (or removed when the new model has no such file) on overwrite
 MODEL_FILES = frozenset({"config.json", "model.safetensors", "model.safetensors.index.json", "manifest.json",
-                         "quantization.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                         "special_tokens_map.json"})
+                         "quantization.json", "adapter_config.json", *CARRIED})
 
 
 def fsync_path(path: Path) -> None:

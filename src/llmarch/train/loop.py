@@ -79,6 +79,10 @@ class Trainer:
             if set(missing) - self.aliases or unexpected:
                 raise ckpt.CheckpointError(f"{resume_from}: checkpoint weights do not fit the model: missing "
                                            f"{missing}, unexpected {unexpected}")
+        if tc.qat:  # the forward sees quantized weights; the float weights train (straight-through)
+            from llmarch.infer.lowbit import prepare_qat
+
+            prepare_qat(model, tc.qat, tc.qat_group_size)
         if tc.grad_checkpointing:
             enable_activation_checkpointing(model)
         self.model = D.wrap(model.to(self.env.device), self.env, tc.parallel)
@@ -136,7 +140,7 @@ class Trainer:
         inputs = {k: v.to(self.env.device) for k, v in batch.inputs.items()}
         labels = {k: v.to(self.env.device) for k, v in batch.labels.items()}
         with self.precision.autocast():
-            out = self.model(**inputs)
+            out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
 
     def train_step(self) -> dict:
