@@ -13,10 +13,12 @@
 #   - `llmarch train` / `llmarch ablate`: `--steps N` becomes `--steps $TOUR_STEPS` (added when missing; twice that
 #     with `--resume`, so the resumed run has steps left); without `--data`, `--max-data-mb $TOUR_MAX_DATA_MB` is
 #     added (empty TOUR_MAX_DATA_MB = the whole standard library, as written);
-#   - placeholders are files the workspace provides: PATH / notes.txt / corpus/ (text), DIR (an index directory
-#     name), path/to/hf_dir and hf_model/ (a tiny Hugging Face llama saved by transformers' layout), my.yaml (the
-#     llama-tiny config), my_study.yaml (benchmarks/studies/norm.yaml), RUN_DIR (runs/a), runs/r0 (a run's
-#     tokenizer.json);
+#   - placeholders are files the workspace provides: PATH / notes.txt / held_out.txt / corpus/ / wiki/ (text), DIR
+#     (an index directory name), path/to/hf_dir, hf_model/ and hf/Llama-3.2-1B (a tiny Hugging Face llama saved
+#     in transformers' layout), my.yaml (the llama-tiny config), my_study.yaml (benchmarks/studies/norm.yaml),
+#     RUN_DIR (runs/a), runs/r0 (a run's tokenizer.json), runs/demo (the repository's `make demo` run, else a
+#     short demo run made once), my_tasks/data.jsonl (two records of the documented form); a code block whose first
+#     line is a comment naming a file (`# my_tasks/my_task.yaml`) is written to that file;
 #   - `llmarch chat` reads "/quit" from stdin;
 #   - benchmark and example scripts (python benchmarks/*, examples/retro_vs_base.py) are SKIP unless TOUR_SLOW=1;
 #     `make ...` and `pip install` lines are SKIP (the tour runs after `make demo`).
@@ -42,9 +44,12 @@ import pathlib, re, sys
 repo = pathlib.Path(sys.argv[1])
 for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
     lines, block, cmd = doc.read_text().splitlines(), False, ""
-    for line in lines:
+    for n, line in enumerate(lines):
         if line.lstrip().startswith("```"):
             block, cmd = not block, ""
+            named = re.match(r"^#\s+([\w./-]+\.\w+)\s*$", lines[n + 1].strip()) if block and n + 1 < len(lines) else None
+            if named:  # a file shown in full: "FILE<TAB>doc<TAB>path<TAB>line index of its content"
+                print(f"FILE\t{doc.relative_to(repo)}\t{named.group(1)}\t{n + 2}")
             continue
         if not block:
             continue
@@ -55,7 +60,7 @@ for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
         cmd = ""
         if re.match(r"^(llmarch\s|python3?\s|PYTHONPATH=|make\s|pip\s|torchrun\s)", text):
             text = re.sub(r"\s+#\s.*$", "", text).strip()  # a trailing comment
-            print(f"{doc.relative_to(repo)}\t{text}")
+            print(f"CMD\t{doc.relative_to(repo)}\t{text}")
 EOF
 )"
 
@@ -74,13 +79,24 @@ for i, t in enumerate(texts):  # .txt for `--data 'corpus/**/*.txt'`, .py for in
     for suffix in (".txt", ".py"):
         (ws / "corpus" / ("sub" if i else ".") / f"doc{i}{suffix}").write_text(t)
 (ws / "notes.txt").write_text(texts[0])
+(ws / "held_out.txt").write_text(texts[2])
+(ws / "wiki").mkdir(exist_ok=True)
+(ws / "wiki" / "a.txt").write_text(texts[1])
+(ws / "my_tasks").mkdir(exist_ok=True)
+(ws / "my_tasks" / "data.jsonl").write_text('{"q": "the quick brown", "choices": [" fox", " dog"], "answer": 0}\n'
+                                            '{"q": "def f(x): return", "choices": [" x", " fox"], "answer": 0}\n')
 (ws / "PATH").write_text(texts[1])
 train_tokenizer(texts, 2048).save(ws / "runs/r0/tokenizer.json")
 llmarch.preset("llama-tiny").to_file(ws / "my.yaml")
 torch.manual_seed(0)
 llmarch.hf.save(llmarch.build(llmarch.preset("llama-tiny")), ws / "hf_dir")
 EOF
-    mkdir -p "$ws/path/to"; ln -sfn "$ws/hf_dir" "$ws/path/to/hf_dir"; ln -sfn "$ws/hf_dir" "$ws/hf_model"
+    mkdir -p "$ws/path/to" "$ws/hf"; ln -sfn "$ws/hf_dir" "$ws/path/to/hf_dir"; ln -sfn "$ws/hf_dir" "$ws/hf_model"
+    ln -sfn "$ws/hf_dir" "$ws/hf/Llama-3.2-1B"
+    if [ ! -d "$REPO/runs/demo" ] && [ ! -d "$TOUR/_demo" ]; then  # `make demo` was not run here: a short one
+        (cd "$REPO" && "$PY" examples/demo.py --out "$TOUR/_demo" --steps "$STEPS" --max-data-mb "${MAXMB:-8}")
+    fi
+    ln -sfn "$([ -d "$REPO/runs/demo" ] && echo "$REPO/runs/demo" || echo "$TOUR/_demo")" "$ws/runs/demo"
     cp "$REPO/benchmarks/studies/norm.yaml" "$ws/my_study.yaml" 2>/dev/null || true
 }
 
@@ -106,14 +122,20 @@ export -f llmarch python python3 2>/dev/null; export PY
 
 pass=0; fail=0; skip=0; failed=()
 current=""
-while IFS=$'\t' read -r doc cmd; do
+while IFS=$'\t' read -r kind doc cmd line; do
     [ -z "$doc" ] && continue
     [[ -n "$ONLY" && ! "$doc" =~ $ONLY ]] && continue
     ws="$TOUR/$(tr '/.' '__' <<<"$doc")"
     if [ "$doc" != "$current" ]; then
         current="$doc"; rm -rf "$ws"; mkdir -p "$ws"; fixtures "$ws" >>"$LOG" 2>&1
         echo "== $doc"
+        while IFS=$'\t' read -r k d path start; do  # the files the document shows, wherever they are in it
+            [ "$k" = FILE ] && [ "$d" = "$doc" ] || continue
+            mkdir -p "$(dirname "$ws/$path")"
+            awk -v start="$start" 'NR > start && /^```/ {exit} NR > start' "$REPO/$doc" >"$ws/$path"
+        done <<<"$COMMANDS"
     fi
+    [ "$kind" = FILE ] && continue
     if [[ "$cmd" =~ ^(make|pip)\  || "$cmd" == *"-m venv"* ]]; then
         echo "SKIP  $cmd   (setup: the tour runs after make demo)"; skip=$((skip + 1)); continue
     fi
