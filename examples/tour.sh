@@ -90,6 +90,7 @@ train_tokenizer(texts, 2048).save(ws / "runs/r0/tokenizer.json")
 llmarch.preset("llama-tiny").to_file(ws / "my.yaml")
 torch.manual_seed(0)
 llmarch.hf.save(llmarch.build(llmarch.preset("llama-tiny")), ws / "hf_dir")
+(ws / "hf_dir" / "tokenizer.json").write_bytes((ws / "runs/r0/tokenizer.json").read_bytes())  # V fits the model
 EOF
     mkdir -p "$ws/path/to" "$ws/hf"; ln -sfn "$ws/hf_dir" "$ws/path/to/hf_dir"; ln -sfn "$ws/hf_dir" "$ws/hf_model"
     ln -sfn "$ws/hf_dir" "$ws/hf/Llama-3.2-1B"
