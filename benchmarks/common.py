@@ -11,6 +11,7 @@ import platform
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -72,3 +73,30 @@ def print_table(rows: list[list], header: list[str]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+class PeakLive(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the tensors created inside the mode and still alive (device-free: counts the storages of
+    freshly allocated outputs; freed when their tensor is collected). Parameters and inputs made before are not
+    counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self.seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t._base is None and t.untyped_storage().data_ptr() not in self.seen:
+                key, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if key:
+                    self.seen.add(key)
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key, n)
+        return out

@@ -28,7 +28,8 @@ REPEATS = {1: 41, 16: 25, 128: 11, 4096: 5}  # small calls are short and noisy: 
 HF_BATCHED_MAX_TOKENS = 16  # batched_mm gathers a weight copy per (token, expert): 256 x 12.6 MB at 128 tokens
 
 
-def make_layers(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def make_layers(dtype: torch.dtype, only: set[str] | None = None) -> dict[str, torch.nn.Module]:
+    """The layers to compare, same weights (``only``: just these names)."""
     import transformers
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -40,10 +41,14 @@ def make_layers(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
         ours.experts.down.normal_(0.0, 0.02)
     layers: dict[str, torch.nn.Module] = {}
     for name in DISPATCHERS.names():
+        if only is not None and f"llmarch {name}" not in only:
+            continue
         m = MoE(D, F, "silu", moe=MoEConfig(n_experts=E, top_k=K, dispatch=name))
         m.load_state_dict(ours.state_dict())
         layers[f"llmarch {name}"] = m
     for impl in HF_IMPLS:
+        if only is not None and f"hf {impl}" not in only:
+            continue
         cfg = transformers.MixtralConfig(hidden_size=D, intermediate_size=F, num_local_experts=E,
                                          num_experts_per_tok=K, router_jitter_noise=0.0)
         cfg._experts_implementation = impl

@@ -8,10 +8,17 @@ measured in the same run. Timings of the two implementations are interleaved so 
 both alike. A short loss-curve check trains both from identical weights on the same batches.
 
     python benchmarks/train.py [--compile once|all|none] [--repeats 3] [--threads N] [--device cpu|cuda]
+    python benchmarks/train.py --loss-only [--repeats 3] [--profile]   # chunked loss, seq 2048, V 32000 (below)
+
+``--loss-only``: one training step at [1, 2048] with a 32000-token vocabulary (the LLaMA-style config
+otherwise), llmarch with its chunked cross-entropy, llmarch with ``F.cross_entropy(logits.float())`` and
+transformers with its own loss, fp32 and bf16 autocast, interleaved: step time, and the peak bytes of the tensors
+the step allocates (forward, loss and backward; counted by a dispatch mode, so the same on any device).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -125,6 +132,54 @@ def loss_curves(device, n_steps: int = 30) -> dict:
     return out
 
 
+def loss_comparison(device, repeats: int, profile: bool = False) -> dict:
+    """The chunked loss against the plain one and transformers' at [1, 2048], V 32000 (see the docstring)."""
+    from llmarch.train.objectives import ce_sum
+
+    cfg = CONFIGS["llama-bench"][0].replace(vocab_size=32000, max_seq_len=2048)
+    B, T = 1, 2048
+    torch.manual_seed(0)
+    ours = llmarch.build(cfg).to(device).train()
+    hf = hf_twin(ours, device)
+    ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
+    x, y = ids[:, :-1], ids[:, 1:]
+    out, rows = {}, []
+    for prec, dtype in DTYPES.items():
+        def run(loss_fn):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = loss_fn()
+            loss.backward()
+            return float(loss.detach())
+
+        losses = {
+            "llmarch, chunked loss": lambda: ce_sum(ours(x).logits, y) / y.numel(),
+            "llmarch, F.cross_entropy(logits.float())": lambda: F.cross_entropy(
+                ours(x).logits.float().flatten(0, 1), y.flatten()),
+            "hf (its loss)": lambda: hf(input_ids=x, labels=y, shift_labels=y).loss,
+        }
+        vals, peak = {}, {}
+        for k, fn in losses.items():  # one step each under the counter (also the warmup)
+            with common.PeakLive() as counter:
+                vals[k] = run(fn)
+            peak[k] = counter.peak
+        if profile:  # where one step's time goes, per variant
+            for k, fn in losses.items():
+                with torch.profiler.profile() as prof:
+                    run(fn)
+                print(f"{prec} {k}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        times = time_pair({k: (lambda _ids, fn=fn: run(fn)) for k, fn in losses.items()}, ids, repeats, device)
+        ours.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k in losses:
+            rows.append([prec, k, vals[k], peak[k] / 2**20, peak[k] / peak["hf (its loss)"], med[k],
+                         med["hf (its loss)"] / med[k]])
+        out[prec] = dict(loss=vals, peak_live_bytes=peak, times=times)
+        print(f"{prec} done, load {os.getloadavg()[0]:.1f}", flush=True)
+    common.print_table(rows, ["prec", "step (1x2048, V 32000, L8 D512)", "loss", "peak MiB", "x hf mem", "step s",
+                              "x hf speed"])
+    return dict(results=out, load=os.getloadavg())
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", choices=["once", "all", "none"], default="once",
@@ -133,10 +188,17 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
                    "1 is steadier on a machine shared with other jobs")
+    p.add_argument("--loss-only", action="store_true", help="only the chunked-loss comparison at seq 2048")
+    p.add_argument("--profile", action="store_true", help="with --loss-only: profile one step of each variant")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.loss_only:
+        print(f"load average {os.getloadavg()}", flush=True)
+        result = loss_comparison(device, args.repeats, args.profile)
+        print(f"wrote {common.write_results('train_loss', dict(device=str(device), **result))}")
+        return
     print(f"measuring machine limits ({torch.get_num_threads()} threads) ...", flush=True)
     lim = common.limits() if device.type == "cpu" else {
         "fp32_matmul_gflops": gpu_matmul_gflops(torch.float32, device),

@@ -16,6 +16,8 @@ from typing import Any
 from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
+from llmarch.condition_config import ConditionConfig
+from llmarch.vision_config import VisionConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import check_field_types, read_cli_value, sub_config
@@ -86,7 +88,7 @@ class RopeConfig:
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
-               "retrieval": RetrievalConfig}
+               "retrieval": RetrievalConfig, "vision": VisionConfig, "condition": ConditionConfig}
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,14 @@ class ModelConfig:
 
     # --- retrieval ------------------------------------------------------------------------------------------
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
+    # --- images and conditions ------------------------------------------------------------------------------
+    vision: VisionConfig | None = None  # a ViT tower + image-text fusion (LLaVA projector, gated cross-attn)
+    condition: ConditionConfig | None = None  # a style id fused into the hidden states (add | adanorm)
 
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
-            nullable = name in ("moe", "retrieval")
+            nullable = name in ("moe", "retrieval", "vision", "condition")
             hint = "; to turn rotary embeddings off set position='none'" if name == "rope" else ""
             object.__setattr__(self, name, sub_config(cls, getattr(self, name), name, nullable, hint))
         check_field_types(self)  # types first (one rule for every field), then the values
@@ -250,6 +255,10 @@ class ModelConfig:
         self.validate_moe()
         if self.retrieval is not None:
             self.retrieval.validate(self)
+        if self.vision is not None:
+            self.vision.validate_fusion(self)
+        if self.condition is not None and (self.kind != "decoder" or self.vision or self.retrieval):
+            _fail("condition", "a style condition needs a plain decoder (kind='decoder', no vision or retrieval)")
 
     def validate_sparse_and_mixer(self) -> None:
         from llmarch import nn as lnn
@@ -285,6 +294,8 @@ class ModelConfig:
         d["layer_mixers"] = list(self.layer_mixers)
         if self.retrieval is not None:
             d["retrieval"]["cca_layers"] = list(self.retrieval.cca_layers)
+        if self.vision is not None:
+            d["vision"] = self.vision.to_dict()
         return d
 
     @classmethod
@@ -411,4 +422,5 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
         _fail("decoder_start_token_id", f"{tok} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
-__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "KINDS"]
+__all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "VisionConfig",
+           "ConditionConfig", "KINDS"]

@@ -14,6 +14,7 @@ from llmarch.nn.attention import AttnContext
 from llmarch.nn.block import BLOCKS, CROSS_BLOCKS
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
 from llmarch.nn.cross_attention import CrossAttention
+from llmarch.nn.device import assert_on_device, host_reads_ok
 from llmarch.nn.embedding import Embeddings
 from llmarch.nn.ffn import FFNS
 from llmarch.nn.heads import build_head
@@ -160,14 +161,18 @@ class Model(nn.Module):
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
                 global_attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
-                output_exits: bool = False) -> ModelOutput:
+                output_exits: bool = False, pixel_values: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
         return the decoder's logits; a cache that already holds the encoded memory skips the encoder.
         global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer).
         output_attentions: also return every attention module's weights (computed by the reference kernel).
-        output_exits (exit_heads models): also the intermediate predictions and learned exit confidences."""
+        output_exits (exit_heads models): also the intermediate predictions and learned exit confidences.
+        pixel_values [n_images, C, H, W] only for models with ``config.vision`` (VisionLanguageModel)."""
+        if pixel_values is not None:  # vision configs build a VisionLanguageModel, which reads them
+            raise ValueError("pixel_values: this model reads text only (config.vision is None); use a vision "
+                             "preset such as llava-tiny")
         if output_exits:
             return self._with_exits(input_ids, attention_mask, position_ids, cache, use_cache)
         if output_attentions:
@@ -259,7 +264,7 @@ class Model(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             if cfg.position_offset:
                 position_ids = position_ids + cfg.position_offset
-        x = self.embed(input_ids, stack.positions, position_ids, token_type_ids)
+        x = self.embed_inputs(input_ids, stack.positions, position_ids, token_type_ids, memory)
         ctx = AttnContext(past, T, stack.positions, position_ids, _key_padding(attention_mask), causal=stack.causal,
                           device=input_ids.device, memory=memory,
                           global_mask=_global_mask(global_attention_mask, (B, past + T)))
@@ -267,6 +272,11 @@ class Model(nn.Module):
         if cache is not None:
             cache.advance(T)
         return h
+
+    def embed_inputs(self, input_ids, positions, position_ids, token_type_ids, memory) -> torch.Tensor:
+        """The stack's input [B, T, D]: the embeddings of input_ids (variants place other inputs, e.g. image
+        features from ``memory``)."""
+        return self.embed(input_ids, positions, position_ids, token_type_ids)
 
     def _output(self, h: torch.Tensor, cache: KVCache | None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> ModelOutput:
@@ -292,6 +302,8 @@ def _key_padding(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None:
         return None
     key_padding = attention_mask.bool()
+    if not host_reads_ok(key_padding):  # keep the mask rather than read it back: same result, no host sync
+        return key_padding
     return None if bool(key_padding.all()) else key_padding
 
 
@@ -313,12 +325,16 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
         raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
     if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
         raise ValueError(f"input_ids must hold integer token ids; got dtype {input_ids.dtype}")
-    # the range check reads two numbers back from the device: skipped while torch.compile traces (a graph break)
-    if input_ids.numel() and input_ids.device.type != "meta" and not torch.compiler.is_compiling():
+    # the range check reads two numbers back: on the CPU only (skipped while torch.compile traces, a graph break);
+    # an accelerator asserts on the device instead, so the forward never waits for the launch queue to drain
+    if input_ids.numel() and host_reads_ok(input_ids):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"input_ids: token id {hi if hi >= vocab_size else lo} is outside the vocabulary "
                              f"[0, {vocab_size}); check the tokenizer matches the model")
+    elif input_ids.numel():
+        assert_on_device(((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                         f"input_ids: a token id is outside the vocabulary [0, {vocab_size}); check the tokenizer")
     return input_ids.shape[0], input_ids.shape[1]
 
 
@@ -336,15 +352,37 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
             nn.init.ones_(p)
 
 
-def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Model:
-    """Build and initialise a model. ``device="meta"`` allocates nothing (for counting and analysis)."""
-    if not isinstance(cfg, ModelConfig):
-        raise TypeError(f"build() takes a ModelConfig, got {type(cfg).__name__}; use llmarch.preset(name)")
-    cls = Model
+def model_class(cfg) -> type[nn.Module]:
+    """The module class a config builds: Model, or a variant for retrieval, images, or a vision tower alone."""
+    from llmarch.vision_config import VisionConfig
+
+    if isinstance(cfg, VisionConfig):
+        from llmarch.nn.vision.tower import VisionTower
+
+        return VisionTower
     if cfg.retrieval is not None:
         from llmarch.retrieval.retro import RetroModel  # a decoder with chunked cross-attention
 
-        cls = RetroModel
+        return RetroModel
+    if cfg.vision is not None:
+        from llmarch.nn.vision.vlm import VisionLanguageModel  # a decoder that reads images
+
+        return VisionLanguageModel
+    if cfg.condition is not None:
+        from llmarch.nn.condition import ConditionedModel  # a decoder conditioned on a style id
+
+        return ConditionedModel
+    return Model
+
+
+def build(cfg: ModelConfig, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Model:
+    """Build and initialise a model. ``device="meta"`` allocates nothing (for counting and analysis)."""
+    from llmarch.vision_config import VisionConfig
+
+    if not isinstance(cfg, (ModelConfig, VisionConfig)):
+        raise TypeError(f"build() takes a ModelConfig (or a VisionConfig), got {type(cfg).__name__}; use "
+                        "llmarch.preset(name)")
+    cls = model_class(cfg)
     with torch.device(device or "cpu"):
         model = cls(cfg)
     if str(device) != "meta":

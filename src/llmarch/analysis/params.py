@@ -24,7 +24,7 @@ PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_h
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
               "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
-              "head", "exit_gates", "retrieval")
+              "head", "exit_gates", "retrieval", "vision", "projector", "image_cross", "condition")
 
 
 @dataclass
@@ -69,6 +69,12 @@ def position_params(cfg) -> tuple[int, list[str]]:
 
 def count_params(cfg) -> ParamCount:
     """Exact parameters of the model ``llmarch.build(cfg)`` builds, by component."""
+    from llmarch.analysis.vision import fusion_params, tower_params
+    from llmarch.vision_config import VisionConfig
+
+    if isinstance(cfg, VisionConfig):  # a vision tower alone: its parts
+        parts = tower_params(cfg)
+        return ParamCount(parts, sum(parts.values()), sum(parts.values()))
     D, V = cfg.d_model, cfg.vocab_size
     c = dict.fromkeys(COMPONENTS, 0)
     c["embeddings"] = V * D
@@ -101,6 +107,10 @@ def count_params(cfg) -> ParamCount:
         inactive += c["exit_gates"]
     if cfg.retrieval is not None:
         c["retrieval"] = retrieval_params(cfg)
+    if cfg.vision is not None:
+        c.update(fusion_params(cfg))
+    if cfg.condition is not None:  # the style table (+ the adaptive norm's scale/shift projection)
+        c["condition"] = cfg.condition.n_styles * D + (2 * D * D + 2 * D if cfg.condition.fusion == "adanorm" else 0)
     total = sum(c.values())
     return ParamCount(c, total, total - inactive, notes, per_stack)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add(sub) -> None:
-    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (/reset, /quit)")
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (/reset, /image PATH, /quit)")
     p.add_argument("--checkpoint", metavar="DIR", required=True, help="a training run directory (its newest good "
                    "checkpoint), a checkpoint directory or a Hugging Face directory, with its tokenizer")
     p.add_argument("--system", default=None, help="a line placed before the conversation")
@@ -25,7 +25,10 @@ def run(args) -> int:
 
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
     model = load_model(path).eval()
+    from llmarch.infer.images import processor_for
+
+    processor = processor_for(model, path) if getattr(model.config, "vision", None) else None
     chat = Chat(model, load_tokenizer_for(path), system=args.system, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed)
+                repetition_penalty=args.repetition_penalty, seed=args.seed, processor=processor)
     return repl(chat)

@@ -30,6 +30,8 @@ def run(args) -> int:
     from llmarch.analysis.diagram import architecture, to_mermaid
 
     cfg = config_from_args(args, dirs=True)
+    if cfg.kind == "vision":
+        raise ValueError("a vision tower alone (kind vision) is not drawn; `llmarch inspect NAME` lists its parts")
     title = model_title(args)
     d = architecture(cfg, title)
     if not args.out:

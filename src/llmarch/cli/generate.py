@@ -27,6 +27,10 @@ def add(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--index", metavar="DIR", help="RETRO: retrieve neighbours from this chunk index (built with "
                    "the checkpoint's tokenizer) as each chunk completes; no streaming")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for a vision-language model (repeatable; its image tokens lead the prompt)")
+    p.add_argument("--style", type=int, default=None, metavar="ID",
+                   help="the condition id of a conditioned model (config.condition)")
     p.set_defaults(func=run)
 
 
@@ -54,17 +58,24 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile)
+    if args.style is not None:
+        kw["style"] = args.style
     if args.preset:
         if args.index:
             raise ValueError("--index needs --checkpoint (a trained RETRO run and the tokenizer its index was built "
                              "with), not --preset")
         model = llmarch.build(llmarch.preset(args.preset)).eval()
-        kw["cache"] = cache_for(model, args.cache)
+        kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
         try:
             ids = [int(t) for t in args.prompt.split()] or [0]
         except ValueError:
             raise ValueError(f"--prompt: with --preset the prompt is token ids separated by spaces, got "
                              f"{args.prompt!r}") from None
+        if args.image:
+            from llmarch.infer.images import image_prompt, processor_for
+
+            ids, kw["pixel_values"] = image_prompt(model, ids, args.image, processor_for(model))
+            kw["cache"] = "dynamic"
         _emit(" ".join(str(t) for t in ids))
         stream = None if args.no_stream else (lambda tok: _emit(f" {int(tok[0])}"))
         out = llmarch.generate(model, torch.tensor([ids]), streamer=stream, **kw)
@@ -78,11 +89,16 @@ def run(args) -> int:
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
     model = load_model(path).eval()
     tok = load_tokenizer_for(path)
-    kw["cache"] = cache_for(model, args.cache)
+    kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
     # the tokenizer's own BOS/EOS rule, as transformers applies it; an empty prompt starts from BOS (else EOS)
     ids = encode_prompt(tok, args.prompt) or [t for t in (tok.bos_id, tok.eos_id) if t is not None][:1]
     if args.index:
         return _retro(args, model, tok, ids)
+    if args.image:
+        from llmarch.infer.images import image_prompt, processor_for
+
+        ids, kw["pixel_values"] = image_prompt(model, ids, args.image, processor_for(model, path), tok.bos_id)
+        kw["cache"] = "dynamic"  # images enter through the model's forward
     stops = tuple(args.stop)
     stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
     seq2seq = model.config.kind == "encoder_decoder"

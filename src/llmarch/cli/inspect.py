@@ -84,13 +84,38 @@ def run(args) -> int:
     from llmarch.analysis import analyze
     from llmarch.analysis.reach import effective_reach
 
+    from llmarch.analysis.vision import image_summary
+
     cfg = config_from_args(args, dirs=True)
+    images = image_summary(cfg) if cfg.kind == "vision" or getattr(cfg, "vision", None) is not None else None
+    if cfg.kind == "vision":  # a vision tower alone
+        if args.json:
+            emit_json(images)
+        else:
+            print(format_images(model_title(args), images))
+        return 0
     report = analyze(cfg, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype)
     reach = effective_reach(cfg)
     if args.json:
         emit_json(dict(report.to_dict(), reach=dict(tokens=reach.tokens, per_layer=reach.per_layer,
-                                                    paper_form=reach.paper_form)))
+                                                    paper_form=reach.paper_form), **({"images": images} if images
+                                                                                    else {})))
         return 0
     print(format_report(model_title(args), report))
     print(f"\nEffective reach: {reach.describe()}")
+    if images:
+        print("\n" + format_images("images", images))
     return 0
+
+
+def format_images(title: str, s: dict) -> str:
+    """The image side: parameters by part, image tokens in the context, FLOPs per image."""
+    rows = [[k, v] for k, v in s["params"].items() if v] + [["total", sum(s["params"].values())]]
+    flops = s["flops_per_image"]
+    flops = flops if isinstance(flops, dict) else {"tower": flops}
+    out = [f"{title}: parameters", table(rows, ["part", "params"]),
+           f"image tokens in the context per image: {s['image_tokens']}"
+           + (f" (features per image: {s['image_features']})" if "image_features" in s else ""),
+           "FLOPs per image (matmuls, 2 per multiply-add): "
+           + ", ".join(f"{k} {v:.4g}" for k, v in flops.items())]
+    return "\n".join(out)

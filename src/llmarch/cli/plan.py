@@ -3,6 +3,7 @@ MFU and accelerator peak, Chinchilla-optimal tokens; `--check` prints published 
 from __future__ import annotations
 
 from llmarch.cli.common import MODEL_SPEC, add_json_flag, add_model_args, config_from_args, emit_json, human, preset_name, table
+from llmarch.cli.plan_mesh import add_mesh_args, run_mesh
 
 
 def add(sub) -> None:
@@ -19,6 +20,7 @@ def add(sub) -> None:
     p.add_argument("--gpus", type=int, default=1, help="devices in parallel, for wall-clock days (default 1)")
     p.add_argument("--check", action="store_true", help="print published training-compute figures beside the "
                    "formulas (GPT-3 175B, Llama-2-70B, and the seeds' Mistral 7B and GPT-4 figures) and exit")
+    add_mesh_args(p)
     add_json_flag(p)
     p.set_defaults(func=run)
 
@@ -32,6 +34,8 @@ def run(args) -> int:
     if args.seq_len is not None and args.seq_len < 1:
         raise ValueError(f"--seq-len: must be a positive number of tokens, got {args.seq_len}")
     name = preset_name(args)
+    if args.mesh:
+        return run_mesh(args, cfg, args.seq_len or planner.plan_tokens(cfg, 1, None, name).seq_len)
     if args.flops:
         plan = planner.plan_flops(cfg, args.flops, args.seq_len, name)
     else:

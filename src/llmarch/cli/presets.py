@@ -27,8 +27,11 @@ def run(args) -> int:
         cfg = presets.get(name)
         n = count_params(cfg)
         rows.append(dict(name=name, kind=cfg.kind, params=n, published=presets.PUBLISHED_PARAMS.get(name),
-                         d_model=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads, kv_heads=cfg.kv_heads,
-                         context=cfg.max_seq_len, position=cfg.position, ffn=cfg.ffn))
+                         d_model=cfg.d_model, layers=cfg.n_layers, heads=cfg.n_heads,
+                         # a vision tower (kind "vision") has MHA, N learned positions and an MLP
+                         kv_heads=getattr(cfg, "kv_heads", cfg.n_heads),
+                         context=getattr(cfg, "max_seq_len", getattr(cfg, "n_positions", None)),
+                         position=getattr(cfg, "position", "learned"), ffn=getattr(cfg, "ffn", "mlp")))
     if args.json:
         emit_json(rows)
         return 0

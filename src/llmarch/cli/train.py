@@ -45,6 +45,11 @@ OPTIONS = [
     ("--save-every", "save_every", int, "checkpoint every N steps (default 500; always at the end)"),
     ("--keep-last", "keep_last", int, "checkpoints kept (default 3)"),
     ("--parallel", "parallel", str, "ddp | fsdp with several processes (default ddp)"),
+    ("--dp", "dp", int, "data-parallel degree (default: processes / (tp * pp))"),
+    ("--tp", "tp", int, "tensor-parallel degree: heads, FFN width and vocabulary split over T ranks (default 1)"),
+    ("--ep", "ep", int, "expert-parallel degree: MoE experts split over the data-parallel ranks (default 1)"),
+    ("--pp", "pp", int, "pipeline-parallel degree (default 1)"),
+    ("--sp", "sequence_parallel", None, "sequence parallel with --tp: norms and residual on T/tp tokens per rank"),
     ("--device", "device", str, "auto | cpu | cuda (default auto)"),
     ("--samples", "samples", int, "texts generated at the end (default 3)"),
     ("--sample-tokens", "sample_tokens", int, "tokens per sample (default 64)"),
@@ -56,6 +61,8 @@ OPTIONS = [
     ("--distill-temperature", "distill_temperature", float, "softening temperature of the distillation KL (default 2)"),
     ("--distill-alpha", "distill_alpha", float, "weight of the KL term, 1 - alpha on the hard CE (default 0.5)"),
     ("--index", "index", str, "chunk index (llmarch index build, same tokenizer) for a RETRO config"),
+    ("--images", "images", str, "train a vision config on image-text pairs: digits (sklearn 8x8) | shapes "
+     "(Pillow-rendered counts); one process"),
 ]
 
 
@@ -131,6 +138,10 @@ def argv_from_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    from llmarch.train.parallel.mesh import MeshSpec
+
+    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))  # a torchrun rank: its job
+    MeshSpec(args.dp, args.tp or 1, args.ep or 1, args.pp or 1).resolve(world)  # before launching anything
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                "-m", "llmarch.train", *argv_from_args(args)]
@@ -150,6 +161,8 @@ def run_local(args: argparse.Namespace) -> int:
     cfg, tc = model_config_from_args(args), train_config_from_args(args)
     if args.seq_len is None and not args.resume:  # the default fits the model; a chosen length is checked
         tc = default_seq_len(cfg, tc)
+    if tc.images is not None:  # image-text pairs: their own small loop (train/image_loop.py)
+        from llmarch.train.image_loop import train_image_text as train
     try:
         with logging_redirect_tqdm():
             result = train(cfg, tc)

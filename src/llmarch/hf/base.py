@@ -20,6 +20,8 @@ class Family:
     ignore: tuple[str, ...] = ()
     top_level: tuple[str, ...] = ("lm_head", "score")  # checkpoint names written without the model prefix (heads)
     sequence_classifier: str = ""  # transformers' *ForSequenceClassification class (head "last_token"); "" = none
+    config_type: type = ModelConfig  # what to_config returns (a vision tower alone: VisionConfig)
+    takes_images: bool = False  # a text family represents only configs without ``vision``
 
     def to_config(self, hf: dict[str, Any]) -> ModelConfig:
         raise NotImplementedError
@@ -33,6 +35,22 @@ class Family:
     def accepts(self, cfg: ModelConfig) -> str | None:
         """None if this model type can represent ``cfg`` exactly, else the first reason it cannot."""
         raise NotImplementedError
+
+    def fits(self, cfg) -> str | None:
+        """None if this model type can hold ``cfg`` (config type, images, condition, then :meth:`accepts` and the
+        score head), else why not."""
+        if not isinstance(cfg, self.config_type):
+            return f"{self.model_type} describes a {self.config_type.__name__}, not a {type(cfg).__name__}"
+        if isinstance(cfg, ModelConfig) and (cfg.vision is not None) != self.takes_images:
+            return f"{self.model_type} {'needs' if self.takes_images else 'has no'} vision tower (config.vision)"
+        if isinstance(cfg, ModelConfig) and cfg.condition is not None:
+            return "transformers has no style-conditioned model (config.condition); save with llmarch.checkpoint"
+        return self.accepts(cfg) or self.accepts_score_head(cfg)
+
+    def rename(self, tensors: dict) -> dict:
+        """Checkpoint names after the prefixes are stripped, in the layout the rules use (older layouts of a
+        family's files are renamed here; default: as they are)."""
+        return tensors
 
     def ignore_for(self, cfg: ModelConfig) -> tuple[str, ...]:
         """Regexes of checkpoint tensors to skip for this config (default: ``ignore``)."""

@@ -32,8 +32,9 @@ REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_hea
             "d_model", "num_layers", "num_heads", "intermediate_size", "d_ff", "d_kv", "max_position_embeddings",
             "n_positions", "moe_intermediate_size", "expert_capacity", "decoder_sparse_step", "router_jitter_noise",
             "router_aux_loss_coef", "router_z_loss_coef", "aux_loss_alpha", "tie_word_embeddings", "attention_bias",
-            "mlp_bias", "use_sliding_window", "num_experts", "num_local_experts", "num_experts_per_tok",
+            "mlp_bias", "use_sliding_window", "num_experts", "num_local_experts",
             "routed_scaling_factor")  # declared without None by the config classes that have them
+# (num_experts_per_tok is not: DeepseekV2Config declares it `int | None`, None for an all-dense model)
 COUNTS = ("type_vocab_size", "n_shared_experts", "first_k_dense_replace", "max_window_layers", "sliding_window",
           "num_sparse_encoder_layers", "num_sparse_decoder_layers", "num_random_blocks", "decoder_sparse_step",
           "encoder_sparse_step")

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from llmarch.hf.base import FAMILIES, Family
 from llmarch.hf.convert import ConversionError, to_ours, to_theirs
 from llmarch.hf.files import keys_behind, read_config, read_weights
-from llmarch.model import Model
+from llmarch.model import Model, model_class
 from llmarch.model_files import carry_model_files, write_tokenizer_config
 
 
@@ -69,16 +69,16 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     path = Path(path)
     fam, cfg = _translate(path)
     tensors, origin = read_weights(path)
-    theirs = _strip(tensors, fam.prefixes)
+    theirs = fam.rename(_strip(tensors, fam.prefixes))
     origin = {k: origin[n] for n, k in zip(tensors, theirs)}
     cfg = fam.tie_from_weights(cfg, theirs)  # transformers decides tying with the checkpoint in hand
     with torch.device("cpu"):
-        model = Model(cfg)  # torch's default init; every parameter is overwritten below
+        model = model_class(cfg)(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = model.tied_names()
     for alias in tied:
         expected.pop(alias, None)
-    ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
+    ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if getattr(cfg, "tie_embeddings", False) else ())
     try:
         state = to_ours(theirs, fam.rules(cfg), cfg.n_layers, expected, ignore, origin)
     except ConversionError as e:
@@ -91,19 +91,19 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
 
 
 def pick_family(model: Model, model_type: str | None) -> Family:
-    if model.config.retrieval is not None:
+    if getattr(model.config, "retrieval", None) is not None:
         raise ValueError("retrieval: RETRO has no transformers counterpart; save it with "
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
+        reason = fam.fits(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
+        reason = fam.fits(model.config)
         if reason is None:
             return fam
         reasons[name] = reason

@@ -10,6 +10,7 @@ from typing import Callable, TextIO
 import torch
 
 from llmarch.infer.generate import generate
+from llmarch.infer.images import with_image_tokens
 from llmarch.tokenizer import encode_prompt
 
 
@@ -52,7 +53,7 @@ class Chat:
     def __init__(self, model, tokenizer, system: str | None = None, max_new_tokens: int = 128,
                  temperature: float = 0.7, top_k: int | None = None, top_p: float | None = 0.9,
                  min_p: float | None = None, repetition_penalty: float = 1.1, seed: int | None = 0,
-                 user: str = "User", assistant: str = "Assistant", cache: str = "static"):
+                 user: str = "User", assistant: str = "Assistant", cache: str = "static", processor=None):
         if max_new_tokens >= model.config.max_seq_len:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
                              f"context (max_seq_len={model.config.max_seq_len})")
@@ -63,6 +64,16 @@ class Chat:
         self.user, self.assistant = user, assistant
         self.stops = (f"\n{user}:",)
         self.history: list[tuple[str, str]] = []
+        self.processor = processor  # PIL image -> pixel_values (vision-language models)
+        self.pixel_values: torch.Tensor | None = None  # the image of the conversation ([1, C, H, W])
+
+    def add_image(self, path: str) -> None:
+        """Attach the image at ``path`` to the conversation (``/image PATH``); its tokens lead the transcript."""
+        from llmarch.image_processing import load_image
+        from llmarch.infer.images import processor_for
+
+        processor = self.processor or processor_for(self.model)
+        self.pixel_values = processor([load_image(path)])
 
     def transcript(self, message: str) -> str:
         turns = [self.system + "\n"] if self.system else []
@@ -76,16 +87,19 @@ class Chat:
         empty = encode_prompt(self.tokenizer, "")  # the specials alone: what the rule puts before and after
         head = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
         tail = len(empty) - head
-        room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - len(empty)
+        images = [] if self.pixel_values is None else with_image_tokens([], self.model.config.vision)
+        room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - len(empty) - len(images)
         body = ids[head:len(ids) - tail]
-        return ids[:head] + body[max(len(body) - room, 0):] + ids[len(ids) - tail:]
+        return ids[:head] + images + body[max(len(body) - room, 0):] + ids[len(ids) - tail:]
 
     def send(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         ids = torch.tensor([self.prompt_ids(message)])
         stream = TextStream(self.tokenizer.decode, on_text, self.stops) if on_text else None
+        settings = self.settings if self.pixel_values is None else \
+            dict(self.settings, cache="dynamic", pixel_values=self.pixel_values)
         out = generate(self.model, ids, eos_token_id=getattr(self.tokenizer, "eos_id", None),
                        stop_strings=self.stops, decode=self.tokenizer.decode, generator=self.generator,
-                       streamer=stream, **self.settings)
+                       streamer=stream, **settings)
         new = out[0, ids.shape[1]:].tolist()
         eos = getattr(self.tokenizer, "eos_id", None)
         if eos is not None and eos in new:
@@ -101,6 +115,7 @@ class Chat:
 
     def reset(self) -> None:
         self.history.clear()
+        self.pixel_values = None
 
 
 USER_LABEL, MODEL_LABEL = "you> ", "model> "
@@ -115,7 +130,8 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
         out.write(text)
         out.flush()
 
-    emit("llmarch chat: type a message; /reset clears the history, /quit leaves.\n")
+    emit("llmarch chat: type a message; /reset clears the history, /image PATH attaches an image, /quit "
+         "leaves.\n")
     while True:
         try:
             line = read(USER_LABEL).strip()
@@ -126,6 +142,13 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
         if line == "/reset":
             chat.reset()
             emit("(history cleared)\n")
+            continue
+        if line.startswith("/image"):
+            try:
+                chat.add_image(line[len("/image"):].strip())
+                emit("(image attached)\n")
+            except (ValueError, FileNotFoundError, OSError) as e:
+                emit(f"error: {e}\n")
             continue
         if line:
             emit(MODEL_LABEL)

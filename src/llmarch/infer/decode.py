@@ -46,16 +46,18 @@ def prompt_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor):
 class DynamicEngine:
     """Prefill and step through ``model.forward`` with a growing KV cache."""
 
-    def __init__(self, model):
+    def __init__(self, model, prefill_inputs: dict | None = None):
         self.model = model
         self.cache = model.new_cache()
         self.mask: torch.Tensor | None = None
+        self.prefill_inputs = prefill_inputs or {}  # inputs only the prompt has (pixel_values)
 
     prefix = staticmethod(prompt_prefix)
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.mask = attention_mask
-        return self.model(input_ids, attention_mask=attention_mask, cache=self.cache).logits[:, -1].float()
+        return self.model(input_ids, attention_mask=attention_mask, cache=self.cache,
+                          **self.prefill_inputs).logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
@@ -124,9 +126,19 @@ class Seq2SeqEngine:
 
 
 def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = False,
-                compile_mode: str | None = None, decoder_start_token_id: int | None = None):
+                compile_mode: str | None = None, decoder_start_token_id: int | None = None,
+                prefill_inputs: dict | None = None):
     """``kind``: "dynamic" (growing cache, model.forward) or "static" (pre-allocated, compilable); encoder-decoders
-    always use the growing cache of :class:`Seq2SeqEngine`."""
+    always use the growing cache of :class:`Seq2SeqEngine`; ``prefill_inputs`` (pixel_values for images, style
+    for a conditioned model) the dynamic engine, which hands them to the prefill."""
+    if prefill_inputs:
+        for name, field in (("pixel_values", "vision"), ("style", "condition")):
+            if name in prefill_inputs and getattr(model.config, field, None) is None:
+                raise ValueError(f"{name}: this model takes none (config.{field} is None)")
+        if kind != "dynamic" or compile:
+            raise ValueError(f"cache: {sorted(prefill_inputs)} decode with cache='dynamic' (the static engine reads "
+                             "text only)")
+        return DynamicEngine(model, prefill_inputs)
     if model.config.kind == "encoder_decoder":
         if kind != "dynamic" or compile:
             raise ValueError("cache: encoder-decoders decode with cache='dynamic' (no static cache or compile yet)")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.nn.device import host_reads_ok
 from llmarch.registry import Registry
 
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", nn.Module], torch.Tensor]
@@ -48,12 +49,20 @@ def loop_dispatch(x, experts, weights, keep, bank):
     return out
 
 
-def _sort_by_expert(experts: torch.Tensor, keep: torch.Tensor | None, E: int):
+def _sort_by_expert(experts: torch.Tensor, keep: torch.Tensor | None, E: int, host_counts: bool = True):
     """Kept assignments sorted by expert. Returns (order [A] flat assignment ids, expert of each [A],
-    counts [E] per expert as a list of ints); dropped assignments are left out."""
+    counts [E] per expert, the counts as a list of ints); dropped assignments are left out.
+
+    ``host_counts=False`` (accelerators, grouped dispatch): when nothing is dropped, nothing is read back to the
+    host (the list is None): the counts come from a comparison sum, not ``bincount``, which sizes its output
+    from the data's maximum (a host sync on CUDA)."""
     flat = experts.reshape(-1)
     if keep is not None:
         flat = flat.masked_fill(~keep.reshape(-1), E)  # a sentinel expert, sorted last and cut off
+    if keep is None and not host_counts:
+        counts = (flat[:, None] == torch.arange(E, device=flat.device)).sum(0)  # [E]
+        order = flat.argsort(stable=True)
+        return order, flat[order], counts, None
     counts = torch.bincount(flat, minlength=E + 1)[:E]
     counts_list = counts.tolist()
     order = flat.argsort(stable=True)[:sum(counts_list)]
@@ -83,8 +92,8 @@ def padded_dispatch(x, experts, weights, keep, bank):
 def grouped_dispatch(x, experts, weights, keep, bank):
     """Sort assignments by expert and run ragged groups with ``torch._grouped_mm`` (no padding)."""
     K = experts.shape[1]
-    order, _, counts, counts_list = _sort_by_expert(experts, keep, bank.n_experts)
-    if not counts_list or sum(counts_list) == 0:
+    order, _, counts, counts_list = _sort_by_expert(experts, keep, bank.n_experts, host_counts=host_reads_ok(x))
+    if counts_list is not None and (not counts_list or sum(counts_list) == 0):
         return torch.zeros_like(x)
     token = order // K
     y = bank.grouped(x[token], counts.cumsum(0).to(torch.int32))  # [A, D]

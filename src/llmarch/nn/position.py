@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from llmarch.nn.device import assert_on_device, host_reads_ok
 from llmarch.nn.rope import NoRotation, RotaryEmbedding, Rotation
 from llmarch.registry import Registry
 
@@ -65,6 +66,10 @@ class LearnedPositions(PositionScheme):
 
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled decode step sizes its static cache within max_seq_len
+            return nn.functional.embedding(position_ids, self.weight)
+        if not host_reads_ok(position_ids):  # an accelerator checks on the device (no host sync)
+            assert_on_device((position_ids < self.max_seq_len).all(), f"position ids: past the learned position "
+                             f"table (max_seq_len={self.max_seq_len}); shorten the input")
             return nn.functional.embedding(position_ids, self.weight)
         top = int(position_ids.max()) if position_ids.numel() else 0
         if top >= self.max_seq_len:

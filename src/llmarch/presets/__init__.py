@@ -10,11 +10,12 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 PUBLISHED_PARAMS: dict[str, int] = {}  # exact parameter counts from model cards, where given
 
 
-def register(name: str, fields: dict[str, Any], params: int | None = None) -> None:
-    """Register preset ``name`` built from config ``fields``; ``params`` is the model card's exact count."""
+def register(name: str, fields: dict[str, Any], params: int | None = None, cls: type = ModelConfig) -> None:
+    """Register preset ``name`` built from config ``fields``; ``params`` is the model card's exact count.
+    ``cls`` is the config class (a vision tower alone is a VisionConfig)."""
     if name in _PRESETS:
         raise ValueError(f"preset {name!r} is registered twice")
-    _PRESETS[name] = lambda: ModelConfig.from_dict(fields)
+    _PRESETS[name] = lambda: cls.from_dict(fields)
     if params is not None:
         PUBLISHED_PARAMS[name] = params
 
@@ -48,3 +49,4 @@ def _load_all() -> None:
         from llmarch.presets import bloom, deepseek, gpt, llama, moe, sparse  # noqa: F401  (registration side effects)
         from llmarch.presets import bert, t5, transformer  # noqa: F401
         from llmarch.presets import retrieval  # noqa: F401
+        from llmarch.presets import condition, vision  # noqa: F401

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from llmarch.config import ModelConfig
 from llmarch.registry import Registry
 from llmarch.tokenizer import Tokenizer
+from llmarch.train.chunked_ce import chunked_ce_sum
 from llmarch.train.masking import IGNORE, mlm_mask, nsp_pairs, span_corrupt
 
 OBJECTIVES: Registry[type["Objective"]] = Registry("objective")
@@ -32,8 +33,9 @@ class Batch:
 
 
 def ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy in fp32. logits [B, T, V], labels [B, T] -> scalar."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    """Summed cross-entropy in fp32. logits [B, T, V], labels [B, T] -> scalar. Chunked over tokens (no second
+    full copy of the logits; same values as F.cross_entropy, see train/chunked_ce.py)."""
+    return chunked_ce_sum(logits, labels, ignore_index=IGNORE)
 
 
 class Objective:

@@ -12,7 +12,8 @@ from llmarch.data import check_val_fraction
 # settings a resumed run may change without breaking exact continuation of the data, schedule and numerics
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
                                "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
-                               "cache_dir", "resume"})
+                               "cache_dir", "resume", "dp", "tp", "ep", "pp",
+                               "sequence_parallel"})
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     parallel: str = "ddp"  # ddp | fsdp (with several processes)
+    dp: int | None = None  # data-parallel degree; None = the processes left after tp and pp (train/parallel/)
+    tp: int = 1  # tensor-parallel degree (attention heads, FFN width, vocabulary split over tp ranks)
+    ep: int = 1  # expert-parallel degree (MoE experts split over the data-parallel ranks; ep = dp)
+    pp: int = 1  # pipeline-parallel degree (stages of layers)
+    sequence_parallel: bool = False  # with tp: norms, residual and dropout on T/tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     samples: int = 3  # texts generated at the end
     sample_tokens: int = 64
@@ -66,12 +72,17 @@ class TrainConfig:
     distill_temperature: float = 2.0  # softening temperature T of the distillation KL
     distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard-label CE
     index: str | None = None  # a chunk index (llmarch index build) for a RETRO config; None = retrieval off
+    images: str | None = None  # an image-text source (train/image_text.py: digits | shapes) for a vision config
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
                      "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        for name in ("tp", "ep", "pp") + (("dp",) if self.dp is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         for name in ("warmup", "keep_last", "samples", "sample_tokens", "curriculum_steps", "seed"):
             if getattr(self, name) < 0:
@@ -109,6 +120,10 @@ class TrainConfig:
             raise ValueError(f"distill_temperature: must be > 0, got {self.distill_temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha: must be in [0, 1], got {self.distill_alpha}")
+        if self.images is not None:
+            from llmarch.train.image_text import SOURCES
+
+            SOURCES[self.images]  # ValueError naming the choices
         if self.max_data_mb is not None and self.max_data_mb <= 0:
             raise ValueError(f"max_data_mb: must be > 0, got {self.max_data_mb}")
 

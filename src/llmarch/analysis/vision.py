@@ -1,0 +1,70 @@
+"""Parameters and FLOPs of the image side, from the config alone: the ViT tower, the projector and gated
+cross-attention layers; and the image tokens an image puts in the context. Held to the meta-built model by tests
+(parameters exactly; FLOPs against ``torch.utils.flop_counter`` on a real forward)."""
+from __future__ import annotations
+
+from llmarch.analysis.ffn import dense_ffn_params
+from llmarch.vision_config import VisionConfig
+
+
+def tower_params(v: VisionConfig) -> dict[str, int]:
+    """Parameters of a VisionTower by part."""
+    D, F, C, P = v.d_model, v.d_ff, v.channels, v.patch_size
+    ln = 2 * D
+    block = (3 * D * D + 3 * D) + (D * D + D) + dense_ffn_params(D, F, "mlp", True) + 2 * ln
+    pool = {"class_token": 0, "none": 0,
+            "attention": D + (3 * D * D + 3 * D) + (D * D + D) + ln + dense_ffn_params(D, F, "mlp", True)}[v.pool]
+    return {"patch_embed": C * P * P * D + (D if v.patch_bias else 0) + (D if v.class_token else 0),
+            "positions": v.n_positions * D, "pre_norm": ln if v.pre_norm else 0, "blocks": v.n_layers * block,
+            "post_norm": ln if v.post_norm != "none" else 0, "pool": pool}
+
+
+def fusion_params(cfg) -> dict[str, int]:
+    """The image side of a ModelConfig with ``vision``: tower, projector, gated cross-attention layers."""
+    v, D = cfg.vision, cfg.d_model
+    H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+    projector = v.d_model * D + D * D + (2 * D if v.projector_bias else 0)
+    cross = 0
+    if v.fusion == "cross_attention":
+        one = D * H * Dh + 2 * D * G * Dh + H * Dh * D + (H * Dh + 2 * G * Dh if cfg.qkv_bias else 0)
+        one += (D if cfg.out_bias else 0) + 1  # + the gate
+        norm = D * (2 if cfg.norm == "layernorm" and cfg.norm_bias else 1)
+        cross = len(v.cross_layers) * (one + norm) + norm  # + the norm on the features
+    return {"vision": sum(tower_params(v).values()), "projector": projector, "image_cross": cross}
+
+
+def tower_flops(v: VisionConfig, images: int = 1, depth: int | None = None) -> int:
+    """Matmul FLOPs of the tower for ``images`` images at ``image_size`` (2 per multiply-add; the patch
+    convolution counts as a matmul), through ``depth`` blocks (default all, with the pooling head)."""
+    D, F, N = v.d_model, v.d_ff, v.n_positions
+    patches = v.grid ** 2
+    conv = 2 * patches * v.channels * v.patch_size ** 2 * D
+    block = 2 * N * (4 * D * D + 2 * D * F) + 4 * N * N * D  # projections + MLP, then q·kᵀ and probs·v
+    layers = v.n_layers if depth is None else depth
+    pool = 0
+    if v.pool == "attention" and depth is None:
+        pool = 2 * (D * D + 2 * N * D * D + D * D + 2 * D * F) + 4 * N * D
+    return images * (conv + layers * block + pool)
+
+
+def image_flops(cfg, images: int = 1) -> dict[str, int]:
+    """FLOPs a vision-language model spends per forward on ``images`` images: the tower up to the feature layer
+    and the projector (cross-attention layers' work is counted with the text tokens that run them)."""
+    v = cfg.vision
+    n = v.image_tokens
+    return {"vision": tower_flops(v, images, v.feature_depth),
+            "projector": images * 2 * n * (v.d_model * cfg.d_model + cfg.d_model * cfg.d_model)}
+
+
+def image_summary(cfg) -> dict:
+    """What `llmarch inspect` shows for the image side: per-part parameters, image tokens and FLOPs per image
+    (``cfg`` a VisionConfig alone, or a ModelConfig with ``vision``)."""
+    if isinstance(cfg, VisionConfig):
+        return {"params": tower_params(cfg), "image_tokens": cfg.n_positions, "flops_per_image": tower_flops(cfg)}
+    v = cfg.vision
+    tokens = v.image_tokens if v.fusion == "projector" else 0  # cross-attention keeps images out of the context
+    return {"params": fusion_params(cfg), "image_tokens": tokens, "image_features": v.image_tokens,
+            "flops_per_image": image_flops(cfg)}
+
+
+__all__ = ["fusion_params", "image_flops", "image_summary", "tower_flops", "tower_params"]
