@@ -35,7 +35,9 @@ def main() -> None:
 
     cfg = llmarch.preset("llama-tiny")
     out = Path(args.out)
-    if out.exists() and not args.resume:
+    if out.exists() and not args.resume:  # replace an earlier run, never a directory of someone else's files
+        if not (out / "train.json").is_file() and any(out.iterdir()):
+            raise SystemExit(f"demo: {out} exists and is not a training run; choose another --out")
         shutil.rmtree(out)
     tc = TrainConfig(out=str(out), steps=args.steps, batch_size=16, seq_len=128, lr=3e-3, warmup=40,
                      max_data_mb=args.max_data_mb, vocab_size=cfg.vocab_size, eval_every=50, eval_batches=8,

@@ -1,8 +1,8 @@
-"""llmarch's own model directory: ``config.json`` (ModelConfig fields) + ``model.safetensors``, written atomically.
+"""llmarch's own model directory: ``config.json`` (ModelConfig fields) + ``model.safetensors`` (+ ``manifest.json``),
+written atomically without touching a user's other files (:mod:`llmarch.outdir`) and verified on every load.
 Training checkpoints (optimizer, RNG, data position) build on this in ``llmarch.train``."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmarch.config import ModelConfig
+from llmarch.manifest import MANIFEST, CheckpointError, read_json_object, verify_manifest, write_manifest
 from llmarch.model import Model, build
+from llmarch.outdir import fsync_path, fsync_tree, staged_dir
 
 
 def state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -35,7 +37,10 @@ def atomic_dir(path: Path) -> Path:
 
 
 def commit_dir(tmp: Path, path: Path) -> None:
-    """Move ``tmp`` into place as ``path``; an existing ``path`` is replaced only once ``tmp`` is complete."""
+    """Move ``tmp`` into place as ``path`` (its files and directory fsynced first); an existing ``path`` is replaced
+    only once ``tmp`` is complete. For directories llmarch owns (checkpoints); user-facing outputs use
+    :func:`llmarch.outdir.staged_dir`."""
+    fsync_tree(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -44,20 +49,24 @@ def commit_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
-def save_model(model: Model, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    tmp = atomic_dir(path)
-    save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "llmarch"})
-    model.config.to_file(tmp / "config.json")
-    commit_dir(tmp, path)
-    return path
+def save_model(model: Model, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write an llmarch model directory; a non-empty ``path`` is refused unless ``overwrite`` (then only our model
+    files there are replaced)."""
+    with staged_dir(path, overwrite) as tmp:
+        save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "llmarch"})
+        model.config.to_file(tmp / "config.json")
+        write_manifest(tmp)
+    return Path(path)
 
 
 def is_llmarch_dir(path: Path) -> bool:
     cfg = path / "config.json"
-    return cfg.is_file() and "model_type" not in json.loads(cfg.read_text())
+    if not cfg.is_file():
+        return False
+    return "model_type" not in read_json_object(cfg, "config")
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
@@ -65,6 +74,17 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Mod
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; expected an llmarch or Hugging Face model directory")
+    if (path / MANIFEST).is_file():  # a training checkpoint or a saved model: refuse torn or altered files
+        verify_manifest(path)
+    try:
+        return _load(path, dtype)
+    except (ValueError, FileNotFoundError):  # already a message (CheckpointError is a ValueError)
+        raise
+    except Exception as e:  # a crafted or foreign file: name it instead of a traceback from deep inside a reader
+        raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {e}") from e
+
+
+def _load(path: Path, dtype: torch.dtype | None) -> Model:
     if not is_llmarch_dir(path):
         from llmarch import hf
 

@@ -89,16 +89,59 @@ def is_validation(rel_path: str, val_fraction: float) -> bool:
 
 def split_files(root: Path, files: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
     """Deterministic train/validation split by file; validation gets at least one file when there are two."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     rel = {f: f.relative_to(root).as_posix() if f.is_relative_to(root) else f.as_posix() for f in files}
     val = [f for f in files if is_validation(rel[f], val_fraction)]
     if not val and len(files) > 1:
         val = [min(files, key=lambda f: hashlib.sha1(rel[f].encode()).hexdigest())]
     train = [f for f in files if f not in set(val)]
     if not train:
-        raise ValueError(f"the corpus has {len(files)} file(s); need at least 2 to split train/validation")
+        raise ValueError(f"the corpus has {len(files)} file(s); need at least 2 to split train/validation by file")
     return train, val
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 < val_fraction < 1.0:  # also refuses NaN
+        raise ValueError(f"val_fraction: must be in (0, 1) (the share of text held out), got {val_fraction}")
+
+
+@dataclass
+class CorpusSplit:
+    """Train and validation parts of a corpus: whole files, or (``within`` = the fraction) the last ``within``
+    of every file's text for validation and the rest for training, when there are too few files."""
+
+    train_files: list[Path]
+    val_files: list[Path]
+    within: float | None = None
+
+    def texts(self, part: str) -> list[str]:
+        if self.within is None:
+            return read_texts(self.train_files if part == "train" else self.val_files)
+        halves = [split_text(t, self.within) for t in read_texts(self.train_files)]
+        return [h[0 if part == "train" else 1] for h in halves if h[0 if part == "train" else 1]]
+
+    def key(self, part: str) -> str:
+        files = self.train_files if part == "train" else self.val_files
+        return files_key(files) + ("" if self.within is None else f"-{part}{self.within:g}")
+
+
+def split_corpus(root: Path, files: list[Path], val_fraction: float) -> CorpusSplit:
+    """By file (:func:`split_files`) when there are enough files for ``val_fraction`` (the hash picks some but not
+    all of them, or ``len(files) * val_fraction >= 1``); otherwise within every file (one text file works)."""
+    check_val_fraction(val_fraction)
+    rel = [f.relative_to(root).as_posix() if f.is_relative_to(root) else f.as_posix() for f in files]
+    hashed = sum(is_validation(r, val_fraction) for r in rel)
+    if 0 < hashed < len(files) or (not hashed and len(files) >= 2 and len(files) * val_fraction >= 1):
+        return CorpusSplit(*split_files(root, files, val_fraction))
+    return CorpusSplit(files, files, val_fraction)
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """(head, tail) of a text with ``val_fraction`` of it in the tail, cut at a line break where there is one."""
+    cut = int(len(text) * (1.0 - val_fraction))
+    newline = text.find("\n", cut)
+    cut = newline + 1 if 0 <= newline < len(text) - 1 else cut
+    return text[:cut], text[cut:]
 
 
 def read_text(path: Path) -> str | None:
@@ -147,16 +190,18 @@ class TokenSplits:
     directory: Path
 
 
-def tokenize_corpus(train_files: list[Path], val_files: list[Path], tok: Tokenizer,
+def tokenize_corpus(train_files: list[Path] | CorpusSplit, val_files: list[Path] | None, tok: Tokenizer,
                     cache_dir: Path) -> TokenSplits:
-    """Tokenise both splits once into ``cache_dir/<corpus>-<tokenizer>/``; later calls memory-map the cache."""
-    d = Path(cache_dir) / f"tokens-{files_key(train_files)}-{files_key(val_files)}-{tok.content_hash()}"
+    """Tokenise both splits (two file lists, or a :class:`CorpusSplit` and None) once into
+    ``cache_dir/<corpus>-<tokenizer>/``; later calls memory-map the cache."""
+    split = train_files if isinstance(train_files, CorpusSplit) else CorpusSplit(train_files, val_files or [])
+    d = Path(cache_dir) / f"tokens-{split.key('train')}-{split.key('val')}-{tok.content_hash()}"
     meta_path = d / "meta.json"
     if not meta_path.is_file():
         d.mkdir(parents=True, exist_ok=True)
         meta = {"vocab_size": tok.vocab_size, "dtype": "uint16" if tok.vocab_size <= 2**16 else "uint32"}
-        for name, files in (("train", train_files), ("val", val_files)):
-            meta[name] = tokenize_to_file(read_texts(files), tok, d / f"{name}.bin")
+        for name, files in (("train", split.train_files), ("val", split.val_files)):
+            meta[name] = tokenize_to_file(split.texts(name), tok, d / f"{name}.bin")
             meta[f"{name}_files"] = len(files)
         tmp = d / f".meta.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
@@ -173,12 +218,13 @@ class PackedSequences:
     back to back, eos-separated). Sample ``i`` of an endless seeded stream is chunk ``perm_e[i % n]`` of epoch
     ``e = i // n``, so a data position is just a count of samples consumed."""
 
-    def __init__(self, tokens: np.ndarray, length: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, tokens: np.ndarray, length: int, seed: int = 0, shuffle: bool = True, name: str = "the"):
         self.tokens, self.length, self.seed, self.shuffle = tokens, length, seed, shuffle
         self.n = len(tokens) // length
         if self.n == 0:
-            raise ValueError(f"the split has {len(tokens)} tokens, fewer than one sequence of {length}; use more "
-                             "data (--data, --max-data-mb), a smaller --seq-len or a larger --val-fraction")
+            fraction = {"training": ", or a smaller --val-fraction", "validation": ", or a larger --val-fraction"}
+            raise ValueError(f"{name} split has {len(tokens)} tokens, fewer than one sequence of {length}; use more "
+                             f"data (--data, --max-data-mb) or a smaller --seq-len{fraction.get(name, '')}")
         self._perm: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -204,5 +250,5 @@ class PackedSequences:
         return torch.from_numpy(np.stack(rows))
 
 
-__all__ = ["corpus_files", "stdlib_files", "split_files", "take_bytes", "tokenize_corpus", "PackedSequences",
-           "TokenSplits", "read_texts", "default_cache_dir"]
+__all__ = ["corpus_files", "stdlib_files", "split_files", "split_corpus", "CorpusSplit", "split_text", "take_bytes",
+           "tokenize_corpus", "PackedSequences", "TokenSplits", "read_texts", "default_cache_dir"]

@@ -9,7 +9,9 @@ def add(sub) -> None:
     p = sub.add_parser("convert", help="convert between Hugging Face checkpoints and llmarch checkpoints")
     p.add_argument("src", help="a Hugging Face model directory (config.json + *.safetensors) or an llmarch "
                    "checkpoint directory (config.json with llmarch fields + model.safetensors)")
-    p.add_argument("out", help="output directory")
+    p.add_argument("out", help="output directory (new or empty; see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT, replacing only the model "
+                   "files there (config.json, *.safetensors, ...); other files are kept")
     p.add_argument("--to", choices=["llmarch", "hf"], default="llmarch", help="target format (default llmarch)")
     p.add_argument("--model-type", help="HF model_type to write with --to hf (default: the first that fits)")
     p.add_argument("--quantize", choices=["int8", "int4", "int3", "int2", "ternary"],
@@ -22,24 +24,27 @@ def add(sub) -> None:
 def run(args) -> int:
     from llmarch import hf
     from llmarch.checkpoint import load_model, save_model
+    from llmarch.outdir import check_out_dir
     from llmarch.train.checkpoints import resolve_model_dir
 
-    src, out = resolve_model_dir(args.src), Path(args.out)  # a run directory: its newest good checkpoint
+    out = Path(args.out)
     if args.quantize and args.to != "llmarch":
         raise ValueError("--quantize writes an llmarch directory; drop --to hf")
+    check_out_dir(out, args.overwrite)  # before any work: never delete what the user did not create
+    src = resolve_model_dir(args.src)  # a model directory, or a run directory: its newest good checkpoint
     if args.to == "llmarch":
         model = load_model(src)
         n = sum(p.numel() for p in model.parameters())
         if args.quantize:
             from llmarch.infer.quantize import quantize, save_quantized
 
-            save_quantized(quantize(model.eval(), args.quantize, args.group_size), out)
+            save_quantized(quantize(model.eval(), args.quantize, args.group_size), out, args.overwrite)
         else:
-            save_model(model, out)
+            save_model(model, out, args.overwrite)
     else:
         model = load_model(src)
         n = sum(p.numel() for p in model.parameters())
-        hf.save(model, out, model_type=args.model_type, files_from=src)
+        hf.save(model, out, model_type=args.model_type, files_from=src, overwrite=args.overwrite)
     carried = carry_files(src, out, copy=args.to == "llmarch")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(json.dumps({"out": str(out), "format": args.to, "params": n, "quantize": args.quantize,

@@ -35,11 +35,15 @@ def add(sub) -> None:
 
 
 def cache_for(model, choice: str) -> str:
-    """``auto``: the static (compilable) cache for decoders with multi-head attention, else the growing one."""
+    """``auto``: the static (compilable) cache for decoders with multi-head attention, else the growing one (also
+    for RETRO without ``--index``: its base decoder, neighbours None)."""
+    cfg = model.config
+    if choice == "static" and cfg.retrieval is not None:
+        raise ValueError("--cache static: a RETRO model decodes with the dynamic cache (or --index); use --cache auto")
     if choice != "auto":
         return choice
-    cfg = model.config
-    return "static" if cfg.kind == "decoder" and cfg.mixer == "attention" else "dynamic"
+    static = cfg.kind == "decoder" and cfg.mixer == "attention" and cfg.retrieval is None
+    return "static" if static else "dynamic"
 
 
 def _emit(text: str) -> None:

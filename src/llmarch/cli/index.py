@@ -12,7 +12,9 @@ def add(sub) -> None:
     verbs = p.add_subparsers(dest="index_verb", metavar="ACTION", required=True)
     b = verbs.add_parser("build", help="chunk text files, embed the chunks with a frozen encoder, store them")
     b.add_argument("--data", metavar="PATH", help="a text file or a directory (default: the Python stdlib sources)")
-    b.add_argument("--out", metavar="DIR", required=True, help="index directory to create")
+    b.add_argument("--out", metavar="DIR", required=True, help="index directory to create (new or empty)")
+    b.add_argument("--overwrite", action="store_true", help="build into a non-empty --out, replacing the index "
+                   "files there; other files are kept")
     b.add_argument("--pattern", default="*.py", help="file pattern under a directory (default *.py)")
     b.add_argument("--max-bytes", type=int, default=None, help="stop after this many bytes of text")
     b.add_argument("--tokenizer", metavar="FILE", help="a tokenizers tokenizer.json (default: UTF-8 bytes, V=256)")
@@ -38,6 +40,14 @@ def add(sub) -> None:
     i.add_argument("index", metavar="DIR")
     add_json_flag(i)
     i.set_defaults(func=run_info)
+    q = verbs.add_parser("query", help="the chunks nearest to a text (embedded like the index's chunks)")
+    q.add_argument("index", metavar="DIR")
+    q.add_argument("text", help="query text")
+    q.add_argument("-k", type=int, default=5, help="chunks to show (default 5)")
+    q.add_argument("--tokenizer", metavar="FILE", help="the tokenizer.json the index was built with (not needed "
+                   "for a byte-level index)")
+    add_json_flag(q)
+    q.set_defaults(func=run_query)
 
 
 def _tokens(args):
@@ -85,6 +95,19 @@ def _encoder(args, vocab: int):
 
 
 def run_build(args) -> int:
+    from llmarch.outdir import check_out_dir, staged_dir
+
+    check_out_dir(args.out, args.overwrite, "--out")  # before the work: a user's directory is never emptied
+    with staged_dir(args.out, args.overwrite) as tmp:  # built beside --out, then moved in
+        info = _build(args, tmp)
+    if args.json:
+        emit_json(info)
+    else:
+        print(table([[k, v] for k, v in info.items()], ["field", "value"]))
+    return 0
+
+
+def _build(args, out: Path) -> dict:
     from llmarch.checkpoint import save_model
     from llmarch.retrieval import ChunkIndex, EncoderEmbedder, HashedNgramEmbedder
 
@@ -94,24 +117,19 @@ def run_build(args) -> int:
     if kind == "ngram":
         embed = HashedNgramEmbedder(args.ngram_dim, args.ngram_n)
         name = f"hashed 1..{args.ngram_n}-grams, {args.ngram_dim} buckets"
-        index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
+        index = ChunkIndex.create(out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
                                   metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, embedder=embed.meta)
     else:
         model, name = _encoder(args, tok_meta["vocab_size"])
         embed = EncoderEmbedder(model, pool=args.pool)
-        index = ChunkIndex.create(args.out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
+        index = ChunkIndex.create(out, dim=embed.dim, chunk_size=args.chunk_size, kind=args.kind,
                                   metric=args.metric, nlist=args.nlist, nprobe=args.nprobe, encoder="encoder",
                                   pool=args.pool)
-        save_model(model, Path(args.out) / "encoder")  # queries are embedded with the same frozen encoder
+        save_model(model, out / "encoder")  # queries are embedded with the same frozen encoder
     index.meta.update(tok_meta)  # which tokens the chunks hold: checked by train/generate --index
     n = index.add(tokens, embed)
-    info = dict(out=str(Path(args.out)), files=n_files, tokens=int(len(tokens)), chunks=n, dim=embed.dim,
+    return dict(out=str(Path(args.out)), files=n_files, tokens=int(len(tokens)), chunks=n, dim=embed.dim,
                 kind=args.kind, metric=args.metric, encoder=name, seconds=round(time.perf_counter() - t0, 2))
-    if args.json:
-        emit_json(info)
-    else:
-        print(table([[k, v] for k, v in info.items()], ["field", "value"]))
-    return 0
 
 
 def run_info(args) -> int:
@@ -122,4 +140,43 @@ def run_info(args) -> int:
         emit_json(meta)
     else:
         print(table([[k, v] for k, v in meta.items()], ["field", "value"]))
+    return 0
+
+
+def run_query(args) -> int:
+    """Embed the text like the chunks (cut into chunks, vectors averaged), print the ``k`` nearest chunks."""
+    import numpy as np
+
+    from llmarch.retrieval import ChunkIndex, embedder_for
+    from llmarch.train.retrieving import BYTES, check_index_tokenizer
+
+    if args.k < 1:
+        raise ValueError(f"-k: must be >= 1, got {args.k}")
+    index = ChunkIndex.load(args.index)
+    m, pad = index.chunk_size, index.meta.get("pad_id", 0)
+    if index.meta.get("tokenizer", BYTES) == BYTES:
+        ids, decode = list(args.text.encode()), lambda t: bytes(t).decode("utf-8", errors="replace")
+    elif args.tokenizer is None:
+        raise ValueError(f"{args.index}: the index was built with a tokenizer (not bytes); pass it with --tokenizer")
+    else:
+        from llmarch.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.tokenizer)
+        check_index_tokenizer(index, tok)
+        ids, decode = tok.encode(args.text), tok.decode
+    if not ids:
+        raise ValueError("text: the query is empty")
+    chunks = np.full((-(-len(ids) // m), m), pad, dtype=np.int64)  # [N, m], the last one padded
+    chunks.reshape(-1)[:len(ids)] = ids
+    vec = np.asarray(embedder_for(index)(chunks), dtype=np.float32).mean(0, keepdims=True)
+    vec /= max(float(np.linalg.norm(vec)), 1e-12)
+    found, scores = index.search(vec, min(args.k, len(index)))
+    rows = [dict(rank=r + 1, chunk=int(i), score=round(float(sc), 4),
+                 text=decode([int(t) for t in index.neighbours(np.array([i]))[0, :m] if t != pad]))
+            for r, (i, sc) in enumerate(zip(found[0], scores[0])) if i >= 0]
+    if args.json:
+        emit_json(rows)
+    else:
+        print(table([[r["rank"], r["chunk"], r["score"], " ".join(r["text"].split())[:100]] for r in rows],
+                    ["rank", "chunk", "score", "text"]))
     return 0

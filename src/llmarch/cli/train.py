@@ -18,7 +18,7 @@ OPTIONS = [
     ("--val-fraction", "val_fraction", float, "share of files held out for validation (default 0.05)"),
     ("--batch-size", "batch_size", int, "sequences per micro-batch per process (default 8)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
-    ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default 256, or the model's context when shorter)"),
     ("--lr", "lr", float, "peak learning rate (default 6e-4)"),
     ("--min-lr-ratio", "min_lr_ratio", float, "final lr as a fraction of the peak (default 0.1)"),
     ("--warmup", "warmup", int, "linear warmup steps (default 100)"),
@@ -54,7 +54,8 @@ OPTIONS = [
     ("--samples", "samples", int, "texts generated at the end (default 3)"),
     ("--sample-tokens", "sample_tokens", int, "tokens per sample (default 64)"),
     ("--stop-at", "stop_at", int, "stop after this step with a checkpoint, keeping the schedule of --steps"),
-    ("--resume", "resume", None, "continue from the newest good checkpoint in --out"),
+    ("--resume", "resume", None, "continue from the newest good checkpoint in --out, with the run's saved model "
+     "and settings (flags given override them; changes that alter the run are refused)"),
     ("--no-progress", "progress", False, "no progress bar"),
     ("--teacher", "teacher", str, "distil from this checkpoint (model or run directory; causal_lm, same tokenizer)"),
     ("--distill-temperature", "distill_temperature", float, "softening temperature of the distillation KL (default 2)"),
@@ -78,7 +79,7 @@ def add_options(p: argparse.ArgumentParser, options) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, required=False)  # required unless --resume (the run's own config)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
     add_options(p, OPTIONS)
     p.add_argument("--recipe", choices=["paper"], help="paper: the preset's published optimiser settings (lr, AdamW "
@@ -94,18 +95,33 @@ def add(sub) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     from llmarch.train import TrainConfig
+    from llmarch.train.resume import resume_settings
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in OPTIONS if getattr(args, dest) is not None}
     if getattr(args, "recipe", None) == "paper":
         from llmarch.presets.recipes import recipe_for
 
         given = {**recipe_for(args.preset).settings(), **given}
+    if args.resume:  # the run's saved settings, overridden by what was given
+        return resume_settings(args.out, given)
     return TrainConfig(out=args.out, **given)
+
+
+def model_config_from_args(args: argparse.Namespace):
+    """--preset / --config (+ --set); with --resume and neither, the run's own model_config.json (+ --set)."""
+    from llmarch.cli.common import config_from_args
+    from llmarch.train.resume import resume_model_config_file
+
+    if args.preset or args.config:
+        return config_from_args(args)
+    if not args.resume:
+        raise ValueError("give a model: --preset NAME or --config FILE (or --resume to continue the run in --out)")
+    return config_from_args(argparse.Namespace(**{**vars(args), "config": str(resume_model_config_file(args.out))}))
 
 
 def argv_from_args(args: argparse.Namespace) -> list[str]:
     """The command line of these arguments without --nproc (what each torchrun rank receives)."""
-    argv = ["--preset", args.preset] if args.preset else ["--config", args.config]
+    argv = ["--preset", args.preset] if args.preset else ["--config", args.config] if args.config else []
     for item in args.set:
         argv += ["--set", item]
     if getattr(args, "recipe", None):
@@ -137,11 +153,14 @@ def run(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from llmarch.cli.common import config_from_args
     from llmarch.train import train
     from llmarch.train.distributed import shutdown
 
-    cfg, tc = config_from_args(args), train_config_from_args(args)
+    from llmarch.train.setup import default_seq_len
+
+    cfg, tc = model_config_from_args(args), train_config_from_args(args)
+    if args.seq_len is None and not args.resume:  # the default fits the model; a chosen length is checked
+        tc = default_seq_len(cfg, tc)
     if tc.images is not None:  # image-text pairs: their own small loop (train/image_loop.py)
         from llmarch.train.image_loop import train_image_text as train
     try:
@@ -172,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(message)s")
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         if args.verbose:
             raise
         print(f"llmarch train: error: {e}", file=sys.stderr)

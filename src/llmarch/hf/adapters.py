@@ -23,18 +23,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmarch import lora
-from llmarch.checkpoint import atomic_dir, commit_dir
 from llmarch.hf.adapter_layout import adaptable_projections, placements, slot_ranges
 from llmarch.hf.convert import _expand
 from llmarch.hf.io import checkpoint_name, pick_family
 from llmarch.lora.layers import Adapter, LoRABank, LoRAProjection, adapt
 from llmarch.lora.sites import TARGETS
+from llmarch.outdir import staged_dir
 
 PEFT_PREFIX = "base_model.model."
 LORA_KEY = re.compile(r"^(.*)\.(lora_A|lora_B)\.weight$")
 
 
-def save_adapter(model, path: str | os.PathLike, model_type: str | None = None) -> Path:
+def save_adapter(model, path: str | os.PathLike, model_type: str | None = None, overwrite: bool = False) -> Path:
     """Write the model's adapters in PEFT's format for the transformers model ``llmarch.hf.save`` writes."""
     s = lora.settings(model)
     if s is None:
@@ -76,12 +76,10 @@ def save_adapter(model, path: str | os.PathLike, model_type: str | None = None) 
                   fan_in_fan_out=transposed, bias="none", rank_pattern=ranks, alpha_pattern=alphas,
                   modules_to_save=saved or None, init_lora_weights=True, use_rslora=False, use_dora=False,
                   inference_mode=True, base_model_name_or_path=None, layers_to_transform=None, layers_pattern=None)
-    path = Path(path)
-    tmp = atomic_dir(path)
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    commit_dir(tmp, path)
-    return path
+    with staged_dir(path, overwrite) as tmp:  # a non-empty directory only with overwrite; other files kept
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(path)
 
 
 def _full_weights(model, fam, trainable, tensors: dict) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -118,12 +117,15 @@ def checkpoint_name(fam: Family, name: str) -> str:
 
 
 def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
-         files_from: str | os.PathLike | None = None) -> Path:
+         files_from: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads, with the tokenizer files and
     ``generation_config.json`` of ``files_from`` (default: the directory the model was loaded from, if any; see
-    :mod:`llmarch.model_files`). Written to a temporary directory first and renamed into place, so an existing
-    directory is never left half-written."""
-    path = Path(path)
+    :mod:`llmarch.model_files`). A non-empty ``path`` is refused unless ``overwrite`` (then only model files there
+    are replaced); the files are written beside it first and renamed in, so nothing is ever left half-written and
+    nothing else is touched (:mod:`llmarch.outdir`)."""
+    from llmarch.outdir import check_out_dir, staged_dir
+
+    check_out_dir(path, overwrite)
     fam = pick_family(model, model_type)
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
@@ -131,21 +133,11 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
     tensors = {checkpoint_name(fam, n): t.contiguous() for n, t in theirs.items()}
     hf_cfg = fam.score_head_to_hf(cfg, fam.from_config(cfg))
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     files_from = files_from if files_from is not None else getattr(model, "loaded_from", None)
-    if files_from is not None:
-        carry_model_files(files_from, tmp)
-        write_tokenizer_config(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-    return path
+    with staged_dir(path, overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        if files_from is not None:
+            carry_model_files(files_from, tmp)
+            write_tokenizer_config(tmp)
+    return Path(path)

@@ -183,20 +183,22 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: t
     return model
 
 
-def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
-    """An llmarch model directory plus ``quantization.json``; :func:`llmarch.checkpoint.load_model` reads it."""
-    from llmarch.checkpoint import atomic_dir, commit_dir, state_for_saving
+def save_quantized(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """An llmarch model directory plus ``quantization.json``; :func:`llmarch.checkpoint.load_model` reads it.
+    A non-empty ``path`` is refused unless ``overwrite`` (see :mod:`llmarch.outdir`)."""
+    from llmarch.checkpoint import state_for_saving
+    from llmarch.manifest import write_manifest
+    from llmarch.outdir import staged_dir
     from safetensors.torch import save_file
 
     if not hasattr(model, "quantization"):
         raise ValueError("save_quantized: the model is not quantized; call quantize(model, mode) first")
-    path = Path(path)
-    tmp = atomic_dir(path)
-    save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "llmarch"})
-    model.config.to_file(tmp / "config.json")
-    (tmp / "quantization.json").write_text(json.dumps(model.quantization) + "\n")
-    commit_dir(tmp, path)
-    return path
+    with staged_dir(path, overwrite) as tmp:
+        save_file(state_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "llmarch"})
+        model.config.to_file(tmp / "config.json")
+        (tmp / "quantization.json").write_text(json.dumps(model.quantization) + "\n")
+        write_manifest(tmp)
+    return Path(path)
 
 
 def load_quantized(path: str | os.PathLike) -> nn.Module:

@@ -6,13 +6,12 @@
 - ``rng.safetensors`` (every rank's generator states), ``state.json`` (step, data position, schedule, settings);
 - ``manifest.json`` last: the size and sha256 of every other file.
 
-A checkpoint is written in a temporary directory and renamed into place, so a crash leaves the previous one
-intact; one whose manifest is missing or does not match its files is refused with the reason, and the newest
-good one is used instead. Only the last ``keep_last`` are kept.
+A checkpoint is written in a temporary directory, fsynced and renamed into place, so a crash leaves the previous
+one intact; one whose manifest is missing or does not match its files, or whose files cannot be read, is refused
+with the reason, and ``--resume`` falls back to the newest good one. Only the last ``keep_last`` are kept.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,24 +23,14 @@ from safetensors.torch import load_file, save_file
 
 from llmarch.checkpoint import atomic_dir, commit_dir
 from llmarch.config import ModelConfig
+from llmarch.manifest import CheckpointError, verify_manifest, write_manifest
 from llmarch.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
 SUBDIR = "checkpoints"
 PREFIX = "step_"
-MANIFEST = "manifest.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is incomplete or corrupt."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+REQUIRED = ("model.safetensors", "config.json", "optimizer.pt", "rng.safetensors", "state.json")
+STATE_KEYS = ("step", "consumed", "schedule", "train")
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -69,10 +58,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: ModelConfig, 
         torch.save(optimizer_state, tmp / "optimizer.pt")
         save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        commit_dir(tmp, path)
+        write_manifest(tmp)
+        commit_dir(tmp, path)  # fsyncs the files and the directory before the rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,69 +72,85 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: ModelConfig, 
 
 def verify(path: Path) -> None:
     """Raise :class:`CheckpointError` naming what is wrong if ``path`` is not a complete, intact checkpoint."""
-    manifest_file = path / MANIFEST
-    if not manifest_file.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST} (the save was interrupted)")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} is not valid JSON ({e})") from None
-    for name in ("model.safetensors", "config.json", "optimizer.pt", "rng.safetensors", "state.json"):
-        if name not in manifest:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {MANIFEST} does not list {name}")
-    for name, meta in manifest.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {f.stat().st_size} bytes, the manifest "
-                                  f"says {meta['bytes']}")
-        if _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its sha256 in {MANIFEST}")
+    verify_manifest(path, REQUIRED)
 
 
 def latest_good(run_dir: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that verifies; bad ones are reported (warning) and skipped. None if there is none;
-    a ValueError when checkpoints exist but none is usable."""
+    """The newest checkpoint that verifies and whose model files parse (config, safetensors header); bad ones are
+    reported (warning) and skipped. None if there is none; a CheckpointError when none is usable."""
+    return _newest(run_dir, readable)[0]
+
+
+def readable(path: Path) -> Path:
+    """``path`` after checking its manifest and that its config and weights header parse (cheap: no tensors)."""
+    from safetensors import safe_open
+
+    verify(path)
+    try:
+        ModelConfig.from_file(path / "config.json")
+        with safe_open(str(path / "model.safetensors"), "pt") as fh:
+            fh.keys()
+    except Exception as e:  # noqa: BLE001 - a crafted file that passes its hash
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    return path
+
+
+def _newest(run_dir: str | os.PathLike, check) -> tuple[Path, object] | tuple[None, None]:
+    """(path, check(path)) of the newest checkpoint ``check`` accepts, warning about each one it refuses."""
     found = list_checkpoints(run_dir)
     errors = []
     for path in reversed(found):
         try:
-            verify(path)
-            return path
+            return path, check(path)
         except CheckpointError as e:
             log.warning("%s; using an earlier checkpoint", e)
             errors.append(str(e))
     if found:
         raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / SUBDIR}: " + "; ".join(errors))
-    return None
+    return None, None
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a verified checkpoint: weights, optimizer state, rng tensors, state (dict), config."""
+    """Read a verified checkpoint: weights, optimizer state, rng tensors, state (dict), config. A file that
+    passes its hash but cannot be read (crafted, or written by something else) is a :class:`CheckpointError`."""
     verify(path)
-    return {"model": load_file(str(path / "model.safetensors")),
-            "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
-            "rng": load_file(str(path / "rng.safetensors")),
-            "state": json.loads((path / "state.json").read_text()),
-            "config": ModelConfig.from_file(path / "config.json")}
+    try:
+        loaded = {"model": load_file(str(path / "model.safetensors")),
+                  "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+                  "rng": load_file(str(path / "rng.safetensors")),
+                  "state": json.loads((path / "state.json").read_text()),
+                  "config": ModelConfig.from_file(path / "config.json")}
+    except Exception as e:  # noqa: BLE001 - any reader's failure is a bad checkpoint, reported by name
+        raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
+    state = loaded["state"]
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(loaded["optimizer"], dict):
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint: state.json lacks {missing}"
+                              if missing else f"checkpoint {path}: optimizer.pt does not hold a state dict")
+    return loaded
 
 
-def find_resume(run_dir: Path, resume: bool, log_here: bool = True) -> Path | None:
-    """The checkpoint a run continues from: None for a fresh run (refused if the directory already has
-    checkpoints), else the newest good one (None when there is none yet)."""
+def load_for_resume(run_dir: str | os.PathLike) -> tuple[Path, dict] | tuple[None, None]:
+    """The newest checkpoint of a run that verifies and reads, loaded; unusable ones are reported (warning) and
+    the one before is tried. (None, None) when the run has none; a CheckpointError when none is usable."""
+    return _newest(run_dir, load_checkpoint)
+
+
+def find_resume(run_dir: Path, resume: bool, log_here: bool = True) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run continues from and its contents: (None, None) for a fresh run (refused if the
+    directory already has checkpoints), else the newest usable one ((None, None) when there is none yet)."""
     if not resume:
         if list_checkpoints(run_dir):
             raise ValueError(f"{run_dir} already has checkpoints; pass --resume to continue that run or choose a new "
                              "--out")
-        return None
-    found = latest_good(run_dir)
+        return None, None
+    found, loaded = load_for_resume(run_dir)
     if log_here:
         if found is None:
             log.warning("--resume: %s has no checkpoint yet; starting from step 0", run_dir)
         else:
             log.info("resuming from %s", found)
-    return found
+    return found, loaded
 
 
 def tied_aliases(model: torch.nn.Module) -> set[str]:
@@ -170,5 +173,5 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return found
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_good", "list_checkpoints", "verify", "resolve_model_dir",
-           "find_resume", "tied_aliases", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_for_resume", "latest_good", "list_checkpoints", "verify",
+           "readable", "resolve_model_dir", "find_resume", "tied_aliases", "CheckpointError"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +25,15 @@ from llmarch.nn.moe import moe_metrics
 from llmarch.train import checkpoints as ckpt
 from llmarch.train import distributed as D
 from llmarch.train.expert_load import ExpertLoad
+from llmarch.train.finite import check_record, check_weights
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.parallel.apply import clip_grad_norm, parallelize
 from llmarch.train.parallel.tensor import loss_context
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
+from llmarch.train.resume import check_resumable
 from llmarch.train.retrieving import with_retrieval
+from llmarch.train.rundir import RunDirectory
 from llmarch.train.settings import TrainConfig
 from llmarch.train.setup import fit_model_config, prepare
 from llmarch.train.teacher import with_teacher
@@ -53,20 +57,12 @@ class Trainer:
         self.env = D.init_distributed(tc.device)
         self.out = Path(tc.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        resume_from = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
+        resume_from, self.state = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
+        if resume_from is not None:  # refuse a changed run before tokenising the corpus
+            check_resumable(self.state, model_cfg, tc, resume_from)
         self.prep = prepare(tc, model_cfg, self.env, resume_from)
         self.tokenizer = self.prep.tokenizer
         cfg, notes = fit_model_config(model_cfg, self.tokenizer, tc)
-        self.state = None
-        if resume_from is not None:
-            self.state = ckpt.load_checkpoint(resume_from)
-            if self.state["config"] != cfg:
-                raise ValueError(f"--resume: the model config differs from the checkpoint's ({resume_from}); "
-                                 "resume with the same --preset/--config and --set values")
-            changed = tc.changed_for_resume(self.state["state"]["train"])
-            if changed:
-                raise ValueError(f"--resume: settings {changed} differ from the checkpoint's; they would change "
-                                 "the run (see train.json in the checkpoint)")
         self.cfg = cfg
         if self.env.is_main:
             for note in notes:
@@ -75,8 +71,8 @@ class Trainer:
                                    self.tokenizer)  # --index: RETRO neighbours in every batch; --teacher: distil
         self.objective = with_teacher(objective, tc, cfg, self.tokenizer, self.env.device)
         extra = self.objective.extra_tokens
-        self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed)
-        self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False)
+        self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed, name="training")
+        self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False, name="validation")
 
         torch.manual_seed(tc.seed)  # every rank builds the same initial weights
         model = build(cfg)
@@ -84,7 +80,8 @@ class Trainer:
         if self.state is not None:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
-                raise ValueError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
+                raise ckpt.CheckpointError(f"{resume_from}: checkpoint weights do not fit the model: missing "
+                                           f"{missing}, unexpected {unexpected}")
         if tc.qat:  # the forward sees quantized weights; the float weights train (straight-through)
             from llmarch.infer.lowbit import prepare_qat
 
@@ -102,7 +99,11 @@ class Trainer:
         torch.manual_seed(tc.seed + 1 + self.env.dp_rank)  # dropout: the same masks on the ranks of a tp group
         self.step, self.consumed = 0, 0
         if self.state is not None:
-            self._restore(self.state)
+            try:
+                self._restore(self.state)
+            except (KeyError, TypeError, RuntimeError, ValueError) as e:
+                raise ckpt.CheckpointError(f"{resume_from}: cannot restore the training state: "
+                                           f"{type(e).__name__}: {e}") from None
         self.metrics = Metrics(self.out, self.env.is_main, tc.steps, self.step, tc.progress)
         if self.env.is_main:
             (self.out / "train.json").write_text(json.dumps(tc.to_dict(), indent=1) + "\n")
@@ -236,6 +237,7 @@ class Trainer:
         path = None
         if self.env.is_main:
             weights = {k: v for k, v in model_state.items() if k not in self.aliases}
+            check_weights(weights, self.step)  # never a NaN checkpoint (which keep_last would keep instead)
             state = {"step": self.step, "consumed": self.consumed, "schedule": self.schedule.state_dict(),
                      "train": self.tc.to_dict(), "world": self.env.world}
             if self.precision.scaler is not None:
@@ -253,6 +255,7 @@ class Trainer:
         try:
             while self.step < last:
                 record = self.train_step()
+                check_record(record, self.out, self.precision.scaler is not None)  # NaN -> stop, say why
                 tokens += record.pop("tokens")
                 self.metrics.advance()
                 result.loss = record["loss"]
@@ -286,8 +289,10 @@ def sample_seed(seed: int, sample: int) -> int:
 
 
 def train(model_cfg: ModelConfig, tc: TrainConfig) -> TrainResult:
-    """Train ``model_cfg`` with settings ``tc`` (one process, or one rank under torchrun)."""
-    return Trainer(model_cfg, tc).run()
+    """Train ``model_cfg`` with settings ``tc`` (one process, or one rank under torchrun). The run directory is
+    locked for the run and removed again if the run fails before its first checkpoint (train/rundir.py)."""
+    with RunDirectory(tc.out, main=int(os.environ.get("RANK", "0")) == 0):
+        return Trainer(model_cfg, tc).run()
 
 
 __all__ = ["train", "Trainer", "TrainResult"]

@@ -13,10 +13,24 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The records of ``RUN/metrics.jsonl``; a line that is not a JSON object (a write torn by a crash) is skipped
+    with a warning."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            log.warning("%s line %d is not a JSON record (a torn write?); skipped", path, n)
+    return out
 
 
 class Metrics:
@@ -30,7 +44,7 @@ class Metrics:
         self.tb = None
         if not enabled:
             return
-        kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+        kept = [r for r in read_metrics(run_dir) if isinstance(r.get("step"), int) and r["step"] <= start_step]
         tmp = self.path.with_name(f".{METRICS_FILE}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)

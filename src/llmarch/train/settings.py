@@ -3,8 +3,11 @@ saved with every checkpoint so ``--resume`` can refuse settings that would chang
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from llmarch.data import check_val_fraction
 
 # settings a resumed run may change without breaking exact continuation of the data, schedule and numerics
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
@@ -84,6 +87,10 @@ class TrainConfig:
         for name in ("warmup", "keep_last", "samples", "sample_tokens", "curriculum_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # NaN passes every comparison below: refuse it by name first
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{f.name}: must be a finite number, got {v}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -93,8 +100,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        check_val_fraction(self.val_fraction)  # one message for the setting, wherever it is checked
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: {self.precision!r} is not allowed; choose one of ['bf16', 'fp16', 'fp32']")
         if self.qat is not None and self.qat not in ("int8", "int4", "int3", "int2", "ternary"):

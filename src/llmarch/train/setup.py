@@ -32,12 +32,16 @@ def prepare(tc: TrainConfig, model_cfg: ModelConfig, env: DistEnv, resume_from: 
     root, files = data.corpus_files(tc.data)
     max_bytes = None if tc.max_data_mb is None else int(tc.max_data_mb * 1e6)
     files = data.take_bytes(files, max_bytes)
-    train_files, val_files = data.split_files(root, files, tc.val_fraction)
+    split = data.split_corpus(root, files, tc.val_fraction)
+    train_files, val_files = split.train_files, split.val_files
     cache = cache_dir_for(tc)
     source = "the Python standard library" if tc.data is None else tc.data
-    if env.is_main:
+    if env.is_main and split.within is None:
         log.info("corpus: %s, %d files (%d train / %d validation)", source, len(files), len(train_files),
                  len(val_files))
+    elif env.is_main:
+        log.info("corpus: %s, %d file(s), too few to hold out %g of them: the last %g of each file's text is "
+                 "validation", source, len(files), tc.val_fraction, tc.val_fraction)
     if resume_from is not None:  # the run's own tokenizer, whatever the settings say now
         tok_file = resume_from / TOKENIZER_FILE
     elif tc.tokenizer is not None:
@@ -45,19 +49,19 @@ def prepare(tc: TrainConfig, model_cfg: ModelConfig, env: DistEnv, resume_from: 
     else:
         vocab = tc.vocab_size or model_cfg.vocab_size
         kind = tc.tokenizer_kind
-        tok_file = cache / f"tokenizer-{data.files_key(train_files)}-{vocab}{'' if kind == 'bbpe' else '-' + kind}.json"
+        tok_file = cache / f"tokenizer-{split.key('train')}-{vocab}{'' if kind == 'bbpe' else '-' + kind}.json"
         if env.is_main and not tok_file.is_file():
             log.info("training a %s BPE tokenizer (vocab %d) on %d files ...", kind, vocab, len(train_files))
             tok_file.parent.mkdir(parents=True, exist_ok=True)
-            train_tokenizer(iter(data.read_texts(train_files)), vocab, kind=kind).save(tok_file)
+            train_tokenizer(iter(split.texts("train")), vocab, kind=kind).save(tok_file)
         barrier(env)
     tok = load_tokenizer(tok_file)
     if env.is_main:
         tok.save(Path(tc.out) / TOKENIZER_FILE)
-        splits = data.tokenize_corpus(train_files, val_files, tok, cache)
+        splits = data.tokenize_corpus(split, None, tok, cache)
     barrier(env)
     if not env.is_main:
-        splits = data.tokenize_corpus(train_files, val_files, tok, cache)  # reads rank 0's cache
+        splits = data.tokenize_corpus(split, None, tok, cache)  # reads rank 0's cache
     return Prepared(tok, splits, len(train_files), len(val_files))
 
 
@@ -84,4 +88,14 @@ def fit_model_config(cfg: ModelConfig, tok: Tokenizer, tc: TrainConfig) -> tuple
     return cfg.replace(**changes), notes
 
 
-__all__ = ["prepare", "fit_model_config", "Prepared", "cache_dir_for"]
+def default_seq_len(cfg: ModelConfig, tc: TrainConfig) -> TrainConfig:
+    """``tc`` with a seq_len the model can read when the default (256) is longer than its context (bert-tiny: 128);
+    for a seq_len the user did not choose."""
+    limit = cfg.max_seq_len - (cfg.position_offset if cfg.position == "learned" else 0)
+    if tc.seq_len <= limit:
+        return tc
+    log.info("seq_len: %d (the model's context; the default %d is longer; --seq-len to choose)", limit, tc.seq_len)
+    return tc.replace(seq_len=limit)
+
+
+__all__ = ["prepare", "fit_model_config", "default_seq_len", "Prepared", "cache_dir_for"]

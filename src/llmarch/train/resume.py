@@ -1,0 +1,62 @@
+"""``--resume``: continue a run from its own saved settings (``RUN/train.json``, ``RUN/model_config.json``), so
+``llmarch train --out RUN --resume --steps N`` extends a run without retyping the original command; flags given
+explicitly override those settings and are checked against the checkpoint before the corpus is tokenised."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from llmarch.config import ModelConfig
+from llmarch.manifest import read_json_object
+from llmarch.train.settings import TrainConfig
+
+TRAIN_FILE = "train.json"
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def saved_settings(run_dir: str | Path) -> dict[str, Any] | None:
+    """The settings a run was started with (``train.json``), or None for a directory without them."""
+    path = Path(run_dir) / TRAIN_FILE
+    if not path.is_file():
+        return None
+    saved = read_json_object(path, "--resume (pass the run's settings as flags instead)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in known}
+
+
+def resume_settings(out: str, given: dict[str, Any]) -> TrainConfig:
+    """The run's saved settings overridden by the flags ``given`` (and ``resume=True``); the given ones alone when
+    the run has saved none yet."""
+    saved = saved_settings(out) or {}
+    return TrainConfig(**{**saved, **given, "out": out, "resume": True})
+
+
+def resume_model_config_file(out: str) -> Path:
+    """The file of the model config a run was trained with (its ``model_config.json``)."""
+    path = Path(out) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"--resume: {path} does not exist, so the run's model is unknown; give --preset or --config "
+                         "(and the --set values) it was started with")
+    return path
+
+
+def check_resumable(loaded: dict, model_cfg: ModelConfig, tc: TrainConfig, path: Path) -> None:
+    """Refuse a resume whose model config or settings differ from the checkpoint's (with the run's tokenizer)."""
+    from llmarch.tokenizer import TOKENIZER_FILE, load_tokenizer
+    from llmarch.train.setup import fit_model_config
+
+    cfg, _ = fit_model_config(model_cfg, load_tokenizer(path / TOKENIZER_FILE), tc)
+    if loaded["config"] != cfg:
+        theirs = loaded["config"].to_dict()
+        diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v)
+        raise ValueError(f"--resume: the model config differs from the checkpoint's ({path}) in {diff}; resume "
+                         "with the run's own config (omit --preset/--config/--set) or choose a new --out")
+    changed = tc.changed_for_resume(loaded["state"]["train"])
+    if changed:
+        raise ValueError(f"--resume: settings {changed} differ from the checkpoint's; they would change the run "
+                         f"(see {path / 'state.json'}); drop those flags or choose a new --out")
+
+
+__all__ = ["resume_settings", "resume_model_config_file", "saved_settings", "check_resumable", "TRAIN_FILE",
+           "MODEL_CONFIG_FILE"]
