@@ -156,3 +156,14 @@ def test_the_default_sequence_length_fits_the_model(tmp_path):
         cfg = llmarch.preset(name)
         limit = cfg.max_seq_len - (cfg.position_offset if cfg.position == "learned" else 0)
         assert default_seq_len(cfg, TrainConfig(out=str(tmp_path))).seq_len == min(256, limit)
+
+
+def test_resume_does_not_inherit_a_stop_at(tmp_path):
+    """--stop-at belongs to one invocation: a resumed run continues to --steps."""
+    import json
+
+    from llmarch.train.resume import resume_settings
+
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 8, "stop_at": 2, "lr": 1e-3}))
+    tc = resume_settings(str(tmp_path), {})
+    assert tc.stop_at is None and tc.steps == 8 and tc.lr == 1e-3 and tc.resume

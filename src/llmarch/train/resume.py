@@ -12,6 +12,9 @@ from llmarch.manifest import read_json_object
 from llmarch.train.settings import TrainConfig
 
 TRAIN_FILE = "train.json"
+# settings about one invocation, not the run: a resumed run does not inherit them (``--stop-at 2`` then
+# ``--resume`` continues to ``--steps``)
+PER_INVOCATION = frozenset({"stop_at", "resume"})
 MODEL_CONFIG_FILE = "model_config.json"
 
 
@@ -22,7 +25,7 @@ def saved_settings(run_dir: str | Path) -> dict[str, Any] | None:
         return None
     saved = read_json_object(path, "--resume (pass the run's settings as flags instead)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in known}
+    return {k: v for k, v in saved.items() if k in known and k not in PER_INVOCATION}
 
 
 def resume_settings(out: str, given: dict[str, Any]) -> TrainConfig:
