@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from llmarch.config import ModelConfig
-from llmarch.data import PackedSequences
 from llmarch.model import build
 from llmarch.nn.moe import moe_metrics
 from llmarch.train import checkpoints as ckpt
@@ -26,9 +25,10 @@ from llmarch.train.expert_load import ExpertLoad
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
+from llmarch.train.posttrain import initial_model, prepare_for, write_adapter
 from llmarch.train.retrieving import with_retrieval
 from llmarch.train.settings import TrainConfig
-from llmarch.train.setup import fit_model_config, prepare
+from llmarch.train.setup import fit_model_config
 from llmarch.train.teacher import with_teacher
 
 log = logging.getLogger(__name__)
@@ -51,9 +51,14 @@ class Trainer:
         self.out = Path(tc.out)
         self.out.mkdir(parents=True, exist_ok=True)
         resume_from = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
-        self.prep = prepare(tc, model_cfg, self.env, resume_from)
+        tc, self.prep = prepare_for(tc, model_cfg, self.env, resume_from)  # a text corpus, or example rows
+        self.tc = tc
         self.tokenizer = self.prep.tokenizer
         cfg, notes = fit_model_config(model_cfg, self.tokenizer, tc)
+        objective = with_retrieval(objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp), tc, cfg,
+                                   self.tokenizer)  # --index: RETRO neighbours in every batch; --teacher: distil
+        self.objective = with_teacher(objective, tc, cfg, self.tokenizer, self.env.device)
+        cfg = self.objective.fit_config(cfg)  # a reward model's scalar head
         self.state = None
         if resume_from is not None:
             self.state = ckpt.load_checkpoint(resume_from)
@@ -68,15 +73,11 @@ class Trainer:
         if self.env.is_main:
             for note in notes:
                 log.info("model %s", note)
-        objective = with_retrieval(objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp), tc, cfg,
-                                   self.tokenizer)  # --index: RETRO neighbours in every batch; --teacher: distil
-        self.objective = with_teacher(objective, tc, cfg, self.tokenizer, self.env.device)
-        extra = self.objective.extra_tokens
-        self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed)
-        self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False)
 
         torch.manual_seed(tc.seed)  # every rank builds the same initial weights
-        model = build(cfg)
+        model = initial_model(cfg, tc, build)  # random, or --from weights; --lora adapters
+        self.objective.attach(model)  # before resumed weights: a DPO reference is the starting model
+        self.train_seqs, self.val_seqs = self.objective.sources(self.prep.splits, tc)
         self.aliases = ckpt.tied_aliases(model)
         if self.state is not None:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
@@ -126,7 +127,7 @@ class Trainer:
         out = []
         for m in range(tc.grad_accum):
             start = self.consumed + (m * env.world + env.rank) * tc.batch_size
-            chunk = self.train_seqs.batch(start, tc.batch_size)[:, :length]
+            chunk = self.train_seqs.take(start, tc.batch_size, length)
             out.append(self.objective.make_batch(chunk, self.generator.manual_seed(sample_seed(tc.seed, start))))
         self.consumed += tc.batch_size * tc.grad_accum * env.world
         return out
@@ -179,7 +180,15 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         record["tokens"] = sum(b.tokens for b in micro) * env.world
+        record.update(self._objective_metrics())
         return record
+
+    def _objective_metrics(self, prefix: str = "") -> dict:
+        """The objective's own metrics (accuracy, rewards, ...) as means over all ranks."""
+        sums = self.objective.pop_metrics()
+        names = sorted(sums)
+        totals = D.all_reduce_sum(self.env, [sums[n][0] for n in names] + [sums[n][1] for n in names])
+        return {prefix + n: totals[i] / max(totals[len(names) + i], 1e-9) for i, n in enumerate(names)}
 
     def _log_experts(self, record: dict) -> None:
         """MoE load of the last training forward into the record (means over layers); the summed load since the
@@ -205,6 +214,7 @@ class Trainer:
             total += float(s[self.objective.main_term])
             count += batch.counts[self.objective.main_term]
         total, count = D.all_reduce_sum(env, [total, count])
+        self.val_metrics = self._objective_metrics("val_")
         self.model.train()
         return total / count
 
@@ -246,6 +256,7 @@ class Trainer:
                     if evaluate:
                         record["val_loss"] = self.evaluate()
                         record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                        record.update(self.val_metrics)
                         result.val_losses.append((self.step, record["val_loss"]))
                     self.metrics.log(record)
                 if self.step % tc.save_every == 0 or self.step == last:
@@ -253,7 +264,9 @@ class Trainer:
                 if "tokens_per_s" in record:
                     t0, tokens = time.perf_counter(), 0
             result.step = self.step
-            if self.env.is_main and result.checkpoint is not None and tc.samples:
+            if self.env.is_main:
+                write_adapter(getattr(self.model, "module", self.model), self.out)  # a LoRA run: RUN/adapter/ in PEFT's format
+            if self.env.is_main and result.checkpoint is not None and tc.samples and not self.objective.reads_examples:
                 from llmarch.train.samples import sample_texts
 
                 result.samples = sample_texts(result.checkpoint, self.prep.splits.val, self.tokenizer, tc)
