@@ -1,0 +1,206 @@
+"""An instruction set that exists without a download: tasks built deterministically from the Python standard
+library's functions (write the function for this docstring, complete the body, write the docstring, name the
+function, what does it return), with difficulty levels by length, a held-out split by file, and a programmatic
+verifier per task usable as a reward (FLAN / BLOOMZ-style prompted tasks, Wei et al. 2022; Muennighoff et al. 2023).
+
+A row: ``{"task", "difficulty", "split", "file", "name", "prompt", "response"}`` plus the fields the templates
+read (``signature``, ``docstring``, ``code``, ``body``, ``returns``), so a task mixture can re-render it.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+from llmarch.registry import Registry
+
+# difficulty by the function's length in lines (docstring included)
+LEVELS = (("simple", 8), ("medium", 20), ("hard", 10**9))
+TASKS: Registry["Task"] = Registry("instruction task")
+VERIFIERS: Registry[Callable[[dict, str], float]] = Registry("verifier")
+
+
+def difficulty(n_lines: int) -> str:
+    return next(name for name, most in LEVELS if n_lines <= most)
+
+
+def functions(path: Path, root: Path) -> list[dict]:
+    """Fields of every top-level function with a docstring in one source file (none when it does not parse)."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    out = []
+    for node in tree.body:
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or not ast.get_docstring(node):
+            continue
+        code = ast.get_source_segment(source, node)
+        if code is None or node.decorator_list:
+            continue
+        first = node.body[0]
+        lines = code.splitlines()
+        header = "\n".join(lines[:node.body[0].lineno - node.lineno])  # the def line(s)
+        body_lines = lines[first.end_lineno - node.lineno + 1:]  # after the docstring
+        if not body_lines:
+            continue
+        returns = [n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None]
+        docstring = ast.get_docstring(node)
+        out.append({"file": path.relative_to(root).as_posix(), "name": node.name, "signature": header.strip(),
+                    "docstring": docstring.strip().split("\n\n")[0].strip(), "code": code,
+                    "body": "\n".join(body_lines), "doc_lines": "\n".join(lines[:first.end_lineno - node.lineno + 1]),
+                    "returns": ast.unparse(returns[0]) if len(returns) == 1 else None,
+                    "difficulty": difficulty(len(lines))})
+    return out
+
+
+def strip_docstring(fn: dict) -> str:
+    """The function's code without its docstring."""
+    return fn["signature"] + "\n" + fn["body"]
+
+
+class Task:
+    """One prompted task: ``render(fn) -> (prompt, response)`` (None when the function does not suit it) and
+    ``verify(row, answer) -> score in [0, 1]``."""
+
+    name = "task"
+
+    def render(self, fn: dict) -> tuple[str, str] | None:
+        raise NotImplementedError
+
+    def verify(self, row: dict, answer: str) -> float:
+        raise NotImplementedError
+
+
+def defines(code: str, name: str) -> bool:
+    """``code`` parses and defines a function ``name``."""
+    try:
+        tree = ast.parse(textwrap.dedent(code))
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.walk(tree))
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+@TASKS.register("implement")
+class Implement(Task):
+    """Write the function for this docstring. Verified: the answer parses and defines the asked name."""
+
+    def render(self, fn):
+        return (f"Write the Python function `{fn['name']}` for this docstring:\n{fn['docstring']}",
+                strip_docstring(fn))
+
+    def verify(self, row, answer):
+        return float(defines(answer, row["name"]))
+
+
+@TASKS.register("complete")
+class Complete(Task):
+    """Complete the body of a function given its signature and docstring. Verified: prompt code + answer parses
+    and defines the function."""
+
+    def render(self, fn):
+        return f"Complete the body of this function:\n{fn['doc_lines']}", fn["body"]
+
+    def verify(self, row, answer):
+        return float(defines(row["doc_lines"] + "\n" + answer, row["name"]))
+
+
+@TASKS.register("docstring")
+class Docstring(Task):
+    """Write a one-line docstring for a function. Verified: word overlap (F1) with the original docstring."""
+
+    def render(self, fn):
+        return f"Write a one-line docstring for this function:\n{strip_docstring(fn)}", fn["docstring"].split("\n")[0]
+
+    def verify(self, row, answer):
+        ref, got = words(row["response"]), words(answer)
+        common = len(ref & got)
+        return 0.0 if not common else 2 * common / (len(ref) + len(got))
+
+
+@TASKS.register("name")
+class Name(Task):
+    """Name the function from its body. Verified: the answer is the original name."""
+
+    def render(self, fn):
+        code = strip_docstring(fn).replace(f"def {fn['name']}(", "def ___(", 1)
+        return f"What is a good name for this function? Answer with the name only.\n{code}", fn["name"]
+
+    def verify(self, row, answer):
+        return float(answer.strip().strip("`") == row["name"])
+
+
+@TASKS.register("returns")
+class Returns(Task):
+    """What does this function return (functions with one return statement). Verified: the answer parses to
+    the same expression."""
+
+    def render(self, fn):
+        if fn["returns"] is None:
+            return None
+        return f"What does this function return? Answer with the expression.\n{strip_docstring(fn)}", fn["returns"]
+
+    def verify(self, row, answer):
+        try:
+            return float(ast.dump(ast.parse(answer.strip(), mode="eval")) ==
+                         ast.dump(ast.parse(row["response"], mode="eval")))
+        except (SyntaxError, ValueError):
+            return 0.0
+
+
+def is_held_out(file: str, val_fraction: float) -> bool:
+    from llmarch.data import is_validation
+
+    return is_validation(file, val_fraction)
+
+
+def build_instructions(files: list[Path] | None = None, root: Path | None = None, tasks=None,
+                       val_fraction: float = 0.1, max_lines: int | None = None) -> list[dict]:
+    """Rows of every task for every suitable function of ``files`` (default: the standard library), in a fixed
+    order; ``split`` is "test" for files held out by a hash of their path, else "train"."""
+    if files is None:
+        from llmarch.data import stdlib_files
+
+        root, files = stdlib_files()
+    rows = []
+    for path in files:
+        for fn in functions(path, root or path.parent):
+            if max_lines is not None and len(fn["code"].splitlines()) > max_lines:
+                continue
+            split = "test" if is_held_out(fn["file"], val_fraction) else "train"
+            for task in tasks or TASKS.names():
+                rendered = TASKS[task]().render(fn)
+                if rendered is not None:
+                    rows.append({"task": task, "difficulty": fn["difficulty"], "split": split, "file": fn["file"],
+                                 "name": fn["name"], "prompt": rendered[0], "response": rendered[1],
+                                 **{k: fn[k] for k in ("signature", "docstring", "code", "body", "doc_lines",
+                                                       "returns")}})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
+    """Write rows as JSONL atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+@VERIFIERS.register("stdlib")
+def verify(row: dict, answer: str) -> float:
+    """Score of ``answer`` to an instruction row, by its task's verifier (0 .. 1)."""
+    return TASKS[row["task"]]().verify(row, answer)
+
+
+__all__ = ["TASKS", "VERIFIERS", "Task", "build_instructions", "write_jsonl", "verify", "functions", "defines",
+           "difficulty"]
