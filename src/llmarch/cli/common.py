@@ -27,7 +27,12 @@ def config_from_args(args: argparse.Namespace) -> ModelConfig:
         cfg = ModelConfig.from_file(args.config)
     else:
         raise ValueError("give a model: NAME, --preset NAME or --config FILE")
-    for item in args.set:
+    return apply_sets(cfg, args.set)
+
+
+def apply_sets(cfg: ModelConfig, items: list[str]) -> ModelConfig:
+    """``cfg`` with ``--set FIELD=VALUE`` overrides."""
+    for item in items:
         field, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE")

@@ -52,6 +52,8 @@ OPTIONS = [
     ("--distill-temperature", "distill_temperature", float, "softening temperature of the distillation KL (default 2)"),
     ("--distill-alpha", "distill_alpha", float, "weight of the KL term, 1 - alpha on the hard CE (default 0.5)"),
     ("--index", "index", str, "chunk index (llmarch index build, same tokenizer) for a RETRO config"),
+    ("--from", "init_from", str, "start from these weights (llmarch model/run directory or Hugging Face "
+     "directory): its config, tokenizer and weights; continued pre-training"),
 ]
 
 
@@ -68,7 +70,7 @@ def add_options(p: argparse.ArgumentParser, options) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, required=False)  # or --from DIR
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
     add_options(p, OPTIONS)
     p.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun when > 1)")
@@ -89,7 +91,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 def argv_from_args(args: argparse.Namespace) -> list[str]:
     """The command line of these arguments without --nproc (what each torchrun rank receives)."""
-    argv = ["--preset", args.preset] if args.preset else ["--config", args.config]
+    argv = ["--preset", args.preset] if args.preset else ["--config", args.config] if args.config else []
     for item in args.set:
         argv += ["--set", item]
     argv += ["--out", args.out]
@@ -112,14 +114,29 @@ def run(args: argparse.Namespace) -> int:
     return run_local(args)
 
 
+def model_config(args: argparse.Namespace):
+    """The model: --preset / --config, or the config of the --from directory (with --set overrides)."""
+    from llmarch.cli.common import apply_sets, config_from_args
+
+    init_from = getattr(args, "init_from", None)
+    if init_from is None and not (args.preset or args.config):
+        raise ValueError("give a model: --preset NAME, --config FILE or --from DIR (existing weights)")
+    if init_from is None or args.preset or args.config:
+        if init_from is not None:
+            raise ValueError("--from takes the model from DIR; drop --preset/--config (use --set to change fields)")
+        return config_from_args(args)
+    from llmarch.train.posttrain import config_from_dir
+
+    return apply_sets(config_from_dir(init_from), args.set)
+
+
 def run_local(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from llmarch.cli.common import config_from_args
     from llmarch.train import train
     from llmarch.train.distributed import shutdown
 
-    cfg, tc = config_from_args(args), train_config_from_args(args)
+    cfg, tc = model_config(args), train_config_from_args(args)
     try:
         with logging_redirect_tqdm():
             result = train(cfg, tc)

@@ -62,14 +62,36 @@ class Chat:
         self.user, self.assistant = user, assistant
         self.stops = (f"\n{user}:",)
         self.history: list[tuple[str, str]] = []
+        # a tokenizer with a chat template (tokenizer_config.json, or llmarch's after finetune) formats the turns
+        # as the model was tuned on them and ends a reply at its end-of-turn tokens
+        self.templated = getattr(tokenizer, "chat_template", None) is not None
+        eos = getattr(tokenizer, "eos_id", None)
+        self.stop_ids = list(tokenizer.end_of_turn_ids) if self.templated else ([eos] if eos is not None else [])
+        if self.templated:
+            self.stops = ()
 
     def transcript(self, message: str) -> str:
         turns = [self.system + "\n"] if self.system else []
         turns += [f"{self.user}: {u}\n{self.assistant}: {a}\n" for u, a in self.history]
         return "".join(turns) + f"{self.user}: {message}\n{self.assistant}:"
 
+    def messages(self, message: str, turns: int | None = None) -> list[dict]:
+        """The conversation as chat messages: the system line, the last ``turns`` exchanges, the new message."""
+        history = self.history if turns is None else self.history[len(self.history) - turns:]
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in history:
+            out += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return out + [{"role": "user", "content": message}]
+
     def prompt_ids(self, message: str) -> list[int]:
-        """The transcript's ids, cut from the left to leave room for the reply."""
+        """The transcript's ids, cut from the left to leave room for the reply (whole turns with a template)."""
+        room = self.model.config.max_seq_len - self.settings["max_new_tokens"]
+        if self.templated:
+            for turns in range(len(self.history), -1, -1):  # forget the oldest exchanges first
+                ids, _ = self.tokenizer.apply_chat_template(self.messages(message, turns), add_generation_prompt=True)
+                if len(ids) <= room:
+                    return ids
+            return ids[-room:]
         ids = list(self.tokenizer.encode(self.transcript(message)))
         bos = getattr(self.tokenizer, "bos_id", None)
         room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - (bos is not None)
@@ -79,14 +101,13 @@ class Chat:
     def send(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         ids = torch.tensor([self.prompt_ids(message)])
         stream = TextStream(self.tokenizer.decode, on_text, self.stops) if on_text else None
-        out = generate(self.model, ids, eos_token_id=getattr(self.tokenizer, "eos_id", None),
-                       stop_strings=self.stops, decode=self.tokenizer.decode, generator=self.generator,
-                       streamer=stream, **self.settings)
+        stop_ids = self.stop_ids
+        out = generate(self.model, ids, eos_token_id=stop_ids[0] if stop_ids else None,
+                       stop_sequences=[[i] for i in stop_ids[1:]], stop_strings=self.stops or None,
+                       decode=self.tokenizer.decode, generator=self.generator, streamer=stream, **self.settings)
         new = out[0, ids.shape[1]:].tolist()
-        eos = getattr(self.tokenizer, "eos_id", None)
-        if eos is not None and eos in new:
-            new = new[:new.index(eos)]
-        reply = self.tokenizer.decode(new)
+        new = new[:next((j for j, t in enumerate(new) if t in stop_ids), len(new))]
+        reply = self.tokenizer.decode(new, **({"skip_special_tokens": True} if self.templated else {}))
         for stop in self.stops:
             reply = reply.split(stop)[0]
         if stream is not None:

@@ -179,8 +179,12 @@ def is_validation_row(line: int, val_fraction: float) -> bool:
 
 
 def split_rows(rows: list[tuple[int, dict]], val_fraction: float) -> tuple[list, list]:
-    """(train, validation) rows; validation gets at least one row when there are two."""
-    val = [r for r in rows if is_validation_row(r[0], val_fraction)]
+    """(train, validation) rows: by each row's ``split`` field when every row has one ("test" = held out, as
+    ``llmarch data instructions`` writes), else by a hash of the line; validation gets at least one row."""
+    if all(r[1].get("split") in ("train", "test") for r in rows):
+        val = [r for r in rows if r[1]["split"] == "test"]
+    else:
+        val = [r for r in rows if is_validation_row(r[0], val_fraction)]
     if not val and len(rows) > 1:
         val = [rows[-1]]
     held = {r[0] for r in val}

@@ -40,8 +40,8 @@ class Preference(Objective):
         streams = []
         for part, rows in (("train", splits.train), ("validation", splits.val)):
             name = f"{tc.data} ({part})"
-            chosen = encode_rows(rows, lambda r: self.encode_pair(r)[0], limit, name + " chosen")
-            rejected = encode_rows(rows, lambda r: self.encode_pair(r)[1], limit, name + " rejected")
+            chosen = encode_rows(rows, lambda r: self.encode_pair(r)[0], limit, str(tc.data), part + ", chosen")
+            rejected = encode_rows(rows, lambda r: self.encode_pair(r)[1], limit, str(tc.data), part + ", rejected")
             if len(chosen) != len(rejected):
                 raise ValueError(f"{name}: truncation left an answer of some pairs empty; raise --seq-len")
             pairs = [(cd.Row(c[0], c[1], [1] * len(c[0])), cd.Row(r[0], r[1], [1] * len(r[0])))

@@ -170,7 +170,7 @@ class RejectionSampling(SFT):
                      best, mean)
             self._metrics[f"rs_{part}_best_score"] = [best, 1.0]
             self._metrics[f"rs_{part}_mean_score"] = [mean, 1.0]
-        examples = encode_rows(kept, self.encode, self.tc.seq_len + self.extra_tokens, name)
+        examples = encode_rows(kept, self.encode, self.tc.seq_len + self.extra_tokens, str(path), name)
         return self.rows(examples, self.tc.seq_len + self.extra_tokens)
 
     def pop_metrics(self) -> dict[str, tuple[float, float]]:

@@ -18,15 +18,16 @@ from llmarch.train.objectives import OBJECTIVES, Batch, Objective
 log = logging.getLogger(__name__)
 
 
-def encode_rows(rows, encode, limit: int, name: str) -> list:
-    """``encode(row) -> (ids, mask)`` over (line, row) pairs, fitted to ``limit`` tokens; bad rows name their line,
-    truncation is reported."""
+def encode_rows(rows, encode, limit: int, source: str, part: str = "") -> list:
+    """``encode(row) -> (ids, mask)`` over (line, row) pairs of file ``source``, fitted to ``limit`` tokens; a bad
+    row is a ValueError naming the file and line, truncation is reported."""
     cuts, out = cd.Cuts(), []
+    name = f"{source} ({part})" if part else source
     for line, row in rows:
         try:
             ids, mask = encode(row)
         except ValueError as e:
-            raise ValueError(f"{name}:{line}: {e}") from None
+            raise ValueError(f"{source}:{line}: {e}") from None
         fitted = cd.fit(ids, mask, limit, cuts, f"line {line}")
         if fitted is not None:
             out.append(fitted)
@@ -65,7 +66,7 @@ class SFT(Objective):
         limit = tc.seq_len + self.extra_tokens
         streams = []
         for part, rows in (("train", splits.train), ("validation", splits.val)):
-            examples = encode_rows(rows, self.encode, limit, f"{tc.data} ({part})")
+            examples = encode_rows(rows, self.encode, limit, str(tc.data), part)
             streams.append(cd.ExampleSource(self.rows(examples, limit), seed=tc.seed, shuffle=part == "train",
                                             name=f"{tc.data} ({part})"))
         return tuple(streams)
