@@ -44,7 +44,7 @@ PREF_ROWS = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no"
 
 
 def ft_settings(out, base: Path, data: Path, **changes) -> TrainConfig:
-    kw = dict(out=str(out), init_from=str(base), data=str(data), steps=4, batch_size=4, seq_len=48, lr=3e-3,
+    kw = dict(out=str(out), init_from=str(base), data=None if data is None else str(data), steps=4, batch_size=4, seq_len=48, lr=3e-3,
               warmup=1, eval_every=2, eval_batches=1, log_every=1, save_every=1000, progress=False, samples=0,
               val_fraction=0.2)
     kw.update(changes)

@@ -101,3 +101,20 @@ def test_sft_run_from_pretrained_dir(tmp_path):
     start = load_file(str(base / "model.safetensors"))["embed.tokens.weight"]
     end = load_file(str(ckpt / "model.safetensors"))["embed.tokens.weight"]
     assert (end[:300] - start).abs().max() < 0.1
+
+
+def test_seq2seq_sft_is_text_to_text(tmp_path):
+    base = tiny_model_dir(tmp_path, "t5-tiny")
+    rows = [{"prefix": "translate: ", "prompt": f"two plus {i}", "response": f"{i + 2}"} for i in range(12)]
+    data = write_jsonl(tmp_path / "s2s.jsonl", rows)
+    cfg = llmarch.ModelConfig.from_file(base / "config.json")
+    tok = llmarch.tokenizer.load_tokenizer_for(base)
+    sft = SFT.from_config(tok, cfg)
+    ids, mask = sft.encode(rows[3])
+    batch = sft.make_batch(cd.pack([(ids, mask)], 100, packing=False), torch.Generator())
+    assert tok.decode(batch.inputs["input_ids"][0].tolist()) == "translate: two plus 3<eos>"
+    labels = batch.labels["lm"][0]
+    assert tok.decode(labels.tolist()) == "5<eos>" and batch.counts["lm"] == len(labels)
+    assert batch.inputs["decoder_input_ids"][0, 0] == cfg.decoder_start_token_id
+    result = train(cfg, ft_settings(tmp_path / "run", base, data, objective="sft", steps=3))
+    assert result.config.vocab_size == cfg.vocab_size  # no chat tokens for text-to-text
