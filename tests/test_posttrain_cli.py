@@ -12,7 +12,7 @@ import torch
 
 from llmarch.cli import main
 from llmarch.checkpoint import load_model
-from llmarch.instructions import TASKS, build_instructions, verify
+from llmarch.instructions import TASKS, build_instructions, follows, verify
 from tests.posttrain_util import SFT_ROWS, tiny_model_dir, write_jsonl
 
 SMALL = ["heapq.py", "copy.py", "fnmatch.py", "shlex.py"]
@@ -42,8 +42,9 @@ def test_instructions_and_verifiers(tmp_path, capsys):
     again = build_instructions(sorted(src.glob("*.py")), src, val_fraction=0.3)
     assert again == rows  # deterministic
     for r in rows:  # the reference answer passes, a wrong one fails
-        assert verify(r, r["response"]) == 1.0, (r["task"], r["name"])
+        assert verify(r, r["response"]) == 1.0 and follows(r, r["response"]), (r["task"], r["name"])
         assert verify(r, "not an answer (") < 0.5
+        assert follows(r, "not an answer (") == (r["task"] == "docstring")
     assert main(["data", "instructions", "--data", str(src), "--out", str(out)]) == 2  # never overwritten
 
 

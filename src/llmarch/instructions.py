@@ -29,19 +29,21 @@ def difficulty(n_lines: int) -> str:
 
 
 def functions(path: Path, root: Path) -> list[dict]:
-    """Fields of every top-level function with a docstring in one source file (none when it does not parse)."""
+    """Fields of every function and method with a docstring in one source file (none when it does not parse)."""
     try:
         source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return []
     out = []
-    for node in tree.body:
-        if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or not ast.get_docstring(node):
+    nodes = [n for top in tree.body for n in ([top] if not isinstance(top, ast.ClassDef) else top.body)]
+    for node in nodes:  # module functions and methods with a docstring (not dunder methods)
+        if not isinstance(node, ast.FunctionDef) or node.name.startswith("__") or not ast.get_docstring(node):
             continue
         code = ast.get_source_segment(source, node)
         if code is None or node.decorator_list:
             continue
+        code = textwrap.dedent(" " * node.col_offset + code)  # methods: as if defined at module level
         first = node.body[0]
         lines = code.splitlines()
         header = "\n".join(lines[:node.body[0].lineno - node.lineno])  # the def line(s)
@@ -75,6 +77,10 @@ class Task:
     def verify(self, row: dict, answer: str) -> float:
         raise NotImplementedError
 
+    def follows(self, answer: str) -> bool:
+        """Whether the answer has the requested form (instruction following, right or wrong)."""
+        return bool(answer.strip())
+
 
 def defines(code: str, name: str) -> bool:
     """``code`` parses and defines a function ``name``."""
@@ -100,6 +106,9 @@ class Implement(Task):
     def verify(self, row, answer):
         return float(defines(answer, row["name"]))
 
+    def follows(self, answer):
+        return answer.lstrip().startswith("def ")
+
 
 @TASKS.register("complete")
 class Complete(Task):
@@ -112,6 +121,10 @@ class Complete(Task):
     def verify(self, row, answer):
         return float(defines(row["doc_lines"] + "\n" + answer, row["name"]))
 
+    def follows(self, answer):  # indented lines: a body, not a new definition
+        lines = [x for x in answer.splitlines() if x.strip()]
+        return bool(lines) and all(x[:1] in " \t" for x in lines)
+
 
 @TASKS.register("docstring")
 class Docstring(Task):
@@ -119,6 +132,9 @@ class Docstring(Task):
 
     def render(self, fn):
         return f"Write a one-line docstring for this function:\n{strip_docstring(fn)}", fn["docstring"].split("\n")[0]
+
+    def follows(self, answer):
+        return bool(answer.strip()) and "\n" not in answer.strip() and not answer.lstrip().startswith("def ")
 
     def verify(self, row, answer):
         ref, got = words(row["response"]), words(answer)
@@ -137,6 +153,9 @@ class Name(Task):
     def verify(self, row, answer):
         return float(answer.strip().strip("`") == row["name"])
 
+    def follows(self, answer):
+        return answer.strip().strip("`").isidentifier()
+
 
 @TASKS.register("returns")
 class Returns(Task):
@@ -154,6 +173,13 @@ class Returns(Task):
                          ast.dump(ast.parse(row["response"], mode="eval")))
         except (SyntaxError, ValueError):
             return 0.0
+
+    def follows(self, answer):
+        try:
+            ast.parse(answer.strip(), mode="eval")
+            return "\n" not in answer.strip()
+        except (SyntaxError, ValueError):
+            return False
 
 
 def is_held_out(file: str, val_fraction: float) -> bool:
@@ -202,5 +228,10 @@ def verify(row: dict, answer: str) -> float:
     return TASKS[row["task"]]().verify(row, answer)
 
 
-__all__ = ["TASKS", "VERIFIERS", "Task", "build_instructions", "write_jsonl", "verify", "functions", "defines",
+def follows(row: dict, answer: str) -> bool:
+    """Whether ``answer`` has the form the row's task asks for (instruction following)."""
+    return TASKS[row["task"]]().follows(answer)
+
+
+__all__ = ["TASKS", "VERIFIERS", "Task", "build_instructions", "write_jsonl", "verify", "follows", "functions", "defines",
            "difficulty"]
