@@ -233,5 +233,5 @@ def follows(row: dict, answer: str) -> bool:
     return TASKS[row["task"]]().follows(answer)
 
 
-__all__ = ["TASKS", "VERIFIERS", "Task", "build_instructions", "write_jsonl", "verify", "follows", "functions", "defines",
-           "difficulty"]
+__all__ = ["TASKS", "VERIFIERS", "Task", "build_instructions", "write_jsonl", "verify", "follows", "functions",
+           "defines", "difficulty"]

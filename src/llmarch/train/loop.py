@@ -264,9 +264,10 @@ class Trainer:
                 if "tokens_per_s" in record:
                     t0, tokens = time.perf_counter(), 0
             result.step = self.step
-            if self.env.is_main:
-                write_adapter(getattr(self.model, "module", self.model), self.out)  # a LoRA run: RUN/adapter/ in PEFT's format
-            if self.env.is_main and result.checkpoint is not None and tc.samples and not self.objective.reads_examples:
+            if self.env.is_main:  # a LoRA run: RUN/adapter/ in PEFT's format
+                write_adapter(getattr(self.model, "module", self.model), self.out)
+            text_run = not self.objective.reads_examples  # samples continue corpus text
+            if self.env.is_main and result.checkpoint is not None and tc.samples and text_run:
                 from llmarch.train.samples import sample_texts
 
                 result.samples = sample_texts(result.checkpoint, self.prep.splits.val, self.tokenizer, tc)
