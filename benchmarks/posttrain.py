@@ -115,14 +115,18 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=100)
     p.add_argument("--stage-steps", type=int, default=40, help="steps of the RS, DPO and reward stages")
     p.add_argument("--rs-prompts", type=int, default=128)
+    p.add_argument("--rs-k", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse-pretrain", action="store_true", help="keep WORK/pretrain if it has a checkpoint")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    for d in (work.iterdir() if work.is_dir() else []):  # start clean (the pre-trained model kept on request)
+        if not (args.reuse_pretrain and d.name == "pretrain"):
+            shutil.rmtree(d) if d.is_dir() else d.unlink()
+    work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: dict = {"machine": machine(), "settings": vars(args), "stages": {}}
     S = results["stages"]
@@ -133,7 +137,12 @@ def main() -> None:
     tc = TrainConfig(out=str(work / "pretrain"), steps=args.pretrain_steps, batch_size=16, seq_len=128, lr=3e-3,
                      warmup=30, max_data_mb=6.0, val_fraction=0.1, vocab_size=cfg.vocab_size,
                      eval_every=args.pretrain_steps, save_every=10**6, **common)
-    _, secs, rec = run_stage(cfg, tc)
+    if args.reuse_pretrain and (work / "pretrain" / "checkpoints").is_dir():
+        secs = float("nan")
+        rec = [json.loads(x) for x in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    else:
+        shutil.rmtree(work / "pretrain", ignore_errors=True)
+        _, secs, rec = run_stage(cfg, tc)
     S["pretrain"] = {"seconds": secs, "val_loss": rec[-1]["val_loss"], "steps": args.pretrain_steps}
     log.info("pretrain: %.0f s, val_loss %.3f", secs, rec[-1]["val_loss"])
 
@@ -163,7 +172,7 @@ def main() -> None:
     prompts = random.Random(0).sample(train_rows, min(args.rs_prompts, len(train_rows)))
     write_jsonl([{**r, "split": "train"} for r in prompts] + [{**r, "split": "test"} for r in test[:8]],
                 work / "rs_prompts.jsonl")
-    for name, extra in (("rs", dict(objective="rs", verifier="stdlib", rs_k=4, rs_rounds=2, rs_temperature=1.0,
+    for name, extra in (("rs", dict(objective="rs", verifier="stdlib", rs_k=args.rs_k, rs_rounds=2, rs_temperature=1.0,
                                     rs_max_new_tokens=MAX_NEW, data=str(work / "rs_prompts.jsonl"))),
                         ("sft_more", dict(objective="sft", data=str(work / "rs_prompts.jsonl")))):
         tc = TrainConfig(out=str(work / name), init_from=str(work / "sft"), steps=args.stage_steps, lr=3e-4,

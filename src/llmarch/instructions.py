@@ -82,13 +82,14 @@ class Task:
         return bool(answer.strip())
 
 
-def defines(code: str, name: str) -> bool:
-    """``code`` parses and defines a function ``name``."""
+def defines(code: str, name: str, min_statements: int = 1) -> bool:
+    """``code`` parses and defines a function ``name`` with at least ``min_statements`` statements in its body."""
     try:
         tree = ast.parse(textwrap.dedent(code))
     except (SyntaxError, ValueError):
         return False
-    return any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.walk(tree))
+    return any(isinstance(n, ast.FunctionDef) and n.name == name and len(n.body) >= min_statements
+               for n in ast.walk(tree))
 
 
 def words(text: str) -> set[str]:
@@ -112,14 +113,14 @@ class Implement(Task):
 
 @TASKS.register("complete")
 class Complete(Task):
-    """Complete the body of a function given its signature and docstring. Verified: prompt code + answer parses
-    and defines the function."""
+    """Complete the body of a function given its signature and docstring. Verified: the answer is indented, and
+    prompt code + answer parses and defines the function with statements after its docstring."""
 
     def render(self, fn):
         return f"Complete the body of this function:\n{fn['doc_lines']}", fn["body"]
 
-    def verify(self, row, answer):
-        return float(defines(row["doc_lines"] + "\n" + answer, row["name"]))
+    def verify(self, row, answer):  # the answer must be the body: statements after the docstring
+        return float(self.follows(answer) and defines(row["doc_lines"] + "\n" + answer, row["name"], 2))
 
     def follows(self, answer):  # indented lines: a body, not a new definition
         lines = [x for x in answer.splitlines() if x.strip()]

@@ -4,6 +4,7 @@ DPO or rejection sampling, fully or with LoRA adapters; the same run directory, 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from llmarch.cli.train import OPTIONS, add_options
@@ -37,8 +38,20 @@ def add(sub) -> None:
     p.add_argument("--out", required=True, metavar="RUN", help="run directory: metrics.jsonl, checkpoints/")
     p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
                    help="override a model config field (e.g. dropout=0.1)")
-    add_options(p, [o for o in OPTIONS if o[1] not in SKIPPED] + FT_OPTIONS)
+    add_options(p, [with_default(o) for o in OPTIONS if o[1] not in SKIPPED] + FT_OPTIONS)
     p.set_defaults(func=run)
+
+
+def with_default(option: tuple) -> tuple:
+    """A training option with finetune's default in its help."""
+    flag, dest, kind, help_ = option
+    if dest == "data":
+        help_ = "JSONL examples: messages, prompt/response or prompt/chosen/rejected rows (a 'split' field is used)"
+    if dest == "val_fraction":
+        help_ = "share of rows held out when they carry no 'split' field (default 0.05)"
+    if dest in DEFAULTS:
+        help_ = re.sub(r"\(default [^)]*\)", f"(default {DEFAULTS[dest]:g})", help_)
+    return flag, dest, kind, help_
 
 
 def settings_from_args(args: argparse.Namespace, cfg):
