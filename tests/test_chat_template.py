@@ -54,6 +54,9 @@ def test_generation_template_matches_transformers(tok_dir):
     prompt, _ = ours.apply_chat_template(MESSAGES[:2], add_generation_prompt=True)
     assert prompt == list(hf.apply_chat_template(MESSAGES[:2], add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"])
+    saved = tok_dir.parent / "saved_by_transformers"  # the template may live in chat_template.jinja
+    hf.save_pretrained(saved)
+    assert load_tokenizer_for(saved).apply_chat_template(MESSAGES) == (ids, mask)
 
 
 def test_plain_template_trains_on_content_and_end_of_turn(tok_dir):

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # chat_template and named special tokens (transformers' file)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # end-of-turn spellings a chat reply stops at (besides eos)
 END_OF_TURN_SPELLINGS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|eot|>")
@@ -242,6 +243,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             raise ValueError(f"{config_file} is not valid JSON: {e}") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_file}: expected a JSON object")
+    template_file = file.with_name(CHAT_TEMPLATE_FILE)  # where transformers >= 4.43 saves the template
+    if template_file.is_file() and not (config or {}).get("chat_template"):
+        config = {**(config or {}), "chat_template": template_file.read_text()}
     return Tokenizer(inner, config)
 
 
