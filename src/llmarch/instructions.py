@@ -104,8 +104,10 @@ class Implement(Task):
         return (f"Write the Python function `{fn['name']}` for this docstring:\n{fn['docstring']}",
                 strip_docstring(fn))
 
-    def verify(self, row, answer):
-        return float(defines(answer, row["name"]))
+    def verify(self, row, answer):  # half credit: a definition of the asked name that does not parse
+        if defines(answer, row["name"]):
+            return 1.0
+        return 0.5 * answer.lstrip().startswith(f"def {row['name']}(")
 
     def follows(self, answer):
         return answer.lstrip().startswith("def ")
@@ -119,8 +121,10 @@ class Complete(Task):
     def render(self, fn):
         return f"Complete the body of this function:\n{fn['doc_lines']}", fn["body"]
 
-    def verify(self, row, answer):  # the answer must be the body: statements after the docstring
-        return float(self.follows(answer) and defines(row["doc_lines"] + "\n" + answer, row["name"], 2))
+    def verify(self, row, answer):  # the body: statements after the docstring; half credit: indented, no parse
+        if not self.follows(answer):
+            return 0.0
+        return 1.0 if defines(row["doc_lines"] + "\n" + answer, row["name"], 2) else 0.5
 
     def follows(self, answer):  # indented lines: a body, not a new definition
         lines = [x for x in answer.splitlines() if x.strip()]
@@ -151,8 +155,8 @@ class Name(Task):
         code = strip_docstring(fn).replace(f"def {fn['name']}(", "def ___(", 1)
         return f"What is a good name for this function? Answer with the name only.\n{code}", fn["name"]
 
-    def verify(self, row, answer):
-        return float(answer.strip().strip("`") == row["name"])
+    def verify(self, row, answer):  # half credit: a single identifier, another name
+        return 1.0 if answer.strip().strip("`") == row["name"] else 0.5 * self.follows(answer)
 
     def follows(self, answer):
         return answer.strip().strip("`").isidentifier()
@@ -169,11 +173,10 @@ class Returns(Task):
         return f"What does this function return? Answer with the expression.\n{strip_docstring(fn)}", fn["returns"]
 
     def verify(self, row, answer):
-        try:
-            return float(ast.dump(ast.parse(answer.strip(), mode="eval")) ==
-                         ast.dump(ast.parse(row["response"], mode="eval")))
-        except (SyntaxError, ValueError):
-            return 0.0
+        if not self.follows(answer):
+            return 0.0  # half credit: an expression, another one
+        same = ast.dump(ast.parse(answer.strip(), mode="eval")) == ast.dump(ast.parse(row["response"], mode="eval"))
+        return 1.0 if same else 0.5
 
     def follows(self, answer):
         try:
@@ -225,7 +228,8 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
 
 @VERIFIERS.register("stdlib")
 def verify(row: dict, answer: str) -> float:
-    """Score of ``answer`` to an instruction row, by its task's verifier (0 .. 1)."""
+    """Score of ``answer`` to an instruction row, by its task's verifier: 1 = correct, 0.5 = the requested form
+    but wrong (a reward for rejection sampling), 0 = neither; word-overlap F1 for docstrings."""
     return TASKS[row["task"]]().verify(row, answer)
 
 
