@@ -33,7 +33,7 @@ from llmarch.train.posttrain import config_from_dir, load_into  # noqa: E402
 from llmarch.train.preference import sequence_logps  # noqa: E402
 from llmarch.train.rejection import sample_candidates  # noqa: E402
 
-TASKS = ["implement", "complete", "name", "returns"]
+TASKS = ["implement", "complete", "returns", "arguments"]
 MAX_NEW = 96
 log = logging.getLogger("posttrain")
 
@@ -172,7 +172,7 @@ def main() -> None:
     prompts = random.Random(0).sample(train_rows, min(args.rs_prompts, len(train_rows)))
     write_jsonl([{**r, "split": "train"} for r in prompts] + [{**r, "split": "test"} for r in test[:8]],
                 work / "rs_prompts.jsonl")
-    for name, extra in (("rs", dict(objective="rs", verifier="stdlib", rs_k=args.rs_k, rs_rounds=2, rs_temperature=1.0,
+    for name, extra in (("rs", dict(objective="rs", verifier="stdlib", rs_k=args.rs_k, rs_rounds=2, rs_min_score=1.0, rs_temperature=1.0,
                                     rs_max_new_tokens=MAX_NEW, data=str(work / "rs_prompts.jsonl"))),
                         ("sft_more", dict(objective="sft", data=str(work / "rs_prompts.jsonl")))):
         tc = TrainConfig(out=str(work / name), init_from=str(work / "sft"), steps=args.stage_steps, lr=3e-4,

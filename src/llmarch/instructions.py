@@ -1,6 +1,6 @@
 """An instruction set that exists without a download: tasks built deterministically from the Python standard
 library's functions (write the function for this docstring, complete the body, write the docstring, name the
-function, what does it return), with difficulty levels by length, a held-out split by file, and a programmatic
+function, what does it return, list its parameters), with difficulty levels by length, a held-out split by file, and a programmatic
 verifier per task usable as a reward (FLAN / BLOOMZ-style prompted tasks, Wei et al. 2022; Muennighoff et al. 2023).
 
 A row: ``{"task", "difficulty", "split", "file", "name", "prompt", "response"}`` plus the fields the templates
@@ -51,11 +51,14 @@ def functions(path: Path, root: Path) -> list[dict]:
         if not body_lines:
             continue
         returns = [n.value for n in ast.walk(node) if isinstance(n, ast.Return) and n.value is not None]
+        a = node.args
+        params = [x.arg for x in a.posonlyargs + a.args] + ([f"*{a.vararg.arg}"] if a.vararg else []) + \
+            [x.arg for x in a.kwonlyargs] + ([f"**{a.kwarg.arg}"] if a.kwarg else [])
         docstring = ast.get_docstring(node)
         out.append({"file": path.relative_to(root).as_posix(), "name": node.name, "signature": header.strip(),
                     "docstring": docstring.strip().split("\n\n")[0].strip(), "code": code,
                     "body": "\n".join(body_lines), "doc_lines": "\n".join(lines[:first.end_lineno - node.lineno + 1]),
-                    "returns": ast.unparse(returns[0]) if len(returns) == 1 else None,
+                    "returns": ast.unparse(returns[0]) if len(returns) == 1 else None, "params": ", ".join(params),
                     "difficulty": difficulty(len(lines))})
     return out
 
@@ -186,6 +189,24 @@ class Returns(Task):
             return False
 
 
+@TASKS.register("arguments")
+class Arguments(Task):
+    """List the function's parameters in order (``*args`` / ``**kwargs`` marked). Verified: the same list."""
+
+    def render(self, fn):
+        if not fn["params"]:
+            return None
+        return f"List the parameters of this function, separated by commas.\n{strip_docstring(fn)}", fn["params"]
+
+    def follows(self, answer):
+        return all(p.strip().lstrip("*").isidentifier() for p in answer.split(",")) and "\n" not in answer.strip()
+
+    def verify(self, row, answer):  # half credit: a list of names, another one
+        if not self.follows(answer):
+            return 0.0
+        return 1.0 if [p.strip() for p in answer.split(",")] == row["response"].split(", ") else 0.5
+
+
 def is_held_out(file: str, val_fraction: float) -> bool:
     from llmarch.data import is_validation
 
@@ -212,7 +233,7 @@ def build_instructions(files: list[Path] | None = None, root: Path | None = None
                     rows.append({"task": task, "difficulty": fn["difficulty"], "split": split, "file": fn["file"],
                                  "name": fn["name"], "prompt": rendered[0], "response": rendered[1],
                                  **{k: fn[k] for k in ("signature", "docstring", "code", "body", "doc_lines",
-                                                       "returns")}})
+                                                       "returns", "params")}})
     return rows
 
 

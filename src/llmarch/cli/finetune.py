@@ -22,6 +22,7 @@ FT_OPTIONS = [
     ("--rs-rounds", "rs_rounds", int, "rs: sample-score-train rounds (default 1)"),
     ("--rs-temperature", "rs_temperature", float, "rs: sampling temperature (default 1.0)"),
     ("--rs-max-new-tokens", "rs_max_new_tokens", int, "rs: longest candidate (default 64)"),
+    ("--rs-min-score", "rs_min_score", float, "rs: drop prompts whose best candidate scores below this"),
     ("--verifier", "verifier", str, "rs: programmatic scorer by name (stdlib: the instruction-set verifiers)"),
     ("--reward-model", "reward_model", str, "rs: a reward-model checkpoint that scores candidates"),
 ]

@@ -160,14 +160,20 @@ class RejectionSampling(SFT):
                                 tc.rs_max_new_tokens, tc.rs_temperature, gen)
             kept = [(n, {"messages": prompt_of(row) + [{"role": "assistant", "content": c.text}], "score": c.score,
                          "scores": c.scores}) for (n, row), c in zip(rows, choices)]
+            if tc.rs_min_score is not None and part == "train":
+                good = [k for k in kept if k[1]["score"] >= tc.rs_min_score]
+                if not good:
+                    log.warning("rs round %d: no candidate scored >= rs_min_score %g; keeping every prompt's best", r,
+                                tc.rs_min_score)
+                kept = good or kept
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(json.dumps(row) + "\n" for _, row in kept))
             tmp.replace(path)
             best = sum(c.score for c in choices) / len(choices)
             mean = sum(sum(c.scores) / len(c.scores) for c in choices) / len(choices)
-            log.info("rs round %d (%s): mean best-of-%d score %.3f, mean candidate score %.3f", r, part, tc.rs_k,
-                     best, mean)
+            log.info("rs round %d (%s): mean best-of-%d score %.3f, mean candidate score %.3f, %d of %d prompts kept",
+                     r, part, tc.rs_k, best, mean, len(kept), len(choices))
             self._metrics[f"rs_{part}_best_score"] = [best, 1.0]
             self._metrics[f"rs_{part}_mean_score"] = [mean, 1.0]
         examples = encode_rows(kept, self.encode, self.tc.seq_len + self.extra_tokens, str(path), name)

@@ -70,6 +70,7 @@ class TrainConfig:
     rs_rounds: int = 1  # rs: sample-score-train rounds over the run's steps
     rs_temperature: float = 1.0  # rs: sampling temperature of the candidates
     rs_max_new_tokens: int = 64  # rs: longest candidate
+    rs_min_score: float | None = None  # rs: drop prompts whose best candidate scores below this (None: keep all)
     verifier: str | None = None  # rs: a programmatic scorer by name (llmarch.instructions.VERIFIERS)
     reward_model: str | None = None  # rs: a reward-model checkpoint scoring the candidates (instead of a verifier)
 
