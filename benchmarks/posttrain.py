@@ -34,7 +34,7 @@ from llmarch.train.preference import sequence_logps  # noqa: E402
 from llmarch.train.rejection import sample_candidates  # noqa: E402
 
 TASKS = ["implement", "complete", "returns", "arguments"]
-MAX_NEW = 96
+MAX_NEW = 64
 log = logging.getLogger("posttrain")
 
 

@@ -180,7 +180,6 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         record["tokens"] = sum(b.tokens for b in micro) * env.world
-        record.update(self._objective_metrics())
         return record
 
     def _objective_metrics(self, prefix: str = "") -> dict:
@@ -253,6 +252,7 @@ class Trainer:
                     record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
                     if self.expert_load:  # before evaluation, whose forwards would replace the routing
                         self._log_experts(record)
+                    record.update(self._objective_metrics())  # accuracy, rewards, ... since the last log
                     if evaluate:
                         record["val_loss"] = self.evaluate()
                         record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
