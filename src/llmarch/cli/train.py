@@ -35,6 +35,9 @@ OPTIONS = [
     ("--no-nsp", "nsp", False, "mlm without next-sentence prediction"),
     ("--tokenizer", "tokenizer", str, "an existing tokenizer.json instead of training a BPE"),
     ("--vocab-size", "vocab_size", int, "size of the BPE to train (default: the config's vocab_size)"),
+    ("--qat", "qat", str, "quantization-aware training: int8 | int4 | int3 | int2 | ternary (weights; STE)"),
+    ("--qat-group-size", "qat_group_size", int, "group size of int4/int3/int2 QAT (default 64)"),
+    ("--tokenizer-kind", "tokenizer_kind", str, "bbpe (byte-level, default) | bpe (character-level)"),
     ("--cache-dir", "cache_dir", str, "token/tokenizer cache (default $LLMARCH_CACHE or ~/.cache/llmarch)"),
     ("--eval-every", "eval_every", int, "validate every N steps (default 100)"),
     ("--eval-batches", "eval_batches", int, "validation batches per evaluation (default 8)"),
@@ -42,6 +45,11 @@ OPTIONS = [
     ("--save-every", "save_every", int, "checkpoint every N steps (default 500; always at the end)"),
     ("--keep-last", "keep_last", int, "checkpoints kept (default 3)"),
     ("--parallel", "parallel", str, "ddp | fsdp with several processes (default ddp)"),
+    ("--dp", "dp", int, "data-parallel degree (default: processes / (tp * pp))"),
+    ("--tp", "tp", int, "tensor-parallel degree: heads, FFN width and vocabulary split over T ranks (default 1)"),
+    ("--ep", "ep", int, "expert-parallel degree: MoE experts split over the data-parallel ranks (default 1)"),
+    ("--pp", "pp", int, "pipeline-parallel degree (default 1)"),
+    ("--sp", "sequence_parallel", None, "sequence parallel with --tp: norms and residual on T/tp tokens per rank"),
     ("--device", "device", str, "auto | cpu | cuda (default auto)"),
     ("--samples", "samples", int, "texts generated at the end (default 3)"),
     ("--sample-tokens", "sample_tokens", int, "tokens per sample (default 64)"),
@@ -73,6 +81,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, required=False)  # or --from DIR
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
     add_options(p, OPTIONS)
+    p.add_argument("--recipe", choices=["paper"], help="paper: the preset's published optimiser settings (lr, AdamW "
+                   "betas/eps, weight decay, clipping, warmup, final lr); explicit flags still win")
     p.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun when > 1)")
 
 
@@ -86,6 +96,10 @@ def train_config_from_args(args: argparse.Namespace):
     from llmarch.train import TrainConfig
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in OPTIONS if getattr(args, dest) is not None}
+    if getattr(args, "recipe", None) == "paper":
+        from llmarch.presets.recipes import recipe_for
+
+        given = {**recipe_for(args.preset).settings(), **given}
     return TrainConfig(out=args.out, **given)
 
 
@@ -94,6 +108,8 @@ def argv_from_args(args: argparse.Namespace) -> list[str]:
     argv = ["--preset", args.preset] if args.preset else ["--config", args.config] if args.config else []
     for item in args.set:
         argv += ["--set", item]
+    if getattr(args, "recipe", None):
+        argv += ["--recipe", args.recipe]
     argv += ["--out", args.out]
     for flag, dest, kind, _ in OPTIONS:
         v = getattr(args, dest)
@@ -106,6 +122,10 @@ def argv_from_args(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    from llmarch.train.parallel.mesh import MeshSpec
+
+    world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))  # a torchrun rank: its job
+    MeshSpec(args.dp, args.tp or 1, args.ep or 1, args.pp or 1).resolve(world)  # before launching anything
     if args.nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                "-m", "llmarch.train", *argv_from_args(args)]

@@ -7,5 +7,7 @@ from llmarch.hf import dpr  # noqa: F401  (registration; after bert, which it ex
 from llmarch.hf.base import FAMILIES
 from llmarch.hf.convert import ConversionError
 from llmarch.hf.io import config_from_hf, load, read_safetensors, save
+from llmarch.hf.adapters import load_adapter, save_adapter
 
-__all__ = ["FAMILIES", "ConversionError", "config_from_hf", "load", "read_safetensors", "save"]
+__all__ = ["FAMILIES", "ConversionError", "config_from_hf", "load", "load_adapter", "read_safetensors", "save",
+           "save_adapter"]

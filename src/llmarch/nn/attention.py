@@ -101,15 +101,16 @@ class Attention(nn.Module):
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
         y = self.attend(x, ctx, cache)  # [B, H, T, Dh]
+        B, _, T, _ = y.shape  # T from the heads: under sequence parallel x holds only this rank's T / tp
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def attend(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         """The heads' outputs before the output projection: x [B, T, D] -> [B, H, T, Dh]."""
-        B, T, _ = x.shape
         H, G, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv(x).view(B, T, H + 2 * G, Dh).transpose(1, 2)  # [B, H+2G, T, Dh]
+        qkv = self.qkv(x)  # [B, T, (H+2G)*Dh] (all T: sequence parallel gathers the sequence here)
+        B, T, _ = qkv.shape
+        qkv = qkv.view(B, T, H + 2 * G, Dh).transpose(1, 2)  # [B, H+2G, T, Dh]
         qk, v = qkv.split([H + G, G], dim=1)  # v [B, G, T, Dh]
         q, k = ctx.rotation.rotate(qk).split([H, G], dim=1)  # q and k rotated in one pass: [B, H|G, T, Dh]
         k_start = ctx.q_start

@@ -27,6 +27,12 @@ class DistEnv:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    dp_rank: int | None = None  # rank among the data-parallel ranks (ranks of one tp group read the same batch)
+    dp_world: int | None = None  # data-parallel degree; None = rank / world (no tensor parallel)
+
+    def __post_init__(self) -> None:
+        self.dp_rank = self.rank if self.dp_rank is None else self.dp_rank
+        self.dp_world = self.world if self.dp_world is None else self.dp_world
 
     @property
     def enabled(self) -> bool:
@@ -132,7 +138,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     """Full (unsharded) model and optimizer state dicts on rank 0, CPU, keyed by parameter name. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    layout = getattr(unwrap(model), "tp_layout", None)  # tensor parallel: back to the natural layout
+    if layout is not None:
+        layout.state_to_natural(model_state, optim_state)
+    return model_state, optim_state
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -140,6 +151,9 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     optimizer; every rank passes the same full state. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    layout = getattr(unwrap(model), "tp_layout", None)
+    if layout is not None:
+        state = layout.state_to_parallel(state)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     for group in optimizer.param_groups:  # hyper-parameter tuples (betas) come back as lists
         group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})

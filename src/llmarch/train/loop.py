@@ -24,6 +24,8 @@ from llmarch.train import distributed as D
 from llmarch.train.expert_load import ExpertLoad
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
+from llmarch.train.parallel.apply import clip_grad_norm, parallelize
+from llmarch.train.parallel.tensor import loss_context
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
 from llmarch.train.posttrain import initial_model, prepare_for, write_adapter
 from llmarch.train.retrieving import with_retrieval
@@ -83,9 +85,13 @@ class Trainer:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
                 raise ValueError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        if tc.qat:  # the forward sees quantized weights; the float weights train (straight-through)
+            from llmarch.infer.lowbit import prepare_qat
+
+            prepare_qat(model, tc.qat, tc.qat_group_size)
         if tc.grad_checkpointing:
             enable_activation_checkpointing(model)
-        self.model = D.wrap(model.to(self.env.device), self.env, tc.parallel)
+        self.model = parallelize(model.to(self.env.device), cfg, self.env, tc)  # mesh: DDP/FSDP2 (+ TP, EP)
         self.expert_load = ExpertLoad(self.model)  # empty (falsy) for dense models
         self.optimizer = make_optimizer(self.model, tc.lr, tc.weight_decay, (tc.beta1, tc.beta2), tc.eps)
         self.schedule = WarmupCosine(self.optimizer, tc.lr, tc.warmup, tc.steps, tc.min_lr_ratio)
@@ -93,7 +99,7 @@ class Trainer:
         # masking draws, reseeded per micro-batch from its first sample's index: the same masks whatever the
         # number of processes or micro-batches
         self.generator = torch.Generator().manual_seed(tc.seed * 7919 + self.env.rank)
-        torch.manual_seed(tc.seed + 1 + self.env.rank)  # dropout
+        torch.manual_seed(tc.seed + 1 + self.env.dp_rank)  # dropout: the same masks on the ranks of a tp group
         self.step, self.consumed = 0, 0
         if self.state is not None:
             self._restore(self.state)
@@ -126,17 +132,17 @@ class Trainer:
         length = tc.seq_len_at(self.step) + self.objective.extra_tokens
         out = []
         for m in range(tc.grad_accum):
-            start = self.consumed + (m * env.world + env.rank) * tc.batch_size
+            start = self.consumed + (m * env.dp_world + env.dp_rank) * tc.batch_size
             chunk = self.train_seqs.take(start, tc.batch_size, length)
             out.append(self.objective.make_batch(chunk, self.generator.manual_seed(sample_seed(tc.seed, start))))
-        self.consumed += tc.batch_size * tc.grad_accum * env.world
+        self.consumed += tc.batch_size * tc.grad_accum * env.dp_world
         return out
 
     def _forward(self, batch: Batch):
         inputs = {k: v.to(self.env.device) for k, v in batch.inputs.items()}
         labels = {k: v.to(self.env.device) for k, v in batch.labels.items()}
         with self.precision.autocast():
-            out = self.model(**inputs)
+            out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
 
     def train_step(self) -> dict:
@@ -148,7 +154,7 @@ class Trainer:
         sums = {t: 0.0 for t in terms}
         aux_total = 0.0
         for i, batch in enumerate(micro):
-            with D.grad_sync(self.model, i == len(micro) - 1):
+            with D.grad_sync(self.model, i == len(micro) - 1), loss_context(D.unwrap(self.model)):
                 out, s = self._forward(batch)
                 if self.expert_load:
                     self.expert_load.update()
@@ -164,7 +170,8 @@ class Trainer:
         self.precision.unscale(self.optimizer)
         grad_norm = None
         if tc.clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
+            clip = clip_grad_norm if hasattr(D.unwrap(self.model), "parallel_mesh") else torch.nn.utils.clip_grad_norm_
+            grad_norm = clip(self.model.parameters(), tc.clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         lr = self.schedule.lr
         self.precision.step(self.optimizer)
@@ -179,7 +186,7 @@ class Trainer:
             record["aux_loss"] = reduced[-1] / env.world
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
-        record["tokens"] = sum(b.tokens for b in micro) * env.world
+        record["tokens"] = sum(b.tokens for b in micro) * env.dp_world
         return record
 
     def _objective_metrics(self, prefix: str = "") -> dict:
@@ -205,11 +212,12 @@ class Trainer:
         self.model.eval()
         gen = torch.Generator()
         total = count = 0.0
-        for i in range(math.ceil(tc.eval_batches / env.world)):
-            start = (i * env.world + env.rank) * tc.batch_size
+        for i in range(math.ceil(tc.eval_batches / env.dp_world)):
+            start = (i * env.dp_world + env.dp_rank) * tc.batch_size
             chunk = self.val_seqs.batch(start, tc.batch_size)
             batch = self.objective.make_batch(chunk, gen.manual_seed(sample_seed(tc.seed + 12345, start)))
-            _, s = self._forward(batch)
+            with loss_context(D.unwrap(self.model)):
+                _, s = self._forward(batch)
             total += float(s[self.objective.main_term])
             count += batch.counts[self.objective.main_term]
         total, count = D.all_reduce_sum(env, [total, count])

@@ -9,7 +9,8 @@ from typing import Any
 # settings a resumed run may change without breaking exact continuation of the data, schedule and numerics
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
                                "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
-                               "cache_dir", "resume"})
+                               "cache_dir", "resume", "dp", "tp", "ep", "pp",
+                               "sequence_parallel"})
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     tokenizer: str | None = None  # an existing tokenizer.json; None = train a byte-level BPE
     vocab_size: int | None = None  # size of the BPE to train; None = the model config's vocab_size
+    qat: str | None = None  # quantization-aware training: int8 | int4 | int3 | int2 | ternary (None = off)
+    qat_group_size: int = 64  # group size of int4/int3/int2 QAT
+    tokenizer_kind: str = "bbpe"  # the BPE to train: bbpe (byte-level) | bpe (character-level, <unk> for unseen)
     cache_dir: str | None = None  # token cache; None = $LLMARCH_CACHE or ~/.cache/llmarch
     eval_every: int = 100
     eval_batches: int = 8
@@ -49,6 +53,11 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 3
     parallel: str = "ddp"  # ddp | fsdp (with several processes)
+    dp: int | None = None  # data-parallel degree; None = the processes left after tp and pp (train/parallel/)
+    tp: int = 1  # tensor-parallel degree (attention heads, FFN width, vocabulary split over tp ranks)
+    ep: int = 1  # expert-parallel degree (MoE experts split over the data-parallel ranks; ep = dp)
+    pp: int = 1  # pipeline-parallel degree (stages of layers)
+    sequence_parallel: bool = False  # with tp: norms, residual and dropout on T/tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     samples: int = 3  # texts generated at the end
     sample_tokens: int = 64
@@ -80,6 +89,10 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+        for name in ("tp", "ep", "pp") + (("dp",) if self.dp is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
         for name in ("warmup", "keep_last", "samples", "sample_tokens", "curriculum_steps", "seed"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -96,6 +109,11 @@ class TrainConfig:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: {self.precision!r} is not allowed; choose one of ['bf16', 'fp16', 'fp32']")
+        if self.qat is not None and self.qat not in ("int8", "int4", "int3", "int2", "ternary"):
+            raise ValueError(f"qat: {self.qat!r} is not allowed; choose int8, int4, int3, int2 or ternary")
+        if self.tokenizer_kind not in ("bbpe", "bpe"):
+            raise ValueError(f"tokenizer_kind: {self.tokenizer_kind!r} is not allowed; choose bbpe (byte-level) or "
+                             "bpe (character-level)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: {self.parallel!r} is not allowed; choose one of ['ddp', 'fsdp']")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -1,0 +1,89 @@
+"""Wrap a training model for a mesh: tensor parallel on ``tp``, expert parallel over ``dp``, then data parallel
+(FSDP2 per block and root on the ``dp`` dim, composing with TP into a 2-D mesh; or DDP). Only data parallelism
+(``tp = ep = pp = 1``) takes the plain DDP / FSDP2 path of :mod:`llmarch.train.distributed`."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from llmarch.config import ModelConfig
+from llmarch.train.parallel.mesh import MeshSpec, build_mesh, spec_for
+
+log = logging.getLogger(__name__)
+
+
+def mesh_spec(cfg: ModelConfig, world: int, tc) -> MeshSpec:
+    """The validated mesh of a run's settings (``tc``: a TrainConfig)."""
+    spec = spec_for(cfg, world, dp=tc.dp, tp=tc.tp, ep=tc.ep, pp=tc.pp)
+    if spec.pp > 1:
+        raise ValueError("pp: the training loop does not drive pipeline stages yet; pipeline parallel is available "
+                         "as llmarch.train.parallel.pipeline.build_pipeline (see docs/distributed.md); use --pp 1")
+    if spec.tp > 1 and spec.dp > 1 and tc.parallel != "fsdp":
+        raise ValueError("parallel: tensor parallel with several data-parallel ranks composes with FSDP2 on a 2-D "
+                         "mesh; add --parallel fsdp")
+    if getattr(tc, "sequence_parallel", False) and (spec.tp == 1 or tc.seq_len % spec.tp):
+        raise ValueError(f"sequence_parallel: splits the sequence over the tp ranks; it needs --tp > 1 and --seq-len "
+                         f"divisible by tp (tp {spec.tp}, seq_len {tc.seq_len})")
+    if spec.ep > 1 and tc.parallel != "ddp":
+        raise ValueError("parallel: expert parallel shards experts over the data-parallel ranks and keeps the other "
+                         "weights replicated; use --parallel ddp with --ep")
+    return spec
+
+
+def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
+    """``model`` (plain, on ``env.device``) wrapped for the mesh of ``tc``; sets ``env.dp_rank`` / ``env.dp_world``
+    (ranks of one tp group read the same batch)."""
+    from llmarch.train import distributed as D
+
+    spec = mesh_spec(cfg, env.world, tc)
+    if spec.trivial:
+        return D.wrap(model, env, tc.parallel)
+    mesh = build_mesh(spec, env.device.type)
+    env.dp_rank, env.dp_world = mesh["dp"].get_local_rank(), spec.dp
+    model.parallel_mesh = mesh
+    if spec.tp > 1:
+        from llmarch.train.parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"], getattr(tc, "sequence_parallel", False))
+    if spec.ep > 1:
+        from llmarch.train.parallel.expert import apply_expert_parallel, expert_parallel_names
+
+        apply_expert_parallel(model, mesh["dp"])
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, expert_parallel_names(model))
+    if spec.dp > 1:
+        if tc.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            from llmarch.train.optim import block_lists
+
+            for layers in block_lists(model):
+                for block in layers:
+                    fully_shard(block, mesh=mesh["dp"])
+            fully_shard(model, mesh=mesh["dp"])
+        else:
+            model = nn.parallel.DistributedDataParallel(
+                model, process_group=mesh["dp"].get_group(),
+                device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    log.info("mesh %s: dp %d x tp %d (ep %d)", dict(zip(mesh.mesh_dim_names, mesh.shape)), spec.dp, spec.tp, spec.ep)
+    return model
+
+
+def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clip over plain and DTensor gradients on any meshes (torch's own clip refuses to mix
+    them): each gradient's norm is reduced over its mesh, then combined. Returns the total norm (before clip)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    squares = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g, dtype=torch.float32)
+        squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+    return total
+
+
+__all__ = ["parallelize", "mesh_spec", "clip_grad_norm"]
