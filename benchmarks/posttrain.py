@@ -222,8 +222,10 @@ def main() -> None:
         S["sft_lora"] = {"seconds": secs, "val_loss": rec[-1]["val_loss"],
                          "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
                          "optimizer_bytes": optimizer_bytes(trainer),
-                         "tokens_per_s": sum(r["tokens_per_s"] for r in rec) / len(rec),
-                         "heldout": generation_metrics(work / "sft_lora", test)}
+                         "tokens_per_s": sum(r["tokens_per_s"] for r in rec) / len(rec)}
+        from llmarch.train.merge import merge_run  # a LoRA run's checkpoint holds base + adapters: fold them in
+
+        S["sft_lora"]["heldout"] = generation_metrics(merge_run(work / "sft_lora", work / "sft_lora_merged"), test)
     except ImportError:
         S["sft_lora"] = {"skipped": "llmarch.lora is not in this build"}
     log.info("lora: %s", S["sft_lora"])
