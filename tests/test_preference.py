@@ -97,3 +97,13 @@ def test_dpo_trains_on_the_loop(tmp_path):
     assert {"accuracy", "reward_chosen", "reward_rejected", "reward_margin", "val_accuracy"} <= set(records[-1])
     assert records[0]["loss"] == records[0]["loss"] and abs(records[0]["loss"] - math.log(2)) < 1e-4  # policy = ref
     assert records[-1]["reward_margin"] > records[0]["reward_margin"]
+
+
+def test_reward_model_trains_on_the_loop(tmp_path):
+    base = tiny_model_dir(tmp_path)
+    data = write_jsonl(tmp_path / "pref.jsonl", PREF_ROWS)
+    result = train(llmarch.ModelConfig.from_file(base / "config.json"),
+                   ft_settings(tmp_path / "run", base, data, objective="reward", steps=2))
+    assert (result.config.head, result.config.n_labels) == ("last_token", 1)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {"accuracy", "reward_margin", "val_accuracy"} <= set(records[-1])
