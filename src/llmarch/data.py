@@ -249,6 +249,10 @@ class PackedSequences:
             rows.append(self.chunk(int(self._order(epoch)[pos])))
         return torch.from_numpy(np.stack(rows))
 
+    def take(self, start: int, size: int, length: int) -> torch.Tensor:
+        """:meth:`batch` cut to its first ``length`` tokens (the sequence-length curriculum)."""
+        return self.batch(start, size)[:, :length]
+
 
 __all__ = ["corpus_files", "stdlib_files", "split_files", "split_corpus", "CorpusSplit", "split_text", "take_bytes",
            "tokenize_corpus", "PackedSequences", "TokenSplits", "read_texts", "default_cache_dir"]

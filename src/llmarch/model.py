@@ -161,12 +161,15 @@ class Model(nn.Module):
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
                 global_attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
-                output_exits: bool = False, pixel_values: torch.Tensor | None = None) -> ModelOutput:
+                output_exits: bool = False, pixel_values: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
         return the decoder's logits; a cache that already holds the encoded memory skips the encoder.
         global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer).
+        document_ids [B, T] packs several documents per row (no cache): a token attends only to tokens with its id
+        and positions restart at each new id (see :func:`document_positions`).
         output_attentions: also return every attention module's weights (computed by the reference kernel).
         output_exits (exit_heads models): also the intermediate predictions and learned exit confidences.
         pixel_values [n_images, C, H, W] only for models with ``config.vision`` (VisionLanguageModel)."""
@@ -181,7 +184,8 @@ class Model(nn.Module):
             with record_attentions(self) as maps:
                 out = self(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids=token_type_ids,
                            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                           global_attention_mask=global_attention_mask)
+                           global_attention_mask=global_attention_mask,
+                           document_ids=document_ids)
             out.attentions = {name: w[-1] for name, w in maps.items() if w}  # the last call (recomputation repeats it)
             return out
         kind = self.config.kind
@@ -195,12 +199,12 @@ class Model(nn.Module):
                 raise ValueError("cache: an encoder attends in both directions and has no incremental cache; "
                                  "call it on the whole sequence")
             h = self._run(self.encoder, input_ids, attention_mask, position_ids, token_type_ids, None, None,
-                          global_attention_mask)
+                          global_attention_mask, document_ids)
             return self._output(h, None)
         if cache is None and use_cache:
             cache = self.new_cache()
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None,
-                      global_attention_mask)
+                      global_attention_mask, document_ids)
         return self._output(h, cache, input_ids, attention_mask)
 
     def _with_exits(self, input_ids, attention_mask, position_ids, cache, use_cache) -> ModelOutput:
@@ -247,7 +251,7 @@ class Model(nn.Module):
         return self.decode(decoder_input_ids, memory, decoder_attention_mask, cache)
 
     def _run(self, stack: Stack, input_ids, attention_mask, position_ids, token_type_ids, cache,
-             memory, global_attention_mask=None) -> torch.Tensor:
+             memory, global_attention_mask=None, document_ids=None) -> torch.Tensor:
         """Embed and run one stack. Returns [B, T, D]; advances ``cache`` by T."""
         cfg = self.config
         B, T = check_input_ids(input_ids, cfg.vocab_size)
@@ -257,8 +261,12 @@ class Model(nn.Module):
                              f"{(B, past + T)} = (batch, cached {past} + new {T} tokens)")
         if token_type_ids is not None:
             check_token_types(token_type_ids, (B, T), cfg.type_vocab_size)
+        if document_ids is not None:
+            document_ids = check_documents(document_ids, (B, T), cache)
         if position_ids is None:
-            if attention_mask is not None:
+            if document_ids is not None:
+                position_ids = document_positions(document_ids)
+            elif attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
@@ -267,7 +275,7 @@ class Model(nn.Module):
         x = self.embed_inputs(input_ids, stack.positions, position_ids, token_type_ids, memory)
         ctx = AttnContext(past, T, stack.positions, position_ids, _key_padding(attention_mask), causal=stack.causal,
                           device=input_ids.device, memory=memory,
-                          global_mask=_global_mask(global_attention_mask, (B, past + T)))
+                          global_mask=_global_mask(global_attention_mask, (B, past + T)), document_ids=document_ids)
         h = stack(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
@@ -285,6 +293,24 @@ class Model(nn.Module):
             self.lm_head, "reads_tokens", False) else {}
         outs = self.lm_head.outputs(h, **tokens)
         return ModelOutput(outs.pop("logits"), h, aux_loss(self, h), cache, **outs)
+
+
+def check_documents(document_ids: torch.Tensor, shape: tuple[int, int], cache) -> torch.Tensor:
+    if cache is not None:
+        raise ValueError("document_ids: packed documents are for whole-sequence forwards (training, scoring); "
+                         "decode each document with its own cache")
+    if tuple(document_ids.shape) != shape:
+        raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}; expected {shape} like input_ids")
+    return document_ids
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the document id changes along a row. [B, T] -> [B, T] long."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
 
 
 def _global_mask(global_attention_mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ sentinels) work for tokenizers we did not train when they use the usual spelling
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -20,6 +21,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # chat_template and named special tokens (transformers' file)
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+# end-of-turn spellings a chat reply stops at (besides eos)
+END_OF_TURN_SPELLINGS = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|eot|>")
 # our specials, in id order; span corruption adds sentinels after them
 BASE_SPECIALS = ("<pad>", "<bos>", "<eos>", "<mask>", "<sep>", "<cls>")
 # role -> accepted spellings, first match wins (ours first, then common Hugging Face spellings)
@@ -45,8 +51,9 @@ def default_specials(n_sentinels: int = 32) -> list[str]:
 class Tokenizer:
     """A thin wrapper of a ``tokenizers.Tokenizer``: text <-> ids, special-token roles, save, a content hash."""
 
-    def __init__(self, inner: _HFTokenizer):
+    def __init__(self, inner: _HFTokenizer, config: dict | None = None):
         self.inner = inner
+        self.config = dict(config or {})  # tokenizer_config.json: chat_template, bos_token, ...
         self.vocab_size = inner.get_vocab_size(with_added_tokens=True)
         self._ids = {role: self._first_id(spellings) for role, spellings in ROLE_SPELLINGS.items()}
         sentinels = []
@@ -106,6 +113,70 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    # --- chat -----------------------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        t = self.config.get("chat_template")
+        if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            t = next((x["template"] for x in t if x.get("name") == "default"), None)
+        return t
+
+    def special_tokens_map(self) -> dict[str, str]:
+        """{bos_token: text, ...} as tokenizer_config.json names them (the variables a template may read)."""
+        out = {}
+        for name in SPECIAL_TOKEN_NAMES:
+            v = self.config.get(name)
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                out[name] = v
+        return out
+
+    @property
+    def end_of_turn_ids(self) -> list[int]:
+        """Ids a chat reply ends at: eos and the end-of-turn tokens the vocabulary has."""
+        ids = [self.inner.token_to_id(s) for s in END_OF_TURN_SPELLINGS]
+        eos = self.inner.token_to_id(self.special_tokens_map().get("eos_token", "")) or self.eos_id
+        return list(dict.fromkeys(i for i in [*ids, eos] if i is not None))
+
+    def with_chat_roles(self) -> "Tokenizer":
+        """This tokenizer if it has a chat template; else a copy with llmarch's role tokens added to the vocabulary
+        (new ids after the current ones) and the built-in template."""
+        from llmarch.chat_template import BUILTIN_TEMPLATE, ROLE_TOKENS
+
+        if self.chat_template is not None:
+            return self
+        inner = _HFTokenizer.from_str(self.inner.to_str())
+        inner.add_special_tokens(list(ROLE_TOKENS))
+        return Tokenizer(inner, {**self.config, "chat_template": BUILTIN_TEMPLATE})
+
+    def render_chat(self, messages, add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """(text, trained character spans) of a conversation under this tokenizer's template."""
+        from llmarch.chat_template import assistant_spans, check_messages, render
+
+        template = self.chat_template
+        if template is None:
+            raise ValueError("chat_template: this tokenizer has none; add one to tokenizer_config.json or use "
+                             "tok.with_chat_roles() (llmarch's built-in template and role tokens)")
+        messages = check_messages(messages)
+        if add_generation_prompt:
+            return render(template, messages, add_generation_prompt=True, **self.special_tokens_map())[0], []
+        return assistant_spans(template, messages, **self.special_tokens_map())
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation rendered by the chat template (no special tokens added beyond the
+        template's own), and a loss mask (1 = trained on): transformers' ``return_assistant_tokens_mask`` for
+        templates with ``{% generation %}``, else each assistant message's text and end-of-turn token."""
+        text, spans = self.render_chat(messages, add_generation_prompt)
+        enc = self.inner.encode(text, add_special_tokens=False)
+        mask = [0] * len(enc.ids)
+        for start, end in spans:  # as transformers: the tokens holding the first and last character, inclusive
+            first, last = enc.char_to_token(start), enc.char_to_token(end - 1)
+            if first is None:
+                break
+            for t in range(first, len(enc.ids) if last is None else last + 1):
+                mask[t] = 1
+        return list(enc.ids), mask
+
     # --- files ----------------------------------------------------------------------------------------------
     def to_json(self) -> str:
         return self.inner.to_str()
@@ -116,9 +187,9 @@ class Tokenizer:
         if path.is_dir() or not path.suffix:
             path.mkdir(parents=True, exist_ok=True)
             path = path / TOKENIZER_FILE
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        _write_atomic(path, self.to_json())
+        if self.config:  # the chat template and named specials, beside it
+            _write_atomic(path.with_name(TOKENIZER_CONFIG_FILE), json.dumps(self.config, indent=1) + "\n")
         return path
 
     def content_hash(self) -> str:
@@ -130,6 +201,12 @@ class Tokenizer:
 
 TOKENIZER_KINDS = ("bbpe", "bpe")
 UNK = "<unk>"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int,
@@ -171,13 +248,27 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not file.is_file():
         raise FileNotFoundError(f"no tokenizer at {file}; expected a Hugging Face tokenizer.json")
     try:
-        return Tokenizer(_HFTokenizer.from_file(str(file)))
+        inner = _HFTokenizer.from_file(str(file))
     except Exception as e:  # the Rust parser's message, but naming the file
         raise ValueError(f"{file} is not a valid tokenizer.json: {e}") from None
+    config_file = file.with_name(TOKENIZER_CONFIG_FILE)
+    config = None
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: expected a JSON object")
+    template_file = file.with_name(CHAT_TEMPLATE_FILE)  # where transformers >= 4.43 saves the template
+    if template_file.is_file() and not (config or {}).get("chat_template"):
+        config = {**(config or {}), "chat_template": template_file.read_text()}
+    return Tokenizer(inner, config)
 
 
 def load_tokenizer_for(checkpoint_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved with a model or training checkpoint (``DIR/tokenizer.json``)."""
+    """The tokenizer saved with a model or training checkpoint: ``DIR/tokenizer.json`` with, when present,
+    ``DIR/tokenizer_config.json`` (its ``chat_template`` drives :meth:`Tokenizer.apply_chat_template`)."""
     return load_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE)
 
 

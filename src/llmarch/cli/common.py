@@ -86,9 +86,14 @@ def config_from_args(args: argparse.Namespace, dirs: bool = False) -> ModelConfi
     spec = model_spec(args)
     if spec is None:
         raise ValueError(f"give a model: NAME, --preset NAME or --config FILE ({MODEL_SPEC})")
-    cfg = resolve_model(spec, dirs=dirs)
+    return apply_sets(resolve_model(spec, dirs=dirs), args.set)
+
+
+def apply_sets(cfg: ModelConfig, items: list[str]) -> ModelConfig:
+    """``cfg`` with the ``--set FIELD=VALUE`` overrides: every override first, then one validation
+    (pattern=sliding needs window=W too)."""
     changes = {}
-    for item in args.set:  # every override first, then one validation (pattern=sliding needs window=W too)
+    for item in items:
         field, sep, value = item.partition("=")
         if not sep or not field.strip():
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE")

@@ -25,6 +25,8 @@ def add(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user turn in the checkpoint's chat "
+                   "template (as `chat` does) and stop at the end of the reply")
     p.add_argument("--index", metavar="DIR", help="RETRO: retrieve neighbours from this chunk index (built with "
                    "the checkpoint's tokenizer) as each chunk completes; no streaming")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -92,6 +94,11 @@ def run(args) -> int:
     kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
     # the tokenizer's own BOS/EOS rule, as transformers applies it; an empty prompt starts from BOS (else EOS)
     ids = encode_prompt(tok, args.prompt) or [t for t in (tok.bos_id, tok.eos_id) if t is not None][:1]
+    eos, more_stops = tok.eos_id, None
+    if args.chat:  # the template's prompt; a reply ends at an end-of-turn token
+        ids, _ = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+        eos, *rest = tok.end_of_turn_ids
+        more_stops = [[i] for i in rest]
     if args.index:
         return _retro(args, model, tok, ids)
     if args.image:
@@ -102,14 +109,14 @@ def run(args) -> int:
     stops = tuple(args.stop)
     stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
     seq2seq = model.config.kind == "encoder_decoder"
-    if not seq2seq:  # a decoder continues the prompt; an encoder-decoder answers it
+    if not seq2seq and not args.chat:  # a decoder continues the prompt; an encoder-decoder answers it
         _emit(args.prompt)
-    out = llmarch.generate(model, torch.tensor([ids]), eos_token_id=tok.eos_id, stop_strings=stops or None,
-                           decode=tok.decode, streamer=stream, **kw)
+    out = llmarch.generate(model, torch.tensor([ids]), eos_token_id=eos, stop_sequences=more_stops,
+                           stop_strings=stops or None, decode=tok.decode, streamer=stream, **kw)
     # an encoder-decoder returns its start token and the new tokens (the prompt went through the encoder)
     new = out[0, 1 if seq2seq else len(ids):].tolist()
-    if tok.eos_id is not None and tok.eos_id in new:
-        new = new[:new.index(tok.eos_id)]
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
     text = tok.decode(new)
     for s in stops:
         text = text.split(s)[0]

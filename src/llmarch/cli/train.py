@@ -63,6 +63,8 @@ OPTIONS = [
     ("--index", "index", str, "chunk index (llmarch index build, same tokenizer) for a RETRO config"),
     ("--images", "images", str, "train a vision config on image-text pairs: digits (sklearn 8x8) | shapes "
      "(Pillow-rendered counts); one process"),
+    ("--from", "init_from", str, "start from these weights (llmarch model/run directory or Hugging Face "
+     "directory): its config, tokenizer and weights; continued pre-training"),
 ]
 
 
@@ -79,7 +81,7 @@ def add_options(p: argparse.ArgumentParser, options) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p, required=False)  # required unless --resume (the run's own config)
+    add_model_args(p, required=False)  # or --from DIR, or --resume (the run's own config)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
     add_options(p, OPTIONS)
     p.add_argument("--recipe", choices=["paper"], help="paper: the preset's published optimiser settings (lr, AdamW "
@@ -108,14 +110,23 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def model_config_from_args(args: argparse.Namespace):
-    """--preset / --config (+ --set); with --resume and neither, the run's own model_config.json (+ --set)."""
-    from llmarch.cli.common import config_from_args
+    """--preset / --config (+ --set); --from DIR: that directory's config (+ --set); with --resume and none of
+    them, the run's own model_config.json (+ --set)."""
+    from llmarch.cli.common import apply_sets, config_from_args
     from llmarch.train.resume import resume_model_config_file
 
+    init_from = getattr(args, "init_from", None)
+    if init_from is not None:
+        if args.preset or args.config:
+            raise ValueError("--from takes the model from DIR; drop --preset/--config (use --set to change fields)")
+        from llmarch.train.posttrain import config_from_dir
+
+        return apply_sets(config_from_dir(init_from), args.set)
     if args.preset or args.config:
         return config_from_args(args)
     if not args.resume:
-        raise ValueError("give a model: --preset NAME or --config FILE (or --resume to continue the run in --out)")
+        raise ValueError("give a model: --preset NAME, --config FILE or --from DIR (existing weights), or --resume "
+                         "to continue the run in --out")
     return config_from_args(argparse.Namespace(**{**vars(args), "config": str(resume_model_config_file(args.out))}))
 
 

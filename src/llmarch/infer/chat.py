@@ -66,6 +66,13 @@ class Chat:
         self.history: list[tuple[str, str]] = []
         self.processor = processor  # PIL image -> pixel_values (vision-language models)
         self.pixel_values: torch.Tensor | None = None  # the image of the conversation ([1, C, H, W])
+        # a tokenizer with a chat template (tokenizer_config.json, or llmarch's after finetune) formats the turns
+        # as the model was tuned on them and ends a reply at its end-of-turn tokens
+        self.templated = getattr(tokenizer, "chat_template", None) is not None
+        eos = getattr(tokenizer, "eos_id", None)
+        self.stop_ids = list(tokenizer.end_of_turn_ids) if self.templated else ([eos] if eos is not None else [])
+        if self.templated:
+            self.stops = ()
 
     def add_image(self, path: str) -> None:
         """Attach the image at ``path`` to the conversation (``/image PATH``); its tokens lead the transcript."""
@@ -80,9 +87,25 @@ class Chat:
         turns += [f"{self.user}: {u}\n{self.assistant}: {a}\n" for u, a in self.history]
         return "".join(turns) + f"{self.user}: {message}\n{self.assistant}:"
 
+    def messages(self, message: str, turns: int | None = None) -> list[dict]:
+        """The conversation as chat messages: the system line, the last ``turns`` exchanges, the new message."""
+        history = self.history if turns is None else self.history[len(self.history) - turns:]
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in history:
+            out += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return out + [{"role": "user", "content": message}]
+
     def prompt_ids(self, message: str) -> list[int]:
         """The transcript's ids (the tokenizer's BOS/EOS rule, :func:`~llmarch.tokenizer.encode_prompt`), the text
-        between them cut from the left to leave room for the reply."""
+        between them cut from the left to leave room for the reply; with a chat template, the template's ids
+        (the oldest exchanges forgotten first)."""
+        if self.templated:
+            room = self.model.config.max_seq_len - self.settings["max_new_tokens"]
+            for turns in range(len(self.history), -1, -1):
+                ids, _ = self.tokenizer.apply_chat_template(self.messages(message, turns), add_generation_prompt=True)
+                if len(ids) <= room:
+                    return ids
+            return ids[-room:]
         ids = encode_prompt(self.tokenizer, self.transcript(message))
         empty = encode_prompt(self.tokenizer, "")  # the specials alone: what the rule puts before and after
         head = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
@@ -97,14 +120,13 @@ class Chat:
         stream = TextStream(self.tokenizer.decode, on_text, self.stops) if on_text else None
         settings = self.settings if self.pixel_values is None else \
             dict(self.settings, cache="dynamic", pixel_values=self.pixel_values)
-        out = generate(self.model, ids, eos_token_id=getattr(self.tokenizer, "eos_id", None),
-                       stop_strings=self.stops, decode=self.tokenizer.decode, generator=self.generator,
-                       streamer=stream, **settings)
+        stop_ids = self.stop_ids
+        out = generate(self.model, ids, eos_token_id=stop_ids[0] if stop_ids else None,
+                       stop_sequences=[[i] for i in stop_ids[1:]], stop_strings=self.stops or None,
+                       decode=self.tokenizer.decode, generator=self.generator, streamer=stream, **settings)
         new = out[0, ids.shape[1]:].tolist()
-        eos = getattr(self.tokenizer, "eos_id", None)
-        if eos is not None and eos in new:
-            new = new[:new.index(eos)]
-        reply = self.tokenizer.decode(new)
+        new = new[:next((j for j, t in enumerate(new) if t in stop_ids), len(new))]
+        reply = self.tokenizer.decode(new, **({"skip_special_tokens": True} if self.templated else {}))
         for stop in self.stops:
             reply = reply.split(stop)[0]
         if stream is not None:

@@ -22,12 +22,13 @@ class AttnContext:
 
     def __init__(self, q_start: int, T: int, positions: PositionScheme, position_ids: torch.Tensor,
                  key_padding: torch.Tensor | None, causal: bool, device: torch.device, memory=None,
-                 global_mask: torch.Tensor | None = None):
+                 global_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
         self.q_start, self.T, self.causal = q_start, T, causal
         self.memory = memory  # CrossMemory: the encoder output a decoder's cross-attention reads (None elsewhere)
         self.q_idx = torch.arange(q_start, q_start + T, device=device)
         self.key_padding = key_padding  # [B, S_total] bool, True = real token
         self.global_mask = global_mask  # [B, S_total] bool, True = global token (patterns that use one)
+        self.document_ids = document_ids  # [B, S_total]: packed documents; a query sees keys of its own only
         self.positions = positions
         self.rotation = positions.rotation(position_ids)
         self._masks: dict = {}
@@ -44,7 +45,7 @@ class AttnContext:
         k_idx = torch.arange(k_start, k_start + S, device=self.q_idx.device)
         rule = pattern.allowed(self.q_idx, k_idx, self.q_start + self.T, self.global_mask)  # [T, S] | [B, T, S]
         needs_causal = self.causal and self.q_start < k_start + S - 1  # some key lies in a query's future
-        if rule is None and self.key_padding is None:
+        if rule is None and self.key_padding is None and self.document_ids is None:
             if not needs_causal:
                 return None, False
             if self.q_start == k_start and S == self.T:
@@ -57,6 +58,9 @@ class AttnContext:
         m = m[:, None] if m.dim() == 3 else m[None, None]  # [B|1, 1, T, S]
         if self.key_padding is not None:
             m = m & self.key_padding[:, None, None, k_start:k_start + S]  # [B, 1, T, S]
+        if self.document_ids is not None:  # block-diagonal: packed documents never attend to each other
+            docs = self.document_ids
+            m = m & (docs[:, None, self.q_start:self.q_start + self.T, None] == docs[:, None, None, k_start:k_start + S])
         # a query with no visible key (a padding slot) attends everything, so softmax stays finite; its output
         # is never used
         return m | ~m.any(-1, keepdim=True), False

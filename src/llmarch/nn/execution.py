@@ -33,7 +33,8 @@ def masked(q, k, v, ctx, pattern, k_start: int, *, kernel, scale: float, dropout
 def blocks(q, k, v, ctx, pattern, k_start: int, *, kernel, scale: float, dropout_p: float = 0.0,
            block: int = 64) -> torch.Tensor:
     T, S = q.shape[2], k.shape[2]
-    plan = pattern.plan(S, block) if (k_start == 0 and ctx.q_start == 0 and S == T) else None
+    whole = k_start == 0 and ctx.q_start == 0 and S == T and ctx.document_ids is None  # packed rows: the mask
+    plan = pattern.plan(S, block) if whole else None
     if plan is None:
         return masked(q, k, v, ctx, pattern, k_start, kernel=kernel, scale=scale, dropout_p=dropout_p)
     if ctx.positions.score_bias(ctx.q_idx[:1], ctx.q_idx[:1]) is not None:

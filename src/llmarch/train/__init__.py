@@ -4,5 +4,6 @@ from llmarch.train.loop import TrainResult, Trainer, train
 from llmarch.train.objectives import OBJECTIVES, objective_for
 from llmarch.train import retrieval_objective  # noqa: F401,E402  (registers the "ict" objective)
 from llmarch.train.settings import TrainConfig
+from llmarch.train import preference, rejection, sft  # noqa: F401,E402  (registration: sft, reward, dpo, rs)
 
 __all__ = ["train", "Trainer", "TrainResult", "TrainConfig", "OBJECTIVES", "objective_for"]

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from llmarch.config import ModelConfig
-from llmarch.data import PackedSequences
 from llmarch.model import build
 from llmarch.nn.device import host_reads_ok, read_back, to_device
 from llmarch.nn.moe import moe_metrics
@@ -31,11 +30,12 @@ from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.parallel.apply import clip_grad_norm, parallelize
 from llmarch.train.parallel.tensor import loss_context
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
+from llmarch.train.posttrain import initial_model, prepare_for, write_adapter
 from llmarch.train.resume import check_resumable
 from llmarch.train.retrieving import with_retrieval
 from llmarch.train.rundir import RunDirectory
 from llmarch.train.settings import TrainConfig
-from llmarch.train.setup import fit_model_config, prepare
+from llmarch.train.setup import fit_model_config
 from llmarch.train.teacher import with_teacher
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,23 @@ class Trainer:
         resume_from, self.state = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
         if resume_from is not None:  # refuse a changed run before tokenising the corpus
             check_resumable(self.state, model_cfg, tc, resume_from)
-        self.prep = prepare(tc, model_cfg, self.env, resume_from)
+        tc, self.prep = prepare_for(tc, model_cfg, self.env, resume_from)  # a text corpus, or example rows
+        self.tc = tc
         self.tokenizer = self.prep.tokenizer
         cfg, notes = fit_model_config(model_cfg, self.tokenizer, tc)
+        objective = with_retrieval(objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp), tc, cfg,
+                                   self.tokenizer)  # --index: RETRO neighbours in every batch; --teacher: distil
+        self.objective = with_teacher(objective, tc, cfg, self.tokenizer, self.env.device)
+        cfg = self.objective.fit_config(cfg)  # a reward model's scalar head
         self.cfg = cfg
         if self.env.is_main:
             for note in notes:
                 log.info("model %s", note)
-        objective = with_retrieval(objective_for(tc.objective, cfg, self.tokenizer, nsp=tc.nsp), tc, cfg,
-                                   self.tokenizer)  # --index: RETRO neighbours in every batch; --teacher: distil
-        self.objective = with_teacher(objective, tc, cfg, self.tokenizer, self.env.device)
-        extra = self.objective.extra_tokens
-        self.train_seqs = PackedSequences(self.prep.splits.train, tc.seq_len + extra, seed=tc.seed, name="training")
-        self.val_seqs = PackedSequences(self.prep.splits.val, tc.seq_len + extra, shuffle=False, name="validation")
 
         torch.manual_seed(tc.seed)  # every rank builds the same initial weights
-        model = build(cfg)
+        model = initial_model(cfg, tc, build)  # random, or --from weights; --lora adapters
+        self.objective.attach(model)  # before resumed weights: a DPO reference is the starting model
+        self.train_seqs, self.val_seqs = self.objective.sources(self.prep.splits, tc)
         self.aliases = ckpt.tied_aliases(model)
         if self.state is not None:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
@@ -134,7 +135,7 @@ class Trainer:
         out = []
         for m in range(tc.grad_accum):
             start = self.consumed + (m * env.dp_world + env.dp_rank) * tc.batch_size
-            chunk = self.train_seqs.batch(start, tc.batch_size)[:, :length]
+            chunk = self.train_seqs.take(start, tc.batch_size, length)
             out.append(self.objective.make_batch(chunk, self.generator.manual_seed(sample_seed(tc.seed, start))))
         self.consumed += tc.batch_size * tc.grad_accum * env.dp_world
         return out
@@ -199,6 +200,13 @@ class Trainer:
         record["tokens"] = sum(b.tokens for b in micro) * env.dp_world
         return record
 
+    def _objective_metrics(self, prefix: str = "") -> dict:
+        """The objective's own metrics (accuracy, rewards, ...) as means over all ranks."""
+        sums = self.objective.pop_metrics()
+        names = sorted(sums)
+        totals = D.all_reduce_sum(self.env, [sums[n][0] for n in names] + [sums[n][1] for n in names])
+        return {prefix + n: totals[i] / max(totals[len(names) + i], 1e-9) for i, n in enumerate(names)}
+
     def _log_experts(self, record: dict) -> None:
         """MoE load of the last training forward into the record (means over layers); the summed load since the
         last log into RUN/expert_load.json (read by ``llmarch plot experts``)."""
@@ -224,6 +232,7 @@ class Trainer:
             total += float(s[self.objective.main_term])
             count += batch.counts[self.objective.main_term]
         total, count = D.all_reduce_sum(env, [total, count])
+        self.val_metrics = self._objective_metrics("val_")
         self.model.train()
         return total / count
 
@@ -264,9 +273,11 @@ class Trainer:
                     record["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
                     if self.expert_load:  # before evaluation, whose forwards would replace the routing
                         self._log_experts(record)
+                    record.update(self._objective_metrics())  # accuracy, rewards, ... since the last log
                     if evaluate:
                         record["val_loss"] = self.evaluate()
                         record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                        record.update(self.val_metrics)
                         result.val_losses.append((self.step, record["val_loss"]))
                     self.metrics.log(record)
                 if self.step % tc.save_every == 0 or self.step == last:
@@ -274,7 +285,10 @@ class Trainer:
                 if "tokens_per_s" in record:
                     t0, tokens = time.perf_counter(), 0
             result.step = self.step
-            if self.env.is_main and result.checkpoint is not None and tc.samples:
+            if self.env.is_main:  # a LoRA run: RUN/adapter/ in PEFT's format
+                write_adapter(getattr(self.model, "module", self.model), self.out)
+            text_run = not self.objective.reads_examples  # samples continue corpus text
+            if self.env.is_main and result.checkpoint is not None and tc.samples and text_run:
                 from llmarch.train.samples import sample_texts
 
                 result.samples = sample_texts(result.checkpoint, self.prep.splits.val, self.tokenizer, tc)

@@ -61,6 +61,30 @@ class Objective:
     def loss_sums(self, out, batch: Batch) -> dict[str, torch.Tensor]:
         return {"lm": ce_sum(out.logits, batch.labels["lm"])}
 
+    # --- hooks of example-based (post-training) objectives; text objectives keep these defaults -----------------
+    reads_examples = False  # True: the data is JSONL rows (train/posttrain.py prepares them), not a text corpus
+
+    @classmethod
+    def fit_config(cls, cfg: ModelConfig) -> ModelConfig:
+        """The config this objective trains (a reward model swaps the head); a class method, so a resume can be
+        checked before the objective is built."""
+        return cfg
+
+    def sources(self, splits, tc) -> tuple:
+        """(train, validation) sample streams: packed chunks of ``seq_len + extra_tokens`` tokens."""
+        from llmarch.data import PackedSequences
+
+        length = tc.seq_len + self.extra_tokens
+        return (PackedSequences(splits.train, length, seed=tc.seed, name="training"),
+                PackedSequences(splits.val, length, shuffle=False, name="validation"))
+
+    def attach(self, model) -> None:
+        """Called with the model before training and before resumed weights load (DPO keeps its reference)."""
+
+    def pop_metrics(self) -> dict[str, tuple[float, float]]:
+        """{name: (sum, count)} accumulated since the last call (logged as sum / count over all ranks)."""
+        return {}
+
 
 @OBJECTIVES.register("causal_lm")
 class CausalLM(Objective):
@@ -193,7 +217,7 @@ def objective_for(name: str | None, cfg: ModelConfig, tokenizer: Tokenizer, nsp:
     else:
         default_nsp = HEAD_OBJECTIVES.get(cfg.head) == (name, True)
     cls = OBJECTIVES[name]
-    if cls.model_kind != cfg.kind:
+    if cfg.kind not in (cls.model_kind if isinstance(cls.model_kind, tuple) else (cls.model_kind,)):
         raise ValueError(f"objective: {name!r} trains {cls.model_kind} models but the config's kind is "
                          f"{cfg.kind!r}; pick --objective for that kind or change the config")
     nsp = default_nsp if nsp is None else nsp

@@ -49,7 +49,11 @@ def check_resumable(loaded: dict, model_cfg: ModelConfig, tc: TrainConfig, path:
     from llmarch.tokenizer import TOKENIZER_FILE, load_tokenizer
     from llmarch.train.setup import fit_model_config
 
+    from llmarch.train.objectives import OBJECTIVES
+
     cfg, _ = fit_model_config(model_cfg, load_tokenizer(path / TOKENIZER_FILE), tc)
+    if tc.objective is not None:  # what the objective trains (a reward model's scalar head)
+        cfg = OBJECTIVES[tc.objective].fit_config(cfg)
     if loaded["config"] != cfg:
         theirs = loaded["config"].to_dict()
         diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v)

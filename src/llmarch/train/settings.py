@@ -73,6 +73,19 @@ class TrainConfig:
     distill_alpha: float = 0.5  # weight of the KL term; 1 - alpha weighs the hard-label CE
     index: str | None = None  # a chunk index (llmarch index build) for a RETRO config; None = retrieval off
     images: str | None = None  # an image-text source (train/image_text.py: digits | shapes) for a vision config
+    # --- starting weights and post-training (train/posttrain.py; llmarch finetune, train --from) ---
+    init_from: str | None = None  # start from these weights: an llmarch run / model directory or a HF directory
+    lora: str | None = None  # LoRA adapters, "r=16,alpha=32,dropout=0,targets=q,v"; None = full fine-tuning
+    packing: bool = True  # sft: several conversations per row (block-diagonal attention)
+    dpo_beta: float = 0.1  # dpo: strength of the KL anchor to the reference
+    task_mix: str | None = None  # sft: a task mixture file (named tasks, rates, templates, curriculum)
+    rs_k: int = 4  # rs: candidates sampled per prompt
+    rs_rounds: int = 1  # rs: sample-score-train rounds over the run's steps
+    rs_temperature: float = 1.0  # rs: sampling temperature of the candidates
+    rs_max_new_tokens: int = 64  # rs: longest candidate
+    rs_min_score: float | None = None  # rs: drop prompts whose best candidate scores below this (None: keep all)
+    verifier: str | None = None  # rs: a programmatic scorer by name (llmarch.instructions.VERIFIERS)
+    reward_model: str | None = None  # rs: a reward-model checkpoint scoring the candidates (instead of a verifier)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches", "log_every",
@@ -124,6 +137,12 @@ class TrainConfig:
             from llmarch.train.image_text import SOURCES
 
             SOURCES[self.images]  # ValueError naming the choices
+        if self.dpo_beta <= 0 or self.rs_temperature < 0:
+            raise ValueError(f"dpo_beta must be > 0 and rs_temperature >= 0, got {self.dpo_beta}, "
+                             f"{self.rs_temperature}")
+        for name in ("rs_k", "rs_rounds", "rs_max_new_tokens"):
+            if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
         if self.max_data_mb is not None and self.max_data_mb <= 0:
             raise ValueError(f"max_data_mb: must be > 0, got {self.max_data_mb}")
 

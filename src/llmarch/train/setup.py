@@ -69,6 +69,9 @@ def fit_model_config(cfg: ModelConfig, tok: Tokenizer, tc: TrainConfig) -> tuple
     """The model config with the vocabulary size and special-token ids of the tokenizer, and what changed."""
     roles = {"pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
     changes = {"vocab_size": tok.vocab_size, **roles}
+    if tc.init_from is not None:  # existing weights: the vocabulary only grows (added tokens), known ids stay
+        roles = {k: v for k, v in roles.items() if v is not None}
+        changes = {"vocab_size": max(tok.vocab_size, cfg.vocab_size), **roles}
     start = cfg.decoder_start_token_id
     if start is not None:  # keep its role: the config's pad (T5, Marian) or bos/eos id becomes the tokenizer's
         role = next((k for k in roles if getattr(cfg, k) == start and roles[k] is not None), None)
