@@ -16,6 +16,7 @@ from typing import Any
 from llmarch.attention_config import MLAConfig, SparseConfig
 from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
+from llmarch.ssm_config import MixtureConfig, SSMConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import check_probability as _check_probability
@@ -67,7 +68,7 @@ class RopeConfig:
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
-               "retrieval": RetrievalConfig}
+               "retrieval": RetrievalConfig, "ssm": SSMConfig, "mixture": MixtureConfig}
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class ModelConfig:
     # in every layer. E.g. ("gated_delta", "gated_delta", "gated_delta", "attention") for a 3:1 hybrid.
     layer_mixers: tuple[str, ...] = ()
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
+    ssm: SSMConfig = field(default_factory=SSMConfig)  # Mamba-2 sizes; the form of every linear-time mixer
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)  # used by mixer "mixture"
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
@@ -242,6 +245,11 @@ class ModelConfig:
                   "divisor, cycled over the layers")
         if self.mixer == "latent":
             self.mla.validate()
+        self.ssm.validate_form()
+        if "mamba2" in self.mixers:
+            self.ssm.validate(self.d_model)
+        if "mixture" in self.mixers:
+            self.mixture.validate()
         if self.mixer == "longformer" and not all(hasattr(lnn.PATTERNS[p], "global_slots") for p in self.pattern):
             _fail("mixer", f"'longformer' projects global rows separately; every layer's pattern needs global "
                   f"tokens (pattern='longformer'), got {self.pattern}")

@@ -79,10 +79,12 @@ class Stack(nn.Module):
 
     def _block(self, cfg: ModelConfig, i: int, pattern, cross: nn.Module | None) -> nn.Module:
         attn = MIXERS[cfg.layer_mixer(i)].build(cfg, i, pattern)
+        ffn = ffn_for(cfg, i)
+        ffn_norm = norm_for(cfg) if getattr(ffn, "has_norm", True) else nn.Identity()  # FFN "none" has none
         if cross is None:
-            return BLOCKS[cfg.norm_placement](attn, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
-        return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg),
-                                                norm_for(cfg), dropout=cfg.dropout)
+            return BLOCKS[cfg.norm_placement](attn, ffn, norm_for(cfg), ffn_norm, dropout=cfg.dropout)
+        return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn, norm_for(cfg), norm_for(cfg), ffn_norm,
+                                                dropout=cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None) -> torch.Tensor:
         for layer in self.layers:

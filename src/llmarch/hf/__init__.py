@@ -4,6 +4,7 @@ from llmarch.hf import bert, marian, roberta, t5  # noqa: F401  (registration)
 from llmarch.hf import big_bird, longformer  # noqa: F401  (registration)
 from llmarch.hf import mixtral, qwen2_moe, switch_transformers  # noqa: F401  (registration)
 from llmarch.hf import dpr  # noqa: F401  (registration; after bert, which it extends)
+from llmarch.hf import mamba2  # noqa: F401  (registration)
 from llmarch.hf.base import FAMILIES
 from llmarch.hf.convert import ConversionError
 from llmarch.hf.io import config_from_hf, load, read_safetensors, save

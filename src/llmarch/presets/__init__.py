@@ -48,3 +48,4 @@ def _load_all() -> None:
         from llmarch.presets import bloom, deepseek, gpt, llama, moe, sparse  # noqa: F401  (registration side effects)
         from llmarch.presets import bert, t5, transformer  # noqa: F401
         from llmarch.presets import retrieval  # noqa: F401
+        from llmarch.presets import mamba2  # noqa: F401
