@@ -68,7 +68,8 @@ class Stack(nn.Module):
         if cross_for is None:
             cross_for = (lambda i: cross_attention_for(cfg, i)) if cross else (lambda i: None)
         n_layers = n_layers or cfg.n_layers
-        patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse) for name in set(cfg.pattern)}
+        patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse, causal=causal)
+                    for name in set(cfg.pattern)}
         self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                          head_dim=cfg.rope_head_dim, max_seq_len=cfg.max_seq_len, rope=cfg.rope,
                                          causal=causal,

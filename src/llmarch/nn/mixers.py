@@ -11,6 +11,7 @@ from llmarch.nn.global_attention import GlobalProjectionAttention
 from llmarch.nn.latent_attention import LatentAttention
 from llmarch.nn.linear_attention import LinearAttention
 from llmarch.nn.mamba2 import Mamba2Mixer
+from llmarch.nn.mixture import build_mixture
 from llmarch.nn.patterns import Pattern
 from llmarch.registry import Registry
 
@@ -99,3 +100,14 @@ class LinearEntry(Mixer):
     def build(cfg, layer, pattern):
         return LinearAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer, form=cfg.ssm.form,
                                chunk_size=cfg.ssm.chunk_size, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias)
+
+
+@MIXERS.register("mixture")
+class MixtureEntry(Mixer):
+    """Several mixers weighted per token by a softmax controller (``mixture`` sub-config)."""
+
+    cache = StateCache
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        return build_mixture(cfg, layer, pattern)
