@@ -145,6 +145,9 @@ class LatentCost(AttentionCost):
 
 
 MIXER_COSTS = {"attention": AttentionCost, "longformer": LongformerCost, "latent": LatentCost}
+from llmarch.analysis.linear_costs import LINEAR_TIME_COSTS  # noqa: E402  (its classes build on the ones above)
+
+MIXER_COSTS.update(LINEAR_TIME_COSTS)
 
 
 def mixer_cost(cfg):

@@ -22,7 +22,8 @@ POSITION_PARAMS = {"learned": lambda cfg: cfg.max_seq_len * cfg.d_model,
 PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_halves")
 
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
-              "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "cross_q", "cross_kv", "cross_o", "ffn",
+              "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "attn_in", "attn_conv", "attn_ssm",
+              "attn_controller", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
               "head", "retrieval")
 
@@ -87,8 +88,8 @@ def count_params(cfg) -> ParamCount:
             if stack.cross:
                 for k, v in CrossAttentionCost.params(cfg).items():
                     c[k] += v
-            c["norms"] += (3 if stack.cross else 2) * norm_params(cfg)
             ffn = ffn_cost(cfg, layer)
+            c["norms"] += (2 if stack.cross else 1) * norm_params(cfg) + (norm_params(cfg) if ffn.has_norm else 0)
             for k, v in ffn.components.items():
                 c[k] += v
             inactive += ffn.params - ffn.active
@@ -129,7 +130,7 @@ def gpt_closed_form_params(cfg) -> int:
 
 
 ATTN_KEYS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global",
-             "cross_q", "cross_kv", "cross_o")
+             "attn_in", "attn_conv", "attn_ssm", "attn_controller", "cross_q", "cross_kv", "cross_o")
 FFN_KEYS = ("ffn", "router", "experts", "shared_experts")
 HEAD_KEYS = ("head_transform", "pooler", "nsp", "head")
 

@@ -1,0 +1,44 @@
+"""The analysis of the linear-time mixers and the mixture: exact parameter counts (against the built model) and
+the decoding memory: a fixed state per layer (``state_numbers``) plus ``cache_numbers`` per token, equal to what
+the StateCache holds after decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmarch
+from llmarch.analysis.layers import MIXER_COSTS
+from llmarch.analysis.linear_costs import state_bytes_per_layer
+from llmarch.analysis.params import count_params, meta_param_count
+
+BASE = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, norm_bias=False,
+            ssm=dict(d_state=8, n_groups=2, head_dim=8, chunk_size=4), sparse=dict(random_keys=2))
+CONFIGS = {
+    "mamba2": dict(BASE, mixer="mamba2", ffn="none", position="none", ssm=dict(BASE["ssm"], proj_bias=True)),
+    "linear": dict(BASE, mixer="linear", qkv_bias=True),
+    "mixture-mean": dict(BASE, mixer="mixture", mixture=dict(window=3)),
+    "mixture-recurrent": dict(BASE, mixer="mixture", mixture=dict(window=3, controller="recurrent",
+                                                                  components=["linear", "local"])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_params_and_decoding_memory_are_exact(name):
+    cfg = llmarch.ModelConfig(**CONFIGS[name])
+    assert count_params(cfg).total == meta_param_count(cfg)
+    m = llmarch.build(cfg).eval()
+    B, T = 2, 7
+    with torch.no_grad():
+        cache = m.new_cache()
+        m(torch.randint(0, 97, (B, T - 1)), cache=cache)
+        m(torch.randint(0, 97, (B, 1)), cache=cache)
+    cost = MIXER_COSTS[cfg.mixer]
+    held = sum(t.numel() for d in (cache.k, cache.v, cache.conv, cache.state) for t in d.values())
+    per_layer = cost.state_numbers(cfg) + T * (cost.cache_numbers(cfg) or 0)
+    assert held == B * cfg.n_layers * per_layer
+    assert state_bytes_per_layer(cfg, 0, 4) == 4 * cost.state_numbers(cfg)
+
+
+def test_attention_layers_have_no_fixed_state():
+    cfg = llmarch.preset("llama-tiny")
+    assert state_bytes_per_layer(cfg, 0) == 0.0
