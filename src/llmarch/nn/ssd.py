@@ -29,75 +29,73 @@ def segsum(a: Tensor) -> Tensor:
 
 
 def _prepare(x, dt, A, Bs, Cs, state):
-    """Everything in fp32 (fp64 stays fp64); a = dt·A as [B, H, T]; a zero initial state when none is given."""
+    """Heads-first fp32 views (fp64 stays fp64): x·dt [B, H, T, Dh], Bs and Cs [B, H, T, N], a = dt·A
+    [B, H, T], and the initial state (zeros when none is given)."""
     f = torch.promote_types(x.dtype, torch.float32)
     x, dt, Bs, Cs = x.to(f), dt.to(f), Bs.to(f), Cs.to(f)
     a = (dt * A.to(f)).transpose(1, 2)  # [B, H, T]
+    xdt = (x * dt[..., None]).transpose(1, 2)  # [B, H, T, Dh]
     if state is None:
         state = x.new_zeros(x.shape[0], x.shape[2], x.shape[3], Bs.shape[-1])
-    return x, dt, a, Bs, Cs, state.to(f)
+    return xdt, a, Bs.transpose(1, 2), Cs.transpose(1, 2), state.to(f)
 
 
 def ssd_parallel(x: Tensor, dt: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
                  state: Tensor | None = None, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
     """The quadratic form: y = (L ∘ C Bᵀ) (dt · x) with L[t, s] = exp(a_{s+1} + … + a_t) for s <= t, plus the
     initial state read out through C and decayed to each step. O(T²) time and memory."""
-    x, dt, a, Bs, Cs, state = _prepare(x, dt, A, Bs, Cs, state)
+    xdt, a, Bs, Cs, state = _prepare(x, dt, A, Bs, Cs, state)
     cum = a.cumsum(-1)  # [B, H, T]
-    L = torch.exp(segsum(a))  # [B, H, T, S]
-    scores = torch.einsum("bthn,bshn->bhts", Cs, Bs) * L
-    xdt = x * dt[..., None]  # [B, T, H, Dh]
-    y = torch.einsum("bhts,bshp->bthp", scores, xdt)
-    y = y + torch.einsum("bthn,bhpn->bthp", Cs, state) * cum.exp().transpose(1, 2)[..., None]
+    scores = (Cs @ Bs.transpose(-1, -2)) * torch.exp(segsum(a))  # [B, H, T, S]
+    y = scores @ xdt + (Cs @ state.transpose(-1, -2)) * cum.exp()[..., None]  # [B, H, T, Dh]
     to_end = torch.exp(cum[..., -1:] - cum)  # [B, H, T]: decay from each step to the last
-    final = state * cum[..., -1].exp()[..., None, None] + torch.einsum("bsh,bshn,bshp->bhpn",
-                                                                       to_end.transpose(1, 2), Bs, xdt)
-    return y, final
+    final = state * cum[..., -1].exp()[..., None, None] + xdt.transpose(-1, -2) @ (Bs * to_end[..., None])
+    return y.transpose(1, 2), final
 
 
 def ssd_chunked(x: Tensor, dt: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
                 state: Tensor | None = None, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
     """Blocks of Q = ``chunk_size`` tokens: the quadratic form inside each block, each block's contribution to
     the state, one recurrence over blocks, then each block's start state read out. O(T·Q) time, O(T/Q) states."""
-    x, dt, a, Bs, Cs, state = _prepare(x, dt, A, Bs, Cs, state)
-    Bsz, T, H, Dh = x.shape
+    xdt, a, Bs, Cs, state = _prepare(x, dt, A, Bs, Cs, state)
+    Bsz, H, T, Dh = xdt.shape
     Q = min(chunk_size, T)
-    pad = (-T) % Q  # zero dt/x/B/C: padded steps neither decay nor add to the state
+    pad = (-T) % Q  # zero dt·x, B, C: padded steps neither decay nor add to the state
     if pad:
-        x, dt, Bs, Cs = (torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, Bs, Cs))
+        xdt, Bs, Cs = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (xdt, Bs, Cs))
         a = torch.nn.functional.pad(a, (0, pad))
     n = (T + pad) // Q
-    xdt = (x * dt[..., None]).view(Bsz, n, Q, H, Dh)
-    Bc, Cc = Bs.view(Bsz, n, Q, H, -1), Cs.view(Bsz, n, Q, H, -1)
-    a = a.view(Bsz, H, n, Q)
+    xdt, Bc, Cc = (t.reshape(Bsz, H, n, Q, t.shape[-1]) for t in (xdt, Bs, Cs))  # [B, H, n, Q, *]
+    a = a.reshape(Bsz, H, n, Q)
     cum = a.cumsum(-1)  # [B, H, n, Q]
     # 1. inside each block: the parallel form
-    scores = torch.einsum("bclhn,bcshn->bchls", Cc, Bc) * torch.exp(segsum(a)).transpose(1, 2)
-    y = torch.einsum("bchls,bcshp->bclhp", scores, xdt)
-    # 2. what each block adds to the state by its end
+    scores = (Cc @ Bc.transpose(-1, -2)).mul_(torch.exp(segsum(a)))  # [B, H, n, Q, Q]
+    y = scores @ xdt  # [B, H, n, Q, Dh]
+    # 2. what each block adds to the state by its end, as [N, Dh]
     to_end = torch.exp(cum[..., -1:] - cum)  # [B, H, n, Q]
-    added = torch.einsum("bhcl,bclhn,bclhp->bchpn", to_end, Bc, xdt)  # [B, n, H, Dh, N]
+    added = (Bc * to_end[..., None]).transpose(-1, -2) @ xdt  # [B, H, n, N, Dh]
     # 3. the recurrence over blocks: the state entering each block
     block_decay = cum[..., -1].exp()  # [B, H, n]
+    st = state.transpose(-1, -2)  # [B, H, N, Dh]
     starts = []
     for c in range(n):
-        starts.append(state)
-        state = state * block_decay[:, :, c, None, None] + added[:, c]
-    start = torch.stack(starts, dim=1)  # [B, n, H, Dh, N]
+        starts.append(st)
+        st = st * block_decay[:, :, c, None, None] + added[:, :, c]
+    start = torch.stack(starts, dim=2)  # [B, H, n, N, Dh]
     # 4. each block's start state read out through C, decayed to each step
-    y = y + torch.einsum("bclhn,bchpn->bclhp", Cc, start) * cum.exp().permute(0, 2, 3, 1)[..., None]
-    return y.reshape(Bsz, n * Q, H, Dh)[:, :T], state
+    y = y + (Cc @ start) * cum.exp()[..., None]
+    return y.reshape(Bsz, H, n * Q, Dh)[:, :, :T].transpose(1, 2), st.transpose(-1, -2)
 
 
 def ssd_recurrent(x: Tensor, dt: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor,
                   state: Tensor | None = None, chunk_size: int = 0) -> tuple[Tensor, Tensor]:
     """One step per token: S = exp(a_t) S + dt_t x_t B_tᵀ, y_t = S C_t. O(1) work and memory per token."""
-    x, dt, a, Bs, Cs, state = _prepare(x, dt, A, Bs, Cs, state)
+    xdt, a, Bs, Cs, state = _prepare(x, dt, A, Bs, Cs, state)
     ys = []
-    for t in range(x.shape[1]):
-        state = state * a[:, :, t, None, None].exp() + (x[:, t] * dt[:, t, :, None])[..., None] * Bs[:, t, :, None]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Cs[:, t]))
-    return torch.stack(ys, dim=1), state
+    for t in range(xdt.shape[2]):
+        state = state * a[:, :, t, None, None].exp() + xdt[:, :, t, :, None] * Bs[:, :, t, None, :]
+        ys.append(state @ Cs[:, :, t, :, None])  # [B, H, Dh, 1]
+    return torch.cat(ys, dim=-1).permute(0, 3, 1, 2), state
 
 
 SSD_FORMS: dict[str, Callable[..., tuple[Tensor, Tensor]]] = {
