@@ -35,7 +35,7 @@ def cache_for(model, choice: str) -> str:
     if choice != "auto":
         return choice
     cfg = model.config
-    return "static" if cfg.kind == "decoder" and cfg.mixer == "attention" else "dynamic"
+    return "static" if cfg.kind == "decoder" and cfg.mixers == ("attention",) else "dynamic"
 
 
 def _emit(text: str) -> None:
