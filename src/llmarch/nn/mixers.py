@@ -9,9 +9,8 @@ from llmarch.nn.attention import Attention
 from llmarch.nn.cache import KVCache, LatentCache, StateCache
 from llmarch.nn.global_attention import GlobalProjectionAttention
 from llmarch.nn.latent_attention import LatentAttention
-from llmarch.nn.linear_attention import LinearAttention
 from llmarch.nn.mamba2 import Mamba2Mixer
-from llmarch.nn.mixture import build_mixture
+from llmarch.nn.mixture import build_mixture, linear_component
 from llmarch.nn.patterns import Pattern
 from llmarch.registry import Registry
 
@@ -98,8 +97,7 @@ class LinearEntry(Mixer):
 
     @staticmethod
     def build(cfg, layer, pattern):
-        return LinearAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer, form=cfg.ssm.form,
-                               chunk_size=cfg.ssm.chunk_size, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias)
+        return linear_component(cfg, layer, pattern)
 
 
 @MIXERS.register("mixture")
