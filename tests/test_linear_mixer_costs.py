@@ -42,3 +42,22 @@ def test_params_and_decoding_memory_are_exact(name):
 def test_attention_layers_have_no_fixed_state():
     cfg = llmarch.preset("llama-tiny")
     assert state_bytes_per_layer(cfg, 0) == 0.0
+
+
+@pytest.mark.parametrize("name", ["mamba2", "linear"])
+def test_decode_flops_equal_flop_counter(name):
+    """One cached token (the recurrent step): torch's counter sees the projections, the convolution and the
+    state read-out (a matmul); the state update is elementwise, which it does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmarch.analysis.flops import decode_flops_per_token
+
+    cfg = llmarch.ModelConfig(**CONFIGS[name])
+    m = llmarch.build(cfg).eval()
+    cache = m.new_cache()
+    with torch.no_grad():
+        m(torch.randint(0, 97, (1, 5)), cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            m(torch.randint(0, 97, (1, 1)), cache=cache)
+    update = cfg.ssm.inner(cfg.d_model) * cfg.ssm.d_state if name == "mamba2" else cfg.n_heads * cfg.dh * (cfg.dh + 1)
+    assert counter.get_total_flops() == decode_flops_per_token(cfg, 5) - 2 * cfg.n_layers * update
