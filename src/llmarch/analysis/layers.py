@@ -145,9 +145,6 @@ class LatentCost(AttentionCost):
 
 
 MIXER_COSTS = {"attention": AttentionCost, "longformer": LongformerCost, "latent": LatentCost}
-from llmarch.analysis.linear_costs import LINEAR_TIME_COSTS  # noqa: E402  (its classes build on the ones above)
-
-MIXER_COSTS.update(LINEAR_TIME_COSTS)
 
 
 def mixer_cost(cfg):
@@ -185,3 +182,6 @@ class CrossAttentionCost:
     def cache_numbers(cfg) -> int:
         """Per source token and decoder layer: k and v, 2·G·Dh."""
         return 2 * cfg.kv_heads * cfg.dh
+
+
+from llmarch.analysis import ssm_costs  # noqa: E402,F401  (adds mamba2 / linear / mixture to MIXER_COSTS)

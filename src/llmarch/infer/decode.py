@@ -136,8 +136,8 @@ def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = Fals
             raise ValueError("compile=True needs cache='static' (a growing cache changes shape every step)")
         return DynamicEngine(model)
     if kind == "static":
-        if model.config.mixers != ("attention",):
-            raise ValueError(f"cache: the static cache holds multi-head k/v; mixers {model.config.mixers} decode "
+        if model.config.mixer != "attention":
+            raise ValueError(f"cache: the static cache holds multi-head k/v; mixer {model.config.mixer!r} decodes "
                              "with cache='dynamic'")
         return StaticEngine(model, batch, max_len, compile, compile_mode)
     raise ValueError(f"cache must be 'dynamic' or 'static', got {kind!r}")
