@@ -9,6 +9,10 @@ of 128, d_state 64, one B/C group; batch 1, fp32, inference forward).
 2. Decode: time of one new token with a cache holding a context of 1k..16k tokens (attention: k/v of that many
    tokens; recurrent mixers: their fixed state), median over 20 steps.
 
+Times are **CPU seconds of the worker process on one thread** (``time.process_time``, ``torch.set_num_threads(1)``),
+not wall time: on a machine shared with other jobs the wall clock mostly measures the scheduler, while the CPU
+seconds a single-threaded run spends are its work (memory-bandwidth contention still shows).
+
 Run: ``PYTHONPATH=src python benchmarks/mixers.py [--lengths 1024,...] [--parallel-max 8192] [--budget 60]``;
 prints the tables and writes benchmarks/results/mixers.json.
 """
@@ -17,19 +21,33 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_time, print_table, write_results  # noqa: E402
+from common import print_table, write_results  # noqa: E402
 
 D, H, DH, CHUNK = 512, 8, 64, 128
 VARIANTS = ("sdpa-attention", "linear-chunked", "linear-parallel", "ssd-chunked", "ssd-parallel",
             "gated_delta-chunked")
 PARALLEL = ("linear-parallel", "ssd-parallel")
 MEM_CAP = 12 * 2**30
+
+
+def cpu_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median CPU seconds of ``fn()`` in this process over ``repeats`` runs after ``warmup`` runs, and the raw
+    times."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return statistics.median(times), times
 
 
 def _maxrss_mb() -> float:
@@ -70,19 +88,16 @@ def prefill_worker(name: str, T: int) -> None:
     import torch
 
     resource.setrlimit(resource.RLIMIT_AS, (MEM_CAP, MEM_CAP))
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     mod = layer(name)
     x = torch.randn(1, T, D)
     base = _maxrss_mb()
     with torch.no_grad():
-        t0 = time.perf_counter()
-        mod(x, context(T))
-        first = time.perf_counter() - t0
+        first, _ = cpu_time(lambda: mod(x, context(T)), repeats=1, warmup=0)
         peak = _maxrss_mb() - base
-        repeats = 0 if first > 20 else 2
-        med, times = median_time(lambda: mod(x, context(T)), repeats=repeats, warmup=0) if repeats else (first, [])
-    print(json.dumps(dict(variant=name, T=T, seconds=min(med, first) if repeats else first, times=[first] + times,
-                          peak_mb=peak)))
+        med, times = cpu_time(lambda: mod(x, context(T)), repeats=2, warmup=0) if first < 20 else (first, [])
+    print(json.dumps(dict(variant=name, T=T, seconds=med, times=[first] + times, peak_mb=peak)))
 
 
 def decode_worker(name: str, S: int) -> None:
@@ -90,6 +105,7 @@ def decode_worker(name: str, S: int) -> None:
 
     from llmarch.nn.cache import StateCache
 
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     mod = layer(name)
     cache = StateCache()
@@ -105,7 +121,7 @@ def decode_worker(name: str, S: int) -> None:
             mod(x, context(1, cache.length), cache)
             cache.advance(1)
 
-        med, times = median_time(step, repeats=20, warmup=3)
+        med, times = cpu_time(step, repeats=50, warmup=5)
     print(json.dumps(dict(variant=name, S=S, ms_per_token=1e3 * med, times=times)))
 
 
@@ -170,14 +186,14 @@ def report(variants, lengths, contexts, prefill, decode) -> None:
             r = _get(prefill, name, "T", T)
             cells.append(f"{T / r['seconds']:.0f} tok/s, {r['peak_mb']:.0f} MB" if "seconds" in r else "skipped")
         rows.append([name, *cells])
-    print("\nPrefill: tokens/s and peak memory, one layer, batch 1, fp32")
+    print("\nPrefill: tokens per CPU second (one thread) and peak memory, one layer, batch 1, fp32")
     print_table(rows, ["variant", *[f"T={T}" for T in lengths]])
     rows = []
     for name in [v for v in variants if v not in PARALLEL]:
         ms = [_get(decode, name, "S", S).get("ms_per_token") for S in contexts]
         spread = (f"{100 * (ms[-1] / ms[0] - 1):+.0f} %" if None not in ms else "-")
         rows.append([name, *[f"{m:.3f}" if m is not None else "failed" for m in ms], spread])
-    print("\nDecode: ms per token vs context (one layer)")
+    print("\nDecode: CPU ms per token vs context (one layer, one thread)")
     print_table(rows, ["variant", *[f"S={S}" for S in contexts], f"{contexts[-1]} vs {contexts[0]}"])
     rows = []
     for name, par in (("linear-chunked", "linear-parallel"), ("ssd-chunked", "ssd-parallel"),
