@@ -119,3 +119,11 @@ def test_left_padding_does_not_leak(name):
     assert torch.allclose(both[1, 4:], alone[0], atol=1e-5)
     gen = llmarch.generate(m, padded, attention_mask=mask, max_new_tokens=5)
     assert torch.equal(gen[1, 9:], llmarch.generate(m, ids[1:, 4:], max_new_tokens=5)[0, 5:])
+
+
+def test_ssm_config_errors_name_the_field():
+    cfg = llmarch.ModelConfig(**CONFIGS["mamba2"])
+    for change, field in ((dict(head_dim=7), "ssm.head_dim"), (dict(n_groups=3), "ssm.n_groups"),
+                          (dict(form="fast"), "ssm.form"), (dict(time_step_limit=(0.1, 0.0)), "ssm.time_step_limit")):
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            cfg.replace(ssm=change)
