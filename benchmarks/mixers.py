@@ -96,7 +96,7 @@ def prefill_worker(name: str, T: int) -> None:
     with torch.no_grad():
         first, _ = cpu_time(lambda: mod(x, context(T)), repeats=1, warmup=0)
         peak = _maxrss_mb() - base
-        med, times = cpu_time(lambda: mod(x, context(T)), repeats=2, warmup=0) if first < 20 else (first, [])
+        med, times = cpu_time(lambda: mod(x, context(T)), repeats=2, warmup=0) if first < 5 else (first, [])
     print(json.dumps(dict(variant=name, T=T, seconds=med, times=[first] + times, peak_mb=peak)))
 
 
