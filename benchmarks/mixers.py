@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_results  # noqa: E402
+from common import median_time, print_table, write_results  # noqa: E402
 
 D, H, DH, CHUNK = 512, 8, 64, 128
 VARIANTS = ("sdpa-attention", "linear-chunked", "linear-parallel", "ssd-chunked", "ssd-parallel",
@@ -38,16 +37,8 @@ MEM_CAP = 12 * 2**30
 
 
 def cpu_time(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median CPU seconds of ``fn()`` in this process over ``repeats`` runs after ``warmup`` runs, and the raw
-    times."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times), times
+    """Median CPU seconds of ``fn()`` in this process, and the raw times."""
+    return median_time(fn, repeats=repeats, warmup=warmup, clock=time.process_time)
 
 
 def _maxrss_mb() -> float:
