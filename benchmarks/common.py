@@ -21,8 +21,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1,
                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, list[float]]:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the raw times: wall seconds, or
-    with ``clock=time.process_time`` the CPU seconds of this process (steadier on a shared machine)."""
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs, and the raw times. ``clock``: wall
+    time by default; ``time.process_time`` counts this process's CPU time (steadier on a shared machine)."""
     for _ in range(warmup):
         fn()
     times = []
