@@ -182,6 +182,3 @@ class CrossAttentionCost:
     def cache_numbers(cfg) -> int:
         """Per source token and decoder layer: k and v, 2·G·Dh."""
         return 2 * cfg.kv_heads * cfg.dh
-
-
-from llmarch.analysis import ssm_costs  # noqa: E402,F401  (adds mamba2 / linear / mixture to MIXER_COSTS)
