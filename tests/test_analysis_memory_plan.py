@@ -91,7 +91,8 @@ def test_plan_arithmetic():
     p = plan_tokens(cfg, 1e12, seq_len=4096)
     assert p.six_nd == 6 * 6_738_415_616 * 1e12
     attn_per_token = 3 * 4 * 4096 * 4096 * 32  # 3 × 4·s·d per layer × L
-    assert p.attention == pytest.approx(attn_per_token * 1e12)
+    assert p.attention_dense == pytest.approx(attn_per_token * 1e12)
+    assert p.attention == pytest.approx(attn_per_token * 1e12 * 4097 / (2 * 4096))  # causal: T(T+1)/2 of T² pairs
     back = plan_flops(cfg, p.flops, seq_len=4096)
     assert back.tokens == pytest.approx(1e12)
     assert gpu_hours(3600 * 1e15, 1e15, mfu=0.5) == pytest.approx(2.0)
@@ -157,3 +158,69 @@ def test_compare_and_plan_verbs(capsys, tmp_path):
     assert main(["plan", "gpt2", "--json", "--accelerator", "a100"]) == 0
     p = json.loads(capsys.readouterr().out)
     assert p["tokens"] == 20 * p["params"] and p["gpu_hours"] == pytest.approx(p["flops"] / (312e12 * 0.4) / 3600)
+
+
+def test_effective_reach_of_sliding_windows():
+    from llmarch.analysis.reach import effective_reach
+
+    mistral = effective_reach(llmarch.preset("mistral-7b"))
+    assert mistral.paper_form == 32 * 4096  # the Mistral paper's 131k
+    assert mistral.tokens == 32768 and mistral.limited_by_context  # capped by the 32k context
+    long = effective_reach(llmarch.preset("mistral-7b").replace(max_seq_len=1_000_000))
+    assert long.tokens == 32 * 4095  # each layer moves information W - 1 positions back
+    tiny = llmarch.preset("mistral-tiny").replace(n_layers=3, window=4, max_seq_len=64)
+    assert effective_reach(tiny).tokens == 9
+    # naive: propagate "can influence the last position" back through 3 layers of the pattern's own mask
+    from llmarch.nn.patterns import build_pattern
+
+    allowed = build_pattern("sliding", window=4).allows(torch.arange(64)[:, None], torch.arange(64)[None, :], 64)
+    allowed = allowed & (torch.arange(64)[:, None] >= torch.arange(64)[None, :])  # causal
+    influence = torch.zeros(64, dtype=torch.bool)
+    influence[-1] = True
+    for _ in range(3):
+        influence = influence | (allowed & influence[:, None]).any(0)
+    assert int(influence.sum()) - 1 == effective_reach(tiny).tokens
+    dense = effective_reach(llmarch.preset("llama-2-7b"))
+    assert dense.tokens == 4096 and dense.paper_form is None
+
+
+def test_seed_compute_figures_imply_token_counts():
+    rows = {r["preset"]: r for r in published_checks()}
+    for name, flops in (("mistral-7b", 2.5e22), ("gpt4-speculated", 2e25)):
+        r = rows[name]
+        assert r["tokens_implied"] and r["published"] == flops
+        assert r["with_attention"] == pytest.approx(flops, rel=1e-9)  # the implied D spends exactly the budget
+        assert r["six_nd"] == pytest.approx(6 * r["params"] * r["tokens"])
+    gpt4 = presets.get("gpt4-speculated")
+    assert rows["gpt4-speculated"]["params"] < analyze(gpt4, seq_len=16, verify=False).params.total / 4  # top-2/16
+
+
+def test_decode_roofline_by_hand():
+    from llmarch.analysis.planner import BANDWIDTH, decode_roofline
+
+    cfg = presets.get("llama-2-7b")
+    r = decode_roofline(cfg, "h100", context=4096, batch=1, dtype="bf16")
+    kv = 2 * 32 * 4096 * 4096 * 2  # k and v, 32 layers, 4096 wide, 4096 tokens, 2 bytes
+    read = 6_738_415_616 * 2 + kv
+    assert r["bytes_per_step"] == read and r["bound"] == "memory"
+    assert r["tokens_per_s"] == pytest.approx(BANDWIDTH["h100"] / read)
+    big = decode_roofline(cfg, "h100", context=16, batch=4096)
+    assert big["bound"] == "compute"
+
+
+def test_paper_recipes_fill_the_optimiser_settings():
+    from llmarch.cli import build_parser
+    from llmarch.cli.train import train_config_from_args
+
+    args = build_parser().parse_args(["train", "--preset", "llama-2-70b", "--out", "x", "--recipe", "paper",
+                                      "--warmup", "10"])
+    tc = train_config_from_args(args)
+    assert (tc.lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, tc.clip, tc.min_lr_ratio) == \
+        (1.5e-4, 0.9, 0.95, 1e-5, 0.1, 1.0, 0.1)
+    assert tc.warmup == 10  # an explicit flag wins
+    gpt3 = train_config_from_args(build_parser().parse_args(["train", "--preset", "gpt3-175b", "--out", "x",
+                                                             "--recipe", "paper"]))
+    assert (gpt3.lr, gpt3.eps, gpt3.warmup) == (0.6e-4, 1e-8, round(375e6 / 3.2e6))
+    with pytest.raises(ValueError, match="no published recipe"):
+        train_config_from_args(build_parser().parse_args(["train", "--preset", "llama-tiny", "--out", "x",
+                                                          "--recipe", "paper"]))

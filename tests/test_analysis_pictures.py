@@ -12,12 +12,12 @@ import torch
 from llmarch import presets
 from llmarch.analysis.diagram import architecture, to_mermaid
 from llmarch.analysis.draw import render, save
-from llmarch.analysis.pattern_plots import pattern_masks, plot_patterns, read_mask_png
+from llmarch.analysis.pattern_plots import pattern_masks, picture_sparse, plot_patterns, read_mask_png
 from llmarch.analysis.position_plots import alibi_bias, rope_decay_bound, rope_frequencies, rope_inner_product
-from llmarch.analysis.run_plots import read_expert_load, read_metrics
+from llmarch.analysis.run_plots import expert_load_figure, read_expert_load, read_metrics
 from llmarch.cli import main
 from llmarch.config import RopeConfig
-from llmarch.nn.patterns import PATTERNS
+from llmarch.nn.patterns import PATTERNS, build_pattern
 from llmarch.nn.position import alibi_slopes
 
 
@@ -64,7 +64,33 @@ def test_diagram_follows_the_config():
     t5 = architecture(presets.get("t5-tiny"))
     assert set(t5.groups) == {"encoder", "decoder"} and ("enc_final_norm", "dec_cross") in t5.edges
     assert {n.group for n in t5.nodes if n.id.startswith("dec_") and n.kind == "attn"} == {"decoder"}
-    assert "pooler" in _labels(presets.get("bert-tiny"))["nsp"]
+
+def test_bert_pretraining_heads_are_parallel_branches():
+    d = architecture(presets.get("bert-tiny"))
+    by_id = {n.id: n for n in d.nodes}
+    entry = next(a for a, b in d.edges if b == "head_transform")
+    assert (entry, "pooler") in d.edges  # both heads read the final hidden states
+    assert ("pooler", "nsp") in d.edges and ("nsp", "nsp_logits") in d.edges
+    assert not any(b in ("pooler", "nsp") and a in ("head", "logits", "head_transform") for a, b in d.edges)
+    assert by_id["pooler"].beside == "head_transform" and by_id["nsp"].beside == "head"
+    assert "first position" in by_id["pooler"].label and "[B, 2]" in by_id["nsp_logits"].label
+    fig = render(d, "subtitle")
+    fig.canvas.draw()
+    xs = {t.get_text().split("\n")[0]: t.get_position()[0] for t in fig.axes[0].texts}
+    assert xs["next-sentence head D -> 2"] > xs[by_id["head"].label]  # drawn beside the MLM decoder, not below
+
+
+@pytest.mark.parametrize("name", ["deepseek-v2-lite", "qwen2-57b-a14b", "mixtral-8x7b", "bert-base"])
+def test_diagram_text_stays_inside_the_picture(name):
+    from llmarch.cli.diagram import subtitle
+
+    cfg = presets.get(name)
+    fig = render(architecture(cfg, name), subtitle(cfg))
+    fig.canvas.draw()
+    box = fig.bbox
+    for t in fig.axes[0].texts:
+        ext = t.get_window_extent()
+        assert box.x0 <= ext.x0 and ext.x1 <= box.x1 + 0.5, f"{t.get_text()!r} is clipped"
 
 
 @pytest.mark.parametrize("name,suffix", [("llama-tiny", ".png"), ("bloom-tiny", ".svg"), ("gpt2-tiny", ".png")])
@@ -91,12 +117,12 @@ def test_each_pattern_png_holds_its_mask_pixel_for_pixel(tmp_path):
     n, w, scale = 24, 5, 3
     files = plot_patterns(tmp_path, n=n, window=w, scale=scale)
     masks, skipped = pattern_masks(n, w)
-    assert set(files) - {"overview"} == set(masks) and set(masks) | set(skipped) == set(PATTERNS.names())
+    assert not skipped and set(files) - {"overview"} == set(masks) == set(PATTERNS.names())  # every pattern drawn
     for name, mask in masks.items():
         img = mpimg.imread(files[name])
         assert img.shape[:2] == (n * scale, n * scale)
         assert torch.equal(read_mask_png(files[name], scale), mask)
-        assert torch.equal(mask, PATTERNS[name](window=w).render(n))
+        assert torch.equal(mask, build_pattern(name, window=w, sparse=picture_sparse(n)).render(n))
         if _expected(name, n, w) is not None:  # written out by hand for the foundation's patterns
             assert torch.equal(mask, _expected(name, n, w))
     assert files["overview"].is_file()
@@ -145,9 +171,26 @@ def test_plot_experts_reads_the_documented_formats(tmp_path):
     assert stats["tokens_per_expert"].tolist() == load and stats["layers"] == [1, 3]
     out = tmp_path / "experts.png"
     assert main(["plot", "experts", "--checkpoint", str(tmp_path), "-o", str(out)]) == 0 and out.is_file()
+    fig = expert_load_figure(stats)
+    fig.canvas.draw()
+    heat = fig.axes[0]
+    bars = next(ax for ax in fig.axes if ax.get_legend() is not None)  # busiest/idlest bars
+    assert list(heat.get_xticks()) == [0, 1, 2, 3]  # whole experts, no fractional ticks
+    legend = bars.get_legend().get_window_extent()
+    assert not legend.overlaps(bars.get_window_extent())  # the legend sits beside the bars, not over them
     other = tmp_path / "run"
     other.mkdir()
     (other / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 1.0, "expert_load": load}) + "\n")
     assert read_expert_load(other)["tokens_per_expert"].shape == (2, 4)
     with pytest.raises(FileNotFoundError, match="expert_load"):
         read_expert_load(tmp_path / "nowhere")
+
+
+def test_extrapolation_plot_includes_the_training_length(tmp_path):
+    from llmarch.ablate.report import extrapolation_points, plot_extrapolation
+
+    r = {"name": "rope", "status": "ok", "final_ppl": 20.0, "ppl_at": {"256": 25.0, "512": 40.0}}
+    assert extrapolation_points(r, [256, 512], train_len=128) == [(128, 20.0), (256, 25.0), (512, 40.0)]
+    r2 = dict(r, ppl_at={"128": 19.0, "256": 25.0})  # evaluated at the training length: that number is used
+    assert extrapolation_points(r2, [128, 256], train_len=128) == [(128, 19.0), (256, 25.0)]
+    assert plot_extrapolation([r], [256, 512], tmp_path / "x.png", train_len=128).is_file()

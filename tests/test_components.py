@@ -198,17 +198,40 @@ ACTS = {"relu": lambda x: x.clamp(min=0), "silu": lambda x: x / (1 + torch.exp(-
         "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
         "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
         "sigmoid": lambda x: 1 / (1 + torch.exp(-x)), "tanh": lambda x: (torch.exp(2 * x) - 1) / (torch.exp(2 * x) + 1),
-        "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x)), "relu2": lambda x: x.clamp(min=0) ** 2}
+        "quick_gelu": lambda x: x / (1 + torch.exp(-1.702 * x)), "relu2": lambda x: x.clamp(min=0) ** 2,
+        "swish_learned": lambda x: x / (1 + torch.exp(-x))}  # beta starts at 1
 
 
 def test_every_activation_matches_its_formula():
+    from llmarch.nn.activation import make_activation
+
     assert set(ACTS) == set(ACTIVATIONS)
     x = torch.linspace(-5, 5, 101)
     for name, f in ACTS.items():
-        torch.testing.assert_close(ACTIVATIONS[name](x), f(x), atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(make_activation(name)(x), f(x), atol=1e-5, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+def test_learned_swish_trains_its_beta():
+    """x * sigmoid(beta x) (Ramachandran et al. 2017) with beta a parameter of each FFN: any beta matches the
+    formula, beta gets a gradient, and the model counts it."""
+    torch.manual_seed(0)
+    ffn = MLP(8, 12, "swish_learned")
+    assert [n for n, _ in ffn.named_parameters()] == ["act.beta", "up.weight", "down.weight"]
+    with torch.no_grad():
+        ffn.act.beta.fill_(0.37)
+    x = torch.randn(2, 3, 8)
+    h = x @ ffn.up.weight.T
+    torch.testing.assert_close(ffn(x), (h / (1 + torch.exp(-0.37 * h))) @ ffn.down.weight.T, atol=1e-5, rtol=1e-5)
+    ffn(x).square().sum().backward()
+    assert ffn.act.beta.grad is not None and ffn.act.beta.grad.abs() > 0
+    cfg = llmarch.preset("llama-tiny").replace(activation="swish_learned")
+    model = llmarch.build(cfg)
+    betas = [p for n, p in model.named_parameters() if n.endswith("act.beta")]
+    assert len(betas) == cfg.n_layers and all(float(b) == 1.0 for b in betas)
+    assert llmarch.analyze(cfg, seq_len=16).params.total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu", "sigmoid"])  # sigmoid: the original GLU (Dauphin 2017)
 def test_glu_matches_written_out_math(act):
     torch.manual_seed(0)
     ffn = GLU(8, 12, act, bias=True)

@@ -143,10 +143,11 @@ def test_generate_refuses_token_ids_outside_the_vocabulary(tiny):
         llmarch.generate(tiny, torch.tensor([[-1, 3]]), max_new_tokens=2)
 
 
-def test_generate_refuses_a_prompt_longer_than_the_context(tiny):
-    with pytest.raises(ValueError, match=r"input_ids: the prompt has 33 tokens, longer than the model's context "
-                                         r"\(max_seq_len=32\)"):
-        llmarch.generate(tiny, torch.zeros(1, 33, dtype=torch.long), max_new_tokens=1)
+def test_generate_refuses_a_prompt_longer_than_a_learned_position_table():
+    learned = llmarch.build(ModelConfig(**OK, position="learned")).eval()
+    with pytest.raises(ValueError, match=r"prompt \(33 tokens\) \+ max_new_tokens \(1\) = 34 positions exceed the "
+                                         r"model's learned position table \(max_seq_len=32\)"):
+        llmarch.generate(learned, torch.zeros(1, 33, dtype=torch.long), max_new_tokens=1)
 
 
 def test_generate_refuses_a_bad_attention_mask_shape(tiny):
@@ -157,7 +158,7 @@ def test_generate_refuses_a_bad_attention_mask_shape(tiny):
 
 def test_generate_refuses_other_bad_arguments(tiny):
     ids = torch.zeros(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
         llmarch.generate(tiny, ids, max_new_tokens=-1)
     with pytest.raises(ValueError, match="the prompt is empty"):
         llmarch.generate(tiny, ids[:, :0])

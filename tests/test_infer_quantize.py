@@ -79,4 +79,4 @@ def test_int4_skips_layers_its_groups_do_not_fit(caplog):
     assert isinstance(model.decoder.layers[0].ffn.gate_up, Int4Linear)
     assert "decoder.layers.0.ffn.down" in model.quantization["skip"]
     with pytest.raises(ValueError, match="mode"):
-        quantize(model, "int3")
+        quantize(model, "int1")

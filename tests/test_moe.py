@@ -211,7 +211,7 @@ def test_config_round_trips_with_moe(tmp_path):
     assert cfg.with_path("moe.top_k", "3").moe.top_k == 3
     with pytest.raises(ValueError, match=r"unknown moe field\(s\) \['experts'\]"):
         llmarch.ModelConfig.from_dict({**cfg.to_dict(), "moe": {"experts": 3}})
-    with pytest.raises(ValueError, match="moe is None"):
+    with pytest.raises(ValueError, match="moe: set ffn=.moe. together"):
         llmarch.preset("llama-tiny").with_path("moe.top_k", "3")
 
 

@@ -128,3 +128,26 @@ def test_token_cache_and_packing(corpus, tok, tmp_path):
     assert not np.array_equal(seqs.batch(seqs.n, 4).numpy(), batch[:4].numpy())  # next epoch, new order
     with pytest.raises(ValueError, match="fewer than one sequence"):
         data.PackedSequences(splits.val[:10], 33)
+
+
+def test_character_level_bpe_beside_byte_level():
+    """bpe: base units are the characters seen (unseen -> <unk>, spaces kept); bbpe: bytes, everything round-trips."""
+    from llmarch.tokenizer import UNK, train_tokenizer
+
+    texts = ["the cat sat on the mat\n  indented line\n"] * 30 + ["a dog ran far away\n"] * 30
+    char = train_tokenizer(iter(texts), 120, kind="bpe")
+    byte = train_tokenizer(iter(texts), 400, kind="bbpe")
+    seen = "the dog sat far away\n  on the mat"
+    assert char.decode(char.encode(seen)) == seen and byte.decode(byte.encode(seen)) == seen
+    unseen = "zq ü"  # none of these characters is in the training text
+    unk = char.inner.token_to_id(UNK)
+    assert char.encode(unseen).count(unk) == 3 and char.decode(char.encode(unseen)) != unseen
+    assert byte.decode(byte.encode(unseen)) == unseen
+    assert all(len(char.inner.id_to_token(i)) >= 1 for i in range(char.vocab_size))
+    assert char.inner.token_to_id("t") is not None and byte.inner.token_to_id("t") is not None
+    with pytest.raises(ValueError, match="tokenizer kind"):
+        train_tokenizer(iter(texts), 120, kind="wordpiece")
+    from tests.train_util import settings
+
+    with pytest.raises(ValueError, match="tokenizer_kind"):
+        settings("out", "cache", tokenizer_kind="char")

@@ -16,7 +16,7 @@ def preset(name: str, **overrides) -> ModelConfig:
 
 def __getattr__(name: str):
     # heavier subpackages load on first use
-    if name in ("hf", "analysis", "train", "retrieval"):
+    if name in ("hf", "analysis", "train", "retrieval", "lora"):
         import importlib
 
         return importlib.import_module(f"llmarch.{name}")

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+from llmarch.validation import check_field_types
 
 
 def _checks():
     from llmarch import validation
 
     return validation.fail, validation.check_positive, validation.check_choice
-
-
-def _tuple_field(obj: Any, name: str) -> None:
-    """JSON gives lists; frozen configs hold tuples."""
-    value = getattr(obj, name)
-    if isinstance(value, list):
-        object.__setattr__(obj, name, tuple(value))
 
 
 SPARSE_EXECUTIONS = ("mask", "blocks")
@@ -49,8 +43,7 @@ class SparseConfig:
     dense_up_to_blocks: int = 0
 
     def __post_init__(self) -> None:
-        _tuple_field(self, "global_tokens")
-        _tuple_field(self, "global_blocks")
+        check_field_types(self, "sparse.")  # JSON lists become tuples; "0,5" from a command line too
 
     def validate(self) -> None:
         _fail, _check_positive, _check_choice = _checks()
@@ -86,6 +79,9 @@ class MLAConfig:
     mscale_all_dim: float = 0.0
     absorb: str = "decode"
     latent_norm_eps: float = 1e-6  # the RMSNorms on the kv (and q) latents
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "mla.")
 
     def validate(self) -> None:
         _fail, _check_positive, _check_choice = _checks()

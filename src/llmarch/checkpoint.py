@@ -85,4 +85,5 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Mod
     if missing or unexpected:
         raise ValueError(f"{weights} does not match {path / 'config.json'}: missing {missing[:10]}, "
                          f"unexpected {unexpected[:10]}")
+    model.loaded_from = path  # where llmarch.hf.save finds the tokenizer files to carry
     return model.to(dtype) if dtype is not None else model

@@ -19,12 +19,14 @@ from llmarch.retrieval_config import RetrievalConfig
 from llmarch.ssm_config import MixtureConfig, SSMConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
+from llmarch.validation import check_field_types, read_cli_value, sub_config
 from llmarch.validation import check_probability as _check_probability
 from llmarch.validation import fail as _fail
 
 KINDS = ("decoder", "encoder", "encoder_decoder")
 PLACEMENTS = ("pre", "post")
 ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "yarn")
+DECODER_HEADS = ("lm", "last_token")  # heads a decoder may have (the others read an encoder's first position)
 
 
 
@@ -49,6 +51,9 @@ class RopeConfig:
     attention_factor: float | None = None  # yarn: scale of cos/sin; None = 0.1 ln(factor) + 1
     truncate: bool = True  # yarn: round the correction range to whole dims
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "rope.")
+
     def validate(self, head_dim: int) -> None:
         if self.theta <= 0:
             _fail("rope.theta", f"must be > 0, got {self.theta}")
@@ -63,8 +68,22 @@ class RopeConfig:
             _fail("rope.factor", f"must be >= 1 for scaling {self.scaling!r}, got {self.factor}")
         if self.scaling in ("llama3", "yarn") and self.original_max_seq_len is None:
             _fail("rope.original_max_seq_len", f"is required for scaling {self.scaling!r}")
-        if self.scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            _fail("rope.high_freq_factor", "must be greater than rope.low_freq_factor")
+        _check_positive("rope.original_max_seq_len", self.original_max_seq_len, allow_none=True)
+        if self.scaling == "llama3":
+            if self.low_freq_factor <= 0:
+                _fail("rope.low_freq_factor", f"must be > 0 (it divides original_max_seq_len), got "
+                      f"{self.low_freq_factor}")
+            if self.high_freq_factor <= self.low_freq_factor:
+                _fail("rope.high_freq_factor", "must be greater than rope.low_freq_factor")
+        if self.scaling == "yarn":
+            if self.theta <= 1:
+                _fail("rope.theta", f"must be > 1 for yarn scaling (its correction range divides by ln theta), "
+                      f"got {self.theta}")
+            for name in ("beta_fast", "beta_slow"):
+                if getattr(self, name) <= 0:
+                    _fail(f"rope.{name}", f"must be > 0, got {getattr(self, name)}")
+            if self.attention_factor is not None and self.attention_factor <= 0:
+                _fail("rope.attention_factor", f"must be > 0 or None, got {self.attention_factor}")
 
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
@@ -100,6 +119,7 @@ class ModelConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     attn_scale: float | None = None  # None = 1/sqrt(Dh)
+    attn_scale_by_layer: bool = False  # scores further divided by (layer + 1) (GPT-2's scale_attn_by_inverse_layer_idx)
     attn_kernel: str = "sdpa"  # registry nn.kernels.KERNELS
     pattern: tuple[str, ...] = ("dense",)  # per-layer attention pattern, cycled over layers; nn.patterns.PATTERNS
     window: int | None = None  # W for the sliding pattern: a query sees itself and the W-1 keys before it
@@ -121,8 +141,8 @@ class ModelConfig:
     position_offset: int = 0  # added to default position ids (RoBERTa: pad_token_id + 1)
     scale_embeddings: bool = False  # token embeddings * sqrt(D) (Vaswani et al. 2017, sec. 3.4)
     scale_head: bool = False  # final hidden states * D**-0.5 before the LM head (T5 with a tied head)
-    head: str = "lm"  # registry nn.heads.HEADS: lm | mlm | pretraining (mlm + nsp) | classification
-    n_labels: int = 2  # classification head outputs
+    head: str = "lm"  # registry nn.heads.HEADS: lm | mlm | pretraining (mlm + nsp) | classification | last_token
+    n_labels: int = 2  # classification / last_token head outputs (a reward model: 1)
     rel_buckets: int = 32  # position "relative": relative-distance buckets
     rel_max_distance: int = 128  # position "relative": distances from here on share the last bucket
     decoder_start_token_id: int | None = None  # encoder_decoder: first decoder token when generating
@@ -138,20 +158,19 @@ class ModelConfig:
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
+    # --- early exit -----------------------------------------------------------------------------------------------
+    exit_heads: bool = False  # decoders: a learned exit classifier per layer (AdaptiveLLM); see nn/exits.py
+
     # --- retrieval ------------------------------------------------------------------------------------------
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
 
 
     def __post_init__(self) -> None:
         for name, cls in SUB_CONFIGS.items():
-            if isinstance(getattr(self, name), dict):
-                object.__setattr__(self, name, cls(**getattr(self, name)))
-        for name in ("pattern", "layer_mixers"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                object.__setattr__(self, name, (value,))
-            elif isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+            nullable = name in ("moe", "retrieval")
+            hint = "; to turn rotary embeddings off set position='none'" if name == "rope" else ""
+            object.__setattr__(self, name, sub_config(cls, getattr(self, name), name, nullable, hint))
+        check_field_types(self)  # types first (one rule for every field), then the values
         self.validate()
 
     # --- derived sizes --------------------------------------------------------------------------------------
@@ -229,6 +248,8 @@ class ModelConfig:
             if tok is not None and not 0 <= tok < self.vocab_size:
                 _fail(name, f"{tok} is outside the vocabulary [0, {self.vocab_size})")
         validate_encoder_fields(self)
+        if self.exit_heads and self.kind != "decoder":
+            _fail("exit_heads", f"learned exits are for decoders (kind is {self.kind!r}); set exit_heads=False")
         self.validate_moe()
         if self.retrieval is not None:
             self.retrieval.validate(self)
@@ -276,17 +297,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a mapping of config fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
         d = dict(d)
-        for name, sub in SUB_CONFIGS.items():
-            if isinstance(d.get(name), dict):
-                sub_known = {f.name for f in dataclasses.fields(sub)}
-                bad = sorted(set(d[name]) - sub_known)
-                if bad:
-                    raise ValueError(f"unknown {name} field(s) {bad}; known fields are {sorted(sub_known)}")
         return cls(**d)
 
     def to_json(self) -> str:
@@ -306,13 +323,22 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not UTF-8 text; a config is a .json or .yaml file") from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
         return cls.from_dict(data)
@@ -320,30 +346,44 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed; a sub-config (``rope``, ``sparse``, ``mla``, ``moe``,
         ``retrieval``) accepts a dict of its fields to change."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
         for name in SUB_CONFIGS:
-            if isinstance(changes.get(name), dict):
-                current = getattr(self, name)
-                changes[name] = (SUB_CONFIGS[name](**changes[name]) if current is None
-                                 else dataclasses.replace(current, **changes[name]))
+            current = getattr(self, name)
+            if isinstance(changes.get(name), dict) and current is not None:  # checked and built in __post_init__
+                changes[name] = {**{f.name: getattr(current, f.name) for f in dataclasses.fields(current)},
+                                 **changes[name]}
         return dataclasses.replace(self, **changes)
 
     def with_path(self, dotted: str, value: Any) -> "ModelConfig":
         """Set one field by dotted name (``rope.theta``), converting a string value to the field's type."""
-        head, _, rest = dotted.partition(".")
-        names = {f.name: f for f in dataclasses.fields(self)}
-        if head not in names:
-            raise ValueError(f"unknown config field {head!r}; known fields are {sorted(names)}")
-        if rest:
-            sub = getattr(self, head)
-            if sub is None:
-                raise ValueError(f"cannot set {dotted!r}: {head} is None; set the whole {head} first")
-            sub_fields = {f.name: f for f in dataclasses.fields(sub)}
+        return self.with_overrides({dotted: value})
+
+    def with_overrides(self, changes: dict[str, Any]) -> "ModelConfig":
+        """A copy with fields set by dotted name (``{"pattern": "sliding", "window": "64", "rope.theta": 1e6}``),
+        command-line strings converted to each field's type; validated once, after every change is applied."""
+        d = self.to_dict()
+        for dotted, value in changes.items():
+            head, _, rest = dotted.partition(".")
+            names = {f.name: f for f in dataclasses.fields(self)}
+            if head not in names:
+                raise ValueError(f"unknown config field {head!r}; known fields are {sorted(names)}")
+            hints = typing.get_type_hints(type(self))
+            if not rest:
+                d[head] = read_cli_value(hints[head], value, dotted)
+                continue
+            sub_cls = SUB_CONFIGS.get(head)
+            if sub_cls is None:
+                raise ValueError(f"{dotted}: {head} has no sub-fields; set {head}=VALUE")
+            if not isinstance(d.get(head), dict):
+                d[head] = {}  # a sub-config that is off (moe, retrieval): start from its defaults
+            sub_fields = {f.name for f in dataclasses.fields(sub_cls)}
             if rest not in sub_fields:
                 raise ValueError(f"unknown config field {dotted!r}; known are {sorted(sub_fields)}")
-            hints = typing.get_type_hints(type(sub))
-            return self.replace(**{head: dataclasses.replace(sub, **{rest: _coerce(hints[rest], value, dotted)})})
-        hints = typing.get_type_hints(type(self))
-        return self.replace(**{head: _coerce(hints[head], value, dotted)})
+            d[head][rest] = read_cli_value(typing.get_type_hints(sub_cls)[rest], value, dotted)
+        return type(self).from_dict(d)
 
 
 def validate_encoder_fields(cfg: ModelConfig) -> None:
@@ -358,8 +398,12 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             _fail(name, f"must be an integer >= 0, got {value!r}")
     _check_choice("head", cfg.head, HEADS)
-    if cfg.head != "lm" and cfg.kind != "encoder":
-        _fail("head", f"{cfg.head!r} needs kind='encoder' (kind is {cfg.kind!r}); decoders use head='lm'")
+    if cfg.head not in DECODER_HEADS and cfg.kind != "encoder":
+        _fail("head", f"{cfg.head!r} needs kind='encoder' (kind is {cfg.kind!r}); decoders use one of "
+              f"{list(DECODER_HEADS)}")
+    if cfg.head == "last_token" and cfg.kind != "decoder":
+        _fail("head", f"'last_token' scores a decoder's last real token; it needs kind='decoder' (kind is "
+              f"{cfg.kind!r})")
     _check_positive("n_labels", cfg.n_labels)
     if cfg.position == "relative":
         _check_positive("rel_buckets", cfg.rel_buckets)
@@ -373,34 +417,6 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
     tok = cfg.decoder_start_token_id
     if tok is not None and not 0 <= tok < cfg.vocab_size:
         _fail("decoder_start_token_id", f"{tok} is outside the vocabulary [0, {cfg.vocab_size})")
-
-
-def _coerce(hint: Any, value: Any, name: str) -> Any:
-    """Convert a command-line string to the annotated type of a config field."""
-    if not isinstance(value, str):
-        return value
-    if typing.get_origin(hint) is tuple:  # "dense,sliding" or "dense+sliding"
-        return tuple(v for v in value.replace("+", ",").split(",") if v)
-    args = typing.get_args(hint)
-    if value.lower() in ("none", "null") and type(None) in args:
-        return None
-    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: comma (or +) separated items
-        return tuple(v for v in value.replace("+", ",").split(",") if v)
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if typing.get_origin(base) is tuple:
-        return tuple(v for v in value.replace("+", ",").split(",") if v)
-    try:
-        if base is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
-        if base is int:
-            return int(value)
-        if base is float:
-            return float(value)
-    except ValueError:
-        raise ValueError(f"{name}: cannot read {value!r} as {getattr(base, '__name__', base)}") from None
-    return value
 
 
 __all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "KINDS"]

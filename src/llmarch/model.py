@@ -33,6 +33,9 @@ class ModelOutput:
     pooled: torch.Tensor | None = None  # [B, D] pooled first position (pretraining / classification heads)
     nsp_logits: torch.Tensor | None = None  # [B, 2] next-sentence prediction (pretraining head)
     encoder_hidden_states: torch.Tensor | None = None  # [B, S, D] encoder output (encoder-decoders)
+    attentions: dict[str, torch.Tensor] | None = None  # output_attentions: attention module name -> [B, H, T, S]
+    exit_logits: list[torch.Tensor] | None = None  # output_exits: [B, T, V] after each decoder layer but the last
+    exit_confidence: list[torch.Tensor] | None = None  # output_exits: the learned exit gates' [B, T] per exit layer
 
 
 def norm_for(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
@@ -129,6 +132,10 @@ class Model(nn.Module):
             self.decoder = Stack(cfg, causal=True, cross=cfg.kind == "encoder_decoder",
                                  n_layers=cfg.n_decoder_layers or cfg.n_layers, cross_for=self.decoder_cross(cfg))
         self.lm_head = build_head(cfg)
+        if cfg.exit_heads:
+            from llmarch.nn.exits import ExitGates
+
+            self.exit_gates = ExitGates(cfg.d_model, cfg.n_layers - 1)
         if cfg.tie_embeddings and self.lm_head.tied_name:
             self.lm_head.tie(self.embed.tokens)
 
@@ -155,12 +162,26 @@ class Model(nn.Module):
                 use_cache: bool = False, *, token_type_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                global_attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                global_attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
+                output_exits: bool = False) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
         return the decoder's logits; a cache that already holds the encoded memory skips the encoder.
-        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer)."""
+        global_attention_mask [B, S_total] (1 = global token) feeds patterns with global attention (Longformer).
+        output_attentions: also return every attention module's weights (computed by the reference kernel).
+        output_exits (exit_heads models): also the intermediate predictions and learned exit confidences."""
+        if output_exits:
+            return self._with_exits(input_ids, attention_mask, position_ids, cache, use_cache)
+        if output_attentions:
+            from llmarch.nn.attention_maps import record_attentions
+
+            with record_attentions(self) as maps:
+                out = self(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids=token_type_ids,
+                           decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
+                           global_attention_mask=global_attention_mask)
+            out.attentions = {name: w[-1] for name, w in maps.items() if w}  # the last call (recomputation repeats it)
+            return out
         kind = self.config.kind
         if kind == "encoder_decoder":
             return self._seq2seq(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
@@ -178,7 +199,19 @@ class Model(nn.Module):
             cache = self.new_cache()
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None,
                       global_attention_mask)
-        return self._output(h, cache)
+        return self._output(h, cache, input_ids, attention_mask)
+
+    def _with_exits(self, input_ids, attention_mask, position_ids, cache, use_cache) -> ModelOutput:
+        from llmarch.nn.exits import record_layer_outputs
+
+        if not self.config.exit_heads:
+            raise ValueError("output_exits: the model has no exit heads; build it with exit_heads=True")
+        with record_layer_outputs(self.decoder) as states:
+            out = self(input_ids, attention_mask, position_ids, cache, use_cache)
+        exits = states[:-1]
+        out.exit_logits = [self.lm_head(self.decoder.final_norm(h)) for h in exits]
+        out.exit_confidence = [self.exit_gates(i, h) for i, h in enumerate(exits)]
+        return out
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> CrossMemory:
@@ -238,8 +271,12 @@ class Model(nn.Module):
             cache.advance(T)
         return h
 
-    def _output(self, h: torch.Tensor, cache: KVCache | None) -> ModelOutput:
-        outs = self.lm_head.outputs(h)
+    def _output(self, h: torch.Tensor, cache: KVCache | None, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+        # a head that reads the tokens (the last-token score of a reward model) gets them
+        tokens = dict(input_ids=input_ids, attention_mask=attention_mask) if getattr(
+            self.lm_head, "reads_tokens", False) else {}
+        outs = self.lm_head.outputs(h, **tokens)
         return ModelOutput(outs.pop("logits"), h, aux_loss(self, h), cache, **outs)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmarch.validation import check_field_types
+
 
 def _fail(name: str, message: str) -> None:
     raise ValueError(f"moe.{name}: {message}")
@@ -59,6 +61,9 @@ class MoEConfig:
     n_groups: int = 1  # group-limited routing: E experts in n_groups groups (1 = off)
     topk_groups: int | None = None  # ... each token picks its K experts inside its topk_groups best groups
 
+    def __post_init__(self) -> None:
+        check_field_types(self, "moe.")
+
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_dense and layer % self.every == self.offset
 
@@ -102,8 +107,7 @@ class MoEConfig:
         self.validate_groups()
         if not any(self.is_moe_layer(i) for i in range(n_layers)):
             _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}, offset={self.offset}) "
-                  f"makes none of the "
-                  f"{n_layers} layers MoE; lower first_dense or every")
+                  f"makes none of the n_layers={n_layers} layers MoE; lower first_dense or every")
 
     def validate_groups(self) -> None:
         if isinstance(self.routed_scale, bool) or not isinstance(self.routed_scale, (int, float)) \

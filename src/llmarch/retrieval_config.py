@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from llmarch.validation import check_field_types
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import fail as _fail
 
@@ -25,9 +26,7 @@ class RetrievalConfig:
     encoder_layers: int = 2
 
     def __post_init__(self) -> None:
-        layers = self.cca_layers if isinstance(self.cca_layers, (list, tuple)) else (self.cca_layers,)
-        object.__setattr__(self, "cca_layers", tuple(int(i) if isinstance(i, str) and i.isdigit() else i
-                                                     for i in layers))  # "5,8" from the command line
+        check_field_types(self, "retrieval.")  # "5,8" from the command line becomes (5, 8)
 
     def validate(self, cfg: "ModelConfig") -> None:
         for name in ("chunk_size", "neighbour_len", "encoder_layers"):

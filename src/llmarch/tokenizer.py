@@ -1,4 +1,6 @@
-"""Byte-level BPE (Radford et al. 2019, GPT-2) trained and run by Hugging Face ``tokenizers``.
+"""BPE trained and run by Hugging Face ``tokenizers``: byte-level (``bbpe``, Radford et al. 2019, GPT-2: the 256
+bytes are the base units, so any text round-trips) or character-level (``bpe``, Sennrich et al. 2016: the
+characters seen in training are the base units, words are split at spaces, an unseen character becomes ``<unk>``).
 
 :func:`train_tokenizer` learns merges from text; :func:`load_tokenizer` reads any ``tokenizer.json`` (ours or a
 Hugging Face one). Special tokens are found by their text, so roles (bos, eos, pad, mask, sep, cls, span
@@ -126,24 +128,39 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, specials={len(self.special_ids)})"
 
 
-def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int,
-                    special_tokens: list[str] | None = None, min_frequency: int = 2) -> Tokenizer:
-    """Learn a byte-level BPE of ``vocab_size`` tokens (specials included) from an iterator of texts.
+TOKENIZER_KINDS = ("bbpe", "bpe")
+UNK = "<unk>"
 
-    Every byte has a token, so any string round-trips through encode/decode. Specials get the first ids.
-    """
+
+def train_tokenizer(texts: Iterable[str] | Iterator[str], vocab_size: int,
+                    special_tokens: list[str] | None = None, min_frequency: int = 2, kind: str = "bbpe",
+                    max_alphabet: int = 1000) -> Tokenizer:
+    """Learn a BPE of ``vocab_size`` tokens (specials included) from an iterator of texts; specials get the first
+    ids. ``kind`` "bbpe": byte-level, every string round-trips. "bpe": character-level over at most
+    ``max_alphabet`` characters, spaces kept as a word-initial ``▁`` marker, other characters -> ``<unk>``."""
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer kind {kind!r} is unknown; choose one of {list(TOKENIZER_KINDS)}")
     specials = default_specials() if special_tokens is None else list(special_tokens)
-    if vocab_size < 256 + len(specials):
-        raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
-                         f"{len(specials)} special tokens; use at least {256 + len(specials)}")
-    tok = _HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    if kind == "bbpe":
+        if vocab_size < 256 + len(specials):
+            raise ValueError(f"vocab_size {vocab_size} is too small: byte-level BPE needs 256 byte tokens plus "
+                             f"{len(specials)} special tokens; use at least {256 + len(specials)}")
+        tok = _HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    else:
+        specials = specials if UNK in specials else specials + [UNK]
+        tok = _HFTokenizer(models.BPE(unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        tok.decoder = decoders.Metaspace(prepend_scheme="never")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                      limit_alphabet=max_alphabet, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     out = Tokenizer(tok)
-    log.info("trained byte-level BPE: %d tokens (%d special)", out.vocab_size, len(specials))
+    log.info("trained %s BPE: %d tokens (%d special)", "byte-level" if kind == "bbpe" else "character-level",
+             out.vocab_size, len(specials))
     return out
 
 
@@ -164,4 +181,23 @@ def load_tokenizer_for(checkpoint_dir: str | os.PathLike) -> Tokenizer:
     return load_tokenizer(Path(checkpoint_dir) / TOKENIZER_FILE)
 
 
-__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "load_tokenizer_for", "default_specials", "sentinel"]
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt text -> ids, the one encode path of ``generate``, ``chat`` and the Python API: what transformers'
+    tokenizer gives for the same files with ``add_special_tokens=True``, i.e. the BOS/EOS of tokenizer.json's
+    post-processor. (transformers >= 5 ignores ``add_bos_token`` / ``add_eos_token`` of tokenizer_config.json
+    when a tokenizer.json exists: ``PreTrainedTokenizerBase._from_pretrained`` drops them.) Any other tokenizer
+    object (``encode``, optional ``bos_id``) gets its BOS in front."""
+    if not isinstance(text, str):
+        raise ValueError(f"prompt: expected text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 on the command line
+        raise ValueError(f"prompt: not valid UTF-8 text (position {e.start}); pass UTF-8 encoded text") from None
+    if isinstance(tok, Tokenizer):
+        return tok.inner.encode(text, add_special_tokens=True).ids
+    bos = getattr(tok, "bos_id", None)
+    return ([bos] if bos is not None else []) + list(tok.encode(text))
+
+
+__all__ = ["Tokenizer", "train_tokenizer", "load_tokenizer", "load_tokenizer_for", "default_specials", "sentinel",
+           "encode_prompt"]

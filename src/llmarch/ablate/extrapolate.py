@@ -16,14 +16,9 @@ import torch
 from torch import nn
 
 from llmarch.data import PackedSequences
+from llmarch.nn.position import position_limit
 
 log = logging.getLogger(__name__)
-
-
-def position_limit(model: nn.Module) -> int | None:
-    """The fewest positions any position scheme of ``model`` can represent (None = unlimited)."""
-    limits = [m.max_positions for m in model.modules() if getattr(m, "max_positions", None) is not None]
-    return min(limits) if limits else None
 
 
 @torch.no_grad()

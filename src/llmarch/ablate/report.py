@@ -71,28 +71,41 @@ def plot_loss_curves(results: list[dict], path: Path, title: str = "") -> Path |
     return _save(fig, path)
 
 
+def extrapolation_points(r: dict, eval_lengths, train_len: int | None = None) -> list[tuple[int, float]]:
+    """(length, perplexity) of one variant, the training length included: from ``ppl_at`` where it was evaluated
+    there, else its final validation perplexity (measured at the training length)."""
+    pts = {L: r["ppl_at"].get(str(L)) for L in eval_lengths}
+    if train_len and pts.get(train_len) is None:
+        pts[train_len] = r.get("final_ppl")
+    return sorted((L, p) for L, p in pts.items() if isinstance(p, (int, float)) and math.isfinite(p))
+
+
 def plot_extrapolation(results: list[dict], eval_lengths, path: Path, train_len: int | None = None,
                        title: str = "") -> Path | None:
     ok = [r for r in results if r.get("status") == "ok" and r.get("ppl_at")]
     if not ok or not eval_lengths:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(8.4, 4.0))
     for r in ok:
-        pts = [(L, r["ppl_at"].get(str(L))) for L in eval_lengths]
-        pts = [(L, p) for L, p in pts if isinstance(p, (int, float)) and math.isfinite(p)]
+        pts = extrapolation_points(r, eval_lengths, train_len)
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=r["name"])
+            ax.plot(xs, ys, marker="o", label=r["name"] + (" (no positions past training)" if len(pts) == 1 else ""))
     if train_len:
         ax.axvline(train_len, color="grey", linestyle="--", linewidth=1, label=f"training length {train_len}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator, StrMethodFormatter
+
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0)))  # plain numbers at 1-2-3-5 steps
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    ax.yaxis.set_minor_formatter(StrMethodFormatter(""))
     ax.set_xlabel("evaluation length (tokens)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(title or "perplexity vs. length")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside, not over, the data
     return _save(fig, path)
 
 

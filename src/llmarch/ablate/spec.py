@@ -25,15 +25,13 @@ field's type as ``ModelConfig.with_path`` does; all fields of a variant are appl
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmarch.config import ModelConfig, _coerce
+from llmarch.config import ModelConfig
 
 TRAIN_PREFIX = "train."
 # settings the runner owns: each variant gets its own run directory, one checkpoint, no samples
@@ -104,23 +102,7 @@ class Study:
 def apply_fields(cfg: ModelConfig, fields: dict[str, Any]) -> ModelConfig:
     """``cfg`` with several dotted fields changed at once, validated once (so coupled fields such as ``ffn`` and
     its sub-config can change together). String values are converted to the field's type."""
-    d = cfg.to_dict()
-    hints = typing.get_type_hints(ModelConfig)
-    for path, value in fields.items():
-        head, _, rest = path.partition(".")
-        if head not in hints:
-            raise ValueError(f"unknown config field {head!r}; known fields are {sorted(hints)}")
-        if not rest:
-            d[head] = _coerce(hints[head], value, path)
-            continue
-        sub = getattr(cfg, head)
-        if not dataclasses.is_dataclass(sub):
-            raise ValueError(f"{path}: {head!r} has no sub-fields here (its value is {sub!r}); set {head} as a whole")
-        sub_hints = typing.get_type_hints(type(sub))
-        if rest not in sub_hints:
-            raise ValueError(f"unknown config field {path!r}; known are {sorted(sub_hints)}")
-        d[head] = dict(d[head], **{rest: _coerce(sub_hints[rest], value, path)})
-    return ModelConfig.from_dict(d)
+    return cfg.with_overrides(fields)
 
 
 def split_train(fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

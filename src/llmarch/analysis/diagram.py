@@ -19,6 +19,7 @@ class Node:
     label: str  # lines separated by "\n"
     kind: str  # one of KINDS (picks the colour)
     group: str | None = None  # the repeated block (a key of Diagram.groups) this node belongs to
+    beside: str | None = None  # drawn to the right of this node: a parallel branch (BERT's NSP head beside MLM)
 
     @property
     def in_block(self) -> bool:
@@ -97,9 +98,11 @@ def ffn_label(cfg) -> tuple[str, str]:
              f"({m.router})"]
     if m.n_shared:
         lines.append(f"+ {m.n_shared} shared expert(s), {shared_width(cfg)} wide{' (gated)' if m.shared_gate else ''}")
-    if m.every > 1 or m.first_dense:
+    if m.every > 1:
         lines.append(f"on layers i >= {m.first_dense} with i % {m.every} == {m.offset}; "
                      f"else dense {dense_kind(cfg)} F={cfg.d_ff}")
+    elif m.first_dense:
+        lines.append(f"from layer {m.first_dense} on; layers before: dense {dense_kind(cfg)} F={cfg.d_ff}")
     return "\n".join(lines), "moe"
 
 
@@ -168,27 +171,34 @@ def architecture(cfg, title: str = "") -> Diagram:
         if st.cross and memory is not None:
             edges.append((memory, f"{p}cross"))
         memory = part[-1].id
-    head, tail = head_nodes(cfg)
-    edges += _chain([nodes[-1]] + head + [tail])
-    nodes += head + [tail]
+    head, head_edges = head_graph(cfg, nodes[-1].id)
+    nodes += head
+    edges += head_edges
     return Diagram(title or "model", nodes, edges, residuals, groups)
 
 
-def head_nodes(cfg) -> tuple[list[Node], Node]:
-    """The head's nodes and the output node."""
+def head_graph(cfg, entry: str) -> tuple[list[Node], list[tuple[str, str]]]:
+    """The head's nodes (ending in the output) and edges from ``entry``, the final hidden states. BERT's
+    pre-training heads are parallel: MLM on every position, the pooler and next-sentence head on the first."""
     V, tied = cfg.vocab_size, " (tied to embedding)" if cfg.tie_embeddings else ""
     if cfg.head == "classification":
-        return [Node("pooler", "pooler: first position, dense D -> D, tanh", "head"),
-                Node("head", f"classifier D -> {cfg.n_labels} labels", "head")], Node("logits", "logits [B, n_labels]",
-                                                                                     "io")
-    if cfg.head in ("mlm", "pretraining"):
+        nodes = [Node("pooler", "pooler: first position, dense D -> D, tanh", "head"),
+                 Node("head", f"classifier D -> {cfg.n_labels} labels", "head"),
+                 Node("logits", "logits [B, n_labels]", "io")]
+    elif cfg.head in ("mlm", "pretraining"):
         nodes = [Node("head_transform", f"MLM transform: dense D -> D, {cfg.activation}, {norm_label(cfg)}", "head"),
-                 Node("head", f"MLM decoder D -> V={V}{tied} +bias", "head")]
-        if cfg.head == "pretraining":
-            nodes.append(Node("nsp", "+ pooler (dense + tanh) and next-sentence head D -> 2 on [CLS]", "head"))
-        return nodes, Node("logits", "logits [B, T, V]", "io")
-    head = f"LM head D -> V={V}{tied}" + (" +bias" if cfg.head_bias else "")
-    return [Node("head", head, "head")], Node("logits", "logits [B, T, V]", "io")
+                 Node("head", f"MLM decoder D -> V={V}{tied} +bias", "head"),
+                 Node("logits", "MLM logits [B, T, V]\n(every position)", "io")]
+        if cfg.head == "pretraining":  # a second branch beside the MLM one, from the same hidden states
+            nsp = [Node("pooler", "pooler on the first position\n([CLS]): dense D -> D, tanh", "head",
+                        beside="head_transform"),
+                   Node("nsp", "next-sentence head D -> 2", "head", beside="head"),
+                   Node("nsp_logits", "NSP logits [B, 2]", "io", beside="logits")]
+            return nodes + nsp, _chain([Node(entry, "", "io")] + nodes) + _chain([Node(entry, "", "io")] + nsp)
+    else:
+        head = f"LM head D -> V={V}{tied}" + (" +bias" if cfg.head_bias else "")
+        nodes = [Node("head", head, "head"), Node("logits", "logits [B, T, V]", "io")]
+    return nodes, _chain([Node(entry, "", "io")] + nodes)
 
 
 def _mermaid_text(label: str) -> str:

@@ -14,37 +14,61 @@ COLOURS = {"io": ("#eeeeee", "#777777"), "embed": ("#d6e9f8", "#3a7bbf"), "norm"
            "attn": ("#f8d7d3", "#c0392b"), "ffn": ("#d8f0d8", "#2e8b57"), "moe": ("#e6dcf5", "#6a3d9a"),
            "add": ("#ffffff", "#333333"), "head": ("#d6e9f8", "#3a7bbf")}
 WIDTH, BOX_W, LINE_H, PAD, GAP, ADD_R = 7.0, 4.2, 0.2, 0.18, 0.28, 0.16  # inches
+SIDE_W, SIDE_GAP = 3.3, 0.5  # the column of parallel branches (Node.beside), right of the main one
+TITLE_H, SUB_LINE_H, SUB_CHARS_PER_INCH = 0.6, 0.22, 14  # subtitle at 9 pt: ~14 characters per inch
 
 
 def _box_height(label: str, kind: str) -> float:
     return 2 * ADD_R if kind == "add" else PAD * 2 + LINE_H * len(label.split("\n"))
 
 
+def wrap_subtitle(subtitle: str, width: float) -> list[str]:
+    """The subtitle's " · "-separated parts packed into lines that fit ``width`` inches."""
+    limit, lines = int(width * SUB_CHARS_PER_INCH), [""]
+    for part in subtitle.split(" · ") if subtitle else []:
+        joined = f"{lines[-1]} · {part}" if lines[-1] else part
+        if len(joined) > limit and lines[-1]:
+            lines.append(part)
+        else:
+            lines[-1] = joined
+    return [line for line in lines if line]
+
+
 def render(d: Diagram, subtitle: str = "") -> Figure:
-    heights = [_box_height(n.label, n.kind) for n in d.nodes]
+    main = [n for n in d.nodes if n.beside is None]
+    side = {n.beside: n for n in d.nodes if n.beside is not None}
+    heights = [max(_box_height(n.label, n.kind), _box_height(side[n.id].label, "") if n.id in side else 0)
+               for n in main]
     spans = {}  # group -> [first index, last index]
-    for i, n in enumerate(d.nodes):
+    for i, n in enumerate(main):
         if n.group is not None:
             spans.setdefault(n.group, [i, i])[1] = i
     firsts, lasts = {a: g for g, (a, _) in spans.items()}, {b: g for g, (_, b) in spans.items()}
-    total = sum(heights) + GAP * (len(heights) + 1) + 0.9 + 2 * GAP * len(spans)
-    fig = Figure(figsize=(WIDTH, total))
+    width = WIDTH + (SIDE_W + SIDE_GAP if side else 0)
+    sub = wrap_subtitle(subtitle, width - 0.3)
+    head_h = TITLE_H + SUB_LINE_H * len(sub)
+    total = sum(heights) + GAP * (len(heights) + 1) + head_h + 0.3 + 2 * GAP * len(spans)
+    fig = Figure(figsize=(width, total))
     ax = fig.add_axes((0, 0, 1, 1))
-    ax.set_xlim(0, WIDTH)
+    ax.set_xlim(0, width)
     ax.set_ylim(0, total)
     ax.axis("off")
-    ax.text(WIDTH / 2, total - 0.3, d.title, ha="center", va="center", fontsize=13, weight="bold")
-    if subtitle:
-        ax.text(WIDTH / 2, total - 0.6, subtitle, ha="center", va="center", fontsize=9, color="#444444")
-    cx = WIDTH / 2
-    y = total - 0.9
-    centre, top = {}, {}
-    for i, (n, h) in enumerate(zip(d.nodes, heights)):
+    ax.text(width / 2, total - 0.3, d.title, ha="center", va="center", fontsize=13, weight="bold")
+    for j, line in enumerate(sub):
+        ax.text(width / 2, total - TITLE_H - SUB_LINE_H * j, line, ha="center", va="center", fontsize=9,
+                color="#444444")
+    cx, sx = WIDTH / 2, WIDTH / 2 + BOX_W / 2 + SIDE_GAP + SIDE_W / 2
+    y = total - head_h - 0.3
+    centre, top, row = {}, {}, {}  # id -> (x, y, h, w)
+    for i, (n, h) in enumerate(zip(main, heights)):
         if i in firsts:
             y -= GAP
             top[firsts[i]] = y
         y -= GAP
-        centre[n.id] = (cx, y - h / 2, h)
+        h_own = 2 * ADD_R if n.kind == "add" else h
+        centre[n.id], row[n.id] = (cx, y - h / 2, h_own, BOX_W), i
+        if n.id in side:
+            centre[side[n.id].id], row[side[n.id].id] = (sx, y - h / 2, h, SIDE_W), i
         y -= h
         if i in lasts:
             bottom = y - GAP
@@ -56,28 +80,29 @@ def render(d: Diagram, subtitle: str = "") -> Figure:
             ax.text(cx + BOX_W / 2 + 0.5, top[group] - 0.12, d.groups[group], ha="right", va="top", fontsize=9,
                     style="italic", color="#555555")
     for n in d.nodes:
-        x, yc, h = centre[n.id]
+        x, yc, h, w = centre[n.id]
         fc, ec = COLOURS.get(n.kind, COLOURS["io"])
         if n.kind == "add":
             ax.add_patch(Circle((x, yc), ADD_R, fc=fc, ec=ec))
             ax.text(x, yc, "+", ha="center", va="center", fontsize=12)
             continue
-        ax.add_patch(FancyBboxPatch((x - BOX_W / 2, yc - h / 2), BOX_W, h, boxstyle="round,pad=0,rounding_size=0.08",
+        ax.add_patch(FancyBboxPatch((x - w / 2, yc - h / 2), w, h, boxstyle="round,pad=0,rounding_size=0.08",
                                     fc=fc, ec=ec, lw=1.2))
         ax.text(x, yc, n.label, ha="center", va="center", fontsize=8.5, linespacing=1.35)
-    order = {n.id: i for i, n in enumerate(d.nodes)}
+    arrow = dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0)
     for a, b in d.edges:
-        (xa, ya, ha), (xb, yb, hb) = centre[a], centre[b]
-        if order[b] == order[a] + 1:
-            ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xa, ya - ha / 2),
-                        arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0))
+        (xa, ya, ha, wa), (xb, yb, hb, wb) = centre[a], centre[b]
+        if xa == xb and row[b] == row[a] + 1:
+            ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xa, ya - ha / 2), arrowprops=arrow)
+        elif xa != xb:  # into a parallel branch: right from the source, then down into the branch's first box
+            ax.plot([xa + wa / 2, xb], [ya, ya], color="#333333", lw=1.0)
+            ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xb, ya), arrowprops=arrow)
         else:  # a long edge (encoder output -> cross-attention) runs down the right side
-            side = cx + BOX_W / 2 + 0.3
-            ax.plot([xa + BOX_W / 2, side, side], [ya, ya, yb], color="#333333", lw=1.0)
-            ax.annotate("", xy=(xb + BOX_W / 2, yb), xytext=(side, yb),
-                        arrowprops=dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0))
+            side_x = cx + BOX_W / 2 + 0.3
+            ax.plot([xa + BOX_W / 2, side_x, side_x], [ya, ya, yb], color="#333333", lw=1.0)
+            ax.annotate("", xy=(xb + BOX_W / 2, yb), xytext=(side_x, yb), arrowprops=arrow)
     for k, (a, b) in enumerate(d.residuals):
-        (xa, ya, ha), (xb, yb, _) = centre[a], centre[b]
+        (xa, ya, ha, _), (xb, yb, _, _) = centre[a], centre[b]
         side = cx - BOX_W / 2 - 0.3 - 0.12 * k
         start = ya - ha / 2 - GAP / 2
         ax.plot([xa, side, side], [start, start, yb], color="#666666", lw=1.0, ls="--")

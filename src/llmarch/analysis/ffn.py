@@ -64,20 +64,29 @@ def shared_width(cfg) -> int:
     return m.n_shared * (m.shared_d_ff or m.expert_d_ff(cfg.d_ff)) if m is not None and m.n_shared else 0
 
 
+def activation_params(name: str) -> int:
+    """Trainable parameters of one activation instance (a learned swish has its beta)."""
+    from llmarch.nn.activation import ACTIVATIONS
+
+    return getattr(ACTIVATIONS[name], "n_params", 0)
+
+
 def ffn_cost(cfg, layer: int) -> FFNCost:
     """The FFN of ``layer`` of a stack, as ``llmarch.model.ffn_for`` builds it."""
     D = cfg.d_model
+    act = activation_params(cfg.activation)
     if not is_moe_layer(cfg, layer):
         kind = dense_kind(cfg)
         bias = cfg.ffn_bias and cfg.moe is None
-        p = dense_ffn_params(D, cfg.d_ff, kind, bias)
+        p = dense_ffn_params(D, cfg.d_ff, kind, bias) + act
         return FFNCost({"ffn": p}, p, ffn_matrices(kind) * D * cfg.d_ff, kind)
     m = cfg.moe
     E, K, F, mats = m.n_experts, m.top_k, m.expert_d_ff(cfg.d_ff), ffn_matrices(m.expert_ffn)
     router = D * E + (E if m.router_bias else 0)
     expert = mats * D * F
+    router += act  # the experts share one activation instance (counted here so experts stay E x one expert)
     Fs = shared_width(cfg)
-    shared = mats * D * Fs + (D if m.shared_gate and Fs else 0)
+    shared = mats * D * Fs + (D if m.shared_gate and Fs else 0) + (act if Fs else 0)
     comps = {"router": router, "experts": E * expert, "shared_experts": shared}
     macs = D * E + K * expert + mats * D * Fs + (D if m.shared_gate and Fs else 0)
     return FFNCost(comps, router + K * expert + shared, macs, "moe")

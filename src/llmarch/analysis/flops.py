@@ -21,9 +21,6 @@ from llmarch.analysis.ffn import FFN_SHAPES, ffn_cost
 from llmarch.analysis.heads import head_cost
 from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
 
-USEFUL_FRACTION_MAX_T = 8192  # the attended fraction is measured by rendering the mask up to this length
-
-
 @dataclass
 class Flops:
     """Forward FLOPs of one step (B sequences of T tokens; an encoder-decoder runs B×T source and B×T' target
@@ -72,9 +69,9 @@ def linear_macs_per_token(cfg, n_layers: int | None = None) -> int:
 
 
 def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True) -> float | None:
-    """Mean over layers of the fraction of the T×T score matrix that the (causal) mask and pattern allow."""
-    if T > USEFUL_FRACTION_MAX_T:
-        return None
+    """Mean over layers of the fraction of the T×T score matrix that the (causal) mask and pattern allow
+    (``Pattern.pairs``: a closed form for dense and sliding layers, rendered for the others); None when a layer's
+    pattern is too long to count."""
     from llmarch.analysis.memory import layer_pattern
 
     n = cfg.n_layers if n_layers is None else n_layers
@@ -82,7 +79,10 @@ def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = T
     for i in range(n):
         name = cfg.layer_pattern(i)
         if name not in fractions:
-            fractions[name] = float(layer_pattern(cfg, i).render(T, causal=causal).float().mean())
+            pairs = layer_pattern(cfg, i).pairs(T, causal=causal)
+            if pairs is None:
+                return None
+            fractions[name] = pairs / (T * T)
     return sum(fractions[cfg.layer_pattern(i)] for i in range(n)) / n
 
 

@@ -29,8 +29,11 @@ class MLMCost:
 
     @staticmethod
     def params(cfg) -> dict[str, int]:
+        from llmarch.analysis.ffn import activation_params
+
         D = cfg.d_model
-        return {"head_transform": D * D + D + norm_params(cfg), "head": _vocab_projection(cfg, True)}
+        return {"head_transform": D * D + D + norm_params(cfg) + activation_params(cfg.activation),
+                "head": _vocab_projection(cfg, True)}
 
     @staticmethod
     def macs(cfg) -> tuple[int, int]:
@@ -77,8 +80,21 @@ class FirstTokenCost:
         return 0, 0
 
 
+class LastTokenCost:
+    """The reward / sequence-classification score of a decoder: bias-free D -> n_labels, applied at every position
+    (as transformers does) and read at the last real token. Nothing tied: an untied LM head is not built."""
+
+    @staticmethod
+    def params(cfg) -> dict[str, int]:
+        return {"head": cfg.d_model * cfg.n_labels}
+
+    @staticmethod
+    def macs(cfg) -> tuple[int, int]:
+        return cfg.d_model * cfg.n_labels, 0
+
+
 HEAD_COSTS = {"lm": LMCost, "mlm": MLMCost, "pretraining": PretrainingCost, "classification": ClassificationCost,
-              "first_token": FirstTokenCost}
+              "first_token": FirstTokenCost, "last_token": LastTokenCost}
 
 
 def head_cost(cfg):

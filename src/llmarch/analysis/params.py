@@ -25,7 +25,7 @@ COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", 
               "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "attn_in", "attn_conv", "attn_ssm",
               "attn_controller", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
-              "head", "retrieval")
+              "head", "exit_gates", "retrieval")
 
 
 @dataclass
@@ -97,6 +97,9 @@ def count_params(cfg) -> ParamCount:
         per_stack[stack.name] = sum(c.values()) - before
     for k, v in head_cost(cfg).params(cfg).items():
         c[k] += v
+    if cfg.exit_heads:  # one Linear(D, 1) per decoder layer but the last; not used by the full forward
+        c["exit_gates"] = (cfg.n_layers - 1) * (cfg.d_model + 1)
+        inactive += c["exit_gates"]
     if cfg.retrieval is not None:
         c["retrieval"] = retrieval_params(cfg)
     total = sum(c.values())
@@ -177,7 +180,7 @@ def closed_form_comparison(cfg) -> list[dict]:
     if exact["cross_q"]:
         norm_reasons.append("a third norm (cross-attention) per decoder block")
     head_reasons = [f"{cfg.head} head"] if cfg.head != "lm" else []
-    if not cfg.tie_embeddings and cfg.head != "classification":
+    if not cfg.tie_embeddings and cfg.head not in ("classification", "last_token"):
         head_reasons.append("untied LM head" if cfg.head == "lm" else "untied vocabulary projection")
     head_reasons += ["head bias"] * (cfg.head_bias and cfg.head == "lm")
     rows = [

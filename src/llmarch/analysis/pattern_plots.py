@@ -22,19 +22,30 @@ MASKED_RGB = (255, 255, 255)
 def pattern_masks(n: int = 32, window: int | None = None, causal: bool = True,
                   **pattern_args) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """{name: [n, n] bool mask} for every registered pattern, and {name: reason} for those that could not be
-    built from ``window`` and ``pattern_args`` alone."""
-    from llmarch.nn.patterns import PATTERNS
+    built. ``pattern_args`` are :class:`~llmarch.attention_config.SparseConfig` fields (block size, stride, global
+    tokens, ...); they default to :func:`picture_sparse`."""
+    from llmarch.nn.patterns import PATTERNS, build_pattern
 
     window = window or max(2, n // 4)
+    sparse = picture_sparse(n, **pattern_args)
     masks, skipped = {}, {}
     for name in PATTERNS.names():
         try:
-            pattern = PATTERNS[name](window=window, **pattern_args)
+            pattern = build_pattern(name, window=window, sparse=sparse)  # as the model's stack builds it
             masks[name] = pattern.render(n, causal=causal).bool()
         except (TypeError, ValueError) as e:  # a pattern that needs more settings than given
             skipped[name] = str(e)
             log.warning("pattern %r not drawn: %s", name, e)
     return masks, skipped
+
+
+def picture_sparse(n: int, **fields):
+    """Sparse-pattern settings that show on an n-token picture: blocks of n/8, stride n/4, summary n/16, token 0
+    global, one random block (the model defaults are sized for thousands of tokens); ``fields`` override them."""
+    from llmarch.attention_config import SparseConfig
+
+    return SparseConfig(**{"block": max(2, n // 8), "stride": max(2, n // 4), "summary": max(1, n // 16),
+                           "global_tokens": (0,), "random_blocks": 1, **fields})
 
 
 def mask_image(mask: torch.Tensor, scale: int = 8) -> np.ndarray:
@@ -89,9 +100,11 @@ def plot_patterns(out_dir: str | Path, n: int = 32, window: int | None = None, s
     if not masks:
         raise ValueError(f"no pattern could be drawn: {skipped}")
     files = {name: save_mask_png(m, out_dir / f"pattern_{name}.png", scale) for name, m in masks.items()}
-    w = window or max(2, n // 4)
+    w, sp = window or max(2, n // 4), picture_sparse(n, **pattern_args)
     fig = overview_figure(masks, cols=min(4, len(masks)),
-                          title=f"attention patterns, {n} tokens{' causal' if causal else ''}, window {w}")
+                          title=f"attention patterns, {n} tokens{' causal' if causal else ' bidirectional'}: window "
+                                f"{w}, block {sp.block}, stride {sp.stride}, global tokens {list(sp.global_tokens)}, "
+                                f"{sp.random_blocks} random block(s)")
     files["overview"] = out_dir / "patterns.png"
     fig.savefig(files["overview"], dpi=100)
     return files

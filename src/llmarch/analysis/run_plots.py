@@ -95,6 +95,8 @@ def expert_load_figure(stats: dict, title: str = "") -> Figure:
     ax, ax2 = fig.subplots(1, 2, width_ratios=(3, 1))
     im = ax.imshow(rel, cmap="coolwarm", vmin=0, vmax=max(2.0, float(rel.max())), aspect="auto",
                    interpolation="nearest")
+    E = load.shape[1]
+    ax.set_xticks(range(0, E, max(1, -(-E // 16))))  # whole experts, at most ~16 labels
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(len(stats["layers"])), [str(x) for x in stats["layers"]])
@@ -106,7 +108,7 @@ def expert_load_figure(stats: dict, title: str = "") -> Figure:
     ax2.invert_yaxis()
     ax2.set_yticks([])
     ax2.set_xlabel("load / uniform")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)  # above the bars
     fig.suptitle(title or "expert load")
     fig.tight_layout()
     return fig

@@ -9,7 +9,7 @@ import sys
 
 # one module per verb (or family of verbs); order is the order of `llmarch --help`
 VERB_MODULES = ["presets", "inspect", "compare", "plan", "diagram", "plot", "train", "ablate", "generate",
-                "chat", "convert", "index"]
+                "chat", "convert", "eval", "index"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 def add(sub) -> None:
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (/reset, /quit)")
-    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a model directory with its tokenizer")
+    p.add_argument("--checkpoint", metavar="DIR", required=True, help="a training run directory (its newest good "
+                   "checkpoint), a checkpoint directory or a Hugging Face directory, with its tokenizer")
     p.add_argument("--system", default=None, help="a line placed before the conversation")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -20,9 +21,11 @@ def run(args) -> int:
     from llmarch.checkpoint import load_model
     from llmarch.infer.chat import Chat, repl
     from llmarch.tokenizer import load_tokenizer_for
+    from llmarch.train.checkpoints import resolve_model_dir
 
-    model = load_model(args.checkpoint).eval()
-    chat = Chat(model, load_tokenizer_for(args.checkpoint), system=args.system, max_new_tokens=args.max_new_tokens,
+    path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
+    model = load_model(path).eval()
+    chat = Chat(model, load_tokenizer_for(path), system=args.system, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed)
     return repl(chat)

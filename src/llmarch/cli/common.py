@@ -4,9 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from llmarch.config import ModelConfig
+
+
+MODEL_SPEC = ("a preset name, a config file (.json/.yaml), a Hugging Face model directory, an llmarch checkpoint "
+              "directory or a training run directory")
 
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -17,22 +22,78 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override a config field (repeatable; dotted for sub-fields, e.g. rope.theta=1e6)")
 
 
-def config_from_args(args: argparse.Namespace) -> ModelConfig:
+def model_spec(args: argparse.Namespace) -> str | None:
+    """What the user named the model with: the positional NAME, ``--preset`` or ``--config``."""
+    return getattr(args, "name", None) or args.preset or args.config
+
+
+def preset_name(args: argparse.Namespace) -> str | None:
+    """The preset the model was named by, or None when it came from a file or a directory."""
     from llmarch import presets
 
-    name = getattr(args, "name", None) or args.preset
-    if name is not None and args.config is None:
-        cfg = presets.get(name)
-    elif args.config is not None:
-        cfg = ModelConfig.from_file(args.config)
-    else:
-        raise ValueError("give a model: NAME, --preset NAME or --config FILE")
-    for item in args.set:
+    spec = model_spec(args)
+    return spec if spec and not Path(spec).exists() and spec.lower() in presets.names() else None
+
+
+def resolve_model(spec: str, dirs: bool = True) -> ModelConfig:
+    """The config of ``spec``: a preset name | a config file | a Hugging Face directory | an llmarch checkpoint
+    directory | a training run directory (its newest good checkpoint). ``dirs=False`` accepts names and files only."""
+    from llmarch import presets
+
+    path = Path(spec)
+    if path.is_dir():
+        if not dirs:
+            raise ValueError(f"{spec} is a directory; give a config file (.json/.yaml) or a preset here (to start "
+                             f"from a checkpoint's weights use --from {spec})")
+        from llmarch.train.checkpoints import resolve_model_dir
+
+        model_dir = resolve_model_dir(path)  # a model directory, or a run's newest good checkpoint
+        if not is_llmarch_dir(model_dir):
+            from llmarch.hf import config_from_hf
+
+            return config_from_hf(model_dir)
+        return ModelConfig.from_file(model_dir / "config.json")
+    if path.is_file():
+        if path.name == "config.json" and not is_llmarch_dir(path.parent):
+            raise ValueError(f"{spec} is a Hugging Face config.json: pass its directory {path.parent} instead (it is "
+                             f"read as Hugging Face reads it; to train from its weights: --from {path.parent})")
+        return ModelConfig.from_file(path)
+    if path.suffix in (".json", ".yaml", ".yml") or len(path.parts) > 1:
+        raise FileNotFoundError(f"{spec} does not exist; expected {MODEL_SPEC}")
+    return presets.get(spec)
+
+
+def is_llmarch_dir(path: Path) -> bool:
+    """An llmarch model directory (config.json of ModelConfig fields); a Hugging Face one has ``model_type``."""
+    from llmarch.checkpoint import is_llmarch_dir as llmarch_dir
+
+    try:
+        return llmarch_dir(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+
+
+def model_title(args: argparse.Namespace) -> str:
+    """A short label for the model named on the command line (preset name, file stem or directory name)."""
+    spec = model_spec(args) or "default config"
+    path = Path(spec)
+    return path.resolve().name if path.is_dir() else path.stem if path.is_file() else spec
+
+
+def config_from_args(args: argparse.Namespace, dirs: bool = False) -> ModelConfig:
+    """The config named by NAME / ``--preset`` / ``--config`` (see :func:`resolve_model`; ``dirs`` says whether
+    model and run directories are accepted) with the ``--set`` overrides applied."""
+    spec = model_spec(args)
+    if spec is None:
+        raise ValueError(f"give a model: NAME, --preset NAME or --config FILE ({MODEL_SPEC})")
+    cfg = resolve_model(spec, dirs=dirs)
+    changes = {}
+    for item in args.set:  # every override first, then one validation (pattern=sliding needs window=W too)
         field, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not field.strip():
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        cfg = cfg.with_path(field.strip(), value.strip())
-    return cfg
+        changes[field.strip()] = value.strip()
+    return cfg.with_overrides(changes) if changes else cfg
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:

@@ -2,14 +2,12 @@
 activation, norm, FLOPs/token, KV cache/token)."""
 from __future__ import annotations
 
-from pathlib import Path
-
-from llmarch.cli.common import add_json_flag, emit_json, human, table
+from llmarch.cli.common import MODEL_SPEC, add_json_flag, emit_json, human, resolve_model, table
 
 
 def add(sub) -> None:
-    p = sub.add_parser("compare", help="compare presets or config files side by side")
-    p.add_argument("models", nargs="+", metavar="MODEL", help="preset names or config files (.json/.yaml)")
+    p = sub.add_parser("compare", help="compare models side by side (presets, config files, HF or llmarch directories)")
+    p.add_argument("models", nargs="+", metavar="MODEL", help=f"each {MODEL_SPEC}")
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for FLOPs/token, capped at each model's context (default 2048)")
     p.add_argument("--dtype", default="bf16", help="KV-cache dtype (default bf16)")
     add_json_flag(p)
@@ -32,6 +30,7 @@ def attention_kind(cfg) -> str:
 def summary(cfg, seq_len: int, dtype: str) -> dict:
     from llmarch.analysis import count_params, forward_flops, kv_bytes_per_token
     from llmarch.analysis.layers import stacks
+    from llmarch.analysis.reach import effective_reach
 
     pc = count_params(cfg)
     f = forward_flops(cfg, min(seq_len, cfg.max_seq_len), 1)  # a model never runs past its context
@@ -43,26 +42,19 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
     return dict(kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
                 norm=f"{cfg.norm} ({cfg.norm_placement})", tied=cfg.tie_embeddings,
-                flops_per_token=f.forward / f.tokens, kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
-
-
-def load(name: str):
-    from llmarch import presets
-    from llmarch.config import ModelConfig
-
-    if Path(name).suffix in (".json", ".yaml", ".yml"):
-        return ModelConfig.from_file(name)
-    return presets.get(name)
+                reach=effective_reach(cfg).tokens, flops_per_token=f.forward / f.tokens,
+                kv_bytes_per_token=kv_bytes_per_token(cfg, dtype))
 
 
 def run(args) -> int:
-    cols = {m: summary(load(m), args.seq_len, args.dtype) for m in args.models}
+    cols = {m: summary(resolve_model(m), args.seq_len, args.dtype) for m in args.models}
     if args.json:
         emit_json(cols)
         return 0
     fmt = {"params": human, "active": human, "flops_per_token": lambda v: f"{v:.3g}",
            "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
-    label = {"flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+    fmt["reach"] = lambda v: f"{v:,}"
+    label = {"reach": "reach (tokens)", "flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
     keys = list(next(iter(cols.values())))
     rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]
     print(table(rows, [""] + list(cols)))

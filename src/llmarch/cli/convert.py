@@ -12,17 +12,19 @@ def add(sub) -> None:
     p.add_argument("out", help="output directory")
     p.add_argument("--to", choices=["llmarch", "hf"], default="llmarch", help="target format (default llmarch)")
     p.add_argument("--model-type", help="HF model_type to write with --to hf (default: the first that fits)")
-    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization of every Linear layer "
+    p.add_argument("--quantize", choices=["int8", "int4", "int3", "int2", "ternary"],
+                   help="weight-only quantization of every Linear layer "
                    "(llmarch format only; `llmarch generate --checkpoint OUT` loads it)")
-    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4 group size")
+    p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128], help="int4/int3/int2 group size")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from llmarch import hf
     from llmarch.checkpoint import load_model, save_model
+    from llmarch.train.checkpoints import resolve_model_dir
 
-    src, out = Path(args.src), Path(args.out)
+    src, out = resolve_model_dir(args.src), Path(args.out)  # a run directory: its newest good checkpoint
     if args.quantize and args.to != "llmarch":
         raise ValueError("--quantize writes an llmarch directory; drop --to hf")
     if args.to == "llmarch":
@@ -37,8 +39,19 @@ def run(args) -> int:
     else:
         model = load_model(src)
         n = sum(p.numel() for p in model.parameters())
-        hf.save(model, out, model_type=args.model_type)
+        hf.save(model, out, model_type=args.model_type, files_from=src)
+    carried = carry_files(src, out, copy=args.to == "llmarch")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(json.dumps({"out": str(out), "format": args.to, "params": n, "quantize": args.quantize,
-                      "bytes": size}))
+                      "bytes": size, "carried": carried}))
     return 0
+
+
+def carry_files(src: Path, out: Path, copy: bool) -> list[str]:
+    """The tokenizer files and generation_config.json of ``src``, copied into ``out`` when ``copy`` (hf.save does
+    it itself); returns the names ``out`` now holds."""
+    from llmarch.model_files import CARRIED, carry_model_files
+
+    if copy:
+        carry_model_files(src, out)
+    return [name for name in CARRIED if (out / name).is_file()]

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmarch.cli.common import add_model_args, config_from_args, human
+from llmarch.cli.common import MODEL_SPEC, add_model_args, config_from_args, human, model_title
 
 
 def add(sub) -> None:
     p = sub.add_parser("diagram", help="draw a model's architecture (Mermaid .mmd, or a rendered .svg/.png)")
-    p.add_argument("name", nargs="?", help="a preset name (or use --preset / --config)")
+    p.add_argument("name", nargs="?", help=f"{MODEL_SPEC} (or use --preset / --config)")
     add_model_args(p, required=False)
     p.add_argument("-o", "--out", metavar="FILE", help="file.mmd | file.svg | file.png (default: Mermaid to stdout)")
     p.set_defaults(func=run)
@@ -29,8 +29,8 @@ def subtitle(cfg) -> str:
 def run(args) -> int:
     from llmarch.analysis.diagram import architecture, to_mermaid
 
-    cfg = config_from_args(args)
-    title = args.name or args.preset or Path(args.config).stem
+    cfg = config_from_args(args, dirs=True)
+    title = model_title(args)
     d = architecture(cfg, title)
     if not args.out:
         print(to_mermaid(d), end="")

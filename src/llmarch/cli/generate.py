@@ -56,7 +56,11 @@ def run(args) -> int:
                              "with), not --preset")
         model = llmarch.build(llmarch.preset(args.preset)).eval()
         kw["cache"] = cache_for(model, args.cache)
-        ids = [int(t) for t in args.prompt.split()] or [0]
+        try:
+            ids = [int(t) for t in args.prompt.split()] or [0]
+        except ValueError:
+            raise ValueError(f"--prompt: with --preset the prompt is token ids separated by spaces, got "
+                             f"{args.prompt!r}") from None
         _emit(" ".join(str(t) for t in ids))
         stream = None if args.no_stream else (lambda tok: _emit(f" {int(tok[0])}"))
         out = llmarch.generate(model, torch.tensor([ids]), streamer=stream, **kw)
@@ -64,14 +68,15 @@ def run(args) -> int:
         return 0
 
     from llmarch.checkpoint import load_model
-    from llmarch.tokenizer import load_tokenizer_for
+    from llmarch.tokenizer import encode_prompt, load_tokenizer_for
     from llmarch.train.checkpoints import resolve_model_dir
 
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
     model = load_model(path).eval()
     tok = load_tokenizer_for(path)
     kw["cache"] = cache_for(model, args.cache)
-    ids = tok.encode(args.prompt) or [tok.bos_id]
+    # the tokenizer's own BOS/EOS rule, as transformers applies it; an empty prompt starts from BOS (else EOS)
+    ids = encode_prompt(tok, args.prompt) or [t for t in (tok.bos_id, tok.eos_id) if t is not None][:1]
     if args.index:
         return _retro(args, model, tok, ids)
     stops = tuple(args.stop)

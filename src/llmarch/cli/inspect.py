@@ -2,12 +2,12 @@
 beside the exact numbers."""
 from __future__ import annotations
 
-from llmarch.cli.common import add_json_flag, add_model_args, config_from_args, emit_json, human, table
+from llmarch.cli.common import MODEL_SPEC, add_json_flag, add_model_args, config_from_args, emit_json, model_title, human, table
 
 
 def add(sub) -> None:
     p = sub.add_parser("inspect", help="parameters, FLOPs, KV cache and memory of a model (no weights needed)")
-    p.add_argument("name", nargs="?", help="a preset name (or use --preset / --config)")
+    p.add_argument("name", nargs="?", help=f"{MODEL_SPEC} (or use --preset / --config)")
     add_model_args(p, required=False)
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
@@ -82,11 +82,15 @@ def format_report(title: str, r) -> str:
 
 def run(args) -> int:
     from llmarch.analysis import analyze
+    from llmarch.analysis.reach import effective_reach
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, dirs=True)
     report = analyze(cfg, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype)
+    reach = effective_reach(cfg)
     if args.json:
-        emit_json(report.to_dict())
+        emit_json(dict(report.to_dict(), reach=dict(tokens=reach.tokens, per_layer=reach.per_layer,
+                                                    paper_form=reach.paper_form)))
         return 0
-    print(format_report(args.name or args.preset or args.config, report))
+    print(format_report(model_title(args), report))
+    print(f"\nEffective reach: {reach.describe()}")
     return 0

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmarch.cli.common import add_model_args, config_from_args
+from llmarch.cli.common import MODEL_SPEC, add_model_args, config_from_args, model_title
 
 
 def add(sub) -> None:
-    p = sub.add_parser("plot", help="pictures: patterns | rope | alibi | experts | loss")
+    p = sub.add_parser("plot", help="pictures: patterns | rope | alibi | experts | loss | attention")
     kinds = p.add_subparsers(dest="what", metavar="WHAT", required=True)
 
     q = kinds.add_parser("patterns", help="every attention pattern's mask (one exact PNG each + an overview)")
@@ -20,7 +20,7 @@ def add(sub) -> None:
 
     for name, helptext in (("rope", "RoPE frequencies and long-term decay"), ("alibi", "ALiBi slopes and biases")):
         q = kinds.add_parser(name, help=f"{helptext} (of a model, or the default config)")
-        q.add_argument("name", nargs="?", help="a preset name (or --preset / --config)")
+        q.add_argument("name", nargs="?", help=f"{MODEL_SPEC} (or --preset / --config)")
         add_model_args(q, required=False)
         q.add_argument("-o", "--out", default=f"{name}.png", metavar="FILE")
         if name == "alibi":
@@ -33,6 +33,13 @@ def add(sub) -> None:
     q.add_argument("-o", "--out", default="experts.png", metavar="FILE")
     q.set_defaults(func=run_experts)
 
+    q = kinds.add_parser("attention", help="a trained model's attention weights on a prompt, per layer and head")
+    q.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory, run directory or HF directory")
+    q.add_argument("--prompt", required=True, help="text to look at (short prompts get token labels)")
+    q.add_argument("--layers", help="comma-separated layer indices (default: all)")
+    q.add_argument("-o", "--out", default="attention.png", metavar="FILE")
+    q.set_defaults(func=run_attention)
+
     q = kinds.add_parser("loss", help="training and validation loss from RUN_DIR/metrics.jsonl")
     q.add_argument("run_dir", metavar="RUN_DIR")
     q.add_argument("-o", "--out", default="loss.png", metavar="FILE")
@@ -43,7 +50,7 @@ def _model(args):
     from llmarch.config import ModelConfig
 
     if args.name or args.preset or args.config:
-        return config_from_args(args), args.name or args.preset or Path(args.config).stem
+        return config_from_args(args, dirs=True), model_title(args)
     return ModelConfig(), "default config"
 
 
@@ -93,3 +100,29 @@ def run_loss(args) -> int:
     from llmarch.analysis.run_plots import loss_figure, read_metrics
 
     return _save(loss_figure(read_metrics(args.run_dir), title=str(args.run_dir)), args.out)
+
+
+def run_attention(args) -> int:
+    from llmarch.analysis.attention_plots import attention_figure, attention_maps
+    from llmarch.checkpoint import load_model
+    from llmarch.tokenizer import load_tokenizer_for
+    from llmarch.train.checkpoints import resolve_model_dir
+
+    path = resolve_model_dir(args.checkpoint)
+    model, tok = load_model(path).eval(), load_tokenizer_for(path)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt: the prompt encodes to no tokens; give some text")
+    maps = attention_maps(model, ids)
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers: expected comma-separated integers, got {args.layers!r}") from None
+        bad = [i for i in layers if not 0 <= i < len(maps)]
+        if bad:
+            raise ValueError(f"--layers: {bad} outside [0, {len(maps)}) (the model's attention layers)")
+    tokens = [tok.decode([i]).replace("\n", "\\n").replace(" ", "\u2423") for i in ids]  # spaces shown as ␣
+    return _save(attention_figure(maps, tokens, layers, title=f"attention of {args.checkpoint} on {args.prompt!r}"),
+                 args.out)

@@ -35,6 +35,9 @@ OPTIONS = [
     ("--no-nsp", "nsp", False, "mlm without next-sentence prediction"),
     ("--tokenizer", "tokenizer", str, "an existing tokenizer.json instead of training a BPE"),
     ("--vocab-size", "vocab_size", int, "size of the BPE to train (default: the config's vocab_size)"),
+    ("--qat", "qat", str, "quantization-aware training: int8 | int4 | int3 | int2 | ternary (weights; STE)"),
+    ("--qat-group-size", "qat_group_size", int, "group size of int4/int3/int2 QAT (default 64)"),
+    ("--tokenizer-kind", "tokenizer_kind", str, "bbpe (byte-level, default) | bpe (character-level)"),
     ("--cache-dir", "cache_dir", str, "token/tokenizer cache (default $LLMARCH_CACHE or ~/.cache/llmarch)"),
     ("--eval-every", "eval_every", int, "validate every N steps (default 100)"),
     ("--eval-batches", "eval_batches", int, "validation batches per evaluation (default 8)"),
@@ -71,6 +74,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="run directory: metrics.jsonl, checkpoints/")
     add_options(p, OPTIONS)
+    p.add_argument("--recipe", choices=["paper"], help="paper: the preset's published optimiser settings (lr, AdamW "
+                   "betas/eps, weight decay, clipping, warmup, final lr); explicit flags still win")
     p.add_argument("--nproc", type=int, default=1, help="processes (relaunches under torchrun when > 1)")
 
 
@@ -84,6 +89,10 @@ def train_config_from_args(args: argparse.Namespace):
     from llmarch.train import TrainConfig
 
     given = {dest: getattr(args, dest) for _, dest, _, _ in OPTIONS if getattr(args, dest) is not None}
+    if getattr(args, "recipe", None) == "paper":
+        from llmarch.presets.recipes import recipe_for
+
+        given = {**recipe_for(args.preset).settings(), **given}
     return TrainConfig(out=args.out, **given)
 
 
@@ -92,6 +101,8 @@ def argv_from_args(args: argparse.Namespace) -> list[str]:
     argv = ["--preset", args.preset] if args.preset else ["--config", args.config]
     for item in args.set:
         argv += ["--set", item]
+    if getattr(args, "recipe", None):
+        argv += ["--recipe", args.recipe]
     argv += ["--out", args.out]
     for flag, dest, kind, _ in OPTIONS:
         v = getattr(args, dest)

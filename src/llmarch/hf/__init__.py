@@ -8,5 +8,7 @@ from llmarch.hf import mamba2  # noqa: F401  (registration)
 from llmarch.hf.base import FAMILIES
 from llmarch.hf.convert import ConversionError
 from llmarch.hf.io import config_from_hf, load, read_safetensors, save
+from llmarch.hf.adapters import load_adapter, save_adapter
 
-__all__ = ["FAMILIES", "ConversionError", "config_from_hf", "load", "read_safetensors", "save"]
+__all__ = ["FAMILIES", "ConversionError", "config_from_hf", "load", "load_adapter", "read_safetensors", "save",
+           "save_adapter"]

@@ -34,10 +34,10 @@ class Bloom(Family):
 
     def to_config(self, hf):
         vocab, L = require(hf, "vocab_size", "n_layer")
-        d = hf.get("hidden_size", hf.get("n_embed"))
-        H = hf.get("n_head", hf.get("num_attention_heads"))
-        if d is None or H is None:
-            raise ValueError("config.json lacks hidden_size (or n_embed) / n_head")
+        # BloomConfig: a legacy n_embed wins over hidden_size (default 64); n_head (alias num_attention_heads,
+        # default 8)
+        d = hf["n_embed"] if hf.get("n_embed") is not None else hf.get("hidden_size", 64)
+        H = hf.get("n_head", hf.get("num_attention_heads", 8))
         if hf.get("apply_residual_connection_post_layernorm"):
             raise ValueError("config.json apply_residual_connection_post_layernorm=true is not supported")
         return ModelConfig(**BLOOM_FIXED, vocab_size=vocab, d_model=d, n_layers=L, n_heads=H, d_ff=4 * d,

@@ -72,21 +72,29 @@ class ConversionError(ValueError):
 
 
 def to_ours(theirs: dict[str, Tensor], rules: Sequence[Rule], n_layers: int, expected: dict[str, torch.Size],
-            ignore: Sequence[str] = ()) -> dict[str, Tensor]:
+            ignore: Sequence[str] = (), origin: dict[str, str] | None = None) -> dict[str, Tensor]:
     """Checkpoint tensors -> our state dict. ``expected`` maps our names to shapes; ``ignore`` holds regexes of
-    checkpoint names that carry nothing we need (buffers such as rotary tables or causal masks)."""
+    checkpoint names that carry nothing we need (buffers such as rotary tables or causal masks); ``origin`` (the
+    file each tensor came from) names the file in shape errors."""
     ours, used, missing, shapes = {}, set(), [], []
+    where = (lambda n: f" in {origin[n]}" if n in origin else "") if origin else (lambda n: "")
     for r in _expand(rules, n_layers):
         absent = [t for t in r.theirs if t not in theirs]
         if absent:
             missing += absent
             continue
         used.update(r.theirs)
-        t = r.to_ours([theirs[n] for n in r.theirs])
         if r.ours not in expected:
             raise ConversionError(f"converter rule targets {r.ours!r}, which this model does not have")
+        try:
+            t = r.to_ours([theirs[n] for n in r.theirs])
+        except RuntimeError:  # parts that cannot be fused (a wrong column count)
+            shapes.append(" + ".join(f"{n} {tuple(theirs[n].shape)}{where(n)}" for n in r.theirs)
+                          + f" cannot form {r.ours} {tuple(expected[r.ours])}")
+            continue
         if t.shape != expected[r.ours]:
-            shapes.append(f"{'+'.join(r.theirs)} {tuple(t.shape)} -> {r.ours} expects {tuple(expected[r.ours])}")
+            shapes.append(" + ".join(f"{n}{where(n)}" for n in r.theirs)
+                          + f" {tuple(t.shape)} -> {r.ours} expects {tuple(expected[r.ours])}")
         ours[r.ours] = t
     unexpected = [n for n in theirs if n not in used and not any(re.search(p, n) for p in ignore)]
     unfilled = [n for n in expected if n not in ours]

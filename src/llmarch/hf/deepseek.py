@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from llmarch.config import ModelConfig
-from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, rope_from_hf, \
+from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, rope_dict, rope_from_hf, \
     rope_to_hf, tokens_from_hf, tokens_to_hf
 from llmarch.hf.convert import cat_rows, rule, split_rows
 from llmarch.hf.moe import experts_rule, per_layer_rules
@@ -54,7 +54,7 @@ class DeepseekLike(Family):
         if hf.get("num_key_value_heads") not in (None, H):
             raise ValueError("config.json num_key_value_heads must equal num_attention_heads for latent attention")
         rope = rope_from_hf(hf)
-        params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+        params = rope_dict(hf)
         mscale_all_dim = float(params.get("mscale_all_dim") or 0.0)
         if rope["scaling"] == "yarn" and "attention_factor" not in rope:
             mscale = params.get("mscale")
@@ -95,9 +95,15 @@ class DeepseekLike(Family):
     def moe_from_hf(self, hf, n_layers: int) -> MoEConfig | None:
         """The MoEConfig of a DeepSeek-V2 config.json, or None when every layer is dense."""
         first_dense = int(hf.get("first_k_dense_replace") or 0)
-        if first_dense >= n_layers or not hf.get("n_routed_experts"):
+        if first_dense >= n_layers:  # transformers: layer i is MoE iff i >= first_k_dense_replace
             return None
-        E, K, Fe = require(hf, "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size")
+        # DeepseekV2Config's defaults for absent keys: 64 routed experts (alias num_experts), width 1407, 2 shared
+        E = hf.get("n_routed_experts", hf.get("num_experts", 64))
+        Fe = hf.get("moe_intermediate_size", 1407)
+        (K,) = require(hf, "num_experts_per_tok")
+        if not E:
+            raise ValueError(f"config.json n_routed_experts={E!r}: layers from first_k_dense_replace="
+                             f"{first_dense} on are MoE in transformers; give n_routed_experts >= 1")
         refused = {"moe_layer_freq": (hf.get("moe_layer_freq", 1), 1),
                    "norm_topk_prob": (bool(hf.get("norm_topk_prob")), False),
                    "scoring_func": (hf.get("scoring_func", "softmax"), "softmax")}
@@ -109,7 +115,7 @@ class DeepseekLike(Family):
         if method not in ("greedy", "group_limited_greedy"):
             raise ValueError(f"config.json topk_method={method!r} is not supported for {self.model_type}; "
                              "supported: greedy, group_limited_greedy")
-        shared = int(hf.get("n_shared_experts") or 0)
+        shared = int(hf.get("n_shared_experts", 2) or 0)
         if shared < 1:
             raise ValueError("config.json n_shared_experts must be >= 1 (transformers always builds the shared "
                              "experts)")

@@ -10,21 +10,17 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmarch.hf.base import FAMILIES, Family
-from llmarch.hf.convert import to_ours, to_theirs
+from llmarch.hf.convert import ConversionError, to_ours, to_theirs
+from llmarch.hf.files import keys_behind, read_config, read_weights
 from llmarch.model import Model
+from llmarch.model_files import carry_model_files, write_tokenizer_config
 
 
 def _read_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    hf = json.loads(cfg_path.read_text())
-    if "model_type" not in hf:
-        raise ValueError(f"{cfg_path} has no model_type")
-    return hf
+    return read_config(path)
 
 
 def family(model_type: str) -> Family:
@@ -35,20 +31,7 @@ def family(model_type: str) -> Family:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (one file or shards listed in the index)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / s for s in shards]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        bins = sorted(p.name for p in path.glob("*.bin"))
-        extra = f" (found {bins}: convert them to safetensors first; pickled weights are never loaded)" if bins else ""
-        raise FileNotFoundError(f"{path} has no *.safetensors weights{extra}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
+    return read_weights(Path(path))[0]
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -64,16 +47,32 @@ def _strip(tensors: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[
 
 def config_from_hf(path: str | os.PathLike):
     """The ModelConfig of a checkpoint directory, from its config.json alone."""
-    hf = _read_config(Path(path))
-    return family(hf["model_type"]).to_config(hf)
+    return _translate(Path(path))[1]
+
+
+def _translate(path: Path):
+    """(family, ModelConfig) of ``path/config.json``; any problem is a ConversionError naming the file."""
+    hf = _read_config(path)
+    fam = family(hf["model_type"])
+    try:
+        return fam, fam.score_head_from_hf(hf, fam.to_config(hf))
+    except ConversionError:
+        raise
+    except ValueError as e:  # our field's check: name the config.json key(s) it came from too
+        raise ConversionError(f"{path / 'config.json'}: {e}{keys_behind(str(e), hf)}") from None
+    except (TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as e:  # a field of an odd shape
+        raise ConversionError(f"{path / 'config.json'}: cannot translate this config ({type(e).__name__}: {e}); "
+                              "a field is missing or has an unexpected value") from None
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     """A Model with the weights of the Hugging Face checkpoint directory ``path``."""
     path = Path(path)
-    hf = _read_config(path)
-    fam = family(hf["model_type"])
-    cfg = fam.to_config(hf)
+    fam, cfg = _translate(path)
+    tensors, origin = read_weights(path)
+    theirs = _strip(tensors, fam.prefixes)
+    origin = {k: origin[n] for n, k in zip(tensors, theirs)}
+    cfg = fam.tie_from_weights(cfg, theirs)  # transformers decides tying with the checkpoint in hand
     with torch.device("cpu"):
         model = Model(cfg)  # torch's default init; every parameter is overwritten below
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -81,10 +80,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
     for alias in tied:
         expected.pop(alias, None)
     ignore = fam.ignore_for(cfg) + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-    state = to_ours(_strip(read_safetensors(path), fam.prefixes), fam.rules(cfg), cfg.n_layers, expected, ignore)
+    try:
+        state = to_ours(theirs, fam.rules(cfg), cfg.n_layers, expected, ignore, origin)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from None
     for alias, source in tied.items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True)
+    model.loaded_from = path  # where save() finds the tokenizer files to carry
     return model.to(dtype) if dtype is not None else model
 
 
@@ -94,14 +97,14 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                          "llmarch.checkpoint.save_model (set retrieval=None to export the base decoder alone)")
     if model_type is not None:
         fam = family(model_type)
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason:
             raise ValueError(f"cannot save as {model_type!r}: {reason}")
         return fam
     reasons = {}
     for name in FAMILIES:
         fam = FAMILIES[name]()
-        reason = fam.accepts(model.config)
+        reason = fam.accepts(model.config) or fam.accepts_score_head(model.config)
         if reason is None:
             return fam
         reasons[name] = reason
@@ -109,22 +112,33 @@ def pick_family(model: Model, model_type: str | None) -> Family:
                      + "; ".join(f"{k}: {v}" for k, v in reasons.items()))
 
 
-def save(model: Model, path: str | os.PathLike, model_type: str | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads. Written to a temporary
-    directory first and renamed into place, so an existing directory is never left half-written."""
+def checkpoint_name(fam: Family, name: str) -> str:
+    """A rule's checkpoint name as written in the file: with the model prefix, except for the heads."""
+    return name if name.startswith(fam.top_level) else fam.model_prefix() + name
+
+
+def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
+         files_from: str | os.PathLike | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers`` loads, with the tokenizer files and
+    ``generation_config.json`` of ``files_from`` (default: the directory the model was loaded from, if any; see
+    :mod:`llmarch.model_files`). Written to a temporary directory first and renamed into place, so an existing
+    directory is never left half-written."""
     path = Path(path)
     fam = pick_family(model, model_type)
     cfg = model.config
     ours = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     theirs = to_theirs(ours, fam.rules(cfg), cfg.n_layers)
-    prefix = fam.model_prefix()
-    tensors = {(n if n.startswith(fam.top_level) else prefix + n): t.contiguous() for n, t in theirs.items()}
-    hf_cfg = fam.from_config(cfg)
+    tensors = {checkpoint_name(fam, n): t.contiguous() for n, t in theirs.items()}
+    hf_cfg = fam.score_head_to_hf(cfg, fam.from_config(cfg))
     hf_cfg["dtype"] = str(next(iter(tensors.values())).dtype).replace("torch.", "")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    files_from = files_from if files_from is not None else getattr(model, "loaded_from", None)
+    if files_from is not None:
+        carry_model_files(files_from, tmp)
+        write_tokenizer_config(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old")
         os.replace(path, old)

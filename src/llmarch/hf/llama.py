@@ -21,6 +21,13 @@ class LlamaLike(Family):
     prefixes = ("model.",)
     # rotary_emb.inv_freq: a recomputed buffer stored by some older checkpoints
     ignore = (r"rotary_emb\.inv_freq$",)
+    # what the transformers config class assumes for a key that config.json leaves out (its field defaults)
+    default_eps, default_theta, default_kv_heads = 1e-6, 10000.0, None  # None: num_attention_heads
+
+    def kv_heads(self, hf, H: int) -> int:
+        """num_key_value_heads: the class default when absent; null means num_attention_heads."""
+        kv = hf.get("num_key_value_heads", self.default_kv_heads)
+        return H if kv is None else kv
 
     def biases(self, hf) -> dict:
         bias = bool(hf.get("attention_bias", False))
@@ -35,11 +42,12 @@ class LlamaLike(Family):
         if hf.get("pretraining_tp", 1) != 1:
             raise ValueError("config.json pretraining_tp != 1 is not supported (it only changes rounding)")
         return ModelConfig(**LLAMA_FIXED, vocab_size=vocab, d_model=d, n_layers=L, n_heads=H, d_ff=F,
-                           n_kv_heads=_unless(hf.get("num_key_value_heads"), H),
+                           n_kv_heads=_unless(self.kv_heads(hf, H), H),
                            head_dim=_unless(hf.get("head_dim"), d // H if d % H == 0 else None),
-                           max_seq_len=n_pos, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           max_seq_len=n_pos, norm_eps=hf.get("rms_norm_eps", self.default_eps),
                            activation=activation_from_hf(hf.get("hidden_act", "silu")),
-                           rope=rope_from_hf(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                           rope=rope_from_hf(hf, self.default_theta),
+                           tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                            **self.biases(hf), **self.windows(hf, L), **tokens_from_hf(hf, vocab))
 
     def from_config(self, cfg):
@@ -89,25 +97,26 @@ class LlamaLike(Family):
             rules += [rule(f"{layer}ffn.gate_up.bias", f"{m}mlp.gate_proj.bias", f"{m}mlp.up_proj.bias",
                            to_ours=cat_rows, to_theirs=split_rows([F, F])),
                       rule(f"{layer}ffn.down.bias", f"{m}mlp.down_proj.bias")]
-        if not cfg.tie_embeddings:
-            rules.append(rule("lm_head.weight", "lm_head.weight"))
-        return rules
+        return rules + self.decoder_head_rules(cfg)
 
 
 @FAMILIES.register("llama")
 class Llama(LlamaLike):
     model_type, architecture = "llama", "LlamaForCausalLM"
+    sequence_classifier = "LlamaForSequenceClassification"
 
 
 @FAMILIES.register("mistral")
 class Mistral(LlamaLike):
     model_type, architecture = "mistral", "MistralForCausalLM"
+    default_kv_heads, default_window = 8, 4096  # MistralConfig: an absent sliding_window is 4096, null is none
+    sequence_classifier = "MistralForSequenceClassification"
 
     def biases(self, hf):
         return dict(qkv_bias=False, out_bias=False, ffn_bias=False)
 
     def windows(self, hf, L):
-        w = hf.get("sliding_window")
+        w = hf.get("sliding_window", self.default_window)
         return dict(pattern=("sliding",), window=w) if w else dict(pattern=("dense",), window=None)
 
     def extra(self, cfg):
@@ -124,19 +133,31 @@ class Mistral(LlamaLike):
 @FAMILIES.register("qwen2")
 class Qwen2(LlamaLike):
     model_type, architecture = "qwen2", "Qwen2ForCausalLM"
+    default_kv_heads = 32
+    sequence_classifier = "Qwen2ForSequenceClassification"
 
     def biases(self, hf):
         return dict(qkv_bias=True, out_bias=False, ffn_bias=False)
 
     def windows(self, hf, L):
+        """Qwen2Config: sliding_window (default 4096) counts only with use_sliding_window; explicit layer_types
+        win over max_window_layers (default 28)."""
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window", False) else None
         types = hf.get("layer_types")
         if types is None:
-            first = hf.get("max_window_layers", L) if hf.get("use_sliding_window") else L
-            types = ["sliding_attention" if i >= first else "full_attention" for i in range(L)]
+            first = hf.get("max_window_layers", 28)
+            types = ["sliding_attention" if window is not None and i >= first else "full_attention"
+                     for i in range(L)]
+        if not isinstance(types, list) or len(types) != L:
+            raise ValueError(f"config.json layer_types={types!r} must list one type per layer "
+                             f"(num_hidden_layers={L})")
         pattern = tuple("sliding" if t == "sliding_attention" else "dense" for t in types)
+        if "sliding" in pattern and window is None:
+            raise ValueError("config.json layer_types has sliding layers but use_sliding_window is false, so they have "
+                             "no sliding_window (transformers refuses to build their mask); set use_sliding_window")
         if "sliding" not in pattern:
             return dict(pattern=("dense",), window=None)
-        return dict(pattern=pattern, window=hf["sliding_window"])
+        return dict(pattern=pattern, window=window)
 
     def extra(self, cfg):
         sliding = [cfg.layer_pattern(i) == "sliding" for i in range(cfg.n_layers)]

@@ -17,6 +17,8 @@ RENORMALISED = ("topk_softmax", "softmax_topk_norm")
 @FAMILIES.register("mixtral")
 class Mixtral(Mistral):
     model_type, architecture = "mixtral", "MixtralForCausalLM"
+    # MixtralConfig's own defaults: rms_norm_eps 1e-5, default_theta 1e6, no sliding window
+    default_eps, default_theta, default_window = 1e-5, 1000000.0, None
 
     def to_config(self, hf):
         E, K = require(hf, "num_local_experts", "num_experts_per_tok")

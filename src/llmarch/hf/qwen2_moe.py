@@ -15,6 +15,28 @@ ROUTER_FROM_NORM = {False: "softmax_topk", True: "softmax_topk_norm"}
 @FAMILIES.register("qwen2_moe")
 class Qwen2Moe(Qwen2):
     model_type, architecture = "qwen2_moe", "Qwen2MoeForCausalLM"
+    default_kv_heads = 16
+
+    def windows(self, hf, L):
+        """Qwen2MoeConfig (unlike Qwen2): without layer_types, the even layers below max_window_layers (default
+        28) slide when use_sliding_window; the window is sliding_window (default 4096), 0 when not used."""
+        use = hf.get("use_sliding_window", False)
+        types = hf.get("layer_types")
+        if types is None:
+            below = hf.get("max_window_layers", 28)
+            types = ["sliding_attention" if (i + 1) % 2 and i < below and use else "full_attention"
+                     for i in range(L)]
+        if not isinstance(types, list) or len(types) != L:
+            raise ValueError(f"config.json layer_types={types!r} must list one type per layer "
+                             f"(num_hidden_layers={L})")
+        pattern = tuple("sliding" if t == "sliding_attention" else "dense" for t in types)
+        if "sliding" not in pattern:
+            return dict(pattern=("dense",), window=None)
+        window = hf.get("sliding_window", 4096) if use else 0
+        if not window:
+            raise ValueError("config.json sliding_window: layer_types has sliding layers but the window is "
+                             f"{window!r} (use_sliding_window={use}); transformers would let them see no keys")
+        return dict(pattern=pattern, window=window)
 
     def to_config(self, hf):
         E, K, Fe, Fs = require(hf, "num_experts", "num_experts_per_tok", "moe_intermediate_size",
@@ -22,7 +44,10 @@ class Qwen2Moe(Qwen2):
         if not hf.get("qkv_bias", True):
             raise ValueError("config.json qkv_bias=false is not supported for qwen2_moe (released models have it)")
         step = int(hf.get("decoder_sparse_step", 1))
-        dense_layers = sorted(hf.get("mlp_only_layers") or [])
+        dense_layers = hf.get("mlp_only_layers") or []
+        if not isinstance(dense_layers, list) or not all(isinstance(i, int) for i in dense_layers):
+            raise ValueError(f"config.json mlp_only_layers={dense_layers!r} must be a list of layer indices")
+        dense_layers = sorted(dense_layers)
         if dense_layers != list(range(len(dense_layers))):
             raise ValueError(f"config.json mlp_only_layers={dense_layers} is not supported: only a leading run of "
                              "dense layers (0, 1, ..., n-1) maps to moe.first_dense")

@@ -6,10 +6,10 @@ weight rules of a sparse or dense FFN sub-layer) and the ``Family``, which compo
 HF behaviour reproduced: router logits and softmax in fp32 (``router_dtype``), argmax expert weighted by its
 probability (not renormalised), capacity counted per sequence in token order (each forward call's tokens: one
 token per decoding step), overflow tokens leave the sub-layer as zeros (the residual carries them). Layer i of a
-stack is sparse iff i % step == 1 (or step == 1), step = num_layers // num_sparse_layers (num_layers when there are
-no sparse layers, which transformers turns into one sparse layer at index 1). HF also multiplies the router input
-by jitter noise in training; in fp32 its in-place multiply reaches the experts' input too, ours jitters the router
-input only.
+stack is sparse iff i % step == 1 (or step == 1); step is an explicit ``*_sparse_step`` when config.json has one,
+else num_layers // num_sparse_layers (num_layers when there are no sparse layers, which transformers turns into one
+sparse layer at index 1). HF also multiplies the router input by jitter noise in training; in fp32 its in-place
+multiply reaches the experts' input too, ours jitters the router input only.
 """
 from __future__ import annotations
 
@@ -17,22 +17,26 @@ import re
 from typing import Any
 
 from llmarch.config import ModelConfig
-from llmarch.hf.base import FAMILIES, activation_to_hf
+from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf
 from llmarch.hf.convert import Rule, rule
 from llmarch.hf.moe import experts_rule, plain_routing
 from llmarch.hf.t5 import T5
 from llmarch.moe_config import MoEConfig
 
 
+def decoder_layers(hf: dict[str, Any]) -> int:
+    """SwitchTransformersConfig: an absent num_decoder_layers is 12 (its field default), null is num_layers."""
+    n = hf.get("num_decoder_layers", 12)
+    return hf.get("num_layers", 12) if n is None else n
+
+
 def sparse_step(hf: dict[str, Any], stack: str) -> int:
-    """The ``encoder``/``decoder`` sparse step as transformers derives it: from num_sparse_*_layers (default 3)
-    whenever that is present, which overrides an explicit ``*_sparse_step``."""
-    layers = hf.get("num_layers", 12) if stack == "encoder" else (hf.get("num_decoder_layers")
-                                                                  or hf.get("num_layers", 12))
-    key = f"num_sparse_{stack}_layers"
-    if key not in hf and hf.get(f"{stack}_sparse_step") is not None:
+    """The ``encoder``/``decoder`` sparse step as transformers derives it: ``__post_init__`` computes it from
+    num_sparse_*_layers (default 3), then an explicit ``*_sparse_step`` in config.json is set over it."""
+    if hf.get(f"{stack}_sparse_step") is not None:
         return int(hf[f"{stack}_sparse_step"])
-    sparse = int(hf.get(key, 3))
+    layers = hf.get("num_layers", 12) if stack == "encoder" else decoder_layers(hf)
+    sparse = int(hf.get(f"num_sparse_{stack}_layers", 3))
     return layers // sparse if sparse > 0 else layers
 
 
@@ -119,16 +123,24 @@ class SwitchTransformers(T5):
 
     model_type, architecture = "switch_transformers", "SwitchTransformersForConditionalGeneration"
 
+    # no T5-style forced tying: a head is tied when tie_word_embeddings says so and the checkpoint agrees
+    tie_from_weights = Family.tie_from_weights
+
     def to_config(self, hf):
-        base = super().to_config({**hf, "feed_forward_proj": hf.get("dense_act_fn", "relu")})
-        return base.replace(ffn="moe", moe=moe_from_hf(hf))
+        activation_from_hf(hf.get("dense_act_fn", "relu"), "dense_act_fn")  # its own name in the message
+        base = super().to_config({**hf, "feed_forward_proj": hf.get("dense_act_fn", "relu"),
+                                  "num_decoder_layers": decoder_layers(hf)})
+        # the decoder output is rescaled iff tie_word_embeddings (default true); scale_decoder_outputs is T5's
+        scale = hf.get("tie_word_embeddings", True) is not False
+        return base.replace(ffn="moe", moe=moe_from_hf(hf), tie_embeddings=scale, scale_head=scale)
 
     def from_config(self, cfg):
         out = super().from_config(dense_base(cfg))
         for key in ("feed_forward_proj", "scale_decoder_outputs"):  # T5-only spellings
             out.pop(key)
         n_dec = cfg.n_decoder_layers or cfg.n_layers
-        out.update(model_type=self.model_type, architectures=[self.architecture],
+        out.update(model_type=self.model_type, architectures=[self.architecture], num_decoder_layers=n_dec,
+                   tie_word_embeddings=cfg.scale_head,  # an untied head with its own lm_head.weight stays untied
                    dense_act_fn=activation_to_hf(cfg.activation), **moe_to_hf(cfg.moe),
                    num_sparse_encoder_layers=sparse_layers(cfg.n_layers, cfg.moe.every),
                    num_sparse_decoder_layers=sparse_layers(n_dec, cfg.moe.every))
@@ -144,10 +156,8 @@ class SwitchTransformers(T5):
             return f"switch_transformers experts have the dense width d_ff={cfg.d_ff}; set moe.d_ff=None"
         if cfg.moe.capacity_factor is not None:
             return "switch_transformers has a fixed expert_capacity, not a capacity_factor"
-        for n in (cfg.n_layers, cfg.n_decoder_layers or cfg.n_layers):
-            if cfg.moe.every > n or n // sparse_layers(n, cfg.moe.every) != cfg.moe.every:
-                return (f"transformers derives the sparse step as num_layers // num_sparse_layers, which cannot "
-                        f"give every={cfg.moe.every} for {n} layers")
+        if cfg.tie_embeddings and not cfg.scale_head:
+            return "switch_transformers rescales the decoder output whenever the head is tied (set scale_head)"
         return None
 
     def rules(self, cfg):

@@ -5,8 +5,8 @@ rescales the decoder output by d_model**-0.5; an untied one (v1.1) does not."""
 from __future__ import annotations
 
 from llmarch.config import ModelConfig
-from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, tokens_from_hf, \
-    tokens_to_hf
+from llmarch.hf.base import FAMILIES, Family, activation_from_hf, activation_to_hf, require, same_values, \
+    tokens_from_hf, tokens_to_hf
 from llmarch.hf.convert import cat_rows, rule, split_rows
 
 T5_FIXED = dict(kind="encoder_decoder", norm="rmsnorm", norm_bias=False, norm_placement="pre", position="relative",
@@ -17,6 +17,8 @@ T5_FIXED = dict(kind="encoder_decoder", norm="rmsnorm", norm_bias=False, norm_pl
 
 def ffn_from_hf(proj: str) -> dict:
     """``feed_forward_proj`` ("relu", "gated-gelu", "gated-silu", ...) -> our ffn + activation."""
+    if not isinstance(proj, str):
+        raise ValueError(f"config.json feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT'")
     parts = proj.split("-")
     if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
         raise ValueError(f"config.json feed_forward_proj={proj!r} is not 'ACT' or 'gated-ACT'")
@@ -45,8 +47,11 @@ class T5(Family):
     def to_config(self, hf):
         vocab, d, dkv, F, L, H = require(hf, "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
         n_dec = hf.get("num_decoder_layers") or L
-        # transformers >= 5 always ties the embeddings and records an untied head as scale_decoder_outputs=false
-        tied = hf.get("tie_word_embeddings", True) is not False and hf.get("scale_decoder_outputs", True) is not False
+        # T5Config (transformers >= 5): scale_decoder_outputs when given, else tie_word_embeddings is not False;
+        # tie_word_embeddings itself is forced true, so the head is tied unless the checkpoint holds its own
+        # (decided in tie_from_weights; the old files' tie_word_embeddings=false is the hint without weights)
+        tied = hf.get("tie_word_embeddings", True) is not False
+        scale = bool(hf["scale_decoder_outputs"]) if "scale_decoder_outputs" in hf else tied
         tokens = tokens_from_hf(hf, vocab)
         start = hf.get("decoder_start_token_id")
         return ModelConfig(**T5_FIXED, **ffn_from_hf(hf.get("feed_forward_proj", "relu")), vocab_size=vocab,
@@ -54,8 +59,8 @@ class T5(Family):
                            n_heads=H, max_seq_len=hf.get("n_positions", 512),
                            rel_buckets=hf.get("relative_attention_num_buckets", 32),
                            rel_max_distance=hf.get("relative_attention_max_distance", 128),
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.0),
-                           tie_embeddings=tied, scale_head=tied,
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.1),
+                           tie_embeddings=tied, scale_head=scale,
                            decoder_start_token_id=tokens["pad_token_id"] if start is None else start, **tokens)
 
     def from_config(self, cfg):
@@ -76,13 +81,17 @@ class T5(Family):
                 return f"t5 needs {k}={v!r}, config has {getattr(cfg, k)!r}"
         if cfg.kv_heads != cfg.n_heads:
             return "t5 has multi-head attention only (n_kv_heads = n_heads)"
-        if cfg.scale_head != cfg.tie_embeddings:
-            return "t5 rescales the decoder output exactly when the head is tied (scale_head = tie_embeddings)"
         try:
             ffn_to_hf(cfg)
         except ValueError as e:
             return str(e)
         return None
+
+    def tie_from_weights(self, cfg, tensors):
+        """T5 always ties the head to ``shared`` unless the checkpoint holds a different ``lm_head.weight``."""
+        head, embed = self.head_and_embedding(cfg)
+        own_head = head in tensors and not (embed in tensors and same_values(tensors[head], tensors[embed]))
+        return cfg.replace(tie_embeddings=not own_head) if cfg.tie_embeddings == own_head else cfg
 
     def rules(self, cfg):
         H, Dh, F = cfg.n_heads, cfg.dh, cfg.d_ff

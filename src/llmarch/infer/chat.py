@@ -10,6 +10,7 @@ from typing import Callable, TextIO
 import torch
 
 from llmarch.infer.generate import generate
+from llmarch.tokenizer import encode_prompt
 
 
 class TextStream:
@@ -69,12 +70,15 @@ class Chat:
         return "".join(turns) + f"{self.user}: {message}\n{self.assistant}:"
 
     def prompt_ids(self, message: str) -> list[int]:
-        """The transcript's ids, cut from the left to leave room for the reply."""
-        ids = list(self.tokenizer.encode(self.transcript(message)))
-        bos = getattr(self.tokenizer, "bos_id", None)
-        room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - (bos is not None)
-        ids = ids[-room:]
-        return ([bos] if bos is not None else []) + ids
+        """The transcript's ids (the tokenizer's BOS/EOS rule, :func:`~llmarch.tokenizer.encode_prompt`), the text
+        between them cut from the left to leave room for the reply."""
+        ids = encode_prompt(self.tokenizer, self.transcript(message))
+        empty = encode_prompt(self.tokenizer, "")  # the specials alone: what the rule puts before and after
+        head = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
+        tail = len(empty) - head
+        room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - len(empty)
+        body = ids[head:len(ids) - tail]
+        return ids[:head] + body[max(len(body) - room, 0):] + ids[len(ids) - tail:]
 
     def send(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
         ids = torch.tensor([self.prompt_ids(message)])
@@ -99,8 +103,12 @@ class Chat:
         self.history.clear()
 
 
+USER_LABEL, MODEL_LABEL = "you> ", "model> "
+
+
 def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = None) -> int:
-    """Read messages until /quit or end of input; /reset forgets the history. Replies stream to ``out``."""
+    """Read messages (prompted ``you> ``) until /quit or end of input; /reset forgets the history. Each reply
+    streams to ``out`` after a ``model> `` label."""
     out = out or sys.stdout
 
     def emit(text: str) -> None:
@@ -110,7 +118,7 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
     emit("llmarch chat: type a message; /reset clears the history, /quit leaves.\n")
     while True:
         try:
-            line = read("> ").strip()
+            line = read(USER_LABEL).strip()
         except EOFError:
             return 0
         if line == "/quit":
@@ -120,5 +128,6 @@ def repl(chat: Chat, read: Callable[[str], str] = input, out: TextIO | None = No
             emit("(history cleared)\n")
             continue
         if line:
+            emit(MODEL_LABEL)
             chat.send(line, on_text=emit)
             emit("\n")

@@ -1,6 +1,6 @@
-"""Early exit (CALM, Schuster et al. 2022): after each layer a confidence measure decides whether the current
-hidden state is good enough to predict the next token through the final norm and LM head; if it exceeds the
-threshold the remaining layers are skipped. Their KV entries for this token are filled from the exited state
+"""Early exit (CALM, Schuster et al. 2022; the learned exit classifiers of seed 002's AdaptiveLLM): after each
+layer a confidence measure decides whether the current hidden state is good enough to predict the next token
+through the final norm and LM head; if it exceeds the threshold the remaining layers are skipped. Their KV entries for this token are filled from the exited state
 (CALM's state propagation), so later tokens can still attend to every layer. Confidence is at most 1 and exit
 needs confidence > threshold, so threshold 1.0 is the full model. Batch 1."""
 from __future__ import annotations
@@ -25,7 +25,8 @@ def head(model, h: torch.Tensor) -> torch.Tensor:
 
 
 @EXIT_CRITERIA.register("softmax")
-def softmax_confidence(model, h: torch.Tensor, h_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def softmax_confidence(model, h: torch.Tensor, h_prev: torch.Tensor,
+                       layer: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax response: the top probability of the intermediate prediction (costs one LM head per layer).
     h [B, 1, D] -> (confidence [B], logits [B, V])."""
     logits = head(model, h)[:, -1]
@@ -33,9 +34,17 @@ def softmax_confidence(model, h: torch.Tensor, h_prev: torch.Tensor) -> tuple[to
 
 
 @EXIT_CRITERIA.register("state")
-def state_confidence(model, h: torch.Tensor, h_prev: torch.Tensor) -> tuple[torch.Tensor, None]:
+def state_confidence(model, h: torch.Tensor, h_prev: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, None]:
     """Hidden-state saturation: cosine similarity of this layer's output and its input (cheap, no head)."""
     return F.cosine_similarity(h[:, -1].float(), h_prev[:, -1].float(), dim=-1).clamp(max=1.0), None
+
+
+@EXIT_CRITERIA.register("learned")
+def learned_confidence(model, h: torch.Tensor, h_prev: torch.Tensor, layer: int = 0) -> tuple[torch.Tensor, None]:
+    """The model's own exit classifier for this layer (exit_heads models, trained with causal_lm_exits)."""
+    if not hasattr(model, "exit_gates"):
+        raise ValueError("criterion 'learned' needs a model with exit_heads=True, trained with causal_lm_exits")
+    return model.exit_gates(layer, h[:, -1:])[:, -1], None
 
 
 @dataclass
@@ -79,7 +88,7 @@ class EarlyExitDecoder:
             h_prev, h = h, layer(h, ctx, self.cache)
             if i + 1 == len(layers) or i + 1 < self.min_layers:
                 continue
-            conf, logits = self.confidence(model, h, h_prev)
+            conf, logits = self.confidence(model, h, h_prev, layer=i)
             if float(conf) > self.threshold:
                 for later in layers[i + 1:]:  # state propagation: later layers cache k/v of the exited state
                     later.attn(later.attn_input(h), ctx, self.cache)

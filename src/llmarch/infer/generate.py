@@ -3,32 +3,64 @@ that stop independently. The step runs on a growing cache (``cache="dynamic"``) 
 (``cache="static"``), which ``compile=True`` turns into one captured graph."""
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
 
+from llmarch.nn.position import position_limit
 from llmarch.infer.decode import make_engine
 from llmarch.infer.layout import decode_layout
 from llmarch.infer.sampling import Sampling
 from llmarch.infer.stopping import Stopper
+from llmarch.model import check_input_ids
+
+log = logging.getLogger(__name__)
+
+
+def check_new_tokens(max_new_tokens) -> int:
+    """max_new_tokens must be a positive integer (a bool, 2.5 or 0 is refused by name)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
+def check_context(model, T: int, max_new_tokens: int) -> None:
+    """The one context rule of every decode path (dynamic, static, speculative, early exit): a model with a
+    learned position table holds at most ``max_seq_len`` positions, so prompt + max_new_tokens must fit in it
+    (an encoder-decoder: the source, and the start token + max_new_tokens, each); RoPE, ALiBi, T5 buckets,
+    sinusoids and NoPE represent any position and may run past ``max_seq_len`` (logged: beyond the length the
+    model was trained on, quality usually drops)."""
+    cfg = model.config
+    limit = position_limit(model)
+    seq2seq = cfg.kind == "encoder_decoder"
+    need = max(T, 1 + max_new_tokens) if seq2seq else T + max_new_tokens
+    what = (f"source ({T} tokens) or start token + max_new_tokens (1 + {max_new_tokens})" if seq2seq else
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {need} positions")
+    if limit is not None and need > limit:
+        raise ValueError(f"max_new_tokens: the {what} exceed the model's learned position table "
+                         f"(max_seq_len={limit}); a learned table has no positions past it, so shorten the prompt "
+                         f"or lower max_new_tokens to {max(limit - (1 if seq2seq else T), 0)}")
+    if need > cfg.max_seq_len:
+        log.warning("generate: the %s run past max_seq_len=%d (the %s positions extrapolate; quality usually "
+                    "drops past the trained length)", what, cfg.max_seq_len, cfg.position)
 
 
 def check_prompt(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a prompt [B, T] (or [T]) and its mask; returns both as [B, T]."""
+    """Validate a prompt [B, T] (or [T]), its mask and the context it needs; returns both as [B, T]."""
     cfg = model.config
     if cfg.kind == "encoder":
         raise ValueError("generate: an encoder-only model has no decoder to generate with (kind='encoder')")
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a tensor of token ids [batch, seq], got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    T = input_ids.shape[1]
+    check_new_tokens(max_new_tokens)
+    B, T = check_input_ids(input_ids, cfg.vocab_size)  # shape, dtype and range, for every cache kind
     if T == 0:
         raise ValueError("input_ids: the prompt is empty; give at least one token (e.g. a BOS id)")
-    if T > cfg.max_seq_len:
-        raise ValueError(f"input_ids: the prompt has {T} tokens, longer than the model's context "
-                         f"(max_seq_len={cfg.max_seq_len}); truncate it")
+    check_context(model, T, max_new_tokens)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.dim() == 1:
@@ -63,14 +95,14 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
     B, T = input_ids.shape
     seq2seq = model.config.kind == "encoder_decoder"
-    if cache == "static" and not seq2seq and T + max_new_tokens > model.config.max_seq_len:
-        max_new_tokens = model.config.max_seq_len - T  # the static cache cannot hold more
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     stopper = Stopper(B, eos_token_id, stop_sequences, stop_strings, decode, device=input_ids.device)
     fill = next((t for t in (pad_token_id, model.config.pad_token_id if seq2seq else None, eos_token_id, 0)
                  if t is not None))
-    slots = min(model.config.max_seq_len, -(-(T + max_new_tokens) // 64) * 64)  # few compiled shapes
+    limit = position_limit(model)  # a learned table caps the slots; check_context made sure T + new fit
+    slots = -(-(T + max_new_tokens) // 64) * 64  # rounded up: few compiled shapes
+    slots = min(slots, limit) if limit is not None else slots
     engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
                          compile_mode, decoder_start_token_id)
     return run_engine(model, engine, input_ids, attention_mask, max_new_tokens, sampling, stopper, fill,

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmarch.infer.lowbit import LowBitLinear
 from llmarch.nn.heads import swap_projection
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "int3", "int2", "ternary")  # below 4 bits: llmarch.infer.lowbit
 GROUP_SIZES = (32, 64, 128)
 log = logging.getLogger(__name__)
 
@@ -164,19 +165,21 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: t
     if mode not in MODES:
         raise ValueError(f"quantize mode must be one of {MODES}, got {mode!r}")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
-    if mode == "int4":
+    if mode in ("int4", "int3", "int2"):
         misfit = [name for name, m in targets if m.in_features % group_size]
         if misfit:
-            log.warning("int4: %d Linear layers have in_features not divisible by group_size %d and stay in full "
-                        "precision: %s", len(misfit), group_size, misfit[:4])
+            log.warning("%s: %d Linear layers have in_features not divisible by group_size %d and stay in full "
+                        "precision: %s", mode, len(misfit), group_size, misfit[:4])
             skip = tuple(skip) + tuple(misfit)
             targets = [(name, m) for name, m in targets if name not in misfit]
     for name, linear in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        q = Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+        q = (Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
+             if mode == "int4" else LowBitLinear.from_linear(linear, mode, group_size))
         setattr(parent, attr, swap_projection(linear, q))
-    model.quantization = dict(mode=mode, group_size=group_size if mode == "int4" else None, skip=list(skip))
+    model.quantization = dict(mode=mode, group_size=group_size if mode in ("int4", "int3", "int2") else None,
+                              skip=list(skip))
     return model
 
 

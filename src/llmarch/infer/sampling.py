@@ -3,6 +3,7 @@ penalty. :class:`Sampling` bundles the settings and gives both the filtered dist
 needs it) and a drawn token."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -12,13 +13,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
                   min_p: float | None = None) -> torch.Tensor:
     """Set logits outside the top-k / smallest nucleus of mass top_p / below min_p * p_max to -inf. [B, V]."""
     if top_k is not None:
-        if top_k <= 0:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive integer, got {top_k}")
         k = min(top_k, logits.shape[-1])
         kth = logits.topk(k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
@@ -26,7 +27,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         drop[..., 0] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if min_p is not None:
-        if not 0.0 < min_p <= 1.0:
+        if isinstance(min_p, bool) or not isinstance(min_p, (int, float)) or not 0.0 < min_p <= 1.0:
             raise ValueError(f"min_p must be in (0, 1], got {min_p}")
         probs = logits.softmax(-1)  # Nguyen et al. 2024: keep tokens with p >= min_p * p_max
         logits = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
@@ -56,6 +57,10 @@ class Sampling:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.repetition_penalty <= 0:

@@ -13,7 +13,7 @@ import torch
 
 from llmarch.nn.attention import AttnContext
 from llmarch.nn.patterns import Pattern
-from llmarch.nn.position import PositionScheme
+from llmarch.nn.position import PositionScheme, position_limit
 
 
 class StaticKVCache:
@@ -39,11 +39,19 @@ class StaticKVCache:
     def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
         """Sized from the model's config, on its device and in its dtype."""
         cfg = model.config
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"max_len={max_len} is longer than the model's context (max_seq_len="
-                             f"{cfg.max_seq_len}); shorten the prompt or max_new_tokens")
+        limit = position_limit(model)  # the context rule of generate(): only a learned table has an end
+        if limit is not None and max_len > limit:
+            raise ValueError(f"max_len={max_len} is longer than the model's learned position table (max_seq_len="
+                             f"{limit}); shorten the prompt or max_new_tokens")
         p = next(model.parameters())
-        return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dh, dtype=p.dtype, device=p.device)
+        try:
+            return cls(cfg.n_layers, batch, cfg.kv_heads, max_len, cfg.dh, dtype=p.dtype, device=p.device)
+        except (RuntimeError, MemoryError) as e:  # the allocator's "can't allocate" / out of memory
+            if isinstance(e, RuntimeError) and not any(w in str(e).lower() for w in ("alloc", "memory")):
+                raise
+            need = 2 * cfg.n_layers * batch * cfg.kv_heads * max_len * cfg.dh * p.element_size()
+            raise ValueError(f"max_new_tokens: a static cache of {max_len} slots needs {need / 2**30:.1f} GiB, more "
+                             f"than {p.device} can allocate; lower max_new_tokens") from None
 
     # --- the KVCache protocol -----------------------------------------------------------------------------
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,

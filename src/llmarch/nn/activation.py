@@ -1,4 +1,5 @@
-"""Activation functions by config name (the eager functions are the spec)."""
+"""Activation functions by config name (the eager functions are the spec). An entry is a function, or an
+``nn.Module`` class for an activation with trainable parameters; :func:`make_activation` gives a callable either way."""
 from __future__ import annotations
 
 import math
@@ -7,14 +8,22 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from llmarch.registry import Registry
 
-ACTIVATIONS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("activation")
+ACTIVATIONS: Registry[Callable[[torch.Tensor], torch.Tensor] | type[nn.Module]] = Registry("activation")
+
+
+def make_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation ``name`` as a callable: the registered function, or a fresh module (own parameters)."""
+    entry = ACTIVATIONS[name]
+    return entry() if isinstance(entry, type) and issubclass(entry, nn.Module) else entry
 
 ACTIVATIONS.add("relu", F.relu)
 ACTIVATIONS.add("gelu", F.gelu)  # exact erf form (BERT, T5 v1.1 "gelu")
 ACTIVATIONS.add("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"))  # GPT-2 "gelu_new", BLOOM
-ACTIVATIONS.add("silu", F.silu)  # a.k.a. swish (LLaMA's SwiGLU)
+ACTIVATIONS.add("silu", F.silu)  # swish with beta = 1 (LLaMA's SwiGLU); quick_gelu is swish with beta = 1.702
 ACTIVATIONS.add("sigmoid", torch.sigmoid)  # GLU (Dauphin et al. 2017)
 ACTIVATIONS.add("tanh", torch.tanh)
 
@@ -23,6 +32,20 @@ ACTIVATIONS.add("tanh", torch.tanh)
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x) (used by some GPT-style checkpoints)."""
     return x * torch.sigmoid(1.702 * x)
+
+
+@ACTIVATIONS.register("swish_learned")
+class LearnedSwish(nn.Module):
+    """x * sigmoid(beta x) with a trainable scalar beta, starting at 1 (= silu) (Ramachandran et al. 2017)."""
+
+    n_params = 1
+
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.beta.to(x.dtype) * x)
 
 
 @ACTIVATIONS.register("relu2")

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from llmarch.nn.activation import ACTIVATIONS
+from llmarch.nn.activation import make_activation
 from llmarch.nn.ffn import GLU, MLP
 from llmarch.registry import Registry
 
@@ -40,7 +40,7 @@ class GLUExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str):
         super().__init__()
         self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.gate_up = _uniform((n_experts, d_model, 2 * d_ff), d_model)
         self.down = _uniform((n_experts, d_ff, d_model), d_ff)
 
@@ -85,7 +85,7 @@ class MLPExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str):
         super().__init__()
         self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.up = _uniform((n_experts, d_model, d_ff), d_model)
         self.down = _uniform((n_experts, d_ff, d_model), d_ff)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmarch.nn.activation import ACTIVATIONS
+from llmarch.nn.activation import make_activation
 from llmarch.registry import Registry
 
 FFNS: Registry[type[nn.Module]] = Registry("ffn")
@@ -18,7 +18,7 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -38,7 +38,7 @@ class GLU(nn.Module):
         super().__init__()
         self.d_ff = d_ff
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias)
         self.down = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)

@@ -3,14 +3,15 @@ and says which of its weights may be tied to the token embedding.
 
 Protocol: ``head(h)`` returns the logits; ``head.outputs(h)`` returns ``{"logits": ..., **extras}`` (the NSP
 logits and the pooled [CLS] vector where a head has them); ``tied_name`` is the parameter that
-``tie(embedding)`` shares with the token embedding (None: nothing to tie).
+``tie(embedding)`` shares with the token embedding (None: nothing to tie). A head with ``reads_tokens = True``
+(the last-token score) is called ``outputs(h, input_ids, attention_mask)`` by the model.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from llmarch.nn.activation import ACTIVATIONS
+from llmarch.nn.activation import make_activation
 from llmarch.nn.norm import make_norm
 from llmarch.registry import Registry
 
@@ -55,7 +56,7 @@ class MLMHead(nn.Module):
     def __init__(self, d_model: int, vocab_size: int, activation: str, norm: nn.Module):
         super().__init__()
         self.activation = activation
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.dense = nn.Linear(d_model, d_model)
         self.norm = norm
         self.decoder = nn.Linear(d_model, vocab_size)
@@ -163,6 +164,55 @@ class FirstTokenHead(nn.Module):
         pass
 
 
+@HEADS.register("last_token")
+class LastTokenHead(nn.Module):
+    """A score per sequence from a decoder: a bias-free ``score`` Linear D -> n_labels read at the last real token
+    (a reward model with n_labels=1; Ouyang et al. 2022). The last real token is transformers'
+    ``*ForSequenceClassification`` rule: the rightmost token that is not ``pad_token_id``; without a pad id, the
+    rightmost position the attention mask keeps (else the last). logits [B, n_labels]. Reads the tokens
+    (``reads_tokens``: the model passes input_ids and attention_mask to ``outputs``). Nothing to tie."""
+
+    tied_name = None
+    reads_tokens = True
+
+    def __init__(self, d_model: int, n_labels: int, pad_token_id: int | None = None):
+        super().__init__()
+        self.pad_token_id = pad_token_id
+        self.score = nn.Linear(d_model, n_labels, bias=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> "LastTokenHead":
+        return cls(cfg.d_model, cfg.n_labels, cfg.pad_token_id)
+
+    def last_index(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B] position of each row's last real token, from input_ids [B, T] (and the mask [B, S >= T])."""
+        T = input_ids.shape[1]
+        if self.pad_token_id is not None:
+            real = input_ids != self.pad_token_id
+        elif attention_mask is not None:
+            real = attention_mask[:, -T:].bool()
+        else:
+            return torch.full((input_ids.shape[0],), T - 1, dtype=torch.long, device=input_ids.device)
+        positions = torch.arange(T, device=input_ids.device, dtype=torch.int32)
+        return (positions * real.to(torch.int32)).argmax(-1)  # the rightmost real token; 0 when none
+
+    def forward(self, h: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.outputs(h, input_ids, attention_mask)["logits"]
+
+    def outputs(self, h: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        scores = self.score(h)  # [B, T, n_labels]
+        if input_ids is None:
+            last = torch.full((h.shape[0],), h.shape[1] - 1, dtype=torch.long, device=h.device)
+        else:
+            last = self.last_index(input_ids, attention_mask)
+        return {"logits": scores[torch.arange(h.shape[0], device=h.device), last]}
+
+    def tie(self, embedding: nn.Embedding) -> None:
+        pass
+
+
 class SwappedLMHead(nn.Module):
     """The LM head with its D -> V projection replaced by another module of the same function (a quantized or
     re-laid-out copy); keeps the head's input ``scale`` and its ``outputs``. h [B, T, D] -> logits [B, T, V]."""
@@ -188,5 +238,5 @@ def build_head(cfg) -> nn.Module:
     return HEADS[cfg.head].from_config(cfg)
 
 
-__all__ = ["HEADS", "ClassificationHead", "FirstTokenHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "SwappedLMHead", "build_head",
+__all__ = ["HEADS", "ClassificationHead", "FirstTokenHead", "LastTokenHead", "LMHead", "MLMHead", "Pooler", "PretrainingHead", "SwappedLMHead", "build_head",
            "swap_projection"]

@@ -43,11 +43,9 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
                                           scale=scale, enable_gqa=gqa)
 
 
-@KERNELS.register("naive")
-def naive_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
-    """softmax(q k^T * scale + bias, masked) v, written out (the readable spec)."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+def attention_probs(q, k, mask=None, bias=None, scale=None, causal=False) -> torch.Tensor:
+    """softmax(q k^T * scale + bias, masked) in fp32: the attention weights [B, H, T, S]."""
+    k = _repeat_kv(k, q.shape[1] // k.shape[1])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # [B, H, T, S]
     if bias is not None:
@@ -55,7 +53,14 @@ def naive_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dro
     m = _full_mask(mask, q.shape[2], k.shape[2], causal, q.device)
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf"))
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+@KERNELS.register("naive")
+def naive_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
+    """softmax(q k^T * scale + bias, masked) v, written out (the readable spec)."""
+    v = _repeat_kv(v, q.shape[1] // v.shape[1])
+    probs = attention_probs(q, k, mask, bias, scale, causal)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
     return (probs @ v.float()).to(q.dtype)

@@ -25,6 +25,15 @@ class Mixer:
         raise NotImplementedError
 
 
+def layer_scale(cfg, layer: int) -> float | None:
+    """The score scale of layer ``layer``: ``attn_scale`` (None = 1/sqrt(Dh)), divided by layer + 1 when
+    ``attn_scale_by_layer`` (GPT-2's option for training stability: deeper layers get flatter scores)."""
+    if not cfg.attn_scale_by_layer:
+        return cfg.attn_scale
+    base = cfg.dh ** -0.5 if cfg.attn_scale is None else cfg.attn_scale
+    return base / (layer + 1)
+
+
 @MIXERS.register("attention")
 class AttentionMixer(Mixer):
     """MHA / GQA / MQA (``n_kv_heads``)."""
@@ -32,7 +41,8 @@ class AttentionMixer(Mixer):
     @staticmethod
     def build(cfg, layer, pattern):
         return Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dh, layer_idx=layer, pattern=pattern,
-                         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, scale=cfg.attn_scale, kernel=cfg.attn_kernel,
+                         qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias, scale=layer_scale(cfg, layer),
+                         kernel=cfg.attn_kernel,
                          dropout=cfg.attn_dropout, execution=cfg.sparse.execution, block=cfg.sparse.block)
 
 

@@ -61,10 +61,32 @@ class Pattern:
         """A BlockPlan for the block-sparse execution, or None (dense: run the plain kernel)."""
         return None
 
+    def pairs(self, n: int, causal: bool = True) -> int | None:
+        """How many (query, key) pairs of an n-token sequence the mask allows (the attention FLOPs a kernel that
+        skips masked pairs does). Counted by rendering ``PAIRS_ROWS`` query rows at a time; None when n is over
+        ``PAIRS_MAX_N`` (too long to render); patterns with a closed form override this for any n."""
+        if n > PAIRS_MAX_N:
+            return None
+        idx, total = torch.arange(n), 0
+        for start in range(0, n, PAIRS_ROWS):
+            q = idx[start:start + PAIRS_ROWS]
+            rule = self.allowed(q, idx, n)
+            mask = torch.ones(len(q), n, dtype=torch.bool) if rule is None else rule.expand(len(q), n)
+            total += int((mask & causal_mask(q, idx)).sum() if causal else mask.sum())
+        return total
+
+
+PAIRS_MAX_N = 32768  # rendering past this (n² cells) takes longer than an analysis should
+PAIRS_ROWS = 1024
+
 
 @PATTERNS.register("dense")
 class Dense(Pattern):
     """Full attention (within causality and padding)."""
+
+    def pairs(self, n: int, causal: bool = True) -> int:
+        """n(n+1)/2 causal pairs (the lower triangle with its diagonal), n² without the causal mask."""
+        return n * (n + 1) // 2 if causal else n * n
 
 
 @PATTERNS.register("sliding")
@@ -89,6 +111,13 @@ class Sliding(Pattern):
         from llmarch.nn.block_sparse import BlockPlan
 
         return BlockPlan.band(length, block, reach=self.window - 1)
+
+    def pairs(self, n: int, causal: bool = True) -> int:
+        """Causal: query i sees min(i + 1, W) keys; without causality the band |i - j| < W is twice that less the
+        diagonal."""
+        w = min(self.window, n)
+        one_side = w * (w + 1) // 2 + (n - w) * w
+        return one_side if causal else 2 * one_side - n
 
 
 def causal_mask(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:

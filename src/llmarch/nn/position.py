@@ -36,6 +36,12 @@ class PositionScheme(nn.Module):
         return None
 
 
+def position_limit(model: nn.Module) -> int | None:
+    """The fewest positions any position scheme of ``model`` can represent (None = unlimited)."""
+    limits = [m.max_positions for m in model.modules() if getattr(m, "max_positions", None) is not None]
+    return min(limits) if limits else None
+
+
 @POSITIONS.register("none")
 class NoPositions(PositionScheme):
     """No position information (NoPE): the causal mask alone orders tokens."""

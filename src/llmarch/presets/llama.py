@@ -17,6 +17,11 @@ register("llama-2-7b", dict(LLAMA2, d_model=4096, n_layers=32, n_heads=32, d_ff=
 register("llama-2-13b", dict(LLAMA2, d_model=5120, n_layers=40, n_heads=40, d_ff=13824), 13_015_864_320)
 register("llama-2-70b", dict(LLAMA2, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672),
          68_976_648_192)
+# Llama 2 34B (Touvron et al. 2023b, Table 1: GQA, 4k context) was never released; its architecture is that of
+# Code Llama 34B (Roziere et al. 2023), which was initialised from it: d 8192, 48 layers, 64 heads, 8 kv heads,
+# FFN 22016. Its count, 33,743,970,304, is that of the released Code Llama 34B tensors (same shapes, vocab 32000).
+register("llama-2-34b", dict(LLAMA2, d_model=8192, n_layers=48, n_heads=64, n_kv_heads=8, d_ff=22016),
+         33_743_970_304)
 
 LLAMA3 = dict(LLAMA2, vocab_size=128256, max_seq_len=8192, rope=dict(theta=500000.0), bos_token_id=128000,
               eos_token_id=128001)
@@ -28,6 +33,12 @@ register("llama-3.1-8b", dict(LLAMA3, d_model=4096, n_layers=32, n_heads=32, n_k
                               max_seq_len=131072,
                               rope=dict(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
                                         high_freq_factor=4.0, original_max_seq_len=8192)), 8_030_261_248)
+# Llama 3.1 405B (Meta 2024, Table 3; released config.json): d 16384, 126 layers, 128 heads, 8 kv heads, FFN 53248,
+# trained on 15.6T tokens at 8k, then extended to 128k with the llama3 rope scaling.
+register("llama-3.1-405b", dict(LLAMA3, d_model=16384, n_layers=126, n_heads=128, n_kv_heads=8, d_ff=53248,
+                                max_seq_len=131072,
+                                rope=dict(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_seq_len=8192)), 405_853_388_800)
 register("llama-tiny", dict(LLAMA2, vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352,
                             max_seq_len=512, bos_token_id=None, eos_token_id=None))
 

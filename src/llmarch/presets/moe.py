@@ -38,3 +38,9 @@ SWITCH = dict(T5, ffn="moe", moe=SWITCH_MOE)
 register("switch-base-8", dict(SWITCH, d_model=768, n_layers=12, n_heads=12, head_dim=64, d_ff=3072))
 register("switch-tiny", dict(SWITCH, vocab_size=1024, d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=128,
                              rel_buckets=8, rel_max_distance=20, moe=dict(SWITCH_MOE, n_experts=4, expert_capacity=8)))
+
+# Switch-C (Fedus et al. 2021, Table 9): 1571B parameters, 2048 experts on every layer (expert frequency 1),
+# d 2080, 32 heads of 64, FFN 6144, 15 layers per stack; released config google/switch-c-2048. The count equals the
+# paper's 1571B: 1,571,308,972,448 tensors (tied embedding counted once).
+register("switch-c-2048", dict(SWITCH, d_model=2080, n_layers=15, n_heads=32, head_dim=64, d_ff=6144,
+                               moe=dict(SWITCH_MOE, n_experts=2048, every=1, offset=0)), 1_571_308_972_448)

@@ -82,6 +82,10 @@ class Trainer:
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
                 raise ValueError(f"checkpoint weights do not fit the model: missing {missing}, unexpected {unexpected}")
+        if tc.qat:  # the forward sees quantized weights; the float weights train (straight-through)
+            from llmarch.infer.lowbit import prepare_qat
+
+            prepare_qat(model, tc.qat, tc.qat_group_size)
         if tc.grad_checkpointing:
             enable_activation_checkpointing(model)
         self.model = D.wrap(model.to(self.env.device), self.env, tc.parallel)
@@ -135,7 +139,7 @@ class Trainer:
         inputs = {k: v.to(self.env.device) for k, v in batch.inputs.items()}
         labels = {k: v.to(self.env.device) for k, v in batch.labels.items()}
         with self.precision.autocast():
-            out = self.model(**inputs)
+            out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
 
     def train_step(self) -> dict:

@@ -42,6 +42,7 @@ class Objective:
     extra_tokens = 0
     model_kind = "decoder"
     main_term = "lm"
+    model_options: dict = {}  # extra keyword arguments of the model's forward (flags, not tensors)
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, nsp: bool = False):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
@@ -70,6 +71,34 @@ class CausalLM(Objective):
     def make_batch(self, chunk: torch.Tensor, generator: torch.Generator) -> Batch:
         labels = chunk[:, 1:]
         return Batch({"input_ids": chunk[:, :-1]}, {"lm": labels}, {"lm": labels.numel()})
+
+
+@OBJECTIVES.register("causal_lm_exits")
+class CausalLMWithExits(CausalLM):
+    """Next-token prediction with intermediate losses for learned early exits (exit_heads models): the final LM loss,
+    the same loss on every exit layer's prediction through the shared head (``exit_lm``), and a binary
+    cross-entropy teaching each exit gate whether its layer already predicts what the full model predicts
+    (``exit_gate``: the target is agreement of the arg-maxes, so exits aim to keep the full model's output)."""
+
+    name = "causal_lm_exits"
+    model_options = {"output_exits": True}
+
+    def make_batch(self, chunk: torch.Tensor, generator: torch.Generator) -> Batch:
+        batch = super().make_batch(chunk, generator)
+        n = batch.counts["lm"]
+        batch.counts.update(exit_lm=n, exit_gate=n)  # both are means over the exit layers of per-token sums
+        return batch
+
+    def loss_sums(self, out, batch: Batch) -> dict[str, torch.Tensor]:
+        if out.exit_logits is None:
+            raise ValueError("objective: causal_lm_exits needs a model with exit_heads=True (--set exit_heads=true)")
+        labels = batch.labels["lm"]
+        final = out.logits.argmax(-1)
+        exit_lm = sum(ce_sum(lg, labels) for lg in out.exit_logits)
+        gate = sum(F.binary_cross_entropy(c, (lg.argmax(-1) == final).float(), reduction="sum")
+                   for lg, c in zip(out.exit_logits, out.exit_confidence))
+        return {"lm": ce_sum(out.logits, labels), "exit_lm": exit_lm / len(out.exit_logits),
+                "exit_gate": gate / len(out.exit_logits)}
 
 
 @OBJECTIVES.register("mlm")

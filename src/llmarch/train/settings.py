@@ -42,6 +42,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     tokenizer: str | None = None  # an existing tokenizer.json; None = train a byte-level BPE
     vocab_size: int | None = None  # size of the BPE to train; None = the model config's vocab_size
+    qat: str | None = None  # quantization-aware training: int8 | int4 | int3 | int2 | ternary (None = off)
+    qat_group_size: int = 64  # group size of int4/int3/int2 QAT
+    tokenizer_kind: str = "bbpe"  # the BPE to train: bbpe (byte-level) | bpe (character-level, <unk> for unseen)
     cache_dir: str | None = None  # token cache; None = $LLMARCH_CACHE or ~/.cache/llmarch
     eval_every: int = 100
     eval_batches: int = 8
@@ -83,6 +86,11 @@ class TrainConfig:
             raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision: {self.precision!r} is not allowed; choose one of ['bf16', 'fp16', 'fp32']")
+        if self.qat is not None and self.qat not in ("int8", "int4", "int3", "int2", "ternary"):
+            raise ValueError(f"qat: {self.qat!r} is not allowed; choose int8, int4, int3, int2 or ternary")
+        if self.tokenizer_kind not in ("bbpe", "bpe"):
+            raise ValueError(f"tokenizer_kind: {self.tokenizer_kind!r} is not allowed; choose bbpe (byte-level) or "
+                             "bpe (character-level)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: {self.parallel!r} is not allowed; choose one of ['ddp', 'fsdp']")
         if self.device not in ("auto", "cpu", "cuda"):

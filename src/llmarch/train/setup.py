@@ -44,11 +44,12 @@ def prepare(tc: TrainConfig, model_cfg: ModelConfig, env: DistEnv, resume_from: 
         tok_file = Path(tc.tokenizer)
     else:
         vocab = tc.vocab_size or model_cfg.vocab_size
-        tok_file = cache / f"tokenizer-{data.files_key(train_files)}-{vocab}.json"
+        kind = tc.tokenizer_kind
+        tok_file = cache / f"tokenizer-{data.files_key(train_files)}-{vocab}{'' if kind == 'bbpe' else '-' + kind}.json"
         if env.is_main and not tok_file.is_file():
-            log.info("training a byte-level BPE tokenizer (vocab %d) on %d files ...", vocab, len(train_files))
+            log.info("training a %s BPE tokenizer (vocab %d) on %d files ...", kind, vocab, len(train_files))
             tok_file.parent.mkdir(parents=True, exist_ok=True)
-            train_tokenizer(iter(data.read_texts(train_files)), vocab).save(tok_file)
+            train_tokenizer(iter(data.read_texts(train_files)), vocab, kind=kind).save(tok_file)
         barrier(env)
     tok = load_tokenizer(tok_file)
     if env.is_main:
