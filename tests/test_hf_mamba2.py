@@ -17,7 +17,7 @@ CASES = {  # chunk 4 < the 14-token prompts, so several chunks and a padded last
     "mamba2-groups": llmarch.preset("mamba2-tiny").replace(vocab_size=199, ssm=dict(chunk_size=4)),
     "mamba2-untied-bias": llmarch.preset("mamba2-tiny").replace(
         vocab_size=199, n_layers=3, tie_embeddings=False, ssm=dict(chunk_size=5, n_groups=1, conv_bias=False,
-                                                                   time_step_limit=(0.0, 0.05))),
+                                                                   time_step_limit_high=0.05)),
 }
 
 

@@ -124,6 +124,6 @@ def test_left_padding_does_not_leak(name):
 def test_ssm_config_errors_name_the_field():
     cfg = llmarch.ModelConfig(**CONFIGS["mamba2"])
     for change, field in ((dict(head_dim=7), "ssm.head_dim"), (dict(n_groups=3), "ssm.n_groups"),
-                          (dict(form="fast"), "ssm.form"), (dict(time_step_limit=(0.1, 0.0)), "ssm.time_step_limit")):
+                          (dict(form="fast"), "ssm.form"), (dict(time_step_limit_low=0.1, time_step_limit_high=0.05), "ssm.time_step_limit_low")):
         with pytest.raises(ValueError, match=field.replace(".", r"\.")):
             cfg.replace(ssm=change)

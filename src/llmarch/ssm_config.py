@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmarch.attention_config import _checks, _tuple_field
+from llmarch.validation import check_choice, check_field_types, check_positive, fail
 
 MIXER_FORMS = ("parallel", "chunked", "recurrent")
 CONTROLLERS = ("mean", "recurrent")
@@ -17,7 +17,7 @@ class SSMConfig:
     """Mamba-2 (Dao & Gu 2024, "Transformers are SSMs", SSD). Inner width Di = ``expand`` * D, split in
     H = Di / ``head_dim`` heads; B and C have ``d_state`` (N) numbers per token in each of ``n_groups`` groups
     shared by H / n_groups heads; a depthwise causal convolution of ``conv_kernel`` (K) taps over x, B and C.
-    dt = clamp(softplus(dt_raw + dt_bias), ``time_step_limit``); dt_bias is initialised from dt drawn
+    dt = clamp(softplus(dt_raw + dt_bias), ``time_step_limit_low``, ``time_step_limit_high``); dt_bias is initialised from dt drawn
     log-uniformly in [``time_step_min``, ``time_step_max``] (floored at ``time_step_floor``).
     ``form``: how a full sequence is computed by every linear-time mixer of the model (mamba2, linear, the
     mixture's linear component): parallel, the quadratic "attention" form, the readable spec; chunked, blocks of
@@ -36,11 +36,18 @@ class SSMConfig:
     time_step_min: float = 0.001
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
-    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    time_step_limit_low: float = 0.0
+    time_step_limit_high: float | None = None  # None: no upper clamp (transformers' inf)
     form: str = "chunked"
 
     def __post_init__(self) -> None:
-        _tuple_field(self, "time_step_limit")
+        check_field_types(self, "ssm.")  # JSON lists become tuples; numbers as text are read
+
+    @property
+    def time_step_limit(self) -> tuple[float, float]:
+        """(low, high) that dt is clamped to; high = inf when ``time_step_limit_high`` is None."""
+        high = float("inf") if self.time_step_limit_high is None else self.time_step_limit_high
+        return (self.time_step_limit_low, high)
 
     def inner(self, d_model: int) -> int:
         """Di = expand * D."""
@@ -51,24 +58,23 @@ class SSMConfig:
         return self.inner(d_model) // self.head_dim
 
     def validate(self, d_model: int) -> None:
-        _fail, _check_positive, _check_choice = _checks()
         for name in ("d_state", "n_groups", "expand", "head_dim", "conv_kernel", "chunk_size"):
-            _check_positive(f"ssm.{name}", getattr(self, name))
+            check_positive(f"ssm.{name}", getattr(self, name))
         if self.inner(d_model) % self.head_dim:
-            _fail("ssm.head_dim", f"must divide expand * d_model = {self.inner(d_model)}, got {self.head_dim}")
+            fail("ssm.head_dim", f"must divide expand * d_model = {self.inner(d_model)}, got {self.head_dim}")
         if self.heads(d_model) % self.n_groups:
-            _fail("ssm.n_groups", f"must divide the {self.heads(d_model)} heads, got {self.n_groups}")
+            fail("ssm.n_groups", f"must divide the {self.heads(d_model)} heads, got {self.n_groups}")
         if not 0 < self.time_step_min <= self.time_step_max:
-            _fail("ssm.time_step_min", f"need 0 < time_step_min <= time_step_max, got {self.time_step_min}, "
+            fail("ssm.time_step_min", f"need 0 < time_step_min <= time_step_max, got {self.time_step_min}, "
                   f"{self.time_step_max}")
-        lo, hi = self.time_step_limit if len(self.time_step_limit) == 2 else (None, None)
-        if lo is None or not 0.0 <= lo < hi:
-            _fail("ssm.time_step_limit", f"must be (low, high) with 0 <= low < high, got {self.time_step_limit}")
+        lo, hi = self.time_step_limit
+        if not 0.0 <= lo < hi:
+            fail("ssm.time_step_limit_low", f"need 0 <= time_step_limit_low < time_step_limit_high (None: no "
+                 f"upper limit), got {lo}, {self.time_step_limit_high}")
 
     def validate_form(self) -> None:
-        _fail, _check_positive, _check_choice = _checks()
-        _check_choice("ssm.form", self.form, MIXER_FORMS)
-        _check_positive("ssm.chunk_size", self.chunk_size)
+        check_choice("ssm.form", self.form, MIXER_FORMS)
+        check_positive("ssm.chunk_size", self.chunk_size)
 
 
 @dataclass(frozen=True)
@@ -85,16 +91,15 @@ class MixtureConfig:
     controller_dim: int = 64
 
     def __post_init__(self) -> None:
-        _tuple_field(self, "components")
+        check_field_types(self, "mixture.")
 
     def validate(self) -> None:
-        _fail, _check_positive, _check_choice = _checks()
         if len(self.components) < 2:
-            _fail("mixture.components", f"needs at least two components to mix, got {self.components}")
+            fail("mixture.components", f"needs at least two components to mix, got {self.components}")
         for c in self.components:
-            _check_choice("mixture.components", c, MIXTURE_COMPONENTS)
+            check_choice("mixture.components", c, MIXTURE_COMPONENTS)
         if len(set(self.components)) != len(self.components):
-            _fail("mixture.components", f"lists a component twice: {self.components}")
-        _check_choice("mixture.controller", self.controller, CONTROLLERS)
-        _check_positive("mixture.window", self.window)
-        _check_positive("mixture.controller_dim", self.controller_dim)
+            fail("mixture.components", f"lists a component twice: {self.components}")
+        check_choice("mixture.controller", self.controller, CONTROLLERS)
+        check_positive("mixture.window", self.window)
+        check_positive("mixture.controller_dim", self.controller_dim)

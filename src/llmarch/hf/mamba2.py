@@ -30,12 +30,13 @@ class Mamba2(Family):
         expand = hf.get("expand", 2)
         if expand * d != H * Dh:
             raise ValueError(f"config.json: expand * hidden_size ({expand * d}) != num_heads * head_dim ({H * Dh})")
-        limit = tuple(_number(v) for v in hf.get("time_step_limit", (0.0, float("inf"))))
+        lo, hi = (_number(v) for v in hf.get("time_step_limit", (0.0, float("inf"))))
         ssm = dict(d_state=N, n_groups=hf.get("n_groups", 8), expand=expand, head_dim=Dh,
                    conv_kernel=hf.get("conv_kernel", 4), chunk_size=hf.get("chunk_size", 256),
                    proj_bias=bool(hf.get("use_bias", False)), conv_bias=bool(hf.get("use_conv_bias", True)),
                    time_step_min=hf.get("time_step_min", 0.001), time_step_max=hf.get("time_step_max", 0.1),
-                   time_step_floor=hf.get("time_step_floor", 1e-4), time_step_limit=limit)
+                   time_step_floor=hf.get("time_step_floor", 1e-4), time_step_limit_low=lo,
+                   time_step_limit_high=None if hi == float("inf") else hi)
         return ModelConfig(**MAMBA2_FIXED, vocab_size=vocab, d_model=d, n_layers=L, n_heads=H, head_dim=Dh,
                            d_ff=expand * d, norm_eps=hf.get("layer_norm_epsilon", 1e-5), ssm=ssm,
                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)), **tokens_from_hf(hf, vocab))
