@@ -55,7 +55,7 @@ def test_render_matches_the_papers_definition(name):
 
 
 def test_every_pattern_is_covered_here():
-    assert set(PATTERNS) == {"dense", *SPARSE_NAMES}
+    assert set(PATTERNS) == {"dense", "random", *SPARSE_NAMES}  # random: tests/test_random_pattern.py
 
 
 def _inputs(B=2, H=4, G=2, T=37, Dh=8, Dv=6, seed=0):

@@ -36,6 +36,7 @@ class SparseConfig:
     summary: int = 8
     global_tokens: tuple[int, ...] = ()
     random_blocks: int = 3
+    random_keys: int = 3  # r random keys per query of the "random" pattern, drawn from ``seed``
     global_blocks: tuple[int, ...] = (0, -1)
     seed: int = 0
     execution: str = "mask"
@@ -50,7 +51,7 @@ class SparseConfig:
             _check_positive(f"sparse.{name}", getattr(self, name))
         if self.summary > self.stride:
             _fail("sparse.summary", f"c={self.summary} must be <= sparse.stride={self.stride}")
-        for name in ("random_blocks", "dense_up_to_blocks"):
+        for name in ("random_blocks", "dense_up_to_blocks", "random_keys"):
             if getattr(self, name) < 0:
                 _fail(f"sparse.{name}", f"must be >= 0, got {getattr(self, name)}")
         if any(not isinstance(t, int) or t < 0 for t in self.global_tokens):

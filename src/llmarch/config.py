@@ -19,6 +19,7 @@ from llmarch.moe_config import MoEConfig
 from llmarch.retrieval_config import RetrievalConfig
 from llmarch.condition_config import ConditionConfig
 from llmarch.vision_config import VisionConfig
+from llmarch.ssm_config import MixtureConfig, SSMConfig
 from llmarch.validation import check_choice as _check_choice
 from llmarch.validation import check_positive as _check_positive
 from llmarch.validation import check_field_types, read_cli_value, sub_config
@@ -91,7 +92,7 @@ class RopeConfig:
 
 SUB_CONFIGS = {"rope": RopeConfig, "sparse": SparseConfig, "mla": MLAConfig, "moe": MoEConfig,
                "retrieval": RetrievalConfig, "vision": VisionConfig, "condition": ConditionConfig,
-               "linear": LinearMixerConfig}
+               "linear": LinearMixerConfig, "ssm": SSMConfig, "mixture": MixtureConfig}
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class ModelConfig:
     layer_mixers: tuple[str, ...] = ()
     mla: MLAConfig = field(default_factory=MLAConfig)  # used when mixer == "latent"
     linear: LinearMixerConfig = field(default_factory=LinearMixerConfig)  # sizes of the gated_delta layers
+    ssm: SSMConfig = field(default_factory=SSMConfig)  # Mamba-2 sizes; the form of every linear-time mixer
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)  # used by mixer "mixture"
     # --- mixture of experts ---------------------------------------------------------------------------------
     moe: MoEConfig | None = None  # set with ffn="moe"; None for dense models
 
@@ -280,6 +283,11 @@ class ModelConfig:
             self.mla.validate()
         if "gated_delta" in self.mixers:
             self.linear.validate()
+        self.ssm.validate_form()
+        if "mamba2" in self.mixers:
+            self.ssm.validate(self.d_model)
+        if "mixture" in self.mixers:
+            self.mixture.validate()
         if self.mixer == "longformer" and not all(hasattr(lnn.PATTERNS[p], "global_slots") for p in self.pattern):
             _fail("mixer", f"'longformer' projects global rows separately; every layer's pattern needs global "
                   f"tokens (pattern='longformer'), got {self.pattern}")
@@ -431,4 +439,4 @@ def validate_encoder_fields(cfg: ModelConfig) -> None:
 
 
 __all__ = ["ModelConfig", "MoEConfig", "RopeConfig", "SparseConfig", "MLAConfig", "RetrievalConfig", "VisionConfig",
-           "ConditionConfig", "LinearMixerConfig", "KINDS"]
+           "ConditionConfig", "LinearMixerConfig", "SSMConfig", "MixtureConfig", "KINDS"]

@@ -72,7 +72,8 @@ class Stack(nn.Module):
         if cross_for is None:
             cross_for = (lambda i: cross_attention_for(cfg, i)) if cross else (lambda i: None)
         n_layers = n_layers or cfg.n_layers
-        patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse) for name in set(cfg.pattern)}
+        patterns = {name: build_pattern(name, window=cfg.window, sparse=cfg.sparse, causal=causal)
+                    for name in set(cfg.pattern)}
         self.positions = build_positions(cfg.position, d_model=cfg.d_model, n_heads=cfg.n_heads,
                                          head_dim=cfg.rope_head_dim, max_seq_len=cfg.max_seq_len, rope=cfg.rope,
                                          causal=causal,
@@ -83,10 +84,12 @@ class Stack(nn.Module):
 
     def _block(self, cfg: ModelConfig, i: int, pattern, cross: nn.Module | None) -> nn.Module:
         attn = MIXERS[cfg.layer_mixer(i)].build(cfg, i, pattern)
+        ffn = ffn_for(cfg, i)
+        ffn_norm = norm_for(cfg) if getattr(ffn, "has_norm", True) else nn.Identity()  # FFN "none" has none
         if cross is None:
-            return BLOCKS[cfg.norm_placement](attn, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg), dropout=cfg.dropout)
-        return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn_for(cfg, i), norm_for(cfg), norm_for(cfg),
-                                                norm_for(cfg), dropout=cfg.dropout)
+            return BLOCKS[cfg.norm_placement](attn, ffn, norm_for(cfg), ffn_norm, dropout=cfg.dropout)
+        return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn, norm_for(cfg), norm_for(cfg), ffn_norm,
+                                                dropout=cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None) -> torch.Tensor:
         for layer in self.layers:

@@ -5,6 +5,7 @@ from llmarch.analysis.memory import (cross_kv_bytes_per_source_token, cross_kv_c
 from llmarch.analysis.params import ParamCount, count_params, gpt_closed_form_params, meta_param_count
 from llmarch.analysis.planner import chinchilla_tokens, gpu_hours, plan_flops, plan_tokens, published_checks
 from llmarch.analysis.report import Report, analyze
+from llmarch.analysis import ssm_costs  # noqa: F401  (mamba2 / linear / mixture entries of layers.MIXER_COSTS)
 
 __all__ = ["Flops", "ParamCount", "Report", "analyze", "chinchilla_tokens", "count_params",
            "cross_kv_bytes_per_source_token", "cross_kv_cache_bytes", "decode_flops_per_token",

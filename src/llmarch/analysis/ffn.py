@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # FFN kind -> (number of D×F matrices, bias length in units of F, bias length in units of D)
-FFN_SHAPES = {"mlp": (2, 1, 1), "glu": (3, 2, 1)}
+FFN_SHAPES = {"mlp": (2, 1, 1), "glu": (3, 2, 1), "none": (0, 0, 0)}  # none: a mixer-only block (no norm either)
 
 
 def ffn_matrices(kind: str) -> int:
@@ -38,6 +38,11 @@ class FFNCost:
     active: int
     macs: int
     kind: str  # the dense kind, or "moe"
+
+    @property
+    def has_norm(self) -> bool:
+        """Whether the block puts a norm before this FFN (not before FFN "none")."""
+        return self.kind != "none"
 
     @property
     def params(self) -> int:

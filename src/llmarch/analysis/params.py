@@ -23,7 +23,8 @@ PARAMETER_FREE_POSITIONS = ("none", "rope", "alibi", "sinusoidal", "sinusoidal_h
 
 COMPONENTS = ("embeddings", "token_types", "positions", "embed_norm", "attn_q", "attn_k", "attn_v", "attn_o",
               "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global", "attn_gate", "attn_qk_norms", "delta_in",
-              "delta_conv", "delta_gates", "delta_norm", "delta_out", "cross_q", "cross_kv", "cross_o", "ffn",
+              "delta_conv", "delta_gates", "delta_norm", "delta_out", "attn_in", "attn_conv", "attn_ssm",
+              "attn_controller", "cross_q", "cross_kv", "cross_o", "ffn",
               "router", "experts", "shared_experts", "norms", "final_norm", "head_transform", "pooler", "nsp",
               "head", "exit_gates", "retrieval", "vision", "projector", "image_cross", "condition")
 
@@ -93,8 +94,8 @@ def count_params(cfg) -> ParamCount:
             if stack.cross:
                 for k, v in CrossAttentionCost.params(cfg).items():
                     c[k] += v
-            c["norms"] += (3 if stack.cross else 2) * norm_params(cfg)
             ffn = ffn_cost(cfg, layer)
+            c["norms"] += (2 if stack.cross else 1) * norm_params(cfg) + (norm_params(cfg) if ffn.has_norm else 0)
             for k, v in ffn.components.items():
                 c[k] += v
             inactive += ffn.params - ffn.active
@@ -143,7 +144,7 @@ def gpt_closed_form_params(cfg) -> int:
 
 ATTN_KEYS = ("attn_q", "attn_k", "attn_v", "attn_o", "attn_kv_a", "attn_latent_norms", "attn_kv_b", "attn_global",
              "attn_gate", "attn_qk_norms", "delta_in", "delta_conv", "delta_gates", "delta_norm", "delta_out",
-             "cross_q", "cross_kv", "cross_o")
+             "attn_in", "attn_conv", "attn_ssm", "attn_controller", "cross_q", "cross_kv", "cross_o")
 FFN_KEYS = ("ffn", "router", "experts", "shared_experts")
 HEAD_KEYS = ("head_transform", "pooler", "nsp", "head")
 

@@ -44,7 +44,7 @@ def cache_for(model, choice: str) -> str:
         raise ValueError("--cache static: a RETRO model decodes with the dynamic cache (or --index); use --cache auto")
     if choice != "auto":
         return choice
-    static = cfg.kind == "decoder" and cfg.mixer == "attention" and cfg.retrieval is None
+    static = cfg.kind == "decoder" and cfg.mixers == ("attention",) and cfg.retrieval is None
     return "static" if static else "dynamic"
 
 

@@ -12,7 +12,7 @@ from llmarch.nn.mixers import MIXERS
 from llmarch.nn import linear  # noqa: F401  (gated_delta / gated_attention mixer registration)
 from llmarch.nn.moe import MoE, router_stats
 from llmarch.nn.norm import NORMS, LayerNorm, RMSNorm
-from llmarch.nn import patterns_factorized, patterns_global  # noqa: F401  (pattern registration)
+from llmarch.nn import patterns_factorized, patterns_global, patterns_random  # noqa: F401  (pattern registration)
 from llmarch.nn.patterns import PATTERNS
 from llmarch.nn.position import POSITIONS
 

@@ -1,5 +1,5 @@
 """Position-wise feed-forward networks: the two-matrix MLP (Vaswani et al. 2017) and gated GLU variants
-(Shazeer 2020: SwiGLU with silu, GeGLU with gelu, ReGLU with relu)."""
+(Shazeer 2020: SwiGLU with silu, GeGLU with gelu, ReGLU with relu), or none (a mixer-only block, Mamba-2)."""
 from __future__ import annotations
 
 import torch
@@ -46,3 +46,17 @@ class GLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x [B, T, F]
         return self.dropout(self.down(self.act(gate) * up))
+
+
+@FFNS.register("none")
+class NoFFN(nn.Module):
+    """No feed-forward sub-layer (Mamba-2 blocks are the mixer alone): no parameters, and ``has_norm = False``
+    tells the builder to put no norm before it. [B, T, D] -> a zero that adds nothing to the residual."""
+
+    has_norm = False
+
+    def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(())

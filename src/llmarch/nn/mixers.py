@@ -6,9 +6,11 @@ from __future__ import annotations
 from torch import nn
 
 from llmarch.nn.attention import Attention
-from llmarch.nn.cache import KVCache, LatentCache
+from llmarch.nn.cache import KVCache, LatentCache, StateCache
 from llmarch.nn.global_attention import GlobalProjectionAttention
 from llmarch.nn.latent_attention import LatentAttention
+from llmarch.nn.mamba2 import Mamba2Mixer
+from llmarch.nn.mixture import build_mixture, linear_component
 from llmarch.nn.patterns import Pattern
 from llmarch.registry import Registry
 
@@ -79,3 +81,41 @@ class LatentMixer(Mixer):
                                latent_norm_eps=m.latent_norm_eps, qkv_bias=cfg.qkv_bias, out_bias=cfg.out_bias,
                                scale=scale, absorb=m.absorb, kernel=cfg.attn_kernel, dropout=cfg.attn_dropout,
                                execution=cfg.sparse.execution, block=cfg.sparse.block)
+
+
+@MIXERS.register("mamba2")
+class Mamba2Entry(Mixer):
+    """Mamba-2 SSD (``ssm`` sub-config); a fixed-size conv + SSM state per layer."""
+
+    cache = StateCache
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        s = cfg.ssm
+        return Mamba2Mixer(cfg.d_model, d_state=s.d_state, n_groups=s.n_groups, expand=s.expand,
+                           head_dim=s.head_dim, conv_kernel=s.conv_kernel, layer_idx=layer, form=s.form,
+                           chunk_size=s.chunk_size, proj_bias=s.proj_bias, conv_bias=s.conv_bias,
+                           norm_eps=cfg.norm_eps, time_step_limit=s.time_step_limit,
+                           time_step_range=(s.time_step_min, s.time_step_max, s.time_step_floor))
+
+
+@MIXERS.register("linear")
+class LinearEntry(Mixer):
+    """Causal linear attention, φ = elu + 1 (heads of the attention fields; form and chunk from ``ssm``)."""
+
+    cache = StateCache
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        return linear_component(cfg, layer, pattern)
+
+
+@MIXERS.register("mixture")
+class MixtureEntry(Mixer):
+    """Several mixers weighted per token by a softmax controller (``mixture`` sub-config)."""
+
+    cache = StateCache
+
+    @staticmethod
+    def build(cfg, layer, pattern):
+        return build_mixture(cfg, layer, pattern)

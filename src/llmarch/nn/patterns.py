@@ -22,6 +22,7 @@ class Pattern:
 
     needs_window = False
     uses_global_mask = False  # reads a per-batch global_attention_mask
+    causal = True  # whether the stack using it is causal (build_pattern sets it)
 
     def __init__(self, **_: object):
         pass
@@ -124,8 +125,11 @@ def causal_mask(q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
     return k_idx[None, :] <= q_idx[:, None]
 
 
-def build_pattern(name: str, *, window: int | None, sparse=None) -> Pattern:
-    """Instantiate pattern ``name`` with the window and the sparse sub-config (SparseConfig) it may need."""
+def build_pattern(name: str, *, window: int | None, sparse=None, causal: bool = True) -> Pattern:
+    """Instantiate pattern ``name`` with the window and the sparse sub-config (SparseConfig) it may need, for a
+    causal or bidirectional stack (random attention draws among earlier keys only when causal)."""
     from llmarch.attention_config import SparseConfig
 
-    return PATTERNS[name](window=window, sparse=sparse or SparseConfig())
+    pattern = PATTERNS[name](window=window, sparse=sparse or SparseConfig(), causal=causal)
+    pattern.causal = causal
+    return pattern

@@ -51,3 +51,4 @@ def _load_all() -> None:
         from llmarch.presets import retrieval  # noqa: F401
         from llmarch.presets import condition, vision  # noqa: F401
         from llmarch.presets import hybrid  # noqa: F401
+        from llmarch.presets import mamba2  # noqa: F401
