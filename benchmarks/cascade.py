@@ -31,7 +31,7 @@ from llmarch.tokenizer import load_tokenizer_for  # noqa: E402
 from llmarch.train import TrainConfig, train  # noqa: E402
 
 SIZES = {"small": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=176),
-         "large": dict(d_model=192, n_layers=6, n_heads=6, n_kv_heads=2, d_ff=512)}
+         "large": dict()}  # llama-tiny as it is: d 128, 4 layers (the small one is a quarter of its width x depth)
 
 
 def main() -> None:
