@@ -210,8 +210,15 @@ def v_mixers(res) -> str:
     else:
         text += (f"Extrapolation: **{'supported' if g_gd < g_att else 'not supported'}** (rule: all gated delta's "
                  f"perplexity grows less than attention's from 128 to {longest} tokens): {grows}. ")
-    return text + (f"Training throughput vs attention: hybrid {speed['hybrid']:.2f}×, gated delta {speed['gd']:.2f}× "
-                   "(eager chunked form on CPU at T = 128, where SDPA attention is cheap).")
+    text += (f"Training throughput vs attention: hybrid {speed['hybrid']:.2f}×, gated delta {speed['gd']:.2f}× "
+             "(eager chunked form on CPU at T = 128, where SDPA attention is cheap).")
+    others = [(name, r) for name, r in (("linear attention", ok(res, "linear-attention")),
+                                        ("the mixture of attention types", ok(res, "mixture"))) if r]
+    if others:
+        text += " Other arms: " + "; ".join(
+            f"{name} {loss(r) - loss(att):+.3f} nats vs attention at {r['params'] / att['params']:.2f}× its "
+            f"parameters, perplexity ×{growth(r):.2f} from 128 to {longest}" for name, r in others) + "."
+    return text
 
 
 # facts about the setup that a reader needs to judge a verdict (not measurements)
