@@ -154,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     world = args.nproc if args.nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))  # a torchrun rank: its job
     MeshSpec(args.dp, args.tp or 1, args.ep or 1, args.pp or 1).resolve(world)  # before launching anything
     if args.nproc > 1:
+        from llmarch.train.parallel.apply import mesh_spec
+
+        # the whole mesh against the model and the settings, here: one message instead of one per rank
+        mesh_spec(model_config_from_args(args), args.nproc, train_config_from_args(args))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
                "-m", "llmarch.train", *argv_from_args(args)]
         print("launching: " + " ".join(cmd), file=sys.stderr)
