@@ -16,7 +16,7 @@ from llmarch.train.objectives import ce_sum
 from tests.train_util import TINY, settings
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
-USERS = ("llmarch.model", "llmarch.nn.position", "llmarch.nn.dispatch", "llmarch.train.loop")
+USERS = ("llmarch.model_inputs", "llmarch.nn.position", "llmarch.nn.dispatch", "llmarch.train.loop")
 
 
 @pytest.fixture
