@@ -10,7 +10,7 @@
 # (so README's runs/a and docs/training.md's runs/a do not collide), in the order written. Rewrites, all of them
 # here and nothing else:
 #   - `[...]` optional parts are dropped;
-#   - `llmarch train` / `llmarch ablate`: `--steps N` becomes `--steps $TOUR_STEPS` (added when missing; twice that
+#   - `llmarch train` / `llmarch ablate` / `llmarch finetune`: `--steps N` becomes `--steps $TOUR_STEPS` (added when missing; twice that
 #     with `--resume`, so the resumed run has steps left); without `--data`, `--max-data-mb $TOUR_MAX_DATA_MB` is
 #     added (empty TOUR_MAX_DATA_MB = the whole standard library, as written);
 #   - placeholders are files the workspace provides: PATH / notes.txt / held_out.txt / corpus/ / wiki/ (text), DIR
@@ -106,11 +106,12 @@ rewrite() {  # the command as run (see the header)
     c="$(sed -E 's/ \[[^]]*\]//g' <<<"$c")"
     c="${c//path\/to\/hf_dir/hf_dir}"
     c="$(sed -E 's/(--data|--out) DIR/\1 idx/g; s/--index DIR/--index idx/g; s/ RUN_DIR/ runs\/a/g' <<<"$c")"
-    if [[ "$c" =~ ^llmarch\ (train|ablate)\  ]]; then
+    if [[ "$c" =~ ^llmarch\ (train|ablate|finetune)\  ]]; then
         local n="$STEPS"
         [[ "$c" == *"--resume"* ]] && n=$((2 * STEPS))
         if [[ "$c" == *"--steps "* ]]; then c="$(sed -E "s/--steps [0-9]+/--steps $n/" <<<"$c")"; else c="$c --steps $n"; fi
-        [[ -n "$MAXMB" && "$c" != *"--data "* && "$c" != *"--max-data-mb"* ]] && c="$c --max-data-mb $MAXMB"
+        [[ -n "$MAXMB" && ! "$c" =~ ^llmarch\ finetune && "$c" != *"--data "* && "$c" != *"--max-data-mb"* ]] && \
+            c="$c --max-data-mb $MAXMB"
         [[ "$c" =~ ^llmarch\ train && "$c" != *"--no-progress"* ]] && c="$c --no-progress"
     fi
     printf '%s' "$c"
