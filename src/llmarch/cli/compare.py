@@ -14,11 +14,16 @@ def add(sub) -> None:
     p.set_defaults(func=run)
 
 
+RECURRENT_MIXERS = ("mamba2", "linear", "gated_delta")  # mixers with a constant-size state instead of a KV cache
+
+
 def attention_kind(cfg) -> str:
     from llmarch.analysis.linear_costs import mixer_schedule
 
     if len(cfg.mixers) > 1:
         return mixer_schedule(cfg) + f", GQA {cfg.n_heads}/{cfg.kv_heads}"
+    if cfg.layer_mixer(0) in RECURRENT_MIXERS:  # no softmax attention at all
+        return f"{cfg.layer_mixer(0)} in every layer (recurrent state, no attention)"
     G, H = cfg.kv_heads, cfg.n_heads
     kind = "MHA" if G == H else "MQA" if G == 1 else f"GQA {H}/{G}"
     if cfg.mixer == "latent":
@@ -43,6 +48,8 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
     ffn = f"{cfg.ffn} {cfg.activation}, F={cfg.d_ff}" if m is None else \
         (f"moe {m.n_experts}x{m.expert_ffn} top-{m.top_k}" + (f" +{m.n_shared} shared" if m.n_shared else "")
          + f" {cfg.activation}, F={m.expert_d_ff(cfg.d_ff)}")
+    if cfg.ffn == "none":
+        ffn = "none (mixer-only blocks)"
     layers = "+".join(str(s.n_layers) for s in stacks(cfg))
     return dict(kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
