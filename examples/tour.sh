@@ -14,7 +14,7 @@
 #     with `--resume`, so the resumed run has steps left); without `--data`, `--max-data-mb $TOUR_MAX_DATA_MB` is
 #     added (empty TOUR_MAX_DATA_MB = the whole standard library, as written);
 #   - placeholders are files the workspace provides: PATH / notes.txt / held_out.txt / corpus/ / wiki/ (text), DIR
-#     (an index directory name), path/to/hf_dir, hf_model/ and hf/Llama-3.2-1B (a tiny Hugging Face llama saved
+#     (an index directory name), path/to/hf_dir, hf_llama_dir, hf_model/ and hf/Llama-3.2-1B (a tiny Hugging Face llama saved
 #     in transformers' layout), my.yaml (the llama-tiny config), my_study.yaml (benchmarks/studies/norm.yaml),
 #     RUN_DIR (runs/a), runs/r0 (a run's tokenizer.json), pairs.jsonl / prompts.jsonl / chats.jsonl (three rows each), runs/demo (the repository's `make demo` run, else a
 #     short demo run made once), my_tasks/data.jsonl (two records of the documented form); a code block whose first
@@ -100,6 +100,7 @@ llmarch.hf.save(llmarch.build(llmarch.preset("llama-tiny")), ws / "hf_dir")
 (ws / "hf_dir" / "tokenizer.json").write_bytes((ws / "runs/r0/tokenizer.json").read_bytes())  # V fits the model
 EOF
     mkdir -p "$ws/path/to" "$ws/hf"; ln -sfn "$ws/hf_dir" "$ws/path/to/hf_dir"; ln -sfn "$ws/hf_dir" "$ws/hf_model"
+    ln -sfn "$ws/hf_dir" "$ws/hf_llama_dir"
     ln -sfn "$ws/hf_dir" "$ws/hf/Llama-3.2-1B"
     if [ ! -d "$REPO/runs/demo" ] && [ ! -d "$TOUR/_demo" ]; then  # `make demo` was not run here: a short one
         (cd "$REPO" && "$PY" examples/demo.py --out "$TOUR/_demo" --steps "$STEPS" --max-data-mb "${MAXMB:-8}")
