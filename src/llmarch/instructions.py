@@ -251,12 +251,21 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
 def verify(row: dict, answer: str) -> float:
     """Score of ``answer`` to an instruction row, by its task's verifier: 1 = correct, 0.5 = the requested form
     but wrong (a reward for rejection sampling), 0 = neither; word-overlap F1 for docstrings."""
-    return TASKS[row["task"]]().verify(row, answer)
+    return task_of(row).verify(row, answer)
 
 
 def follows(row: dict, answer: str) -> bool:
     """Whether ``answer`` has the form the row's task asks for (instruction following)."""
-    return TASKS[row["task"]]().follows(answer)
+    return task_of(row).follows(answer)
+
+
+def task_of(row: dict) -> "Task":
+    """The task that wrote an instruction row (its ``task`` field), or a ValueError saying what the verifier needs."""
+    name = row.get("task") if isinstance(row, dict) else None
+    if name not in TASKS:
+        raise ValueError(f"verifier stdlib: each row needs a 'task' field naming one of {sorted(TASKS)} (rows of "
+                         f"`llmarch data instructions`), got {name!r}; score other rows with --reward-model")
+    return TASKS[name]()
 
 
 __all__ = ["TASKS", "VERIFIERS", "Task", "build_instructions", "write_jsonl", "verify", "follows", "functions",
