@@ -18,20 +18,17 @@ from matplotlib.figure import Figure
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The run's step records, read like the trainer reads them (a line torn by a crash is skipped with a
+    warning); a missing file or one with no step record is a message."""
+    from llmarch.train.metrics import METRICS_FILE
+    from llmarch.train.metrics import read_metrics as read_records
+
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; give a training run directory (llmarch train --out DIR)")
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not a JSON object ({e.msg})") from None
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise ValueError(f"{path}:{i}: each line must be a JSON object with a 'step'")
-        records.append(rec)
+    records = [r for r in read_records(run_dir) if "step" in r]
+    if not records:
+        raise ValueError(f"{path}: no step records (each line is a JSON object with a 'step')")
     return records
 
 
