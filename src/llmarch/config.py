@@ -80,6 +80,7 @@ class ModelConfig:
     head_bias: bool = False
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    fp16_clamp: bool = False  # clamp the fp16 residual stream after each sublayer (T5; nn/block.py Fp16Clamp)
     init_std: float = 0.02
     pad_token_id: int | None = None
     bos_token_id: int | None = None

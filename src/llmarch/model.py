@@ -88,9 +88,10 @@ class Stack(nn.Module):
         ffn = ffn_for(cfg, i)
         ffn_norm = norm_for(cfg) if getattr(ffn, "has_norm", True) else nn.Identity()  # FFN "none" has none
         if cross is None:
-            return BLOCKS[cfg.norm_placement](attn, ffn, norm_for(cfg), ffn_norm, dropout=cfg.dropout)
+            return BLOCKS[cfg.norm_placement](attn, ffn, norm_for(cfg), ffn_norm, dropout=cfg.dropout,
+                                                 clamp=cfg.fp16_clamp)
         return CROSS_BLOCKS[cfg.norm_placement](attn, cross, ffn, norm_for(cfg), norm_for(cfg), ffn_norm,
-                                                dropout=cfg.dropout)
+                                                dropout=cfg.dropout, clamp=cfg.fp16_clamp)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None) -> torch.Tensor:
         for layer in self.layers:

@@ -54,7 +54,7 @@ class T5(Family):
         scale = bool(hf["scale_decoder_outputs"]) if "scale_decoder_outputs" in hf else tied
         tokens = tokens_from_hf(hf, vocab)
         start = hf.get("decoder_start_token_id")
-        return ModelConfig(**T5_FIXED, **ffn_from_hf(hf.get("feed_forward_proj", "relu")), vocab_size=vocab,
+        return ModelConfig(**T5_FIXED, fp16_clamp=True, **ffn_from_hf(hf.get("feed_forward_proj", "relu")), vocab_size=vocab,
                            d_model=d, head_dim=dkv, d_ff=F, n_layers=L, n_decoder_layers=None if n_dec == L else n_dec,
                            n_heads=H, max_seq_len=hf.get("n_positions", 512),
                            rel_buckets=hf.get("relative_attention_num_buckets", 32),

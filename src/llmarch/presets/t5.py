@@ -5,7 +5,7 @@ released checkpoints' tensors, tied weights counted once."""
 from llmarch.presets import register
 
 T5 = dict(kind="encoder_decoder", vocab_size=32128, max_seq_len=512, norm="rmsnorm", norm_bias=False, norm_eps=1e-6,
-          norm_placement="pre", final_norm=True, ffn="mlp", activation="relu", position="relative", attn_scale=1.0,
+          fp16_clamp=True, norm_placement="pre", final_norm=True, ffn="mlp", activation="relu", position="relative", attn_scale=1.0,
           rel_buckets=32, rel_max_distance=128, tie_embeddings=True, scale_head=True, dropout=0.1,
           pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
