@@ -48,6 +48,8 @@ class MoEConfig:
     expert_capacity: int | None = None
     jitter: float = 0.0  # multiplicative router-input noise in training (Switch)
     balance_coef: float = 0.01  # load-balancing loss coefficient
+    balance: str = "switch"  # registry nn.balance.BALANCE_LOSSES: switch | squared (the seed's variant)
+    importance_coef: float | None = None  # balance "squared": the importance term's coefficient (None = balance_coef)
     z_coef: float = 0.0  # router z-loss coefficient (ST-MoE)
     n_shared: int = 0
     shared_d_ff: int | None = None
@@ -93,9 +95,10 @@ class MoEConfig:
             _fail("expert_capacity", "give either capacity_factor or expert_capacity, not both")
         if not 0.0 <= self.jitter < 1.0:
             _fail("jitter", f"must be in [0, 1), got {self.jitter}")
-        for name in ("balance_coef", "z_coef"):
-            if getattr(self, name) < 0:
+        for name in ("balance_coef", "z_coef", "importance_coef"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 _fail(name, f"must be >= 0, got {getattr(self, name)}")
+        self.validate_balance()
         if isinstance(self.n_shared, bool) or not isinstance(self.n_shared, int) or self.n_shared < 0:
             _fail("n_shared", f"must be an integer >= 0, got {self.n_shared!r}")
         if self.shared_gate and self.n_shared == 0:
@@ -108,6 +111,19 @@ class MoEConfig:
         if not any(self.is_moe_layer(i) for i in range(n_layers)):
             _fail("every", f"the schedule (first_dense={self.first_dense}, every={self.every}, offset={self.offset}) "
                   f"makes none of the n_layers={n_layers} layers MoE; lower first_dense or every")
+
+    def validate_balance(self) -> None:
+        from llmarch.nn.balance import BALANCE_LOSSES
+
+        if self.balance not in BALANCE_LOSSES:
+            _fail("balance", f"{self.balance!r} is not allowed; choose one of {BALANCE_LOSSES.names()}")
+        if self.importance_coef is not None and self.balance != "squared":
+            _fail("importance_coef", f"weighs the importance term of balance='squared'; balance is {self.balance!r}: "
+                  "set balance='squared' or leave importance_coef unset")
+
+    def importance_weight(self) -> float:
+        """The importance term's coefficient (balance "squared"); None means the same as ``balance_coef``."""
+        return self.balance_coef if self.importance_coef is None else self.importance_coef
 
     def validate_groups(self) -> None:
         if isinstance(self.routed_scale, bool) or not isinstance(self.routed_scale, (int, float)) \

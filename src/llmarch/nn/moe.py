@@ -3,7 +3,8 @@ drop assignments, a dispatcher runs the experts, and optional shared experts run
 (DeepSeekMoE, Dai et al. 2024; Qwen2-MoE).
 
 The forward keeps the FFN protocol ([B, T, D] -> [B, T, D]). What the training loss and the logs need is left on
-the module after each forward: ``aux_loss`` (balance_coef * balance + z_coef * z, a scalar with grad) and the
+the module after each forward: ``aux_loss`` (balance_coef * balance + z_coef * z [+ importance term], the ``moe.balance``
+loss of nn/balance.py; a scalar with grad) and the
 detached routing decision, from which :meth:`MoE.stats` computes load statistics only when asked (no cost on the
 hot path). :func:`aux_loss` sums the former over a model; :func:`router_stats` reads the latter per layer.
 """
@@ -16,6 +17,7 @@ from llmarch.moe_config import MoEConfig
 from llmarch.nn.dispatch import DISPATCHERS, CapacityLimit, Dropless
 from llmarch.nn.experts import EXPERTS
 from llmarch.nn.ffn import FFNS
+from llmarch.nn.balance import BALANCE_LOSSES
 from llmarch.nn.router import ROUTERS, Routing, balance_loss, z_loss
 
 
@@ -78,8 +80,10 @@ class MoE(nn.Module):
         y = self.dispatch(flat, route.experts, route.weights, keep, self.experts)  # [N, D]
         if self.shared is not None:
             y = y + self.shared(flat)
-        self.aux_loss = self.moe.balance_coef * balance_loss(route.probs, route.experts) \
-            + self.moe.z_coef * z_loss(route.logits)
+        terms = BALANCE_LOSSES[self.moe.balance](route)
+        self.aux_loss = self.moe.balance_coef * terms["balance"] + self.moe.z_coef * z_loss(route.logits)
+        if "importance" in terms:
+            self.aux_loss = self.aux_loss + self.moe.importance_weight() * terms["importance"]
         self.last_routing = (Routing(route.logits.detach(), route.probs.detach(), route.weights.detach(),
                                      route.experts), keep)
         return self.dropout(y.view(B, T, D))
