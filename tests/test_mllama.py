@@ -1,0 +1,143 @@
+"""Llama 3.2 Vision exact vs transformers' MllamaForConditionalGeneration (tiny, random): logits on a padded batch
+of rows with different image counts and tile layouts (aspect-ratio ids and masks, per-token cross-attention masks
+with rows that see no image), greedy generation, cached decoding against the full forward, save round trip, and
+the 11B preset's parameter count against transformers' model of the same config."""
+import json
+
+import pytest
+import torch
+
+import llmarch
+from llmarch.hf.io import family
+from tests.hf_util import TOL, assert_close_at, assert_same_weights, hf_logits, make_hf_model
+
+IMAGE = 256  # mllama-tiny's image token (the first row past the 256-word vocabulary)
+
+
+def mllama_batch(cfg, seed: int = 0, T: int = 12):
+    """Left-padded rows (row 0: two images, 1 and 2 tiles; row 1: one 2-tile image and a padding image), their
+    masks, and the cross-attention mask: tokens before a row's first image token see no tile, later ones see the
+    real tiles of the images met so far."""
+    v = cfg.vision
+    g = torch.Generator().manual_seed(seed)
+    lengths, image_at = (T, T - 3), ((2, 5), (1,))
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    cross = torch.zeros(2, T, 2, v.max_num_tiles, dtype=torch.long)
+    tiles = torch.tensor([[[1, 0], [1, 1]], [[1, 1], [1, 0]]])  # aspect_ratio_mask [B, images, tiles]
+    for b, (n, at) in enumerate(zip(lengths, image_at)):
+        start = T - n
+        ids[b, start:] = torch.randint(0, cfg.vocab_size, (n,), generator=g)
+        mask[b, start:] = 1
+        for j, a in enumerate(at):
+            ids[b, start + a] = IMAGE
+            cross[b, start + a:, j] = tiles[b, j]
+    pixels = torch.randn(2, 2, v.max_num_tiles, v.channels, v.image_size, v.image_size, generator=g)
+    ratio_ids = torch.tensor([[1, 2], [3, 0]])  # (1, 1), (1, 2); (2, 1), padding image
+    return ids, mask, dict(pixel_values=pixels, aspect_ratio_ids=ratio_ids, aspect_ratio_mask=tiles,
+                           cross_attention_mask=cross)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    cfg = llmarch.preset("mllama-tiny")
+    tmp = tmp_path_factory.mktemp("mllama")
+    hf_model, path = make_hf_model(cfg, "mllama", tmp, model_class="MllamaForConditionalGeneration")
+    return cfg, hf_model, llmarch.hf.load(path).eval(), tmp
+
+
+def test_config_round_trip(pair):
+    cfg, _, ours, _ = pair
+    assert ours.config == cfg
+    assert llmarch.hf.io.family("mllama").fits(cfg) is None
+
+
+def test_logits_match_with_tiles_and_padded_text(pair):
+    cfg, hf_model, ours, _ = pair
+    ids, mask, images = mllama_batch(cfg)
+    with torch.no_grad():
+        mine = ours(ids, attention_mask=mask, **images).logits
+        other = ours(ids, attention_mask=mask, **{**images, "pixel_values": images["pixel_values"].flip(1)}).logits
+        text_only = ours(ids, attention_mask=mask).logits
+    assert_close_at(mine, hf_logits(hf_model, ids, mask, **images), mask)
+    assert_close_at(text_only, hf_logits(hf_model, ids, mask), mask)
+    assert (mine[:, -1] - other[:, -1]).abs().max() > 1e-3  # the images matter
+    # a token that sees no tile: its attention output is kept, its FFN branch is zeroed (as transformers does)
+    assert (mine[0, 0] - text_only[0, 0]).abs().max() > 1e-4
+
+
+def test_greedy_generation_with_images_matches(pair):
+    cfg, hf_model, ours, _ = pair
+    ids, mask, images = mllama_batch(cfg, seed=3)
+    theirs = hf_model.generate(input_ids=ids, attention_mask=mask, **images, max_new_tokens=10, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=10, **images)
+    assert torch.equal(mine, theirs), f"generations differ\n{mine}\n{theirs}"
+
+
+def test_cached_decoding_equals_full_forward(pair):
+    cfg, _, ours, _ = pair
+    ids, mask, images = mllama_batch(cfg, seed=7)
+    k = ids.shape[1] - 3
+    with torch.no_grad():
+        full = ours(ids, attention_mask=mask, **images).logits
+        cache = ours.new_cache()
+        prefill = {**images, "cross_attention_mask": images["cross_attention_mask"][:, :k]}
+        steps = [ours(ids[:, :k], attention_mask=mask[:, :k], cache=cache, **prefill).logits[:, -1]]
+        features = cache.memory.states
+        for t in range(k, ids.shape[1]):  # no pixel values, no mask: the cached image and the last mask row
+            steps.append(ours(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=cache).logits[:, -1])
+    assert cache.memory.states is features  # image features computed once
+    cached = torch.stack(steps, dim=1)
+    assert (cached - full[:, k - 1:]).abs().max() <= TOL[torch.float32]
+
+
+def test_save_reloads_in_transformers(pair):
+    import transformers
+
+    cfg, _, ours, tmp = pair
+    out = llmarch.hf.save(ours, tmp / "saved")
+    reloaded = transformers.MllamaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    ids, mask, images = mllama_batch(cfg, seed=5)
+    with torch.no_grad():
+        mine = ours(ids, attention_mask=mask, **images).logits
+    assert_close_at(mine, hf_logits(reloaded, ids, mask, **images), mask)
+    assert_same_weights(ours, llmarch.hf.load(out))
+
+
+def test_cross_blocks_at_zero_gates_leave_the_text_model_unchanged():
+    torch.manual_seed(0)
+    cfg = llmarch.preset("mllama-tiny")
+    model = llmarch.build(cfg).eval()  # cross-block gates start at zero
+    ids, mask, images = mllama_batch(cfg, seed=9)
+    with torch.no_grad():
+        with_images = model(ids, attention_mask=mask, **images).logits
+        text_only = model(ids, attention_mask=mask).logits
+        assert torch.equal(with_images[mask.bool()], text_only[mask.bool()])
+        model.decoder.layers[1].attn_gate.fill_(0.5)
+        opened = model(ids, attention_mask=mask, **images).logits
+    assert (opened - text_only)[mask.bool()].abs().max() > 1e-3
+
+
+def test_bad_image_inputs_name_the_field():
+    cfg = llmarch.preset("mllama-tiny")
+    model = llmarch.build(cfg).eval()
+    ids, mask, images = mllama_batch(cfg)
+    with pytest.raises(ValueError, match="aspect_ratio_ids"):
+        model(ids, attention_mask=mask, **{**images, "aspect_ratio_ids": None})
+    with pytest.raises(ValueError, match="cross_attention_mask"):
+        model(ids, attention_mask=mask, **{**images, "cross_attention_mask": images["cross_attention_mask"][:, :, :1]})
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(ids, attention_mask=mask, **{**images, "pixel_values": images["pixel_values"][:, :, :1]})
+
+
+def test_11b_preset_count_equals_transformers(tmp_path):
+    import transformers
+
+    cfg = llmarch.preset("llama-3.2-11b-vision")
+    (tmp_path / "config.json").write_text(json.dumps(family("mllama").from_config(cfg)))
+    with torch.device("meta"):
+        theirs = transformers.MllamaForConditionalGeneration(transformers.AutoConfig.from_pretrained(tmp_path))
+    ours = llmarch.build(cfg, device="meta")
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert llmarch.hf.config_from_hf(tmp_path) == cfg
