@@ -141,3 +141,23 @@ def test_11b_preset_count_equals_transformers(tmp_path):
     ours = llmarch.build(cfg, device="meta")
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
     assert llmarch.hf.config_from_hf(tmp_path) == cfg
+
+
+def test_analysis_counts_and_tower_flops_are_exact():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from llmarch.analysis import count_params
+    from llmarch.analysis.vision import tower_flops
+    from llmarch.nn.kernels import KERNELS
+
+    cfg = llmarch.preset("mllama-tiny")
+    assert count_params(cfg).total == sum(p.numel() for p in llmarch.build(cfg, device="meta").parameters())
+    v = cfg.vision
+    tower = llmarch.build(v).eval()
+    assert count_params(v).total == sum(p.numel() for p in tower.parameters())
+    for m in tower.modules():  # the reference kernel's matmuls are visible to the counter
+        if hasattr(m, "kernel"):
+            m.kernel = KERNELS["naive"]
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        tower(torch.randn(1, 2, 3, v.image_size, v.image_size), torch.tensor([2]), torch.tensor([[1, 1]]))
+    assert tower_flops(v) == counter.get_total_flops()
