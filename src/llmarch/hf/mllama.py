@@ -137,7 +137,8 @@ class Mllama(Family):
         if text["bos_token_id"] is None:  # MllamaTextConfig needs an int: its default (outside a small vocab)
             text.pop("bos_token_id")
         text.update(model_type="mllama_text_model", cross_attention_layers=list(v.cross_layers), dropout=0.0)
-        vision = dict(model_type="mllama_vision_model", hidden_size=v.d_model, hidden_act=activation_to_hf(v.activation),
+        vision = dict(model_type="mllama_vision_model", hidden_size=v.d_model,
+                      hidden_act=activation_to_hf(v.activation),
                       num_hidden_layers=v.n_layers, num_global_layers=v.global_layers, attention_heads=v.n_heads,
                       num_channels=v.channels, intermediate_size=v.d_ff, vision_output_dim=v.feature_dim,
                       image_size=v.image_size, patch_size=v.patch_size, norm_eps=v.norm_eps,

@@ -15,10 +15,10 @@ from llmarch.nn.vision.patch import PATCH_EMBEDDINGS
 
 
 def aspect_ratios(max_num_tiles: int) -> list[tuple[int, int]]:
-    """Tile arrangements (width, height) with at most ``max_num_tiles`` tiles, width-major; id i + 1 names the
-    i-th (id 0 is a padding image)."""
-    return [(w, h) for w in range(1, max_num_tiles + 1) for h in range(1, max_num_tiles + 1)
-            if w * h <= max_num_tiles]
+    """Tile arrangements (rows, columns) with at most ``max_num_tiles`` tiles, in transformers' order; id i + 1
+    names the i-th (id 0 is a padding image)."""
+    return [(r, c) for r in range(1, max_num_tiles + 1) for c in range(1, max_num_tiles + 1)
+            if r * c <= max_num_tiles]
 
 
 class TileEmbedding(nn.Module):

@@ -87,8 +87,8 @@ class VisionTower(nn.Module):
     def features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
                  aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden state ``feature_layer`` (only the blocks it needs run) with the ``intermediate_layers`` states
-        after it, interleaved per coordinate (as transformers stacks them), padding removed, per tile; ``default`` drops the class token.
-        -> [n, tiles * N', feature_dim]."""
+        after it, interleaved per coordinate (as transformers stacks them), padding removed, per tile; ``default``
+        drops the class token. -> [n, tiles * N', feature_dim]."""
         cfg = self.config
         depth = max(cfg.feature_depth, *cfg.intermediate_layers) if cfg.intermediate_layers else cfg.feature_depth
         states = self.hidden_states(pixel_values, depth, aspect_ratio_ids, aspect_ratio_mask)
