@@ -161,3 +161,28 @@ def test_analysis_counts_and_tower_flops_are_exact():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         tower(torch.randn(1, 2, 3, v.image_size, v.image_size), torch.tensor([2]), torch.tensor([[1, 1]]))
     assert tower_flops(v) == counter.get_total_flops()
+
+
+def test_generate_cli_tiles_an_image_for_cross_blocks(tmp_path, capsys):
+    from PIL import Image, ImageDraw
+
+    from llmarch.cli import main
+    from llmarch.image_tiles import TiledImageProcessor, cross_attention_mask
+
+    path = tmp_path / "wide.png"
+    im = Image.new("RGB", (60, 30), "white")
+    ImageDraw.Draw(im).ellipse((5, 5, 25, 25), fill="red")
+    im.save(path)
+    assert main(["generate", "--preset", "mllama-tiny", "--image", str(path), "--prompt", "1 2 3",
+                 "--max-new-tokens", "4", "--temperature", "0", "--no-stream"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    torch.manual_seed(0)  # the CLI's default seed, before it builds the preset
+    model = llmarch.build(llmarch.preset("mllama-tiny")).eval()
+    ids = [IMAGE, 1, 2, 3]  # one image token per image, leading the prompt
+    images = TiledImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=2)([[im]])
+    assert images["num_tiles"] == [[2]]  # a wide image takes both tiles
+    cross = cross_attention_mask([ids], IMAGE, images["num_tiles"], 2)
+    want = llmarch.generate(model, torch.tensor([ids]), max_new_tokens=4, pixel_values=images["pixel_values"],
+                            aspect_ratio_ids=images["aspect_ratio_ids"], aspect_ratio_mask=images["aspect_ratio_mask"],
+                            cross_attention_mask=cross)
+    assert printed == want[0].tolist()

@@ -107,6 +107,11 @@ class CrossBlockFusion(Fusion):
     cache = EncoderDecoderCache
 
     @staticmethod
+    def text_tokens(vision) -> int:
+        """One image token per image: the cross-attention mask starts each image's span there."""
+        return 1
+
+    @staticmethod
     def block_for(cfg):
         from llmarch.model import cross_attention_for, ffn_for, norm_for
 

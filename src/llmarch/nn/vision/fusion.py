@@ -84,6 +84,11 @@ class Fusion:
         return None
 
     @staticmethod
+    def text_tokens(vision) -> int:
+        """Image tokens a prompt holds per image (0: the image stays out of the token stream)."""
+        return 0
+
+    @staticmethod
     def block_for(cfg):
         """Builder of decoder blocks that replace the plain ones on a schedule (None: none)."""
         return None
@@ -108,6 +113,10 @@ class Fusion:
 @FUSIONS.register("projector")
 class ProjectorFusion(Fusion):
     """Image token slots take the features, image after image in reading order (as transformers' LLaVA does)."""
+
+    @staticmethod
+    def text_tokens(vision) -> int:
+        return vision.image_tokens
 
     @staticmethod
     def place(x, input_ids, memory, image_token_id):
