@@ -186,3 +186,49 @@ def test_generate_cli_tiles_an_image_for_cross_blocks(tmp_path, capsys):
                             aspect_ratio_ids=images["aspect_ratio_ids"], aspect_ratio_mask=images["aspect_ratio_mask"],
                             cross_attention_mask=cross)
     assert printed == want[0].tolist()
+
+
+def test_checkpoint_generates_with_an_image_like_transformers(tmp_path, capsys):
+    """CLI --checkpoint --image against transformers: its image processor, the processor's cross-attention mask
+    and its generate, on one random checkpoint with a tokenizer and a preprocessor_config.json."""
+    import transformers
+    from PIL import Image, ImageDraw
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+
+    from llmarch.cli import main
+    from llmarch.infer.chat import Chat
+    from llmarch.tokenizer import encode_prompt, load_tokenizer_for, train_tokenizer
+    from tests.test_prompt_encoding import write_tokenizer
+
+    bpe = train_tokenizer(["a small red circle on a white page, and a blue square beside it"] * 4, vocab_size=300,
+                          special_tokens=["<unk>", "<s>", "</s>"])
+    base = llmarch.preset("mllama-tiny")
+    V = bpe.vocab_size
+    cfg = base.replace(vocab_size=V, bos_token_id=1, vision=base.vision.replace(image_token_id=V))
+    hf_model, d = make_hf_model(cfg, "mllama", tmp_path, model_class="MllamaForConditionalGeneration")
+    write_tokenizer(bpe, d, {"add_bos_token": True}, template=True)
+    theirs_proc = transformers.MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=2)
+    theirs_proc.save_pretrained(d)
+    path = tmp_path / "tall.png"
+    im = Image.new("RGB", (20, 50), "white")
+    ImageDraw.Draw(im).rectangle((2, 30, 15, 45), fill="blue")
+    im.save(path)
+    prompt = "a small red"
+    ids = encode_prompt(load_tokenizer_for(d), prompt)
+    ids = ids[:1] + [V] + ids[1:]  # BOS, the image token, the text
+    images = theirs_proc([[im]], return_tensors="pt")
+    cross = convert_sparse_cross_attention_mask_to_dense([get_cross_attention_token_mask(ids, V)],
+                                                         images["num_tiles"], 2, len(ids))
+    out = hf_model.generate(input_ids=torch.tensor([ids]), pixel_values=images["pixel_values"],
+                            aspect_ratio_ids=images["aspect_ratio_ids"], aspect_ratio_mask=images["aspect_ratio_mask"],
+                            cross_attention_mask=torch.from_numpy(cross), max_new_tokens=6, do_sample=False,
+                            pad_token_id=0, eos_token_id=None)
+    new = out[0, len(ids):].tolist()
+    new = new[:new.index(2)] if 2 in new else new  # the CLI stops at the tokenizer's EOS
+    assert main(["generate", "--checkpoint", str(d), "--image", str(path), "--prompt", prompt,
+                 "--max-new-tokens", "6", "--temperature", "0", "--no-stream"]) == 0
+    assert capsys.readouterr().out == prompt + load_tokenizer_for(d).decode(new) + "\n"
+    chat = Chat(llmarch.hf.load(d), load_tokenizer_for(d), max_new_tokens=3, repetition_penalty=1.3)
+    chat.add_image(str(path))  # the image token (past the head's vocabulary) is left out of the penalty
+    assert chat.prompt_ids("hi").count(V) == 1 and isinstance(chat.send("hi"), str)
