@@ -123,8 +123,11 @@ def test_bad_image_inputs_name_the_field():
     cfg = llmarch.preset("mllama-tiny")
     model = llmarch.build(cfg).eval()
     ids, mask, images = mllama_batch(cfg)
-    with pytest.raises(ValueError, match="aspect_ratio_ids"):
-        model(ids, attention_mask=mask, **{**images, "aspect_ratio_ids": None})
+    for bad in (None, images["aspect_ratio_ids"] + 9, images["aspect_ratio_ids"][:1]):
+        with pytest.raises(ValueError, match="aspect_ratio_ids"):
+            model(ids, attention_mask=mask, **{**images, "aspect_ratio_ids": bad})
+    with pytest.raises(ValueError, match="aspect_ratio_mask"):
+        model(ids, attention_mask=mask, **{**images, "aspect_ratio_mask": images["aspect_ratio_mask"][:, :1]})
     with pytest.raises(ValueError, match="cross_attention_mask"):
         model(ids, attention_mask=mask, **{**images, "cross_attention_mask": images["cross_attention_mask"][:, :, :1]})
     with pytest.raises(ValueError, match="pixel_values"):

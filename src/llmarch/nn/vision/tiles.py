@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from llmarch.nn.attention import AttnContext
+from llmarch.nn.device import host_reads_ok
 from llmarch.nn.vision.patch import PATCH_EMBEDDINGS
 
 
@@ -71,6 +72,11 @@ class TiledPatchEmbedding(nn.Module):
             raise ValueError("aspect_ratio_ids: a tiled vision tower needs each image's aspect-ratio id "
                              "(from the image processor)")
         n, tiles = pixel_values.shape[:2]
+        n_ids = self.tile_positions.num_embeddings
+        if aspect_ratio_ids.numel() != n or (aspect_ratio_ids.numel() and host_reads_ok(aspect_ratio_ids) and not
+                                             bool(((aspect_ratio_ids >= 0) & (aspect_ratio_ids < n_ids)).all())):
+            raise ValueError(f"aspect_ratio_ids must hold one id in [0, {n_ids}) per image ({n} images); got shape "
+                             f"{tuple(aspect_ratio_ids.shape)}")
         ids = aspect_ratio_ids.reshape(n)
         x = self.proj(pixel_values.flatten(0, 1).to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
         x = self.pre_tile(x.view(n, tiles, -1, x.shape[-1]), ids)  # [n, tiles, grid², D]
@@ -122,6 +128,11 @@ def pad_tiles(x: torch.Tensor, multiple: int, tile_mask: torch.Tensor | None):
     0) sees only real tokens, and a real token sees all (as transformers masks them), or None if all are real."""
     n, tiles, N, D = x.shape
     pad = -N % multiple
+    if pad == 0 and tile_mask is None:
+        return x.reshape(n, -1, D), None
+    if tile_mask is not None and tile_mask.numel() != n * tiles:
+        raise ValueError(f"aspect_ratio_mask must be [images, {tiles} tiles] ({n} images, or [batch, images, "
+                         f"tiles]); got shape {tuple(tile_mask.shape)}")
     x = nn.functional.pad(x, (0, 0, 0, pad))
     real = torch.ones(n, tiles, N + pad, dtype=torch.bool, device=x.device)
     real[:, :, N:] = False
