@@ -59,8 +59,11 @@ def test_logits_match_with_tiles_and_padded_text(pair):
         mine = ours(ids, attention_mask=mask, **images).logits
         other = ours(ids, attention_mask=mask, **{**images, "pixel_values": images["pixel_values"].flip(1)}).logits
         text_only = ours(ids, attention_mask=mask).logits
+        unmasked = {**images, "cross_attention_mask": None}  # every token sees every tile
+        no_cross_mask = ours(ids, attention_mask=mask, **unmasked).logits
     assert_close_at(mine, hf_logits(hf_model, ids, mask, **images), mask)
     assert_close_at(text_only, hf_logits(hf_model, ids, mask), mask)
+    assert_close_at(no_cross_mask, hf_logits(hf_model, ids, mask, **unmasked), mask)
     assert (mine[:, -1] - other[:, -1]).abs().max() > 1e-3  # the images matter
     # a token that sees no tile: its attention output is kept, its FFN branch is zeroed (as transformers does)
     assert (mine[0, 0] - text_only[0, 0]).abs().max() > 1e-4

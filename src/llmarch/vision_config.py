@@ -159,6 +159,8 @@ class VisionConfig:
             _fail("vision.max_num_tiles", "tiles need positions='gated_tiles' (tile embeddings by aspect ratio)")
         if self.positions == "gated_tiles" and not self.class_token:
             _fail("vision.class_token", "positions='gated_tiles' has a class token per tile; set class_token=True")
+        if self.global_layers and self.positions != "gated_tiles":
+            _fail("vision.global_layers", "global blocks read the post-tile embedding; set positions='gated_tiles'")
         if (self.post_norm == "local") != (self.global_layers > 0):
             _fail("vision.post_norm", "'local' (a norm between the local and the global blocks) goes with "
                   f"global_layers > 0; got post_norm={self.post_norm!r}, global_layers={self.global_layers}")
