@@ -53,11 +53,11 @@ def padded_batch(vocab: int, lengths=(12, 7), seed: int = 1):
     return ids, mask
 
 
-def hf_logits(model, ids, mask):
-    """HF logits with position ids that skip left padding (what HF generate uses)."""
+def hf_logits(model, ids, mask, **inputs):
+    """HF logits with position ids that skip left padding (what HF generate uses); ``inputs`` go along (images)."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, **inputs).logits
 
 
 def assert_close_at(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor, tol: float = TOL[torch.float32]):

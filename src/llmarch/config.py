@@ -134,6 +134,11 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
+    def input_vocab_size(self) -> int:
+        """Rows of the token embedding: V plus ``vision.extra_token_rows`` (ids the head never predicts)."""
+        return self.vocab_size + (self.vision.extra_token_rows if self.vision is not None else 0)
+
+    @property
     def dh(self) -> int:
         """Dh: per-head width."""
         return self.d_model // self.n_heads if self.head_dim is None else self.head_dim

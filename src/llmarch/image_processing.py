@@ -90,23 +90,15 @@ class ImageProcessor:
 
     def one(self, image) -> torch.Tensor:
         """A PIL image -> [C, H, W] float32."""
-        from PIL import Image
-
-        if not isinstance(image, Image.Image):
-            raise ValueError(f"images must be PIL images; got {type(image).__name__} (use llmarch.image_processing."
-                             "load_image for a file)")
-        if self.do_convert_rgb:
-            image = to_rgb(image)
-        if self.do_resize:
-            h, w = self.output_size(image.height, image.width)
-            image = image.resize((w, h), resample=self.resample)
-        import numpy as np
-
-        x = torch.from_numpy(np.array(image))  # [H, W, C] uint8
-        x = x[..., None] if x.dim() == 2 else x
-        x = x.permute(2, 0, 1)  # [C, H, W]
+        image = checked_rgb(image, self.do_convert_rgb)
+        size = self.output_size(image.height, image.width) if self.do_resize else None
+        x = pixels(image, size, self.resample)
         if self.do_center_crop:
             x = center_crop(x, self.crop_size["height"], self.crop_size["width"])
+        return self.scale(x)
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [C, H, W] -> float32: rescaled in float64, then normalised per channel in float32."""
         x = x.double() * self.rescale_factor if self.do_rescale else x.double()
         x = x.float()
         if self.do_normalize:
@@ -119,6 +111,27 @@ class ImageProcessor:
         """PIL images (or one) -> pixel_values [B, C, H, W] float32."""
         images = [images] if not isinstance(images, (list, tuple)) else images
         return torch.stack([self.one(im) for im in images])
+
+
+def checked_rgb(image, convert: bool = True):
+    """A PIL image (RGB when ``convert``); anything else is a ValueError."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"images must be PIL images; got {type(image).__name__} (use llmarch.image_processing."
+                         "load_image for a file)")
+    return to_rgb(image) if convert else image
+
+
+def pixels(image, size: tuple[int, int] | None, resample: int) -> torch.Tensor:
+    """A PIL image, resized to ``size`` (height, width) with Pillow's ``resample`` unless None -> uint8 [C, H, W]."""
+    import numpy as np
+
+    if size is not None:
+        image = image.resize((size[1], size[0]), resample=resample)
+    x = torch.from_numpy(np.array(image))  # [H, W, C] uint8
+    x = x[..., None] if x.dim() == 2 else x
+    return x.permute(2, 0, 1)
 
 
 def to_rgb(image):

@@ -64,10 +64,12 @@ class Stack(nn.Module):
 
     ``causal``: queries see only earlier keys (decoders) or every key (encoders). ``cross``: each block also
     attends to the encoder output (the decoder of an encoder-decoder). ``cross_for(i)``, when given, builds the
-    cross module of layer i instead (None: a plain block there), for per-layer schedules such as RETRO's."""
+    cross module of layer i instead (None: a plain block there), for per-layer schedules such as RETRO's;
+    ``block_for(i)``, when given, may return a whole block that replaces layer i (None: built as above)."""
 
     def __init__(self, cfg: ModelConfig, causal: bool, cross: bool = False, n_layers: int | None = None,
-                 cross_for: Callable[[int], nn.Module | None] | None = None):
+                 cross_for: Callable[[int], nn.Module | None] | None = None,
+                 block_for: Callable[[int], nn.Module | None] | None = None):
         super().__init__()
         self.causal, self.cross = causal, cross
         if cross_for is None:
@@ -79,7 +81,8 @@ class Stack(nn.Module):
                                          head_dim=cfg.rope_head_dim, max_seq_len=cfg.max_seq_len, rope=cfg.rope,
                                          causal=causal,
                                          rel_buckets=cfg.rel_buckets, rel_max_distance=cfg.rel_max_distance)
-        self.layers = nn.ModuleList(self._block(cfg, i, patterns[cfg.layer_pattern(i)], cross_for(i))
+        block_for = block_for or (lambda i: None)
+        self.layers = nn.ModuleList(block_for(i) or self._block(cfg, i, patterns[cfg.layer_pattern(i)], cross_for(i))
                                     for i in range(n_layers))
         self.final_norm = norm_for(cfg) if cfg.final_norm else nn.Identity()
 
@@ -126,7 +129,8 @@ class Model(nn.Module):
             self.encoder = Stack(cfg, causal=False)
         if cfg.kind != "encoder":
             self.decoder = Stack(cfg, causal=True, cross=cfg.kind == "encoder_decoder",
-                                 n_layers=cfg.n_decoder_layers or cfg.n_layers, cross_for=self.decoder_cross(cfg))
+                                 n_layers=cfg.n_decoder_layers or cfg.n_layers, cross_for=self.decoder_cross(cfg),
+                                 block_for=self.decoder_blocks(cfg))
         self.lm_head = build_head(cfg)
         if cfg.exit_heads:
             from llmarch.nn.exits import ExitGates
@@ -145,6 +149,10 @@ class Model(nn.Module):
 
     def decoder_cross(self, cfg: ModelConfig) -> Callable[[int], nn.Module | None] | None:
         """Builder of the decoder's per-layer cross modules; None: the stack's default (variants override it)."""
+        return None
+
+    def decoder_blocks(self, cfg: ModelConfig) -> Callable[[int], nn.Module | None] | None:
+        """Builder of decoder blocks that replace the plain ones on a schedule; None: none (variants override it)."""
         return None
 
     def tied_names(self) -> dict[str, str]:
@@ -252,7 +260,7 @@ class Model(nn.Module):
              memory, global_attention_mask=None, document_ids=None) -> torch.Tensor:
         """Embed and run one stack. Returns [B, T, D]; advances ``cache`` by T."""
         cfg = self.config
-        B, T = check_input_ids(input_ids, cfg.vocab_size)
+        B, T = check_input_ids(input_ids, cfg.input_vocab_size)
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "

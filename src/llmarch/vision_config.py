@@ -19,7 +19,8 @@ from llmarch.validation import fail as _fail
 if TYPE_CHECKING:
     from llmarch.config import ModelConfig
 
-POST_NORMS = ("pooled", "all", "none")  # CLIP: the pooled class token; SigLIP: every position
+POST_NORMS = ("pooled", "all", "local", "none")  # CLIP: the pooled class token; SigLIP: every position;
+# mllama: the local blocks' output, before the global blocks
 FEATURE_SELECTS = ("default", "full")  # LLaVA: default drops the class token, full keeps it
 
 
@@ -31,8 +32,13 @@ class VisionConfig:
 
     Fusion fields (used when this is a ``ModelConfig.vision``): ``feature_layer`` indexes the tower's hidden
     states (0 = embeddings, L = last block, negative from the end); ``feature_select`` default | full;
-    ``fusion`` projector | cross_attention; ``image_token_id`` marks the text slots the projected features fill;
-    ``cross_layers`` are the decoder layers that get gated cross-attention (fusion cross_attention)."""
+    ``fusion`` projector | cross_attention | cross_blocks; ``image_token_id`` marks the text slots the projected
+    features fill; ``cross_layers`` are the decoder layers that get gated cross-attention (cross_attention) or
+    that are replaced by gated cross-attention blocks (cross_blocks, Llama 3.2 Vision).
+
+    Tiles (``positions='gated_tiles'``, mllama): pixel_values [n, tiles, C, H, W] with aspect-ratio ids; per tile a
+    class token and the patches, padded to a multiple of ``pad_to``; ``global_layers`` gated blocks see every tile;
+    the features are the ``feature_layer`` state with the ``intermediate_layers`` states concatenated."""
 
     kind: ClassVar[str] = "vision"  # what `llmarch presets` lists (text configs: decoder / encoder / ...)
 
@@ -59,12 +65,23 @@ class VisionConfig:
     projector_bias: bool = True
     image_token_id: int | None = None
     cross_layers: tuple[int, ...] = ()
+    projector: str = "mlp"  # registry nn.vision.PROJECTORS: mlp (LLaVA) | linear (mllama)
+    extra_token_rows: int = 0  # token-embedding rows past vocab_size (mllama: 8, the image token among them)
+    # --- tiles (Llama 3.2 Vision): an image cut into up to max_num_tiles tiles, each a patch grid -------------
+    positions: str = "learned"  # registry nn.vision.PATCH_EMBEDDINGS: learned | gated_tiles
+    max_num_tiles: int = 1
+    pad_to: int = 1  # tokens per tile padded to a multiple of this (mllama: 8); a padding token sees real ones only
+    global_layers: int = 0  # tanh-gated blocks over all tiles after the local blocks (and post_norm "local")
+    intermediate_layers: tuple[int, ...] = ()  # hidden states (0 = embeddings) concatenated to the features
+    attn_bias: bool = True  # biases on the blocks' q/k/v/o projections (mllama: none)
 
     def __post_init__(self) -> None:
-        if isinstance(self.cross_layers, (list, str, int)):  # [1, 3], "1,3" or 3
-            layers = self.cross_layers.split(",") if isinstance(self.cross_layers, str) else self.cross_layers
-            object.__setattr__(self, "cross_layers", tuple([layers] if isinstance(layers, int) else
-                                                           (i for i in layers if str(i).strip())))
+        for name in ("cross_layers", "intermediate_layers"):
+            value = getattr(self, name)
+            if isinstance(value, (list, str, int)):  # [1, 3], "1,3" or 3
+                layers = value.split(",") if isinstance(value, str) else value
+                object.__setattr__(self, name, tuple([layers] if isinstance(layers, int) else
+                                                     (i for i in layers if str(i).strip())))
         check_field_types(self, "vision.")  # numbers from text, ("1", "3") -> (1, 3)
         self.validate()
 
@@ -80,31 +97,42 @@ class VisionConfig:
         return self.grid ** 2 + int(self.class_token)
 
     @property
-    def image_tokens(self) -> int:
-        """N: feature vectors one image contributes to a language model."""
+    def tile_tokens(self) -> int:
+        """Feature vectors one tile contributes to a language model."""
         drop = self.class_token and self.feature_select == "default"
         return self.n_positions - int(drop)
 
     @property
-    def feature_depth(self) -> int:
-        """How many blocks run to reach ``feature_layer`` (hidden state 0 is the embeddings)."""
-        return self.feature_layer % (self.n_layers + 1)
+    def image_tokens(self) -> int:
+        """N: feature vectors one image contributes to a language model (every tile's)."""
+        return self.max_num_tiles * self.tile_tokens
 
-    def encoder_config(self) -> "ModelConfig":
+    @property
+    def feature_dim(self) -> int:
+        """Width of a feature vector: the selected state and each of ``intermediate_layers``."""
+        return self.d_model * (1 + len(self.intermediate_layers))
+
+    @property
+    def feature_depth(self) -> int:
+        """How many blocks run to reach ``feature_layer`` (hidden state 0 is the embeddings; the global blocks
+        count after the local ones)."""
+        return self.feature_layer % (self.n_layers + self.global_layers + 1)
+
+    def encoder_config(self, n_layers: int | None = None) -> "ModelConfig":
         """The tower's blocks as an encoder ModelConfig (pre-norm LayerNorm, MLP, biases, no positions: the patch
         embedding adds them)."""
         from llmarch.config import ModelConfig
 
-        return ModelConfig(kind="encoder", vocab_size=1, d_model=self.d_model, n_layers=self.n_layers,
+        return ModelConfig(kind="encoder", vocab_size=1, d_model=self.d_model, n_layers=n_layers or self.n_layers,
                            n_heads=self.n_heads, d_ff=self.d_ff, max_seq_len=self.n_positions, norm="layernorm",
                            norm_eps=self.norm_eps, norm_placement="pre", final_norm=False, ffn="mlp",
-                           activation=self.activation, ffn_bias=True, qkv_bias=True, out_bias=True,
+                           activation=self.activation, ffn_bias=True, qkv_bias=self.attn_bias, out_bias=self.attn_bias,
                            position="none")
 
     # --- validation -----------------------------------------------------------------------------------------
     def validate(self, model: "ModelConfig | None" = None) -> None:
         from llmarch.nn.activation import ACTIVATIONS
-        from llmarch.nn.vision import FUSIONS, POOLS
+        from llmarch.nn.vision import FUSIONS, PATCH_EMBEDDINGS, POOLS, PROJECTORS
 
         for name in ("image_size", "patch_size", "channels", "d_model", "n_layers", "n_heads", "d_ff"):
             _check_positive(f"vision.{name}", getattr(self, name))
@@ -120,19 +148,41 @@ class VisionConfig:
         _check_choice("vision.pool", self.pool, POOLS)
         _check_choice("vision.feature_select", self.feature_select, FEATURE_SELECTS)
         _check_choice("vision.fusion", self.fusion, FUSIONS)
+        _check_choice("vision.projector", self.projector, PROJECTORS)
+        _check_choice("vision.positions", self.positions, PATCH_EMBEDDINGS)
+        for name in ("max_num_tiles", "pad_to"):
+            _check_positive(f"vision.{name}", getattr(self, name))
+        for name in ("global_layers", "extra_token_rows"):
+            if getattr(self, name) < 0:
+                _fail(f"vision.{name}", f"must be >= 0, got {getattr(self, name)}")
+        if self.positions == "learned" and self.max_num_tiles != 1:
+            _fail("vision.max_num_tiles", "tiles need positions='gated_tiles' (tile embeddings by aspect ratio)")
+        if self.positions == "gated_tiles" and not self.class_token:
+            _fail("vision.class_token", "positions='gated_tiles' has a class token per tile; set class_token=True")
+        if self.global_layers and self.positions != "gated_tiles":
+            _fail("vision.global_layers", "global blocks read the post-tile embedding; set positions='gated_tiles'")
+        if (self.post_norm == "local") != (self.global_layers > 0):
+            _fail("vision.post_norm", "'local' (a norm between the local and the global blocks) goes with "
+                  f"global_layers > 0; got post_norm={self.post_norm!r}, global_layers={self.global_layers}")
+        bad = [i for i in self.intermediate_layers if not 0 <= i <= self.n_layers]
+        if bad:
+            _fail("vision.intermediate_layers", f"{bad} are outside the local hidden states [0, {self.n_layers}]")
         if self.init_std <= 0:
             _fail("vision.init_std", f"must be > 0, got {self.init_std}")
         if self.post_norm == "pooled" and self.pool == "none":
             _fail("vision.post_norm", "'pooled' needs a pooling head; use post_norm='all' or 'none'")
         if self.pool == "class_token" and not self.class_token:
             _fail("vision.pool", "'class_token' needs class_token=True; use pool='attention' or 'none'")
-        if not -(self.n_layers + 1) <= self.feature_layer <= self.n_layers:
+        depth = self.n_layers + self.global_layers
+        if not -(depth + 1) <= self.feature_layer <= depth:
             _fail("vision.feature_layer", f"{self.feature_layer} is outside the hidden states "
-                  f"[-{self.n_layers + 1}, {self.n_layers}] (0 = embeddings)")
+                  f"[-{depth + 1}, {depth}] (0 = embeddings)")
         if model is not None:
             self.validate_fusion(model)
 
     def validate_fusion(self, model: "ModelConfig") -> None:
+        if self.extra_token_rows and model.tie_embeddings:
+            _fail("vision.extra_token_rows", "extra embedding rows need an untied head; set tie_embeddings=False")
         if model.kind != "decoder":
             _fail("vision", f"image fusion needs kind='decoder' (kind is {model.kind!r}); set vision=None")
         if model.retrieval is not None:
@@ -156,6 +206,7 @@ class VisionConfig:
 
         d = dataclasses.asdict(self)
         d["cross_layers"] = list(self.cross_layers)
+        d["intermediate_layers"] = list(self.intermediate_layers)
         return d
 
     @classmethod

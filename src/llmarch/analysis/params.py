@@ -79,7 +79,7 @@ def count_params(cfg) -> ParamCount:
         return ParamCount(parts, sum(parts.values()), sum(parts.values()))
     D, V = cfg.d_model, cfg.vocab_size
     c = dict.fromkeys(COMPONENTS, 0)
-    c["embeddings"] = V * D
+    c["embeddings"] = cfg.input_vocab_size * D  # V (+ rows past the vocabulary that only embed, e.g. an image token)
     c["token_types"] = cfg.type_vocab_size * D
     c["embed_norm"] = norm_params(cfg) if cfg.embed_norm else 0
     pos, notes = position_params(cfg)

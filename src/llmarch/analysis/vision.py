@@ -7,24 +7,46 @@ from llmarch.analysis.ffn import dense_ffn_params
 from llmarch.vision_config import VisionConfig
 
 
+def tile_positions(v: VisionConfig) -> int:
+    """Tiled towers' position parameters: the table and its gate, the per-tile table and the pre/post tile
+    embeddings (one row per aspect-ratio id, 0 included) with their gates."""
+    if v.positions != "gated_tiles":
+        return v.n_positions * v.d_model
+    from llmarch.nn.vision.tiles import aspect_ratios
+
+    ids, tiles, N, D = len(aspect_ratios(v.max_num_tiles)) + 1, v.max_num_tiles, v.n_positions, v.d_model
+    return N * D + 1 + ids * tiles * N * D + 2 * (ids * tiles * D + 1)
+
+
 def tower_params(v: VisionConfig) -> dict[str, int]:
     """Parameters of a VisionTower by part."""
     D, F, C, P = v.d_model, v.d_ff, v.channels, v.patch_size
     ln = 2 * D
-    block = (3 * D * D + 3 * D) + (D * D + D) + dense_ffn_params(D, F, "mlp", True) + 2 * ln
+    bias = 4 * D if v.attn_bias else 0
+    block = 4 * D * D + bias + dense_ffn_params(D, F, "mlp", True) + 2 * ln
     pool = {"class_token": 0, "none": 0,
             "attention": D + (3 * D * D + 3 * D) + (D * D + D) + ln + dense_ffn_params(D, F, "mlp", True)}[v.pool]
     return {"patch_embed": C * P * P * D + (D if v.patch_bias else 0) + (D if v.class_token else 0),
-            "positions": v.n_positions * D, "pre_norm": ln if v.pre_norm else 0, "blocks": v.n_layers * block,
+            "positions": tile_positions(v), "pre_norm": ln if v.pre_norm else 0,
+            "blocks": v.n_layers * block + v.global_layers * (block + 2),  # + the global blocks' two gates
             "post_norm": ln if v.post_norm != "none" else 0, "pool": pool}
+
+
+def projector_params(v: VisionConfig, D: int) -> int:
+    """mlp: feature_dim -> D -> D; linear: feature_dim -> D (with biases if ``projector_bias``)."""
+    if v.projector == "linear":
+        return v.feature_dim * D + (D if v.projector_bias else 0)
+    return v.feature_dim * D + D * D + (2 * D if v.projector_bias else 0)
 
 
 def fusion_params(cfg) -> dict[str, int]:
     """The image side of a ModelConfig with ``vision``: tower, projector, gated cross-attention layers."""
     v, D = cfg.vision, cfg.d_model
     H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
-    projector = v.d_model * D + D * D + (2 * D if v.projector_bias else 0)
+    projector = projector_params(v, D)
     cross = 0
+    if v.fusion == "cross_blocks":  # a replaced layer's q/kv/out, norms and FFN are counted as the layer's own
+        cross = len(v.cross_layers) * (2 * Dh + 2)  # + the q/k norms and the two gates
     if v.fusion == "cross_attention":
         one = D * H * Dh + 2 * D * G * Dh + H * Dh * D + (H * Dh + 2 * G * Dh if cfg.qkv_bias else 0)
         one += (D if cfg.out_bias else 0) + 1  # + the gate
@@ -35,12 +57,14 @@ def fusion_params(cfg) -> dict[str, int]:
 
 def tower_flops(v: VisionConfig, images: int = 1, depth: int | None = None) -> int:
     """Matmul FLOPs of the tower for ``images`` images at ``image_size`` (2 per multiply-add; the patch
-    convolution counts as a matmul), through ``depth`` blocks (default all, with the pooling head)."""
-    D, F, N = v.d_model, v.d_ff, v.n_positions
-    patches = v.grid ** 2
+    convolution counts as a matmul), through ``depth`` blocks (default all, with the pooling head). A tiled tower
+    runs every tile, its tokens padded to ``pad_to``, in one sequence."""
+    D, F, tiles = v.d_model, v.d_ff, v.max_num_tiles
+    N = tiles * -(-v.n_positions // v.pad_to) * v.pad_to  # tokens the blocks see
+    patches = tiles * v.grid ** 2
     conv = 2 * patches * v.channels * v.patch_size ** 2 * D
     block = 2 * N * (4 * D * D + 2 * D * F) + 4 * N * N * D  # projections + MLP, then q·kᵀ and probs·v
-    layers = v.n_layers if depth is None else depth
+    layers = v.n_layers + v.global_layers if depth is None else depth
     pool = 0
     if v.pool == "attention" and depth is None:
         pool = 2 * (D * D + 2 * N * D * D + D * D + 2 * D * F) + 4 * N * D
@@ -52,8 +76,10 @@ def image_flops(cfg, images: int = 1) -> dict[str, int]:
     and the projector (cross-attention layers' work is counted with the text tokens that run them)."""
     v = cfg.vision
     n = v.image_tokens
-    return {"vision": tower_flops(v, images, v.feature_depth),
-            "projector": images * 2 * n * (v.d_model * cfg.d_model + cfg.d_model * cfg.d_model)}
+    depth = max((v.feature_depth, *v.intermediate_layers))
+    D = cfg.d_model
+    weights = v.feature_dim * D + (D * D if v.projector == "mlp" else 0)  # the projector's matrices
+    return {"vision": tower_flops(v, images, depth), "projector": images * 2 * n * weights}
 
 
 def image_summary(cfg) -> dict:

@@ -76,12 +76,12 @@ def run(args) -> int:
         if args.image:
             from llmarch.infer.images import image_prompt, processor_for
 
-            ids, kw["pixel_values"] = image_prompt(model, ids, args.image, processor_for(model))
-            kw["cache"] = "dynamic"
+            ids, images = image_prompt(model, ids, args.image, processor_for(model))
+            kw.update(images, cache="dynamic")
         _emit(" ".join(str(t) for t in ids))
         stream = None if args.no_stream else (lambda tok: _emit(f" {int(tok[0])}"))
         out = llmarch.generate(model, torch.tensor([ids]), streamer=stream, **kw)
-        _emit("\n" if stream else " ".join(str(t) for t in out[0, len(ids):].tolist()) + "\n")
+        _emit("\n" if stream else "".join(f" {t}" for t in out[0, len(ids):].tolist()) + "\n")
         return 0
 
     from llmarch.checkpoint import load_model
@@ -104,8 +104,8 @@ def run(args) -> int:
     if args.image:
         from llmarch.infer.images import image_prompt, processor_for
 
-        ids, kw["pixel_values"] = image_prompt(model, ids, args.image, processor_for(model, path), tok.bos_id)
-        kw["cache"] = "dynamic"  # images enter through the model's forward
+        ids, images = image_prompt(model, ids, args.image, processor_for(model, path), tok.bos_id)
+        kw.update(images, cache="dynamic")  # images enter through the model's forward
     stops = tuple(args.stop)
     stream = None if args.no_stream else TextStream(tok.decode, _emit, stops)
     seq2seq = model.config.kind == "encoder_decoder"

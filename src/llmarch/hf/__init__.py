@@ -5,7 +5,7 @@ from llmarch.hf import big_bird, longformer  # noqa: F401  (registration)
 from llmarch.hf import mixtral, qwen2_moe, switch_transformers  # noqa: F401  (registration)
 from llmarch.hf import qwen3_next  # noqa: F401  (registration; after qwen2_moe, which it extends)
 from llmarch.hf import dpr  # noqa: F401  (registration; after bert, which it extends)
-from llmarch.hf import clip, llava, siglip  # noqa: F401  (registration: vision towers, LLaVA)
+from llmarch.hf import clip, llava, mllama, siglip  # noqa: F401  (registration: vision towers, LLaVA, mllama)
 from llmarch.hf import mamba2  # noqa: F401  (registration)
 from llmarch.hf.base import FAMILIES
 from llmarch.hf.convert import ConversionError

@@ -30,6 +30,16 @@ def prefixed(rules: list[Rule], ours: str, theirs) -> list[Rule]:
     return [dataclasses.replace(r, ours=ours + r.ours, theirs=tuple(theirs(t) for t in r.theirs)) for r in rules]
 
 
+def renamed(tensors: dict, renames) -> dict:
+    """``tensors`` with each name rewritten by the (regex, replacement) pairs of ``renames``, in order."""
+    out = {}
+    for name, t in tensors.items():
+        for pattern, new in renames:
+            name = re.sub(pattern, new, name)
+        out[name] = t
+    return out
+
+
 def text_name(name: str) -> str:
     return "language_model." + name if name.startswith("lm_head") else "language_model.model." + name
 
@@ -93,12 +103,7 @@ class Llava(Family):
         return f"the text model fits no llava text model: {reasons}" if all(reasons) else None
 
     def rename(self, tensors):
-        out = {}
-        for name, t in tensors.items():
-            for pattern, new in RENAMES:
-                name = re.sub(pattern, new, name)
-            out[name] = t
-        return out
+        return renamed(tensors, RENAMES)
 
     def ignore_for(self, cfg):
         text, vision = self.halves(cfg)

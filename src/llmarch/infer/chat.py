@@ -10,7 +10,7 @@ from typing import Callable, TextIO
 import torch
 
 from llmarch.infer.generate import generate
-from llmarch.infer.images import with_image_tokens
+from llmarch.infer.images import model_inputs, with_image_tokens
 from llmarch.tokenizer import encode_prompt
 
 
@@ -65,7 +65,7 @@ class Chat:
         self.stops = (f"\n{user}:",)
         self.history: list[tuple[str, str]] = []
         self.processor = processor  # PIL image -> pixel_values (vision-language models)
-        self.pixel_values: torch.Tensor | None = None  # the image of the conversation ([1, C, H, W])
+        self.images: dict | None = None  # the image of the conversation, encoded (pixel_values [1, C, H, W], ...)
         # a tokenizer with a chat template (tokenizer_config.json, or llmarch's after finetune) formats the turns
         # as the model was tuned on them and ends a reply at its end-of-turn tokens
         self.templated = getattr(tokenizer, "chat_template", None) is not None
@@ -77,10 +77,9 @@ class Chat:
     def add_image(self, path: str) -> None:
         """Attach the image at ``path`` to the conversation (``/image PATH``); its tokens lead the transcript."""
         from llmarch.image_processing import load_image
-        from llmarch.infer.images import processor_for
+        from llmarch.infer.images import encode_images, processor_for
 
-        processor = self.processor or processor_for(self.model)
-        self.pixel_values = processor([load_image(path)])
+        self.images = encode_images(self.processor or processor_for(self.model), [load_image(path)])
 
     def transcript(self, message: str) -> str:
         turns = [self.system + "\n"] if self.system else []
@@ -110,16 +109,17 @@ class Chat:
         empty = encode_prompt(self.tokenizer, "")  # the specials alone: what the rule puts before and after
         head = next((i for i, (a, b) in enumerate(zip(ids, empty)) if a != b), min(len(ids), len(empty)))
         tail = len(empty) - head
-        images = [] if self.pixel_values is None else with_image_tokens([], self.model.config.vision)
+        images = [] if self.images is None else with_image_tokens([], self.model.config.vision)
         room = self.model.config.max_seq_len - self.settings["max_new_tokens"] - len(empty) - len(images)
         body = ids[head:len(ids) - tail]
         return ids[:head] + images + body[max(len(body) - room, 0):] + ids[len(ids) - tail:]
 
     def send(self, message: str, on_text: Callable[[str], None] | None = None) -> str:
-        ids = torch.tensor([self.prompt_ids(message)])
+        prompt = self.prompt_ids(message)
+        ids = torch.tensor([prompt])
         stream = TextStream(self.tokenizer.decode, on_text, self.stops) if on_text else None
-        settings = self.settings if self.pixel_values is None else \
-            dict(self.settings, cache="dynamic", pixel_values=self.pixel_values)
+        settings = self.settings if self.images is None else \
+            dict(self.settings, cache="dynamic", **model_inputs(self.model, prompt, self.images))
         stop_ids = self.stop_ids
         out = generate(self.model, ids, eos_token_id=stop_ids[0] if stop_ids else None,
                        stop_sequences=[[i] for i in stop_ids[1:]], stop_strings=self.stops or None,
@@ -137,7 +137,7 @@ class Chat:
 
     def reset(self) -> None:
         self.history.clear()
-        self.pixel_values = None
+        self.images = None
 
 
 USER_LABEL, MODEL_LABEL = "you> ", "model> "

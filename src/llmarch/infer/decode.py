@@ -132,8 +132,9 @@ def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = Fals
     always use the growing cache of :class:`Seq2SeqEngine`; ``prefill_inputs`` (pixel_values for images, style
     for a conditioned model) the dynamic engine, which hands them to the prefill."""
     if prefill_inputs:
-        for name, field in (("pixel_values", "vision"), ("style", "condition")):
-            if name in prefill_inputs and getattr(model.config, field, None) is None:
+        for name in prefill_inputs:
+            field = "condition" if name == "style" else "vision"
+            if getattr(model.config, field, None) is None:
                 raise ValueError(f"{name}: this model takes none (config.{field} is None)")
         if kind != "dynamic" or compile:
             raise ValueError(f"cache: {sorted(prefill_inputs)} decode with cache='dynamic' (the static engine reads "

@@ -37,11 +37,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
                              mask: torch.Tensor | None = None) -> torch.Tensor:
     """CTRL's penalty (Keskar et al. 2019): logits of tokens already in ``ids`` [B, S] are divided by ``penalty``
-    when positive and multiplied when negative. ``mask`` [B, S] (1 = real token) leaves padding out. [B, V]."""
+    when positive and multiplied when negative. ``mask`` [B, S] (1 = real token) leaves padding out, and ids the
+    head cannot predict (an image token past the vocabulary) are left out too. [B, V]."""
     if penalty == 1.0:
         return logits
     weight = mask.to(logits.dtype) if mask is not None else torch.ones_like(ids, dtype=logits.dtype)
-    seen = torch.zeros_like(logits).scatter_add_(1, ids, weight) > 0  # a padded slot never counts
+    V = logits.shape[-1]
+    weight = weight * (ids < V).to(logits.dtype)
+    seen = torch.zeros_like(logits).scatter_add_(1, ids.clamp(max=V - 1), weight) > 0  # padded slots never count
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 

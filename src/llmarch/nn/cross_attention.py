@@ -34,6 +34,11 @@ class CrossAttention(nn.Module):
         k, v = self.kv(states).view(B, S, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder stream [B, T, D] -> q [B, H, T, Dh]."""
+        B, T, _ = x.shape
+        return self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+
     def forward(self, x: torch.Tensor, ctx, cache=None) -> torch.Tensor:
         memory = ctx.memory
         if memory is None:
@@ -41,7 +46,7 @@ class CrossAttention(nn.Module):
                              "and decoder_input_ids, or pass a cache that holds the encoded memory")
         B, T, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
-        q = self.q(x).view(B, T, H, Dh).transpose(1, 2)  # [B, H, T, Dh]
+        q = self.query(x)  # [B, H, T, Dh]
         if cache is None:
             k, v = self.project_kv(memory.states)
         else:

@@ -5,7 +5,7 @@ that CLIP tower, feature layer -2, class token dropped, GELU MLP projector). Siz
 files; counts are those of transformers' models built from the same files (the towers alone: CLIPVisionModel,
 SiglipVisionModel), matching the 7.06B of the LLaVA card."""
 from llmarch.presets import register
-from llmarch.presets.llama import LLAMA2
+from llmarch.presets.llama import LLAMA2, LLAMA3
 from llmarch.vision_config import VisionConfig
 
 CLIP = dict(class_token=True, pre_norm=True, post_norm="pooled", pool="class_token", patch_bias=False,
@@ -34,3 +34,25 @@ register("llava-tiny", dict(LLAVA_TINY_TEXT, vision=dict(CLIP_TINY, feature_laye
 # the same parts fused by tanh-gated cross-attention in decoder layer 1 (Flamingo-style; no image tokens needed)
 register("llava-tiny-xattn", dict(LLAVA_TINY_TEXT, vision=dict(CLIP_TINY, feature_layer=-2, fusion="cross_attention",
                                                                cross_layers=(1,))))
+
+# Llama 3.2 11B Vision (meta-llama/Llama-3.2-11B-Vision config.json): Llama 3.1 8B text with 8 gated
+# cross-attention blocks in place of layers 3, 8, ..., 38 (40 layers), 8 extra embedding rows (image token
+# 128256); a tiled ViT-H/14 at 560 px (4 tiles, 32 local + 8 gated global blocks, 5 intermediate states ->
+# 7680-wide features) and one linear projector. The count is transformers' MllamaForConditionalGeneration
+# built from that config (10.67B; the card rounds it to 10.6B).
+MLLAMA_TOWER = dict(class_token=True, pre_norm=True, post_norm="local", pool="none", patch_bias=False,
+                    positions="gated_tiles", pad_to=8, attn_bias=False, feature_layer=-1, feature_select="full",
+                    activation="gelu", norm_eps=1e-5, fusion="cross_blocks", projector="linear", extra_token_rows=8)
+register("llama-3.2-11b-vision", dict(
+    LLAMA3, d_model=4096, n_layers=40, n_heads=32, n_kv_heads=8, d_ff=14336, max_seq_len=131072,
+    eos_token_id=128001, pad_token_id=128004,
+    rope=dict(theta=500000.0, scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+              original_max_seq_len=8192),
+    vision=dict(MLLAMA_TOWER, image_size=560, patch_size=14, d_model=1280, n_layers=32, n_heads=16, d_ff=5120,
+                max_num_tiles=4, global_layers=8, intermediate_layers=(4, 8, 16, 24, 31), image_token_id=128256,
+                cross_layers=(3, 8, 13, 18, 23, 28, 33, 38))), 10_670_220_835)
+# tiny: 2 tiles of 28 px (4 x 4 patches of 7 + class token, padded 17 -> 24), cross-attention block in layer 1
+register("mllama-tiny", dict(LLAVA_TINY_TEXT, n_layers=3, norm_eps=1e-5, rope=dict(theta=500000.0), bos_token_id=1,
+                             vision=dict(MLLAMA_TOWER, image_size=28, patch_size=7, d_model=32, n_layers=3, n_heads=4,
+                                         d_ff=64, max_num_tiles=2, global_layers=2, intermediate_layers=(1, 3),
+                                         image_token_id=256, cross_layers=(1,))))

@@ -68,6 +68,10 @@ def evaluate(model, tok, pairs, pixels: torch.Tensor, batch: int) -> tuple[float
 
 def train_image_text(model_cfg: ModelConfig, tc: TrainConfig) -> TrainResult:
     """Train ``model_cfg`` (with ``vision``) on the image-text source ``tc.images``."""
+    if model_cfg.vision.positions != "learned":
+        raise ValueError(f"vision.positions: --images trains towers that read one image ('learned'); "
+                         f"{model_cfg.vision.positions!r} (tiles, Llama 3.2 Vision) is not wired into this loop; "
+                         "train llava-tiny or llava-tiny-xattn")
     out = Path(tc.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)

@@ -17,6 +17,10 @@ from llmarch.nn.cross_attention import CrossAttention
 from llmarch.registry import Registry
 
 
+PROJECTORS: Registry[type[nn.Module]] = Registry("vision.projector")
+
+
+@PROJECTORS.register("mlp")
 class Projector(nn.Module):
     """features [B, N, Dv] -> [B, N, D]: proj_out(act(proj_in(x)))."""
 
@@ -29,6 +33,18 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_out(self.act(self.proj_in(x)))
+
+
+@PROJECTORS.register("linear")
+class LinearProjector(nn.Module):
+    """features [B, N, Dv] -> [B, N, D]: proj_in(x), one linear map (Llama 3.2 Vision)."""
+
+    def __init__(self, d_in: int, d_model: int, activation: str, bias: bool = True):
+        super().__init__()
+        self.proj_in = nn.Linear(d_in, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_in(x)
 
 
 class GatedCrossAttention(CrossAttention):
@@ -68,6 +84,27 @@ class Fusion:
         return None
 
     @staticmethod
+    def text_tokens(vision) -> int:
+        """Image tokens a prompt holds per image (0: the image stays out of the token stream)."""
+        return 0
+
+    @staticmethod
+    def block_for(cfg):
+        """Builder of decoder blocks that replace the plain ones on a schedule (None: none)."""
+        return None
+
+    @staticmethod
+    def memory(features: torch.Tensor, cfg) -> CrossMemory:
+        """What the cross-attention reads: features [n_images, N, D] as one memory (one image per row)."""
+        return CrossMemory(features)
+
+    @staticmethod
+    def select_rows(memory, cross_attention_mask, past: int, T: int) -> None:
+        """Which image tokens each text token sees (only fusions with a per-token mask take one)."""
+        if cross_attention_mask is not None:
+            raise ValueError("cross_attention_mask: only vision.fusion='cross_blocks' reads one")
+
+    @staticmethod
     def place(x: torch.Tensor, input_ids: torch.Tensor, memory, image_token_id: int | None) -> torch.Tensor:
         """The decoder input [B, T, D] with the features placed (identity by default)."""
         return x
@@ -76,6 +113,10 @@ class Fusion:
 @FUSIONS.register("projector")
 class ProjectorFusion(Fusion):
     """Image token slots take the features, image after image in reading order (as transformers' LLaVA does)."""
+
+    @staticmethod
+    def text_tokens(vision) -> int:
+        return vision.image_tokens
 
     @staticmethod
     def place(x, input_ids, memory, image_token_id):
@@ -115,11 +156,11 @@ class CrossAttentionFusion(Fusion):
         return lambda i: cross_attention_for(cfg, i, GatedCrossAttention) if i in layers else None
 
 
-def memory_of(features: torch.Tensor | None, cache) -> CrossMemory | None:
-    """The image memory of one forward: new features (stored in an EncoderDecoderCache for later steps) or the
-    ones a cache already holds."""
+def memory_of(features: torch.Tensor | None, cache, make=CrossMemory) -> CrossMemory | None:
+    """The image memory of one forward: new features (``make(features)``, stored in an EncoderDecoderCache for
+    later steps) or the ones a cache already holds."""
     if features is not None:
-        memory = CrossMemory(features)
+        memory = make(features)
         if isinstance(cache, EncoderDecoderCache):
             cache.memory = memory
         return memory

@@ -6,6 +6,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmarch.registry import Registry
+
+# the ``vision.positions`` value -> a builder of the patch embedding from a VisionConfig. Every entry maps
+# pixel_values (+ aspect-ratio ids) to per-tile tokens [n, tiles, N, D] through ``tokens``.
+PATCH_EMBEDDINGS: Registry = Registry("vision.positions")
+
 
 class PatchEmbedding(nn.Module):
     """pixel_values [B, C, H, W] -> [B, N, D] with N = (H/P)(W/P) (+ 1 class token first).
@@ -37,6 +43,10 @@ class PatchEmbedding(nn.Module):
             x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)
         return x + self.table(H // P, W // P, square=H == W)
 
+    def tokens(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One tile per image: [B, C, H, W] -> [B, 1, N, D] (aspect-ratio ids are not read)."""
+        return self(pixel_values)[:, None]
+
     def table(self, h: int, w: int, square: bool = True) -> torch.Tensor:
         """Positions for an h x w patch grid: [h*w (+ 1), D]; the stored table unless the grid differs."""
         if h * w == self.grid ** 2 and square:
@@ -46,3 +56,8 @@ class PatchEmbedding(nn.Module):
         grid = self.positions[lead:].reshape(1, self.grid, self.grid, D).permute(0, 3, 1, 2)  # [1, D, g, g]
         grid = nn.functional.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
         return torch.cat([self.positions[:lead], grid.permute(0, 2, 3, 1).reshape(h * w, D)], dim=0)
+
+
+@PATCH_EMBEDDINGS.register("learned")
+def learned_patches(cfg) -> PatchEmbedding:
+    return PatchEmbedding(cfg.channels, cfg.d_model, cfg.patch_size, cfg.grid, cfg.class_token, cfg.patch_bias)

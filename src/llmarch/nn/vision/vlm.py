@@ -1,21 +1,25 @@
 """A decoder that reads images: the text Model plus a vision tower (``vision``), the projector into the text width
 (``projector``) and the fusion named by ``vision.fusion`` (LLaVA, Liu et al. 2023; gated cross-attention,
-Alayrac et al. 2022). Without pixel_values it is exactly its text model."""
+Alayrac et al. 2022; gated cross-attention blocks over tiles, Llama 3.2 Vision). Without pixel_values it is
+exactly its text model."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from llmarch.config import ModelConfig
 from llmarch.model import Model, ModelOutput
 from llmarch.nn.cache import KVCache
-from llmarch.nn.vision.fusion import FUSIONS, Projector, memory_of
+from llmarch.nn.vision.fusion import FUSIONS, PROJECTORS, memory_of
 from llmarch.nn.vision.tower import VisionTower
 
 
 class VisionLanguageModel(Model):
     """``model(input_ids, pixel_values=...)``: pixel_values [n_images, C, H, W] (projector fusion: one image per
     run of ``vision.image_tokens`` image tokens in input_ids, in reading order; cross_attention: one image per
-    row). Image features are computed once per call; a cached decode step needs no pixel_values."""
+    row). Tiled towers take pixel_values [B, images, tiles, C, H, W] with aspect_ratio_ids [B, images] and
+    aspect_ratio_mask [B, images, tiles]; ``cross_blocks`` also cross_attention_mask [B, T, images, tiles].
+    Image features are computed once per call; a cached decode step needs no pixel_values."""
 
     def __init__(self, cfg: ModelConfig):
         if cfg.vision is None:
@@ -24,35 +28,55 @@ class VisionLanguageModel(Model):
         super().__init__(cfg)
         v = cfg.vision
         self.vision = VisionTower(v)
-        self.projector = Projector(v.d_model, cfg.d_model, v.projector_activation, v.projector_bias)
+        self.projector = PROJECTORS[v.projector](v.feature_dim, cfg.d_model, v.projector_activation,
+                                                 v.projector_bias)
         self.feature_norm = self.fusion.feature_norm(cfg)
+        if v.extra_token_rows:  # ids past the head's vocabulary (an image token) still embed
+            self.embed.tokens = nn.Embedding(cfg.input_vocab_size, cfg.d_model)
 
     def decoder_cross(self, cfg: ModelConfig):
         return self.fusion.cross_for(cfg)
 
+    def decoder_blocks(self, cfg: ModelConfig):
+        return self.fusion.block_for(cfg)
+
     def new_cache(self) -> KVCache:
         return self.fusion.cache()
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n_images, C, H, W] -> projected features [n_images, N, D]."""
-        return self.feature_norm(self.projector(self.vision.features(pixel_values)))
+    def image_features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
+                       aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """pixel_values [n_images, C, H, W] (tiled: [B, images, tiles, C, H, W]) -> projected features
+        [n_images, N, D] (tiled: [B, images x tiles x N, D], each row's images in order)."""
+        dtype = self.projector.proj_in.weight.dtype
+        if pixel_values.dim() == 6:
+            B, n = pixel_values.shape[:2]
+            if aspect_ratio_mask is not None:
+                aspect_ratio_mask = aspect_ratio_mask.reshape(B * n, -1)
+            feats = self.vision.features(pixel_values.flatten(0, 1).to(dtype), aspect_ratio_ids, aspect_ratio_mask)
+            return self.feature_norm(self.projector(feats)).reshape(B, -1, self.config.d_model)
+        feats = self.vision.features(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
+        return self.feature_norm(self.projector(feats))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, use_cache: bool = False, *,
                 pixel_values: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                **kwargs) -> ModelOutput:
-        """As :meth:`Model.forward`, plus ``pixel_values``."""
+                aspect_ratio_ids: torch.Tensor | None = None, aspect_ratio_mask: torch.Tensor | None = None,
+                cross_attention_mask: torch.Tensor | None = None, **kwargs) -> ModelOutput:
+        """As :meth:`Model.forward`, plus ``pixel_values`` (and for tiled towers ``aspect_ratio_ids`` /
+        ``aspect_ratio_mask``; for ``cross_blocks`` a ``cross_attention_mask``)."""
         if kwargs.get("decoder_input_ids") is not None:
             raise ValueError("decoder_input_ids: a vision-language decoder takes input_ids and pixel_values")
         features = None
         if pixel_values is not None:
-            features = self.image_features(pixel_values.to(self.projector.proj_in.weight.dtype))
+            features = self.image_features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
             if self.config.vision.fusion != "projector" and features.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"pixel_values: {features.shape[0]} images for {input_ids.shape[0]} rows; "
                                  f"fusion {self.config.vision.fusion!r} takes one image per row")
         if cache is None and use_cache:
             cache = self.new_cache()
-        memory = memory_of(features, cache)
+        memory = memory_of(features, cache, lambda f: self.fusion.memory(f, self.config))
+        self.fusion.select_rows(memory, cross_attention_mask, cache.length if cache is not None else 0,
+                                input_ids.shape[1])
         if features is None and memory is None and self.config.vision.fusion == "projector":
             self.check_no_image_tokens(input_ids, cache)
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, memory,
