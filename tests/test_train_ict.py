@@ -19,13 +19,21 @@ class Tok:
 def test_pairs_split_each_passage_into_question_and_context():
     chunk = torch.arange(100, 132).view(2, 16)
     ids, mask = ict_pairs(chunk, 4, cls_id=5, pad_id=0, generator=torch.Generator().manual_seed(0))
-    assert ids.shape == (4, 13) and (ids[:, 0] == 5).all()
+    assert ids.shape == (4, 17) and (ids[:, 0] == 5).all()
     for b in range(2):
-        q, c = ids[b, 1:5].tolist(), ids[2 + b, 1:].tolist()
+        q, c = ids[b, 1:5].tolist(), ids[2 + b, 1:13].tolist()
         assert mask[b].sum() == 5 and mask[2 + b].sum() == 13
         whole = chunk[b].tolist()
         s = whole.index(q[0])
         assert whole[s:s + 4] == q and whole[:s] + whole[s + 4:] == c
+
+
+def test_kept_passages_hold_their_span():
+    chunk = torch.arange(100, 132).view(2, 16)
+    ids, mask = ict_pairs(chunk, 4, cls_id=5, pad_id=0, generator=torch.Generator().manual_seed(0), keep_fraction=1.0)
+    assert torch.equal(ids[2:, 1:], chunk) and (mask[2:] == 1).all()
+    ids, _ = ict_pairs(chunk, 4, cls_id=5, pad_id=0, generator=torch.Generator().manual_seed(0), keep_fraction=0.0)
+    assert (ids[2:, -4:] == 0).all()  # spans cut out: the context rows end in padding
 
 
 def test_ict_loss_is_in_batch_negatives():
