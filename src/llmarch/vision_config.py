@@ -31,8 +31,9 @@ class VisionConfig:
 
     Fusion fields (used when this is a ``ModelConfig.vision``): ``feature_layer`` indexes the tower's hidden
     states (0 = embeddings, L = last block, negative from the end); ``feature_select`` default | full;
-    ``fusion`` projector | cross_attention; ``image_token_id`` marks the text slots the projected features fill;
-    ``cross_layers`` are the decoder layers that get gated cross-attention (fusion cross_attention)."""
+    ``fusion`` projector | cross_attention | joint; ``image_token_id`` marks the text slots the projected features
+    fill; ``cross_layers`` are the decoder layers that get gated cross-attention (fusion cross_attention) or that
+    run over [image; text] (fusion joint)."""
 
     kind: ClassVar[str] = "vision"  # what `llmarch presets` lists (text configs: decoder / encoder / ...)
 
@@ -58,7 +59,7 @@ class VisionConfig:
     projector_activation: str = "gelu"
     projector_bias: bool = True
     image_token_id: int | None = None
-    cross_layers: tuple[int, ...] = ()
+    cross_layers: tuple[int, ...] = ()  # cross_attention / joint: the decoder layers that read the image
 
     def __post_init__(self) -> None:
         if isinstance(self.cross_layers, (list, str, int)):  # [1, 3], "1,3" or 3
@@ -133,6 +134,8 @@ class VisionConfig:
             self.validate_fusion(model)
 
     def validate_fusion(self, model: "ModelConfig") -> None:
+        from llmarch.nn.vision import FUSIONS
+
         if model.kind != "decoder":
             _fail("vision", f"image fusion needs kind='decoder' (kind is {model.kind!r}); set vision=None")
         if model.retrieval is not None:
@@ -143,13 +146,14 @@ class VisionConfig:
                       f"an id in [0, {model.vocab_size}), got {self.image_token_id!r}")
         else:
             if not self.cross_layers:
-                _fail("vision.cross_layers", "cross_attention fusion needs decoder layer indices, e.g. (1, 3)")
+                _fail("vision.cross_layers", f"{self.fusion} fusion needs decoder layer indices, e.g. (1, 3)")
             bad = [i for i in self.cross_layers if not 0 <= i < model.n_layers]
             if bad or len(set(self.cross_layers)) != len(self.cross_layers):
                 _fail("vision.cross_layers", f"needs distinct layers in [0, {model.n_layers}), "
                       f"got {self.cross_layers}")
-            if model.norm_placement != "pre":
+            if self.fusion == "cross_attention" and model.norm_placement != "pre":
                 _fail("vision", "gated cross-attention is wired pre-norm; set norm_placement='pre'")
+        FUSIONS[self.fusion].check(self, model)
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses

@@ -56,6 +56,17 @@ class Fusion:
     """Where projected image features [n_images, N, D] enter the decoder."""
 
     cache: type[KVCache] = KVCache
+    per_row = False  # one image per row of input_ids (else images fill image-token slots)
+
+    @staticmethod
+    def check(v, model) -> None:
+        """Fusion-specific config checks (``v`` the VisionConfig, ``model`` its ModelConfig)."""
+
+    @staticmethod
+    def enter(model, features, cache, attention_mask):
+        """Before the decoder runs: (cache, the memory its layers read, attention_mask). By default the features
+        are the memory (kept in an EncoderDecoderCache for later steps)."""
+        return cache, memory_of(features, cache), attention_mask
 
     @staticmethod
     def feature_norm(cfg) -> nn.Module:
@@ -97,6 +108,7 @@ class CrossAttentionFusion(Fusion):
     row: features [B, N, D]) and their k/v are projected once into the cache."""
 
     cache = EncoderDecoderCache
+    per_row = True
 
     @staticmethod
     def feature_norm(cfg) -> nn.Module:

@@ -8,14 +8,14 @@ import torch
 from llmarch.config import ModelConfig
 from llmarch.model import Model, ModelOutput
 from llmarch.nn.cache import KVCache
-from llmarch.nn.vision.fusion import FUSIONS, Projector, memory_of
+from llmarch.nn.vision.fusion import FUSIONS, Projector
 from llmarch.nn.vision.tower import VisionTower
 
 
 class VisionLanguageModel(Model):
     """``model(input_ids, pixel_values=...)``: pixel_values [n_images, C, H, W] (projector fusion: one image per
-    run of ``vision.image_tokens`` image tokens in input_ids, in reading order; cross_attention: one image per
-    row). Image features are computed once per call; a cached decode step needs no pixel_values."""
+    run of ``vision.image_tokens`` image tokens in input_ids, in reading order; cross_attention and joint: one
+    image per row). Image features are computed once per call; a cached decode step needs no pixel_values."""
 
     def __init__(self, cfg: ModelConfig):
         if cfg.vision is None:
@@ -47,17 +47,18 @@ class VisionLanguageModel(Model):
         features = None
         if pixel_values is not None:
             features = self.image_features(pixel_values.to(self.projector.proj_in.weight.dtype))
-            if self.config.vision.fusion != "projector" and features.shape[0] != input_ids.shape[0]:
+            if self.fusion.per_row and features.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"pixel_values: {features.shape[0]} images for {input_ids.shape[0]} rows; "
                                  f"fusion {self.config.vision.fusion!r} takes one image per row")
         if cache is None and use_cache:
             cache = self.new_cache()
-        memory = memory_of(features, cache)
-        if features is None and memory is None and self.config.vision.fusion == "projector":
+        private = cache is None  # a fusion may need a cache of its own for this call (joint: the image prefix)
+        cache, memory, attention_mask = self.fusion.enter(self, features, cache, attention_mask)
+        if features is None and memory is None and not self.fusion.per_row:
             self.check_no_image_tokens(input_ids, cache)
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, memory,
                       kwargs.get("global_attention_mask"))
-        return self._output(h, cache)
+        return self._output(h, None if private else cache)
 
     def check_no_image_tokens(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
         if cache is None or cache.length == 0:
