@@ -132,7 +132,7 @@ def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = Fals
     always use the growing cache of :class:`Seq2SeqEngine`; ``prefill_inputs`` (pixel_values for images, style
     for a conditioned model) the dynamic engine, which hands them to the prefill."""
     if prefill_inputs:
-        for name, field in (("pixel_values", "vision"), ("style", "condition")):
+        for name, field in (("pixel_values", "vision"), ("style", "condition"), ("instruction", "condition")):
             if name in prefill_inputs and getattr(model.config, field, None) is None:
                 raise ValueError(f"{name}: this model takes none (config.{field} is None)")
         if kind != "dynamic" or compile:

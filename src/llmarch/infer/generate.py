@@ -80,7 +80,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
              decode: Callable[[list[int]], str] | None = None, cache: str = "dynamic", compile: bool = False,
              compile_mode: str | None = None, streamer: Callable[[torch.Tensor], None] | None = None,
              decoder_start_token_id: int | None = None, pixel_values: torch.Tensor | None = None,
-             style: torch.Tensor | int | None = None) -> torch.Tensor:
+             style: torch.Tensor | int | None = None, instruction: torch.Tensor | None = None) -> torch.Tensor:
     """Extend ``input_ids`` [B, T] (left-padded when rows differ in length; pass ``attention_mask``) by up to
     ``max_new_tokens``. Returns [B, T + n]. A finished row (eos, a stop sequence or stop string) is filled with
     ``pad_token_id`` (default: the eos id, else 0) until all rows finish. Greedy when ``temperature == 0``;
@@ -94,7 +94,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
 
     Vision-language models take ``pixel_values`` [n_images, C, H, W]: the prefill reads them once (the image
     features enter the cache), the steps need only the new tokens. Conditioned models take ``style`` (ids [B] or
-    one id), kept in the cache for the steps."""
+    one id) and/or ``instruction`` (token ids [B, S]; pad_token_id marks padding), their condition kept in the
+    cache for the steps."""
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     decode_layout(model)  # wide weights column-major: same values, ~2x faster matrix-vector products (idempotent)
     input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
@@ -110,7 +111,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     slots = min(slots, limit) if limit is not None else slots
     engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
                          compile_mode, decoder_start_token_id,
-                         {k: v for k, v in (("pixel_values", pixel_values), ("style", style)) if v is not None})
+                         {k: v for k, v in (("pixel_values", pixel_values), ("style", style), ("instruction", instruction))
+                          if v is not None})
     return run_engine(model, engine, input_ids, attention_mask, max_new_tokens, sampling, stopper, fill,
                       generator, streamer)
 
