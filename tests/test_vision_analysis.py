@@ -79,3 +79,25 @@ def test_analyze_and_the_cli_report_the_image_side(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("image side"))
     assert "projector" in row and "cross_attention" in row and "-" in row
+
+
+@pytest.mark.parametrize("name,target", [("llava-tiny", "emb"), ("llava-tiny-xattn", "cross"),
+                                         ("llava-tiny-joint", "attn")])
+def test_diagram_draws_the_tower_and_projector_beside_the_decoder(name, target):
+    from llmarch.analysis.diagram import architecture, to_mermaid
+    from llmarch.analysis.draw import SIDE_W, render
+
+    cfg = llmarch.preset(name)
+    d = architecture(cfg, name)
+    by_id = {n.id: n for n in d.nodes}
+    assert by_id["vision_tower"].beside == "ids" and by_id["projector"].beside == "emb"
+    assert ("vision_tower", "projector") in d.edges and ("projector", target) in d.edges
+    assert "N=16 features per image" in by_id["vision_tower"].label
+    assert ("cross" in by_id) == (cfg.vision.fusion == "cross_attention")
+    assert ("keys [N=16 image; text]" in by_id["attn"].label) == (cfg.vision.fusion == "joint")
+    assert "projector -->" in to_mermaid(d)
+    fig = render(d, "subtitle")
+    fig.canvas.draw()
+    side = {by_id["vision_tower"].label, by_id["projector"].label}
+    widths = [t.get_window_extent().width for t in fig.axes[0].texts if t.get_text() in side]
+    assert len(widths) == 2 and max(widths) <= SIDE_W * fig.dpi  # the labels fit their boxes
