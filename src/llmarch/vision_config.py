@@ -30,7 +30,8 @@ class VisionConfig:
     LayerNorm (``post_norm``) and a pooling head (``pool``: class_token | attention | none).
 
     Fusion fields (used when this is a ``ModelConfig.vision``): ``feature_layer`` indexes the tower's hidden
-    states (0 = embeddings, L = last block, negative from the end); ``feature_select`` default | full;
+    states (0 = embeddings, L = last block, negative from the end), or ``feature_layers`` several of them,
+    concatenated on the feature axis; ``feature_select`` default | full;
     ``fusion`` projector | cross_attention | joint; ``image_token_id`` marks the text slots the projected features
     fill; ``cross_layers`` are the decoder layers that get gated cross-attention (fusion cross_attention) or that
     run over [image; text] (fusion joint)."""
@@ -54,6 +55,7 @@ class VisionConfig:
     init_std: float = 0.02  # normal init of a tower built alone (inside a ModelConfig the model's init_std)
     # --- fusion into a language model ----------------------------------------------------------------------
     feature_layer: int = -2
+    feature_layers: tuple[int, ...] = ()  # several hidden states concatenated on the feature axis (overrides the one)
     feature_select: str = "default"
     fusion: str = "projector"  # registry nn.vision.FUSIONS
     projector_activation: str = "gelu"
@@ -87,9 +89,20 @@ class VisionConfig:
         return self.n_positions - int(drop)
 
     @property
+    def selected_layers(self) -> tuple[int, ...]:
+        """The hidden states a language model reads, as non-negative indices (0 = embeddings): ``feature_layers``
+        when given (transformers' list-valued ``vision_feature_layer``), else ``feature_layer``."""
+        return tuple(i % (self.n_layers + 1) for i in (self.feature_layers or (self.feature_layer,)))
+
+    @property
     def feature_depth(self) -> int:
-        """How many blocks run to reach ``feature_layer`` (hidden state 0 is the embeddings)."""
-        return self.feature_layer % (self.n_layers + 1)
+        """How many blocks run to reach the deepest selected hidden state."""
+        return max(self.selected_layers)
+
+    @property
+    def feature_width(self) -> int:
+        """Dv of the features the projector reads: the tower width times the number of selected hidden states."""
+        return self.d_model * len(self.selected_layers)
 
     def encoder_config(self) -> "ModelConfig":
         """The tower's blocks as an encoder ModelConfig (pre-norm LayerNorm, MLP, biases, no positions: the patch
@@ -127,9 +140,11 @@ class VisionConfig:
             _fail("vision.post_norm", "'pooled' needs a pooling head; use post_norm='all' or 'none'")
         if self.pool == "class_token" and not self.class_token:
             _fail("vision.pool", "'class_token' needs class_token=True; use pool='attention' or 'none'")
-        if not -(self.n_layers + 1) <= self.feature_layer <= self.n_layers:
-            _fail("vision.feature_layer", f"{self.feature_layer} is outside the hidden states "
-                  f"[-{self.n_layers + 1}, {self.n_layers}] (0 = embeddings)")
+        for name, layers in (("feature_layer", (self.feature_layer,)), ("feature_layers", self.feature_layers)):
+            bad = [i for i in layers if not -(self.n_layers + 1) <= i <= self.n_layers]
+            if bad:
+                _fail(f"vision.{name}", f"{bad[0]} is outside the hidden states [-{self.n_layers + 1}, "
+                      f"{self.n_layers}] (0 = embeddings)")
         if model is not None:
             self.validate_fusion(model)
 
@@ -160,6 +175,7 @@ class VisionConfig:
 
         d = dataclasses.asdict(self)
         d["cross_layers"] = list(self.cross_layers)
+        d["feature_layers"] = list(self.feature_layers)
         return d
 
     @classmethod

@@ -9,12 +9,16 @@ def _layers(v) -> str:
     return ",".join(map(str, v.cross_layers))
 
 
+def layers_read(v) -> str:
+    return "+".join(map(str, v.feature_layers)) + " concatenated" if v.feature_layers else str(v.feature_layer)
+
+
 def tower_label(v) -> str:
     extra = " + class token" if v.class_token else ""
     return "\n".join([f"ViT tower: pixel_values [n, {v.channels}, {v.image_size}, {v.image_size}]",
                       f"{v.patch_size}x{v.patch_size} patch conv{extra}, {v.n_positions} positions",
                       f"{v.n_layers} x encoder block D={v.d_model} H={v.n_heads} F={v.d_ff}",
-                      f"reads hidden state {v.feature_layer} ({v.feature_select})",
+                      f"reads hidden state {layers_read(v)} ({v.feature_select})",
                       f"-> N={v.image_tokens} features per image"])
 
 
@@ -23,7 +27,7 @@ def projector_label(cfg) -> str:
     into = {"projector": f"-> the image-token slots (id {v.image_token_id})",
             "cross_attention": f"-> normed: k/v of gated cross-attn ({_layers(v)})",
             "joint": f"-> image prefix of the text in layers {_layers(v)}"}.get(v.fusion, v.fusion)
-    return "\n".join([f"projector: Linear {v.d_model}->{cfg.d_model}, {v.projector_activation},",
+    return "\n".join([f"projector: Linear {v.feature_width}->{cfg.d_model}, {v.projector_activation},",
                       f"Linear {cfg.d_model}->{cfg.d_model}", into])
 
 

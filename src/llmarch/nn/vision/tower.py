@@ -24,7 +24,7 @@ class VisionOutput:
 
 class VisionTower(nn.Module):
     """pixel_values [B, C, H, W] -> :class:`VisionOutput`; :meth:`features` gives the states a language model
-    reads ([B, N', D], ``feature_layer`` / ``feature_select``)."""
+    reads ([B, N', D * selected layers], ``feature_layer(s)`` / ``feature_select``)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -66,8 +66,9 @@ class VisionTower(nn.Module):
         return VisionOutput(last, pooled, states)
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Hidden state ``feature_layer`` (only the blocks it needs run); ``default`` drops the class token.
-        [B, C, H, W] -> [B, N', D]."""
+        """The selected hidden state(s) (``feature_layer``, or ``feature_layers`` concatenated on the feature axis;
+        only the blocks they need run); ``default`` drops the class token. [B, C, H, W] -> [B, N', D * layers]."""
         cfg = self.config
-        h = self.hidden_states(pixel_values, cfg.feature_depth)[-1]
+        states = self.hidden_states(pixel_values, cfg.feature_depth)
+        h = torch.cat([states[i] for i in cfg.selected_layers], dim=-1)
         return h[:, 1:] if cfg.class_token and cfg.feature_select == "default" else h
