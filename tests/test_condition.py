@@ -79,6 +79,19 @@ def test_generate_style_from_the_cli(capsys):
     assert outs[0] == outs[1] != outs[2]
 
 
+def test_generate_instruction_from_the_cli(capsys):
+    from llmarch.cli import main
+
+    outs = []
+    for inst in ("5 6", "5 6", "9 10 11"):
+        assert main(["generate", "--preset", "llama-tiny-instruct", "--prompt", "5 6 7", "--instruction", inst,
+                     "--max-new-tokens", "4", "--temperature", "0", "--no-stream"]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]  # (a fresh fusion layer is the identity: instructions act once it trains)
+    assert main(["generate", "--preset", "llama-tiny-instruct", "--prompt", "5", "--instruction", " "]) != 0
+    assert "--instruction: the instruction is empty" in capsys.readouterr().err
+
+
 def test_hf_save_refuses_a_conditioned_model(tmp_path):
     model = llmarch.build(llmarch.preset("llama-tiny-style"))
     with pytest.raises(ValueError, match="condition"):
