@@ -100,7 +100,7 @@ class VisionConfig:
         return max(self.selected_layers)
 
     @property
-    def feature_width(self) -> int:
+    def feature_dim(self) -> int:
         """Dv of the features the projector reads: the tower width times the number of selected hidden states."""
         return self.d_model * len(self.selected_layers)
 

@@ -27,7 +27,7 @@ def projector_label(cfg) -> str:
     into = {"projector": f"-> the image-token slots (id {v.image_token_id})",
             "cross_attention": f"-> normed: k/v of gated cross-attn ({_layers(v)})",
             "joint": f"-> image prefix of the text in layers {_layers(v)}"}.get(v.fusion, v.fusion)
-    return "\n".join([f"projector: Linear {v.feature_width}->{cfg.d_model}, {v.projector_activation},",
+    return "\n".join([f"projector: Linear {v.feature_dim}->{cfg.d_model}, {v.projector_activation},",
                       f"Linear {cfg.d_model}->{cfg.d_model}", into])
 
 

@@ -24,7 +24,7 @@ def fusion_params(cfg) -> dict[str, int]:
     """The image side of a ModelConfig with ``vision``: tower, projector, gated cross-attention layers."""
     v, D = cfg.vision, cfg.d_model
     H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
-    projector = v.feature_width * D + D * D + (2 * D if v.projector_bias else 0)
+    projector = v.feature_dim * D + D * D + (2 * D if v.projector_bias else 0)
     cross = 0
     if v.fusion == "cross_attention":
         one = D * H * Dh + 2 * D * G * Dh + H * Dh * D + (H * Dh + 2 * G * Dh if cfg.qkv_bias else 0)
@@ -56,7 +56,7 @@ def image_flops(cfg, images: int = 1) -> dict[str, int]:
     v = cfg.vision
     n = v.image_tokens
     return {"vision": tower_flops(v, images, v.feature_depth),
-            "projector": images * 2 * n * (v.feature_width * cfg.d_model + cfg.d_model * cfg.d_model),
+            "projector": images * 2 * n * (v.feature_dim * cfg.d_model + cfg.d_model * cfg.d_model),
             "image_layers": images * 2 * image_layer_macs(cfg)}
 
 

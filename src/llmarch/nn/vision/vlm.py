@@ -24,7 +24,7 @@ class VisionLanguageModel(Model):
         super().__init__(cfg)
         v = cfg.vision
         self.vision = VisionTower(v)
-        self.projector = Projector(v.feature_width, cfg.d_model, v.projector_activation, v.projector_bias)
+        self.projector = Projector(v.feature_dim, cfg.d_model, v.projector_activation, v.projector_bias)
         self.feature_norm = self.fusion.feature_norm(cfg)
 
     def decoder_cross(self, cfg: ModelConfig):
