@@ -24,7 +24,9 @@ from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
 @dataclass
 class Flops:
     """Forward FLOPs of one step (B sequences of T tokens; an encoder-decoder runs B×T source and B×T' target
-    tokens), by part. ``cross_attention`` (q/kv/o and its scores) is already inside ``linear``/``attention``;
+    tokens), by part. ``cross_attention`` (q/kv/o and its scores; for a vision-language model the text tokens'
+    work on their image: gated cross-attention q/o and scores, joint layers' image keys) is already inside
+    ``linear``/``attention``;
     ``by_stack`` splits linear + attention between encoder and decoder."""
 
     linear: int
@@ -110,6 +112,13 @@ def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = No
             useful = None if useful is None else useful + x_att
         linear, attention = linear + lin, attention + att
         by_stack[st.name] = lin + att
+    if getattr(cfg, "vision", None) is not None:  # text tokens reading their row's image (cross / joint layers)
+        from llmarch.analysis.vision import text_image_macs
+
+        x_lin, x_att = (2 * B * lengths["decoder"] * m for m in text_image_macs(cfg))
+        linear, attention, cross = linear + x_lin, attention + x_att, cross + x_lin + x_att
+        useful = None if useful is None else useful + x_att
+        by_stack["decoder"] += x_lin + x_att
     per_token, per_seq = head_cost(cfg).macs(cfg)
     T_out = lengths["decoder" if cfg.kind != "encoder" else "encoder"]
     head = 2 * B * (T_out * per_token + per_seq)
@@ -130,6 +139,10 @@ def decode_flops_per_token(cfg, context: int) -> int | None:
         macs += mixer_cost(cfg, i).decode_macs(cfg, cached_keys(cfg, i, context)) + ffn_macs_per_token(cfg, i)
         if dec.cross:
             macs += CrossAttentionCost.target_macs(cfg) + context * CrossAttentionCost.pair_macs(cfg)
+    if getattr(cfg, "vision", None) is not None:
+        from llmarch.analysis.vision import text_image_macs
+
+        macs += sum(text_image_macs(cfg))
     return 2 * macs + 2 * head_cost(cfg).macs(cfg)[0]
 
 
