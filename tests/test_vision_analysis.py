@@ -1,6 +1,6 @@
-"""The image side in the analysis: FLOPs of a vision-language forward (text stack with its cross-attention or joint
-layers, plus tower, projector and fusion layers per image) equal torch's FlopCounterMode on the real module for
-every fusion; hand-computed counts for llava-tiny-xattn; analyze() / inspect / compare report the image parts."""
+"""The image side in the analysis: FLOPs of a vision-language forward (text stack with its cross-attention, cross
+block or joint layers, plus tower, projector and fusion layers per image) equal torch's FlopCounterMode on the real
+module for every fusion; hand-computed counts for llava-tiny-xattn, mllama-tiny and llava-tiny-joint; analyze() / inspect / compare report the image parts."""
 import json
 
 import pytest
@@ -9,10 +9,21 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import llmarch
 from llmarch.analysis import analyze, forward_flops
+from llmarch.analysis.flops import decode_flops_per_token
 from llmarch.analysis.vision import image_flops, image_summary
 from llmarch.nn.kernels import KERNELS
 
-FUSION_PRESETS = ["llava-tiny", "llava-tiny-xattn", "llava-tiny-joint"]
+FUSION_PRESETS = ["llava-tiny", "llava-tiny-xattn", "llava-tiny-joint", "mllama-tiny"]
+
+
+def image_inputs(v, B: int) -> dict:
+    """One image per row: [B, C, H, W], or for a tiled tower [B, 1 image, tiles, C, H, W] with every tile real."""
+    if v.positions != "gated_tiles":
+        return {"pixel_values": torch.randn(B, 3, v.image_size, v.image_size)}
+    tiles = v.max_num_tiles
+    return {"pixel_values": torch.randn(B, 1, tiles, 3, v.image_size, v.image_size),
+            "aspect_ratio_ids": torch.full((B, 1), tiles),  # id t: the (1, t) canvas when t <= 2
+            "aspect_ratio_mask": torch.ones(B, 1, tiles, dtype=torch.long)}
 
 
 @pytest.mark.parametrize("name", FUSION_PRESETS)
@@ -27,9 +38,8 @@ def test_text_and_image_flops_equal_the_flop_counter(name):
     ids = torch.randint(0, 200, (B, T))
     if v.fusion == "projector":  # the image tokens are text positions
         ids[:, 1:1 + v.image_tokens] = v.image_token_id
-    pixels = torch.randn(B, 3, v.image_size, v.image_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(ids, pixel_values=pixels)
+        model(ids, **image_inputs(v, B))
     expected = forward_flops(cfg, T, B).forward + sum(image_flops(cfg, images=B).values())
     assert counter.get_total_flops() == expected
 
@@ -50,6 +60,23 @@ def test_cross_attention_flops_by_hand():
     norm = 64  # RMSNorm gains: the cross-attention's pre-norm and the norm on the features
     cross = 64 * 64 + 2 * 64 * 32 + 64 * 64 + gate
     assert s["params"]["image_cross"] == cross + norm + norm
+
+
+def test_cross_block_flops_by_hand():
+    """mllama-tiny: D=64, H=4 heads of Dh=16, G=2, GLU F=128, 3 layers with a cross block in layer 1; N=34 image
+    tokens per image (2 tiles x (16 patches + class token)). The cross block has no self-attention: per text
+    token q and o and 34 image keys instead of q/k/v/o and the text keys; its FFN stays."""
+    cfg = llmarch.preset("mllama-tiny")
+    text_only = cfg.replace(vision=None)
+    T, N = 10, 34
+    self_attention = 2 * T * (64 * (4 + 2 * 2) * 16 + 4 * 16 * 64) + 2 * T * T * 2 * 4 * 16
+    cross = 2 * T * (2 * 64 * 64) + 2 * T * N * 2 * 4 * 16
+    assert forward_flops(cfg, T).forward - forward_flops(text_only, T).forward == cross - self_attention
+    assert forward_flops(cfg, T).cross_attention == cross
+    assert image_flops(cfg)["image_layers"] == 2 * N * 64 * 2 * 2 * 16  # k and v of the 34 tokens, once
+    decode = decode_flops_per_token(cfg, 20) - decode_flops_per_token(text_only, 20)
+    assert decode == 2 * (2 * 64 * 64 + N * 2 * 4 * 16) - 2 * (64 * 8 * 16 + 4 * 16 * 64 + 20 * 2 * 4 * 16)
+    assert image_summary(cfg)["image_tokens"] == 1  # one image token in the text per image
 
 
 def test_joint_flops_by_hand():

@@ -64,28 +64,40 @@ def projection_macs_per_token(cfg, layer: int | None = None) -> int:
     return mixer_cost(cfg, layer).proj_macs(cfg)
 
 
-def linear_macs_per_token(cfg, n_layers: int | None = None) -> int:
-    """All per-layer matmuls of one token through one stack (the head excluded)."""
+def linear_macs_per_token(cfg, n_layers: int | None = None, replaced=frozenset()) -> int:
+    """All per-layer matmuls of one token through one stack (the head excluded); layers in ``replaced`` keep
+    their FFN but not their token mixer (a fusion's cross-attention block stands there)."""
     n = cfg.n_layers if n_layers is None else n_layers
-    return sum(projection_macs_per_token(cfg, i) + ffn_macs_per_token(cfg, i) for i in range(n))
+    return sum((0 if i in replaced else projection_macs_per_token(cfg, i)) + ffn_macs_per_token(cfg, i)
+               for i in range(n))
 
 
-def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True) -> float | None:
-    """Mean over layers of the fraction of the T×T score matrix that the (causal) mask and pattern allow
-    (``Pattern.pairs``: a closed form for dense and sliding layers, rendered for the others); None when a layer's
-    pattern is too long to count."""
+def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True,
+                      replaced=frozenset()) -> float | None:
+    """Mean over the token-mixing layers (those not in ``replaced``) of the fraction of the T×T score matrix that
+    the (causal) mask and pattern allow (``Pattern.pairs``: a closed form for dense and sliding layers, rendered
+    for the others); None when a layer's pattern is too long to count."""
     from llmarch.analysis.memory import layer_pattern
 
     n = cfg.n_layers if n_layers is None else n_layers
+    layers = [i for i in range(n) if i not in replaced]
     fractions = {}
-    for i in range(n):
+    for i in layers:
         name = cfg.layer_pattern(i)
         if name not in fractions:
             pairs = layer_pattern(cfg, i).pairs(T, causal=causal)
             if pairs is None:
                 return None
             fractions[name] = pairs / (T * T)
-    return sum(fractions[cfg.layer_pattern(i)] for i in range(n)) / n
+    return sum(fractions[cfg.layer_pattern(i)] for i in layers) / max(len(layers), 1)
+
+
+def replaced_layers(cfg) -> frozenset[int]:
+    """Decoder layers whose token mixer a fusion replaces (``cross_blocks``: a gated cross-attention block reads
+    the image instead of the text; its FFN stays); what they spend on the image is in
+    :func:`~llmarch.analysis.vision.text_image_macs`."""
+    v = getattr(cfg, "vision", None)
+    return frozenset(v.cross_layers) if v is not None and v.fusion == "cross_blocks" else frozenset()
 
 
 def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = None) -> Flops:
@@ -97,11 +109,13 @@ def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = No
     by_stack = {}
     for st in stacks(cfg):
         T = lengths[st.name]
-        costs = [mixer_cost(cfg, i) for i in range(st.n_layers)]
-        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers) + 2 * sum(c.global_macs(cfg, B, T) for c in costs)
+        skip = replaced_layers(cfg) if st.name == "decoder" else frozenset()
+        costs = [mixer_cost(cfg, i) for i in range(st.n_layers) if i not in skip]
+        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers, skip) + 2 * sum(c.global_macs(cfg, B, T)
+                                                                                for c in costs)
         att = 2 * sum(c.mixing_macs(cfg, B, T) for c in costs)  # score/value products (or a recurrent rule)
         pairs = 2 * B * T * T * sum(c.pair_macs(cfg) for c in costs)  # the part a mask can thin out
-        frac = attended_fraction(cfg, T, st.n_layers, st.causal)
+        frac = attended_fraction(cfg, T, st.n_layers, st.causal, skip)
         useful = None if frac is None or useful is None else useful + round(pairs * frac) + att - pairs
         if st.cross:
             S, c = lengths["encoder"], CrossAttentionCost
@@ -134,9 +148,12 @@ def decode_flops_per_token(cfg, context: int) -> int | None:
     if cfg.kind == "encoder":
         return None
     dec = stacks(cfg)[-1]
+    skip = replaced_layers(cfg)
     macs = 0
     for i in range(dec.n_layers):
-        macs += mixer_cost(cfg, i).decode_macs(cfg, cached_keys(cfg, i, context)) + ffn_macs_per_token(cfg, i)
+        if i not in skip:
+            macs += mixer_cost(cfg, i).decode_macs(cfg, cached_keys(cfg, i, context))
+        macs += ffn_macs_per_token(cfg, i)
         if dec.cross:
             macs += CrossAttentionCost.target_macs(cfg) + context * CrossAttentionCost.pair_macs(cfg)
     if getattr(cfg, "vision", None) is not None:

@@ -1,5 +1,5 @@
-"""Parameters and FLOPs of the image side, from the config alone: the ViT tower, the projector, gated
-cross-attention layers and joint layers; the image tokens an image puts in the context; and what the text tokens
+"""Parameters and FLOPs of the image side, from the config alone: the ViT tower (tiled or not), the projector,
+gated cross-attention layers, cross blocks and joint layers; the image tokens an image puts in the context; and what the text tokens
 spend reading the image (added to the text FLOPs of :func:`~llmarch.analysis.flops.forward_flops`). Held to the
 meta-built model by tests (parameters exactly; FLOPs against ``torch.utils.flop_counter`` on a real forward)."""
 from __future__ import annotations
@@ -75,7 +75,7 @@ def tower_flops(v: VisionConfig, images: int = 1, depth: int | None = None) -> i
 def image_flops(cfg, images: int = 1) -> dict[str, int]:
     """FLOPs a vision-language model spends per forward on ``images`` images: the tower up to the feature layer,
     the projector, and the image side of the fusion layers (``image_layers``: the k/v projection of the N
-    features in each cross-attention layer, or the N image positions through each joint layer: projections, FFN
+    features in each cross-attention layer or cross block, or the N image positions through each joint layer: projections, FFN
     and N x N scores). What the text tokens spend reading the image is :func:`text_image_macs`."""
     v = cfg.vision
     n = v.image_tokens
@@ -92,7 +92,7 @@ def image_layer_macs(cfg) -> int:
     from llmarch.analysis.layers import CrossAttentionCost, mixer_cost
 
     v, N = cfg.vision, cfg.vision.image_tokens
-    if v.fusion == "cross_attention":
+    if v.fusion in ("cross_attention", "cross_blocks"):
         return len(v.cross_layers) * N * CrossAttentionCost.source_macs(cfg)
     if v.fusion == "joint":
         return sum(N * (mixer_cost(cfg, i).proj_macs(cfg) + ffn_macs_per_token(cfg, i))
@@ -102,12 +102,14 @@ def image_layer_macs(cfg) -> int:
 
 def text_image_macs(cfg) -> tuple[int, int]:
     """(linear, attention) multiply-adds per text token for reading its row's image: a gated cross-attention
-    layer's q and o projections and N (query, image key) pairs; a joint layer's N extra keys. 0 for the projector
-    (its image tokens are already among the text positions)."""
+    layer's (or cross block's) q and o projections and N (query, image key) pairs, N the image's tokens over all
+    its tiles; a joint layer's N extra keys. 0 for the projector (its image tokens are already among the text
+    positions). A cross block replaces its layer's self-attention (``flops.replaced_layers``): the text stack
+    counts only its FFN there. All assume an image in the context (without one, cross blocks are skipped)."""
     from llmarch.analysis.layers import CrossAttentionCost, mixer_cost
 
     v, N = cfg.vision, cfg.vision.image_tokens
-    if v.fusion == "cross_attention":
+    if v.fusion in ("cross_attention", "cross_blocks"):
         layers = len(v.cross_layers)
         return layers * CrossAttentionCost.target_macs(cfg), layers * N * CrossAttentionCost.pair_macs(cfg)
     if v.fusion == "joint":
