@@ -79,6 +79,21 @@ def test_cross_block_flops_by_hand():
     assert image_summary(cfg)["image_tokens"] == 1  # one image token in the text per image
 
 
+def test_cross_blocks_keep_no_text_cache_and_the_analysis_agrees():
+    from llmarch.analysis.memory import kv_bytes_per_token
+
+    cfg = llmarch.preset("mllama-tiny")
+    model = llmarch.build(cfg).eval()
+    B, T = 2, 5
+    ids = torch.randint(0, 200, (B, T))
+    ids[:, 1] = cfg.vision.image_token_id
+    with torch.no_grad():
+        cache = model(ids, use_cache=True, **image_inputs(cfg.vision, B)).cache
+    assert sorted(cache.k) == [0, 2]  # layer 1 is the cross block: no text keys
+    per_token = sum(cache.k[i][0].numel() + cache.v[i][0].numel() for i in cache.k) / T
+    assert kv_bytes_per_token(cfg, "fp32") == per_token * 4
+
+
 def test_joint_flops_by_hand():
     """llava-tiny-joint: both layers joint; per image the 16 features run the two blocks (q/k/v/o projections,
     a GLU FFN with F=128, 16x16 scores); each text token reads 16 more keys per layer."""
@@ -128,3 +143,27 @@ def test_diagram_draws_the_tower_and_projector_beside_the_decoder(name, target):
     side = {by_id["vision_tower"].label, by_id["projector"].label}
     widths = [t.get_window_extent().width for t in fig.axes[0].texts if t.get_text() in side]
     assert len(widths) == 2 and max(widths) <= SIDE_W * fig.dpi  # the labels fit their boxes
+
+
+@pytest.mark.parametrize("name", ["mllama-tiny", "llama-3.2-11b-vision"])
+def test_diagram_draws_the_tiled_tower_and_the_cross_blocks(name):
+    from llmarch.analysis.diagram import architecture, to_mermaid
+    from llmarch.analysis.draw import SIDE_W, render
+
+    cfg = llmarch.preset(name)
+    v = cfg.vision
+    d = architecture(cfg, name)
+    by_id = {n.id: n for n in d.nodes}
+    assert by_id["cross_block"].beside == "attn" and ("projector", "cross_block") in d.edges
+    assert d.groups["block"] == f"block x {cfg.n_layers - len(v.cross_layers)} (pre-norm)"  # the rest are cross
+    assert f"{','.join(map(str, v.cross_layers))} (of {cfg.n_layers})" in by_id["cross_block"].label
+    tower = by_id["vision_tower"].label
+    assert f"{v.n_layers} local + {v.global_layers} gated global blocks" in tower
+    assert f"N={v.image_tokens} features ({v.max_num_tiles} tiles x {v.tile_tokens})" in tower
+    assert by_id["projector"].label.startswith(f"projector: Linear {v.feature_dim}->{cfg.d_model}\n")  # one Linear
+    assert "projector --> cross_block" in to_mermaid(d)
+    fig = render(d, "subtitle")
+    fig.canvas.draw()
+    side = {by_id[k].label for k in ("vision_tower", "projector", "cross_block")}
+    widths = [t.get_window_extent().width for t in fig.axes[0].texts if t.get_text() in side]
+    assert len(widths) == 3 and max(widths) <= SIDE_W * fig.dpi  # the labels fit their boxes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from llmarch.analysis.diagram_vision import embedding_line, image_cross_label, joint_line, vision_graph
+from llmarch.analysis.diagram_vision import block_count, embedding_line, image_cross_label, joint_line, vision_graph
 from llmarch.analysis.ffn import dense_kind, shared_width
 from llmarch.analysis.layers import stacks
 
@@ -200,7 +200,7 @@ def architecture(cfg, title: str = "") -> Diagram:
         if cfg.embed_norm:
             part.append(Node(f"{p}emb_norm", f"embedding {norm_label(cfg)}", "norm"))
         group = "block" if len(specs) == 1 else st.name
-        groups[group] = (f"{st.name} " if len(specs) > 1 else "") + f"block x {st.n_layers} ({placement})"
+        groups[group] = (f"{st.name} " if len(specs) > 1 else "") + f"{block_count(cfg, st.n_layers)} ({placement})"
         cross = cross_label(cfg) if st.cross else image_cross_label(cfg) if vision else None
         block, res = _block(cfg, p, group, part[-1].id, st.causal, cross, joint_line(cfg) if vision else None)
         part += block

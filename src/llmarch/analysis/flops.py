@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from llmarch.analysis.ffn import FFN_SHAPES, ffn_cost
 from llmarch.analysis.heads import head_cost
-from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
+from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, replaced_layers, stacks
 
 @dataclass
 class Flops:
@@ -90,14 +90,6 @@ def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = T
                 return None
             fractions[name] = pairs / (T * T)
     return sum(fractions[cfg.layer_pattern(i)] for i in layers) / max(len(layers), 1)
-
-
-def replaced_layers(cfg) -> frozenset[int]:
-    """Decoder layers whose token mixer a fusion replaces (``cross_blocks``: a gated cross-attention block reads
-    the image instead of the text; its FFN stays); what they spend on the image is in
-    :func:`~llmarch.analysis.vision.text_image_macs`."""
-    v = getattr(cfg, "vision", None)
-    return frozenset(v.cross_layers) if v is not None and v.fusion == "cross_blocks" else frozenset()
 
 
 def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = None) -> Flops:
