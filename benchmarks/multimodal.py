@@ -1,6 +1,7 @@
-"""The tiny vision-language model: train the projector (LLaVA) and gated cross-attention (Flamingo-style) fusions
-of the same parts on image-text pairs with ``llmarch train --images``, report held-out answer accuracy beside
-chance and the training throughput, and draw held-out images with the model's answers.
+"""The tiny vision-language model: train the projector (LLaVA), gated cross-attention (Flamingo-style) and joint
+(cross-modal layers over [image; text]) fusions of the same parts on image-text pairs with ``llmarch train
+--images``, report held-out answer accuracy beside chance and the training throughput, and draw held-out images
+with the models' answers.
 
     PYTHONPATH=src python benchmarks/multimodal.py [--images digits] [--steps 1500] [--out runs/multimodal]
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-PRESETS = ("llava-tiny", "llava-tiny-xattn")
+PRESETS = ("llava-tiny", "llava-tiny-xattn", "llava-tiny-joint")
+SHORT = {"llava-tiny": "proj", "llava-tiny-xattn": "xattn", "llava-tiny-joint": "joint"}
 
 
 def train(preset: str, args, out: Path) -> dict:
@@ -51,15 +53,15 @@ def figure(args, out: Path, path: Path, n: int = 10) -> None:
         model = load_model(d).eval()
         px = ImageProcessor.for_size(model.config.vision.image_size)([p.image for p in test])
         said[preset] = evaluate(model, load_tokenizer_for(d), test, px, len(test))[2]
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.6))
+    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.9))
     for i, (ax, p) in enumerate(zip(axes, test)):
         ax.imshow(p.image, cmap="gray_r" if p.image.mode == "L" else None)
         ax.set_xticks([]), ax.set_yticks([])
-        lines = [f"{'proj' if j == 0 else 'xattn'}: {said[k][i]}" for j, k in enumerate(PRESETS)]
+        lines = [f"{SHORT[k]}: {said[k][i]}" for k in PRESETS]
         ax.set_title(f"truth: {p.answer}", fontsize=8)
         ax.set_xlabel("\n".join(lines), fontsize=8,
                       color="green" if all(said[k][i] == p.answer for k in PRESETS) else "red")
-    fig.suptitle(f"held-out {args.images}: \"{test[0].question}\" — greedy answers of the two fusions", fontsize=9)
+    fig.suptitle(f"held-out {args.images}: \"{test[0].question}\" — greedy answers of the three fusions", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -12,6 +12,7 @@ import torch
 from llmarch import presets
 from llmarch.analysis.diagram import architecture, to_mermaid
 from llmarch.analysis.draw import render, save
+from llmarch.analysis.layers import replaced_layers
 from llmarch.analysis.pattern_plots import pattern_masks, picture_sparse, plot_patterns, read_mask_png
 from llmarch.analysis.position_plots import alibi_bias, rope_decay_bound, rope_frequencies, rope_inner_product
 from llmarch.analysis.run_plots import expert_load_figure, read_expert_load, read_metrics
@@ -29,7 +30,8 @@ def test_every_preset_has_a_mermaid_diagram(name):
     defined = set(re.findall(r"^\s+(\w+)[\[(]", text, flags=re.M))
     used = set(re.findall(r"^\s+(\w+) -(?:->|\. residual \.->) (\w+)$", text, flags=re.M))
     assert used and {x for edge in used for x in edge} <= defined
-    assert f"V={cfg.vocab_size} x D={cfg.d_model}" in text and f"block x {cfg.n_layers}" in text
+    blocks = cfg.n_layers - len(replaced_layers(cfg))  # cross blocks (mllama) are drawn beside the block
+    assert f"V={cfg.vocab_size} x D={cfg.d_model}" in text and f"block x {blocks}" in text
     if cfg.mixer == "latent":
         assert f"kv latent R={cfg.mla.kv_lora_rank}" in text
     else:

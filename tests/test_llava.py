@@ -93,7 +93,7 @@ def test_image_token_count_must_match_the_images(pair):
         text_only(ids, attention_mask=mask, pixel_values=pixels)
 
 
-@pytest.mark.parametrize("name", ["llava-tiny", "llava-tiny-xattn"])
+@pytest.mark.parametrize("name", ["llava-tiny", "llava-tiny-xattn", "llava-tiny-joint"])
 def test_cached_decoding_with_images_equals_full_forward(name):
     torch.manual_seed(0)
     cfg = llmarch.preset(name)

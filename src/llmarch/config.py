@@ -116,7 +116,7 @@ class ModelConfig:
     retrieval: RetrievalConfig | None = None  # RETRO chunked cross-attention to retrieved neighbours; None = off
     # --- images and conditions ------------------------------------------------------------------------------
     vision: VisionConfig | None = None  # a ViT tower + image-text fusion (LLaVA projector, gated cross-attn)
-    condition: ConditionConfig | None = None  # a style id fused into the hidden states (add | adanorm)
+    condition: ConditionConfig | None = None  # a style id and/or encoded instruction fused into the hidden states
 
 
     def __post_init__(self) -> None:
@@ -217,7 +217,7 @@ class ModelConfig:
         if self.vision is not None:
             self.vision.validate_fusion(self)
         if self.condition is not None and (self.kind != "decoder" or self.vision or self.retrieval):
-            _fail("condition", "a style condition needs a plain decoder (kind='decoder', no vision or retrieval)")
+            _fail("condition", "a condition needs a plain decoder (kind='decoder', no vision or retrieval)")
 
     def validate_sparse_and_mixer(self) -> None:
         from llmarch import nn as lnn

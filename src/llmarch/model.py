@@ -332,7 +332,7 @@ def model_class(cfg) -> type[nn.Module]:
 
         return VisionLanguageModel
     if cfg.condition is not None:
-        from llmarch.nn.condition import ConditionedModel  # a decoder conditioned on a style id
+        from llmarch.nn.condition import ConditionedModel  # a decoder conditioned on a style id or instruction
 
         return ConditionedModel
     return Model

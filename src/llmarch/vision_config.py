@@ -31,14 +31,15 @@ class VisionConfig:
     LayerNorm (``post_norm``) and a pooling head (``pool``: class_token | attention | none).
 
     Fusion fields (used when this is a ``ModelConfig.vision``): ``feature_layer`` indexes the tower's hidden
-    states (0 = embeddings, L = last block, negative from the end); ``feature_select`` default | full;
-    ``fusion`` projector | cross_attention | cross_blocks; ``image_token_id`` marks the text slots the projected
-    features fill; ``cross_layers`` are the decoder layers that get gated cross-attention (cross_attention) or
-    that are replaced by gated cross-attention blocks (cross_blocks, Llama 3.2 Vision).
+    states (0 = embeddings, L = last block, negative from the end), or ``feature_layers`` several of them,
+    concatenated on the feature axis; ``feature_select`` default | full; ``fusion`` projector | cross_attention |
+    cross_blocks | joint; ``image_token_id`` marks the text slots the projected features fill; ``cross_layers`` are
+    the decoder layers that get gated cross-attention (cross_attention), that are replaced by gated cross-attention
+    blocks (cross_blocks, Llama 3.2 Vision) or that run over [image; text] (joint).
 
     Tiles (``positions='gated_tiles'``, mllama): pixel_values [n, tiles, C, H, W] with aspect-ratio ids; per tile a
     class token and the patches, padded to a multiple of ``pad_to``; ``global_layers`` gated blocks see every tile;
-    the features are the ``feature_layer`` state with the ``intermediate_layers`` states concatenated."""
+    the features are the selected state(s) with the ``intermediate_layers`` states concatenated."""
 
     kind: ClassVar[str] = "vision"  # what `llmarch presets` lists (text configs: decoder / encoder / ...)
 
@@ -59,12 +60,13 @@ class VisionConfig:
     init_std: float = 0.02  # normal init of a tower built alone (inside a ModelConfig the model's init_std)
     # --- fusion into a language model ----------------------------------------------------------------------
     feature_layer: int = -2
+    feature_layers: tuple[int, ...] = ()  # several hidden states concatenated on the feature axis (overrides the one)
     feature_select: str = "default"
     fusion: str = "projector"  # registry nn.vision.FUSIONS
     projector_activation: str = "gelu"
     projector_bias: bool = True
     image_token_id: int | None = None
-    cross_layers: tuple[int, ...] = ()
+    cross_layers: tuple[int, ...] = ()  # cross_attention / cross_blocks / joint: the decoder layers reading images
     projector: str = "mlp"  # registry nn.vision.PROJECTORS: mlp (LLaVA) | linear (mllama)
     extra_token_rows: int = 0  # token-embedding rows past vocab_size (mllama: 8, the image token among them)
     # --- tiles (Llama 3.2 Vision): an image cut into up to max_num_tiles tiles, each a patch grid -------------
@@ -76,7 +78,7 @@ class VisionConfig:
     attn_bias: bool = True  # biases on the blocks' q/k/v/o projections (mllama: none)
 
     def __post_init__(self) -> None:
-        for name in ("cross_layers", "intermediate_layers"):
+        for name in ("cross_layers", "feature_layers", "intermediate_layers"):
             value = getattr(self, name)
             if isinstance(value, (list, str, int)):  # [1, 3], "1,3" or 3
                 layers = value.split(",") if isinstance(value, str) else value
@@ -108,15 +110,23 @@ class VisionConfig:
         return self.max_num_tiles * self.tile_tokens
 
     @property
-    def feature_dim(self) -> int:
-        """Width of a feature vector: the selected state and each of ``intermediate_layers``."""
-        return self.d_model * (1 + len(self.intermediate_layers))
+    def selected_layers(self) -> tuple[int, ...]:
+        """The hidden states a language model reads, as non-negative indices (0 = embeddings, the global blocks
+        after the local ones): ``feature_layers`` when given (transformers' list-valued ``vision_feature_layer``),
+        else ``feature_layer``."""
+        depth = self.n_layers + self.global_layers
+        return tuple(i % (depth + 1) for i in (self.feature_layers or (self.feature_layer,)))
 
     @property
     def feature_depth(self) -> int:
-        """How many blocks run to reach ``feature_layer`` (hidden state 0 is the embeddings; the global blocks
-        count after the local ones)."""
-        return self.feature_layer % (self.n_layers + self.global_layers + 1)
+        """How many blocks run to reach the deepest state read (selected or ``intermediate_layers``)."""
+        return max((*self.selected_layers, *self.intermediate_layers))
+
+    @property
+    def feature_dim(self) -> int:
+        """Dv of the features the projector reads: the tower width times the number of states read (the selected
+        ones and each of ``intermediate_layers``)."""
+        return self.d_model * (len(self.selected_layers) + len(self.intermediate_layers))
 
     def encoder_config(self, n_layers: int | None = None) -> "ModelConfig":
         """The tower's blocks as an encoder ModelConfig (pre-norm LayerNorm, MLP, biases, no positions: the patch
@@ -174,13 +184,17 @@ class VisionConfig:
         if self.pool == "class_token" and not self.class_token:
             _fail("vision.pool", "'class_token' needs class_token=True; use pool='attention' or 'none'")
         depth = self.n_layers + self.global_layers
-        if not -(depth + 1) <= self.feature_layer <= depth:
-            _fail("vision.feature_layer", f"{self.feature_layer} is outside the hidden states "
-                  f"[-{depth + 1}, {depth}] (0 = embeddings)")
+        for name, layers in (("feature_layer", (self.feature_layer,)), ("feature_layers", self.feature_layers)):
+            bad = [i for i in layers if not -(depth + 1) <= i <= depth]
+            if bad:
+                _fail(f"vision.{name}", f"{bad[0]} is outside the hidden states [-{depth + 1}, {depth}] "
+                      "(0 = embeddings)")
         if model is not None:
             self.validate_fusion(model)
 
     def validate_fusion(self, model: "ModelConfig") -> None:
+        from llmarch.nn.vision import FUSIONS
+
         if self.extra_token_rows and model.tie_embeddings:
             _fail("vision.extra_token_rows", "extra embedding rows need an untied head; set tie_embeddings=False")
         if model.kind != "decoder":
@@ -193,19 +207,19 @@ class VisionConfig:
                       f"an id in [0, {model.vocab_size}), got {self.image_token_id!r}")
         else:
             if not self.cross_layers:
-                _fail("vision.cross_layers", "cross_attention fusion needs decoder layer indices, e.g. (1, 3)")
+                _fail("vision.cross_layers", f"{self.fusion} fusion needs decoder layer indices, e.g. (1, 3)")
             bad = [i for i in self.cross_layers if not 0 <= i < model.n_layers]
             if bad or len(set(self.cross_layers)) != len(self.cross_layers):
                 _fail("vision.cross_layers", f"needs distinct layers in [0, {model.n_layers}), "
                       f"got {self.cross_layers}")
-            if model.norm_placement != "pre":
-                _fail("vision", "gated cross-attention is wired pre-norm; set norm_placement='pre'")
+        FUSIONS[self.fusion].check(self, model)
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
 
         d = dataclasses.asdict(self)
         d["cross_layers"] = list(self.cross_layers)
+        d["feature_layers"] = list(self.feature_layers)
         d["intermediate_layers"] = list(self.intermediate_layers)
         return d
 

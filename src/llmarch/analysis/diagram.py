@@ -2,11 +2,13 @@
 same graph with matplotlib. Everything shown is read from the config: the embedding and position scheme, each stack
 (decoder, encoder, or encoder then decoder with cross-attention) drawn as one block repeated L times, wired pre- or
 post-norm, the token mixer (MHA / GQA / MQA with its pattern, Longformer's global projection, or multi-head latent
-attention), the FFN (MLP, GLU or MoE), the head."""
+attention), the FFN (MLP, GLU or MoE), the head; a vision-language model's tower and projector beside the decoder
+(``diagram_vision.py``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llmarch.analysis.diagram_vision import block_count, embedding_line, image_cross_label, joint_line, vision_graph
 from llmarch.analysis.ffn import dense_kind, shared_width
 from llmarch.analysis.layers import stacks
 
@@ -147,12 +149,14 @@ def norm_label(cfg) -> str:
     return NORM_NAMES.get(cfg.norm, cfg.norm) + (" +bias" if has_bias else "")
 
 
-def _block(cfg, p: str, group: str, entry: str, causal: bool, cross: bool):
-    """One block's nodes (ids prefixed ``p``), its residual edges, and the id of the node it ends in."""
+def _block(cfg, p: str, group: str, entry: str, causal: bool, cross: str | None, extra: str | None = None):
+    """One block's nodes (ids prefixed ``p``), its residual edges, and the id of the node it ends in. ``cross``:
+    the label of its cross module (None: none); ``extra``: a line added to the mixer's label."""
     ffn_text, ffn_kind = ffn_label(cfg)
-    parts = [(Node(f"{p}attn", attention_label(cfg, causal), "attn", group), "1")]
+    parts = [(Node(f"{p}attn", attention_label(cfg, causal) + (f"\n{extra}" if extra else ""), "attn", group),
+              "1")]
     if cross:
-        parts.append((Node(f"{p}cross", cross_label(cfg), "attn", group), "x"))
+        parts.append((Node(f"{p}cross", cross, "attn", group), "x"))
     parts.append((Node(f"{p}ffn", ffn_text, ffn_kind, group), "2"))
     nodes, residuals, prev = [], [], entry
     for sub, tag in parts:
@@ -184,6 +188,9 @@ def architecture(cfg, title: str = "") -> Diagram:
         emb += f"\n+ {cfg.position} positions" + (f" ({cfg.max_seq_len} x D)" if cfg.position == "learned" else "")
     nodes, edges, residuals, groups = [], [], [], {}
     memory = None
+    vision = getattr(cfg, "vision", None) is not None
+    if vision:
+        emb += embedding_line(cfg)
     for k, st in enumerate(specs):
         p = "" if len(specs) == 1 else st.name[:3] + "_"
         io = "input ids [B, T]" if len(specs) == 1 else \
@@ -193,8 +200,9 @@ def architecture(cfg, title: str = "") -> Diagram:
         if cfg.embed_norm:
             part.append(Node(f"{p}emb_norm", f"embedding {norm_label(cfg)}", "norm"))
         group = "block" if len(specs) == 1 else st.name
-        groups[group] = (f"{st.name} " if len(specs) > 1 else "") + f"block x {st.n_layers} ({placement})"
-        block, res = _block(cfg, p, group, part[-1].id, st.causal, st.cross)
+        groups[group] = (f"{st.name} " if len(specs) > 1 else "") + f"{block_count(cfg, st.n_layers)} ({placement})"
+        cross = cross_label(cfg) if st.cross else image_cross_label(cfg) if vision else None
+        block, res = _block(cfg, p, group, part[-1].id, st.causal, cross, joint_line(cfg) if vision else None)
         part += block
         if cfg.final_norm:
             part.append(Node(f"{p}final_norm", f"final {norm_label(cfg)}", "norm"))
@@ -204,7 +212,11 @@ def architecture(cfg, title: str = "") -> Diagram:
         if st.cross and memory is not None:
             edges.append((memory, f"{p}cross"))
         memory = part[-1].id
-    head, head_edges = head_graph(cfg, nodes[-1].id)
+    if vision:  # the tower and projector beside the decoder
+        side, side_edges = vision_graph(cfg, nodes)
+        nodes += side
+        edges += side_edges
+    head, head_edges = head_graph(cfg, [n for n in nodes if n.beside is None][-1].id)
     nodes += head
     edges += head_edges
     schedule = [cfg.layer_mixer(i) for i in range(specs[-1].n_layers)] if len(cfg.mixers) > 1 else []

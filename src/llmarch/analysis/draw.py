@@ -93,8 +93,12 @@ def render(d: Diagram, subtitle: str = "") -> Figure:
     arrow = dict(arrowstyle="-|>", color="#333333", lw=1.0, shrinkA=0, shrinkB=0)
     for a, b in d.edges:
         (xa, ya, ha, wa), (xb, yb, hb, wb) = centre[a], centre[b]
-        if xa == xb and row[b] == row[a] + 1:
+        if xa == xb and (row[b] == row[a] + 1 or xa != cx):  # next box, or down the side column's free space
             ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xa, ya - ha / 2), arrowprops=arrow)
+        elif xa > xb:  # from the side column into the main one (image features into the decoder): along the gap
+            gap_x = xb + wb / 2 + SIDE_GAP / 2
+            ax.plot([xa - wa / 2, gap_x, gap_x], [ya, ya, yb], color="#333333", lw=1.0)
+            ax.annotate("", xy=(xb + wb / 2, yb), xytext=(gap_x, yb), arrowprops=arrow)
         elif xa != xb:  # into a parallel branch: right from the source, then down into the branch's first box
             ax.plot([xa + wa / 2, xb], [ya, ya], color="#333333", lw=1.0)
             ax.annotate("", xy=(xb, yb + hb / 2), xytext=(xb, ya), arrowprops=arrow)

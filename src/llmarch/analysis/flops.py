@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 
 from llmarch.analysis.ffn import FFN_SHAPES, ffn_cost
 from llmarch.analysis.heads import head_cost
-from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
+from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, replaced_layers, stacks
 
 @dataclass
 class Flops:
     """Forward FLOPs of one step (B sequences of T tokens; an encoder-decoder runs B×T source and B×T' target
-    tokens), by part. ``cross_attention`` (q/kv/o and its scores) is already inside ``linear``/``attention``;
+    tokens), by part. ``cross_attention`` (q/kv/o and its scores; for a vision-language model the text tokens'
+    work on their image: gated cross-attention q/o and scores, joint layers' image keys) is already inside
+    ``linear``/``attention``;
     ``by_stack`` splits linear + attention between encoder and decoder."""
 
     linear: int
@@ -62,28 +64,32 @@ def projection_macs_per_token(cfg, layer: int | None = None) -> int:
     return mixer_cost(cfg, layer).proj_macs(cfg)
 
 
-def linear_macs_per_token(cfg, n_layers: int | None = None) -> int:
-    """All per-layer matmuls of one token through one stack (the head excluded)."""
+def linear_macs_per_token(cfg, n_layers: int | None = None, replaced=frozenset()) -> int:
+    """All per-layer matmuls of one token through one stack (the head excluded); layers in ``replaced`` keep
+    their FFN but not their token mixer (a fusion's cross-attention block stands there)."""
     n = cfg.n_layers if n_layers is None else n_layers
-    return sum(projection_macs_per_token(cfg, i) + ffn_macs_per_token(cfg, i) for i in range(n))
+    return sum((0 if i in replaced else projection_macs_per_token(cfg, i)) + ffn_macs_per_token(cfg, i)
+               for i in range(n))
 
 
-def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True) -> float | None:
-    """Mean over layers of the fraction of the T×T score matrix that the (causal) mask and pattern allow
-    (``Pattern.pairs``: a closed form for dense and sliding layers, rendered for the others); None when a layer's
-    pattern is too long to count."""
+def attended_fraction(cfg, T: int, n_layers: int | None = None, causal: bool = True,
+                      replaced=frozenset()) -> float | None:
+    """Mean over the token-mixing layers (those not in ``replaced``) of the fraction of the T×T score matrix that
+    the (causal) mask and pattern allow (``Pattern.pairs``: a closed form for dense and sliding layers, rendered
+    for the others); None when a layer's pattern is too long to count."""
     from llmarch.analysis.memory import layer_pattern
 
     n = cfg.n_layers if n_layers is None else n_layers
+    layers = [i for i in range(n) if i not in replaced]
     fractions = {}
-    for i in range(n):
+    for i in layers:
         name = cfg.layer_pattern(i)
         if name not in fractions:
             pairs = layer_pattern(cfg, i).pairs(T, causal=causal)
             if pairs is None:
                 return None
             fractions[name] = pairs / (T * T)
-    return sum(fractions[cfg.layer_pattern(i)] for i in range(n)) / n
+    return sum(fractions[cfg.layer_pattern(i)] for i in layers) / max(len(layers), 1)
 
 
 def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = None) -> Flops:
@@ -95,11 +101,13 @@ def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = No
     by_stack = {}
     for st in stacks(cfg):
         T = lengths[st.name]
-        costs = [mixer_cost(cfg, i) for i in range(st.n_layers)]
-        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers) + 2 * sum(c.global_macs(cfg, B, T) for c in costs)
+        skip = replaced_layers(cfg) if st.name == "decoder" else frozenset()
+        costs = [mixer_cost(cfg, i) for i in range(st.n_layers) if i not in skip]
+        lin = 2 * B * T * linear_macs_per_token(cfg, st.n_layers, skip) + 2 * sum(c.global_macs(cfg, B, T)
+                                                                                for c in costs)
         att = 2 * sum(c.mixing_macs(cfg, B, T) for c in costs)  # score/value products (or a recurrent rule)
         pairs = 2 * B * T * T * sum(c.pair_macs(cfg) for c in costs)  # the part a mask can thin out
-        frac = attended_fraction(cfg, T, st.n_layers, st.causal)
+        frac = attended_fraction(cfg, T, st.n_layers, st.causal, skip)
         useful = None if frac is None or useful is None else useful + round(pairs * frac) + att - pairs
         if st.cross:
             S, c = lengths["encoder"], CrossAttentionCost
@@ -110,6 +118,13 @@ def forward_flops(cfg, seq_len: int, batch: int = 1, target_len: int | None = No
             useful = None if useful is None else useful + x_att
         linear, attention = linear + lin, attention + att
         by_stack[st.name] = lin + att
+    if getattr(cfg, "vision", None) is not None:  # text tokens reading their row's image (cross / joint layers)
+        from llmarch.analysis.vision import text_image_macs
+
+        x_lin, x_att = (2 * B * lengths["decoder"] * m for m in text_image_macs(cfg))
+        linear, attention, cross = linear + x_lin, attention + x_att, cross + x_lin + x_att
+        useful = None if useful is None else useful + x_att
+        by_stack["decoder"] += x_lin + x_att
     per_token, per_seq = head_cost(cfg).macs(cfg)
     T_out = lengths["decoder" if cfg.kind != "encoder" else "encoder"]
     head = 2 * B * (T_out * per_token + per_seq)
@@ -125,11 +140,18 @@ def decode_flops_per_token(cfg, context: int) -> int | None:
     if cfg.kind == "encoder":
         return None
     dec = stacks(cfg)[-1]
+    skip = replaced_layers(cfg)
     macs = 0
     for i in range(dec.n_layers):
-        macs += mixer_cost(cfg, i).decode_macs(cfg, cached_keys(cfg, i, context)) + ffn_macs_per_token(cfg, i)
+        if i not in skip:
+            macs += mixer_cost(cfg, i).decode_macs(cfg, cached_keys(cfg, i, context))
+        macs += ffn_macs_per_token(cfg, i)
         if dec.cross:
             macs += CrossAttentionCost.target_macs(cfg) + context * CrossAttentionCost.pair_macs(cfg)
+    if getattr(cfg, "vision", None) is not None:
+        from llmarch.analysis.vision import text_image_macs
+
+        macs += sum(text_image_macs(cfg))
     return 2 * macs + 2 * head_cost(cfg).macs(cfg)[0]
 
 

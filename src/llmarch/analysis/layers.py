@@ -166,6 +166,14 @@ def mixer_cost(cfg, layer: int | None = None):
     return MIXER_COSTS[name]
 
 
+def replaced_layers(cfg) -> frozenset[int]:
+    """Decoder layers whose token mixer a fusion replaces (``cross_blocks``: a gated cross-attention block reads
+    the image instead of the text; its FFN stays): no self-attention work or cache there; what they spend on the
+    image is in :func:`~llmarch.analysis.vision.text_image_macs`."""
+    v = getattr(cfg, "vision", None)
+    return frozenset(v.cross_layers) if v is not None and v.fusion == "cross_blocks" else frozenset()
+
+
 class CrossAttentionCost:
     """Cross-attention of a decoder block: q [D -> H·Dh] on the decoder tokens, kv [D -> 2·G·Dh] on the encoder
     output (once per source token), o [H·Dh -> D]."""

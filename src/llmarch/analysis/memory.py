@@ -16,7 +16,7 @@ layer) are reported separately (:func:`cross_kv_cache_bytes`).
 from __future__ import annotations
 
 from llmarch.analysis.ffn import dense_kind, ffn_cost, shared_width
-from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, stacks
+from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, replaced_layers, stacks
 
 DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "tf32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0,
                "float16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -46,10 +46,11 @@ def cached_keys(cfg, layer: int, context: int) -> int:
 
 def _cached_layers(cfg) -> list[tuple[int, int]]:
     """(layer, numbers cached per token) of the layers with an incremental self-attention cache: the decoder
-    stack's (none for encoders, none for a mixer without a per-token cache)."""
+    stack's (none for encoders, none for a mixer without a per-token cache or a layer a fusion replaces)."""
     if cfg.kind == "encoder":
         return []
-    per = [(i, mixer_cost(cfg, i).cache_numbers(cfg)) for i in range(stacks(cfg)[-1].n_layers)]
+    skip = replaced_layers(cfg)
+    per = [(i, mixer_cost(cfg, i).cache_numbers(cfg)) for i in range(stacks(cfg)[-1].n_layers) if i not in skip]
     return [(i, n) for i, n in per if n is not None]
 
 

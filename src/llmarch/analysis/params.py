@@ -110,10 +110,24 @@ def count_params(cfg) -> ParamCount:
         c["retrieval"] = retrieval_params(cfg)
     if cfg.vision is not None:
         c.update(fusion_params(cfg))
-    if cfg.condition is not None:  # the style table (+ the adaptive norm's scale/shift projection)
-        c["condition"] = cfg.condition.n_styles * D + (2 * D * D + 2 * D if cfg.condition.fusion == "adanorm" else 0)
+    if cfg.condition is not None:
+        c["condition"] = condition_params(cfg)
     total = sum(c.values())
     return ParamCount(c, total, total - inactive, notes, per_stack)
+
+
+CONDITION_FUSION_PARAMS = {"add": lambda D: 0, "adanorm": lambda D: 2 * D * D + 2 * D,  # Linear(D, 2D)
+                           "fusion_layer": lambda D: 2 * D * D + D}  # Linear(2D, D)
+
+
+def condition_params(cfg) -> int:
+    """The style table, the instruction encoder (its blocks, position table and final norm: one stack of
+    ``instruction_layers``) and the fusion's projection."""
+    c, D = cfg.condition, cfg.d_model
+    encoder = 0
+    if c.instruction_layers:
+        encoder = count_params(cfg.replace(n_layers=c.instruction_layers, condition=None)).stacks["decoder"]
+    return c.n_styles * D + encoder + CONDITION_FUSION_PARAMS[c.fusion](D)
 
 
 def retrieval_params(cfg) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from llmarch.analysis import flops as F
 from llmarch.analysis import memory as M
+from llmarch.analysis.vision import image_summary
 from llmarch.analysis.params import (ParamCount, closed_form_comparison, count_params, gpt_closed_form_params,
                                      meta_param_count)
 
@@ -36,6 +37,7 @@ class Report:
     inference_memory: dict[str, float]
     state_bytes: float = 0.0  # recurrent layers' constant decoding state for ``batch`` sequences (0 without any)
     config: object = None  # the analysed ModelConfig
+    images: dict | None = None  # vision-language models: analysis.vision.image_summary (tower, projector, ...)
 
     def to_dict(self) -> dict:
         f = self.flops
@@ -55,7 +57,7 @@ class Report:
                           cross_bytes_per_source_token=self.cross_kv_bytes_per_source_token,
                           cross_bytes_for_source=self.cross_kv_cache_bytes, recurrent_state_bytes=self.state_bytes,
                           decode_bytes_for_context=self.kv_cache_bytes + self.state_bytes),
-            memory=dict(training=self.training_memory, inference=self.inference_memory))
+            memory=dict(training=self.training_memory, inference=self.inference_memory), images=self.images)
 
 
 def analyze(cfg, seq_len: int = 2048, batch: int = 1, dtype: str = "bf16", verify: bool = True) -> Report:
@@ -94,4 +96,5 @@ def analyze(cfg, seq_len: int = 2048, batch: int = 1, dtype: str = "bf16", verif
         cross_kv_cache_bytes=M.cross_kv_cache_bytes(cfg, seq_len, batch, dtype),
         training_memory=M.training_memory(cfg, seq_len, batch, dtype, n_params=params.total),
         inference_memory=M.inference_memory(cfg, seq_len, batch, dtype, n_params=params.total),
-        state_bytes=M.state_bytes(cfg, batch, dtype), config=cfg)
+        state_bytes=M.state_bytes(cfg, batch, dtype), config=cfg,
+        images=image_summary(cfg) if getattr(cfg, "vision", None) is not None else None)

@@ -1,6 +1,7 @@
-"""Parameters and FLOPs of the image side, from the config alone: the ViT tower, the projector and gated
-cross-attention layers; and the image tokens an image puts in the context. Held to the meta-built model by tests
-(parameters exactly; FLOPs against ``torch.utils.flop_counter`` on a real forward)."""
+"""Parameters and FLOPs of the image side, from the config alone: the ViT tower (tiled or not), the projector,
+gated cross-attention layers, cross blocks and joint layers; the image tokens an image puts in the context; and what the text tokens
+spend reading the image (added to the text FLOPs of :func:`~llmarch.analysis.flops.forward_flops`). Held to the
+meta-built model by tests (parameters exactly; FLOPs against ``torch.utils.flop_counter`` on a real forward)."""
 from __future__ import annotations
 
 from llmarch.analysis.ffn import dense_ffn_params
@@ -72,14 +73,48 @@ def tower_flops(v: VisionConfig, images: int = 1, depth: int | None = None) -> i
 
 
 def image_flops(cfg, images: int = 1) -> dict[str, int]:
-    """FLOPs a vision-language model spends per forward on ``images`` images: the tower up to the feature layer
-    and the projector (cross-attention layers' work is counted with the text tokens that run them)."""
+    """FLOPs a vision-language model spends per forward on ``images`` images: the tower up to the feature layer,
+    the projector, and the image side of the fusion layers (``image_layers``: the k/v projection of the N
+    features in each cross-attention layer or cross block, or the N image positions through each joint layer: projections, FFN
+    and N x N scores). What the text tokens spend reading the image is :func:`text_image_macs`."""
     v = cfg.vision
     n = v.image_tokens
-    depth = max((v.feature_depth, *v.intermediate_layers))
     D = cfg.d_model
     weights = v.feature_dim * D + (D * D if v.projector == "mlp" else 0)  # the projector's matrices
-    return {"vision": tower_flops(v, images, depth), "projector": images * 2 * n * weights}
+    return {"vision": tower_flops(v, images, v.feature_depth), "projector": images * 2 * n * weights,
+            "image_layers": images * 2 * image_layer_macs(cfg)}
+
+
+def image_layer_macs(cfg) -> int:
+    """Multiply-adds of one image's N features in the fusion layers (0 for the projector fusion, whose image
+    tokens are text positions)."""
+    from llmarch.analysis.flops import ffn_macs_per_token
+    from llmarch.analysis.layers import CrossAttentionCost, mixer_cost
+
+    v, N = cfg.vision, cfg.vision.image_tokens
+    if v.fusion in ("cross_attention", "cross_blocks"):
+        return len(v.cross_layers) * N * CrossAttentionCost.source_macs(cfg)
+    if v.fusion == "joint":
+        return sum(N * (mixer_cost(cfg, i).proj_macs(cfg) + ffn_macs_per_token(cfg, i))
+                   + N * N * mixer_cost(cfg, i).pair_macs(cfg) for i in v.cross_layers)
+    return 0
+
+
+def text_image_macs(cfg) -> tuple[int, int]:
+    """(linear, attention) multiply-adds per text token for reading its row's image: a gated cross-attention
+    layer's (or cross block's) q and o projections and N (query, image key) pairs, N the image's tokens over all
+    its tiles; a joint layer's N extra keys. 0 for the projector (its image tokens are already among the text
+    positions). A cross block replaces its layer's self-attention (``flops.replaced_layers``): the text stack
+    counts only its FFN there. All assume an image in the context (without one, cross blocks are skipped)."""
+    from llmarch.analysis.layers import CrossAttentionCost, mixer_cost
+
+    v, N = cfg.vision, cfg.vision.image_tokens
+    if v.fusion in ("cross_attention", "cross_blocks"):
+        layers = len(v.cross_layers)
+        return layers * CrossAttentionCost.target_macs(cfg), layers * N * CrossAttentionCost.pair_macs(cfg)
+    if v.fusion == "joint":
+        return 0, sum(N * mixer_cost(cfg, i).pair_macs(cfg) for i in v.cross_layers)
+    return 0, 0
 
 
 def image_summary(cfg) -> dict:
@@ -87,10 +122,14 @@ def image_summary(cfg) -> dict:
     (``cfg`` a VisionConfig alone, or a ModelConfig with ``vision``)."""
     if isinstance(cfg, VisionConfig):
         return {"params": tower_params(cfg), "image_tokens": cfg.n_positions, "flops_per_image": tower_flops(cfg)}
+    from llmarch.nn.vision import FUSIONS
+
     v = cfg.vision
-    tokens = v.image_tokens if v.fusion == "projector" else 0  # cross-attention keeps images out of the context
+    # joint: N image slots in the KV cache; others: the image tokens of the text (cross-attention: none)
+    tokens = v.image_tokens if v.fusion == "joint" else FUSIONS[v.fusion].text_tokens(v)
     return {"params": fusion_params(cfg), "image_tokens": tokens, "image_features": v.image_tokens,
             "flops_per_image": image_flops(cfg)}
 
 
-__all__ = ["fusion_params", "image_flops", "image_summary", "tower_flops", "tower_params"]
+__all__ = ["fusion_params", "image_flops", "image_layer_macs", "image_summary", "text_image_macs", "tower_flops",
+           "tower_params"]

@@ -1,5 +1,5 @@
 """`llmarch compare A B ...`: presets or config files side by side (parameters, context, attention, positions,
-activation, norm, FLOPs/token, KV cache/token)."""
+activation, norm, FLOPs/token, KV cache/token; the image side of vision-language models)."""
 from __future__ import annotations
 
 from llmarch.cli.common import MODEL_SPEC, add_json_flag, emit_json, human, resolve_model, table
@@ -51,7 +51,8 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
     if cfg.ffn == "none":
         ffn = "none (mixer-only blocks)"
     layers = "+".join(str(s.n_layers) for s in stacks(cfg))
-    return dict(kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
+    extra = {"images": image_line(cfg)} if getattr(cfg, "vision", None) is not None else {}
+    return dict(**extra, kind=cfg.kind, params=pc.total, active=pc.active, context=cfg.max_seq_len, layers=layers,
                 d_model=cfg.d_model, attention=attention_kind(cfg), positions=cfg.position, ffn=ffn,
                 norm=f"{cfg.norm} ({cfg.norm_placement})", tied=cfg.tie_embeddings,
                 reach=effective_reach(cfg).tokens, flops_per_token=f.forward / f.tokens,
@@ -59,8 +60,20 @@ def summary(cfg, seq_len: int, dtype: str) -> dict:
                 decode_memory=kv_cache_bytes(cfg, min(seq_len, cfg.max_seq_len), 1, dtype) + state_bytes(cfg, 1, dtype))
 
 
+def image_line(cfg) -> str:
+    """A vision-language model's image side in one cell: fusion, image tokens, image-side parameters and FLOPs."""
+    from llmarch.analysis.vision import image_summary
+
+    s = image_summary(cfg)
+    where = f"@{','.join(map(str, cfg.vision.cross_layers))}" if cfg.vision.cross_layers else ""
+    return (f"{cfg.vision.fusion}{where} · {s['image_tokens']} tok/img · {human(sum(s['params'].values()))} "
+            f"params · {sum(s['flops_per_image'].values()):.3g} FLOPs/img")
+
+
 def run(args) -> int:
     cols = {m: summary(resolve_model(m), args.seq_len, args.dtype) for m in args.models}
+    if any("images" in c for c in cols.values()):  # a row for the image side; "-" for text models
+        cols = {m: {"images": c.pop("images", "-"), **c} for m, c in cols.items()}
     if args.json:
         emit_json(cols)
         return 0
@@ -68,7 +81,7 @@ def run(args) -> int:
            "kv_bytes_per_token": lambda v: f"{v / 1024:.0f} KiB"}
     fmt["reach"] = lambda v: f"{v:,}"
     fmt["state_bytes"] = fmt["decode_memory"] = lambda v: f"{v / 2**20:.1f} MiB"
-    label = {"reach": "reach (tokens)", "flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
+    label = {"images": "image side (fusion@layers)", "reach": "reach (tokens)", "flops_per_token": f"fwd FLOPs/token, T=min({args.seq_len}, ctx)", "kv_bytes_per_token": f"KV/token ({args.dtype})"}
     label.update(state_bytes="recurrent state (any context)", decode_memory=f"KV + state at T=min({args.seq_len}, ctx)")
     keys = list(next(iter(cols.values())))
     rows = [[label.get(k, k)] + [fmt.get(k, str)(c[k]) for c in cols.values()] for k in keys]

@@ -22,8 +22,16 @@ def subtitle(cfg) -> str:
     f = forward_flops(cfg, min(2048, cfg.max_seq_len), 1)
     active = f", {human(pc.active)} active" if pc.active != pc.total else ""
     kv = human_bytes(kv_bytes_per_token(cfg))
+    images = ""
+    if getattr(cfg, "vision", None) is not None:
+        from llmarch.analysis.vision import image_summary
+
+        s = image_summary(cfg)
+        images = (f" · {s['image_tokens']} image tokens/image in context · "
+                  f"{sum(s['flops_per_image'].values()):.3g} FLOPs/image")
     return (f"{human(pc.total)} parameters{active} · context {cfg.max_seq_len} · "
-            f"{f.forward / f.tokens:.3g} fwd FLOPs/token · KV cache {kv}/token (bf16)")
+            f"{f.forward / f.tokens:.3g} fwd FLOPs/token{' (text)' if images else ''} · KV cache {kv}/token (bf16)"
+            f"{images}")
 
 
 def run(args) -> int:

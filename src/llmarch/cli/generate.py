@@ -33,6 +33,8 @@ def add(sub) -> None:
                    help="an image for a vision-language model (repeatable; its image tokens lead the prompt)")
     p.add_argument("--style", type=int, default=None, metavar="ID",
                    help="the condition id of a conditioned model (config.condition)")
+    p.add_argument("--instruction", default=None, metavar="TEXT", help="the instruction of a conditioned model "
+                   "with an instruction encoder (condition.instruction_layers; token ids with --preset)")
     p.set_defaults(func=run)
 
 
@@ -46,6 +48,21 @@ def cache_for(model, choice: str) -> str:
         return choice
     static = cfg.kind == "decoder" and cfg.mixers == ("attention",) and cfg.retrieval is None
     return "static" if static else "dynamic"
+
+
+def token_ids(flag: str, text: str) -> list[int]:
+    """Token ids typed as numbers separated by spaces (--preset models have no tokenizer)."""
+    try:
+        return [int(t) for t in text.split()]
+    except ValueError:
+        raise ValueError(f"{flag}: with --preset the {flag[2:]} is token ids separated by spaces, got "
+                         f"{text!r}") from None
+
+
+def instruction_ids(ids: list[int]) -> torch.Tensor:
+    if not ids:
+        raise ValueError("--instruction: the instruction is empty; give some text (token ids with --preset)")
+    return torch.tensor([ids])
 
 
 def _emit(text: str) -> None:
@@ -62,17 +79,16 @@ def run(args) -> int:
               min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, compile=args.compile)
     if args.style is not None:
         kw["style"] = args.style
+    conditioned = args.style is not None or args.instruction is not None  # the condition enters the forward
     if args.preset:
         if args.index:
             raise ValueError("--index needs --checkpoint (a trained RETRO run and the tokenizer its index was built "
                              "with), not --preset")
         model = llmarch.build(llmarch.preset(args.preset)).eval()
-        kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
-        try:
-            ids = [int(t) for t in args.prompt.split()] or [0]
-        except ValueError:
-            raise ValueError(f"--prompt: with --preset the prompt is token ids separated by spaces, got "
-                             f"{args.prompt!r}") from None
+        kw["cache"] = "dynamic" if conditioned else cache_for(model, args.cache)
+        ids = token_ids("--prompt", args.prompt) or [0]
+        if args.instruction is not None:
+            kw["instruction"] = instruction_ids(token_ids("--instruction", args.instruction))
         if args.image:
             from llmarch.infer.images import image_prompt, processor_for
 
@@ -91,7 +107,9 @@ def run(args) -> int:
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
     model = load_model(path).eval()
     tok = load_tokenizer_for(path)
-    kw["cache"] = "dynamic" if args.style is not None else cache_for(model, args.cache)
+    kw["cache"] = "dynamic" if conditioned else cache_for(model, args.cache)
+    if args.instruction is not None:
+        kw["instruction"] = instruction_ids(tok.encode(args.instruction))
     # the tokenizer's own BOS/EOS rule, as transformers applies it; an empty prompt starts from BOS (else EOS)
     ids = encode_prompt(tok, args.prompt) or [t for t in (tok.bos_id, tok.eos_id) if t is not None][:1]
     eos, more_stops = tok.eos_id, None

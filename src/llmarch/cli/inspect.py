@@ -119,8 +119,7 @@ def run(args) -> int:
     reach = effective_reach(cfg)
     if args.json:
         emit_json(dict(report.to_dict(), reach=dict(tokens=reach.tokens, per_layer=reach.per_layer,
-                                                    paper_form=reach.paper_form), **({"images": images} if images
-                                                                                    else {})))
+                                                    paper_form=reach.paper_form)))
         return 0
     print(format_report(model_title(args), report))
     print(f"\nEffective reach: {reach.describe()}")

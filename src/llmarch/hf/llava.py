@@ -70,10 +70,14 @@ class Llava(Family):
             raise ValueError(f"config.json vision_config.model_type={vision_type!r}: supported are "
                              "clip_vision_model and siglip_vision_model")
         layer = hf.get("vision_feature_layer", -2)
-        if not isinstance(layer, int):
-            raise ValueError(f"config.json vision_feature_layer={layer!r}: only one feature layer is supported")
+        many = isinstance(layer, (list, tuple))  # several hidden states, concatenated on the feature axis
+        ints = [i for i in (layer if many else [layer]) if isinstance(i, int) and not isinstance(i, bool)]
+        if not ints or len(ints) != (len(layer) if many else 1):
+            raise ValueError(f"config.json vision_feature_layer={layer!r}: expected a layer index or a non-empty "
+                             "list of them")
         vision = FAMILIES[vision_type]().to_config(vision_hf).replace(
-            feature_layer=layer, feature_select=hf.get("vision_feature_select_strategy", "default"),
+            feature_layer=-2 if many else layer, feature_layers=tuple(layer) if many else (),
+            feature_select=hf.get("vision_feature_select_strategy", "default"),
             projector_activation=activation_from_hf(hf.get("projector_hidden_act", "gelu"), "projector_hidden_act"),
             projector_bias=bool(hf.get("multimodal_projector_bias", True)), fusion="projector",
             image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)))
@@ -88,7 +92,8 @@ class Llava(Family):
         return dict(model_type=self.model_type, architectures=[self.architecture], text_config=text_hf,
                     vision_config=vision_hf, image_token_index=v.image_token_id,
                     projector_hidden_act=activation_to_hf(v.projector_activation),
-                    vision_feature_select_strategy=v.feature_select, vision_feature_layer=v.feature_layer,
+                    vision_feature_select_strategy=v.feature_select,
+                    vision_feature_layer=list(v.feature_layers) if v.feature_layers else v.feature_layer,
                     image_seq_length=v.image_tokens, multimodal_projector_bias=v.projector_bias,
                     tie_word_embeddings=cfg.tie_embeddings)
 

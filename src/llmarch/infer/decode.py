@@ -133,7 +133,7 @@ def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = Fals
     for a conditioned model) the dynamic engine, which hands them to the prefill."""
     if prefill_inputs:
         for name in prefill_inputs:
-            field = "condition" if name == "style" else "vision"
+            field = "condition" if name in ("style", "instruction") else "vision"
             if getattr(model.config, field, None) is None:
                 raise ValueError(f"{name}: this model takes none (config.{field} is None)")
         if kind != "dynamic" or compile:

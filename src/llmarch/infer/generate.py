@@ -80,8 +80,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
              decode: Callable[[list[int]], str] | None = None, cache: str = "dynamic", compile: bool = False,
              compile_mode: str | None = None, streamer: Callable[[torch.Tensor], None] | None = None,
              decoder_start_token_id: int | None = None, pixel_values: torch.Tensor | None = None,
-             style: torch.Tensor | int | None = None, aspect_ratio_ids: torch.Tensor | None = None,
-             aspect_ratio_mask: torch.Tensor | None = None,
+             style: torch.Tensor | int | None = None, instruction: torch.Tensor | None = None,
+             aspect_ratio_ids: torch.Tensor | None = None, aspect_ratio_mask: torch.Tensor | None = None,
              cross_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Extend ``input_ids`` [B, T] (left-padded when rows differ in length; pass ``attention_mask``) by up to
     ``max_new_tokens``. Returns [B, T + n]. A finished row (eos, a stop sequence or stop string) is filled with
@@ -97,8 +97,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     Vision-language models take ``pixel_values`` [n_images, C, H, W]: the prefill reads them once (the image
     features enter the cache), the steps need only the new tokens; tiled towers also ``aspect_ratio_ids`` /
     ``aspect_ratio_mask``, and ``cross_blocks`` models a ``cross_attention_mask`` [B, T, images, tiles] for the
-    prompt, whose last row each new token repeats. Conditioned models take ``style`` (ids [B] or one id), kept in
-    the cache for the steps."""
+    prompt, whose last row each new token repeats. Conditioned models take ``style`` (ids [B] or one id) and/or
+    ``instruction`` (token ids [B, S]; pad_token_id marks padding), their condition kept in the cache for the
+    steps."""
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     decode_layout(model)  # wide weights column-major: same values, ~2x faster matrix-vector products (idempotent)
     input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
@@ -115,7 +116,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     engine = make_engine(model, cache, B, slots if cache == "static" else T + max_new_tokens, compile,
                          compile_mode, decoder_start_token_id,
                          {k: v for k, v in (("pixel_values", pixel_values), ("style", style),
-                                            ("aspect_ratio_ids", aspect_ratio_ids),
+                                            ("instruction", instruction), ("aspect_ratio_ids", aspect_ratio_ids),
                                             ("aspect_ratio_mask", aspect_ratio_mask),
                                             ("cross_attention_mask", cross_attention_mask)) if v is not None})
     return run_engine(model, engine, input_ids, attention_mask, max_new_tokens, sampling, stopper, fill,

@@ -34,6 +34,9 @@ register("llava-tiny", dict(LLAVA_TINY_TEXT, vision=dict(CLIP_TINY, feature_laye
 # the same parts fused by tanh-gated cross-attention in decoder layer 1 (Flamingo-style; no image tokens needed)
 register("llava-tiny-xattn", dict(LLAVA_TINY_TEXT, vision=dict(CLIP_TINY, feature_layer=-2, fusion="cross_attention",
                                                                cross_layers=(1,))))
+# ... or by joint layers: both decoder layers run over [image features; text] (images a bidirectional prefix)
+register("llava-tiny-joint", dict(LLAVA_TINY_TEXT, vision=dict(CLIP_TINY, feature_layer=-2, fusion="joint",
+                                                               cross_layers=(0, 1))))
 
 # Llama 3.2 11B Vision (meta-llama/Llama-3.2-11B-Vision config.json): Llama 3.1 8B text with 8 gated
 # cross-attention blocks in place of layers 3, 8, ..., 38 (40 layers), 8 extra embedding rows (image token

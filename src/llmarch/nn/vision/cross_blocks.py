@@ -11,7 +11,7 @@ from torch import nn
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache
 from llmarch.nn.cross_attention import CrossAttention
 from llmarch.nn.norm import make_norm
-from llmarch.nn.vision.fusion import FUSIONS, Fusion
+from llmarch.nn.vision.fusion import FUSIONS, Fusion, memory_of
 
 
 class TiledMemory(CrossMemory):
@@ -105,6 +105,7 @@ class CrossBlockFusion(Fusion):
     tiles' tokens (features [B, images x tiles x N, D]), whose k/v are projected once into the cache."""
 
     cache = EncoderDecoderCache
+    per_row = True
 
     @staticmethod
     def text_tokens(vision) -> int:
@@ -124,13 +125,14 @@ class CrossBlockFusion(Fusion):
         return block
 
     @staticmethod
-    def memory(features: torch.Tensor, cfg) -> TiledMemory:
-        return TiledMemory(features, cfg.vision.tile_tokens)
-
-    @staticmethod
-    def select_rows(memory, cross_attention_mask, past: int, T: int) -> None:
+    def enter(model, features, cache, attention_mask, cross_attention_mask, T):
+        """New features become a :class:`TiledMemory` (kept in the cache); its rows for the T new tokens come
+        from ``cross_attention_mask``."""
+        group = model.config.vision.tile_tokens
+        memory = memory_of(features, cache, lambda f: TiledMemory(f, group))
         if memory is not None:
-            memory.select_rows(cross_attention_mask, past, T)
+            memory.select_rows(cross_attention_mask, cache.length if cache is not None else 0, T)
+        return cache, memory, attention_mask
 
 
 __all__ = ["CrossBlockFusion", "GatedCrossBlock", "NormedCrossAttention", "TiledMemory"]

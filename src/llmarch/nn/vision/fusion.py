@@ -1,10 +1,13 @@
-"""Image-text fusions (the ``vision.fusion`` value). Both project the tower's features into the text width D with
-an MLP projector (LLaVA, Liu et al. 2023, sec. 4.1: Linear, activation, Linear); they differ in where the features
-enter the decoder:
+"""Image-text fusions (the ``vision.fusion`` value, one :class:`Fusion` protocol). All project the tower's
+features into the text width D (``vision.projector``: LLaVA's MLP, Liu et al. 2023, sec. 4.1, or one Linear); they
+differ in where the features enter the decoder:
 
 - ``projector``: the features replace the embeddings of the image tokens of the text (LLaVA);
 - ``cross_attention``: decoder layers of ``vision.cross_layers`` add tanh-gated cross-attention to them, gates
-  starting at zero so the fresh model is exactly its text model (Flamingo, Alayrac et al. 2022, sec. 2.2).
+  starting at zero so the fresh model is exactly its text model (Flamingo, Alayrac et al. 2022, sec. 2.2);
+- ``cross_blocks`` (``cross_blocks.py``): those layers are replaced by gated cross-attention blocks over tiles
+  (Llama 3.2 Vision);
+- ``joint`` (``joint.py``): those layers run over [image features; text].
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from llmarch.nn.activation import ACTIVATIONS
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
 from llmarch.nn.cross_attention import CrossAttention
 from llmarch.registry import Registry
+from llmarch.validation import fail
 
 
 PROJECTORS: Registry[type[nn.Module]] = Registry("vision.projector")
@@ -69,9 +73,23 @@ FUSIONS: Registry[type["Fusion"]] = Registry("vision.fusion")
 
 
 class Fusion:
-    """Where projected image features [n_images, N, D] enter the decoder."""
+    """The protocol of a ``vision.fusion`` entry: where projected image features [n_images, N, D] enter the decoder.
+    Every entry answers the same hooks (the defaults: features neither in the layers nor in the token stream).
+
+    - ``cache`` the KV cache class of a generation; ``per_row`` one image (or one row of images) per text row,
+      else images fill image-token slots; ``text_tokens(vision)`` image tokens a prompt holds per image;
+    - at build time: ``check(vision, model)`` config checks, ``feature_norm(cfg)`` a norm on the projected
+      features, ``cross_for(cfg)`` a cross module added to scheduled layers, ``block_for(cfg)`` a whole block
+      replacing scheduled layers;
+    - per forward: ``enter(...)`` turns new features (or a cache's) into what the layers read, ``place(...)`` puts
+      features into the embedded tokens."""
 
     cache: type[KVCache] = KVCache
+    per_row = False
+
+    @staticmethod
+    def check(v, model) -> None:
+        """Fusion-specific config checks (``v`` the VisionConfig, ``model`` its ModelConfig)."""
 
     @staticmethod
     def feature_norm(cfg) -> nn.Module:
@@ -84,30 +102,33 @@ class Fusion:
         return None
 
     @staticmethod
-    def text_tokens(vision) -> int:
-        """Image tokens a prompt holds per image (0: the image stays out of the token stream)."""
-        return 0
-
-    @staticmethod
     def block_for(cfg):
         """Builder of decoder blocks that replace the plain ones on a schedule (None: none)."""
         return None
 
     @staticmethod
-    def memory(features: torch.Tensor, cfg) -> CrossMemory:
-        """What the cross-attention reads: features [n_images, N, D] as one memory (one image per row)."""
-        return CrossMemory(features)
+    def text_tokens(vision) -> int:
+        """Image tokens a prompt holds per image (0: the image stays out of the token stream)."""
+        return 0
 
     @staticmethod
-    def select_rows(memory, cross_attention_mask, past: int, T: int) -> None:
-        """Which image tokens each text token sees (only fusions with a per-token mask take one)."""
-        if cross_attention_mask is not None:
-            raise ValueError("cross_attention_mask: only vision.fusion='cross_blocks' reads one")
+    def enter(model, features, cache, attention_mask, cross_attention_mask, T: int):
+        """Before the decoder runs on T new tokens: (cache, the memory its layers read, attention_mask). By
+        default the features are the memory (kept in an EncoderDecoderCache for later steps); only fusions with
+        a per-token image mask read ``cross_attention_mask``."""
+        no_token_mask(cross_attention_mask)
+        return cache, memory_of(features, cache), attention_mask
 
     @staticmethod
     def place(x: torch.Tensor, input_ids: torch.Tensor, memory, image_token_id: int | None) -> torch.Tensor:
         """The decoder input [B, T, D] with the features placed (identity by default)."""
         return x
+
+
+def no_token_mask(cross_attention_mask) -> None:
+    """Refuse a per-token image mask in a fusion that has none."""
+    if cross_attention_mask is not None:
+        raise ValueError("cross_attention_mask: only vision.fusion='cross_blocks' reads one")
 
 
 @FUSIONS.register("projector")
@@ -138,6 +159,12 @@ class CrossAttentionFusion(Fusion):
     row: features [B, N, D]) and their k/v are projected once into the cache."""
 
     cache = EncoderDecoderCache
+    per_row = True
+
+    @staticmethod
+    def check(v, model) -> None:
+        if model.norm_placement != "pre":
+            fail("vision", "gated cross-attention is wired pre-norm; set norm_placement='pre'")
 
     @staticmethod
     def feature_norm(cfg) -> nn.Module:

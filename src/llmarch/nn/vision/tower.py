@@ -26,7 +26,8 @@ class VisionOutput:
 
 class VisionTower(nn.Module):
     """pixel_values [B, C, H, W] (tiled towers: [n, tiles, C, H, W] with aspect_ratio_ids [n] and
-    aspect_ratio_mask [n, tiles]) -> :class:`VisionOutput`; :meth:`features` gives what a language model reads."""
+    aspect_ratio_mask [n, tiles]) -> :class:`VisionOutput`; :meth:`features` gives what a language model reads
+    ([B, N', feature_dim]: ``feature_layer(s)``, ``intermediate_layers``, ``feature_select``)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
@@ -86,13 +87,13 @@ class VisionTower(nn.Module):
 
     def features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor | None = None,
                  aspect_ratio_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden state ``feature_layer`` (only the blocks it needs run) with the ``intermediate_layers`` states
-        after it, interleaved per coordinate (as transformers stacks them), padding removed, per tile; ``default``
-        drops the class token. -> [n, tiles * N', feature_dim]."""
+        """The selected hidden state(s) (``feature_layer``, or ``feature_layers`` concatenated on the feature axis)
+        with the ``intermediate_layers`` states after them, interleaved per coordinate (as transformers stacks
+        them); only the blocks they need run; padding removed, per tile; ``default`` drops the class token.
+        -> [n, tiles * N', feature_dim]."""
         cfg = self.config
-        depth = max(cfg.feature_depth, *cfg.intermediate_layers) if cfg.intermediate_layers else cfg.feature_depth
-        states = self.hidden_states(pixel_values, depth, aspect_ratio_ids, aspect_ratio_mask)
-        h = states[cfg.feature_depth]
+        states = self.hidden_states(pixel_values, cfg.feature_depth, aspect_ratio_ids, aspect_ratio_mask)
+        h = torch.cat([states[i] for i in cfg.selected_layers], dim=-1)
         if cfg.intermediate_layers:  # interleaved per coordinate: [d0 of each layer, d1 of each layer, ...]
             h = torch.cat([h, torch.stack([states[i] for i in cfg.intermediate_layers], dim=-1).flatten(-2)], -1)
         P, (H, W) = cfg.patch_size, pixel_values.shape[-2:]

@@ -10,14 +10,14 @@ from torch import nn
 from llmarch.config import ModelConfig
 from llmarch.model import Model, ModelOutput
 from llmarch.nn.cache import KVCache
-from llmarch.nn.vision.fusion import FUSIONS, PROJECTORS, memory_of
+from llmarch.nn.vision.fusion import FUSIONS, PROJECTORS
 from llmarch.nn.vision.tower import VisionTower
 
 
 class VisionLanguageModel(Model):
     """``model(input_ids, pixel_values=...)``: pixel_values [n_images, C, H, W] (projector fusion: one image per
-    run of ``vision.image_tokens`` image tokens in input_ids, in reading order; cross_attention: one image per
-    row). Tiled towers take pixel_values [B, images, tiles, C, H, W] with aspect_ratio_ids [B, images] and
+    run of ``vision.image_tokens`` image tokens in input_ids, in reading order; cross_attention and joint: one
+    image per row). Tiled towers take pixel_values [B, images, tiles, C, H, W] with aspect_ratio_ids [B, images] and
     aspect_ratio_mask [B, images, tiles]; ``cross_blocks`` also cross_attention_mask [B, T, images, tiles].
     Image features are computed once per call; a cached decode step needs no pixel_values."""
 
@@ -69,19 +69,19 @@ class VisionLanguageModel(Model):
         features = None
         if pixel_values is not None:
             features = self.image_features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-            if self.config.vision.fusion != "projector" and features.shape[0] != input_ids.shape[0]:
+            if self.fusion.per_row and features.shape[0] != input_ids.shape[0]:
                 raise ValueError(f"pixel_values: {features.shape[0]} images for {input_ids.shape[0]} rows; "
                                  f"fusion {self.config.vision.fusion!r} takes one image per row")
         if cache is None and use_cache:
             cache = self.new_cache()
-        memory = memory_of(features, cache, lambda f: self.fusion.memory(f, self.config))
-        self.fusion.select_rows(memory, cross_attention_mask, cache.length if cache is not None else 0,
-                                input_ids.shape[1])
-        if features is None and memory is None and self.config.vision.fusion == "projector":
+        private = cache is None  # a fusion may need a cache of its own for this call (joint: the image prefix)
+        cache, memory, attention_mask = self.fusion.enter(self, features, cache, attention_mask,
+                                                          cross_attention_mask, input_ids.shape[1])
+        if features is None and memory is None and not self.fusion.per_row:
             self.check_no_image_tokens(input_ids, cache)
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, memory,
                       kwargs.get("global_attention_mask"))
-        return self._output(h, cache)
+        return self._output(h, None if private else cache)
 
     def check_no_image_tokens(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
         if cache is None or cache.length == 0:
