@@ -52,5 +52,5 @@ class RandomKeys(Pattern):
             raise ValueError(f"pattern 'random' supports sequences below {1 << _KEY_BITS} slots, got {length}")
         q, k = torch.broadcast_tensors(q.long(), k.long())
         qs = torch.unique(q)
-        thr = self.thresholds(qs, length)[torch.searchsorted(qs, q)]
+        thr = self.thresholds(qs, length)[torch.searchsorted(qs, q.contiguous())]
         return (k == q) | (self.candidates(q, k, length) & (self.rank_key(q, k) <= thr))
