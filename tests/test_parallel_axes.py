@@ -4,33 +4,20 @@ pipeline parallel each equal to one process, and DCP save on one mesh / resume o
 ``llmarch train --tp 2 --sp`` on 2 processes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import llmarch
 from llmarch.train.parallel.mesh import MeshSpec, spec_for
 from llmarch.train.parallel.tensor import Relayout, halves_layout, heads_layout
+from tests.dist_util import launch
 
-ROOT = Path(__file__).resolve().parents[1]
-SRC = str(Path(llmarch.__file__).resolve().parents[1])
 CHECKS = ["tp_fsdp", "tp_sp", "ep", "pp", "dcp"]  # ("tp", tensor parallel alone, runs on 2 processes)
 
 
 def test_parallel_axes_equal_one_process():
     """One launch runs every check; each prints 'NAME: ok' after comparing losses and gradients within 1e-5."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-           str(ROOT / "tests" / "dist_checks.py"), *CHECKS]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in CHECKS:
-        assert f"{name}: ok" in done.stdout, done.stdout
+    launch("dist_checks.py", 4, [], CHECKS)
 
 
 LLAMA = llmarch.preset("llama-tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -73,7 +60,7 @@ def test_relayouts_keep_each_ranks_heads_together():
 def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
     """``llmarch train --nproc 2 --tp 2 --sp`` (both ranks read the same batch of 4, each keeps half of every
     sequence between the tensor-parallel layers): the losses of one process; its checkpoint holds the natural
-    layout (the same weights as one process's)."""
+    layout (the same weights as one process's), sharded by DCP and read back as one model."""
     from llmarch.train import train
     from llmarch.train.metrics import read_metrics
     from tests.test_train_distributed import losses, torchrun
@@ -85,9 +72,11 @@ def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
     one = llmarch.train.checkpoints.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004")
-    two = llmarch.train.checkpoints.load_checkpoint(tmp_path / "tp" / "checkpoints" / "step_00000004")
+    step4 = tmp_path / "tp" / "checkpoints" / "step_00000004"
+    assert llmarch.train.checkpoints.is_sharded(step4)  # written by both ranks with DCP
+    two = llmarch.checkpoint.load_model(step4).state_dict()
     for k, v in one["model"].items():
-        assert (v - two["model"][k]).abs().max() < 1e-4, k
+        assert (v - two[k]).abs().max() < 1e-4, k
 
 
 def test_plan_mesh_per_rank_figures(capsys):

@@ -27,7 +27,7 @@ from llmarch.train.expert_load import ExpertLoad
 from llmarch.train.finite import check_record, check_weights
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
-from llmarch.train.parallel.apply import clip_grad_norm, parallelize
+from llmarch.train.parallel.apply import clip_grad_norm, parallelize, sharded, stage_names
 from llmarch.train.parallel.tensor import loss_context
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
 from llmarch.train.posttrain import initial_model, prepare_for, write_adapter
@@ -59,7 +59,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resume_from, self.state = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
         if resume_from is not None:  # refuse a changed run before tokenising the corpus
-            check_resumable(self.state, model_cfg, tc, resume_from)
+            check_resumable(self.state, model_cfg, tc, resume_from, self.env.world)
         tc, self.prep = prepare_for(tc, model_cfg, self.env, resume_from)  # a text corpus, or example rows
         self.tc = tc
         self.tokenizer = self.prep.tokenizer
@@ -78,7 +78,7 @@ class Trainer:
         self.objective.attach(model)  # before resumed weights: a DPO reference is the starting model
         self.train_seqs, self.val_seqs = self.objective.sources(self.prep.splits, tc)
         self.aliases = ckpt.tied_aliases(model)
-        if self.state is not None:
+        if self.state is not None and self.state["model"] is not None:  # a sharded one loads after parallelize
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
                 raise ckpt.CheckpointError(f"{resume_from}: checkpoint weights do not fit the model: missing "
@@ -113,7 +113,12 @@ class Trainer:
     # --- resume ---------------------------------------------------------------------------------------------
     def _restore(self, loaded: dict) -> None:
         s = loaded["state"]
-        D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
+        if loaded["sharded"] is not None:  # weights and optimizer state resharded onto this run's mesh
+            from llmarch.train.parallel import dcp
+
+            dcp.load(self.model, self.optimizer, loaded["sharded"], stage_names(self.model))
+        else:
+            D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
         self.schedule.load_state_dict(s["schedule"])
         self.step, self.consumed = s["step"], s["consumed"]
         if self.precision.scaler is not None and "scaler" in s:
@@ -238,19 +243,28 @@ class Trainer:
 
     # --- checkpoints and the run ----------------------------------------------------------------------------
     def save(self) -> Path | None:
-        model_state, optim_state = D.full_state(self.model, self.optimizer)  # collective
         local = {"cpu": torch.get_rng_state(), "masking": self.generator.get_state()}
         if torch.cuda.is_available():
             local["cuda"] = torch.cuda.get_rng_state()
         rng = {f"rank{r}.{k}": t for k, v in local.items() for r, t in enumerate(D.gather_uint8(self.env, v))}
+        state = {"step": self.step, "consumed": self.consumed, "schedule": self.schedule.state_dict(),
+                 "train": self.tc.to_dict(), "world": self.env.world}
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.scaler.state_dict()
+        if sharded(self.model, self.env):  # every rank writes its shards: nothing is gathered
+            from llmarch.train.parallel import dcp
+
+            def shards(d):
+                dcp.write(self.model, self.optimizer, d, stage_names(self.model))
+            path = ckpt.save_sharded_checkpoint(self.out, self.step, self.cfg, shards, rng, state, self.tokenizer,
+                                                self.tc.keep_last, self.env.is_main)
+            D.barrier(self.env)
+            return path
+        model_state, optim_state = D.full_state(self.model, self.optimizer)  # collective
         path = None
         if self.env.is_main:
             weights = {k: v for k, v in model_state.items() if k not in self.aliases}
             check_weights(weights, self.step)  # never a NaN checkpoint (which keep_last would keep instead)
-            state = {"step": self.step, "consumed": self.consumed, "schedule": self.schedule.state_dict(),
-                     "train": self.tc.to_dict(), "world": self.env.world}
-            if self.precision.scaler is not None:
-                state["scaler"] = self.precision.scaler.state_dict()
             path = ckpt.save_checkpoint(self.out, self.step, self.cfg, weights, optim_state, rng, state,
                                         self.tokenizer, self.tc.keep_last)
         D.barrier(self.env)

@@ -160,10 +160,20 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
-    def changed_for_resume(self, saved: dict[str, Any]) -> list[str]:
-        """Fields that differ from a checkpoint's settings and would break exact continuation."""
-        return sorted(k for k, v in self.to_dict().items()
-                      if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+    def changed_for_resume(self, saved: dict[str, Any], world: int | None = None,
+                           saved_world: int | None = None) -> list[str]:
+        """Fields that differ from a checkpoint's settings and would break exact continuation. Given the world
+        sizes, ``batch_size`` and ``grad_accum`` may change on another mesh as long as the global batch (their
+        product times the data-parallel degree) stays the same: the same samples are then read per step."""
+        free = set(RESUMABLE_CHANGES)
+        if world is not None and saved_world is not None:
+            def global_batch(d: dict, w: int) -> int:
+                dp = d.get("dp") or w // (d.get("tp", 1) * d.get("pp", 1))
+                return d.get("batch_size", 0) * d.get("grad_accum", 1) * dp
+
+            if global_batch(self.to_dict(), world) == global_batch(saved, saved_world):
+                free |= {"batch_size", "grad_accum"}
+        return sorted(k for k, v in self.to_dict().items() if k not in free and k in saved and saved[k] != v)
 
 
 __all__ = ["TrainConfig", "RESUMABLE_CHANGES"]

@@ -86,4 +86,20 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     return total
 
 
-__all__ = ["parallelize", "mesh_spec", "clip_grad_norm"]
+def sharded(model: nn.Module, env) -> bool:
+    """Whether a run's state lives in shards (FSDP2, tensor / expert / pipeline parallel on several processes):
+    its checkpoints are then written by every rank with DCP."""
+    from llmarch.train.distributed import unwrap
+
+    inner = unwrap(model)
+    return env.world > 1 and (hasattr(inner, "parallel_mesh") or hasattr(inner, "set_requires_gradient_sync"))
+
+
+def stage_names(model: nn.Module) -> dict[str, str] | None:
+    """A pipeline stage's parameter names -> the whole model's (None for a whole model)."""
+    from llmarch.train.distributed import unwrap
+
+    return getattr(unwrap(model), "global_names", None)
+
+
+__all__ = ["parallelize", "mesh_spec", "clip_grad_norm", "sharded", "stage_names"]
