@@ -65,6 +65,25 @@ def dcp(tmp: Path, cache: Path) -> None:
     on_main(lambda: (tmp / "dcp.json").write_text(json.dumps(out)))
 
 
+@check
+def pp(tmp: Path, cache: Path) -> None:
+    """Pipeline parallel in the loop: 2 stages under 1F1B (2 layers), and 4 stages (2 per rank) under the
+    interleaved schedule with gradient clipping; the test compares them with one process. A run saved on the
+    1F1B stages resumes on them (sharded checkpoint, stage names mapped to the whole model's)."""
+    train(TINY, settings(tmp / "pp_1f1b", cache, steps=3, pp=2, microbatches=2, eval_every=3, stop_at=2))
+    train(TINY, settings(tmp / "pp_1f1b", cache, steps=3, pp=2, microbatches=2, eval_every=3, resume=True))
+    deep = TINY.replace(n_layers=4)
+    train(deep, settings(tmp / "pp_interleaved", cache, steps=3, pp=2, pp_schedule="interleaved", microbatches=4,
+                         eval_every=3, clip=0.05))
+
+
+@check
+def pp_dp(tmp: Path, cache: Path) -> None:
+    """4 processes: pp=2 x dp=2, 2 sequences per data-parallel rank (the global batch of 4); compare with one
+    process by hand (docs/distributed.md)."""
+    train(TINY, settings(tmp / "pp_dp", cache, steps=3, pp=2, batch_size=2, microbatches=2, eval_every=3))
+
+
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     torch.set_num_threads(1)

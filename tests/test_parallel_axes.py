@@ -111,6 +111,15 @@ def test_train_settings_refuse_meshes_the_loop_cannot_run(tmp_path):
         mesh_spec(LLAMA, 4, tc)
     with pytest.raises(ValueError, match="parallel: .* add --parallel fsdp"):
         mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), tp=2))
-    with pytest.raises(ValueError, match="pp: the training loop does not drive pipeline stages"):
-        mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2))
+    with pytest.raises(ValueError, match="pp: pipeline stages compose with data parallel"):
+        mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), pp=2, tp=2))
+    with pytest.raises(ValueError, match="microbatches: 3 must divide --batch-size 8"):
+        mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, microbatches=3))
+    with pytest.raises(ValueError, match="pp_schedule: 'zigzag' is not one of"):
+        mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, pp_schedule="zigzag"))
+    with pytest.raises(ValueError, match="pp: .* --grad-accum 1"):
+        mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, grad_accum=2))
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        mesh_spec(LLAMA.replace(tie_embeddings=True), 2, TrainConfig(out=str(tmp_path), pp=2))
+    assert mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), pp=2)) == MeshSpec(2, 1, 1, 2)
     assert mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), tp=2, parallel="fsdp")) == MeshSpec(2, 2, 1, 1)

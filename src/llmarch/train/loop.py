@@ -117,6 +117,11 @@ class Trainer:
             from llmarch.train.parallel import dcp
 
             dcp.load(self.model, self.optimizer, loaded["sharded"], stage_names(self.model))
+        elif stage_names(self.model) is not None:  # a full checkpoint resumed on pipeline stages
+            from llmarch.train.parallel.pipeline import local_optimizer_state
+
+            D.load_optimizer_state(self.model, self.optimizer,
+                                   local_optimizer_state(loaded["optimizer"], stage_names(self.model)))
         else:
             D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
         self.schedule.load_state_dict(s["schedule"])
@@ -152,7 +157,24 @@ class Trainer:
             out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
 
+    def _pipeline_step(self, pipe) -> dict:
+        """One optimizer step through the pipeline stages (train/parallel/pipeline_run.py)."""
+        micro = self._micro_batches()
+        lr = self.schedule.lr
+        self.model.train()
+        loss, grad_norm = pipe.train_step(micro, self.optimizer, self.tc.clip, self.precision.autocast)
+        self.schedule.step()
+        self.step += 1
+        record = {"step": self.step, "loss": D.all_reduce_sum(self.env, [loss])[0], "lr": lr}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        record["tokens"] = sum(b.tokens for b in micro) * self.env.dp_world
+        return record
+
     def train_step(self) -> dict:
+        pipe = getattr(self.model, "pipeline", None)
+        if pipe is not None:
+            return self._pipeline_step(pipe)
         tc, env = self.tc, self.env
         micro = self._micro_batches()
         terms = sorted(micro[0].counts)
@@ -232,10 +254,15 @@ class Trainer:
             start = (i * env.dp_world + env.dp_rank) * tc.batch_size
             chunk = self.val_seqs.batch(start, tc.batch_size)
             batch = self.objective.make_batch(chunk, gen.manual_seed(sample_seed(tc.seed + 12345, start)))
-            with loss_context(D.unwrap(self.model)):
-                _, s = self._forward(batch)
-            total += float(s[self.objective.main_term])
-            count += batch.counts[self.objective.main_term]
+            pipe = getattr(self.model, "pipeline", None)
+            if pipe is not None:  # the loss of the batch on the last stage
+                loss, n = pipe.eval_sums(batch, self.precision.autocast)
+            else:
+                with loss_context(D.unwrap(self.model)):
+                    _, s = self._forward(batch)
+                loss, n = float(s[self.objective.main_term]), batch.counts[self.objective.main_term]
+            total += loss
+            count += n
         total, count = D.all_reduce_sum(env, [total, count])
         self.val_metrics = self._objective_metrics("val_")
         self.model.train()

@@ -13,7 +13,7 @@ from llmarch.data import check_val_fraction
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
                                "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
                                "cache_dir", "resume", "dp", "tp", "ep", "pp",
-                               "sequence_parallel"})
+                               "sequence_parallel", "pp_schedule", "microbatches"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel degree (attention heads, FFN width, vocabulary split over tp ranks)
     ep: int = 1  # expert-parallel degree (MoE experts split over the data-parallel ranks; ep = dp)
     pp: int = 1  # pipeline-parallel degree (stages of layers)
+    pp_schedule: str = "1f1b"  # with pp: 1f1b | gpipe | interleaved (two stages per rank)
+    microbatches: int | None = None  # with pp: micro-batches per step through the stages (None = pp)
     sequence_parallel: bool = False  # with tp: norms, residual and dropout on T/tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     samples: int = 3  # texts generated at the end
@@ -93,7 +95,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
-        for name in ("tp", "ep", "pp") + (("dp",) if self.dp is not None else ()):
+        for name in ("tp", "ep", "pp") + tuple(n for n in ("dp", "microbatches") if getattr(self, n) is not None):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")

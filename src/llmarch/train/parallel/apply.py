@@ -18,8 +18,7 @@ def mesh_spec(cfg: ModelConfig, world: int, tc) -> MeshSpec:
     """The validated mesh of a run's settings (``tc``: a TrainConfig)."""
     spec = spec_for(cfg, world, dp=tc.dp, tp=tc.tp, ep=tc.ep, pp=tc.pp)
     if spec.pp > 1:
-        raise ValueError("pp: the training loop does not drive pipeline stages yet; pipeline parallel is available "
-                         "as llmarch.train.parallel.pipeline.build_pipeline (see docs/distributed.md); use --pp 1")
+        check_pipeline(spec, tc)
     if spec.tp > 1 and spec.dp > 1 and tc.parallel != "fsdp":
         raise ValueError("parallel: tensor parallel with several data-parallel ranks composes with FSDP2 on a 2-D "
                          "mesh; add --parallel fsdp")
@@ -32,6 +31,31 @@ def mesh_spec(cfg: ModelConfig, world: int, tc) -> MeshSpec:
     return spec
 
 
+def check_pipeline(spec: MeshSpec, tc) -> None:
+    """What the loop's pipeline step supports: causal-LM pre-training of a dense decoder, composed with data
+    parallel (DDP-style gradient sums); micro-batches come from one batch per data-parallel rank."""
+    from llmarch.train.parallel.pipeline import SCHEDULES
+
+    if spec.tp > 1 or spec.ep > 1 or tc.parallel != "ddp":
+        raise ValueError("pp: pipeline stages compose with data parallel (--parallel ddp) in the training loop; "
+                         "use --tp 1 --ep 1 --parallel ddp with --pp")
+    if tc.pp_schedule not in SCHEDULES:
+        raise ValueError(f"pp_schedule: {tc.pp_schedule!r} is not one of {sorted(SCHEDULES)}; set --pp-schedule")
+    m = microbatches(tc)
+    if tc.batch_size % m or (tc.pp_schedule == "1f1b" and m < spec.pp):
+        raise ValueError(f"microbatches: {m} must divide --batch-size {tc.batch_size} (and be >= pp = {spec.pp} "
+                         "for 1f1b); set --microbatches")
+    unsupported = [f for f in ("teacher", "index", "lora", "qat", "curriculum_start", "init_from")
+                   if getattr(tc, f, None) is not None]
+    if tc.grad_accum != 1 or tc.precision == "fp16" or tc.objective not in (None, "causal_lm") or unsupported:
+        raise ValueError("pp: the pipeline step trains causal_lm with --grad-accum 1 (use --microbatches), fp32 or "
+                         f"bf16, without {unsupported or 'teacher, index, lora, qat, curriculum, --from'}; use --pp 1")
+
+
+def microbatches(tc) -> int:
+    return tc.microbatches or tc.pp
+
+
 def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
     """``model`` (plain, on ``env.device``) wrapped for the mesh of ``tc``; sets ``env.dp_rank`` / ``env.dp_world``
     (ranks of one tp group read the same batch)."""
@@ -42,6 +66,11 @@ def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
         return D.wrap(model, env, tc.parallel)
     mesh = build_mesh(spec, env.device.type)
     env.dp_rank, env.dp_world = mesh["dp"].get_local_rank(), spec.dp
+    if spec.pp > 1:  # the trainer holds this rank's stages (with their schedule as .pipeline)
+        from llmarch.train.parallel.pipeline_run import PipelineRun
+
+        log.info("mesh: pp %d x dp %d, %s schedule", spec.pp, spec.dp, tc.pp_schedule)
+        return PipelineRun(model, mesh, tc.pp_schedule, microbatches(tc)).chunks
     model.parallel_mesh = mesh
     if spec.tp > 1:
         from llmarch.train.parallel.tensor import apply_tensor_parallel

@@ -82,6 +82,10 @@ class MeshSpec:
         if self.pp > 1:
             if cfg.kind != "decoder":
                 raise ValueError(f"pp: pipeline parallelism splits decoder stacks; kind is {cfg.kind!r}, use --pp 1")
+            if cfg.moe is not None or cfg.tie_embeddings:
+                raise ValueError("pp: pipeline stages are cut from dense decoders whose head is not tied to the "
+                                 "embedding (moe None, tie_embeddings false); use --pp 1 or --set "
+                                 "tie_embeddings=false")
             if cfg.n_layers % self.pp:
                 raise ValueError(f"n_layers: {cfg.n_layers} is not divisible by pp = {self.pp}; choose --pp "
                                  "dividing it")
