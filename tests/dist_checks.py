@@ -266,9 +266,9 @@ def dcp():
         print(f"dcp: ok (resume on tp bit-equal, on fsdp within {worst:.1e})", flush=True)
 
 
-def tensor_parallel(name: str, **degrees):
+def tensor_parallel(name: str, config: dict | None = None, **degrees):
     """Train with tensor parallel (+ FSDP2 over what the world leaves) and compare with one process."""
-    cfg = llmarch.preset("llama-tiny", **LLAMA)
+    cfg = llmarch.preset("llama-tiny", **LLAMA, **(config or {}))
     ref = reference(cfg)
     model, opt, env = mesh_model(cfg, **degrees)
     assert env.dp_world == dist.get_world_size() // degrees["tp"]
@@ -276,6 +276,14 @@ def tensor_parallel(name: str, **degrees):
     losses = train_steps(model, opt, env, range(STEPS), grads)
     compare(name, ref, losses, grads, model.tp_layout.to_natural)
     return cfg, model, opt, env
+
+
+@check
+def tp_tied():
+    """Tensor parallel with the LM head tied to the embedding: one DTensor split over the vocabulary for both."""
+    cfg, model, opt, env = tensor_parallel("tp_tied", tp=2, config=dict(tie_embeddings=True))
+    assert model.lm_head.weight is model.embed.tokens.weight
+    check_plan("tp_tied", cfg, model.parameters(), opt, dp=env.dp_world, tp=2, fsdp=env.dp_world > 1)
 
 
 @check

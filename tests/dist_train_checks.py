@@ -72,9 +72,15 @@ def pp(tmp: Path, cache: Path) -> None:
     1F1B stages resumes on them (sharded checkpoint, stage names mapped to the whole model's)."""
     train(TINY, settings(tmp / "pp_1f1b", cache, steps=3, pp=2, microbatches=2, eval_every=3, stop_at=2))
     train(TINY, settings(tmp / "pp_1f1b", cache, steps=3, pp=2, microbatches=2, eval_every=3, resume=True))
+    from llmarch.train.loop import Trainer
+    from tests.dist_checks import check_plan
+
     deep = TINY.replace(n_layers=4)
-    train(deep, settings(tmp / "pp_interleaved", cache, steps=3, pp=2, pp_schedule="interleaved", microbatches=4,
-                         eval_every=3, clip=0.05))
+    trainer = Trainer(deep, settings(tmp / "pp_interleaved", cache, steps=3, pp=2, pp_schedule="interleaved",
+                                     microbatches=4, eval_every=3, clip=0.05))
+    trainer.run()
+    # llmarch plan --mesh pp=2: the largest rank's parameters and AdamW moments, measured on the stages
+    check_plan("pp_interleaved", trainer.cfg, trainer.model.parameters(), trainer.optimizer, pp=2, fsdp=False)
 
 
 @check

@@ -20,6 +20,12 @@ def test_parallel_axes_equal_one_process():
     launch("dist_checks.py", 4, [], CHECKS)
 
 
+def test_tensor_parallel_with_tied_head_on_two_processes():
+    """tp=2 with the LM head tied to the embedding (one vocabulary-sharded DTensor): losses and gradients of one
+    process within 1e-5; the measured per-rank parameters and AdamW moments equal ``llmarch plan --mesh tp=2``."""
+    launch("dist_checks.py", 2, [], ["tp_tied"])
+
+
 LLAMA = llmarch.preset("llama-tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
 
 

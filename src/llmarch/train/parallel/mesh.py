@@ -68,9 +68,6 @@ class MeshSpec:
             if cfg.position in ("alibi", "relative"):
                 raise ValueError(f"position: {cfg.position!r} adds a per-head score bias over all heads, which tensor "
                                  "parallel does not split yet; use --tp 1 for this model")
-            if cfg.tie_embeddings:
-                raise ValueError("tie_embeddings: a head tied to the embedding is not split by tensor parallel yet; "
-                                 "use --tp 1 or --set tie_embeddings=false")
             if cfg.moe is not None:
                 raise ValueError("moe: tensor parallel does not split MoE layers; shard experts with --ep instead")
         if self.ep > 1:

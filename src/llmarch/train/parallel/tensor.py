@@ -156,6 +156,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     tp = tp_mesh.size()
     orders: dict[str, torch.Tensor] = {}
     replicated = set()
+    tied = tied_pairs(model)
     for name, m in list(model.named_modules()):
         key = type(m).__name__
         if key not in TP_PLANS:
@@ -171,11 +172,26 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
                 params[pname].data = params[pname].data[order.to(params[pname].device)].contiguous()
             orders[f"{name}.{pname}" if name else pname] = order
         parallelize_module(m, tp_mesh, plan)
+    for (alias, attr), (source, source_attr) in tied.items():  # a tied head shares the embedding's vocab shards
+        setattr(model.get_submodule(alias), attr, getattr(model.get_submodule(source), source_attr))
     if replicated:
         log.info("tensor parallel: %s stay replicated on every tp rank", sorted(replicated))
     layout = Relayout(orders)
     model.tp_layout = layout
     return layout
+
+
+def tied_pairs(model: nn.Module) -> dict[tuple[str, str], tuple[str, str]]:
+    """{(module, attribute) of an alias: (module, attribute) of the parameter it shares} (a tied LM head). Both
+    sides are split the same way (vocabulary rows, ``Shard(0)``), so the alias is pointed at the sharded source."""
+    seen: dict[int, tuple[str, str]] = {}
+    pairs = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m.named_parameters(recurse=False):
+            if id(p) in seen and seen[id(p)][0] != name:
+                pairs[(name, attr)] = seen[id(p)]
+            seen.setdefault(id(p), (name, attr))
+    return pairs
 
 
 def loss_context(model: nn.Module):
@@ -187,4 +203,4 @@ def loss_context(model: nn.Module):
     return loss_parallel()
 
 
-__all__ = ["TP_PLANS", "apply_tensor_parallel", "Relayout", "heads_layout", "halves_layout", "loss_context"]
+__all__ = ["TP_PLANS", "apply_tensor_parallel", "tied_pairs", "Relayout", "heads_layout", "halves_layout", "loss_context"]
