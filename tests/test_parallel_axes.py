@@ -12,7 +12,7 @@ from llmarch.train.parallel.mesh import MeshSpec, spec_for
 from llmarch.train.parallel.tensor import Relayout, halves_layout, heads_layout
 from tests.dist_util import launch
 
-CHECKS = ["tp_fsdp", "tp_sp", "ep", "pp", "dcp"]  # ("tp", tensor parallel alone, runs on 2 processes)
+CHECKS = ["tp_fsdp", "tp_sp", "tp_kv_copies", "ep", "pp", "dcp"]  # ("tp", tensor parallel alone, runs on 2 processes)
 
 
 def test_parallel_axes_equal_one_process():
@@ -20,10 +20,11 @@ def test_parallel_axes_equal_one_process():
     launch("dist_checks.py", 4, [], CHECKS)
 
 
-def test_tensor_parallel_with_tied_head_on_two_processes():
-    """tp=2 with the LM head tied to the embedding (one vocabulary-sharded DTensor): losses and gradients of one
-    process within 1e-5; the measured per-rank parameters and AdamW moments equal ``llmarch plan --mesh tp=2``."""
-    launch("dist_checks.py", 2, [], ["tp_tied"])
+def test_tensor_parallel_tied_head_and_kv_copies_on_two_processes():
+    """tp=2 with the LM head tied to the embedding (one vocabulary-sharded DTensor), and with one kv head for two
+    tp ranks (copied, gradients summed): losses and gradients of one process within 1e-5 (and the gradient norm);
+    the measured per-rank parameters and AdamW moments of the tied run equal ``llmarch plan --mesh tp=2``."""
+    launch("dist_checks.py", 2, [], ["tp_tied", "tp_kv_copies"])
 
 
 LLAMA = llmarch.preset("llama-tiny", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
@@ -32,7 +33,6 @@ LLAMA = llmarch.preset("llama-tiny", d_model=32, n_layers=2, n_heads=4, n_kv_hea
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tp=3), "does not divide the world size"),
     (dict(dp=4, tp=2), "must equal the world size"),
-    (dict(tp=4, ep=1, pp=1, world=8), "n_kv_heads: 2 is not divisible by tp = 4"),
     (dict(ep=2, world=2), "needs an MoE model"),
     (dict(pp=4, world=4), "n_layers: 2 is not divisible by pp = 4"),
 ])
@@ -44,6 +44,9 @@ def test_mesh_errors_name_the_field(kwargs, message):
 
 def test_mesh_fills_dp_and_checks_experts():
     assert spec_for(LLAMA, 8, tp=2, pp=2) == MeshSpec(2, 2, 1, 2)
+    assert spec_for(LLAMA, 4, tp=4).tp == 4  # 2 kv heads, each copied on 2 tp ranks
+    with pytest.raises(ValueError, match="n_kv_heads: 3 and tp = 2 must divide one another"):
+        spec_for(LLAMA.replace(d_model=48, n_heads=12, n_kv_heads=3), 2, tp=2)
     moe = llmarch.preset("mixtral-tiny")
     assert spec_for(moe, 2, ep=2).ep == 2
     with pytest.raises(ValueError, match="ep must equal dp"):
@@ -64,16 +67,19 @@ def test_relayouts_keep_each_ranks_heads_together():
 
 
 def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
-    """``llmarch train --nproc 2 --tp 2 --sp`` (both ranks read the same batch of 4, each keeps half of every
-    sequence between the tensor-parallel layers): the losses of one process; its checkpoint holds the natural
-    layout (the same weights as one process's), sharded by DCP and read back as one model."""
+    """``llmarch train --nproc 2 --tp 2 --sp`` with one kv head (copied on both ranks; both ranks read the same
+    batch of 4, each keeps half of every sequence between the tensor-parallel layers; gradients clipped at 1.0):
+    the losses of one process; its checkpoint holds the natural layout (the same weights as one process's),
+    sharded by DCP and read back as one model."""
     from llmarch.train import train
     from llmarch.train.metrics import read_metrics
-    from tests.test_train_distributed import losses, torchrun
+    from tests.test_train_distributed import MODEL_ARGS, losses, torchrun
     from tests.train_util import TINY, settings
 
-    train(TINY, settings(tmp_path / "one", tmp_path / "cache", steps=4, batch_size=4, eval_every=2))
-    torchrun(tmp_path / "tp", tmp_path / "cache", "--tp", "2", "--sp", "--batch-size", "4")
+    one_kv = TINY.replace(n_kv_heads=1)
+    train(one_kv, settings(tmp_path / "one", tmp_path / "cache", steps=4, batch_size=4, eval_every=2))
+    torchrun(tmp_path / "tp", tmp_path / "cache", "--tp", "2", "--sp", "--batch-size", "4",
+             model_args=MODEL_ARGS + ["--set", "n_kv_heads=1"])
     a, b = losses(read_metrics(tmp_path / "one")), losses(read_metrics(tmp_path / "tp"))
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)

@@ -196,11 +196,16 @@ class Trainer:
                 self.precision.backward(loss)
             per_micro.append([s[t].detach() for t in terms] + ([aux.detach()] if with_aux else []))
         D.grad_sync(self.model, True)
+        copies = getattr(D.unwrap(self.model), "kv_copies", None)  # tp > kv heads: sum the copies' gradients
+        if copies is not None:
+            copies.sync(D.unwrap(self.model))
         self.precision.unscale(self.optimizer)
         grad_norm = None
         if tc.clip > 0:
-            clip = clip_grad_norm if hasattr(D.unwrap(self.model), "parallel_mesh") else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(self.model.parameters(), tc.clip)
+            if hasattr(D.unwrap(self.model), "parallel_mesh"):
+                grad_norm = clip_grad_norm(self.model.parameters(), tc.clip, copies and copies.row_weights())
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.schedule.lr
         self.precision.step(self.optimizer)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from llmarch.config import ModelConfig
@@ -75,7 +76,10 @@ def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
     if spec.tp > 1:
         from llmarch.train.parallel.tensor import apply_tensor_parallel
 
+        from llmarch.train.parallel.kv_copies import attach_kv_copies
+
         apply_tensor_parallel(model, mesh["tp"], getattr(tc, "sequence_parallel", False))
+        attach_kv_copies(model, mesh, cfg.kv_heads, cfg.dh)  # G < T: copies of kv heads, gradients summed
     if spec.ep > 1:
         from llmarch.train.parallel.expert import apply_expert_parallel, expert_parallel_names
 
@@ -100,12 +104,23 @@ def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
     return model
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, row_weights: dict | None = None) -> torch.Tensor:
     """Global gradient-norm clip over plain and DTensor gradients on any meshes (torch's own clip refuses to mix
-    them): each gradient's norm is reduced over its mesh, then combined. Returns the total norm (before clip)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    them): each gradient's norm is reduced over its mesh, then combined. ``row_weights`` (id(param) -> weight of
+    each local row, e.g. 1/copies on copied kv rows) weights a sharded gradient's squares. Returns the total norm
+    (before clip)."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
     squares = []
-    for g in grads:
+    for p, g in zip(params, grads):
+        w = (row_weights or {}).get(id(p))
+        if w is not None:  # a Shard(0) DTensor gradient: weighted local squares, summed over its whole mesh
+            local = g.to_local().float()
+            sq = (local.pow(2).reshape(local.shape[0], -1).sum(1) * w).sum()
+            for dim in range(g.device_mesh.ndim):
+                dist.all_reduce(sq, group=g.device_mesh.get_group(dim))
+            squares.append(sq)
+            continue
         n = torch.linalg.vector_norm(g, dtype=torch.float32)
         squares.append((n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2)
     total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())

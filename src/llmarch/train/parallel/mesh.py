@@ -59,12 +59,13 @@ class MeshSpec:
         """Divisibility of the model's sizes by the degrees that split them (ValueError naming the field)."""
         tp = self.tp
         if tp > 1:
-            for field, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("d_ff", cfg.d_ff),
-                             ("vocab_size", cfg.vocab_size)):
+            for field, n in (("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff), ("vocab_size", cfg.vocab_size)):
                 if n % tp:
-                    hint = " (fewer kv heads than tp ranks: replicating kv heads is not implemented yet; use " \
-                           "tp <= n_kv_heads)" if field == "n_kv_heads" and n < tp else ""
-                    raise ValueError(f"{field}: {n} is not divisible by tp = {tp}{hint}; choose --tp dividing it")
+                    raise ValueError(f"{field}: {n} is not divisible by tp = {tp}; choose --tp dividing it")
+            G = cfg.kv_heads  # G < tp: each kv head copied on tp / G ranks
+            if (G % tp if G >= tp else tp % G):
+                raise ValueError(f"n_kv_heads: {G} and tp = {tp} must divide one another (kv heads split over the "
+                                 "ranks, or each copied on tp / n_kv_heads ranks); choose --tp accordingly")
             if cfg.position in ("alibi", "relative"):
                 raise ValueError(f"position: {cfg.position!r} adds a per-head score bias over all heads, which tensor "
                                  "parallel does not split yet; use --tp 1 for this model")
