@@ -70,7 +70,9 @@ class MeshSpec:
                 raise ValueError(f"position: {cfg.position!r} adds a per-head score bias over all heads, which tensor "
                                  "parallel does not split yet; use --tp 1 for this model")
             if cfg.moe is not None:
-                raise ValueError("moe: tensor parallel does not split MoE layers; shard experts with --ep instead")
+                raise ValueError("moe: tensor parallel does not split MoE layers (every tp rank would hold all the "
+                                 "experts, the bulk of an MoE model's weights); shard the experts over the "
+                                 "data-parallel ranks instead: --tp 1 --ep N --parallel ddp")
         if self.ep > 1:
             if cfg.moe is None:
                 raise ValueError("ep: expert parallelism needs an MoE model (config field moe); use --ep 1")
