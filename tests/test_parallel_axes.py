@@ -64,6 +64,10 @@ def test_relayouts_keep_each_ranks_heads_together():
     w = torch.randn(len(order), 5)
     assert torch.equal(r.to_natural("w", r.to_parallel("w", w)), w)
     assert torch.equal(r.to_parallel("other", w), w)
+    copies = heads_layout(4, 1, 1, 2)  # one kv head (rows 4, 5) copied on both ranks
+    assert copies.tolist() == [0, 1, 4, 5, 2, 3, 4, 5]
+    r, w = Relayout({"w": copies}), torch.randn(6, 3)
+    assert r.to_parallel("w", w).shape == (8, 3) and torch.equal(r.to_natural("w", r.to_parallel("w", w)), w)
 
 
 def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):

@@ -60,10 +60,24 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return state
 
 
+def _aliases(model_state: dict) -> dict[str, str]:
+    """{alias: source} of entries that are the same tensor (a tied head): stored once."""
+    seen, aliases = {}, {}
+    for k, v in model_state.items():
+        local = v.to_local() if hasattr(v, "to_local") else v
+        key = (local.data_ptr(), tuple(v.shape))
+        if key in seen and local.numel():
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+    return aliases
+
+
 def _flat(state: dict, names: dict[str, str] | None) -> dict[str, torch.Tensor]:
     """``{model.<name>: t, optim.<name>.<key>: t}`` with global names (``names`` maps a stage's own names)."""
     rename = (lambda n: names.get(n, n)) if names else (lambda n: n)
-    flat = {MODEL + rename(k): v for k, v in state["model"].items()}
+    tied = _aliases(state["model"])
+    flat = {MODEL + rename(k): v for k, v in state["model"].items() if k not in tied}
     for k, st in state["optim"].get("state", {}).items():
         flat.update({f"{OPTIM}{rename(k)}.{key}": v for key, v in st.items() if torch.is_tensor(v)})
     return flat
@@ -72,8 +86,9 @@ def _flat(state: dict, names: dict[str, str] | None) -> dict[str, torch.Tensor]:
 def _unflat(state: dict, flat: dict, names: dict[str, str] | None) -> None:
     """In place: the tensors ``flat`` now holds back into ``state``."""
     rename = (lambda n: names.get(n, n)) if names else (lambda n: n)
+    tied = _aliases(state["model"])
     for k in state["model"]:
-        state["model"][k] = flat[MODEL + rename(k)]
+        state["model"][k] = flat[MODEL + rename(tied.get(k, k))]
     for k, st in state["optim"].get("state", {}).items():
         for key, v in st.items():
             if torch.is_tensor(v):

@@ -144,7 +144,7 @@ class Relayout:
 
     def to_parallel(self, name: str, t: torch.Tensor) -> torch.Tensor:
         order = self.orders.get(name)
-        if order is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != len(order):
+        if order is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != int(order.max()) + 1:
             return t
         return t[order.to(t.device)]
 
