@@ -69,9 +69,12 @@ def dcp(tmp: Path, cache: Path) -> None:
 def pp(tmp: Path, cache: Path) -> None:
     """Pipeline parallel in the loop: 2 stages under 1F1B (2 layers), and 4 stages (2 per rank) under the
     interleaved schedule with gradient clipping; the test compares them with one process. A run saved on the
-    1F1B stages resumes on them (sharded checkpoint, stage names mapped to the whole model's)."""
+    1F1B stages resumes on them (sharded checkpoint, stage names mapped to the whole model's), and so does a
+    one-process run's full checkpoint."""
     train(TINY, settings(tmp / "pp_1f1b", cache, steps=3, pp=2, microbatches=2, eval_every=3, stop_at=2))
     train(TINY, settings(tmp / "pp_1f1b", cache, steps=3, pp=2, microbatches=2, eval_every=3, resume=True))
+    # a one-process (full) checkpoint written by the test, resumed on the stages
+    train(TINY, settings(tmp / "one_cut", cache, steps=3, pp=2, microbatches=2, eval_every=3, resume=True))
     from llmarch.train.loop import Trainer
     from tests.dist_checks import check_plan
 

@@ -54,9 +54,10 @@ def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path, cache):
 def test_pipeline_parallel_in_the_loop_equals_one_process(tmp_path, cache):
     """``--pp 2`` (1F1B, 2 micro-batches; cut at step 2 and resumed from its sharded checkpoint) and the
     interleaved schedule (4 stages, 2 per rank, clipped): the losses, gradient norms, validation loss and updated
-    weights of one process within 1e-5."""
+    weights of one process within 1e-5; a one-process checkpoint resumed on pp=2 continues the same run."""
     from llmarch.checkpoint import load_model
 
+    train(TINY, settings(tmp_path / "one_cut", cache, steps=3, eval_every=3, stop_at=2))  # resumed on pp=2
     launch(tmp_path, cache, "pp")
     for run, cfg, extra in (("pp_1f1b", TINY, {}), ("pp_interleaved", TINY.replace(n_layers=4), dict(clip=0.05))):
         train(cfg, settings(tmp_path / f"one_{run}", cache, steps=3, eval_every=3, save_every=3, **extra))
@@ -72,3 +73,5 @@ def test_pipeline_parallel_in_the_loop_equals_one_process(tmp_path, cache):
         w2 = load_model(tmp_path / run / step3).state_dict()
         assert w1.keys() == w2.keys()
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5, run
+    cut, whole = read_metrics(tmp_path / "one_cut"), read_metrics(tmp_path / "one_pp_1f1b")
+    assert cut[-1]["step"] == 3 and abs(cut[-1]["loss"] - whole[-1]["loss"]) < 1e-5, (cut, whole)
