@@ -139,3 +139,15 @@ def test_train_settings_refuse_meshes_the_loop_cannot_run(tmp_path):
         mesh_spec(LLAMA.replace(tie_embeddings=True), 2, TrainConfig(out=str(tmp_path), pp=2))
     assert mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), pp=2)) == MeshSpec(2, 1, 1, 2)
     assert mesh_spec(LLAMA, 4, TrainConfig(out=str(tmp_path), tp=2, parallel="fsdp")) == MeshSpec(2, 2, 1, 1)
+
+
+def test_sharded_checkpoint_refuses_non_finite_shards():
+    """Every rank checks its own shards before a sharded save and all refuse together (counts summed)."""
+    from llmarch.train.finite import NonFiniteError, check_shards
+
+    good = {"w": torch.ones(2)}
+    check_shards(good, 3, lambda n: n)  # no bad tensor on any rank
+    with pytest.raises(NonFiniteError, match="step 3: a weight on another rank holds NaN"):
+        check_shards(good, 3, lambda n: n + 1)  # another rank found one
+    with pytest.raises(NonFiniteError, match="weight w holds NaN"):
+        check_shards({"w": torch.tensor([float("nan")])}, 3, lambda n: n)

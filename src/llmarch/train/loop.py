@@ -24,7 +24,7 @@ from llmarch.nn.moe import moe_metrics
 from llmarch.train import checkpoints as ckpt
 from llmarch.train import distributed as D
 from llmarch.train.expert_load import ExpertLoad
-from llmarch.train.finite import check_record, check_weights
+from llmarch.train.finite import check_record, check_shards, check_weights
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.parallel.apply import clip_grad_norm, parallelize, sharded, stage_names
@@ -285,6 +285,9 @@ class Trainer:
             state["scaler"] = self.precision.scaler.state_dict()
         if sharded(self.model, self.env):  # every rank writes its shards: nothing is gathered
             from llmarch.train.parallel import dcp
+
+            shards_here = {n: p.to_local() if hasattr(p, "to_local") else p for n, p in self.model.named_parameters()}
+            check_shards(shards_here, self.step, lambda n: D.all_reduce_sum(self.env, [n])[0])
 
             def shards(d):
                 dcp.write(self.model, self.optimizer, d, stage_names(self.model))
