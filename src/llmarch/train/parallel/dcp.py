@@ -146,11 +146,20 @@ def _reader(path: Path):
     return HuggingFaceStorageReader(str(path))
 
 
+def _read(flat: dict, reader, no_dist: bool) -> None:
+    """DCP load into ``flat`` in place; ``no_dist``: this process alone (no collectives, and without DCP's warning
+    that there is no process group, which is then the intent)."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=reader, no_dist=no_dist)
+
+
 def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.PathLike,
          names: dict[str, str] | None = None) -> None:
     """Read a sharded checkpoint into ``model`` and ``optimizer`` on this run's mesh (any mesh it was saved on, or
     one process). Collective when a process group is up."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     reader = _reader(Path(path))
@@ -158,7 +167,7 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.Path
         init_optimizer_state(optimizer)
     state = _states(model, optimizer)
     flat = _flat(state, names)
-    dcp.load(flat, storage_reader=reader)
+    _read(flat, reader, no_dist=not dist.is_initialized())
     _unflat(state, flat, names)
     layout = _layout(model)
     if layout is not None:
@@ -169,15 +178,11 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | os.Path
 def read_model_state(path: str | os.PathLike, model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (consolidated) model state of a sharded checkpoint, read in this process alone into tensors
     shaped like ``model``'s (a plain model); tied aliases are left out."""
-    import torch.distributed.checkpoint as dcp
-
     from llmarch.checkpoint import state_for_saving
 
     state = {k: torch.empty_like(v) for k, v in state_for_saving(model).items()}
     flat = {MODEL + k: v for k, v in state.items()}
-    with warnings.catch_warnings():  # "no process group: loading in one process", which is the intent here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(flat, storage_reader=_reader(Path(path)), no_dist=True)
+    _read(flat, _reader(Path(path)), no_dist=True)
     return {k: flat[MODEL + k] for k in state}
 
 
