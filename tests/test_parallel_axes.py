@@ -133,6 +133,8 @@ def test_train_settings_refuse_meshes_the_loop_cannot_run(tmp_path):
         mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, microbatches=3))
     with pytest.raises(ValueError, match="pp_schedule: 'zigzag' is not one of"):
         mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, pp_schedule="zigzag"))
+    with pytest.raises(ValueError, match="n_layers: 2 is not divisible by the 4 stages of pp = 2 with the 'inter"):
+        mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, pp_schedule="interleaved"))
     with pytest.raises(ValueError, match="pp: .* --grad-accum 1"):
         mesh_spec(LLAMA, 2, TrainConfig(out=str(tmp_path), pp=2, grad_accum=2))
     with pytest.raises(ValueError, match="tie_embeddings"):

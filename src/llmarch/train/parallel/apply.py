@@ -19,7 +19,7 @@ def mesh_spec(cfg: ModelConfig, world: int, tc) -> MeshSpec:
     """The validated mesh of a run's settings (``tc``: a TrainConfig)."""
     spec = spec_for(cfg, world, dp=tc.dp, tp=tc.tp, ep=tc.ep, pp=tc.pp)
     if spec.pp > 1:
-        check_pipeline(spec, tc)
+        check_pipeline(cfg, spec, tc)
     if spec.tp > 1 and spec.dp > 1 and tc.parallel != "fsdp":
         raise ValueError("parallel: tensor parallel with several data-parallel ranks composes with FSDP2 on a 2-D "
                          "mesh; add --parallel fsdp")
@@ -32,16 +32,20 @@ def mesh_spec(cfg: ModelConfig, world: int, tc) -> MeshSpec:
     return spec
 
 
-def check_pipeline(spec: MeshSpec, tc) -> None:
+def check_pipeline(cfg: ModelConfig, spec: MeshSpec, tc) -> None:
     """What the loop's pipeline step supports: causal-LM pre-training of a dense decoder, composed with data
     parallel (DDP-style gradient sums); micro-batches come from one batch per data-parallel rank."""
-    from llmarch.train.parallel.pipeline import SCHEDULES
+    from llmarch.train.parallel.pipeline import SCHEDULES, VIRTUAL_STAGES
 
     if spec.tp > 1 or spec.ep > 1 or tc.parallel != "ddp":
         raise ValueError("pp: pipeline stages compose with data parallel (--parallel ddp) in the training loop; "
                          "use --tp 1 --ep 1 --parallel ddp with --pp")
     if tc.pp_schedule not in SCHEDULES:
         raise ValueError(f"pp_schedule: {tc.pp_schedule!r} is not one of {sorted(SCHEDULES)}; set --pp-schedule")
+    stages = spec.pp * VIRTUAL_STAGES.get(tc.pp_schedule, 1)
+    if cfg.n_layers % stages:
+        raise ValueError(f"n_layers: {cfg.n_layers} is not divisible by the {stages} stages of pp = {spec.pp} with "
+                         f"the {tc.pp_schedule!r} schedule; choose --pp or --pp-schedule to fit")
     m = microbatches(tc)
     if tc.batch_size % m or (tc.pp_schedule == "1f1b" and m < spec.pp):
         raise ValueError(f"microbatches: {m} must divide --batch-size {tc.batch_size} (and be >= pp = {spec.pp} "
