@@ -73,7 +73,7 @@ def test_relayouts_keep_each_ranks_heads_together():
 def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
     """``llmarch train --nproc 2 --tp 2 --sp`` with one kv head (copied on both ranks; both ranks read the same
     batch of 4, each keeps half of every sequence between the tensor-parallel layers; gradients clipped at 1.0):
-    the losses of one process; its checkpoint holds the natural layout (the same weights as one process's),
+    the losses and gradient norms of one process; its checkpoint holds the natural layout (the same weights as one process's),
     sharded by DCP and read back as one model."""
     from llmarch.train import train
     from llmarch.train.metrics import read_metrics
@@ -87,6 +87,8 @@ def test_train_verb_with_tensor_parallel_matches_one_process(tmp_path):
     a, b = losses(read_metrics(tmp_path / "one")), losses(read_metrics(tmp_path / "tp"))
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+    norms = [[r["grad_norm"] for r in read_metrics(tmp_path / run)] for run in ("one", "tp")]
+    assert max(abs(x - y) for x, y in zip(*norms)) < 1e-5, norms  # the kv copies counted once
     one = llmarch.train.checkpoints.load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000004")
     step4 = tmp_path / "tp" / "checkpoints" / "step_00000004"
     assert llmarch.train.checkpoints.is_sharded(step4)  # written by both ranks with DCP
