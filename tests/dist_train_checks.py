@@ -88,9 +88,11 @@ def pp(tmp: Path, cache: Path) -> None:
 
 @check
 def pp_dp(tmp: Path, cache: Path) -> None:
-    """4 processes: pp=2 x dp=2, 2 sequences per data-parallel rank (the global batch of 4); compare with one
-    process by hand (docs/distributed.md)."""
-    train(TINY, settings(tmp / "pp_dp", cache, steps=3, pp=2, batch_size=2, microbatches=2, eval_every=3))
+    """4 processes: pp=2 x dp=2 (replicas, then FSDP2 shards of each stage), 2 sequences per data-parallel rank
+    (the global batch of 4); compare with one process by hand (docs/distributed.md)."""
+    for parallel in ("ddp", "fsdp"):
+        train(TINY, settings(tmp / f"pp_{parallel}", cache, steps=3, pp=2, batch_size=2, microbatches=2,
+                             eval_every=3, parallel=parallel))
 
 
 if __name__ == "__main__":

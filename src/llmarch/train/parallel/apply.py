@@ -37,9 +37,9 @@ def check_pipeline(cfg: ModelConfig, spec: MeshSpec, tc) -> None:
     parallel (DDP-style gradient sums); micro-batches come from one batch per data-parallel rank."""
     from llmarch.train.parallel.pipeline import SCHEDULES, VIRTUAL_STAGES
 
-    if spec.tp > 1 or spec.ep > 1 or tc.parallel != "ddp":
-        raise ValueError("pp: pipeline stages compose with data parallel (--parallel ddp) in the training loop; "
-                         "use --tp 1 --ep 1 --parallel ddp with --pp")
+    if spec.tp > 1 or spec.ep > 1:
+        raise ValueError("pp: pipeline stages compose with data parallel (--parallel ddp or fsdp) in the training "
+                         "loop; use --tp 1 --ep 1 with --pp")
     if tc.pp_schedule not in SCHEDULES:
         raise ValueError(f"pp_schedule: {tc.pp_schedule!r} is not one of {sorted(SCHEDULES)}; set --pp-schedule")
     stages = spec.pp * VIRTUAL_STAGES.get(tc.pp_schedule, 1)
@@ -75,7 +75,7 @@ def parallelize(model: nn.Module, cfg: ModelConfig, env, tc) -> nn.Module:
         from llmarch.train.parallel.pipeline_run import PipelineRun
 
         log.info("mesh: pp %d x dp %d, %s schedule", spec.pp, spec.dp, tc.pp_schedule)
-        return PipelineRun(model, mesh, tc.pp_schedule, microbatches(tc)).chunks
+        return PipelineRun(model, mesh, tc.pp_schedule, microbatches(tc), tc.parallel == "fsdp").chunks
     model.parallel_mesh = mesh
     if spec.tp > 1:
         from llmarch.train.parallel.tensor import apply_tensor_parallel

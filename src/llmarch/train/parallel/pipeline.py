@@ -53,7 +53,7 @@ def stage_layers(n_layers: int, n_stages: int, stage: int) -> tuple[int, int]:
 
 
 def build_pipeline(model: nn.Module, pp_mesh, n_microbatches: int, loss_fn, schedule: str = "1f1b",
-                   scale_grads: bool = True):
+                   scale_grads: bool = True, wrap=None):
     """This rank's stages of ``model`` (a decoder, unwrapped, on its device; an ``nn.ModuleList`` of
     :class:`DecoderStage` chunks, one per virtual stage) and the schedule that drives them.
 
@@ -61,7 +61,8 @@ def build_pipeline(model: nn.Module, pp_mesh, n_microbatches: int, loss_fn, sche
     are divided by the micro-batch count (a mean loss per micro-batch gives the mean of the whole batch), without
     it ``loss_fn`` must scale itself. Call ``schedule.step(ids, target=labels, losses=[])`` on every rank (ids on
     the rank of stage 0, labels on the rank of the last stage). ``interleaved`` gives each rank two stages, rank
-    r holding stages r and r + pp (Narayanan et al. 2021)."""
+    r holding stages r and r + pp (Narayanan et al. 2021). ``wrap(chunk)``, if given, runs on each chunk before
+    its ``PipelineStage`` is made (FSDP2's ``fully_shard``, which the stage then drives)."""
     from torch.distributed.pipelining import PipelineStage
 
     cfg = model.config
@@ -78,6 +79,8 @@ def build_pipeline(model: nn.Module, pp_mesh, n_microbatches: int, loss_fn, sche
     for v in range(virtual):
         index = v * pp + rank
         chunk = DecoderStage(model, *stage_layers(cfg.n_layers, n_stages, index), cfg.n_layers)
+        if wrap is not None:
+            wrap(chunk)
         chunks.append(chunk)
         stages.append(PipelineStage(chunk, index, n_stages, device, group=pp_mesh.get_group()))
     chunks.first, chunks.last = index_holds(rank, 0, pp, virtual), index_holds(rank, n_stages - 1, pp, virtual)

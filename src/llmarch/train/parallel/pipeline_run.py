@@ -1,5 +1,6 @@
 """Pipeline parallel inside the training loop: this rank's stages of the decoder (:mod:`.pipeline`), driven by a
-``torch.distributed.pipelining`` schedule, composed with data parallel over the ``dp`` dim of the mesh.
+``torch.distributed.pipelining`` schedule, composed with data parallel over the ``dp`` dim of the mesh: replicas
+whose gradients are summed (DDP-style), or FSDP2 shards of each stage (the schedule drives their reduce-scatter).
 
 Loss: each micro-batch's summed cross-entropy times 1 / (target count of the whole global batch), gradients not
 rescaled by the schedule, so the gradients of the stages are those of the global mean loss once the data-parallel
@@ -21,12 +22,23 @@ class PipelineRun:
     ``chunks`` is what the trainer holds as its model: the optimizer takes its parameters, checkpoints its state
     under the whole model's names (``chunks.global_names``)."""
 
-    def __init__(self, model: nn.Module, mesh, schedule: str, microbatches: int):
-        self.dp_group = mesh["dp"].get_group() if mesh["dp"].size() > 1 else None
+    def __init__(self, model: nn.Module, mesh, schedule: str, microbatches: int, fsdp: bool = False):
+        dp = mesh["dp"].size()
+        self.fsdp = fsdp and dp > 1  # FSDP2 shards each stage over dp and reduce-scatters (a mean) itself
+        self.dp_group = mesh["dp"].get_group() if dp > 1 and not self.fsdp else None
         self.pp_group = mesh["pp"].get_group()
-        self.scale = 1.0
+        self.scale, self.report = 1.0, 1.0 / dp if self.fsdp else 1.0
+
+        def shard(chunk: nn.Module) -> None:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in chunk.layers:
+                fully_shard(layer, mesh=mesh["dp"])
+            fully_shard(chunk, mesh=mesh["dp"])
+
         self.chunks, self.schedule = build_pipeline(model, mesh["pp"], microbatches, self._loss, schedule,
-                                                    scale_grads=False)
+                                                    scale_grads=False, wrap=shard if self.fsdp else None)
+        self.dp = dp
         self.chunks.global_names = stage_names(self.chunks, model)
         self.chunks.parallel_mesh = mesh
         self.chunks.pipeline = self
@@ -49,9 +61,11 @@ class PipelineRun:
         count = torch.tensor(float(batch.counts["lm"]), dtype=torch.float64)
         if self.dp_group is not None:
             dist.all_reduce(count, group=self.dp_group)
-        self.scale = 1.0 / count.item()
+        if self.fsdp:  # its mean over dp, undone: the sum of the ranks' shares of the global mean
+            dist.all_reduce(count, group=self.chunks.parallel_mesh["dp"].get_group())
+        self.scale = (self.dp if self.fsdp else 1.0) / count.item()
         with autocast():
-            loss = self._run(batch, train=True)
+            loss = self._run(batch, train=True) * self.report
         params = [p for p in self.chunks.parameters() if p.grad is not None]
         if self.dp_group is not None and params:
             grads = [p.grad for p in params]
@@ -61,7 +75,8 @@ class PipelineRun:
                 g.copy_(synced)
         norm = None
         if clip > 0:
-            sq = sum((torch.linalg.vector_norm(p.grad, dtype=torch.float32) ** 2 for p in params), torch.zeros(()))
+            sq = sum((full(torch.linalg.vector_norm(p.grad, dtype=torch.float32)) ** 2 for p in params),
+                     torch.zeros(()))
             dist.all_reduce(sq, group=self.pp_group)
             norm = sq.sqrt()
             coef = (clip / (norm + 1e-6)).clamp(max=1.0)
@@ -79,6 +94,11 @@ class PipelineRun:
         with autocast():
             total = self._run(batch, train=False)
         return total, float(batch.counts["lm"]) if self.chunks.last else 0.0
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's value reduced over its mesh (a sharded gradient's norm); a plain tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 __all__ = ["PipelineRun"]
