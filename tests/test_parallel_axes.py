@@ -1,7 +1,7 @@
 """Parallel axes on torch.distributed: mesh validation (in process); in one torchrun launch of 4 gloo processes
-(tests/dist_checks.py) TP x FSDP2 on a 2-D mesh (without and with sequence parallel), expert parallel and
-pipeline parallel each equal to one process, and DCP save on one mesh / resume on another; and
-``llmarch train --tp 2 --sp`` on 2 processes."""
+(tests/dist_checks.py) TP x FSDP2 on a 2-D mesh (without and with sequence parallel, and with kv copies), expert
+parallel and pipeline parallel each equal to one process, and DCP save on one mesh / resume on another; on 2
+processes TP with a tied head and with kv copies, and ``llmarch train --tp 2 --sp`` with one kv head."""
 from __future__ import annotations
 
 import pytest
