@@ -4,7 +4,8 @@ whose gradients are summed (DDP-style), or FSDP2 shards of each stage (the sched
 
 Loss: each micro-batch's summed cross-entropy times 1 / (target count of the whole global batch), gradients not
 rescaled by the schedule, so the gradients of the stages are those of the global mean loss once the data-parallel
-replicas of a stage have summed theirs (one all-reduce of the flattened gradients, as DDP does). The gradient
+replicas of a stage have summed theirs (one all-reduce of the flattened gradients, as DDP does; under FSDP2, whose
+reduce-scatter averages, the loss is scaled by dp instead). The gradient
 norm for clipping sums the squares over the stages (the pp ranks); the loss is reported by the last stage.
 """
 from __future__ import annotations
@@ -23,11 +24,11 @@ class PipelineRun:
     under the whole model's names (``chunks.global_names``)."""
 
     def __init__(self, model: nn.Module, mesh, schedule: str, microbatches: int, fsdp: bool = False):
-        dp = mesh["dp"].size()
+        self.dp = dp = mesh["dp"].size()
         self.fsdp = fsdp and dp > 1  # FSDP2 shards each stage over dp and reduce-scatters (a mean) itself
-        self.dp_group = mesh["dp"].get_group() if dp > 1 and not self.fsdp else None
+        self.dp_group = mesh["dp"].get_group() if dp > 1 else None
         self.pp_group = mesh["pp"].get_group()
-        self.scale, self.report = 1.0, 1.0 / dp if self.fsdp else 1.0
+        self.scale = 1.0
 
         def shard(chunk: nn.Module) -> None:
             from torch.distributed.fsdp import fully_shard
@@ -38,7 +39,6 @@ class PipelineRun:
 
         self.chunks, self.schedule = build_pipeline(model, mesh["pp"], microbatches, self._loss, schedule,
                                                     scale_grads=False, wrap=shard if self.fsdp else None)
-        self.dp = dp
         self.chunks.global_names = stage_names(self.chunks, model)
         self.chunks.parallel_mesh = mesh
         self.chunks.pipeline = self
@@ -61,13 +61,12 @@ class PipelineRun:
         count = torch.tensor(float(batch.counts["lm"]), dtype=torch.float64)
         if self.dp_group is not None:
             dist.all_reduce(count, group=self.dp_group)
-        if self.fsdp:  # its mean over dp, undone: the sum of the ranks' shares of the global mean
-            dist.all_reduce(count, group=self.chunks.parallel_mesh["dp"].get_group())
-        self.scale = (self.dp if self.fsdp else 1.0) / count.item()
+        boost = self.dp if self.fsdp else 1  # FSDP2's mean over dp, undone: the sum of the ranks' shares
+        self.scale = boost / count.item()
         with autocast():
-            loss = self._run(batch, train=True) * self.report
+            loss = self._run(batch, train=True) / boost
         params = [p for p in self.chunks.parameters() if p.grad is not None]
-        if self.dp_group is not None and params:
+        if self.dp_group is not None and not self.fsdp and params:
             grads = [p.grad for p in params]
             flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.dp_group)
