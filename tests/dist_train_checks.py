@@ -46,14 +46,14 @@ def dcp(tmp: Path, cache: Path) -> None:
     from llmarch.train.parallel.dcp import read_model_state
     from llmarch.model import build
 
-    train(TINY, settings(tmp / "whole", cache, steps=4, parallel="fsdp"))
-    train(TINY, settings(tmp / "cut", cache, steps=4, parallel="fsdp", stop_at=2))
+    train(TINY, settings(tmp / "whole", cache, steps=3, parallel="fsdp"))
+    train(TINY, settings(tmp / "cut", cache, steps=3, parallel="fsdp", stop_at=2))
     step2 = tmp / "cut" / "checkpoints" / "step_00000002"
     assert is_sharded(step2) and not (step2 / "model.safetensors").exists()
     on_main(lambda: [shutil.copytree(tmp / "cut", tmp / name) for name in ("cut_tp", "cut_one")])
-    train(TINY, settings(tmp / "cut", cache, steps=4, parallel="fsdp", resume=True))
+    train(TINY, settings(tmp / "cut", cache, steps=3, parallel="fsdp", resume=True))
     # tp=2 leaves dp=1: 8 sequences per rank keep the global batch of dp=2 x 4
-    tc = settings(tmp / "cut_tp", cache, steps=4, parallel="fsdp", tp=2, batch_size=8, resume=True)
+    tc = settings(tmp / "cut_tp", cache, steps=3, parallel="fsdp", tp=2, batch_size=8, resume=True)
     trainer = Trainer(TINY, tc)
     loaded = full_state(trainer.model, trainer.optimizer)[0]
     if dist.get_rank() == 0:

@@ -37,17 +37,17 @@ def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path, cache):
 
     launch(tmp_path, cache, "dcp")
     got = json.loads((tmp_path / "dcp.json").read_text())
-    assert got["cut"] == got["whole"] and len(got["whole"]) == 4
+    assert got["cut"] == got["whole"] and len(got["whole"]) == 3
     assert max(abs(a - b) for a, b in zip(got["cut_tp"], got["whole"])) < 1e-5, got
-    train(TINY, settings(tmp_path / "cut_one", cache, steps=4, grad_accum=2, resume=True))  # the same global batch
+    train(TINY, settings(tmp_path / "cut_one", cache, steps=3, grad_accum=2, resume=True))  # the same global batch
     one = [r["loss"] for r in read_metrics(tmp_path / "cut_one")]
     # bit-for-bit: one process with 2 micro-batches sums the same two gradients dp=2 does (scaled by powers of 2)
     assert one == got["whole"], (one, got["whole"])
-    step4 = tmp_path / "cut" / "checkpoints" / "step_00000004"
-    assert is_sharded(step4)
-    assert main(["convert", str(step4), str(tmp_path / "export")]) == 0
+    step3 = tmp_path / "cut" / "checkpoints" / "step_00000003"
+    assert is_sharded(step3)
+    assert main(["convert", str(step3), str(tmp_path / "export")]) == 0
     assert (tmp_path / "export" / "model.safetensors").is_file()
-    exported, sharded = load_model(tmp_path / "export").state_dict(), load_model(step4).state_dict()
+    exported, sharded = load_model(tmp_path / "export").state_dict(), load_model(step3).state_dict()
     assert exported.keys() == sharded.keys()
     assert all((exported[k] == v).all() for k, v in sharded.items())
 
