@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import llmarch
 from llmarch.train.parallel import mesh as M
+from llmarch.train.parallel.apply import clip_grad_norm
 from llmarch.train.parallel.tensor import loss_context
 
 TOL = 1e-5
@@ -185,7 +186,7 @@ def mesh_model(cfg, **degrees):
     return model, torch.optim.Adam(model.parameters(), lr=1e-2), env
 
 
-def train_steps(model, opt, env, steps, grads: list | None = None) -> list[float]:
+def train_steps(model, opt, env, steps, grads: list | None = None, norms: list | None = None) -> list[float]:
     """Steps of the global batch: each data-parallel rank its rows, the loss summed over the batch's targets."""
     out_losses = []
     for s in steps:
@@ -196,6 +197,11 @@ def train_steps(model, opt, env, steps, grads: list | None = None) -> list[float
             logits = model(ids[rows]).logits
             loss = F.cross_entropy(logits.flatten(0, 1), labels[rows].flatten(), reduction="sum") / labels.numel()
             (loss * env.dp_world).backward()
+        copies = getattr(model, "kv_copies", None)  # as the trainer does: sum the gradients of kv copies
+        if copies is not None:
+            copies.sync(model)
+            if norms is not None:
+                norms.append(clip_grad_norm(model.parameters(), float("inf"), copies.row_weights()).item())
         loss = full(loss).detach().clone()
         if env.dp_world > 1:
             mesh = getattr(model, "parallel_mesh", None)  # over the data-parallel ranks only
@@ -266,16 +272,59 @@ def dcp():
         print(f"dcp: ok (resume on tp bit-equal, on fsdp within {worst:.1e})", flush=True)
 
 
-def tensor_parallel(name: str, **degrees):
-    """Train with tensor parallel (+ FSDP2 over what the world leaves) and compare with one process."""
-    cfg = llmarch.preset("llama-tiny", **LLAMA)
+def tensor_parallel(name: str, config: dict | None = None, **degrees):
+    """Train with tensor parallel (+ FSDP2 over what the world leaves) and compare with one process (with kv
+    copies, also the gradient norm the trainer clips with)."""
+    cfg = llmarch.preset("llama-tiny", **{**LLAMA, **(config or {})})
     ref = reference(cfg)
     model, opt, env = mesh_model(cfg, **degrees)
     assert env.dp_world == dist.get_world_size() // degrees["tp"]
-    grads = []
-    losses = train_steps(model, opt, env, range(STEPS), grads)
+    grads, norms = [], []
+    losses = train_steps(model, opt, env, range(STEPS), grads, norms)
     compare(name, ref, losses, grads, model.tp_layout.to_natural)
+    want = [torch.stack([g.norm() for g in step.values()]).norm().item() for step in ref[1]]
+    assert not norms or max(abs(a - b) for a, b in zip(norms, want)) < TOL, (name, norms, want)
     return cfg, model, opt, env
+
+
+@check
+def tp_kv_copies():
+    """GQA with one kv head on tp = 2 (dp = world / 2, FSDP2): each rank holds a copy of it, their gradients are
+    summed, the copies stay equal, and the clipped norm counts them once; a DCP round trip is exact."""
+    cfg, model, opt, env = tensor_parallel("tp_kv_copies", config=dict(n_kv_heads=1), tp=2)
+    check_plan("tp_kv_copies", cfg, model.parameters(), opt, rel=0.05 if env.dp_world > 1 else 0.0,
+               dp=env.dp_world, tp=2, fsdp=env.dp_world > 1)
+    qkv = full(model.decoder.layers[0].attn.qkv.weight)  # [q_0 k v | q_1 k v] rows, Dh = 8
+    h = qkv.shape[0] // 2
+    assert model.kv_copies is not None and torch.equal(qkv[h - 16:h], qkv[2 * h - 16:])
+    round_trip("tp_kv_copies", cfg, model, opt, tp=2)
+
+
+@check
+def tp_tied():
+    """Tensor parallel with the LM head tied to the embedding: one DTensor split over the vocabulary for both."""
+    cfg, model, opt, env = tensor_parallel("tp_tied", tp=2, config=dict(tie_embeddings=True))
+    assert model.lm_head.weight is model.embed.tokens.weight
+    check_plan("tp_tied", cfg, model.parameters(), opt, dp=env.dp_world, tp=2, fsdp=env.dp_world > 1)
+    round_trip("tp_tied", cfg, model, opt, tp=2, config=dict(tie_embeddings=True))
+
+
+def round_trip(name, cfg, model, opt, **degrees) -> None:
+    """A sharded DCP save of ``model`` / ``opt`` read back into a fresh model on the same mesh: bit-equal."""
+    import tempfile
+    from pathlib import Path
+
+    from llmarch.train.parallel import dcp as DCP
+
+    degrees.pop("config", None)
+    tmp = [tempfile.mkdtemp() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(tmp)
+    DCP.save(model, opt, Path(tmp[0]) / "ckpt")
+    fresh, fresh_opt, _ = mesh_model(cfg, **degrees)
+    DCP.load(fresh, fresh_opt, Path(tmp[0]) / "ckpt")
+    a, b = full_states(model, opt), full_states(fresh, fresh_opt)
+    if dist.get_rank() == 0:
+        assert same(a[0], b[0]) == 0.0 and same(a[1]["state"], b[1]["state"]) == 0.0, name
 
 
 @check

@@ -95,10 +95,16 @@ def _load(path: Path, dtype: torch.dtype | None) -> Model:
         return load_quantized(path)
     cfg = ModelConfig.from_file(path / "config.json")
     weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors")
     model = build(cfg)
-    state = load_file(str(weights))
+    if not weights.is_file() and (path / "sharded").is_dir():  # a sharded training checkpoint: consolidate here
+        from llmarch.train.parallel.dcp import read_model_state
+
+        verify_manifest(path / "sharded")
+        state = read_model_state(path / "sharded", model)
+    elif not weights.is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors")
+    else:
+        state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(model.tied_names())
     missing = [m for m in missing if m not in tied]

@@ -1,7 +1,8 @@
 """Per-rank memory and communication of a training step on a device mesh (``llmarch plan --mesh dp=2,tp=2``).
 
 Parameters per rank follow what :mod:`llmarch.train.parallel` shards: tensor parallel splits the embedding,
-attention projections, dense FFN and LM head over ``tp`` (Megatron-LM, Shoeybi et al. 2019); expert parallel the
+attention projections, dense FFN and LM head over ``tp`` (Megatron-LM, Shoeybi et al. 2019; with fewer kv heads
+than tp ranks each rank holds one kv head); expert parallel the
 routed experts over ``ep``; pipeline parallel the blocks over ``pp`` (embedding on the first stage, head on the
 last; the larger stage is reported); FSDP2 then divides everything by ``dp`` (ZeRO-3, Rajbhandari et al. 2020).
 Communication counts bytes each rank sends per optimizer step with ring collectives (all-reduce 2(n-1)/n of the
@@ -36,6 +37,9 @@ def rank_params(cfg: ModelConfig, dp: int = 1, tp: int = 1, ep: int = 1, pp: int
     """Parameters one rank holds (the largest pipeline stage)."""
     comp = count_params(cfg).components
     local = {k: v / (tp if k in TP_SPLIT else 1) / (ep if k == "experts" else 1) for k, v in comp.items()}
+    for k in ("attn_k", "attn_v"):  # fewer kv heads than tp ranks: each rank holds a copy of one kv head
+        if k in comp and cfg.kv_heads < tp:
+            local[k] = comp[k] / cfg.kv_heads
     blocks = sum(v for k, v in local.items() if k in BLOCK) / pp
     rest = {k: v for k, v in local.items() if k not in BLOCK}
     first = sum(v for k, v in rest.items() if k in ("embeddings", "token_types", "positions", "embed_norm"))
@@ -51,7 +55,7 @@ def mesh_plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "fp32
     w = dtype_bytes(dtype)
     n = rank_params(cfg, dp, tp, ep, pp, fsdp)
     full_stage = rank_params(cfg, 1, tp, ep, pp, fsdp=False)  # what FSDP gathers / DDP all-reduces
-    local = cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=cfg.kv_heads // tp, d_ff=cfg.d_ff // tp,
+    local = cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=max(cfg.kv_heads // tp, 1), d_ff=cfg.d_ff // tp,
                         head_dim=cfg.dh) if tp > 1 else cfg
     L = cfg.n_layers // pp
     tokens = batch * seq_len

@@ -6,6 +6,11 @@
 - ``rng.safetensors`` (every rank's generator states), ``state.json`` (step, data position, schedule, settings);
 - ``manifest.json`` last: the size and sha256 of every other file.
 
+A sharded run (FSDP2, tensor, expert or pipeline parallel on several processes) writes ``sharded/`` instead of
+``model.safetensors`` and ``optimizer.pt``: every rank's shards in DCP's safetensors layout (with its own
+manifest), never gathered on one rank; it resumes on any mesh or one process (:mod:`llmarch.train.parallel.dcp`),
+and ``llmarch convert`` / ``generate`` read it as a model directory.
+
 A checkpoint is written in a temporary directory, fsynced and renamed into place, so a crash leaves the previous
 one intact; one whose manifest is missing or does not match its files, or whose files cannot be read, is refused
 with the reason, and ``--resume`` falls back to the newest good one. Only the last ``keep_last`` are kept.
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 SUBDIR = "checkpoints"
 PREFIX = "step_"
 REQUIRED = ("model.safetensors", "config.json", "optimizer.pt", "rng.safetensors", "state.json")
+SHARDED = "sharded"  # the DCP shards of a sharded run, in place of model.safetensors + optimizer.pt
+SHARDED_REQUIRED = ("config.json", "rng.safetensors", "state.json")
 STATE_KEYS = ("step", "consumed", "schedule", "train")
 
 
@@ -63,6 +70,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: ModelConfig, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return _finish(run_dir, path, keep_last)
+
+
+def _finish(run_dir, path: Path, keep_last: int) -> Path:
     verify(path)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -70,9 +81,50 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: ModelConfig, 
     return path
 
 
+def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, config: ModelConfig, write_shards,
+                            rng: dict[str, torch.Tensor], state: dict, tokenizer: Tokenizer, keep_last: int = 3,
+                            main: bool = True) -> Path | None:
+    """Checkpoint ``step`` of a sharded run; collective (every rank calls it). ``write_shards(dir)`` writes this
+    rank's shards into the staged directory; rank 0 (``main``) then adds config, tokenizer, RNG states, state and
+    manifests, and renames the whole into place. Returns the path on rank 0."""
+    import torch.distributed as dist
+
+    path = Path(run_dir) / SUBDIR / f"{PREFIX}{step:08d}"
+    tmp = path.with_name(f".{path.name}.tmp.sharded")  # one name every rank knows
+    if main:
+        for stale in path.parent.glob(f".{PREFIX}*.tmp.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (tmp / SHARDED).mkdir(parents=True)
+    dist.barrier()
+    write_shards(tmp / SHARDED)
+    dist.barrier()
+    if not main:
+        return None
+    try:
+        config.to_file(tmp / "config.json")
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, sort_keys=True))
+        write_manifest(tmp / SHARDED)
+        write_manifest(tmp)
+        commit_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(run_dir, path, keep_last)
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / SHARDED).is_dir()
+
+
 def verify(path: Path) -> None:
     """Raise :class:`CheckpointError` naming what is wrong if ``path`` is not a complete, intact checkpoint."""
-    verify_manifest(path, REQUIRED)
+    if is_sharded(path):
+        verify_manifest(path, SHARDED_REQUIRED)
+        verify_manifest(path / SHARDED)
+    else:
+        verify_manifest(path, REQUIRED)
 
 
 def latest_good(run_dir: str | os.PathLike) -> Path | None:
@@ -88,8 +140,9 @@ def readable(path: Path) -> Path:
     verify(path)
     try:
         ModelConfig.from_file(path / "config.json")
-        with safe_open(str(path / "model.safetensors"), "pt") as fh:
-            fh.keys()
+        for f in sorted((path / SHARDED).glob("*.safetensors")) if is_sharded(path) else [path / "model.safetensors"]:
+            with safe_open(str(f), "pt") as fh:
+                fh.keys()
     except Exception as e:  # noqa: BLE001 - a crafted file that passes its hash
         raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
     return path
@@ -115,8 +168,11 @@ def load_checkpoint(path: Path) -> dict:
     passes its hash but cannot be read (crafted, or written by something else) is a :class:`CheckpointError`."""
     verify(path)
     try:
-        loaded = {"model": load_file(str(path / "model.safetensors")),
-                  "optimizer": torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"),
+        sharded = is_sharded(path)  # weights and optimizer state are read by the run, onto its mesh
+        loaded = {"model": None if sharded else load_file(str(path / "model.safetensors")),
+                  "optimizer": None if sharded else torch.load(path / "optimizer.pt", weights_only=True,
+                                                               map_location="cpu"),
+                  "sharded": path / SHARDED if sharded else None,
                   "rng": load_file(str(path / "rng.safetensors")),
                   "state": json.loads((path / "state.json").read_text()),
                   "config": ModelConfig.from_file(path / "config.json")}
@@ -124,7 +180,7 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
     state = loaded["state"]
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing or not isinstance(loaded["optimizer"], dict):
+    if missing or not (sharded or isinstance(loaded["optimizer"], dict)):
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint: state.json lacks {missing}"
                               if missing else f"checkpoint {path}: optimizer.pt does not hold a state dict")
     return loaded
@@ -173,5 +229,5 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     return found
 
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_for_resume", "latest_good", "list_checkpoints", "verify",
+__all__ = ["save_checkpoint", "save_sharded_checkpoint", "is_sharded", "SHARDED", "load_checkpoint", "load_for_resume", "latest_good", "list_checkpoints", "verify",
            "readable", "resolve_model_dir", "find_resume", "tied_aliases", "CheckpointError"]

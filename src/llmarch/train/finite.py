@@ -41,4 +41,13 @@ def check_weights(state: dict[str, torch.Tensor], step: int) -> None:
                                  f"Hint: {HINT}")
 
 
-__all__ = ["NonFiniteError", "check_record", "check_weights", "HINT"]
+def check_shards(state: dict[str, torch.Tensor], step: int, count_bad) -> None:
+    """:func:`check_weights` for a sharded run: ``state`` holds this rank's shards, ``count_bad(n)`` sums the
+    ranks' counts of bad tensors (collective), so every rank refuses together."""
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if count_bad(len(bad)):
+        where = f"weight {bad[0]}" if bad else "a weight on another rank"
+        raise NonFiniteError(f"step {step}: {where} holds NaN or infinity; no checkpoint was written. Hint: {HINT}")
+
+
+__all__ = ["NonFiniteError", "check_record", "check_weights", "check_shards", "HINT"]

@@ -24,10 +24,10 @@ from llmarch.nn.moe import moe_metrics
 from llmarch.train import checkpoints as ckpt
 from llmarch.train import distributed as D
 from llmarch.train.expert_load import ExpertLoad
-from llmarch.train.finite import check_record, check_weights
+from llmarch.train.finite import check_record, check_shards, check_weights
 from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
-from llmarch.train.parallel.apply import clip_grad_norm, parallelize
+from llmarch.train.parallel.apply import clip_grad_norm, parallelize, sharded, stage_names
 from llmarch.train.parallel.tensor import loss_context
 from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
 from llmarch.train.posttrain import initial_model, prepare_for, write_adapter
@@ -59,7 +59,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         resume_from, self.state = ckpt.find_resume(self.out, tc.resume, self.env.is_main)
         if resume_from is not None:  # refuse a changed run before tokenising the corpus
-            check_resumable(self.state, model_cfg, tc, resume_from)
+            check_resumable(self.state, model_cfg, tc, resume_from, self.env.world)
         tc, self.prep = prepare_for(tc, model_cfg, self.env, resume_from)  # a text corpus, or example rows
         self.tc = tc
         self.tokenizer = self.prep.tokenizer
@@ -78,7 +78,7 @@ class Trainer:
         self.objective.attach(model)  # before resumed weights: a DPO reference is the starting model
         self.train_seqs, self.val_seqs = self.objective.sources(self.prep.splits, tc)
         self.aliases = ckpt.tied_aliases(model)
-        if self.state is not None:
+        if self.state is not None and self.state["model"] is not None:  # a sharded one loads after parallelize
             missing, unexpected = model.load_state_dict(self.state["model"], strict=False)
             if set(missing) - self.aliases or unexpected:
                 raise ckpt.CheckpointError(f"{resume_from}: checkpoint weights do not fit the model: missing "
@@ -113,7 +113,17 @@ class Trainer:
     # --- resume ---------------------------------------------------------------------------------------------
     def _restore(self, loaded: dict) -> None:
         s = loaded["state"]
-        D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
+        if loaded["sharded"] is not None:  # weights and optimizer state resharded onto this run's mesh
+            from llmarch.train.parallel import dcp
+
+            dcp.load(self.model, self.optimizer, loaded["sharded"], stage_names(self.model))
+        elif stage_names(self.model) is not None:  # a full checkpoint resumed on pipeline stages
+            from llmarch.train.parallel.pipeline import local_optimizer_state
+
+            D.load_optimizer_state(self.model, self.optimizer,
+                                   local_optimizer_state(loaded["optimizer"], stage_names(self.model)))
+        else:
+            D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
         self.schedule.load_state_dict(s["schedule"])
         self.step, self.consumed = s["step"], s["consumed"]
         if self.precision.scaler is not None and "scaler" in s:
@@ -147,7 +157,24 @@ class Trainer:
             out = self.model(**inputs, **self.objective.model_options)
         return out, self.objective.loss_sums(out, Batch(inputs, labels, batch.counts))
 
+    def _pipeline_step(self, pipe) -> dict:
+        """One optimizer step through the pipeline stages (train/parallel/pipeline_run.py)."""
+        micro = self._micro_batches()
+        lr = self.schedule.lr
+        self.model.train()
+        loss, grad_norm = pipe.train_step(micro, self.optimizer, self.tc.clip, self.precision.autocast)
+        self.schedule.step()
+        self.step += 1
+        record = {"step": self.step, "loss": D.all_reduce_sum(self.env, [loss])[0], "lr": lr}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        record["tokens"] = sum(b.tokens for b in micro) * self.env.dp_world
+        return record
+
     def train_step(self) -> dict:
+        pipe = getattr(self.model, "pipeline", None)
+        if pipe is not None:
+            return self._pipeline_step(pipe)
         tc, env = self.tc, self.env
         micro = self._micro_batches()
         terms = sorted(micro[0].counts)
@@ -169,11 +196,16 @@ class Trainer:
                 self.precision.backward(loss)
             per_micro.append([s[t].detach() for t in terms] + ([aux.detach()] if with_aux else []))
         D.grad_sync(self.model, True)
+        copies = getattr(D.unwrap(self.model), "kv_copies", None)  # tp > kv heads: sum the copies' gradients
+        if copies is not None:
+            copies.sync(D.unwrap(self.model))
         self.precision.unscale(self.optimizer)
         grad_norm = None
         if tc.clip > 0:
-            clip = clip_grad_norm if hasattr(D.unwrap(self.model), "parallel_mesh") else torch.nn.utils.clip_grad_norm_
-            grad_norm = clip(self.model.parameters(), tc.clip)
+            if hasattr(D.unwrap(self.model), "parallel_mesh"):
+                grad_norm = clip_grad_norm(self.model.parameters(), tc.clip, copies and copies.row_weights())
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         lr = self.schedule.lr
         self.precision.step(self.optimizer)
@@ -227,10 +259,15 @@ class Trainer:
             start = (i * env.dp_world + env.dp_rank) * tc.batch_size
             chunk = self.val_seqs.batch(start, tc.batch_size)
             batch = self.objective.make_batch(chunk, gen.manual_seed(sample_seed(tc.seed + 12345, start)))
-            with loss_context(D.unwrap(self.model)):
-                _, s = self._forward(batch)
-            total += float(s[self.objective.main_term])
-            count += batch.counts[self.objective.main_term]
+            pipe = getattr(self.model, "pipeline", None)
+            if pipe is not None:  # the loss of the batch on the last stage
+                loss, n = pipe.eval_sums(batch, self.precision.autocast)
+            else:
+                with loss_context(D.unwrap(self.model)):
+                    _, s = self._forward(batch)
+                loss, n = float(s[self.objective.main_term]), batch.counts[self.objective.main_term]
+            total += loss
+            count += n
         total, count = D.all_reduce_sum(env, [total, count])
         self.val_metrics = self._objective_metrics("val_")
         self.model.train()
@@ -238,19 +275,31 @@ class Trainer:
 
     # --- checkpoints and the run ----------------------------------------------------------------------------
     def save(self) -> Path | None:
-        model_state, optim_state = D.full_state(self.model, self.optimizer)  # collective
         local = {"cpu": torch.get_rng_state(), "masking": self.generator.get_state()}
         if torch.cuda.is_available():
             local["cuda"] = torch.cuda.get_rng_state()
         rng = {f"rank{r}.{k}": t for k, v in local.items() for r, t in enumerate(D.gather_uint8(self.env, v))}
+        state = {"step": self.step, "consumed": self.consumed, "schedule": self.schedule.state_dict(),
+                 "train": self.tc.to_dict(), "world": self.env.world}
+        if self.precision.scaler is not None:
+            state["scaler"] = self.precision.scaler.state_dict()
+        if sharded(self.model, self.env):  # every rank writes its shards: nothing is gathered
+            from llmarch.train.parallel import dcp
+
+            shards_here = {n: p.to_local() if hasattr(p, "to_local") else p for n, p in self.model.named_parameters()}
+            check_shards(shards_here, self.step, lambda n: D.all_reduce_sum(self.env, [n])[0])
+
+            def shards(d):
+                dcp.write(self.model, self.optimizer, d, stage_names(self.model))
+            path = ckpt.save_sharded_checkpoint(self.out, self.step, self.cfg, shards, rng, state, self.tokenizer,
+                                                self.tc.keep_last, self.env.is_main)
+            D.barrier(self.env)
+            return path
+        model_state, optim_state = D.full_state(self.model, self.optimizer)  # collective
         path = None
         if self.env.is_main:
             weights = {k: v for k, v in model_state.items() if k not in self.aliases}
             check_weights(weights, self.step)  # never a NaN checkpoint (which keep_last would keep instead)
-            state = {"step": self.step, "consumed": self.consumed, "schedule": self.schedule.state_dict(),
-                     "train": self.tc.to_dict(), "world": self.env.world}
-            if self.precision.scaler is not None:
-                state["scaler"] = self.precision.scaler.state_dict()
             path = ckpt.save_checkpoint(self.out, self.step, self.cfg, weights, optim_state, rng, state,
                                         self.tokenizer, self.tc.keep_last)
         D.barrier(self.env)

@@ -44,8 +44,10 @@ def resume_model_config_file(out: str) -> Path:
     return path
 
 
-def check_resumable(loaded: dict, model_cfg: ModelConfig, tc: TrainConfig, path: Path) -> None:
-    """Refuse a resume whose model config or settings differ from the checkpoint's (with the run's tokenizer)."""
+def check_resumable(loaded: dict, model_cfg: ModelConfig, tc: TrainConfig, path: Path,
+                    world: int | None = None) -> None:
+    """Refuse a resume whose model config or settings differ from the checkpoint's (with the run's tokenizer);
+    on ``world`` processes, another batch size / accumulation that keeps the global batch is allowed."""
     from llmarch.tokenizer import TOKENIZER_FILE, load_tokenizer
     from llmarch.train.setup import fit_model_config
 
@@ -59,7 +61,7 @@ def check_resumable(loaded: dict, model_cfg: ModelConfig, tc: TrainConfig, path:
         diff = sorted(k for k, v in cfg.to_dict().items() if theirs.get(k) != v)
         raise ValueError(f"--resume: the model config differs from the checkpoint's ({path}) in {diff}; resume "
                          "with the run's own config (omit --preset/--config/--set) or choose a new --out")
-    changed = tc.changed_for_resume(loaded["state"]["train"])
+    changed = tc.changed_for_resume(loaded["state"]["train"], world, loaded["state"].get("world"))
     if changed:
         raise ValueError(f"--resume: settings {changed} differ from the checkpoint's; they would change the run "
                          f"(see {path / 'state.json'}); drop those flags or choose a new --out")

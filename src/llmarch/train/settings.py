@@ -13,7 +13,7 @@ from llmarch.data import check_val_fraction
 RESUMABLE_CHANGES = frozenset({"out", "device", "parallel", "steps", "stop_at", "progress", "eval_every",
                                "eval_batches", "log_every", "save_every", "keep_last", "samples", "sample_tokens",
                                "cache_dir", "resume", "dp", "tp", "ep", "pp",
-                               "sequence_parallel"})
+                               "sequence_parallel", "pp_schedule", "microbatches"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel degree (attention heads, FFN width, vocabulary split over tp ranks)
     ep: int = 1  # expert-parallel degree (MoE experts split over the data-parallel ranks; ep = dp)
     pp: int = 1  # pipeline-parallel degree (stages of layers)
+    pp_schedule: str = "1f1b"  # with pp: 1f1b | gpipe | interleaved (two stages per rank)
+    microbatches: int | None = None  # with pp: micro-batches per step through the stages (None = pp)
     sequence_parallel: bool = False  # with tp: norms, residual and dropout on T/tp tokens per rank
     device: str = "auto"  # auto | cpu | cuda
     samples: int = 3  # texts generated at the end
@@ -93,7 +95,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
-        for name in ("tp", "ep", "pp") + (("dp",) if self.dp is not None else ()):
+        for name in ("tp", "ep", "pp") + tuple(n for n in ("dp", "microbatches") if getattr(self, n) is not None):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {v!r}")
@@ -160,10 +162,20 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
-    def changed_for_resume(self, saved: dict[str, Any]) -> list[str]:
-        """Fields that differ from a checkpoint's settings and would break exact continuation."""
-        return sorted(k for k, v in self.to_dict().items()
-                      if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v)
+    def changed_for_resume(self, saved: dict[str, Any], world: int | None = None,
+                           saved_world: int | None = None) -> list[str]:
+        """Fields that differ from a checkpoint's settings and would break exact continuation. Given the world
+        sizes, ``batch_size`` and ``grad_accum`` may change on another mesh as long as the global batch (their
+        product times the data-parallel degree) stays the same: the same samples are then read per step."""
+        free = set(RESUMABLE_CHANGES)
+        if world is not None and saved_world is not None:
+            def global_batch(d: dict, w: int) -> int:
+                dp = d.get("dp") or w // (d.get("tp", 1) * d.get("pp", 1))
+                return d.get("batch_size", 0) * d.get("grad_accum", 1) * dp
+
+            if global_batch(self.to_dict(), world) == global_batch(saved, saved_world):
+                free |= {"batch_size", "grad_accum"}
+        return sorted(k for k, v in self.to_dict().items() if k not in free and k in saved and saved[k] != v)
 
 
 __all__ = ["TrainConfig", "RESUMABLE_CHANGES"]

@@ -59,20 +59,20 @@ class MeshSpec:
         """Divisibility of the model's sizes by the degrees that split them (ValueError naming the field)."""
         tp = self.tp
         if tp > 1:
-            for field, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.kv_heads), ("d_ff", cfg.d_ff),
-                             ("vocab_size", cfg.vocab_size)):
+            for field, n in (("n_heads", cfg.n_heads), ("d_ff", cfg.d_ff), ("vocab_size", cfg.vocab_size)):
                 if n % tp:
-                    hint = " (fewer kv heads than tp ranks: replicating kv heads is not implemented yet; use " \
-                           "tp <= n_kv_heads)" if field == "n_kv_heads" and n < tp else ""
-                    raise ValueError(f"{field}: {n} is not divisible by tp = {tp}{hint}; choose --tp dividing it")
+                    raise ValueError(f"{field}: {n} is not divisible by tp = {tp}; choose --tp dividing it")
+            G = cfg.kv_heads  # G < tp: each kv head copied on tp / G ranks
+            if (G % tp if G >= tp else tp % G):
+                raise ValueError(f"n_kv_heads: {G} and tp = {tp} must divide one another (kv heads split over the "
+                                 "ranks, or each copied on tp / n_kv_heads ranks); choose --tp accordingly")
             if cfg.position in ("alibi", "relative"):
                 raise ValueError(f"position: {cfg.position!r} adds a per-head score bias over all heads, which tensor "
                                  "parallel does not split yet; use --tp 1 for this model")
-            if cfg.tie_embeddings:
-                raise ValueError("tie_embeddings: a head tied to the embedding is not split by tensor parallel yet; "
-                                 "use --tp 1 or --set tie_embeddings=false")
             if cfg.moe is not None:
-                raise ValueError("moe: tensor parallel does not split MoE layers; shard experts with --ep instead")
+                raise ValueError("moe: tensor parallel does not split MoE layers (every tp rank would hold all the "
+                                 "experts, the bulk of an MoE model's weights); shard the experts over the "
+                                 "data-parallel ranks instead: --tp 1 --ep N --parallel ddp")
         if self.ep > 1:
             if cfg.moe is None:
                 raise ValueError("ep: expert parallelism needs an MoE model (config field moe); use --ep 1")
@@ -82,6 +82,10 @@ class MeshSpec:
         if self.pp > 1:
             if cfg.kind != "decoder":
                 raise ValueError(f"pp: pipeline parallelism splits decoder stacks; kind is {cfg.kind!r}, use --pp 1")
+            if cfg.moe is not None or cfg.tie_embeddings:
+                raise ValueError("pp: pipeline stages are cut from dense decoders whose head is not tied to the "
+                                 "embedding (moe None, tie_embeddings false); use --pp 1 or --set "
+                                 "tie_embeddings=false")
             if cfg.n_layers % self.pp:
                 raise ValueError(f"n_layers: {cfg.n_layers} is not divisible by pp = {self.pp}; choose --pp "
                                  "dividing it")

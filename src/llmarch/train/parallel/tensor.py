@@ -33,13 +33,23 @@ log = logging.getLogger(__name__)
 TP_PLANS: Registry = Registry("tp_plan")
 
 
+def kv_heads_of(rank: int, G: int, tp: int) -> range:
+    """The kv heads tp rank ``rank`` holds: G/tp of its own, or (G < tp) the one its query heads read, which
+    tp/G ranks then hold as copies."""
+    return range(rank * G // tp, rank * G // tp + 1) if G < tp else range(rank * (G // tp), (rank + 1) * (G // tp))
+
+
 def heads_layout(H: int, G: int, Dh: int, tp: int) -> torch.Tensor:
-    """Row order [q_r k_r v_r for r] of a fused [q | k | v] projection: rank r's query and kv heads together."""
+    """Row order [q_r k_r v_r for r] of a fused [q | k | v] projection: rank r's query and kv heads together
+    (a kv head's rows repeated on each rank that holds a copy when G < tp)."""
     rows = torch.arange((H + 2 * G) * Dh).view(H + 2 * G, Dh)
     q, k, v = rows[:H], rows[H:H + G], rows[H + G:]
-    h, g = H // tp, G // tp
-    return torch.cat([torch.cat([q[r * h:(r + 1) * h], k[r * g:(r + 1) * g], v[r * g:(r + 1) * g]])
-                      for r in range(tp)]).reshape(-1)
+    h = H // tp
+    parts = []
+    for r in range(tp):
+        g = kv_heads_of(r, G, tp)
+        parts.append(torch.cat([q[r * h:(r + 1) * h], k[g.start:g.stop], v[g.start:g.stop]]))
+    return torch.cat(parts).reshape(-1)
 
 
 def halves_layout(F: int, tp: int) -> torch.Tensor:
@@ -54,7 +64,9 @@ def attention_plan(m: nn.Module, tp: int, sp: bool):
     """(plan, {param: row order}); the module is told its local head counts."""
     order = heads_layout(m.n_heads, m.n_kv_heads, m.head_dim, tp)
     layout = {"qkv.weight": order} | ({"qkv.bias": order} if m.qkv.bias is not None else {})
-    m.n_heads, m.n_kv_heads = m.n_heads // tp, m.n_kv_heads // tp
+    if m.n_kv_heads < tp:  # each rank holds a copy of its kv head: the local rows [q (H/T) | k (1) | v (1)]
+        m.qkv.out_features = len(order)
+    m.n_heads, m.n_kv_heads = m.n_heads // tp, max(m.n_kv_heads // tp, 1)
     return {"qkv": column(sp), "out": row(sp)}, layout
 
 
@@ -122,16 +134,17 @@ class Relayout:
         self.orders = orders
 
     def to_natural(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Rows back in the natural order (of repeated kv rows, one copy: the copies are kept equal)."""
         order = self.orders.get(name)
         if order is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != len(order):
             return t
-        out = torch.empty_like(t)
+        out = t.new_empty((int(order.max()) + 1, *t.shape[1:]))
         out[order.to(t.device)] = t
         return out
 
     def to_parallel(self, name: str, t: torch.Tensor) -> torch.Tensor:
         order = self.orders.get(name)
-        if order is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != len(order):
+        if order is None or not torch.is_tensor(t) or t.dim() == 0 or t.shape[0] != int(order.max()) + 1:
             return t
         return t[order.to(t.device)]
 
@@ -156,6 +169,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
     tp = tp_mesh.size()
     orders: dict[str, torch.Tensor] = {}
     replicated = set()
+    tied = tied_pairs(model)
     for name, m in list(model.named_modules()):
         key = type(m).__name__
         if key not in TP_PLANS:
@@ -171,11 +185,26 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
                 params[pname].data = params[pname].data[order.to(params[pname].device)].contiguous()
             orders[f"{name}.{pname}" if name else pname] = order
         parallelize_module(m, tp_mesh, plan)
+    for (alias, attr), (source, source_attr) in tied.items():  # a tied head shares the embedding's vocab shards
+        setattr(model.get_submodule(alias), attr, getattr(model.get_submodule(source), source_attr))
     if replicated:
         log.info("tensor parallel: %s stay replicated on every tp rank", sorted(replicated))
     layout = Relayout(orders)
     model.tp_layout = layout
     return layout
+
+
+def tied_pairs(model: nn.Module) -> dict[tuple[str, str], tuple[str, str]]:
+    """{(module, attribute) of an alias: (module, attribute) of the parameter it shares} (a tied LM head). Both
+    sides are split the same way (vocabulary rows, ``Shard(0)``), so the alias is pointed at the sharded source."""
+    seen: dict[int, tuple[str, str]] = {}
+    pairs = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m.named_parameters(recurse=False):
+            if id(p) in seen and seen[id(p)][0] != name:
+                pairs[(name, attr)] = seen[id(p)]
+            seen.setdefault(id(p), (name, attr))
+    return pairs
 
 
 def loss_context(model: nn.Module):
@@ -187,4 +216,4 @@ def loss_context(model: nn.Module):
     return loss_parallel()
 
 
-__all__ = ["TP_PLANS", "apply_tensor_parallel", "Relayout", "heads_layout", "halves_layout", "loss_context"]
+__all__ = ["TP_PLANS", "apply_tensor_parallel", "tied_pairs", "Relayout", "heads_layout", "halves_layout", "loss_context"]
