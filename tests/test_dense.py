@@ -1,0 +1,75 @@
+"""The oneDNN projection (llmarch.nn.dense) against F.linear: values and gradients, every layout it meets, and
+the cases that must keep F.linear (autocast, other dtypes)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import llmarch
+from llmarch.nn.dense import ONEDNN, Linear, linear
+
+pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["row", "col"])
+def test_values_and_grads_equal_f_linear(bias, layout):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 24, generator=g)
+    w = w if layout == "row" else w.t().contiguous().t()  # the decode layout stores wide weights column-major
+    b = torch.randn(37, generator=g) if bias else None
+    x = torch.randn(3, 5, 24, generator=g)
+    up = torch.randn(3, 5, 37, generator=g)
+    grads = []
+    for fn in (linear, F.linear):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = b.clone().requires_grad_() if bias else None
+        with Ops() as ops:
+            y = fn(xs, ws, bs)
+        (y * up).sum().backward()
+        grads.append([y, xs.grad, ws.grad] + ([bs.grad] if bias else []))
+        if fn is linear:
+            assert any("mkldnn._linear_pointwise" in n for n in ops.names)
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_and_fallbacks():
+    lin = Linear(16, 8)
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and not any("mkldnn" in n for n in ops.names)  # autocast keeps F.linear
+    lin64 = Linear(16, 8).double()
+    assert lin64(x.double()).dtype == torch.float64
+    assert lin.state_dict().keys() == torch.nn.Linear(16, 8).state_dict().keys() and isinstance(lin, torch.nn.Linear)
+
+
+def test_model_training_step_matches_f_linear(monkeypatch):
+    """A decoder's loss and gradients through oneDNN equal those with every projection on F.linear."""
+    import llmarch.nn.dense as dense
+
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=2))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(dense, "ONEDNN", on)
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        out.append([loss] + [p.grad.clone() for p in model.parameters()])
+    for ours, ref in zip(*out):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
