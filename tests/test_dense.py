@@ -44,6 +44,18 @@ def test_values_and_grads_equal_f_linear(bias, layout):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_flop_counter_counts_the_onednn_products():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.randn(3, 5, 24, requires_grad=True), torch.randn(37, 24, requires_grad=True)
+    counts = []
+    for fn in (linear, F.linear):
+        with FlopCounterMode(display=False) as counter:
+            fn(x, w).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 15 * 24 * 37  # forward, dx and dW
+
+
 def test_no_grad_and_fallbacks():
     lin = Linear(16, 8)
     x = torch.randn(2, 4, 16)
@@ -52,6 +64,9 @@ def test_no_grad_and_fallbacks():
     with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
         y = lin(x)
     assert y.dtype == torch.bfloat16 and not any("mkldnn" in n for n in ops.names)  # autocast keeps F.linear
+    with Ops() as ops, torch.no_grad():
+        lin(x[:1, :1])  # one row through a small weight: torch's BLAS (oneDNN's per-call cost does not pay)
+    assert not any("mkldnn" in n for n in ops.names)
     lin64 = Linear(16, 8).double()
     assert lin64(x.double()).dtype == torch.float64
     assert lin.state_dict().keys() == torch.nn.Linear(16, 8).state_dict().keys() and isinstance(lin, torch.nn.Linear)

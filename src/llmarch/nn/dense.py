@@ -3,19 +3,33 @@
 torch sends fp32 CPU matmuls to its BLAS (MKL); oneDNN, which torch already uses for bf16, ran the training
 shapes of this library about 2x faster on the benchmark machine (an AMD EPYC, one thread: [2048, 512] x
 [512, 2752] 87 -> 200 GFLOP/s, and the transposed products of the backward alike; batch-8 decode through the
-50257 x 768 GPT-2 head 3-4 -> 8-10 GB/s). Same function, fp32 rounding order aside: tests hold values and
+50257 x 768 GPT-2 head 3-4 -> 8-10 GB/s). A single row (batch-1 decoding) keeps torch's BLAS unless the weight
+is huge: oneDNN costs ~0.1 ms more per call there, which the 512 x 512 .. 3072 x 768 matrix-vector products do
+not pay back (LLaMA-style decode 42 -> 33 tokens/s), while GPT-2's 50257 x 768 head streams 23 -> 30 GB/s
+(column-major, see :mod:`llmarch.infer.layout`). Same function, fp32 rounding order aside: tests hold values and
 gradients to ``F.linear``. Everything else (other devices and dtypes, autocast, compiled regions, tensor
 subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import flop_counter
 
 _OPS = getattr(torch.ops, "mkldnn", None)
 ONEDNN = torch.backends.mkldnn.is_available() and _OPS is not None and hasattr(_OPS, "_linear_pointwise")
 _PLAIN = (torch.Tensor, nn.Parameter)
+MATVEC_MIN_ELEMENTS = 1 << 24  # a one-row product goes to oneDNN only for weights this large (see above)
+
+
+if ONEDNN and _OPS._linear_pointwise not in flop_counter.flop_registry:  # FLOP counts (analysis, benchmarks) see it
+
+    @flop_counter.register_flop_formula(_OPS._linear_pointwise)
+    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
 
 
 def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -27,7 +41,8 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """Whether :func:`linear` takes the oneDNN path for these operands."""
     return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and x.numel() > 0 and (x.numel() > x.shape[-1] or weight.numel() >= MATVEC_MIN_ELEMENTS)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 class _OneDNNLinear(torch.autograd.Function):
