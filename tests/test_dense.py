@@ -23,13 +23,14 @@ class Ops(TorchDispatchMode):
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("layout", ["row", "col"])
-def test_values_and_grads_equal_f_linear(bias, layout):
+@pytest.mark.parametrize("out_f", [37, 11])  # wider and narrower than the input: both weight-gradient forms
+def test_values_and_grads_equal_f_linear(bias, layout, out_f):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(37, 24, generator=g)
+    w = torch.randn(out_f, 24, generator=g)
     w = w if layout == "row" else w.t().contiguous().t()  # the decode layout stores wide weights column-major
-    b = torch.randn(37, generator=g) if bias else None
+    b = torch.randn(out_f, generator=g) if bias else None
     x = torch.randn(3, 5, 24, generator=g)
-    up = torch.randn(3, 5, 37, generator=g)
+    up = torch.randn(3, 5, out_f, generator=g)
     grads = []
     for fn in (linear, F.linear):
         xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -88,3 +89,22 @@ def test_model_training_step_matches_f_linear(monkeypatch):
         out.append([loss] + [p.grad.clone() for p in model.parameters()])
     for ours, ref in zip(*out):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_gate_equals_chunk_silu_mul_bit_for_bit(strided):
+    from llmarch.nn.activation import gate_product
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 16, 5, generator=g)
+    up = torch.randn(3, 5, 8, generator=g)
+    grads = []
+    for fn in (lambda h: gate_product(F.silu, h), lambda h: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]):
+        leaf = base.clone().requires_grad_()
+        h = leaf.transpose(1, 2) if strided else leaf.transpose(1, 2).contiguous()  # [3, 5, 16]
+        with Ops() as ops:
+            y = fn(h)
+            (y * up).sum().backward()
+        grads.append((y, leaf.grad, ops.names))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert not any("cat" in n for n in grads[0][2]) and any("cat" in n for n in grads[1][2])

@@ -60,7 +60,9 @@ class _OneDNNLinear(torch.autograd.Function):
         x2, weight = ctx.saved_tensors
         g2 = g.reshape(-1, g.shape[-1])  # [N, out]
         dx = _mm(g2, weight.t(), None).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        dw = _mm(g2.t(), x2.t(), None) if ctx.needs_input_grad[1] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # oneDNN copies a transposed input to rows: transpose the narrower of g and x
+            dw = _mm(x2.t(), g2.t(), None).t() if x2.shape[1] < g2.shape[1] else _mm(g2.t(), x2.t(), None)
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from llmarch.nn.activation import make_activation
+from llmarch.nn.activation import gate_product, make_activation
 from llmarch.nn.dense import linear
 from llmarch.nn.ffn import GLU, MLP
 from llmarch.registry import Registry
@@ -46,8 +46,7 @@ class GLUExperts(nn.Module):
         self.down = _uniform((n_experts, d_ff, d_model), d_ff)
 
     def _mid(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        return self.act(gate) * up
+        return gate_product(self.act, h)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x [n, D] -> [n, D]."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmarch.nn.activation import make_activation
+from llmarch.nn.activation import gate_product, make_activation
 from llmarch.nn.dense import Linear
 from llmarch.registry import Registry
 
@@ -45,8 +45,7 @@ class GLU(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x [B, T, F]
-        return self.dropout(self.down(self.act(gate) * up))
+        return self.dropout(self.down(gate_product(self.act, self.gate_up(x))))  # via [B, T, 2F] -> [B, T, F]
 
 
 @FFNS.register("none")
