@@ -2,10 +2,12 @@
 step (forward, fp32 cross-entropy, backward, clip, AdamW), fp32 and bf16 autocast, eager and torch.compile.
 
 Configs: the demo preset (llama-tiny, batch 16 x 128), the LLaMA-style benchmark config (d 512, 8 layers,
-8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512) and GPT-2-124M (batch 4 x 512). Achieved FLOP/s = FLOPs of one training step
-(counted by torch.utils.flop_counter on our model) / median step time, as a fraction of the dense matmul peak
-measured in the same run. Timings of the two implementations are interleaved so load on a shared machine hits
-both alike; "vs HF" is the median over rounds of HF's step time / ours (the median of ratios). A short loss-curve check trains both from identical weights on the same batches.
+8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512) and GPT-2-124M (batch 4 x 512). Achieved FLOP/s =
+FLOPs of one training step (counted by torch.utils.flop_counter on our model) / median step time, as a fraction
+of the dense matmul peak measured in the same run (fp32: the faster of torch's default matmul and oneDNN's).
+Timings of the two implementations are interleaved so load on a shared machine hits both alike; "vs HF" is the
+median over rounds of HF's step time / ours (the median of ratios). A short loss-curve check trains both from
+identical weights on the same batches.
 
     python benchmarks/train.py [--compile once|all|none] [--repeats 3] [--threads N] [--device cpu|cuda]
                                [--configs llama-bench,gpt2-124m] [--precisions fp32] [--no-curves]
@@ -191,7 +193,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
                    "1 is steadier on a machine shared with other jobs")
     p.add_argument("--loss-only", action="store_true", help="only the chunked-loss comparison at seq 2048")
-    p.add_argument("--profile", action="store_true", help="with --loss-only: profile one step of each variant")
+    p.add_argument("--profile", action="store_true", help="profile one step of each implementation / variant")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
     p.add_argument("--precisions", default=",".join(DTYPES), help="comma-separated subset of fp32, bf16")
     p.add_argument("--no-curves", dest="curves", action="store_false", help="skip the loss-curve check")
@@ -205,7 +207,7 @@ def main() -> None:
         print(f"wrote {common.write_results('train_loss', dict(device=str(device), **result))}")
         return
     print(f"measuring machine limits ({torch.get_num_threads()} threads) ...", flush=True)
-    lim = common.limits() if device.type == "cpu" else {
+    lim = dict(common.limits(), fp32_onednn_matmul_gflops=common.onednn_matmul_gflops()) if device.type == "cpu" else {
         "fp32_matmul_gflops": gpu_matmul_gflops(torch.float32, device),
         "bf16_matmul_gflops": gpu_matmul_gflops(torch.bfloat16, device)}
     rows, results = [], []
@@ -230,9 +232,15 @@ def main() -> None:
                         fn(ids)
                     sync(device)
                     warm[name] = time.perf_counter() - t0
+                if args.profile:  # where one step's time goes
+                    for name, fn in steps.items():
+                        with torch.profiler.profile() as prof:
+                            fn(ids)
+                        print(f"{cname} {prec} {name}\n"
+                              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
                 times = time_pair(steps, ids, args.repeats, device)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                peak = lim[f"{prec}_matmul_gflops"] * 1e9
+                peak = max(lim[f"{prec}_matmul_gflops"], lim.get(f"{prec}_onednn_matmul_gflops", 0)) * 1e9
                 for name in steps:
                     tps = B * T / med[name]
                     frac = flops / med[name] / peak
