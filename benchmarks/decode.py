@@ -76,14 +76,18 @@ def round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def with_blas(fn):
-    """``fn`` with llmarch's fp32 projections on F.linear (torch's BLAS) instead of oneDNN."""
+def with_dense(fn, **settings):
+    """``fn`` with ``llmarch.nn.dense``'s module settings replaced while it runs (ONEDNN=False: every fp32
+    projection on F.linear, torch's BLAS; MATVEC_MIN_ELEMENTS=0: one-row products on oneDNN too)."""
     def run():
-        dense.ONEDNN, saved = False, dense.ONEDNN
+        saved = {k: getattr(dense, k) for k in settings}
+        for k, v in settings.items():
+            setattr(dense, k, v)
         try:
             return fn()
         finally:
-            dense.ONEDNN = saved
+            for k, v in saved.items():
+                setattr(dense, k, v)
     return run
 
 
@@ -128,7 +132,9 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "hf generate (sdpa, dynamic cache)": lambda: hf.generate(ids, **hf_kw),
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
-            "llmarch eager, F.linear (BLAS)": with_blas(lambda: llmarch.generate(model, ids, N)),
+            "llmarch eager, F.linear (BLAS)": with_dense(lambda: llmarch.generate(model, ids, N), ONEDNN=False),
+            "llmarch eager, one-row products on oneDNN too": with_dense(lambda: llmarch.generate(model, ids, N),
+                                                                        MATVEC_MIN_ELEMENTS=0),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
         }
         if args.compile:
