@@ -83,8 +83,9 @@ class _SiluGate(torch.autograd.Function):
 
 def gate_product(act: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     """act(gate) * up for a fused projection h [..., 2F] (gate = the first F columns) -> [..., F]. SiLU (SwiGLU)
-    on plain tensors goes through :class:`_SiluGate`; other activations and tensor subclasses chunk and multiply."""
-    if act is F.silu and type(h) is torch.Tensor:
+    on plain tensors in eager mode goes through :class:`_SiluGate`; other activations, tensor subclasses and
+    compiled regions (the compiler fuses the plain form itself) chunk and multiply."""
+    if act is F.silu and type(h) is torch.Tensor and not torch.compiler.is_compiling():
         return _SiluGate.apply(h)
     gate, up = h.chunk(2, dim=-1)
     return act(gate) * up
