@@ -108,3 +108,25 @@ def test_silu_gate_equals_chunk_silu_mul_bit_for_bit(strided):
         grads.append((y, leaf.grad, ops.names))
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
     assert not any("cat" in n for n in grads[0][2]) and any("cat" in n for n in grads[1][2])
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_half_rotation_equals_plain_rope_bit_for_bit(strided):
+    """The fused rotary rotation (llmarch.nn.rope.rotate) against x * cos + rotate_half(x) * sin."""
+    from llmarch.nn.rope import rotate, rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 7, 3, 8, generator=g)  # [B, T, N, R]
+    ang = torch.randn(2, 1, 7, 4, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # [B, 1, T, R]
+    up = torch.randn(2, 3, 7, 8, generator=g)
+    out = []
+    for fn in (rotate, lambda x, c, s: x * c + rotate_half(x) * s):
+        leaf = base.clone().requires_grad_()
+        x = leaf.transpose(1, 2) if strided else leaf.transpose(1, 2).contiguous()  # [B, N, T, R]
+        with Ops() as ops:
+            y = fn(x, cos, sin)
+            (y * up).sum().backward()
+        out.append((y, leaf.grad, ops.names))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert not any("cat" in n for n in out[0][2])
