@@ -1,5 +1,6 @@
-"""The oneDNN projection (llmarch.nn.dense) against F.linear: values and gradients, every layout it meets, and
-the cases that must keep F.linear (autocast, other dtypes)."""
+"""Fast paths of the training step against the reference forms they replace: the oneDNN projection
+(llmarch.nn.dense) against F.linear (values, gradients, every layout it meets, the cases that must keep F.linear),
+the SwiGLU product and the RoPE rotation in one autograd node each against their plain forms (bit for bit)."""
 import pytest
 import torch
 import torch.nn.functional as F

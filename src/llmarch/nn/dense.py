@@ -4,9 +4,9 @@ torch sends fp32 CPU matmuls to its BLAS (MKL); oneDNN, which torch already uses
 shapes of this library about 2x faster on the benchmark machine (an AMD EPYC, one thread: [2048, 512] x
 [512, 2752] 87 -> 200 GFLOP/s, and the transposed products of the backward alike; batch-8 decode through the
 50257 x 768 GPT-2 head 3-4 -> 8-10 GB/s). A single row (batch-1 decoding) keeps torch's BLAS unless the weight
-is huge: oneDNN costs ~0.1 ms more per call there, which the 512 x 512 .. 3072 x 768 matrix-vector products do
-not pay back (LLaMA-style decode 42 -> 33 tokens/s), while GPT-2's 50257 x 768 head streams 23 -> 30 GB/s
-(column-major, see :mod:`llmarch.infer.layout`). Same function, fp32 rounding order aside: tests hold values and
+has >= 2^24 elements: with every one-row product on oneDNN, LLaMA-style batch-1 decoding ran 8-17 % slower in
+each of three interleaved A/Bs (its 512 x 512 .. 2752 x 512 products do not pay oneDNN's per-call cost); for
+GPT-2's 50257 x 768 head the A/Bs were within the noise (-13 % .. +25 %). Same function, fp32 rounding order aside: tests hold values and
 gradients to ``F.linear``. Everything else (other devices and dtypes, autocast, compiled regions, tensor
 subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
 """
