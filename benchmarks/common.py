@@ -41,6 +41,14 @@ def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: in
     return 2 * n**3 / t / 1e9
 
 
+def onednn_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 n x n matmul through oneDNN (mkldnn_linear on blocked tensors), the kernel torch does not pick by
+    default for dense fp32 matmuls (llmarch's fp32 CPU projections use it: ``llmarch.nn.dense``)."""
+    a, w = torch.randn(n, n).to_mkldnn(), torch.randn(n, n).to_mkldnn()
+    t, _ = median_time(lambda: torch._C._nn.mkldnn_linear(a, w, None), repeats=repeats)
+    return 2 * n**3 / t / 1e9
+
+
 def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     """Measured read bandwidth (GB/s): summing a buffer much larger than the caches."""
     x = torch.ones(mb * 1024 * 1024 // 4, dtype=torch.float32)

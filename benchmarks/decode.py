@@ -2,27 +2,36 @@
 against llmarch (eager, static cache + torch.compile, int8, speculative), each as a fraction of
 the memory-bandwidth bound (weight bytes streamed per step / measured read bandwidth).
 
-    PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama]
+    PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama] [--no-compile]
+    PYTHONPATH=src python benchmarks/decode.py --kernels   # GB/s of each matrix-vector kernel and layout per shape
 
 Greedy, prompt of 16 tokens, fixed output length; a timed call includes the prompt's prefill (one weight pass,
 like one decode step at these sizes). Random weights: speed does not depend on them (speculative acceptance
-does; see its row).
+does; see its row). The variants of one batch size run in turns (round-robin, after one warmup each), so load on
+a shared machine hits them alike; ratios are of medians.
+
+``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
+and oneDNN over the row-major and the column-major weight, streaming ~400 MB of copies so nothing is served from
+the caches; the read bandwidth is measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import os
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import limits, median_time, print_table, write_results  # noqa: E402
+from common import limits, memory_bandwidth_gbs, print_table, write_results  # noqa: E402
 
 import llmarch  # noqa: E402
+import llmarch.nn.dense as dense  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
 
@@ -54,6 +63,58 @@ def hf_model(model, kind: str, tmp: str):
                                                              dtype=torch.float32).eval()
 
 
+def round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each fn over ``repeats`` rounds, the fns taking turns (one warmup call each first)."""
+    times = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def with_dense(fn, **settings):
+    """``fn`` with ``llmarch.nn.dense``'s module settings replaced while it runs (ONEDNN=False: every fp32
+    projection on F.linear, torch's BLAS; MATVEC_MIN_ELEMENTS=0: one-row products on oneDNN too)."""
+    def run():
+        saved = {k: getattr(dense, k) for k in settings}
+        for k, v in settings.items():
+            setattr(dense, k, v)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                setattr(dense, k, v)
+    return run
+
+
+def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
+    """GB/s of F.linear and oneDNN over row- and column-major weights of every decode shape (see the docstring)."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    kernels = {"F.linear": lambda x, w: torch.nn.functional.linear(x, w),
+               "oneDNN": lambda x, w: lp(x, w, None, "none", [], "")}
+    shapes = sorted({tuple(m.weight.shape) for k in kinds for m in llmarch.build(CONFIGS[k](), device="meta").modules()
+                     if isinstance(m, torch.nn.Linear)}, key=lambda s: -s[0] * s[1])
+    rows = []
+    for out_f, in_f in shapes:
+        row_major = [torch.randn(out_f, in_f) for _ in range(max(1, int(400e6 // (out_f * in_f * 4))))]
+        layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
+        for B in (1, 8):
+            x = torch.randn(B, in_f)
+            fns = {(k, lay): (lambda f=f, ws=ws: [f(x, w) for w in ws]) for k, f in kernels.items()
+                   for lay, ws in layouts.items()}
+            times = round_robin(fns, repeats)
+            gbs = {f"{k} {lay}": len(row_major) * out_f * in_f * 4 / statistics.median(t) / 1e9
+                   for (k, lay), t in times.items()}
+            rows.append(dict(shape=[out_f, in_f], batch=B, gb_per_s=gbs))
+            print(f"  [{out_f}, {in_f}] B={B}: " + ", ".join(f"{k} {v:.1f}" for k, v in gbs.items()), flush=True)
+        del row_major, layouts
+    return rows
+
+
 def run_model(kind: str, args, bandwidth: float) -> list[dict]:
     torch.manual_seed(0)
     model = llmarch.build(CONFIGS[kind]()).eval()
@@ -71,18 +132,25 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "hf generate (sdpa, dynamic cache)": lambda: hf.generate(ids, **hf_kw),
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
-            "llmarch static + compile": lambda: llmarch.generate(model, ids, N, cache="static", compile=True),
-            "llmarch int8 static + compile": lambda: llmarch.generate(int8, ids, N, cache="static", compile=True),
+            "llmarch eager, F.linear (BLAS)": with_dense(lambda: llmarch.generate(model, ids, N), ONEDNN=False),
+            "llmarch eager, one-row products on oneDNN too": with_dense(lambda: llmarch.generate(model, ids, N),
+                                                                        MATVEC_MIN_ELEMENTS=0),
+            "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
         }
+        if args.compile:
+            variants["llmarch static + compile"] = lambda: llmarch.generate(model, ids, N, cache="static",
+                                                                            compile=True)
+            variants["llmarch int8 static + compile"] = lambda: llmarch.generate(int8, ids, N, cache="static",
+                                                                                 compile=True)
         if B == 1:
             variants["speculative fp32 target, int8 self-draft k=4"] = lambda: speculative_generate(
                 model, int8, ids, N, k=4)
+        with torch.no_grad():
+            times = round_robin(variants, args.repeats)
         base = None
-        for name, fn in variants.items():
-            with torch.no_grad():
-                t, raw = median_time(fn, repeats=args.repeats, warmup=1)
-            tps = B * N / t
-            bytes_ = weight_bytes(int8) if "int8 static" in name else fp32_bytes
+        for name, raw in times.items():
+            tps = B * N / statistics.median(raw)
+            bytes_ = weight_bytes(int8) if "int8" in name and "draft" not in name else fp32_bytes
             bound = B * bandwidth * 1e9 / fp32_bytes
             if name.startswith("hf generate (sdpa, dynamic"):
                 base = tps
@@ -106,6 +174,8 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled variants")
+    p.add_argument("--kernels", action="store_true", help="only the per-shape kernel / layout table")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,6 +183,15 @@ def main() -> None:
     # default limit of 8 per function is too few for this sweep
     torch._dynamo.config.recompile_limit = 64
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.kernels:
+        bw, load = memory_bandwidth_gbs(), os.getloadavg()
+        print(f"measured read bandwidth {bw:.1f} GB/s, threads {torch.get_num_threads()}, load {load}")
+        rows = kernel_table(args.models.split(","), args.repeats)
+        path = write_results("decode_kernels", dict(settings=vars(args), read_bandwidth_gbs=bw,
+                                                    bandwidth_after=memory_bandwidth_gbs(), load_before=load,
+                                                    load_after=os.getloadavg(), rows=rows))
+        print(f"wrote {path}")
+        return
     load_before = os.getloadavg()
     lim = limits()
     bw = lim["read_bandwidth_gbs"]

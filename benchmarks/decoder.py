@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmarch
-from common import limits, matmul_gflops, median_time, print_table, write_results
+from common import limits, matmul_gflops, median_time, onednn_matmul_gflops, print_table, write_results
 
 MODELS = {
     "llama-style": ("llama", llmarch.preset("llama-tiny").replace(
@@ -39,14 +39,6 @@ MODELS = {
 }
 BATCH, SEQ = 4, 512
 PROMPT, NEW = 32, 128
-
-
-def onednn_matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """fp32 n x n matmul through oneDNN (mkldnn_linear on blocked tensors), the kernel torch does not pick by
-    default for dense fp32 matmuls."""
-    a, w = torch.randn(n, n).to_mkldnn(), torch.randn(n, n).to_mkldnn()
-    t, _ = median_time(lambda: torch._C._nn.mkldnn_linear(a, w, None), repeats=repeats)
-    return 2 * n**3 / t / 1e9
 
 
 def machine_limits(repeats: int) -> dict:

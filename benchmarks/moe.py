@@ -1,9 +1,9 @@
-"""One MoE layer (D 512, expert F 1024, E 8, top-2) at 1, 16, 128 and 4096 tokens, fp32 and bf16, forward and
+"""One MoE layer (D 512, expert F 1024, E 8, top-2) at 1, 16, 128 and 2048 tokens (``--tokens``), fp32 and bf16, forward and
 forward+backward: llmarch's dispatchers versus HF Mixtral's sparse MoE block at each experts implementation
 transformers offers on this machine (same weights, so the same routing), and versus a dense SwiGLU FFN of the same
 active compute (F 2048), the physical target.
 
-    PYTHONPATH=src python benchmarks/moe.py [--threads 1] [--quick]
+    PYTHONPATH=src python benchmarks/moe.py [--threads 1] [--quick] [--tokens 1,16,128,2048]
 
 Prints a table of tokens/s (medians over interleaved rounds, so every implementation sees the same load) and
 writes benchmarks/results/moe.json.
@@ -24,7 +24,7 @@ from llmarch.nn.moe import MoE
 
 D, F, E, K = 512, 1024, 8, 2
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")  # deepgemm and sonicmoe need CUDA
-REPEATS = {1: 41, 16: 25, 128: 11, 4096: 5}  # small calls are short and noisy: more rounds
+REPEATS = {1: 41, 16: 25, 128: 11, 2048: 7, 4096: 5}  # small calls are short and noisy: more rounds
 HF_BATCHED_MAX_TOKENS = 16  # batched_mm gathers a weight copy per (token, expert): 256 x 12.6 MB at 128 tokens
 
 
@@ -100,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="half the rounds (at least 3)")
+    ap.add_argument("--tokens", default="1,16,128,2048", help=f"token counts, from {sorted(REPEATS)}")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     check_outputs_agree()
@@ -107,7 +108,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         layers = make_layers(dtype)
         for backward in (False, True):
-            for N in (1, 16, 128, 4096):
+            for N in [int(n) for n in args.tokens.split(",")]:
                 reps = max(3, REPEATS[N] // 2) if args.quick else REPEATS[N]
                 times = measure(layers, N, dtype, backward, reps)
                 med = {k: statistics.median(v) for k, v in times.items()}

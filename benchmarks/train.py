@@ -1,13 +1,16 @@
 """Training throughput: llmarch vs Hugging Face transformers (LlamaForCausalLM), same config, same weights, same
 step (forward, fp32 cross-entropy, backward, clip, AdamW), fp32 and bf16 autocast, eager and torch.compile.
 
-Configs: the demo preset (llama-tiny, batch 16 x 128) and the LLaMA-style benchmark config (d 512, 8 layers,
-8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512). Achieved FLOP/s = FLOPs of one training step
-(counted by torch.utils.flop_counter on our model) / median step time, as a fraction of the dense matmul peak
-measured in the same run. Timings of the two implementations are interleaved so load on a shared machine hits
-both alike. A short loss-curve check trains both from identical weights on the same batches.
+Configs: the demo preset (llama-tiny, batch 16 x 128), the LLaMA-style benchmark config (d 512, 8 layers,
+8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512) and GPT-2-124M (batch 4 x 512). Achieved FLOP/s =
+FLOPs of one training step (counted by torch.utils.flop_counter on our model) / median step time, as a fraction
+of the dense matmul peak measured in the same run (fp32: the faster of torch's default matmul and oneDNN's).
+Timings of the two implementations are interleaved so load on a shared machine hits both alike; "vs HF" is the
+median over rounds of HF's step time / ours (the median of ratios). A short loss-curve check trains both from
+identical weights on the same batches.
 
     python benchmarks/train.py [--compile once|all|none] [--repeats 3] [--threads N] [--device cpu|cuda]
+                               [--configs llama-bench,gpt2-124m] [--precisions fp32] [--no-curves]
     python benchmarks/train.py --loss-only [--repeats 3] [--profile]   # chunked loss, seq 2048, V 32000 (below)
 
 ``--loss-only``: one training step at [1, 2048] with a 32000-token vocabulary (the LLaMA-style config
@@ -37,12 +40,13 @@ CONFIGS = {
     "demo (llama-tiny)": (llmarch.preset("llama-tiny"), 16, 128),
     "llama-bench": (llmarch.preset("llama-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
                                                          d_ff=1376, vocab_size=8192, max_seq_len=512), 4, 512),
+    "gpt2-124m": (llmarch.preset("gpt2"), 4, 512),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def hf_twin(model, device):
-    """The same weights in transformers' LlamaForCausalLM (through llmarch.hf.save), SDPA attention."""
+    """The same weights in transformers (LlamaForCausalLM / GPT2LMHeadModel, through llmarch.hf.save), SDPA."""
     import transformers
 
     with tempfile.TemporaryDirectory() as d:
@@ -189,7 +193,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice); "
                    "1 is steadier on a machine shared with other jobs")
     p.add_argument("--loss-only", action="store_true", help="only the chunked-loss comparison at seq 2048")
-    p.add_argument("--profile", action="store_true", help="with --loss-only: profile one step of each variant")
+    p.add_argument("--profile", action="store_true", help="profile one step of each implementation / variant")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ", ".join(CONFIGS))
+    p.add_argument("--precisions", default=",".join(DTYPES), help="comma-separated subset of fp32, bf16")
+    p.add_argument("--no-curves", dest="curves", action="store_false", help="skip the loss-curve check")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,14 +207,16 @@ def main() -> None:
         print(f"wrote {common.write_results('train_loss', dict(device=str(device), **result))}")
         return
     print(f"measuring machine limits ({torch.get_num_threads()} threads) ...", flush=True)
-    lim = common.limits() if device.type == "cpu" else {
+    lim = dict(common.limits(), fp32_onednn_matmul_gflops=common.onednn_matmul_gflops()) if device.type == "cpu" else {
         "fp32_matmul_gflops": gpu_matmul_gflops(torch.float32, device),
         "bf16_matmul_gflops": gpu_matmul_gflops(torch.bfloat16, device)}
     rows, results = [], []
-    for cname, (cfg, B, T) in CONFIGS.items():
+    for cname in args.configs.split(","):
+        cfg, B, T = CONFIGS[cname]
         flops = step_flops(cfg, B, T, device)
         ids = torch.randint(0, cfg.vocab_size, (B, T + 1), device=device)
-        for prec, dtype in DTYPES.items():
+        for prec in args.precisions.split(","):
+            dtype = DTYPES[prec]
             modes = [False] + ([True] if args.compile == "all" or (args.compile == "once" and cname == "llama-bench"
                                                                    and prec == "bf16") else [])
             for compiled in modes:
@@ -223,17 +232,24 @@ def main() -> None:
                         fn(ids)
                     sync(device)
                     warm[name] = time.perf_counter() - t0
+                if args.profile:  # where one step's time goes
+                    for name, fn in steps.items():
+                        with torch.profiler.profile() as prof:
+                            fn(ids)
+                        print(f"{cname} {prec} {name}\n"
+                              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
                 times = time_pair(steps, ids, args.repeats, device)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                peak = lim[f"{prec}_matmul_gflops"] * 1e9
+                peak = max(lim[f"{prec}_matmul_gflops"], lim.get(f"{prec}_onednn_matmul_gflops", 0)) * 1e9
                 for name in steps:
                     tps = B * T / med[name]
                     frac = flops / med[name] / peak
                     rec = dict(config=cname, precision=prec, compiled=compiled, impl=name, tokens_per_s=tps,
                                step_s=med[name], times=times[name], warmup_s=warm[name], step_flops=flops,
-                               achieved_gflops=flops / med[name] / 1e9, fraction_of_matmul_peak=frac)
+                               achieved_gflops=flops / med[name] / 1e9, fraction_of_matmul_peak=frac,
+                               load=os.getloadavg()[0])
                     results.append(rec)
-                ratio = med["hf"] / med["llmarch"]
+                ratio = statistics.median(h / o for h, o in zip(times["hf"], times["llmarch"]))
                 for name in steps:
                     r = results[-2] if name == "llmarch" else results[-1]
                     rows.append([cname, prec, "yes" if compiled else "no", name, round(r["tokens_per_s"]),
@@ -246,9 +262,9 @@ def main() -> None:
     base = {(r["config"], r["impl"]): r["tokens_per_s"] for r in results if r["precision"] == "fp32"
             and not r["compiled"]}
     for r in results:
-        if r["precision"] == "bf16" and not r["compiled"] and r["impl"] == "llmarch":
+        if r["precision"] == "bf16" and not r["compiled"] and r["impl"] == "llmarch" and (r["config"], "hf") in base:
             print(f"{r['config']}: llmarch bf16 / HF fp32 = {r['tokens_per_s'] / base[(r['config'], 'hf')]:.2f}x")
-    curves = loss_curves(device)
+    curves = loss_curves(device) if args.curves else {}
     for prec, c in curves.items():
         print(f"loss curve, demo config, {prec}: 30 steps from identical weights, max |llmarch - HF| = "
               f"{c['max_abs_diff']:.2e} (final {c['llmarch'][-1]:.4f} vs {c['hf'][-1]:.4f})")

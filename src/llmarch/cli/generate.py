@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 
 def add(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a checkpoint")
@@ -71,6 +69,8 @@ def _emit(text: str) -> None:
 
 
 def run(args) -> int:
+    import torch
+
     import llmarch
     from llmarch.infer.chat import TextStream
 
@@ -148,6 +148,8 @@ def run(args) -> int:
 
 def _retro(args, model, tok, ids: list[int]) -> int:
     """``--index``: RETRO generation that retrieves once per completed chunk (recomputes each step, no cache)."""
+    import torch
+
     from llmarch.retrieval import retro_generate
     from llmarch.train.retrieving import load_index
 

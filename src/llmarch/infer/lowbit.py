@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmarch.nn.dense import Linear
+
 LOWBIT_MODES = {"int3": 3, "int2": 2, "ternary": None}
 QAT_MODES = ("int8", "int4", "int3", "int2", "ternary")
 
@@ -126,7 +128,7 @@ def prepare_qat(model: nn.Module, mode: str, group_size: int = 64, skip: tuple[s
     changed = []
     for name, m in model.named_modules():
         grouped = mode in ("int4", "int3", "int2")
-        if type(m) is not nn.Linear or name in skip or (grouped and m.in_features % group_size):
+        if type(m) not in (nn.Linear, Linear) or name in skip or (grouped and m.in_features % group_size):
             continue
         m.__class__ = QATLinear  # same parameters, same names; only the forward changes
         m.qat_mode, m.qat_group_size = mode, group_size

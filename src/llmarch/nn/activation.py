@@ -57,3 +57,35 @@ def relu_squared(x: torch.Tensor) -> torch.Tensor:
 def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of GELU written out (tests hold the registry entry to it)."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+class _SiluGate(torch.autograd.Function):
+    """silu(h[..., :F]) * h[..., F:] whose backward writes both halves of one [..., 2F] gradient in place, where
+    chunk + silu + mul would concatenate two [..., F] gradients; the same ops, so the same values bit for bit.
+    Saves only h (silu(gate) is recomputed in the backward)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        ctx.save_for_backward(h)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        (h,) = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h, memory_format=torch.contiguous_format)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.mul(g, F.silu(gate), out=d_up)
+        torch.ops.aten.silu_backward.grad_input(g * up, gate, grad_input=d_gate)
+        return dh
+
+
+def gate_product(act: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """act(gate) * up for a fused projection h [..., 2F] (gate = the first F columns) -> [..., F]. SiLU (SwiGLU)
+    on plain tensors in eager mode goes through :class:`_SiluGate`; other activations, tensor subclasses and
+    compiled regions (the compiler fuses the plain form itself) chunk and multiply."""
+    if act is F.silu and type(h) is torch.Tensor and not torch.compiler.is_compiling():
+        return _SiluGate.apply(h)
+    gate, up = h.chunk(2, dim=-1)
+    return act(gate) * up

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmarch.nn.cache import KVCache
+from llmarch.nn.dense import Linear
 from llmarch.nn.execution import EXECUTIONS
 from llmarch.nn.kernels import KERNELS
 from llmarch.nn.patterns import Pattern, causal_mask
@@ -97,8 +98,8 @@ class Attention(nn.Module):
         self.kernel_name, self.kernel = kernel, KERNELS[kernel]
         self.dropout = dropout
         self.execution_name, self.execution, self.block = execution, EXECUTIONS[execution], block
-        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
-        self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.qkv = Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=qkv_bias)
+        self.out = Linear(n_heads * head_dim, d_model, bias=out_bias)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         y = self.attend(x, ctx, cache)  # [B, H, T, Dh]

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from llmarch.nn.dense import Linear
 from llmarch.nn.kernels import KERNELS
 
 
@@ -24,9 +25,9 @@ class CrossAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         self.kernel_name, self.kernel = kernel, KERNELS[kernel]
         self.dropout = dropout
-        self.q = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
-        self.kv = nn.Linear(d_model, 2 * n_kv_heads * head_dim, bias=qkv_bias)
-        self.out = nn.Linear(n_heads * head_dim, d_model, bias=out_bias)
+        self.q = Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.kv = Linear(d_model, 2 * n_kv_heads * head_dim, bias=qkv_bias)
+        self.out = Linear(n_heads * head_dim, d_model, bias=out_bias)
 
     def project_kv(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder output [B, S, D] -> k, v [B, G, S, Dh]."""

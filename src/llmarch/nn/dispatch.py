@@ -9,9 +9,9 @@ only in how the experts run:
 - ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups: no padding,
   empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
 - ``sliced``: assignments sorted by expert, one plain matmul per expert's contiguous slice.
-- ``auto``: on CPU, ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows (then the E Python iterations cost
-  microseconds against the matmuls, and CPU's plain matmul beats ``_grouped_mm``'s by ~15% in fp32), else
-  ``grouped``; off CPU, ``grouped`` where torch has it for the dtype (CUDA: bf16), else ``padded``.
+- ``auto``: on CPU, ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows (``SLICED_MIN_ROWS_ONEDNN`` in fp32,
+  whose sliced products run through oneDNN; the E Python iterations then cost microseconds against the matmuls),
+  else ``grouped``; off CPU, ``grouped`` where torch has it for the dtype (CUDA: bf16), else ``padded``.
   Chosen by ``benchmarks/moe.py``.
 
 Capacity (Switch/GShard, Lepikhin et al. 2020): each expert takes at most C assignments per sequence; choices are
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.nn import dense
 from llmarch.nn.device import host_reads_ok
 from llmarch.registry import Registry
 
@@ -102,6 +103,10 @@ def grouped_dispatch(x, experts, weights, keep, bank):
 
 
 SLICED_MIN_ROWS = 512
+# fp32 on CPU, the sliced products run through oneDNN (llmarch.nn.dense): sliced beat grouped from ~32 rows per
+# expert (benchmarks/moe.py layer, 128 tokens: forward 30 vs 37 ms, forward + backward level; 512 tokens 90 vs
+# 142 and 131 vs 156 ms; 16 tokens grouped stays ahead)
+SLICED_MIN_ROWS_ONEDNN = 32
 
 
 def grouped_mm_supports(x: torch.Tensor) -> bool:
@@ -125,7 +130,8 @@ def sliced_dispatch(x, experts, weights, keep, bank):
 @DISPATCHERS.register("auto")
 def auto_dispatch(x, experts, weights, keep, bank):
     """``sliced`` for large groups on CPU, else ``grouped`` where supported, else ``padded``."""
-    if x.device.type == "cpu" and experts.numel() >= SLICED_MIN_ROWS * bank.n_experts:
+    rows = SLICED_MIN_ROWS_ONEDNN if x.dtype == torch.float32 and dense.ONEDNN else SLICED_MIN_ROWS
+    if x.device.type == "cpu" and experts.numel() >= rows * bank.n_experts:
         return sliced_dispatch(x, experts, weights, keep, bank)
     if grouped_mm_supports(x):
         return grouped_dispatch(x, experts, weights, keep, bank)

@@ -17,7 +17,8 @@ import math
 import torch
 from torch import nn
 
-from llmarch.nn.activation import make_activation
+from llmarch.nn.activation import gate_product, make_activation
+from llmarch.nn.dense import linear
 from llmarch.nn.ffn import GLU, MLP
 from llmarch.registry import Registry
 
@@ -45,8 +46,7 @@ class GLUExperts(nn.Module):
         self.down = _uniform((n_experts, d_ff, d_model), d_ff)
 
     def _mid(self, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
-        return self.act(gate) * up
+        return gate_product(self.act, h)
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e on x [n, D] -> [n, D]."""
@@ -63,9 +63,10 @@ class GLUExperts(nn.Module):
 
     def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [A, D] sorted by expert, counts[e] rows each -> [A, D], one matmul per non-empty expert
-        (``unbind`` views of the bank: their backward stacks the gradients once)."""
+        (``unbind`` views of the bank: their backward stacks the gradients once; ``linear`` over the transposed
+        views is x @ W through oneDNN for fp32 CPU tensors, see :mod:`llmarch.nn.dense`)."""
         gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        return torch.cat([self._mid(xe @ gate_up[e]) @ down[e]
+        return torch.cat([linear(self._mid(linear(xe, gate_up[e].t())), down[e].t())
                           for e, xe in enumerate(x.split(counts)) if counts[e]])
 
     def load_dense(self, e: int, ffn: GLU) -> None:
@@ -101,7 +102,8 @@ class MLPExperts(nn.Module):
 
     def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         up, down = self.up.unbind(0), self.down.unbind(0)
-        return torch.cat([self.act(xe @ up[e]) @ down[e] for e, xe in enumerate(x.split(counts)) if counts[e]])
+        return torch.cat([linear(self.act(linear(xe, up[e].t())), down[e].t())
+                          for e, xe in enumerate(x.split(counts)) if counts[e]])
 
     def load_dense(self, e: int, ffn: MLP) -> None:
         if ffn.up.bias is not None:

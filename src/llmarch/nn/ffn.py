@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmarch.nn.activation import make_activation
+from llmarch.nn.activation import gate_product, make_activation
+from llmarch.nn.dense import Linear
 from llmarch.registry import Registry
 
 FFNS: Registry[type[nn.Module]] = Registry("ffn")
@@ -19,8 +20,8 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = activation
         self.act = make_activation(activation)
-        self.up = nn.Linear(d_model, d_ff, bias=bias)
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.up = Linear(d_model, d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,13 +40,12 @@ class GLU(nn.Module):
         self.d_ff = d_ff
         self.activation = activation
         self.act = make_activation(activation)
-        self.gate_up = nn.Linear(d_model, 2 * d_ff, bias=bias)
-        self.down = nn.Linear(d_ff, d_model, bias=bias)
+        self.gate_up = Linear(d_model, 2 * d_ff, bias=bias)
+        self.down = Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # 2 x [B, T, F]
-        return self.dropout(self.down(self.act(gate) * up))
+        return self.dropout(self.down(gate_product(self.act, self.gate_up(x))))  # via [B, T, 2F] -> [B, T, F]
 
 
 @FFNS.register("none")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from llmarch.nn.activation import make_activation
+from llmarch.nn.dense import linear
 from llmarch.nn.norm import make_norm
 from llmarch.registry import Registry
 
@@ -37,7 +38,7 @@ class LMHead(nn.Linear):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.scale != 1.0:
             h = h * self.scale
-        return super().forward(h)
+        return linear(h, self.weight, self.bias)
 
     def outputs(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"logits": self(h)}

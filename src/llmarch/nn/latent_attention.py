@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmarch.nn.cache import LatentCache
+from llmarch.nn.dense import Linear
 from llmarch.nn.execution import EXECUTIONS
 from llmarch.nn.kernels import KERNELS
 from llmarch.nn.norm import RMSNorm
@@ -27,9 +28,9 @@ class LowRankQuery(nn.Module):
 
     def __init__(self, d_model: int, q_lora_rank: int, out_features: int, eps: float, bias: bool = False):
         super().__init__()
-        self.down = nn.Linear(d_model, q_lora_rank, bias=bias)
+        self.down = Linear(d_model, q_lora_rank, bias=bias)
         self.norm = RMSNorm(q_lora_rank, eps=eps)
-        self.up = nn.Linear(q_lora_rank, out_features, bias=False)
+        self.up = Linear(q_lora_rank, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.norm(self.down(x)))
@@ -56,13 +57,13 @@ class LatentAttention(nn.Module):
         self.kernel_name, self.kernel = kernel, KERNELS[kernel]
         self.execution_name, self.execution, self.block = execution, EXECUTIONS[execution], block
         if q_lora_rank is None:
-            self.q = nn.Linear(d_model, H * (Dn + Dr), bias=False)
+            self.q = Linear(d_model, H * (Dn + Dr), bias=False)
         else:
             self.q = LowRankQuery(d_model, q_lora_rank, H * (Dn + Dr), latent_norm_eps, bias=qkv_bias)
-        self.kv_down = nn.Linear(d_model, R + Dr, bias=qkv_bias)
+        self.kv_down = Linear(d_model, R + Dr, bias=qkv_bias)
         self.kv_norm = RMSNorm(R, eps=latent_norm_eps)
-        self.kv_up = nn.Linear(R, H * (Dn + Dv), bias=False)
-        self.out = nn.Linear(H * Dv, d_model, bias=out_bias)
+        self.kv_up = Linear(R, H * (Dn + Dv), bias=False)
+        self.out = Linear(H * Dv, d_model, bias=out_bias)
 
     def forward(self, x: torch.Tensor, ctx, cache: LatentCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape

@@ -97,6 +97,38 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+class _HalfRotation(torch.autograd.Function):
+    """x * cos + rotate_half(x) * sin for x [..., R] written half by half (out1 = x1 c1 - x2 s1, out2 = x2 c2 +
+    x1 s2), and its backward likewise, without the negated copy and the concatenations of the plain form; the same
+    products and sums, so the same values bit for bit (tests). cos/sin get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h] -= x[..., h:] * sin[..., :h]
+        out[..., h:] += x[..., :h] * sin[..., h:]
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        h = g.shape[-1] // 2
+        dx = g * cos
+        dx[..., :h] += g[..., h:] * sin[..., h:]
+        dx[..., h:] -= g[..., :h] * sin[..., :h]
+        return dx, None, None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin (x [..., R], cos/sin broadcastable): :class:`_HalfRotation` for plain
+    tensors in eager mode with constant tables, else the plain form (the reference)."""
+    if type(x) is torch.Tensor and not cos.requires_grad and not torch.compiler.is_compiling():
+        return _HalfRotation.apply(x, cos, sin)
+    return x * cos + rotate_half(x) * sin
+
+
 class Rotation:
     """cos/sin [B, 1, T, R]; ``apply(q, k)`` rotates the first R dims of q [B, H, T, Dh] and k [B, G, T, Dh]."""
 
@@ -111,9 +143,9 @@ class Rotation:
         r = self.cos.shape[-1]
         cos, sin = self.cos.to(x.dtype), self.sin.to(x.dtype)
         if r == x.shape[-1]:
-            return x * cos + rotate_half(x) * sin
+            return rotate(x, cos, sin)
         x_rot, x_pass = x[..., :r], x[..., r:]
-        return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+        return torch.cat([rotate(x_rot, cos, sin), x_pass], dim=-1)
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._one(q), self._one(k)

@@ -1,0 +1,133 @@
+"""Fast paths of the training step against the reference forms they replace: the oneDNN projection
+(llmarch.nn.dense) against F.linear (values, gradients, every layout it meets, the cases that must keep F.linear),
+the SwiGLU product and the RoPE rotation in one autograd node each against their plain forms (bit for bit)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import llmarch
+from llmarch.nn.dense import ONEDNN, Linear, linear
+
+pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("out_f", [37, 11])  # wider and narrower than the input: both weight-gradient forms
+def test_values_and_grads_equal_f_linear(bias, layout, out_f):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, 24, generator=g)
+    w = w if layout == "row" else w.t().contiguous().t()  # the decode layout stores wide weights column-major
+    b = torch.randn(out_f, generator=g) if bias else None
+    x = torch.randn(3, 5, 24, generator=g)
+    up = torch.randn(3, 5, out_f, generator=g)
+    grads = []
+    for fn in (linear, F.linear):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = b.clone().requires_grad_() if bias else None
+        with Ops() as ops:
+            y = fn(xs, ws, bs)
+        (y * up).sum().backward()
+        grads.append([y, xs.grad, ws.grad] + ([bs.grad] if bias else []))
+        if fn is linear:
+            assert any("mkldnn._linear_pointwise" in n for n in ops.names)
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flop_counter_counts_the_onednn_products():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = torch.randn(3, 5, 24, requires_grad=True), torch.randn(37, 24, requires_grad=True)
+    counts = []
+    for fn in (linear, F.linear):
+        with FlopCounterMode(display=False) as counter:
+            fn(x, w).sum().backward()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 3 * 2 * 15 * 24 * 37  # forward, dx and dW
+
+
+def test_no_grad_and_fallbacks():
+    lin = Linear(16, 8)
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    with Ops() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+    assert y.dtype == torch.bfloat16 and not any("mkldnn" in n for n in ops.names)  # autocast keeps F.linear
+    with Ops() as ops, torch.no_grad():
+        lin(x[:1, :1])  # one row through a small weight: torch's BLAS (oneDNN's per-call cost does not pay)
+    assert not any("mkldnn" in n for n in ops.names)
+    lin64 = Linear(16, 8).double()
+    assert lin64(x.double()).dtype == torch.float64
+    assert lin.state_dict().keys() == torch.nn.Linear(16, 8).state_dict().keys() and isinstance(lin, torch.nn.Linear)
+
+
+def test_model_training_step_matches_f_linear(monkeypatch):
+    """A decoder's loss and gradients through oneDNN equal those with every projection on F.linear."""
+    import llmarch.nn.dense as dense
+
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=2))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    out = []
+    for on in (True, False):
+        monkeypatch.setattr(dense, "ONEDNN", on)
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+        loss.backward()
+        out.append([loss] + [p.grad.clone() for p in model.parameters()])
+    for ours, ref in zip(*out):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_silu_gate_equals_chunk_silu_mul_bit_for_bit(strided):
+    from llmarch.nn.activation import gate_product
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 16, 5, generator=g)
+    up = torch.randn(3, 5, 8, generator=g)
+    grads = []
+    for fn in (lambda h: gate_product(F.silu, h), lambda h: F.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]):
+        leaf = base.clone().requires_grad_()
+        h = leaf.transpose(1, 2) if strided else leaf.transpose(1, 2).contiguous()  # [3, 5, 16]
+        with Ops() as ops:
+            y = fn(h)
+            (y * up).sum().backward()
+        grads.append((y, leaf.grad, ops.names))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    assert not any("cat" in n for n in grads[0][2]) and any("cat" in n for n in grads[1][2])
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_half_rotation_equals_plain_rope_bit_for_bit(strided):
+    """The fused rotary rotation (llmarch.nn.rope.rotate) against x * cos + rotate_half(x) * sin."""
+    from llmarch.nn.rope import rotate, rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 7, 3, 8, generator=g)  # [B, T, N, R]
+    ang = torch.randn(2, 1, 7, 4, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # [B, 1, T, R]
+    up = torch.randn(2, 3, 7, 8, generator=g)
+    out = []
+    for fn in (rotate, lambda x, c, s: x * c + rotate_half(x) * s):
+        leaf = base.clone().requires_grad_()
+        x = leaf.transpose(1, 2) if strided else leaf.transpose(1, 2).contiguous()  # [B, N, T, R]
+        with Ops() as ops:
+            y = fn(x, cos, sin)
+            (y * up).sum().backward()
+        out.append((y, leaf.grad, ops.names))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert not any("cat" in n for n in out[0][2])
