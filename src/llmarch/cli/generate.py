@@ -3,6 +3,10 @@ tokens as they come."""
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add(sub) -> None:
@@ -58,6 +62,8 @@ def token_ids(flag: str, text: str) -> list[int]:
 
 
 def instruction_ids(ids: list[int]) -> torch.Tensor:
+    import torch
+
     if not ids:
         raise ValueError("--instruction: the instruction is empty; give some text (token ids with --preset)")
     return torch.tensor([ids])
