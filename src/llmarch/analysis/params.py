@@ -77,7 +77,7 @@ def count_params(cfg) -> ParamCount:
     if isinstance(cfg, VisionConfig):  # a vision tower alone: its parts
         parts = tower_params(cfg)
         return ParamCount(parts, sum(parts.values()), sum(parts.values()))
-    D, V = cfg.d_model, cfg.vocab_size
+    D = cfg.d_model
     c = dict.fromkeys(COMPONENTS, 0)
     c["embeddings"] = cfg.input_vocab_size * D  # V (+ rows past the vocabulary that only embed, e.g. an image token)
     c["token_types"] = cfg.type_vocab_size * D
