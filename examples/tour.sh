@@ -16,7 +16,7 @@
 #   - placeholders are files the workspace provides: PATH / notes.txt / held_out.txt / corpus/ / wiki/ (text), DIR
 #     (an index directory name), path/to/hf_dir, hf_llama_dir, hf_model/ and hf/Llama-3.2-1B (a tiny Hugging Face llama saved
 #     in transformers' layout), my.yaml (the llama-tiny config), my_study.yaml (benchmarks/studies/norm.yaml),
-#     RUN_DIR (runs/a), runs/r0 (a run's tokenizer.json), pairs.jsonl / prompts.jsonl / chats.jsonl (three rows each), runs/demo (the repository's `make demo` run, else a
+#     RUN_DIR (runs/a), runs/r0 (a run's tokenizer.json), pairs.jsonl / prompts.jsonl / chats.jsonl (three rows each), digit.png, runs/demo (the repository's `make demo` run, else a
 #     short demo run made once), my_tasks/data.jsonl (two records of the documented form); a code block whose first
 #     line is a comment naming a file (`# my_tasks/my_task.yaml`) is written to that file;
 #   - `llmarch chat` reads "/quit" from stdin;
@@ -86,6 +86,10 @@ for i, t in enumerate(texts):  # .txt for `--data 'corpus/**/*.txt'`, .py for in
 (ws / "my_tasks" / "data.jsonl").write_text('{"q": "the quick brown", "choices": [" fox", " dog"], "answer": 0}\n'
                                             '{"q": "def f(x): return", "choices": [" x", " fox"], "answer": 0}\n')
 (ws / "PATH").write_text(texts[1])
+from PIL import Image, ImageDraw  # digit.png: an image for `generate --image`
+img = Image.new("RGB", (64, 64), "white")
+ImageDraw.Draw(img).text((26, 24), "7", fill="black")
+img.save(ws / "digit.png")
 import json  # the JSONL shapes of docs/posttraining.md: preference pairs, prompts, conversations
 rows = [("Name a colour.", "Blue.", "Dog."), ("What is 2 + 2?", "4", "5"), ("Say hi.", "hi", "bye")]
 (ws / "pairs.jsonl").write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
