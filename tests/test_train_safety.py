@@ -167,3 +167,16 @@ def test_resume_does_not_inherit_a_stop_at(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps({"steps": 8, "stop_at": 2, "lr": 1e-3}))
     tc = resume_settings(str(tmp_path), {})
     assert tc.stop_at is None and tc.steps == 8 and tc.lr == 1e-3 and tc.resume
+
+
+def test_resume_on_another_mesh_replaces_the_saved_mesh(tmp_path):
+    """A mesh flag on --resume replaces the saved mesh whole (tp 2 + sp -> one process needs no --no-sp)."""
+    import json
+
+    from llmarch.train.resume import resume_settings
+
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 8, "tp": 2, "sequence_parallel": True, "lr": 1e-3}))
+    kept = resume_settings(str(tmp_path), {"steps": 9})
+    assert kept.tp == 2 and kept.sequence_parallel and kept.steps == 9
+    moved = resume_settings(str(tmp_path), {"tp": 1})
+    assert moved.tp == 1 and not moved.sequence_parallel and moved.lr == 1e-3 and moved.steps == 8

@@ -16,6 +16,9 @@ TRAIN_FILE = "train.json"
 # ``--resume`` continues to ``--steps``)
 PER_INVOCATION = frozenset({"stop_at", "resume"})
 MODEL_CONFIG_FILE = "model_config.json"
+# the mesh: given any of these on --resume, the saved ones are not inherited (a sharded checkpoint reshards onto
+# the mesh given, e.g. `--nproc 1 --tp 1` after a --tp 2 --sp run)
+MESH_SETTINGS = frozenset({"dp", "tp", "pp", "ep", "sequence_parallel", "pp_schedule", "microbatches"})
 
 
 def saved_settings(run_dir: str | Path) -> dict[str, Any] | None:
@@ -30,8 +33,10 @@ def saved_settings(run_dir: str | Path) -> dict[str, Any] | None:
 
 def resume_settings(out: str, given: dict[str, Any]) -> TrainConfig:
     """The run's saved settings overridden by the flags ``given`` (and ``resume=True``); the given ones alone when
-    the run has saved none yet."""
+    the run has saved none yet. A mesh flag given replaces the whole saved mesh (``MESH_SETTINGS``)."""
     saved = saved_settings(out) or {}
+    if MESH_SETTINGS & given.keys():
+        saved = {k: v for k, v in saved.items() if k not in MESH_SETTINGS}
     return TrainConfig(**{**saved, **given, "out": out, "resume": True})
 
 
