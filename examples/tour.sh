@@ -21,7 +21,8 @@
 #     line is a comment naming a file (`# my_tasks/my_task.yaml`) is written to that file;
 #   - `llmarch chat` reads "/quit" from stdin;
 #   - benchmark and example scripts (python benchmarks/*, examples/retro_vs_base.py) are SKIP unless TOUR_SLOW=1;
-#     `make ...` and `pip install` lines are SKIP (the tour runs after `make demo`).
+#     `make ...` and `pip install` lines are SKIP (the tour runs after `make demo`), multi-node torchrun lines
+#     (`--rdzv_endpoint HOST`) are SKIP.
 set -u
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PY:-$REPO/.venv/bin/python}"
@@ -152,6 +153,9 @@ while IFS=$'\t' read -r kind doc cmd line; do
     [ "$kind" = FILE ] && continue
     if [[ "$cmd" =~ ^(make|pip)\  || "$cmd" == *"-m venv"* ]]; then
         echo "SKIP  $cmd   (setup: the tour runs after make demo)"; skip=$((skip + 1)); continue
+    fi
+    if [[ "$cmd" == *"--rdzv_endpoint HOST"* ]]; then
+        echo "SKIP  $cmd   (several nodes)"; skip=$((skip + 1)); continue
     fi
     if [[ "$SLOW" != 1 && ( "$cmd" == *"benchmarks/"* || "$cmd" == *"examples/retro_vs_base"* ) ]]; then
         echo "SKIP  $cmd   (slow; TOUR_SLOW=1 runs it)"; skip=$((skip + 1)); continue
