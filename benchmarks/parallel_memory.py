@@ -3,8 +3,9 @@ and the activations saved for the backward (the largest rank), for one small dec
 
     python benchmarks/parallel_memory.py          # relaunches itself under torchrun with 2 processes
 
-Activations are measured as the bytes of the distinct storages autograd saves during one forward and loss
-(``torch.autograd.graph.saved_tensors_hooks``), parameters excluded. Writes benchmarks/results/parallel_memory.json.
+Activations are measured as the bytes of the distinct storages autograd saves during one forward and the training
+loss (``ce_sum``) with ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded
+(:func:`llmarch.analysis.activations.measure_saved_bytes`). Writes benchmarks/results/parallel_memory.json.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import llmarch  # noqa: E402
 from benchmarks.common import print_table, write_results  # noqa: E402
+from llmarch.analysis.activations import measure_saved_bytes  # noqa: E402
 from llmarch.analysis.parallel_plan import mesh_plan  # noqa: E402
+from llmarch.train.objectives import ce_sum  # noqa: E402
 
 BASE = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=128, max_seq_len=64)
 B, T = 4, 32  # sequences per data-parallel rank, tokens
@@ -36,25 +39,6 @@ MESHES = [  # name, config changes, degrees, FSDP2
     ("tp=2, tied head", dict(tie_embeddings=True), dict(tp=2), False),
     ("pp=2", {}, dict(pp=2), False),
 ]
-
-
-def saved_bytes(step) -> int:
-    """Bytes of the distinct storages saved for the backward while ``step()`` runs (parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        local = t._local_tensor if hasattr(t, "_local_tensor") else t
-        if not (local.requires_grad and local.grad_fn is None):
-            try:
-                storage = local.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-            except RuntimeError:  # FSDP2's all-gathered weights: storage freed after use, not an activation
-                pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
 
 
 def local_numel(t) -> int:
@@ -90,9 +74,9 @@ def measure(cfg, degrees: dict, fsdp: bool) -> list[float]:
         def step():
             with loss_context(model):
                 logits = model(ids[:, :-1]).logits
-                losses.append(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
+                losses.append(ce_sum(logits, ids[:, 1:]))
 
-        act = saved_bytes(step)
+        act = measure_saved_bytes(step, model.parameters())
         with loss_context(model):
             losses[0].backward()
         params = model.parameters()

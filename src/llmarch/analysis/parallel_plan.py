@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from llmarch.analysis.memory import dtype_bytes, layer_activation_bytes_per_token
+from llmarch.analysis.activations import layer_activation_bytes_per_token, outer_bytes_per_token
+from llmarch.analysis.memory import dtype_bytes
 from llmarch.analysis.params import count_params
 from llmarch.config import ModelConfig
 
@@ -60,8 +61,8 @@ def mesh_plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "fp32
     L = cfg.n_layers // pp
     tokens = batch * seq_len
     per_token = sum(layer_activation_bytes_per_token(local, i, w) for i in range(L))
-    head = w * cfg.d_model + 4 * cfg.vocab_size / tp
-    act = tokens * (per_token + head)
+    ends = [outer_bytes_per_token(local, w, L, tp, first=s == 0, last=s == pp - 1) for s in {0, pp - 1}]
+    act = tokens * (per_token + max(ends))  # the larger of the first and last stages
     ring = lambda k: (k - 1) / k  # noqa: E731
     D = cfg.d_model
     comm = {

@@ -1,0 +1,132 @@
+"""Activations a training step keeps for the backward, per component, as llmarch's blocks save them (bytes).
+
+Each term is a tensor autograd saves in our modules, counted once per storage (views share one): checked against
+``torch.autograd.graph.saved_tensors_hooks`` measurements in tests/test_analysis_activations.py. ``a`` is the
+activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
+
+- norm: LayerNorm its input + fp32 mean and 1/std (a·D + 8); RMSNorm an fp32 copy of its input, the fp32 1/rms
+  and the normalised input (4·D + 4 + a·D; fp32 for the zero-centred gain: 8·D + 4). Its output is the next
+  projection's input, counted there.
+- attention: the qkv projection's input (a·D) and output (a·(H+2G)·Dh: v stays a view of it), the rotated q|k
+  (a·(H+G)·Dh, one tensor) when RoPE rotates, the SDPA output (a·H·Dh, which the output projection reads as a
+  view, or as a copy when partial RoPE concatenates q: a·H·Dh more) and its fp32 log-sum-exp (4·H). Scores only when a kernel materialises them (:func:`score_bytes_per_token`).
+- FFN: its input (a·D), then [*, F] tensors: MLP up(x) and act(up(x)) (2); SwiGLU gate|up and the product (3,
+  the fused gate recomputes silu); another GLU also act(gate) (4).
+- residual adds save nothing; dropout keeps a 1-byte mask per element.
+- around the stack: token ids (8), RoPE's fp32 cos/sin tables (8·R; in another dtype the copy each layer casts, 2·a·R·L),
+  the final norm, the head's input (a·D), and the training loss (``ce_sum``): the logits and their fp32
+  log-sum-exp (a·V + 4; vocabulary-parallel logits keep the fp32 log-softmax of the local V / tp instead), labels (8).
+"""
+from __future__ import annotations
+
+from llmarch.analysis.ffn import ffn_cost, shared_width
+from llmarch.analysis.layers import mixer_cost
+
+# FFN kind -> saved [*, F] tensors per token: MLP up(x), act(up(x)); GLU gate|up (2), act(gate), product
+FFN_SAVED_F = {"mlp": 2, "glu": 4}
+SILU_GLU_SAVED_F = 3  # the fused SwiGLU gate saves gate|up only and recomputes silu(gate) in the backward
+
+
+def norm_bytes_per_token(cfg, a: float) -> float:
+    """What one norm over D keeps per token (its output excluded: the next projection's input)."""
+    D = cfg.d_model
+    if cfg.norm == "layernorm":
+        return a * D + 8
+    return 4 * D + 4 + (4 * D if cfg.norm == "rmsnorm_zero" else a * D)
+
+
+def rotary_dim(cfg) -> int:
+    """The rotated dims R of each head (0 without RoPE)."""
+    return int(cfg.dh * cfg.rope.fraction) if cfg.position == "rope" else 0
+
+
+def _mixer_widths(cfg, layer: int | None = None) -> tuple[int, int]:
+    """(q/k/v output width, o input width) per token of the token mixer of ``layer``."""
+    cost = mixer_cost(cfg, layer)
+    if hasattr(cost, "widths"):
+        return cost.widths(cfg)
+    if cfg.mixer == "latent":
+        m, H = cfg.mla, cfg.n_heads
+        qkv = H * (2 * m.qk_head_dim + m.v_head_dim) + m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)
+        return qkv, H * m.v_head_dim
+    return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh, cfg.n_heads * cfg.dh
+
+
+def ffn_saved_f(cfg, kind: str) -> int:
+    """[*, F] tensors an FFN of ``kind`` keeps per token."""
+    if kind == "glu" and cfg.activation == "silu":
+        return SILU_GLU_SAVED_F
+    return FFN_SAVED_F.get(kind, 2)
+
+
+def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: bool = False) -> float:
+    """Bytes one token's activations in one block keep for the backward (attention scores excluded)."""
+    D, a = cfg.d_model, act_bytes
+    masks = D if cfg.dropout > 0 else 0  # one byte per element per residual dropout mask
+    norm = norm_bytes_per_token(cfg, a)
+    qkv, o_in = _mixer_widths(cfg, layer)
+    attn = norm + a * D + a * qkv + a * o_in + masks  # norm, qkv in, qkv out, o in
+    if cfg.mixer == "attention":  # + rotated q|k, the log-sum-exp of SDPA
+        R = rotary_dim(cfg)
+        attn += (a * (cfg.n_heads + cfg.kv_heads) * cfg.dh if R else 0) + 4 * cfg.n_heads
+        attn += a * o_in if 0 < R < cfg.dh else 0  # q from a concatenation: the o input is a copy, not a view
+    if cross:  # norm, q in, q, o in (+ the source's k/v, counted per target token)
+        H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+        attn += norm + a * D + a * (H + 2 * G) * Dh + a * H * Dh + masks
+    ffn = ffn_cost(cfg, layer)
+    if ffn.kind != "moe":
+        return attn + norm + a * D + a * ffn_saved_f(cfg, ffn.kind) * cfg.d_ff + masks
+    m = cfg.moe  # router logits in fp32; each of the K visits keeps its dispatched input and its [*, F] tensors
+    saved_f = ffn_saved_f(cfg, m.expert_ffn)
+    return (attn + norm + 4 * m.n_experts + m.top_k * (a * D + a * saved_f * m.expert_d_ff(cfg.d_ff))
+            + a * saved_f * shared_width(cfg) + masks)
+
+
+def outer_bytes_per_token(cfg, act_bytes: float, n_layers: int, vocab_shards: int = 1, first: bool = True,
+                          last: bool = True) -> float:
+    """Per token, what lies outside the blocks: token ids and RoPE tables (``first``: the embedding's stage),
+    the final norm, head input and loss (``last``); ``vocab_shards`` > 1: vocabulary-parallel logits keep the
+    fp32 log-softmax of the local V / shards."""
+    a = act_bytes
+    R = rotary_dim(cfg)
+    out = 8 * R if a == 4 else 2 * a * R * n_layers  # fp32 cos|sin (each stage builds them), or a cast per layer
+    if first:
+        out += 8
+    if last:
+        loss = a * cfg.vocab_size + 4 if vocab_shards == 1 else 4 * cfg.vocab_size / vocab_shards
+        out += (norm_bytes_per_token(cfg, a) if cfg.final_norm else 0) + a * cfg.d_model + loss + 8
+    return out
+
+
+def measure_saved_bytes(step, params=()) -> int:
+    """Bytes of the distinct storages autograd saves while ``step()`` runs, the storages of ``params`` (also
+    through views, e.g. a sharded weight's transpose) and of other grad-requiring leaves excluded: the measurement
+    this module's counts are held to. The input a custom autograd function saves is a grad-requiring view made
+    inside its forward: it counts."""
+    import torch
+
+    def local(t):  # the plain tensor under a DTensor or an async collective's result
+        t = t.trigger_wait() if hasattr(t, "trigger_wait") else t
+        return t._local_tensor if hasattr(t, "_local_tensor") else t
+
+    skip = {local(p).untyped_storage().data_ptr() for p in params}
+    seen: dict[int, object] = {}  # data_ptr -> storage, held so that no freed storage's address is reused
+
+    def pack(t):
+        x = local(t)
+        if not (x.requires_grad and x.grad_fn is None and x._base is None):
+            try:
+                storage = x.untyped_storage()
+                if storage.data_ptr() not in skip:
+                    seen[storage.data_ptr()] = storage
+            except RuntimeError:  # FSDP2's all-gathered weights: storage freed after use, not an activation
+                pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(s.nbytes() for s in seen.values())
+
+
+__all__ = ["FFN_SAVED_F", "norm_bytes_per_token", "layer_activation_bytes_per_token", "outer_bytes_per_token",
+           "ffn_saved_f", "rotary_dim", "measure_saved_bytes"]
