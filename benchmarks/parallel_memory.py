@@ -21,7 +21,6 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import llmarch  # noqa: E402
 from benchmarks.common import print_table, write_results  # noqa: E402
@@ -37,7 +36,8 @@ MESHES = [  # name, config changes, degrees, FSDP2
     ("tp=2", {}, dict(tp=2), False),
     ("tp=2, 1 kv head", dict(n_kv_heads=1), dict(tp=2), False),
     ("tp=2, tied head", dict(tie_embeddings=True), dict(tp=2), False),
-    ("pp=2", {}, dict(pp=2), False),
+    ("tp=2, sp", {}, dict(tp=2, sp=True), False),
+    ("pp=2 (1F1B, 2 micro-batches)", {}, dict(pp=2), False),
 ]
 
 
@@ -58,14 +58,19 @@ def measure(cfg, degrees: dict, fsdp: bool) -> list[float]:
         from llmarch.train.parallel.pipeline import build_pipeline
 
         mesh = M.build_mesh(M.spec_for(cfg, 2, pp=2))
-        stage, sched = build_pipeline(llmarch.build(cfg), mesh["pp"], 2, lambda x, y: F.cross_entropy(
-            x.flatten(0, 1), y.flatten()), "1f1b")
+        stage, sched = build_pipeline(llmarch.build(cfg), mesh["pp"], 2, lambda x, y: ce_sum(x, y) / y.numel(),
+                                      "1f1b")
         opt = torch.optim.AdamW(stage.parameters())
-        sched.step(ids[:, :-1] if stage.first else None, target=ids[:, 1:] if stage.last else None)
-        params, act = stage.parameters(), float("nan")  # saved tensors live inside the schedule's steps
+        run = lambda: sched.step(ids[:, :-1] if stage.first else None,  # noqa: E731
+                                 target=ids[:, 1:] if stage.last else None)
+        run()  # the first step also runs the stages' shape inference: measure the next, a steady one
+        stage.zero_grad()
+        act = measure_saved_bytes(run, stage.parameters())  # the most micro-batches in flight at once
+        params = stage.parameters()
     else:
         env = DistEnv(dist.get_rank(), dist.get_world_size())
         tc = SimpleNamespace(**{**dict(dp=None, tp=1, ep=1, pp=1, seq_len=T), **degrees,
+                                "sequence_parallel": degrees.get("sp", False),
                                 "parallel": "fsdp" if fsdp or degrees.get("tp", 1) > 1 else "ddp"})
         model = parallelize(llmarch.build(cfg), cfg, env, tc)
         opt = torch.optim.AdamW(model.parameters())

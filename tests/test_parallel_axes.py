@@ -117,6 +117,10 @@ def test_plan_mesh_per_rank_figures(capsys):
     assert out["world"] == 64 and out["params"] < 7e9 / 64 * 1.1
     assert main(["plan", "llama-2-7b", "--mesh", "tp=3"]) != 0
     assert "n_heads: 32 is not divisible by tp = 3" in capsys.readouterr().err
+    sp = mesh_plan(cfg, 16, 4, tp=2, sp=True)  # measured in benchmarks/parallel_memory.py
+    assert sp["activations"] < two["activations"] and sp["activations_checkpointed"] < sp["activations"]
+    assert main(["plan", "llama-2-7b", "--mesh", "dp=2", "--sp"]) != 0
+    assert "--sp: sequence parallel needs tp >= 2" in capsys.readouterr().err
 
 
 def test_train_settings_refuse_meshes_the_loop_cannot_run(tmp_path):

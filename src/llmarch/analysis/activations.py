@@ -19,6 +19,8 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
 """
 from __future__ import annotations
 
+import weakref
+
 from llmarch.analysis.ffn import ffn_cost, shared_width
 from llmarch.analysis.layers import mixer_cost
 
@@ -98,34 +100,59 @@ def outer_bytes_per_token(cfg, act_bytes: float, n_layers: int, vocab_shards: in
     return out
 
 
+class _Saved:
+    """One tensor autograd saved; its release (after its node's backward) decrements its storage's count."""
+
+    def __init__(self, t, release):
+        self.t = t
+        weakref.finalize(self, release)
+
+
 def measure_saved_bytes(step, params=()) -> int:
-    """Bytes of the distinct storages autograd saves while ``step()`` runs, the storages of ``params`` (also
-    through views, e.g. a sharded weight's transpose) and of other grad-requiring leaves excluded: the measurement
-    this module's counts are held to. The input a custom autograd function saves is a grad-requiring view made
-    inside its forward: it counts."""
+    """Peak bytes of the distinct storages autograd holds for the backward while ``step()`` runs (one forward:
+    all it saved; a pipeline schedule: its most micro-batches in flight), the storages of ``params`` (also through
+    views, e.g. a sharded weight's transpose) and of other grad-requiring leaves excluded: the measurement this
+    module's counts are held to. The input a custom autograd function saves is a grad-requiring view made inside
+    its forward: it counts."""
     import torch
 
-    def local(t):  # the plain tensor under a DTensor or an async collective's result
+    def local(t):  # the plain tensor under a DTensor and/or an async collective's result
         t = t.trigger_wait() if hasattr(t, "trigger_wait") else t
-        return t._local_tensor if hasattr(t, "_local_tensor") else t
+        t = t._local_tensor if hasattr(t, "_local_tensor") else t
+        return t.trigger_wait() if hasattr(t, "trigger_wait") else t
 
     skip = {local(p).untyped_storage().data_ptr() for p in params}
-    seen: dict[int, object] = {}  # data_ptr -> storage, held so that no freed storage's address is reused
+    live: dict[int, list] = {}  # data_ptr -> [storage, saved tensors holding it]
+    total, peak = [0], [0]
+
+    def release(ptr):
+        entry = live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            total[0] -= entry[0].nbytes()
+            del live[ptr]
 
     def pack(t):
         x = local(t)
-        if not (x.requires_grad and x.grad_fn is None and x._base is None):
-            try:
-                storage = x.untyped_storage()
-                if storage.data_ptr() not in skip:
-                    seen[storage.data_ptr()] = storage
-            except RuntimeError:  # FSDP2's all-gathered weights: storage freed after use, not an activation
-                pass
-        return t
+        if x.requires_grad and x.grad_fn is None and x._base is None:
+            return t
+        try:
+            storage = x.untyped_storage()
+        except RuntimeError:  # FSDP2's all-gathered weights: storage freed after use, not an activation
+            return t
+        ptr = storage.data_ptr()
+        if ptr in skip:
+            return t
+        if ptr not in live:
+            live[ptr] = [storage, 0]
+            total[0] += storage.nbytes()
+            peak[0] = max(peak[0], total[0])
+        live[ptr][1] += 1
+        return _Saved(t, lambda: release(ptr))
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s.t if isinstance(s, _Saved) else s):
         step()
-    return sum(s.nbytes() for s in seen.values())
+    return peak[0]
 
 
 __all__ = ["FFN_SAVED_F", "norm_bytes_per_token", "layer_activation_bytes_per_token", "outer_bytes_per_token",
