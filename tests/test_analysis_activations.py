@@ -20,6 +20,7 @@ SMALL = dict(vocab_size=128, d_model=32, n_layers=2, max_seq_len=32)
 CONFIGS = {
     "llama": ("llama-tiny", dict(SMALL, n_heads=4, n_kv_heads=2, d_ff=64)),  # RMSNorm, RoPE, GQA, SwiGLU
     "gpt2": ("gpt2-tiny", dict(SMALL, n_heads=4, d_ff=128)),  # LayerNorm, learned positions, GELU MLP, biases
+    "bloom": ("bloom-tiny", dict(SMALL, n_heads=4, d_ff=128)),  # ALiBi score bias per layer, embedding norm
     "partial_rope_gelu_glu": ("llama-tiny", dict(SMALL, n_heads=4, d_ff=64, activation="gelu",
                                                   rope=dict(fraction=0.5), norm="rmsnorm_zero")),
 }

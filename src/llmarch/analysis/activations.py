@@ -13,7 +13,8 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
 - FFN: its input (a·D), then [*, F] tensors: MLP up(x) and act(up(x)) (2); SwiGLU gate|up and the product (3,
   the fused gate recomputes silu); another GLU also act(gate) (4).
 - residual adds save nothing; dropout keeps a 1-byte mask per element.
-- around the stack: token ids (8), RoPE's fp32 cos/sin tables (8·R; in another dtype the copy each layer casts, 2·a·R·L),
+- ALiBi: its fp32 score bias per layer, shared by the batch (:func:`score_bias_bytes_per_token`).
+- around the stack: token ids (8), the embedding norm if any, RoPE's fp32 cos/sin tables (8·R; in another dtype the copy each layer casts, 2·a·R·L),
   the final norm, the head's input (a·D), and the training loss (``ce_sum``): the logits and their fp32
   log-sum-exp (a·V + 4; vocabulary-parallel logits keep the fp32 log-softmax of the local V / tp instead), labels (8).
 """
@@ -84,6 +85,12 @@ def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: b
             + a * saved_f * shared_width(cfg) + masks)
 
 
+def score_bias_bytes_per_token(cfg, seq_len: int, batch: int) -> float:
+    """ALiBi's fp32 score bias [1, H, T, S], built and saved in each layer and shared by the batch: 4·H·T / B per
+    token and layer (0 for other position schemes)."""
+    return 4 * cfg.n_heads * seq_len / batch if cfg.position == "alibi" else 0.0
+
+
 def outer_bytes_per_token(cfg, act_bytes: float, n_layers: int, vocab_shards: int = 1, first: bool = True,
                           last: bool = True) -> float:
     """Per token, what lies outside the blocks: token ids and RoPE tables (``first``: the embedding's stage),
@@ -93,7 +100,7 @@ def outer_bytes_per_token(cfg, act_bytes: float, n_layers: int, vocab_shards: in
     R = rotary_dim(cfg)
     out = 8 * R if a == 4 else 2 * a * R * n_layers  # fp32 cos|sin (each stage builds them), or a cast per layer
     if first:
-        out += 8
+        out += 8 + (norm_bytes_per_token(cfg, a) if cfg.embed_norm else 0)
     if last:
         loss = a * cfg.vocab_size + 4 if vocab_shards == 1 else 4 * cfg.vocab_size / vocab_shards
         out += (norm_bytes_per_token(cfg, a) if cfg.final_norm else 0) + a * cfg.d_model + loss + 8
@@ -156,4 +163,4 @@ def measure_saved_bytes(step, params=()) -> int:
 
 
 __all__ = ["FFN_SAVED_F", "norm_bytes_per_token", "layer_activation_bytes_per_token", "outer_bytes_per_token",
-           "ffn_saved_f", "rotary_dim", "measure_saved_bytes"]
+           "score_bias_bytes_per_token", "ffn_saved_f", "rotary_dim", "measure_saved_bytes"]

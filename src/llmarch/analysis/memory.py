@@ -15,7 +15,8 @@ layer) are reported separately (:func:`cross_kv_cache_bytes`).
 """
 from __future__ import annotations
 
-from llmarch.analysis.activations import FFN_SAVED_F, layer_activation_bytes_per_token, outer_bytes_per_token
+from llmarch.analysis.activations import (FFN_SAVED_F, layer_activation_bytes_per_token, outer_bytes_per_token,
+                                         score_bias_bytes_per_token)
 from llmarch.analysis.ffn import dense_kind, shared_width
 from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, replaced_layers, stacks
 
@@ -104,6 +105,7 @@ def training_memory(cfg, seq_len: int, batch: int = 1, dtype: str = "bf16", n_pa
     tokens = batch * seq_len
     layers = [layer_activation_bytes_per_token(cfg, i, w, st.cross) for st in stacks(cfg)
               for i in range(st.n_layers)]
+    layers = [x + score_bias_bytes_per_token(cfg, seq_len, batch) for x in layers]
     if scores_materialised:
         layers = [x + score_bytes_per_token(cfg, seq_len, w) for x in layers]
     head_loss = outer_bytes_per_token(cfg, w, len(layers))  # ids, RoPE tables, final norm, head, loss

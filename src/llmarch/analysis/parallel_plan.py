@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 
-from llmarch.analysis.activations import layer_activation_bytes_per_token, norm_bytes_per_token, outer_bytes_per_token
+from llmarch.analysis.activations import (layer_activation_bytes_per_token, norm_bytes_per_token,
+                                         outer_bytes_per_token, score_bias_bytes_per_token)
 from llmarch.analysis.memory import dtype_bytes
 from llmarch.analysis.params import count_params
 from llmarch.config import ModelConfig
@@ -49,16 +50,17 @@ def rank_params(cfg: ModelConfig, dp: int = 1, tp: int = 1, ep: int = 1, pp: int
     return math.ceil(stage / dp) if fsdp else math.ceil(stage)
 
 
-def rank_activations(cfg: ModelConfig, tokens: int, w: float, tp: int = 1, pp: int = 1, sp: bool = False,
-                     micro_batches: int | None = None) -> tuple[float, float]:
+def rank_activations(cfg: ModelConfig, seq_len: int, batch: int, w: float, tp: int = 1, pp: int = 1,
+                     sp: bool = False, micro_batches: int | None = None) -> tuple[float, float]:
     """Activation bytes the largest rank keeps for the backward: (plain, with checkpointed blocks). Tensor
     parallel splits heads, F and the vocabulary; sequence parallel also the norms and block inputs over T; under
     1F1B pipeline stage s holds min(pp - s, M) of the M micro-batches (``micro_batches``, default pp)."""
     local = cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=max(cfg.kv_heads // tp, 1), d_ff=cfg.d_ff // tp,
                         head_dim=cfg.dh) if tp > 1 else cfg
-    L, M = cfg.n_layers // pp, micro_batches or pp
+    L, M, tokens = cfg.n_layers // pp, micro_batches or pp, batch * seq_len
     cut = norm_bytes_per_token(cfg, w) * (1 - 1 / tp) if sp else 0.0  # a norm on T / tp tokens
-    layers = [layer_activation_bytes_per_token(local, i, w) - 2 * cut for i in range(L)]
+    bias = score_bias_bytes_per_token(local, seq_len, max(batch // M, 1))  # per micro-batch
+    layers = [layer_activation_bytes_per_token(local, i, w) - 2 * cut + bias for i in range(L)]
     plain, ckpt = [], []
     for s in sorted({0, pp - 1}):
         last = s == pp - 1
@@ -81,7 +83,7 @@ def mesh_plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "fp32
     full_stage = rank_params(cfg, 1, tp, ep, pp, fsdp=False)  # what FSDP gathers / DDP all-reduces
     L = cfg.n_layers // pp
     tokens = batch * seq_len
-    act, act_ckpt = rank_activations(cfg, tokens, w, tp, pp, sp, micro_batches)
+    act, act_ckpt = rank_activations(cfg, seq_len, batch, w, tp, pp, sp, micro_batches)
     ring = lambda k: (k - 1) / k  # noqa: E731
     D = cfg.d_model
     comm = {
