@@ -21,6 +21,8 @@ CONFIGS = {
     "llama": ("llama-tiny", dict(SMALL, n_heads=4, n_kv_heads=2, d_ff=64)),  # RMSNorm, RoPE, GQA, SwiGLU
     "gpt2": ("gpt2-tiny", dict(SMALL, n_heads=4, d_ff=128)),  # LayerNorm, learned positions, GELU MLP, biases
     "bloom": ("bloom-tiny", dict(SMALL, n_heads=4, d_ff=128)),  # ALiBi score bias per layer, embedding norm
+    "mixtral": ("mixtral-tiny", dict(SMALL, n_heads=4, n_kv_heads=2, d_ff=64)),  # top-2 of 4 experts, sorted dispatch
+    "qwen2_moe": ("qwen2-moe-tiny", dict(SMALL, n_heads=4, n_kv_heads=2)),  # + a gated shared expert
     "partial_rope_gelu_glu": ("llama-tiny", dict(SMALL, n_heads=4, d_ff=64, activation="gelu",
                                                   rope=dict(fraction=0.5), norm="rmsnorm_zero")),
 }

@@ -12,6 +12,9 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
   view, or as a copy when partial RoPE concatenates q: a·H·Dh more) and its fp32 log-sum-exp (4·H). Scores only when a kernel materialises them (:func:`score_bytes_per_token`).
 - FFN: its input (a·D), then [*, F] tensors: MLP up(x) and act(up(x)) (2); SwiGLU gate|up and the product (3,
   the fused gate recomputes silu); another GLU also act(gate) (4).
+- MoE (sorted dispatch): the router's input, fp32 logits and probabilities (8·E + 4); per visit (K) the dispatched
+  input, the expert's [*, F] tensors, its output and weighted output, int64 ids and fp32 weights (3·a·D + 32);
+  a gated shared expert also its output and fp32 gate (a·D + 4).
 - residual adds save nothing; dropout keeps a 1-byte mask per element.
 - ALiBi: its fp32 score bias per layer, shared by the batch (:func:`score_bias_bytes_per_token`).
 - around the stack: token ids (8), the embedding norm if any, RoPE's fp32 cos/sin tables (8·R; in another dtype the copy each layer casts, 2·a·R·L),
@@ -79,10 +82,13 @@ def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: b
     ffn = ffn_cost(cfg, layer)
     if ffn.kind != "moe":
         return attn + norm + a * D + a * ffn_saved_f(cfg, ffn.kind) * cfg.d_ff + masks
-    m = cfg.moe  # router logits in fp32; each of the K visits keeps its dispatched input and its [*, F] tensors
+    m, K = cfg.moe, cfg.moe.top_k  # router logits and probabilities in fp32 (+ 4: a per-token fp32 sum); each
+    # of the K visits keeps its dispatched input, its [*, F] tensors, its output and weighted output, and 32 bytes of
+    # int64 ids (top-k, sorted, combine) and fp32 weights (top-k, combine)
     saved_f = ffn_saved_f(cfg, m.expert_ffn)
-    return (attn + norm + 4 * m.n_experts + m.top_k * (a * D + a * saved_f * m.expert_d_ff(cfg.d_ff))
-            + a * saved_f * shared_width(cfg) + masks)
+    gated = a * D + 4 if m.shared_gate and shared_width(cfg) else 0  # the shared output and its fp32 gate
+    return (attn + norm + a * D + 8 * m.n_experts + 4 + K * (3 * a * D + a * saved_f * m.expert_d_ff(cfg.d_ff) + 32)
+            + a * saved_f * shared_width(cfg) + gated + masks)
 
 
 def score_bias_bytes_per_token(cfg, seq_len: int, batch: int) -> float:
