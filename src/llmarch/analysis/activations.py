@@ -9,7 +9,8 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
   projection's input, counted there.
 - attention: the qkv projection's input (a·D) and output (a·(H+2G)·Dh: v stays a view of it), the rotated q|k
   (a·(H+G)·Dh, one tensor) when RoPE rotates, the SDPA output (a·H·Dh, which the output projection reads as a
-  view, or as a copy when partial RoPE concatenates q: a·H·Dh more) and its fp32 log-sum-exp (4·H). Scores only when a kernel materialises them (:func:`score_bytes_per_token`).
+  view, or as a copy when partial RoPE concatenates q: a·H·Dh more) and its fp32 log-sum-exp (4·H). Scores
+  only when a kernel materialises them (``memory.score_bytes_per_token``).
 - FFN: its input (a·D), then [*, F] tensors: MLP up(x) and act(up(x)) (2); SwiGLU gate|up and the product (3,
   the fused gate recomputes silu); another GLU also act(gate) (4).
 - MoE (sorted dispatch): the router's input, fp32 logits and probabilities (8·E + 4); per visit (K) the dispatched
@@ -17,8 +18,8 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
   a gated shared expert also its output and fp32 gate (a·D + 4).
 - residual adds save nothing; dropout keeps a 1-byte mask per element.
 - ALiBi: its fp32 score bias per layer, shared by the batch (:func:`score_bias_bytes_per_token`).
-- around the stack: token ids (8), the embedding norm if any, RoPE's fp32 cos/sin tables (8·R; in another dtype the copy each layer casts, 2·a·R·L),
-  the final norm, the head's input (a·D), and the training loss (``ce_sum``): the logits and their fp32
+- around the stack: token ids (8), the embedding norm if any, RoPE's fp32 cos/sin tables (8·R; in another
+  dtype the copy each layer casts, 2·a·R·L), the final norm, the head's input (a·D), and the training loss (``ce_sum``): the logits and their fp32
   log-sum-exp (a·V + 4; vocabulary-parallel logits keep the fp32 log-softmax of the local V / tp instead), labels (8).
 """
 from __future__ import annotations
