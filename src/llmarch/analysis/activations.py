@@ -19,8 +19,9 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
 - residual adds save nothing; dropout keeps a 1-byte mask per element.
 - ALiBi: its fp32 score bias per layer, shared by the batch (:func:`score_bias_bytes_per_token`).
 - around the stack: token ids (8), the embedding norm if any, RoPE's fp32 cos/sin tables (8·R; in another
-  dtype the copy each layer casts, 2·a·R·L), the final norm, the head's input (a·D), and the training loss (``ce_sum``): the logits and their fp32
-  log-sum-exp (a·V + 4; vocabulary-parallel logits keep the fp32 log-softmax of the local V / tp instead), labels (8).
+  dtype the copy each layer casts, 2·a·R·L), the final norm, the head's input (a·D), and the training loss
+  (``ce_sum``): the logits and their fp32 log-sum-exp (a·V + 4; vocabulary-parallel logits keep the fp32
+  log-softmax of the local V / tp instead), labels (8).
 """
 from __future__ import annotations
 
