@@ -3,8 +3,9 @@ and the activations saved for the backward (the largest rank), for one small dec
 
     python benchmarks/parallel_memory.py          # relaunches itself under torchrun with 2 processes
 
-Activations are measured as the bytes of the distinct storages autograd saves during one forward and loss
-(``torch.autograd.graph.saved_tensors_hooks``), parameters excluded. Writes benchmarks/results/parallel_memory.json.
+Activations are measured as the bytes of the distinct storages autograd saves during one forward and the training
+loss (``ce_sum``) with ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded
+(:func:`llmarch.analysis.activations.measure_saved_bytes`). Writes benchmarks/results/parallel_memory.json.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import llmarch  # noqa: E402
 from benchmarks.common import print_table, write_results  # noqa: E402
+from llmarch.analysis.activations import measure_saved_bytes  # noqa: E402
 from llmarch.analysis.parallel_plan import mesh_plan  # noqa: E402
+from llmarch.train.objectives import ce_sum  # noqa: E402
 
 BASE = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=128, max_seq_len=64)
 B, T = 4, 32  # sequences per data-parallel rank, tokens
@@ -34,27 +36,9 @@ MESHES = [  # name, config changes, degrees, FSDP2
     ("tp=2", {}, dict(tp=2), False),
     ("tp=2, 1 kv head", dict(n_kv_heads=1), dict(tp=2), False),
     ("tp=2, tied head", dict(tie_embeddings=True), dict(tp=2), False),
-    ("pp=2", {}, dict(pp=2), False),
+    ("tp=2, sp", {}, dict(tp=2, sp=True), False),
+    ("pp=2 (1F1B, 2 micro-batches)", {}, dict(pp=2), False),
 ]
-
-
-def saved_bytes(step) -> int:
-    """Bytes of the distinct storages saved for the backward while ``step()`` runs (parameters excluded)."""
-    seen = {}
-
-    def pack(t):
-        local = t._local_tensor if hasattr(t, "_local_tensor") else t
-        if not (local.requires_grad and local.grad_fn is None):
-            try:
-                storage = local.untyped_storage()
-                seen[storage.data_ptr()] = storage.nbytes()
-            except RuntimeError:  # FSDP2's all-gathered weights: storage freed after use, not an activation
-                pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
 
 
 def local_numel(t) -> int:
@@ -74,14 +58,19 @@ def measure(cfg, degrees: dict, fsdp: bool) -> list[float]:
         from llmarch.train.parallel.pipeline import build_pipeline
 
         mesh = M.build_mesh(M.spec_for(cfg, 2, pp=2))
-        stage, sched = build_pipeline(llmarch.build(cfg), mesh["pp"], 2, lambda x, y: F.cross_entropy(
-            x.flatten(0, 1), y.flatten()), "1f1b")
+        stage, sched = build_pipeline(llmarch.build(cfg), mesh["pp"], 2, lambda x, y: ce_sum(x, y) / y.numel(),
+                                      "1f1b")
         opt = torch.optim.AdamW(stage.parameters())
-        sched.step(ids[:, :-1] if stage.first else None, target=ids[:, 1:] if stage.last else None)
-        params, act = stage.parameters(), float("nan")  # saved tensors live inside the schedule's steps
+        run = lambda: sched.step(ids[:, :-1] if stage.first else None,  # noqa: E731
+                                 target=ids[:, 1:] if stage.last else None)
+        run()  # the first step also runs the stages' shape inference: measure the next, a steady one
+        stage.zero_grad()
+        act = measure_saved_bytes(run, stage.parameters())  # the most micro-batches in flight at once
+        params = stage.parameters()
     else:
         env = DistEnv(dist.get_rank(), dist.get_world_size())
         tc = SimpleNamespace(**{**dict(dp=None, tp=1, ep=1, pp=1, seq_len=T), **degrees,
+                                "sequence_parallel": degrees.get("sp", False),
                                 "parallel": "fsdp" if fsdp or degrees.get("tp", 1) > 1 else "ddp"})
         model = parallelize(llmarch.build(cfg), cfg, env, tc)
         opt = torch.optim.AdamW(model.parameters())
@@ -90,9 +79,9 @@ def measure(cfg, degrees: dict, fsdp: bool) -> list[float]:
         def step():
             with loss_context(model):
                 logits = model(ids[:, :-1]).logits
-                losses.append(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
+                losses.append(ce_sum(logits, ids[:, 1:]))
 
-        act = saved_bytes(step)
+        act = measure_saved_bytes(step, model.parameters())
         with loss_context(model):
             losses[0].backward()
         params = model.parameters()

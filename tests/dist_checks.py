@@ -71,6 +71,26 @@ def check_plan(name, cfg, params, opt, rel: float = 0.0, **mesh) -> None:
         assert abs(measured - planned) <= rel * planned, f"{name}: plan {planned} vs measured {measured} ({mesh})"
 
 
+def check_activations(name, cfg, model, rel: float = 0.02, **mesh) -> None:
+    """``llmarch plan --mesh`` activations against the bytes autograd saves on this rank for one forward and the
+    training loss on its rows (largest rank; the counts are exact per component, ``rel`` covers id storages)."""
+    from llmarch.analysis.activations import measure_saved_bytes
+    from llmarch.analysis.parallel_plan import mesh_plan
+    from llmarch.train.objectives import ce_sum
+
+    ids, labels = batch(0)
+    rows = len(ids) // mesh.get("dp", 1)
+
+    def step():
+        with loss_context(model):
+            ce_sum(model(ids[:rows]).logits, labels[:rows])
+
+    got = torch.tensor(float(measure_saved_bytes(step, model.parameters())), dtype=torch.float64)
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)
+    planned = mesh_plan(cfg, ids.shape[1], rows, "fp32", **mesh)["activations"]
+    assert abs(got.item() - planned) <= rel * got.item(), f"{name}: planned {planned} vs saved {got.item()} ({mesh})"
+
+
 def compare(name, ref, losses, grads, natural=lambda n, t: t):
     ref_losses, ref_grads = ref[0], ref[1]
     worst = max(abs(a - b) for a, b in zip(ref_losses, losses))
@@ -302,10 +322,12 @@ def tp_kv_copies():
 
 @check
 def tp_tied():
-    """Tensor parallel with the LM head tied to the embedding: one DTensor split over the vocabulary for both."""
+    """Tensor parallel with the LM head tied to the embedding: one DTensor split over the vocabulary for both;
+    the planner's per-rank parameters, AdamW state and saved activations equal the measured ones."""
     cfg, model, opt, env = tensor_parallel("tp_tied", tp=2, config=dict(tie_embeddings=True))
     assert model.lm_head.weight is model.embed.tokens.weight
     check_plan("tp_tied", cfg, model.parameters(), opt, dp=env.dp_world, tp=2, fsdp=env.dp_world > 1)
+    check_activations("tp_tied", cfg, model, dp=env.dp_world, tp=2)
     round_trip("tp_tied", cfg, model, opt, tp=2, config=dict(tie_embeddings=True))
 
 

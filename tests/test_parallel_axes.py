@@ -23,7 +23,8 @@ def test_parallel_axes_equal_one_process():
 def test_tensor_parallel_tied_head_and_kv_copies_on_two_processes():
     """tp=2 with the LM head tied to the embedding (one vocabulary-sharded DTensor), and with one kv head for two
     tp ranks (copied, gradients summed): losses and gradients of one process within 1e-5 (and the gradient norm);
-    the measured per-rank parameters and AdamW moments of the tied run equal ``llmarch plan --mesh tp=2``."""
+    the measured per-rank parameters, AdamW moments and saved activations of the tied run equal ``llmarch plan
+    --mesh tp=2`` (activations within 2 %)."""
     launch("dist_checks.py", 2, [], ["tp_tied", "tp_kv_copies"])
 
 
@@ -116,6 +117,10 @@ def test_plan_mesh_per_rank_figures(capsys):
     assert out["world"] == 64 and out["params"] < 7e9 / 64 * 1.1
     assert main(["plan", "llama-2-7b", "--mesh", "tp=3"]) != 0
     assert "n_heads: 32 is not divisible by tp = 3" in capsys.readouterr().err
+    sp = mesh_plan(cfg, 16, 4, tp=2, sp=True)  # measured in benchmarks/parallel_memory.py
+    assert sp["activations"] < two["activations"] and sp["activations_checkpointed"] < sp["activations"]
+    assert main(["plan", "llama-2-7b", "--mesh", "dp=2", "--sp"]) != 0
+    assert "--sp: sequence parallel needs tp >= 2" in capsys.readouterr().err
 
 
 def test_train_settings_refuse_meshes_the_loop_cannot_run(tmp_path):

@@ -2,12 +2,12 @@
 
 Training state follows the mixed-precision Adam accounting of Rajbhandari et al. 2020 (ZeRO): weights and
 gradients in the parameter dtype, fp32 Adam moments (8 bytes/param) and an fp32 master copy when the parameters are
-narrower than fp32 — 16 bytes/param for bf16. Activations follow Korthikanti et al. 2022 (sequence length × batch ×
-width × bytes per saved tensor), generalised to GQA, GLU and MoE; for a GPT block with dropout and 2-byte
-activations the per-token count is their 34·D, and the T×S attention scores add 5·H·S when a kernel keeps them
-(``scores_materialised``; fused SDPA/flash kernels keep only an O(T) log-sum-exp). Latent attention, the
-cross-attention of encoder-decoders and the encoder stack are counted with the same rules (each saved matmul input
-and output); the closed forms are only checked for the GPT block.
+narrower than fp32 — 16 bytes/param for bf16. Activations (sequence length × batch × bytes per saved tensor,
+as in Korthikanti et al. 2022) count what llmarch's own components save for the backward, component by component
+(:mod:`llmarch.analysis.activations`, held to measurements); the T×S attention scores add 5·H·S when a kernel keeps
+them (``scores_materialised``; fused SDPA/flash kernels keep only an O(T) log-sum-exp). Latent attention, other
+mixers, MoE and the cross-attention of encoder-decoders are counted with the same rules (each saved matmul input
+and output) but only dense attention blocks are measured.
 
 KV cache: the decoder stack's self-attention cache (per token per layer: 2·G·Dh numbers, or R + Dr for latent
 attention); an encoder keeps none; an encoder-decoder's cross-attention k/v (2·G·Dh per source token per decoder
@@ -15,13 +15,13 @@ layer) are reported separately (:func:`cross_kv_cache_bytes`).
 """
 from __future__ import annotations
 
-from llmarch.analysis.ffn import dense_kind, ffn_cost, shared_width
+from llmarch.analysis.activations import (FFN_SAVED_F, layer_activation_bytes_per_token, outer_bytes_per_token,
+                                         score_bias_bytes_per_token)
+from llmarch.analysis.ffn import dense_kind, shared_width
 from llmarch.analysis.layers import CrossAttentionCost, mixer_cost, replaced_layers, stacks
 
 DTYPE_BYTES = {"fp32": 4.0, "float32": 4.0, "tf32": 4.0, "bf16": 2.0, "bfloat16": 2.0, "fp16": 2.0,
                "float16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-# FFN kind -> saved [*, F] tensors per token: MLP keeps up(x) and act(up(x)); GLU keeps gate|up, act(gate), product
-FFN_SAVED_F = {"mlp": 2, "glu": 4}
 
 
 def dtype_bytes(name: str) -> float:
@@ -88,36 +88,6 @@ def cross_kv_cache_bytes(cfg, source_len: int, batch: int = 1, dtype: str = "bf1
     return batch * source_len * cross_kv_bytes_per_source_token(cfg, dtype)
 
 
-def _mixer_widths(cfg, layer: int | None = None) -> tuple[int, int]:
-    """(q/k/v output width, o input width) per token of the token mixer of ``layer``."""
-    cost = mixer_cost(cfg, layer)
-    if hasattr(cost, "widths"):
-        return cost.widths(cfg)
-    if cfg.mixer == "latent":
-        m, H = cfg.mla, cfg.n_heads
-        qkv = H * (2 * m.qk_head_dim + m.v_head_dim) + m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)
-        return qkv, H * m.v_head_dim
-    return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh, cfg.n_heads * cfg.dh
-
-
-def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: bool = False) -> float:
-    """Bytes one token's activations in one block keep for the backward (attention scores excluded)."""
-    D, a = cfg.d_model, act_bytes
-    masks = D if cfg.dropout > 0 else 0  # one byte per element per residual dropout mask
-    qkv, o_in = _mixer_widths(cfg, layer)
-    attn = a * D + a * D + a * qkv + a * o_in + masks  # norm in, qkv in, q/k/v, o in
-    if cross:  # norm in, q in, q, o in (+ the source's k/v, counted per target token)
-        H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
-        attn += a * D + a * D + a * (H + 2 * G) * Dh + a * H * Dh + masks
-    ffn = ffn_cost(cfg, layer)
-    if ffn.kind != "moe":
-        return attn + a * D + a * D + a * FFN_SAVED_F.get(ffn.kind, 2) * cfg.d_ff + masks
-    m = cfg.moe  # router logits in fp32; each of the K visits keeps its dispatched input and its [*, F] tensors
-    saved_f = FFN_SAVED_F.get(m.expert_ffn, 2)
-    return (attn + a * D + 4 * m.n_experts + m.top_k * (a * D + a * saved_f * m.expert_d_ff(cfg.d_ff))
-            + a * saved_f * shared_width(cfg) + masks)
-
-
 def score_bytes_per_token(cfg, seq_len: int, act_bytes: float) -> float:
     """Per token and layer, a kernel that materialises scores keeps softmax out (+ dropout mask and output)."""
     per = act_bytes + (1 + act_bytes if cfg.attn_dropout > 0 else 0)
@@ -135,9 +105,10 @@ def training_memory(cfg, seq_len: int, batch: int = 1, dtype: str = "bf16", n_pa
     tokens = batch * seq_len
     layers = [layer_activation_bytes_per_token(cfg, i, w, st.cross) for st in stacks(cfg)
               for i in range(st.n_layers)]
+    layers = [x + score_bias_bytes_per_token(cfg, seq_len, batch) for x in layers]
     if scores_materialised:
         layers = [x + score_bytes_per_token(cfg, seq_len, w) for x in layers]
-    head_loss = w * cfg.d_model + 4 * cfg.vocab_size  # head input + the loss's fp32 log-probabilities
+    head_loss = outer_bytes_per_token(cfg, w, len(layers))  # ids, RoPE tables, final norm, head, loss
     out = {"weights": N * w, "grads": N * w, "adamw": 8.0 * N, "master_weights": 4.0 * N if w < 4 else 0.0,
            "activations": tokens * (sum(layers) + head_loss),
            "activations_checkpointed": tokens * (len(layers) * w * cfg.d_model + max(layers) + head_loss)}

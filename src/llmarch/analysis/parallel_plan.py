@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 
-from llmarch.analysis.memory import dtype_bytes, layer_activation_bytes_per_token
+from llmarch.analysis.activations import (layer_activation_bytes_per_token, norm_bytes_per_token,
+                                         outer_bytes_per_token, score_bias_bytes_per_token)
+from llmarch.analysis.memory import dtype_bytes
 from llmarch.analysis.params import count_params
 from llmarch.config import ModelConfig
 
@@ -48,20 +50,40 @@ def rank_params(cfg: ModelConfig, dp: int = 1, tp: int = 1, ep: int = 1, pp: int
     return math.ceil(stage / dp) if fsdp else math.ceil(stage)
 
 
+def rank_activations(cfg: ModelConfig, seq_len: int, batch: int, w: float, tp: int = 1, pp: int = 1,
+                     sp: bool = False, micro_batches: int | None = None) -> tuple[float, float]:
+    """Activation bytes the largest rank keeps for the backward: (plain, with checkpointed blocks). Tensor
+    parallel splits heads, F and the vocabulary; sequence parallel also the norms and block inputs over T; under
+    1F1B pipeline stage s holds min(pp - s, M) of the M micro-batches (``micro_batches``, default pp)."""
+    local = cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=max(cfg.kv_heads // tp, 1), d_ff=cfg.d_ff // tp,
+                        head_dim=cfg.dh) if tp > 1 else cfg
+    L, M, tokens = cfg.n_layers // pp, micro_batches or pp, batch * seq_len
+    cut = norm_bytes_per_token(cfg, w) * (1 - 1 / tp) if sp else 0.0  # a norm on T / tp tokens
+    bias = score_bias_bytes_per_token(local, seq_len, max(batch // M, 1))  # per micro-batch
+    layers = [layer_activation_bytes_per_token(local, i, w) - 2 * cut + bias for i in range(L)]
+    plain, ckpt = [], []
+    for s in sorted({0, pp - 1}):
+        last = s == pp - 1
+        outer = outer_bytes_per_token(local, w, L, tp, first=s == 0, last=last) - (cut if last and cfg.final_norm
+                                                                                  else 0)
+        held = tokens * min(pp - s, M) / M
+        plain.append(held * (sum(layers) + outer))
+        ckpt.append(held * (L * w * cfg.d_model / (tp if sp else 1) + outer) + tokens / M * max(layers))
+    return max(plain), max(ckpt)
+
+
 def mesh_plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "fp32", dp: int = 1, tp: int = 1,
-              ep: int = 1, pp: int = 1, fsdp: bool = True, micro_batches: int = 1) -> dict[str, float]:
-    """Bytes per rank of one step: weights, grads, AdamW state, activations; bytes sent per step by each axis.
-    ``batch`` is sequences per data-parallel rank; pipeline runs them as ``micro_batches``."""
+              ep: int = 1, pp: int = 1, fsdp: bool = True, micro_batches: int | None = None,
+              sp: bool = False) -> dict[str, float]:
+    """Bytes per rank of one step: weights, grads, AdamW state, activations (plain and with checkpointed blocks);
+    bytes sent per step by each axis. ``batch`` is sequences per data-parallel rank; pipeline runs them as
+    ``micro_batches`` (default pp) under 1F1B; ``sp``: sequence parallel on the tp ranks."""
     w = dtype_bytes(dtype)
     n = rank_params(cfg, dp, tp, ep, pp, fsdp)
     full_stage = rank_params(cfg, 1, tp, ep, pp, fsdp=False)  # what FSDP gathers / DDP all-reduces
-    local = cfg.replace(n_heads=cfg.n_heads // tp, n_kv_heads=max(cfg.kv_heads // tp, 1), d_ff=cfg.d_ff // tp,
-                        head_dim=cfg.dh) if tp > 1 else cfg
     L = cfg.n_layers // pp
     tokens = batch * seq_len
-    per_token = sum(layer_activation_bytes_per_token(local, i, w) for i in range(L))
-    head = w * cfg.d_model + 4 * cfg.vocab_size / tp
-    act = tokens * (per_token + head)
+    act, act_ckpt = rank_activations(cfg, seq_len, batch, w, tp, pp, sp, micro_batches)
     ring = lambda k: (k - 1) / k  # noqa: E731
     D = cfg.d_model
     comm = {
@@ -72,10 +94,11 @@ def mesh_plan(cfg: ModelConfig, seq_len: int, batch: int = 1, dtype: str = "fp32
         "pp": (2 * tokens * D * w if pp > 1 else 0.0),  # activations forward, their gradients back, per boundary
     }
     out = {"params": n, "weights": n * w, "grads": n * w, "adamw": 8.0 * n, "activations": act,
+           "activations_checkpointed": act_ckpt,
            **{f"comm_{k}": v for k, v in comm.items()}}
     out["total"] = out["weights"] + out["grads"] + out["adamw"] + out["activations"]
     out["comm_total"] = sum(comm.values())
     return out
 
 
-__all__ = ["mesh_plan", "rank_params", "parse_mesh"]
+__all__ = ["mesh_plan", "rank_params", "rank_activations", "parse_mesh"]
