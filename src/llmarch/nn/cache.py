@@ -13,7 +13,7 @@ import torch
 class KVCache:
     """A growing (dynamic) cache; sliding-window aware through each layer's ``lookback``."""
 
-    GROW = 256  # spare slots a buffer is allocated with
+    GROW = 256  # most spare slots a buffer is allocated with
 
     def __init__(self) -> None:
         self.k: dict[int, torch.Tensor] = {}
@@ -34,7 +34,7 @@ class KVCache:
         bk, bv, off, view_k, view_v = self._buffers.get(layer, (None,) * 5)
         if (view_k is not old_k or view_v is not old_v or off + n + T > bk.shape[2]
                 or bk.dtype != k.dtype or bv.dtype != v.dtype):
-            cap, off = n + T + self.GROW, 0
+            cap, off = n + T + min(self.GROW, n + T), 0  # spare: at most the cache's own size
             bk = torch.cat([old_k, k, k.new_empty(*k.shape[:2], cap - n - T, k.shape[3])], dim=2)
             bv = torch.cat([old_v, v, v.new_empty(*v.shape[:2], cap - n - T, v.shape[3])], dim=2)
         else:
