@@ -33,7 +33,7 @@ def _uniform(shape: tuple[int, ...], fan_in: int) -> nn.Parameter:
 
 class _Bank(nn.Module):
     """What the banks share: their weights' memory layout follows the dtype. On CPU, bf16 products over a weight
-    [in, out] stored column-major (each expert's [out, in] contiguous, nn.Linear's order) run ~1.2-1.4x faster at
+    [in, out] stored column-major (each expert's [out, in] contiguous, nn.Linear's order) run 1.15-1.35x faster at
     1-128 tokens than over row-major (docs/performance.md, MoE layer), while fp32 favours row-major below ~32 rows
     per expert. So moving the bank to CPU bf16 re-stores its weights column-major, and back to row-major otherwise:
     same shapes and values, only strides change (state dicts and checkpoints are unaffected)."""
