@@ -4,6 +4,7 @@ the memory-bandwidth bound (weight bytes streamed per step / measured read bandw
 
     PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama] [--no-compile]
     PYTHONPATH=src python benchmarks/decode.py --kernels   # GB/s of each matrix-vector kernel and layout per shape
+    PYTHONPATH=src python benchmarks/decode.py --int8-kernels --threads 1   # int8 routes per row count
 
 Greedy, prompt of 16 tokens, fixed output length; a timed call includes the prompt's prefill (one weight pass,
 like one decode step at these sizes). Random weights: speed does not depend on them (speculative acceptance
@@ -115,6 +116,28 @@ def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
     return rows
 
 
+def int8_kernel_table(repeats: int) -> list[dict]:
+    """Microseconds of the two int8 routes of ``llmarch::int8_mm`` per row count: the packed kernel
+    (``_weight_int8pack_mm``, row by row) and oneDNN's bf16 matmul over the weight cast to bf16; fp32 oneDNN
+    over an fp32 copy for reference. Each over ~200 MB of weight copies (nothing served from the caches)."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    rows = []
+    for out_f, in_f in ((8192, 512), (2752, 512), (512, 1376), (768, 512)):
+        n = max(1, int(200e6 // (out_f * in_f * 4)))
+        qs = [torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8) for _ in range(n)]
+        ws, scales = [q.float() for q in qs], torch.rand(out_f)
+        for M in (1, 8, 16, 32, 128):
+            x = torch.randn(M, in_f)
+            xb, sb = x.to(torch.bfloat16), scales.to(torch.bfloat16)
+            fns = {"int8pack": lambda: [torch._weight_int8pack_mm(xb, q, sb) for q in qs],
+                   "int8 -> bf16 oneDNN": lambda: [lp(xb, q.to(torch.bfloat16), None, "none", [], "") for q in qs],
+                   "fp32 oneDNN": lambda: [lp(x, w, None, "none", [], "") for w in ws]}
+            us = {k: statistics.median(t) / n * 1e6 for k, t in round_robin(fns, repeats).items()}
+            rows.append(dict(shape=[out_f, in_f], rows=M, us=us))
+            print(f"  [{out_f}, {in_f}] M={M}: " + ", ".join(f"{k} {v:.0f} us" for k, v in us.items()), flush=True)
+    return rows
+
+
 def run_model(kind: str, args, bandwidth: float) -> list[dict]:
     torch.manual_seed(0)
     model = llmarch.build(CONFIGS[kind]()).eval()
@@ -176,6 +199,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the compiled variants")
     p.add_argument("--kernels", action="store_true", help="only the per-shape kernel / layout table")
+    p.add_argument("--int8-kernels", action="store_true", help="only the int8 kernel per row count table")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,6 +207,10 @@ def main() -> None:
     # default limit of 8 per function is too few for this sweep
     torch._dynamo.config.recompile_limit = 64
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.int8_kernels:
+        rows = int8_kernel_table(args.repeats)
+        print(f"wrote {write_results('decode_int8_kernels', dict(settings=vars(args), load=os.getloadavg(), rows=rows))}")
+        return
     if args.kernels:
         bw, load = memory_bandwidth_gbs(), os.getloadavg()
         print(f"measured read bandwidth {bw:.1f} GB/s, threads {torch.get_num_threads()}, load {load}")

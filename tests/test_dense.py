@@ -131,3 +131,19 @@ def test_half_rotation_equals_plain_rope_bit_for_bit(strided):
         out.append((y, leaf.grad, ops.names))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
     assert not any("cat" in n for n in out[0][2])
+
+
+def test_no_grad_paths_equal_the_autograd_nodes_bit_for_bit():
+    """Decoding (no autograd) runs the SwiGLU product and the rotation without their Function nodes."""
+    from llmarch.nn.activation import gate_product
+    from llmarch.nn.rope import rotate
+
+    g = torch.Generator().manual_seed(0)
+    h, x = torch.randn(2, 3, 16, generator=g), torch.randn(2, 4, 3, 8, generator=g).transpose(1, 2)
+    ang = torch.randn(2, 1, 4, 4, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    with_grad = gate_product(F.silu, h.requires_grad_()), rotate(x.requires_grad_(), cos, sin)
+    assert with_grad[0].grad_fn is not None and with_grad[1].grad_fn is not None
+    with torch.inference_mode():
+        without = gate_product(F.silu, h), rotate(x, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(with_grad, without))

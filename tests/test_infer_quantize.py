@@ -4,6 +4,7 @@ the saved directory reloading through load_model."""
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 
 import pytest
@@ -80,3 +81,21 @@ def test_int4_skips_layers_its_groups_do_not_fit(caplog):
     assert "decoder.layers.0.ffn.down" in model.quantization["skip"]
     with pytest.raises(ValueError, match="mode"):
         quantize(model, "int1")
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_int8_kernel_per_row_count(rows):
+    """Few rows: the packed kernel; from INT8_ONEDNN_MIN_ROWS (a prefill): oneDNN's bf16 matmul. Both within
+    bf16 rounding of the dequantized fp32 product."""
+    qz = importlib.import_module("llmarch.infer.quantize")  # the package exports a function of that name
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 48))
+    x = torch.randn(rows, 64)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = q(x)
+    want = x @ q.dequantize().T + q.bias
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()
+    names = {e.key for e in prof.key_averages()}
+    onednn = "mkldnn::_linear_pointwise" in names
+    assert onednn == (qz._BF16_ONEDNN and rows >= qz.INT8_ONEDNN_MIN_ROWS)
+    assert ("aten::_weight_int8pack_mm" in names) == (not onednn)

@@ -15,6 +15,7 @@ import torch
 
 from llmarch.infer.static_cache import StaticContext, StaticKVCache
 from llmarch.nn.cache import EncoderDecoderCache
+from llmarch.nn.device import host_reads_ok
 
 
 def forward_static(model, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: StaticKVCache,
@@ -56,11 +57,17 @@ class DynamicEngine:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.mask = attention_mask
+        # no padding (read once, CPU only): the steps pass no mask, so the model derives positions from the
+        # cache length instead of a cumulative sum over a mask grown each step (same positions, fewer ops)
+        if (not self.prefill_inputs and not getattr(self.model.lm_head, "reads_tokens", False)
+                and host_reads_ok(attention_mask) and bool(attention_mask.bool().all())):
+            self.mask = None
         return self.model(input_ids, attention_mask=attention_mask, cache=self.cache,
                           **self.prefill_inputs).logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         return self.model(tokens[:, None], attention_mask=self.mask, cache=self.cache).logits[:, -1].float()
 
 

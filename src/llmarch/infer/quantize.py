@@ -34,10 +34,23 @@ def _kernels_ok(x: torch.Tensor) -> bool:
 
 # The packed kernels as opaque custom ops: inductor (torch 2.13) fails to lower _weight_int8pack_mm when an input
 # is a fused expression, so a compiled decode step calls them through these wrappers.
+# _weight_int8pack_mm runs row by row: its time grows linearly with M (at one thread, [M, 512] x [2752, 512]:
+# 76 us at 2 rows, 657 at 32, 2645 at 128), while oneDNN's bf16 matmul over the weight cast to bf16 (exact: int8
+# values fit bf16's mantissa) costs ~280 us at 2 rows and 1080 at 128. From this many rows (a prefill) the
+# product takes the oneDNN route (``benchmarks/decode.py --int8-kernels``).
+INT8_ONEDNN_MIN_ROWS = 32
+_BF16_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @torch.library.custom_op("llmarch::int8_mm", mutates_args=())
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype, bf16 inside."""
-    return torch._weight_int8pack_mm(x.to(torch.bfloat16), qweight, scales.to(torch.bfloat16)).to(x.dtype)
+    xb = x.to(torch.bfloat16)
+    if _BF16_ONEDNN and x.shape[0] >= INT8_ONEDNN_MIN_ROWS:  # bf16 products, fp32 scaling
+        y = torch.ops.mkldnn._linear_pointwise(xb, qweight.to(torch.bfloat16), None, "none", [], "")
+        return (y.float() * scales).to(x.dtype)
+    return torch._weight_int8pack_mm(xb, qweight, scales.to(torch.bfloat16)).to(x.dtype)
 
 
 @int8_mm.register_fake

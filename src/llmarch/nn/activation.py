@@ -59,6 +59,11 @@ def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
 
 
+def _silu_gate(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class _SiluGate(torch.autograd.Function):
     """silu(h[..., :F]) * h[..., F:] whose backward writes both halves of one [..., 2F] gradient in place, where
     chunk + silu + mul would concatenate two [..., F] gradients; the same ops, so the same values bit for bit.
@@ -66,9 +71,8 @@ class _SiluGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor) -> torch.Tensor:
-        gate, up = h.chunk(2, dim=-1)
         ctx.save_for_backward(h)
-        return F.silu(gate) * up
+        return _silu_gate(h)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
@@ -86,6 +90,7 @@ def gate_product(act: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -
     on plain tensors in eager mode goes through :class:`_SiluGate`; other activations, tensor subclasses and
     compiled regions (the compiler fuses the plain form itself) chunk and multiply."""
     if act is F.silu and type(h) is torch.Tensor and not torch.compiler.is_compiling():
-        return _SiluGate.apply(h)
+        # without autograd (decoding) the same ops run directly: Function.apply costs a per-call overhead
+        return _SiluGate.apply(h) if torch.is_grad_enabled() else _silu_gate(h)
     gate, up = h.chunk(2, dim=-1)
     return act(gate) * up

@@ -13,25 +13,52 @@ import torch
 class KVCache:
     """A growing (dynamic) cache; sliding-window aware through each layer's ``lookback``."""
 
+    GROW = 256  # most spare slots a buffer is allocated with
+
     def __init__(self) -> None:
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.start: dict[int, int] = {}
         self.length = 0
+        self._buffers: dict[int, tuple] = {}  # layer -> (k buffer, v buffer, offset of k[layer] in them)
+
+    def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k/v of ``layer`` followed by the new ones, written into buffers with spare slots (no copy of the
+        whole cache per call, as torch.cat would); k[layer] / v[layer] stay views of them. Under autograd
+        (in-place writes would invalidate saved views) or after k[layer] was replaced from outside: torch.cat."""
+        old_k, old_v = self.k[layer], self.v[layer]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or old_k.requires_grad):
+            self._buffers.pop(layer, None)
+            return torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
+        n, T = old_k.shape[2], k.shape[2]
+        bk, bv, off, view_k, view_v = self._buffers.get(layer, (None,) * 5)
+        if (view_k is not old_k or view_v is not old_v or off + n + T > bk.shape[2]
+                or bk.dtype != k.dtype or bv.dtype != v.dtype):
+            cap, off = n + T + min(self.GROW, n + T), 0  # spare: at most the cache's own size
+            bk = torch.cat([old_k, k, k.new_empty(*k.shape[:2], cap - n - T, k.shape[3])], dim=2)
+            bv = torch.cat([old_v, v, v.new_empty(*v.shape[:2], cap - n - T, v.shape[3])], dim=2)
+        else:
+            bk.narrow(2, off + n, T).copy_(k)
+            bv.narrow(2, off + n, T).copy_(v)
+        self._buffers[layer] = (bk, bv, off)
+        return bk.narrow(2, off, n + T), bv.narrow(2, off, n + T)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                lookback: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Append new k/v [B, G, T, *] of ``layer``; return all keys/values the new queries may need and the
         absolute slot of the first one. Keeps at most ``lookback`` keys for the next call."""
         if layer in self.k:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
+            k, v = self._append(layer, k, v)
             start = self.start[layer]
         else:
             start = self.length
         keep_from = 0 if lookback is None else max(0, k.shape[2] - lookback)
-        self.k[layer], self.v[layer] = k[:, :, keep_from:], v[:, :, keep_from:]
+        kept_k, kept_v = (k[:, :, keep_from:], v[:, :, keep_from:]) if keep_from else (k, v)
+        self.k[layer], self.v[layer] = kept_k, kept_v
         self.start[layer] = start + keep_from
+        if layer in self._buffers:  # remember the views kept: the next append checks it still owns them
+            bk, bv, off = self._buffers[layer][:3]
+            self._buffers[layer] = (bk, bv, off + keep_from, kept_k, kept_v)
         return k, v, start
 
     def advance(self, n: int) -> None:
@@ -41,6 +68,7 @@ class KVCache:
         """Select batch rows (beam search / dropping finished rows)."""
         for i in self.k:
             self.k[i], self.v[i] = self.k[i][index], self.v[i][index]
+        self._buffers.clear()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.k, self.v) for t in d.values())

@@ -97,6 +97,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+def _half_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    out = x * cos
+    out[..., :h] -= x[..., h:] * sin[..., :h]
+    out[..., h:] += x[..., :h] * sin[..., h:]
+    return out
+
+
 class _HalfRotation(torch.autograd.Function):
     """x * cos + rotate_half(x) * sin for x [..., R] written half by half (out1 = x1 c1 - x2 s1, out2 = x2 c2 +
     x1 s2), and its backward likewise, without the negated copy and the concatenations of the plain form; the same
@@ -104,12 +112,8 @@ class _HalfRotation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x.shape[-1] // 2
-        out = x * cos
-        out[..., :h] -= x[..., h:] * sin[..., :h]
-        out[..., h:] += x[..., :h] * sin[..., h:]
         ctx.save_for_backward(cos, sin)
-        return out
+        return _half_rotation(x, cos, sin)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -125,7 +129,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """x * cos + rotate_half(x) * sin (x [..., R], cos/sin broadcastable): :class:`_HalfRotation` for plain
     tensors in eager mode with constant tables, else the plain form (the reference)."""
     if type(x) is torch.Tensor and not cos.requires_grad and not torch.compiler.is_compiling():
-        return _HalfRotation.apply(x, cos, sin)
+        # without autograd (decoding) the same ops run directly: Function.apply costs a per-call overhead
+        return _HalfRotation.apply(x, cos, sin) if torch.is_grad_enabled() else _half_rotation(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 

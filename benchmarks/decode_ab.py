@@ -1,0 +1,70 @@
+"""A/B of two llmarch source trees on eager decoding: greedy tokens/s of ``llmarch.generate`` for the LLaMA-style
+config of ``decode.py``, counted in this process's CPU time (steadier than wall time on a shared machine), one
+process per tree, the trees alternating.
+
+    python benchmarks/decode_ab.py --trees /work/main/src,src [--batch 1] [--new-tokens 1024] [--rounds 2]
+
+Prints one line per (round, tree) and writes benchmarks/results/decode_ab.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def child(batch: int, new_tokens: int, repeats: int) -> float:
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from decode import CONFIGS
+
+    import llmarch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = llmarch.build(CONFIGS["llama"]()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
+    llmarch.generate(model, ids, new_tokens)
+    times = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        llmarch.generate(model, ids, new_tokens)
+        times.append(time.process_time() - t0)
+    return batch * new_tokens / statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--trees", default="/work/main/src,src", help="comma-separated PYTHONPATHs to compare")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(child(args.batch, args.new_tokens, args.repeats))
+        return
+    sys.path.insert(0, str(HERE))
+    from common import write_results
+
+    results = {t: [] for t in args.trees.split(",")}
+    for r in range(args.rounds):
+        for tree in results:
+            out = subprocess.run([sys.executable, __file__, "--child", "--batch", str(args.batch), "--new-tokens",
+                                  str(args.new_tokens), "--repeats", str(args.repeats)], check=True, text=True,
+                                 stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=tree)).stdout
+            results[tree].append(float(out.split()[-1]))
+            print(f"round {r} {tree}: {results[tree][-1]:.1f} tokens/s (CPU time)", flush=True)
+    print(f"wrote {write_results('decode_ab', dict(settings=vars(args), load=os.getloadavg(), tokens_per_s=results))}")
+
+
+if __name__ == "__main__":
+    main()
