@@ -15,6 +15,11 @@ def _layers(v) -> str:
     return _list(v.cross_layers)
 
 
+def _layer_word(v) -> str:
+    """'layer 1' or 'layers 1,3'."""
+    return ("layer " if len(v.cross_layers) == 1 else "layers ") + _layers(v)
+
+
 def layers_read(v) -> str:
     return "+".join(map(str, v.feature_layers)) + " concatenated" if v.feature_layers else str(v.feature_layer)
 
@@ -43,8 +48,8 @@ def projector_label(cfg) -> str:
     v = cfg.vision
     into = {"projector": f"-> the image-token slots (id {v.image_token_id})",
             "cross_attention": f"-> normed: k/v of gated cross-attn ({_layers(v)})",
-            "cross_blocks": f"-> k/v of the cross blocks\n(layers {_layers(v)})",
-            "joint": f"-> image prefix of the text in layers {_layers(v)}"}.get(v.fusion, v.fusion)
+            "cross_blocks": f"-> k/v of the cross blocks\n({_layer_word(v)})",
+            "joint": f"-> image prefix of the text in {_layer_word(v)}"}.get(v.fusion, v.fusion)
     if v.projector == "linear":
         return "\n".join([f"projector: Linear {v.feature_dim}->{cfg.d_model}", into])
     return "\n".join([f"projector: Linear {v.feature_dim}->{cfg.d_model}, {v.projector_activation},",
@@ -56,7 +61,7 @@ def cross_block_label(cfg) -> str:
     from llmarch.analysis.diagram import norm_label
 
     v, norm = cfg.vision, norm_label(cfg)
-    return "\n".join(["cross block, in place of decoder layer(s)", f"{_layers(v)} (of {cfg.n_layers})",
+    return "\n".join(["cross block, in place of decoder", f"{_layer_word(v)} (of {cfg.n_layers})",
                       f"{norm} -> cross-attn to N={v.image_tokens} image",
                       f"tokens, H={cfg.n_heads} G={cfg.kv_heads}, q/k {norm} per head",
                       "x tanh(attn gate) (starts at 0), + residual",
@@ -76,7 +81,7 @@ def image_cross_label(cfg) -> str | None:
     if v is None or v.fusion != "cross_attention":
         return None
     return "\n".join([f"tanh-gated cross-attention to the {v.image_tokens} image features",
-                      f"only in layers {_layers(v)} (gate starts at 0); H={cfg.n_heads}, G={cfg.kv_heads}",
+                      f"only in {_layer_word(v)} (gate starts at 0); H={cfg.n_heads}, G={cfg.kv_heads}",
                       "k/v projected once per image (cached)"])
 
 
@@ -85,7 +90,7 @@ def joint_line(cfg) -> str | None:
     v = cfg.vision
     if v is None or v.fusion != "joint":
         return None
-    return f"layers {_layers(v)}: keys [N={v.image_tokens} image; text], images bidirectional"
+    return f"{_layer_word(v)}: keys [N={v.image_tokens} image; text], images bidirectional"
 
 
 def vision_graph(cfg, nodes) -> tuple[list, list[tuple[str, str]]]:
