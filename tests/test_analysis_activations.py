@@ -25,6 +25,9 @@ CONFIGS = {
     "qwen2_moe": ("qwen2-moe-tiny", dict(SMALL, n_heads=4, n_kv_heads=2)),  # + a gated shared expert
     "partial_rope_gelu_glu": ("llama-tiny", dict(SMALL, n_heads=4, d_ff=64, activation="gelu",
                                                   rope=dict(fraction=0.5), norm="rmsnorm_zero")),
+    # Mamba-2's chunked scan: two whole chunks (its reshapes copy), then three chunks over padded slots
+    "mamba2": ("mamba2-tiny", dict(SMALL, ssm=dict(head_dim=16, d_state=8, n_groups=2, chunk_size=8))),
+    "mamba2_padded": ("mamba2-tiny", dict(SMALL, ssm=dict(head_dim=8, d_state=16, n_groups=1, chunk_size=6))),
 }
 
 
