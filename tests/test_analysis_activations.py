@@ -36,6 +36,11 @@ CONFIGS = {
                                                    layer_mixers=["gated_delta", "gated_attention"],
                                                    linear=dict(n_k_heads=2, n_v_heads=2, k_head_dim=16,
                                                                v_head_dim=8, chunk_size=32))),
+    # latent attention: q latent, Dv != Dn + Dr (SDPA's math path on CPU); no q latent, Dv = Dn + Dr (fused)
+    "latent": ("deepseek-v2-tiny", dict(SMALL, n_heads=4)),
+    "latent_fused": ("deepseek-v2-tiny", dict(SMALL, n_heads=4, mla=dict(kv_lora_rank=16, q_lora_rank=None,
+                                                                         qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                                         v_head_dim=16))),
 }
 
 

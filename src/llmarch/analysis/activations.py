@@ -53,10 +53,6 @@ def _mixer_widths(cfg, layer: int | None = None) -> tuple[int, int]:
     cost = mixer_cost(cfg, layer)
     if hasattr(cost, "widths"):
         return cost.widths(cfg)
-    if cfg.mixer == "latent":
-        m, H = cfg.mla, cfg.n_heads
-        qkv = H * (2 * m.qk_head_dim + m.v_head_dim) + m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)
-        return qkv, H * m.v_head_dim
     return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh, cfg.n_heads * cfg.dh
 
 
