@@ -92,7 +92,7 @@ class GatedDeltaCost:
         (a·C each); q and k repeated to the v heads and their 1/|·| (fp32); beta and softplus's input and output;
         the chunked rule's fp32 tensors over n chunks of C padded slots, per v head and slot 5 C-wide,
         3 Dv-wide, and 5 Dk-wide and 3 more (padded: fresh tensors, fewer copies, 4 Dk and 4; a second chunk
-        adds the state read and write terms, 6 Dk unpadded, 2 Dk padded), per chunk its decay and the state
+        adds the state read and write terms, 2·Dk·(n-1)/n, and unpadded 4 Dk of copies), per chunk its decay and the state
         entering it (Dk·Dv); the gated norm's fp32 input over the padded slots, 1/rms, normalised input, gained
         output and silu(z)."""
         m = cfg.linear
@@ -100,8 +100,8 @@ class GatedDeltaCost:
         n = -(-seq_len // C)
         slots = n * C / seq_len
         pad = n * C != seq_len
-        per_slot = 5 * C + 3 * Dv + (4 * Dk + 4 + (2 * Dk if n > 1 else 0) if pad else
-                                     5 * Dk + 3 + (6 * Dk if n > 1 else 0))
+        later = 2 * Dk * (n - 1) / n  # q_in for chunks 1.., k_out for chunks ..n-2: sliced copies (batch > 1)
+        per_slot = 5 * C + 3 * Dv + (4 * Dk + 4 + later if pad else 5 * Dk + 3 + (4 * Dk + later if n > 1 else 0))
         scan = 4 * H * (per_slot * slots + n * (1 + Dk * Dv) / seq_len)
         conv = a * m.conv_channels * (1 + (seq_len + m.conv_kernel - 1) / seq_len)
         qk = 4 * H * (2 * Dk + 2) if H > m.n_k_heads else a * m.conv_channels  # unrepeated: the conv output
