@@ -25,6 +25,22 @@ CONFIGS = {
     "qwen2_moe": ("qwen2-moe-tiny", dict(SMALL, n_heads=4, n_kv_heads=2)),  # + a gated shared expert
     "partial_rope_gelu_glu": ("llama-tiny", dict(SMALL, n_heads=4, d_ff=64, activation="gelu",
                                                   rope=dict(fraction=0.5), norm="rmsnorm_zero")),
+    # Mamba-2's chunked scan: two whole chunks (its reshapes copy), then three chunks over padded slots
+    "mamba2": ("mamba2-tiny", dict(SMALL, ssm=dict(head_dim=16, d_state=8, n_groups=2, chunk_size=8))),
+    "mamba2_padded": ("mamba2-tiny", dict(SMALL, ssm=dict(head_dim=8, d_state=16, n_groups=1, chunk_size=6))),
+    # Qwen3-Next-like: gated delta layers (two whole chunks; one padded chunk) and a gated attention layer
+    "gated_delta": ("qwen3-next-tiny", dict(SMALL, n_heads=4, n_kv_heads=2, layer_mixers=["gated_delta"],
+                                            linear=dict(n_k_heads=2, n_v_heads=4, k_head_dim=8, v_head_dim=12,
+                                                        chunk_size=8))),
+    "gated_delta_padded": ("qwen3-next-tiny", dict(SMALL, n_heads=4, n_kv_heads=2,
+                                                   layer_mixers=["gated_delta", "gated_attention"],
+                                                   linear=dict(n_k_heads=2, n_v_heads=2, k_head_dim=16,
+                                                               v_head_dim=8, chunk_size=32))),
+    # latent attention: q latent, Dv != Dn + Dr (SDPA's math path on CPU); no q latent, Dv = Dn + Dr (fused)
+    "latent": ("deepseek-v2-tiny", dict(SMALL, n_heads=4)),
+    "latent_fused": ("deepseek-v2-tiny", dict(SMALL, n_heads=4, mla=dict(kv_lora_rank=16, q_lora_rank=None,
+                                                                         qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                                                         v_head_dim=16))),
 }
 
 

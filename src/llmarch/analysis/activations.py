@@ -53,10 +53,6 @@ def _mixer_widths(cfg, layer: int | None = None) -> tuple[int, int]:
     cost = mixer_cost(cfg, layer)
     if hasattr(cost, "widths"):
         return cost.widths(cfg)
-    if cfg.mixer == "latent":
-        m, H = cfg.mla, cfg.n_heads
-        qkv = H * (2 * m.qk_head_dim + m.v_head_dim) + m.kv_lora_rank + m.qk_rope_head_dim + (m.q_lora_rank or 0)
-        return qkv, H * m.v_head_dim
     return (cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh, cfg.n_heads * cfg.dh
 
 
@@ -67,14 +63,20 @@ def ffn_saved_f(cfg, kind: str) -> int:
     return FFN_SAVED_F.get(kind, 2)
 
 
-def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: bool = False) -> float:
-    """Bytes one token's activations in one block keep for the backward (attention scores excluded)."""
+def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: bool = False,
+                                     seq_len: int | None = None) -> float:
+    """Bytes one token's activations in one block keep for the backward (attention scores excluded). A mixer
+    whose cost entry has ``saved_bytes(cfg, a, T)`` adds what its kernel saves beyond the projections (at
+    ``seq_len``, default ``max_seq_len``)."""
     D, a = cfg.d_model, act_bytes
     masks = D if cfg.dropout > 0 else 0  # one byte per element per residual dropout mask
     norm = norm_bytes_per_token(cfg, a)
     qkv, o_in = _mixer_widths(cfg, layer)
     attn = norm + a * D + a * qkv + a * o_in + masks  # norm, qkv in, qkv out, o in
-    if cfg.mixer == "attention":  # + rotated q|k, the log-sum-exp of SDPA
+    cost = mixer_cost(cfg, layer)
+    if hasattr(cost, "saved_bytes"):
+        attn += cost.saved_bytes(cfg, a, seq_len or cfg.max_seq_len)
+    elif cfg.mixer == "attention":  # + rotated q|k, the log-sum-exp of SDPA
         R = rotary_dim(cfg)
         attn += (a * (cfg.n_heads + cfg.kv_heads) * cfg.dh if R else 0) + 4 * cfg.n_heads
         attn += a * o_in if 0 < R < cfg.dh else 0  # q from a concatenation: the o input is a copy, not a view
@@ -82,6 +84,8 @@ def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: b
         H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
         attn += norm + a * D + a * (H + 2 * G) * Dh + a * H * Dh + masks
     ffn = ffn_cost(cfg, layer)
+    if ffn.kind == "none":  # a mixer-only block: no norm, no FFN
+        return attn
     if ffn.kind != "moe":
         return attn + norm + a * D + a * ffn_saved_f(cfg, ffn.kind) * cfg.d_ff + masks
     m, K = cfg.moe, cfg.moe.top_k  # router logits and probabilities in fp32 (+ 4: a per-token fp32 sum); each

@@ -113,6 +113,28 @@ class LatentCost(AttentionCost):
     cache uses the absorbed path unless ``mla.absorb`` is never."""
 
     @staticmethod
+    def widths(cfg) -> tuple[int, int]:
+        """(0, o input width H·Dv): what the projections' outputs leave saved is in :meth:`saved_bytes`."""
+        return 0, cfg.n_heads * cfg.mla.v_head_dim
+
+    @staticmethod
+    def saved_bytes(cfg, a: float, seq_len: int) -> float:
+        """Per token, what the naive path saves beyond x and the o input: the q latent's RMSNorm and the up
+        projection's input; the kv latent's RMSNorm (its fp32 input is the whole [R + Dr] projection in fp32)
+        and kv_b's input; q and k concatenated from their no-pe and rotated parts (a·H·(Dn + Dr) each); then
+        SDPA: with Dv = Dn + Dr the fused kernel's v (kv_b's output), output and fp32 log-sum-exp; otherwise
+        (CPU SDPA falls back to its math path) the softmax over the T keys and a copy of v (a·H·Dv)."""
+        m, H = cfg.mla, cfg.n_heads
+        R, Rq, Dn, Dr, Dv = m.kv_lora_rank, m.q_lora_rank or 0, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        q = 4 * Rq + 4 + 2 * a * Rq if Rq else 0
+        kv = (4 * (R + Dr) if a == 4 else 4 * R) + 4 + 2 * a * R
+        if Dv == Dn + Dr:
+            attend = a * H * (Dn + Dv) + a * H * Dv + 4 * H
+        else:
+            attend = a * H * seq_len + a * H * Dv
+        return q + kv + 2 * a * H * (Dn + Dr) + attend
+
+    @staticmethod
     def params(cfg) -> dict[str, int]:
         m, D, H, qb = cfg.mla, cfg.d_model, cfg.n_heads, cfg.qkv_bias
         R, Rq, Dn, Dr, Dv = m.kv_lora_rank, m.q_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim

@@ -28,6 +28,23 @@ class GatedAttentionCost(AttentionCost):
     def proj_macs(cfg) -> int:
         return AttentionCost.proj_macs(cfg) + cfg.d_model * cfg.n_heads * cfg.dh
 
+    @staticmethod
+    def widths(cfg) -> tuple[int, int]:
+        """(q|gate|k|v projection output width, out projection input width) per token."""
+        return (2 * cfg.n_heads + 2 * cfg.kv_heads) * cfg.dh, cfg.n_heads * cfg.dh
+
+    @staticmethod
+    def saved_bytes(cfg, a: float, seq_len: int) -> float:
+        """Per token, beyond the projections' inputs and outputs (fp32 as measured): the q and k norms' 1/rms
+        and normalised output (4·(H+G)·(Dh+1); their input is a view of the projection), the rotated q|k when
+        RoPE rotates, SDPA's output and fp32 log-sum-exp, the sigmoid gate and the heads' output reshaped to
+        be gated (a·H·Dh each)."""
+        from llmarch.analysis.activations import rotary_dim
+
+        H, G, Dh = cfg.n_heads, cfg.kv_heads, cfg.dh
+        rotated = a * (H + G) * Dh if rotary_dim(cfg) else 0
+        return 4 * (H + G) * (Dh + 1) + rotated + 4 * H + 3 * a * H * Dh
+
 
 class GatedDeltaCost:
     """Gated delta rule layer: qkvz + ba in-projections, a depthwise conv over q|k|v, A_log and dt_bias, the gated
@@ -67,6 +84,29 @@ class GatedDeltaCost:
         """One layer's decoding state: the delta-rule state Hv·Dk·Dv (kept in fp32) + the conv window C·(K-1)."""
         m = cfg.linear
         return 4.0 * m.n_v_heads * m.k_head_dim * m.v_head_dim + dtype_bytes * m.conv_channels * (m.conv_kernel - 1)
+
+    @staticmethod
+    def saved_bytes(cfg, a: float, seq_len: int) -> float:
+        """Per token, what the layer saves for the backward beyond x, the in-projections' output (less the b|a
+        gates, which nothing keeps) and the out projection's input: the conv's zero-padded input and its output
+        (a·C each); q and k repeated to the v heads and their 1/|·| (fp32); beta and softplus's input and output;
+        the chunked rule's fp32 tensors over n chunks of C padded slots, per v head and slot 5 C-wide,
+        3 Dv-wide, and 5 Dk-wide and 3 more (padded: fresh tensors, fewer copies, 4 Dk and 4; a second chunk
+        adds the state read and write terms, 2·Dk·(n-1)/n, and unpadded 4 Dk of copies), per chunk its decay and the state
+        entering it (Dk·Dv); the gated norm's fp32 input over the padded slots, 1/rms, normalised input, gained
+        output and silu(z)."""
+        m = cfg.linear
+        H, Dk, Dv, C = m.n_v_heads, m.k_head_dim, m.v_head_dim, m.chunk_size
+        n = -(-seq_len // C)
+        slots = n * C / seq_len
+        pad = n * C != seq_len
+        later = 2 * Dk * (n - 1) / n  # q_in for chunks 1.., k_out for chunks ..n-2: sliced copies (batch > 1)
+        per_slot = 5 * C + 3 * Dv + (4 * Dk + 4 + later if pad else 5 * Dk + 3 + (4 * Dk + later if n > 1 else 0))
+        scan = 4 * H * (per_slot * slots + n * (1 + Dk * Dv) / seq_len)
+        conv = a * m.conv_channels * (1 + (seq_len + m.conv_kernel - 1) / seq_len)
+        qk = 4 * H * (2 * Dk + 2) if H > m.n_k_heads else a * m.conv_channels  # unrepeated: the conv output
+        norm = 4 * H * (Dv * slots + 1 + 3 * Dv)
+        return conv + qk + 12 * H + scan + norm - a * 2 * H
 
     @classmethod
     def decode_macs(cls, cfg, keys: int) -> int:

@@ -103,7 +103,7 @@ def training_memory(cfg, seq_len: int, batch: int = 1, dtype: str = "bf16", n_pa
     N = count_params(cfg).total if n_params is None else n_params
     w = dtype_bytes(dtype)
     tokens = batch * seq_len
-    layers = [layer_activation_bytes_per_token(cfg, i, w, st.cross) for st in stacks(cfg)
+    layers = [layer_activation_bytes_per_token(cfg, i, w, st.cross, seq_len) for st in stacks(cfg)
               for i in range(st.n_layers)]
     layers = [x + score_bias_bytes_per_token(cfg, seq_len, batch) for x in layers]
     if scores_materialised:

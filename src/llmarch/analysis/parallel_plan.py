@@ -60,7 +60,7 @@ def rank_activations(cfg: ModelConfig, seq_len: int, batch: int, w: float, tp: i
     L, M, tokens = cfg.n_layers // pp, micro_batches or pp, batch * seq_len
     cut = norm_bytes_per_token(cfg, w) * (1 - 1 / tp) if sp else 0.0  # a norm on T / tp tokens
     bias = score_bias_bytes_per_token(local, seq_len, max(batch // M, 1))  # per micro-batch
-    layers = [layer_activation_bytes_per_token(local, i, w) - 2 * cut + bias for i in range(L)]
+    layers = [layer_activation_bytes_per_token(local, i, w, seq_len=seq_len) - 2 * cut + bias for i in range(L)]
     plain, ckpt = [], []
     for s in sorted({0, pp - 1}):
         last = s == pp - 1

@@ -78,6 +78,26 @@ class Mamba2Cost:
         return 2 * Di + 2 * GN + H, Di
 
     @classmethod
+    def saved_bytes(cls, cfg, a: float, seq_len: int) -> float:
+        """Per token, what the block saves for the backward beyond the projections' inputs and outputs: the
+        conv's zero-padded input (T + K - 1 steps), its output and silu(output) (a·C each); dt's softplus input,
+        output and clamp (fp32, 3·H); the chunked scan's fp32 tensors over n chunks of Q padded slots, per head
+        and slot C and Bᵀ (2N), the masked scores and decays (3Q), x·dt and the state read-out (2Dh), two decays,
+        with n > 1 the B weighted to the chunk end (N; unpadded, the reshapes also copy B·decay, x·dt and C:
+        2N + Dh more), per chunk its decay, and 2n - 1 states N·Dh (the update
+        to the final state, unused, is freed); the gated norm's fp32 y, silu(z), y·silu(z) (12·Di), its
+        per-group 1/rms (4·G) and the normalised product (a·Di)."""
+        D, Di, H, GN, C, s = cls._sizes(cfg)
+        N, Dh = s.d_state, s.head_dim
+        Q = min(s.chunk_size, seq_len)
+        n = -(-seq_len // Q)
+        pad = n * Q != seq_len  # padded inputs are fresh tensors, whose chunk reshapes are views, not copies
+        per_slot = 2 * N + 3 * Q + 2 * Dh + 2 + ((N if pad else 3 * N + Dh) if n > 1 else 0)
+        scan = 4 * H * (n * Q * per_slot + n + (2 * n - 1) * N * Dh) / seq_len + 12 * H
+        conv = a * C * (2 + (seq_len + s.conv_kernel - 1) / seq_len)
+        return conv + scan + 12 * Di + 4 * s.n_groups + a * Di
+
+    @classmethod
     def decode_macs(cls, cfg, keys: int) -> int:
         """The projections and the recurrent step: state update and read-out, H·Dh·N each."""
         return cls.proj_macs(cfg) + 2 * cfg.ssm.inner(cfg.d_model) * cfg.ssm.d_state
