@@ -43,6 +43,12 @@ def pair(tmp_path_factory):
     cfg = llmarch.preset("mllama-tiny")
     tmp = tmp_path_factory.mktemp("mllama")
     hf_model, path = make_hf_model(cfg, "mllama", tmp, model_class="MllamaForConditionalGeneration")
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # scalar gates near +-1, where tanh(g) and g differ: the gating math is then tested
+        for name, p in hf_model.named_parameters():
+            if "gate" in name and p.numel() == 1:
+                p.copy_((torch.rand(1, generator=g) + 0.5) * (1 if torch.rand(1, generator=g) < 0.5 else -1))
+    hf_model.save_pretrained(path)
     return cfg, hf_model, llmarch.hf.load(path).eval(), tmp
 
 
