@@ -2,6 +2,8 @@
 text, greedy generation with images, save round trip; and for both fusions, cached decoding with images equals
 the full forward, and the defining property of each (projector: image tokens take the image; gated
 cross-attention: gates at zero leave the text model unchanged)."""
+import math
+
 import pytest
 import torch
 
@@ -131,3 +133,24 @@ def test_cross_attention_gates_at_zero_leave_the_text_model_unchanged():
                 torch.nn.init.constant_(m.gate, 0.5)
         opened = model(ids, attention_mask=mask, pixel_values=pixels).logits
     assert (opened - reference)[mask.bool()].abs().max() > 1e-3  # an open gate lets the image in
+
+
+def test_cross_attention_output_scales_with_tanh_of_the_gate():
+    """The first gated layer's output at gates 0.5 and 1.5 (same input: earlier layers do not change) differ by
+    tanh(1.5) / tanh(0.5), not by the gates' ratio."""
+    from llmarch.nn.vision.fusion import GatedCrossAttention
+
+    torch.manual_seed(0)
+    cfg = llmarch.preset("llava-tiny-xattn")
+    model = llmarch.build(cfg).eval()
+    layer = next(m for m in model.modules() if isinstance(m, GatedCrossAttention))
+    seen = []
+    layer.register_forward_hook(lambda m, args, out: seen.append(out))
+    ids, mask, pixels = multimodal_batch(cfg, seed=9)
+    with torch.no_grad():
+        for g in (0.5, 1.5):
+            torch.nn.init.constant_(layer.gate, g)
+            model(ids, attention_mask=mask, pixel_values=pixels)
+    small, large = seen[0][mask.bool()], seen[1][mask.bool()]
+    assert small.abs().max() > 1e-4
+    torch.testing.assert_close(large, small * (math.tanh(1.5) / math.tanh(0.5)), rtol=1e-4, atol=1e-6)
