@@ -10,7 +10,7 @@ import torch
 
 from llmarch.nn.position import position_limit
 from llmarch.infer.decode import make_engine
-from llmarch.infer.layout import decode_layout
+from llmarch.infer.layout import decode_layout, pack_weights
 from llmarch.infer.sampling import Sampling
 from llmarch.infer.stopping import Stopper
 from llmarch.model import check_input_ids
@@ -102,6 +102,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     steps."""
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     decode_layout(model)  # wide weights column-major: same values, ~2x faster matrix-vector products (idempotent)
+    pack_weights(model)  # and a packed copy for oneDNN, made once while the weights stay unchanged
     input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
     B, T = input_ids.shape
     seq2seq = model.config.kind == "encoder_decoder"

@@ -1,0 +1,115 @@
+"""Packed inference weights (llmarch.nn.dense.pack, llmarch.infer.layout.pack_weights): the packed products equal
+F.linear, are used only while the weight is unchanged and only where no gradient is needed, and decoding with
+them gives the tokens decoding without them gives."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import llmarch
+from llmarch.infer import layout
+from llmarch.nn import dense
+
+pytestmark = pytest.mark.skipif(not dense.ONEDNN, reason="this torch build has no oneDNN")
+
+
+class PackedCalls(TorchDispatchMode):
+    """Counts the oneDNN products whose weight is a packed (oneDNN-layout) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = self.plain = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "mkldnn._linear_pointwise" in str(func) or "mm" in str(func) or "addmm" in str(func):
+            w = args[1]
+            if w.layout == torch._mkldnn:
+                self.packed += 1
+            else:
+                self.plain += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows", [1, 8, 130])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout_", ["row", "col"])
+def test_packed_product_equals_f_linear(rows, bias, layout_):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 40, generator=g)
+    w = w if layout_ == "row" else w.t().contiguous().t()  # the decode layout of wide weights
+    b = torch.randn(48, generator=g) if bias else None
+    x = torch.randn(rows, 40, generator=g)
+    assert dense.pack(w) and not dense.pack(w)  # made once
+    with PackedCalls() as calls, torch.no_grad():
+        y = dense.linear(x[:, None], w, b)  # [rows, 1, 40]: any leading shape
+    assert calls.packed == 1 and calls.plain == 0
+    torch.testing.assert_close(y[:, 0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stale_packed_copy_is_never_used():
+    """In-place updates, swapped storage and a new tensor all fall back to the current values."""
+    g = torch.Generator().manual_seed(0)
+    lin = dense.Linear(32, 24)
+    x = torch.randn(2, 32, generator=g)
+    dense.pack(lin.weight)
+    with torch.no_grad():
+        lin.weight.add_(1.0)  # an optimizer step
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        dense.pack(lin.weight)
+        lin.weight.data = torch.randn(24, 32, generator=g)  # same Parameter, new storage
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+        dense.pack(lin.weight)
+        lin.load_state_dict({"weight": torch.zeros(24, 32), "bias": lin.bias.clone()})
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    assert dense.packed(lin.weight) is None
+
+
+def test_gradients_and_autocast_take_the_plain_path():
+    lin = dense.Linear(16, 8)
+    dense.pack(lin.weight)
+    x = torch.randn(3, 16)
+    with PackedCalls() as calls:
+        lin(x).sum().backward()  # a gradient is needed: the packed copy cannot give one
+    assert calls.packed == 0 and lin.weight.grad is not None
+    with PackedCalls() as calls, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x).dtype == torch.bfloat16
+    assert calls.packed == 0
+    dense.unpack(lin.weight)
+    with PackedCalls() as calls, torch.no_grad():
+        lin(torch.randn(8, 16))
+    assert calls.packed == 0
+
+
+@pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
+def test_generation_with_packed_weights_equals_without(preset):
+    """generate() packs once (the tied head too), every projection and the head then run packed, and the greedy
+    tokens and the logits equal the unpacked model's."""
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset(preset).replace(n_layers=2)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    ref = llmarch.generate(model, ids, max_new_tokens=6)  # packs
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert all(dense.packed(m.weight) is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert layout.pack_weights(model) == 0  # already packed: nothing to do
+    with PackedCalls() as calls, torch.no_grad():
+        logits = model(ids).logits
+    assert calls.packed == n_linear and calls.plain == 0
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    layout.unpack_weights(model)
+    assert all(dense.packed(m.weight) is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with PackedCalls() as calls, torch.no_grad():
+        model(ids)
+    assert calls.packed == 0
+    assert torch.equal(llmarch.generate(model, ids, max_new_tokens=6), ref)
+
+
+def test_packing_is_skipped_when_it_would_not_fit(monkeypatch):
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=1))
+    weight_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(layout, "_free_bytes", lambda: weight_bytes)  # a copy would take over half of it
+    assert layout.pack_weights(model) == 0
+    monkeypatch.setattr(layout, "_free_bytes", lambda: 4 * weight_bytes)
+    assert layout.pack_weights(model) > 0
+    layout.unpack_weights(model)
