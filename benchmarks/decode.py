@@ -12,13 +12,15 @@ does; see its row). The variants of one batch size run in turns (round-robin, af
 a shared machine hits them alike; ratios are of medians.
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
-and oneDNN over the row-major and the column-major weight, streaming ~400 MB of copies so nothing is served from
+and oneDNN over the row-major and the column-major weight, and of oneDNN over the packed weight that generate()
+uses (``llmarch.nn.dense.pack``), streaming ~400 MB of copies so nothing is served from
 the caches; the read bandwidth is measured in the same run.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
 import statistics
 import sys
@@ -92,6 +94,21 @@ def with_dense(fn, **settings):
     return run
 
 
+def unpacked(fn):
+    """``fn`` without packed inference weights (``llmarch.nn.dense.pack``): generate() packs none and the packed
+    copies made by the other variants are set aside while it runs."""
+    gen = importlib.import_module("llmarch.infer.generate")  # the module (llmarch.infer.generate is the function)
+
+    def run():
+        saved, saved_pack = dense._PACKED, gen.pack_weights
+        dense._PACKED, gen.pack_weights = {}, (lambda model: 0)
+        try:
+            return fn()
+        finally:
+            dense._PACKED, gen.pack_weights = saved, saved_pack
+    return run
+
+
 def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
     """GB/s of F.linear and oneDNN over row- and column-major weights of every decode shape (see the docstring)."""
     lp = torch.ops.mkldnn._linear_pointwise
@@ -103,16 +120,18 @@ def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
     for out_f, in_f in shapes:
         row_major = [torch.randn(out_f, in_f) for _ in range(max(1, int(400e6 // (out_f * in_f * 4))))]
         layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, dense.PACK_ROWS) for w in row_major]  # dense.pack
         for B in (1, 8):
             x = torch.randn(B, in_f)
             fns = {(k, lay): (lambda f=f, ws=ws: [f(x, w) for w in ws]) for k, f in kernels.items()
                    for lay, ws in layouts.items()}
+            fns[("oneDNN", "packed")] = lambda ws=packed: [kernels["oneDNN"](x, w) for w in ws]
             times = round_robin(fns, repeats)
             gbs = {f"{k} {lay}": len(row_major) * out_f * in_f * 4 / statistics.median(t) / 1e9
                    for (k, lay), t in times.items()}
             rows.append(dict(shape=[out_f, in_f], batch=B, gb_per_s=gbs))
             print(f"  [{out_f}, {in_f}] B={B}: " + ", ".join(f"{k} {v:.1f}" for k, v in gbs.items()), flush=True)
-        del row_major, layouts
+        del row_major, layouts, packed
     return rows
 
 
@@ -156,8 +175,7 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
             "llmarch eager, F.linear (BLAS)": with_dense(lambda: llmarch.generate(model, ids, N), ONEDNN=False),
-            "llmarch eager, one-row products on oneDNN too": with_dense(lambda: llmarch.generate(model, ids, N),
-                                                                        MATVEC_MIN_ELEMENTS=0),
+            "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(model, ids, N)),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
         }
         if args.compile:

@@ -5,6 +5,10 @@ active compute (F 2048), the physical target.
 
     PYTHONPATH=src python benchmarks/moe.py [--threads 1] [--quick] [--tokens 1,16,128,2048]
 
+The llmarch layers and the dense FFN are packed for inference first, as ``llmarch.generate`` packs a model
+(``llmarch.infer.layout.pack_weights``): the forward rows (no gradient) run on the packed copies, forward +
+backward cannot; "llmarch auto (unpacked)" is the same layer without them.
+
 Prints a table of tokens/s (medians over interleaved rounds, so every implementation sees the same load) and
 writes benchmarks/results/moe.json.
 """
@@ -18,6 +22,7 @@ import torch
 
 import common
 from llmarch import MoEConfig
+from llmarch.infer.layout import pack_weights
 from llmarch.nn.dispatch import DISPATCHERS
 from llmarch.nn.ffn import GLU
 from llmarch.nn.moe import MoE
@@ -63,7 +68,15 @@ def make_layers(dtype: torch.dtype, only: set[str] | None = None) -> dict[str, t
         for p in dense.parameters():
             p.normal_(0.0, 0.02)
     layers["dense swiglu F=2048"] = dense
-    return {k: v.to(dtype).eval() for k, v in layers.items()}
+    if only is None or "llmarch auto (unpacked)" in only:
+        plain = MoE(D, F, "silu", moe=MoEConfig(n_experts=E, top_k=K))
+        plain.load_state_dict(ours.state_dict())
+        layers["llmarch auto (unpacked)"] = plain
+    layers = {k: v.to(dtype).eval() for k, v in layers.items()}
+    for name, layer in layers.items():  # what generate() does before decoding (the forward rows use it)
+        if (name.startswith("llmarch") and "unpacked" not in name) or name.startswith("dense"):
+            pack_weights(layer)
+    return layers
 
 
 def runner(layer: torch.nn.Module, x: torch.Tensor, backward: bool):

@@ -113,3 +113,56 @@ def test_packing_is_skipped_when_it_would_not_fit(monkeypatch):
     monkeypatch.setattr(layout, "_free_bytes", lambda: 4 * weight_bytes)
     assert layout.pack_weights(model) > 0
     layout.unpack_weights(model)
+
+
+@pytest.mark.parametrize("expert_ffn", ["glu", "mlp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_packed_experts_equal_the_grouped_products(expert_ffn, dtype, tokens):
+    """An MoE layer whose banks are packed runs every expert product on the packed copies and gives the output of
+    the grouped dispatcher over the plain bank (bf16: bit for bit; fp32: rounding order aside)."""
+    from llmarch import MoEConfig
+    from llmarch.nn.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(32, 48, "silu", moe=MoEConfig(n_experts=6, top_k=2, expert_ffn=expert_ffn))
+    grouped = MoE(32, 48, "silu", moe=MoEConfig(n_experts=6, top_k=2, expert_ffn=expert_ffn, dispatch="grouped"))
+    grouped.load_state_dict(moe.state_dict())
+    moe, grouped = moe.to(dtype).eval(), grouped.to(dtype).eval()
+    x = torch.randn(1, tokens, 32).to(dtype)
+    assert layout.pack_weights(moe) == (3 if dtype == torch.float32 else 2)  # two banks (+ the fp32 router matrix)
+    with torch.no_grad():
+        ref = grouped(x)
+        with PackedCalls() as calls:
+            y = moe(x)
+    assert calls.packed >= 2 and calls.plain == 1  # the experts; the router's fp32 product stays plain
+    if dtype == torch.bfloat16:
+        assert torch.equal(y, ref)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        moe.experts.down.mul_(2.0)  # stale now: the plain bank runs
+        grouped.experts.down.mul_(2.0)
+        torch.testing.assert_close(moe(x).float(), grouped(x).float(), rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                   atol=1e-2 if dtype != torch.float32 else 1e-5)
+    x.requires_grad_(True)
+    layout.pack_weights(moe)
+    with PackedCalls() as calls:
+        moe(x).float().sum().backward()  # training: no packed copies
+    assert calls.packed == 0 and moe.experts.down.grad is not None
+
+
+def test_moe_generation_with_packed_experts_equals_without():
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("mixtral-tiny").replace(n_layers=2)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+    out = llmarch.generate(model, ids, max_new_tokens=5)  # packs, experts included
+    assert all(dense.packed(m.experts.down) is not None for m in model.modules() if hasattr(m, "experts"))
+    with PackedCalls() as calls, torch.no_grad():
+        logits = model(ids).logits
+    assert calls.packed > 0 and calls.plain == 2  # only the two routers run plain (fp32 routing)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    layout.unpack_weights(model)
+    assert torch.equal(llmarch.generate(model, ids, max_new_tokens=5), out)

@@ -50,15 +50,19 @@ def _free_bytes() -> int | None:
 
 
 def _packable(model: nn.Module) -> list[torch.Tensor]:
-    weights = {id(m.weight): m.weight for m in model.modules()
-               if isinstance(m, nn.Linear) and dense.packable(m.weight)}
+    """The weights to pack: every nn.Linear's and every expert bank's matrices (each once)."""
+    weights = {}
+    for m in model.modules():
+        mats = [m.weight] if isinstance(m, nn.Linear) else (
+            list(m.parameters(recurse=False)) if getattr(m, "packs_for_inference", False) else [])
+        weights.update({id(w): w for w in mats if dense.packable(w)})
     return list(weights.values())
 
 
 @torch.no_grad()
 def pack_weights(model: nn.Module) -> int:
-    """Pack every fp32 CPU nn.Linear weight of ``model`` for inference (``llmarch.nn.dense.pack``; a tied head is
-    packed once). Only the weights without a current packed copy are packed, and none when their bytes exceed
+    """Pack every fp32 CPU nn.Linear weight and every CPU expert bank (fp32, bf16) of ``model`` for inference
+    (``llmarch.nn.dense.pack``; a tied head is packed once). Only the weights without a current packed copy are packed, and none when their bytes exceed
     half the free memory. Returns how many were packed now."""
     todo = [w for w in _packable(model) if dense.packed(w) is None]
     free = _free_bytes()

@@ -57,13 +57,15 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """Whether :func:`pack` can pack this weight (a plain fp32 CPU matrix, oneDNN present)."""
-    return (ONEDNN and type(weight) in _PLAIN and weight.dim() == 2 and weight.device.type == "cpu"
-            and weight.dtype == torch.float32 and weight.numel() > 0)
+    """Whether :func:`pack` can pack this weight: a plain fp32 CPU matrix, or an expert bank [E, in, out] (fp32 or
+    bf16; each expert packed apart), with oneDNN present."""
+    return (ONEDNN and type(weight) in _PLAIN and weight.device.type == "cpu" and weight.numel() > 0
+            and ((weight.dim() == 2 and weight.dtype == torch.float32)
+                 or (weight.dim() == 3 and weight.dtype in (torch.float32, torch.bfloat16))))
 
 
-def packed(weight: torch.Tensor) -> torch.Tensor | None:
-    """The current packed copy of ``weight``, or None (never packed, or stale since)."""
+def packed(weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
+    """The current packed copy of ``weight`` (a bank's: one per expert), or None (never packed, or stale since)."""
     entry = _PACKED.get(id(weight))
     if entry is None or entry[0]() is not weight or entry[1] != weight.data_ptr() or entry[2] != weight._version:
         return None
@@ -78,8 +80,10 @@ def pack(weight: torch.Tensor) -> bool:
         return False
     key = id(weight)
     fresh = key not in _PACKED
-    _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version,
-                    torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+    w = weight.detach()
+    copy = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) if w.dim() == 2 else
+            [torch.ops.mkldnn._reorder_linear_weight(w[e].t(), PACK_ROWS) for e in range(w.shape[0])])
+    _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version, copy)
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)
     return True
@@ -93,12 +97,29 @@ def unpack(weight: torch.Tensor) -> None:
 
 
 def _inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """No gradient is needed and the operands suit oneDNN (fp32 CPU plain tensors, no autocast, eager)."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and type(x) in _PLAIN and x.numel() > 0
-            and (bias is None or (type(bias) in _PLAIN and bias.dtype == torch.float32))
+    """No gradient is needed and the operands suit oneDNN (CPU plain tensors of the weight's dtype, no autocast,
+    eager)."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and type(x) in _PLAIN and x.numel() > 0
+            and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tensor]] | None:
+    """The packed copies of these expert banks if inference on ``x`` can use them (all current, no gradient
+    needed), else None. ``packed_banks(x, b)[0][e]`` is expert e's matrix for :func:`packed_mm`."""
+    if not _PACKED or torch.compiler.is_compiling():
+        return None
+    copies = [packed(b) for b in banks]
+    if any(c is None for c in copies) or not all(_inference(x, b, None) for b in banks):
+        return None
+    return copies
+
+
+def packed_mm(x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """x [N, in] times a packed matrix (from :func:`packed_banks`) -> [N, out]."""
+    return _mm(x, copy, None)
 
 
 class _OneDNNLinear(torch.autograd.Function):

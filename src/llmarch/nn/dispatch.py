@@ -9,7 +9,8 @@ only in how the experts run:
 - ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups: no padding,
   empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
 - ``sliced``: assignments sorted by expert, one plain matmul per expert's contiguous slice.
-- ``auto``: on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows (``..._ONEDNN`` in fp32,
+- ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``); else on
+  CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows (``..._ONEDNN`` in fp32,
   whose sliced products run through oneDNN; the E Python iterations then cost microseconds against the matmuls),
   else ``grouped``; off CPU, ``grouped`` where torch has it for the dtype (CUDA: bf16), else ``padded``.
   Chosen by ``benchmarks/moe.py``.
@@ -130,6 +131,8 @@ def sliced_dispatch(x, experts, weights, keep, bank):
 @DISPATCHERS.register("auto")
 def auto_dispatch(x, experts, weights, keep, bank):
     """``sliced`` for large groups on CPU, else ``grouped`` where supported, else ``padded``."""
+    if bank.packed_ready(x):  # inference over packed experts (llmarch.nn.dense.pack): sliced at every size
+        return sliced_dispatch(x, experts, weights, keep, bank)
     rows = SLICED_MIN_ROWS_ONEDNN if x.dtype == torch.float32 and dense.ONEDNN else SLICED_MIN_ROWS
     # bf16 on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead at every size measured
     # (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced)

@@ -68,7 +68,7 @@ class MoE(nn.Module):
             self.shared = (GatedSharedExperts if moe.shared_gate else SharedExperts)(d_model, width, activation,
                                                                                      moe.expert_ffn)
         self.dropout = nn.Dropout(dropout)
-        self.aux_loss: torch.Tensor | None = None
+        self._aux: Routing | torch.Tensor | None = None  # the last forward's routing until aux_loss is read
         self.last_routing: tuple[Routing, torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +80,23 @@ class MoE(nn.Module):
         y = self.dispatch(flat, route.experts, route.weights, keep, self.experts)  # [N, D]
         if self.shared is not None:
             y = y + self.shared(flat)
-        terms = BALANCE_LOSSES[self.moe.balance](route)
-        self.aux_loss = self.moe.balance_coef * terms["balance"] + self.moe.z_coef * z_loss(route.logits)
-        if "importance" in terms:
-            self.aux_loss = self.aux_loss + self.moe.importance_weight() * terms["importance"]
+        self._aux = route  # the auxiliary losses are computed when first read (inference never reads them)
         self.last_routing = (Routing(route.logits.detach(), route.probs.detach(), route.weights.detach(),
                                      route.experts), keep)
         return self.dropout(y.view(B, T, D))
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last forward's auxiliary loss (balance + z, with their coefficients; None before any forward),
+        computed from its routing on first read, with gradients to the router when the forward had them."""
+        if isinstance(self._aux, Routing):
+            route = self._aux
+            terms = BALANCE_LOSSES[self.moe.balance](route)
+            aux = self.moe.balance_coef * terms["balance"] + self.moe.z_coef * z_loss(route.logits)
+            if "importance" in terms:
+                aux = aux + self.moe.importance_weight() * terms["importance"]
+            self._aux = aux
+        return self._aux
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Load statistics of the last forward (empty before the first)."""
