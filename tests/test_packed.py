@@ -46,6 +46,17 @@ def test_packed_product_equals_f_linear(rows, bias, layout_):
     torch.testing.assert_close(y[:, 0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 8, 130])
+def test_packed_bf16_product_is_f_linear_bit_for_bit(rows):
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 40, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16()
+    x = torch.randn(rows, 40, generator=g).bfloat16()
+    dense.pack(w)
+    with PackedCalls() as calls, torch.no_grad():
+        y = dense.linear(x, w, b)
+    assert calls.packed == 1 and torch.equal(y, F.linear(x, w, b))
+
+
 def test_a_stale_packed_copy_is_never_used():
     """In-place updates, swapped storage and a new tensor all fall back to the current values."""
     g = torch.Generator().manual_seed(0)
@@ -130,7 +141,7 @@ def test_packed_experts_equal_the_grouped_products(expert_ffn, dtype, tokens):
     grouped.load_state_dict(moe.state_dict())
     moe, grouped = moe.to(dtype).eval(), grouped.to(dtype).eval()
     x = torch.randn(1, tokens, 32).to(dtype)
-    assert layout.pack_weights(moe) == (3 if dtype == torch.float32 else 2)  # two banks (+ the fp32 router matrix)
+    assert layout.pack_weights(moe) == 3  # two banks and the router's matrix
     with torch.no_grad():
         ref = grouped(x)
         with PackedCalls() as calls:

@@ -7,10 +7,11 @@ dot products and streams about half as fast as the same product over a column-ma
 those weights column-major changes no value, only strides, so parameters, state dicts and checkpoints stay as
 they were (savers call ``.contiguous()``).
 
-Where oneDNN is present, decoding also packs the fp32 linear weights (:func:`pack_weights`,
-``llmarch.nn.dense.pack``): a second, blocked copy that oneDNN's products stream faster at every row count
-measured (1, 8 and 128 rows). The copy is made once and reused while the weight is unchanged; it costs its bytes
-in memory, so it is skipped when they exceed half the free memory, and :func:`unpack_weights` frees it.
+Where oneDNN is present, decoding also packs the fp32 and bf16 linear weights and expert banks
+(:func:`pack_weights`, ``llmarch.nn.dense.pack``): a second, blocked copy that oneDNN's products stream faster
+at every row count measured (1, 8 and 128 rows). The copy is made once and reused while the weight is
+unchanged; it costs its bytes in memory, so it is skipped when they exceed half the free memory, and
+:func:`unpack_weights` frees it.
 """
 from __future__ import annotations
 
@@ -61,9 +62,9 @@ def _packable(model: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def pack_weights(model: nn.Module) -> int:
-    """Pack every fp32 CPU nn.Linear weight and every CPU expert bank (fp32, bf16) of ``model`` for inference
-    (``llmarch.nn.dense.pack``; a tied head is packed once). Only the weights without a current packed copy are packed, and none when their bytes exceed
-    half the free memory. Returns how many were packed now."""
+    """Pack every CPU nn.Linear weight and expert bank (fp32, bf16) of ``model`` for inference
+    (``llmarch.nn.dense.pack``; a tied head is packed once). Only the weights without a current packed copy are
+    packed, and none when their bytes exceed half the free memory. Returns how many were packed now."""
     todo = [w for w in _packable(model) if dense.packed(w) is None]
     free = _free_bytes()
     if not todo or (free is not None and 2 * sum(w.numel() * w.element_size() for w in todo) > free):

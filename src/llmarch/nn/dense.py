@@ -13,10 +13,12 @@ subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
 Inference can also run on *packed* weights (:func:`pack`): a copy of the weight in the blocked layout oneDNN picks
 for 128-row products, held outside the module (state dicts, parameters and checkpoints are untouched) and used
 by :func:`linear` only while it is current (same tensor, storage and version: an in-place update, a
-``load_state_dict`` or a dtype change makes it stale, and the plain path runs). Measured on the benchmark
-machine (one thread, weights streamed from memory): the LLaMA-style matrices at 1 row streamed 24-30 GB/s packed
-against 13-22 plain (any kernel, either layout), at 8 rows 15-21 against 9-21; GPT-2's 50257 x 768 head likewise.
-It costs one more copy of the packed weights in memory; ``llmarch.infer.layout.pack_weights`` decides when.
+``load_state_dict`` or a dtype change makes it stale, and the plain path runs) and no gradient is needed.
+Measured on the benchmark machine (one thread, weights streamed from memory): the LLaMA-style matrices at 1 row
+streamed 24-30 GB/s packed against 13-22 plain (any kernel, either layout), at 8 rows 15-21 against 9-21; GPT-2's
+50257 x 768 head likewise. fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are
+bit-identical to ``F.linear``'s. It costs one more copy of the packed weights in memory;
+``llmarch.infer.layout.pack_weights`` decides when.
 """
 from __future__ import annotations
 
@@ -57,11 +59,10 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """Whether :func:`pack` can pack this weight: a plain fp32 CPU matrix, or an expert bank [E, in, out] (fp32 or
-    bf16; each expert packed apart), with oneDNN present."""
+    """Whether :func:`pack` can pack this weight: a plain fp32 or bf16 CPU matrix, or an expert bank [E, in, out]
+    (each expert packed apart), with oneDNN present."""
     return (ONEDNN and type(weight) in _PLAIN and weight.device.type == "cpu" and weight.numel() > 0
-            and ((weight.dim() == 2 and weight.dtype == torch.float32)
-                 or (weight.dim() == 3 and weight.dtype in (torch.float32, torch.bfloat16))))
+            and weight.dim() in (2, 3) and weight.dtype in (torch.float32, torch.bfloat16))
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
