@@ -177,3 +177,24 @@ def test_moe_generation_with_packed_experts_equals_without():
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     layout.unpack_weights(model)
     assert torch.equal(llmarch.generate(model, ids, max_new_tokens=5), out)
+
+
+def test_unmerged_lora_on_experts_is_not_bypassed_by_the_packed_bank():
+    """A LoRA-adapted bank reads W + update: inference must not run the packed copy of the bare W."""
+    from llmarch import lora
+
+    torch.manual_seed(0)
+    cfg = llmarch.preset("mixtral-tiny").replace(vocab_size=97, n_layers=1, max_seq_len=64)
+    model = llmarch.build(cfg).eval()
+    lora.apply(model, r=2, alpha=4, targets=("experts.up", "experts.down"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)  # a non-zero update
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    layout.pack_weights(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    layout.unpack_weights(model)

@@ -10,7 +10,7 @@ they were (savers call ``.contiguous()``).
 Where oneDNN is present, decoding also packs the fp32 and bf16 linear weights and expert banks
 (:func:`pack_weights`, ``llmarch.nn.dense.pack``): a second, blocked copy that oneDNN's products stream faster
 at every row count measured (1, 8 and 128 rows). The copy is made once and reused while the weight is
-unchanged; it costs its bytes in memory, so it is skipped when they exceed half the free memory, and
+unchanged; it costs its bytes in memory, so it is skipped when they exceed half the available memory, and
 :func:`unpack_weights` frees it.
 """
 from __future__ import annotations
@@ -43,7 +43,15 @@ def decode_layout(model: nn.Module) -> int:
 
 
 def _free_bytes() -> int | None:
-    """Free physical memory in bytes (None where the platform does not say)."""
+    """Memory available for new allocations in bytes (Linux's MemAvailable, which counts reclaimable page cache;
+    else the free physical pages; None where the platform says neither)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -64,7 +72,7 @@ def _packable(model: nn.Module) -> list[torch.Tensor]:
 def pack_weights(model: nn.Module) -> int:
     """Pack every CPU nn.Linear weight and expert bank (fp32, bf16) of ``model`` for inference
     (``llmarch.nn.dense.pack``; a tied head is packed once). Only the weights without a current packed copy are
-    packed, and none when their bytes exceed half the free memory. Returns how many were packed now."""
+    packed, and none when their bytes exceed half the available memory. Returns how many were packed now."""
     todo = [w for w in _packable(model) if dense.packed(w) is None]
     free = _free_bytes()
     if not todo or (free is not None and 2 * sum(w.numel() * w.element_size() for w in todo) > free):

@@ -46,7 +46,8 @@ class _Bank(nn.Module):
     packs_for_inference = True
 
     def _packed(self, x: torch.Tensor) -> list[list[torch.Tensor]] | None:
-        return dense.packed_banks(x, *self.parameters(recurse=False))
+        # the weights as the bank reads them: an adapted bank (LoRA) returns W + update, which has no packed copy
+        return dense.packed_banks(x, *(getattr(self, name) for name, _ in self.named_parameters(recurse=False)))
 
     def packed_ready(self, x: torch.Tensor) -> bool:
         """Whether ``sliced`` would run these inputs on packed copies of every matrix of the bank."""
