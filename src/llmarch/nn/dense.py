@@ -14,6 +14,7 @@ Inference can also run on *packed* weights (:func:`pack`): a copy of the weight 
 for 128-row products, held outside the module (state dicts, parameters and checkpoints are untouched) and used
 by :func:`linear` only while it is current (same tensor, storage and version: an in-place update, a
 ``load_state_dict`` or a dtype change makes it stale, and the plain path runs) and no gradient is needed.
+(Writes through ``weight.data`` escape the version counter, hence this check: :func:`unpack` after them.)
 Measured on the benchmark machine (one thread, weights streamed from memory): the LLaMA-style matrices at 1 row
 streamed 24-30 GB/s packed against 13-22 plain (any kernel, either layout), at 8 rows 15-21 against 9-21; GPT-2's
 50257 x 768 head likewise. fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are

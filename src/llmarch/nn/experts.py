@@ -114,8 +114,9 @@ class GLUExperts(_Bank):
         """Copy a dense GLU's weights into expert e (sparse upcycling)."""
         if ffn.gate_up.bias is not None:
             raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
-        self.gate_up.data[e].copy_(ffn.gate_up.weight.t())
-        self.down.data[e].copy_(ffn.down.weight.t())
+        with torch.no_grad():  # in place on the parameter (not .data): its version moves, a packed copy goes stale
+            self.gate_up[e].copy_(ffn.gate_up.weight.t())
+            self.down[e].copy_(ffn.down.weight.t())
 
 
 @EXPERTS.register("mlp")
@@ -154,5 +155,6 @@ class MLPExperts(_Bank):
     def load_dense(self, e: int, ffn: MLP) -> None:
         if ffn.up.bias is not None:
             raise ValueError("ffn_bias: experts have no biases; upcycle a dense model with ffn_bias=False")
-        self.up.data[e].copy_(ffn.up.weight.t())
-        self.down.data[e].copy_(ffn.down.weight.t())
+        with torch.no_grad():
+            self.up[e].copy_(ffn.up.weight.t())
+            self.down[e].copy_(ffn.down.weight.t())
