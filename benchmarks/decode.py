@@ -47,15 +47,17 @@ HF_TYPE = {"gpt2": "gpt2", "llama": "llama"}
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the matrices one decode step streams: every Linear-like weight, the LM head included."""
-    total = 0
+    """Bytes of the matrices one decode step streams: every Linear-like weight, the LM head included, each tensor
+    once (a head tied to the embedding is one matrix, read once per step)."""
+    mats = {}
     for m in model.modules():
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
             if t is not None and t.dim() == 2 and not isinstance(m, torch.nn.Embedding) and "position" not in name:
-                total += t.numel() * t.element_size()
-    if getattr(model.config, "tie_embeddings", False) and isinstance(model.lm_head, torch.nn.Linear):
-        total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()  # shared with the embedding
-    return total
+                mats[id(t)] = t
+    head = getattr(model.lm_head, "weight", None)
+    if isinstance(head, torch.Tensor):  # the head's matrix, even where it is the embedding's
+        mats[id(head)] = head
+    return sum(t.numel() * t.element_size() for t in mats.values())
 
 
 def hf_model(model, kind: str, tmp: str):
