@@ -35,6 +35,7 @@ from common import limits, memory_bandwidth_gbs, print_table, write_results  # n
 
 import llmarch  # noqa: E402
 import llmarch.nn.dense as dense  # noqa: E402
+from llmarch.infer.layout import decode_layout  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
 
@@ -97,17 +98,17 @@ def with_dense(fn, **settings):
 
 
 def unpacked(fn):
-    """``fn`` without packed inference weights (``llmarch.nn.dense.pack``): generate() packs none and the packed
-    copies made by the other variants are set aside while it runs."""
+    """``fn`` without packed inference weights (``llmarch.nn.dense.pack``): generate() packs none (the
+    column-major layout only) and the packed copies made by the other variants are set aside while it runs."""
     gen = importlib.import_module("llmarch.infer.generate")  # the module (llmarch.infer.generate is the function)
 
     def run():
-        saved, saved_pack = dense._PACKED, gen.pack_weights
-        dense._PACKED, gen.pack_weights = {}, (lambda model: 0)
+        saved, saved_prepare = dense._PACKED, gen.prepare_for_decoding
+        dense._PACKED, gen.prepare_for_decoding = {}, (lambda model, tokens: decode_layout(model))
         try:
             return fn()
         finally:
-            dense._PACKED, gen.pack_weights = saved, saved_pack
+            dense._PACKED, gen.prepare_for_decoding = saved, saved_prepare
     return run
 
 

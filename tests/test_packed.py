@@ -100,7 +100,9 @@ def test_generation_with_packed_weights_equals_without(preset):
     ids = torch.randint(0, model.config.vocab_size, (3, 9))
     with torch.no_grad():
         ref_logits = model(ids).logits
-    ref = llmarch.generate(model, ids, max_new_tokens=6)  # packs
+    ref = llmarch.generate(model, ids, max_new_tokens=6)  # 18 tokens: too few to repay packing
+    assert all(dense.packed(m.weight) is None for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert torch.equal(llmarch.generate(model, ids, max_new_tokens=6), ref)  # unchanged weights: packs
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert all(dense.packed(m.weight) is not None for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert layout.pack_weights(model) == 0  # already packed: nothing to do
@@ -169,7 +171,8 @@ def test_moe_generation_with_packed_experts_equals_without():
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     with torch.no_grad():
         ref_logits = model(ids).logits
-    out = llmarch.generate(model, ids, max_new_tokens=5)  # packs, experts included
+    out = llmarch.generate(model, ids, max_new_tokens=5)
+    assert torch.equal(llmarch.generate(model, ids, max_new_tokens=5), out)  # unchanged weights: packs, experts too
     assert all(dense.packed(m.experts.down) is not None for m in model.modules() if hasattr(m, "experts"))
     with PackedCalls() as calls, torch.no_grad():
         logits = model(ids).logits
@@ -197,4 +200,30 @@ def test_unmerged_lora_on_experts_is_not_bypassed_by_the_packed_bank():
     layout.pack_weights(model)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    layout.unpack_weights(model)
+
+
+def test_generate_packs_only_where_it_pays_back():
+    """Short generations on weights that change between calls (a train-then-sample loop) never pack; unchanged
+    weights pack on the next call; a long call packs at once."""
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=1)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    head = model.lm_head.weight
+
+    for _ in range(3):
+        llmarch.generate(model, ids, max_new_tokens=4)
+        assert dense.packed(head) is None
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.001)  # an optimizer step between the samples
+    llmarch.generate(model, ids, max_new_tokens=4)
+    assert dense.packed(head) is None
+    llmarch.generate(model, ids, max_new_tokens=4)  # nothing changed since the last call
+    assert dense.packed(head) is not None
+    with torch.no_grad():
+        head.add_(0.01)
+    assert dense.packed(head) is None  # stale
+    llmarch.generate(model, ids, max_new_tokens=layout.PACK_MIN_TOKENS // 2)  # 2 rows: enough tokens to repay it
+    assert dense.packed(head) is not None
     layout.unpack_weights(model)

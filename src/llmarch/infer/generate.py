@@ -10,7 +10,7 @@ import torch
 
 from llmarch.nn.position import position_limit
 from llmarch.infer.decode import make_engine
-from llmarch.infer.layout import decode_layout, pack_weights
+from llmarch.infer.layout import prepare_for_decoding
 from llmarch.infer.sampling import Sampling
 from llmarch.infer.stopping import Stopper
 from llmarch.model import check_input_ids
@@ -101,10 +101,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     ``instruction`` (token ids [B, S]; pad_token_id marks padding), their condition kept in the cache for the
     steps."""
     sampling = Sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-    decode_layout(model)  # wide weights column-major: same values, ~2x faster matrix-vector products (idempotent)
-    pack_weights(model)  # and a packed copy for oneDNN, made once while the weights stay unchanged
     input_ids, attention_mask = check_prompt(model, input_ids, attention_mask, max_new_tokens)
     B, T = input_ids.shape
+    prepare_for_decoding(model, B * max_new_tokens)  # packed weights where they pay back, else column-major
     seq2seq = model.config.kind == "encoder_decoder"
     if generator is None and seed is not None:
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)

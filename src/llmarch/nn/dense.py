@@ -74,6 +74,12 @@ def packed(weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
     return entry[3]
 
 
+def _reorder(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> oneDNN's packed copy; from a row-major source, which reorders 1.5-5x faster than a transposed
+    one (measured: the 8192 x 512 head 5 against 24 ms)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w if w.is_contiguous() else w.contiguous(), PACK_ROWS)
+
+
 @torch.no_grad()
 def pack(weight: torch.Tensor) -> bool:
     """Keep a packed copy of ``weight`` for inference (see the module); a no-op when a current one exists.
@@ -83,8 +89,7 @@ def pack(weight: torch.Tensor) -> bool:
     key = id(weight)
     fresh = key not in _PACKED
     w = weight.detach()
-    copy = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS) if w.dim() == 2 else
-            [torch.ops.mkldnn._reorder_linear_weight(w[e].t(), PACK_ROWS) for e in range(w.shape[0])])
+    copy = (_reorder(w) if w.dim() == 2 else [_reorder(w[e].t()) for e in range(w.shape[0])])
     _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version, copy)
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)
