@@ -15,9 +15,9 @@ for 128-row products, held outside the module (state dicts, parameters and check
 by :func:`linear` only while it is current (same tensor, storage and version: an in-place update, a
 ``load_state_dict`` or a dtype change makes it stale, and the plain path runs) and no gradient is needed.
 (Writes through ``weight.data`` escape the version counter, hence this check: :func:`unpack` after them.)
-Measured on the benchmark machine (one thread, weights streamed from memory): the LLaMA-style matrices at 1 row
-streamed 24-30 GB/s packed against 13-22 plain (any kernel, either layout), at 8 rows 15-21 against 9-21; GPT-2's
-50257 x 768 head likewise. fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are
+Measured on the benchmark machine (``benchmarks/decode.py --kernels``, one thread, weights streamed from memory):
+the LLaMA-style matrices at 1 row streamed 21-31 GB/s packed against 17-21 for the best plain kernel and layout,
+at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows). fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are
 bit-identical to ``F.linear``'s. It costs one more copy of the packed weights in memory;
 ``llmarch.infer.layout.pack_weights`` decides when.
 """
