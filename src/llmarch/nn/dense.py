@@ -51,12 +51,23 @@ def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether :func:`linear` takes the oneDNN path for these operands."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and x.numel() > 0 and (x.numel() > x.shape[-1] or weight.numel() >= MATVEC_MIN_ELEMENTS)
+def _operands_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """oneDNN can take these: plain CPU tensors of one dtype (the bias's too), eager, no autocast."""
+    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
+            and type(x) in _PLAIN and type(weight) in _PLAIN
+            and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether :func:`linear` takes the oneDNN path over the plain weight for these operands."""
+    return (_operands_fit(x, weight, bias) and x.dtype == torch.float32
+            and (x.numel() > x.shape[-1] or weight.numel() >= MATVEC_MIN_ELEMENTS))
 
 
 def packable(weight: torch.Tensor) -> bool:
@@ -104,13 +115,8 @@ def unpack(weight: torch.Tensor) -> None:
 
 
 def _inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """No gradient is needed and the operands suit oneDNN (CPU plain tensors of the weight's dtype, no autocast,
-    eager)."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and type(x) in _PLAIN and x.numel() > 0
-            and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                                  or (bias is not None and bias.requires_grad)))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+    """A packed copy of ``weight`` can serve these operands: oneDNN takes them and no gradient is needed."""
+    return _operands_fit(x, weight, bias) and not _needs_grad(x, weight, bias)
 
 
 def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tensor]] | None:
@@ -160,8 +166,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             return _mm(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], weight.shape[0])
     if not onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
+    if _needs_grad(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return _mm(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
