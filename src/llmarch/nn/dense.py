@@ -151,10 +151,54 @@ class _OneDNNLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])  # [N, out]
         dx = _mm(g2, weight.t(), None).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         dw = None
-        if ctx.needs_input_grad[1]:  # oneDNN copies a transposed input to rows: transpose the narrower of g and x
-            dw = _mm(x2.t(), g2.t(), None).t() if x2.shape[1] < g2.shape[1] else _mm(g2.t(), x2.t(), None)
+        if ctx.needs_input_grad[1]:
+            # oneDNN copies a transposed input to rows (N x its width), and a transposed result costs AccumulateGrad
+            # a copy of the whole [out, in] gradient: x^T g, transposed, only where that is the cheaper of the two
+            n, d_in, d_out = x2.shape[0], x2.shape[1], g2.shape[1]
+            dw = _mm(x2.t(), g2.t(), None).t() if d_in * d_out < n * (d_out - d_in) else _mm(g2.t(), x2.t(), None)
         db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
+
+
+class _OneDNNBank(torch.autograd.Function):
+    """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN (fp32
+    CPU training of an expert bank; see :func:`bank_linear`). The weight gradient is one new [E, in, out] tensor
+    in the bank's layout, so AccumulateGrad keeps it without a copy; an expert with no rows gets zeros."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        ctx.save_for_backward(x, bank)
+        ctx.counts = counts
+        return torch.cat([_mm(xe, bank[e].t(), None) for e, xe in enumerate(x.split(counts)) if counts[e]])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, bank = ctx.saved_tensors
+        counts, pieces = ctx.counts, list(zip(x.split(ctx.counts), g.split(ctx.counts)))
+        dx = dbank = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.cat([_mm(ge, bank[e], None) for e, (_, ge) in enumerate(pieces) if counts[e]])
+        if ctx.needs_input_grad[1]:
+            dbank = torch.empty_like(bank)
+            for e, (xe, ge) in enumerate(pieces):
+                if counts[e]:
+                    dbank[e].copy_(_mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
+                else:
+                    dbank[e].zero_()
+        return dx, dbank, None
+
+
+def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [A, in] sorted by expert (``counts[e]`` rows each, sum A > 0), bank [E, in, out] -> [A, out]: each
+    expert's rows times its matrix (``cat(x_e @ bank[e])``). fp32 CPU operands go to oneDNN, with gradients
+    through :class:`_OneDNNBank`; anything else multiplies ``unbind`` views of the bank with :func:`linear`
+    (their backward stacks the expert gradients once)."""
+    if _operands_fit(x, bank, None) and x.dtype == torch.float32:
+        if _needs_grad(x, bank, None):
+            return _OneDNNBank.apply(x, bank, counts)
+        return torch.cat([_mm(xe, bank[e].t(), None) for e, xe in enumerate(x.split(counts)) if counts[e]])
+    mats = bank.unbind(0)
+    return torch.cat([linear(xe, mats[e].t()) for e, xe in enumerate(x.split(counts)) if counts[e]])
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,10 +9,11 @@ only in how the experts run:
 - ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups: no padding,
   empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
 - ``sliced``: assignments sorted by expert, one plain matmul per expert's contiguous slice.
-- ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``); else on
-  CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows (``..._ONEDNN`` in fp32,
-  whose sliced products run through oneDNN; the E Python iterations then cost microseconds against the matmuls),
-  else ``grouped``; off CPU, ``grouped`` where torch has it for the dtype (CUDA: bf16), else ``padded``.
+- ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``) and for
+  fp32 CPU inference; else on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
+  (``..._ONEDNN`` in fp32, whose sliced products and their backward run through oneDNN; the E Python iterations
+  then cost microseconds against the matmuls), else ``grouped``; off CPU, ``grouped`` where torch has it for the
+  dtype (CUDA: bf16), else ``padded``.
   Chosen by ``benchmarks/moe.py``.
 
 Capacity (Switch/GShard, Lepikhin et al. 2020): each expert takes at most C assignments per sequence; choices are
@@ -104,10 +105,10 @@ def grouped_dispatch(x, experts, weights, keep, bank):
 
 
 SLICED_MIN_ROWS = 512
-# fp32 on CPU, the sliced products run through oneDNN (llmarch.nn.dense): sliced beat grouped from ~32 rows per
-# expert (benchmarks/moe.py layer, 128 tokens: forward 30 vs 37 ms, forward + backward level; 512 tokens 90 vs
-# 142 and 131 vs 156 ms; 16 tokens grouped stays ahead)
-SLICED_MIN_ROWS_ONEDNN = 32
+# fp32 on CPU the sliced products run through oneDNN, backward included (llmarch.nn.dense.bank_linear): without
+# gradients sliced beat grouped at every size (benchmarks/moe.py layer: 1.2-1.6x at 1-16 tokens); with them from
+# ~4 rows per expert (16 tokens, top-2 of 8: level to 1.2x; 128 tokens 1.5x), behind below (0.65-0.9x at 1-8 tokens)
+SLICED_MIN_ROWS_ONEDNN = 4
 
 
 def grouped_mm_supports(x: torch.Tensor) -> bool:
@@ -133,10 +134,13 @@ def auto_dispatch(x, experts, weights, keep, bank):
     """``sliced`` for large groups on CPU, else ``grouped`` where supported, else ``padded``."""
     if bank.packed_ready(x):  # inference over packed experts (llmarch.nn.dense.pack): sliced at every size
         return sliced_dispatch(x, experts, weights, keep, bank)
-    rows = SLICED_MIN_ROWS_ONEDNN if x.dtype == torch.float32 and dense.ONEDNN else SLICED_MIN_ROWS
+    onednn = x.device.type == "cpu" and x.dtype == torch.float32 and dense.ONEDNN
+    training = torch.is_grad_enabled() and x.requires_grad
+    rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
     # bf16 on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead at every size measured
     # (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced)
-    if x.device.type == "cpu" and x.dtype != torch.bfloat16 and experts.numel() >= rows * bank.n_experts:
+    if (onednn and not training) or (x.device.type == "cpu" and x.dtype != torch.bfloat16
+                                     and experts.numel() >= rows * bank.n_experts):
         return sliced_dispatch(x, experts, weights, keep, bank)
     if grouped_mm_supports(x):
         return grouped_dispatch(x, experts, weights, keep, bank)

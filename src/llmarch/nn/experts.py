@@ -19,7 +19,6 @@ from torch import nn
 
 from llmarch.nn.activation import gate_product, make_activation
 from llmarch.nn import dense
-from llmarch.nn.dense import linear
 from llmarch.nn.ffn import GLU, MLP
 from llmarch.registry import Registry
 
@@ -99,16 +98,13 @@ class GLUExperts(_Bank):
 
     def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [A, D] sorted by expert, counts[e] rows each -> [A, D], one matmul per non-empty expert
-        (``unbind`` views of the bank: their backward stacks the gradients once; ``linear`` over the transposed
-        views is x @ W through oneDNN for fp32 CPU tensors, see :mod:`llmarch.nn.dense`)."""
+        (``llmarch.nn.dense.bank_linear``: oneDNN for fp32 CPU tensors, backward included)."""
         packs = self._packed(x)
         if packs is not None:
             mm, (gate_up, down) = dense.packed_mm, packs
             return torch.cat([mm(self._mid(mm(xe, gate_up[e])), down[e])
                               for e, xe in enumerate(x.split(counts)) if counts[e]])
-        gate_up, down = self.gate_up.unbind(0), self.down.unbind(0)
-        return torch.cat([linear(self._mid(linear(xe, gate_up[e].t())), down[e].t())
-                          for e, xe in enumerate(x.split(counts)) if counts[e]])
+        return dense.bank_linear(self._mid(dense.bank_linear(x, self.gate_up, counts)), self.down, counts)
 
     def load_dense(self, e: int, ffn: GLU) -> None:
         """Copy a dense GLU's weights into expert e (sparse upcycling)."""
@@ -148,9 +144,7 @@ class MLPExperts(_Bank):
             mm, (up, down) = dense.packed_mm, packs
             return torch.cat([mm(self.act(mm(xe, up[e])), down[e]) for e, xe in enumerate(x.split(counts))
                               if counts[e]])
-        up, down = self.up.unbind(0), self.down.unbind(0)
-        return torch.cat([linear(self.act(linear(xe, up[e].t())), down[e].t())
-                          for e, xe in enumerate(x.split(counts)) if counts[e]])
+        return dense.bank_linear(self.act(dense.bank_linear(x, self.up, counts)), self.down, counts)
 
     def load_dense(self, e: int, ffn: MLP) -> None:
         if ffn.up.bias is not None:
