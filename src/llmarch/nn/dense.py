@@ -160,6 +160,12 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [n, k] @ w [k, m] for one expert: oneDNN, but torch's BLAS for a single row (measured on an expert's
+    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us)."""
+    return x @ w if x.shape[0] == 1 else _mm(x, w.t(), None)
+
+
 class _OneDNNBank(torch.autograd.Function):
     """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN (fp32
     CPU training of an expert bank; see :func:`bank_linear`). The weight gradient is one new [E, in, out] tensor
@@ -169,7 +175,7 @@ class _OneDNNBank(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ctx.save_for_backward(x, bank)
         ctx.counts = counts
-        return torch.cat([_mm(xe, bank[e].t(), None) for e, xe in enumerate(x.split(counts)) if counts[e]])
+        return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -177,11 +183,13 @@ class _OneDNNBank(torch.autograd.Function):
         counts, pieces = ctx.counts, list(zip(x.split(ctx.counts), g.split(ctx.counts)))
         dx = dbank = None
         if ctx.needs_input_grad[0]:
-            dx = torch.cat([_mm(ge, bank[e], None) for e, (_, ge) in enumerate(pieces) if counts[e]])
+            dx = torch.cat([_rows_mm(ge, bank[e].t()) for e, (_, ge) in enumerate(pieces) if counts[e]])
         if ctx.needs_input_grad[1]:
             dbank = torch.empty_like(bank)
             for e, (xe, ge) in enumerate(pieces):
-                if counts[e]:
+                if counts[e] == 1:  # an outer product: BLAS writes it in place (107 against 276 us, as above)
+                    torch.mm(xe.t(), ge, out=dbank[e])
+                elif counts[e]:
                     dbank[e].copy_(_mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
                 else:
                     dbank[e].zero_()
@@ -196,7 +204,7 @@ def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch
     if _operands_fit(x, bank, None) and x.dtype == torch.float32:
         if _needs_grad(x, bank, None):
             return _OneDNNBank.apply(x, bank, counts)
-        return torch.cat([_mm(xe, bank[e].t(), None) for e, xe in enumerate(x.split(counts)) if counts[e]])
+        return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
     mats = bank.unbind(0)
     return torch.cat([linear(xe, mats[e].t()) for e, xe in enumerate(x.split(counts)) if counts[e]])
 

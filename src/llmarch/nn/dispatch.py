@@ -107,8 +107,8 @@ def grouped_dispatch(x, experts, weights, keep, bank):
 SLICED_MIN_ROWS = 512
 # fp32 on CPU the sliced products run through oneDNN, backward included (llmarch.nn.dense.bank_linear): without
 # gradients sliced beat grouped at every size (benchmarks/moe.py layer: 1.2-1.6x at 1-16 tokens); with them from
-# ~4 rows per expert (16 tokens, top-2 of 8: level to 1.2x; 128 tokens 1.5x), behind below (0.65-0.9x at 1-8 tokens)
-SLICED_MIN_ROWS_ONEDNN = 4
+# ~1 row per expert (top-2 of 8, forward + backward: 4 tokens 1.08x, 8 1.22x, 16 1.34x; 1-2 tokens 0.96x)
+SLICED_MIN_ROWS_ONEDNN = 1
 
 
 def grouped_mm_supports(x: torch.Tensor) -> bool:
