@@ -9,6 +9,11 @@ The llmarch layers and the dense FFN are packed for inference first, as ``llmarc
 (``llmarch.infer.layout.pack_weights``): the forward rows (no gradient) run on the packed copies, forward +
 backward cannot; "llmarch auto (unpacked)" is the same layer without them.
 
+The process reuses freed host memory (``llmarch.nn.device.reuse_host_memory``), as ``llmarch train`` does on the
+CPU, for every implementation alike: with glibc's defaults (``--default-malloc``) each forward + backward maps its
+fresh 32 MB expert-bank gradient from the OS and page-faults it in (~20 ms, more than the whole layer takes at
+1-128 tokens), which then dominates every forward + backward row.
+
 Prints a table of tokens/s (medians over interleaved rounds, so every implementation sees the same load) and
 writes benchmarks/results/moe.json.
 """
@@ -23,6 +28,7 @@ import torch
 import common
 from llmarch import MoEConfig
 from llmarch.infer.layout import pack_weights
+from llmarch.nn.device import reuse_host_memory
 from llmarch.nn.dispatch import DISPATCHERS
 from llmarch.nn.ffn import GLU
 from llmarch.nn.moe import MoE
@@ -114,8 +120,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="half the rounds (at least 3)")
     ap.add_argument("--tokens", default="1,16,128,2048", help=f"token counts, from {sorted(REPEATS)}")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's allocator defaults (writes moe_default_malloc.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    reused = False if args.default_malloc else reuse_host_memory()  # as `llmarch train` runs on the CPU
     check_outputs_agree()
     rows, records = [], []
     for dtype in (torch.float32, torch.bfloat16):
@@ -142,8 +151,9 @@ def main() -> None:
     print()
     common.print_table(summary, ["dtype", "mode", "tokens", "ours x dense", "HF fastest", "HF x dense",
                                  "ours x HF fastest"])
-    path = common.write_results("moe", dict(settings=dict(D=D, F=F, E=E, K=K, threads=args.threads,
-                                                          repeats=REPEATS, quick=args.quick),
+    path = common.write_results("moe" if reused else "moe_default_malloc", dict(
+                                settings=dict(D=D, F=F, E=E, K=K, threads=args.threads, repeats=REPEATS,
+                                              quick=args.quick, host_memory_reused=reused),
                                             limits=common.limits(), results=records))
     print(f"wrote {path}")
 

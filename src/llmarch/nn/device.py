@@ -1,4 +1,5 @@
-"""Device rules: where reading a tensor's values back into Python is free, and checks that never read back.
+"""Device rules: where reading a tensor's values back into Python is free, checks that never read back, and how
+the host's memory allocator serves a CPU training process.
 
 On an accelerator, ``int(t)``, ``bool(t)``, ``t.item()`` or ``t.tolist()`` waits for every queued kernel (a host
 sync) and stalls the launch queue, so the model forward and the training step read values back only on the CPU,
@@ -7,7 +8,15 @@ condition fails, at the next synchronisation, and the caller's queue never drain
 """
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+TRIM_BYTES = 1 << 30  # free memory at the top of the heap returned to the OS past this much
+_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+_reusing = False
 
 
 def host_reads_ok(t: torch.Tensor) -> bool:
@@ -40,4 +49,33 @@ def read_back(values: list[torch.Tensor]) -> list[float]:
                         for v in values]).tolist()
 
 
-__all__ = ["host_reads_ok", "assert_on_device", "to_device", "read_back"]
+def reuse_host_memory() -> bool:
+    """Have glibc's malloc keep freed host memory for the next allocation of the process (``mallopt``: no
+    ``mmap`` for large blocks, the heap trimmed past ``TRIM_BYTES`` of free space). Returns whether that is in
+    effect. Idempotent.
+
+    By default glibc maps every block above 32 MB (below, as large as the largest freed so far) afresh from the
+    OS and unmaps it on free, and the kernel then zero-fills each of its 4 KB pages on first touch (a page fault
+    each, ~0.6 ms per MB here). A training step allocates and frees the same large gradients, optimizer
+    temporaries and logits every step, so it pays that again each time: small CPU training steps ran 1.2-1.9x
+    faster with the memory reused (``benchmarks/host_memory.py``). The cost: the process keeps its peak heap
+    (up to ``TRIM_BYTES`` free at the top) instead of returning it between steps.
+
+    Left alone where the user tuned malloc through the environment (``MALLOC_MMAP_MAX_`` and friends,
+    ``GLIBC_TUNABLES=glibc.malloc...``) and off glibc (macOS, musl, Windows), where this returns False."""
+    global _reusing
+    if _reusing:
+        return True
+    if any(k in os.environ for k in _MALLOC_ENV) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, ValueError, OSError, TypeError):
+        return False
+    _reusing = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES))
+    return _reusing
+
+
+__all__ = ["host_reads_ok", "assert_on_device", "to_device", "read_back", "reuse_host_memory"]

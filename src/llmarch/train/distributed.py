@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmarch.nn.device import reuse_host_memory
 from llmarch.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class DistEnv:
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), else one process."""
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1), else one process. A CPU
+    process keeps its freed host memory for the next step (``llmarch.nn.device.reuse_host_memory``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -53,6 +55,8 @@ def init_distributed(device: str = "auto") -> DistEnv:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+    else:
+        reuse_host_memory()
     if world <= 1:
         return DistEnv(device=dev)
     if not dist.is_initialized():
