@@ -134,13 +134,14 @@ def auto_dispatch(x, experts, weights, keep, bank):
     """``sliced`` for large groups on CPU, else ``grouped`` where supported, else ``padded``."""
     if bank.packed_ready(x):  # inference over packed experts (llmarch.nn.dense.pack): sliced at every size
         return sliced_dispatch(x, experts, weights, keep, bank)
-    onednn = x.device.type == "cpu" and x.dtype == torch.float32 and dense.ONEDNN
+    host = host_reads_ok(x)  # sliced reads the per-expert counts into Python: free on the CPU, eager only
+    onednn = host and x.dtype == torch.float32 and dense.ONEDNN
     training = torch.is_grad_enabled() and x.requires_grad
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
     # bf16 on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead at every size measured
     # (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced)
-    if (onednn and not training) or (x.device.type == "cpu" and x.dtype != torch.bfloat16
-                                     and experts.numel() >= rows * bank.n_experts):
+    many = experts.numel() >= rows * bank.n_experts
+    if (onednn and not training) or (host and x.dtype != torch.bfloat16 and many):
         return sliced_dispatch(x, experts, weights, keep, bank)
     if grouped_mm_supports(x):
         return grouped_dispatch(x, experts, weights, keep, bank)
