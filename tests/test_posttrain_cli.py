@@ -131,3 +131,13 @@ def test_finetune_lora_writes_adapter_and_merges(tmp_path, capsys):
     torch.testing.assert_close(load_model(merged)(x).logits, adapted(x).logits, atol=1e-5, rtol=0)
     with lora.disabled(adapted):  # the adapters did change the model
         assert (adapted(x).logits - load_model(merged)(x).logits).abs().max() > 1e-6
+    # the run itself loads as that merged model, so generate / chat / convert read it without `llmarch merge`
+    torch.testing.assert_close(load_model(ckpt)(x).logits, adapted(x).logits, atol=1e-5, rtol=0)
+    assert not any("lora" in name for name in load_model(ckpt).state_dict())
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "hi", "--max-new-tokens", "3",
+                 "--temperature", "0", "--no-stream"]) == 0
+    from_run = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(merged), "--prompt", "hi", "--max-new-tokens", "3",
+                 "--temperature", "0", "--no-stream"]) == 0
+    assert capsys.readouterr().out == from_run

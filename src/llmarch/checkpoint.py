@@ -70,7 +70,8 @@ def is_llmarch_dir(path: Path) -> bool:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Model:
-    """Load an llmarch model directory (or a Hugging Face one, recognised by ``model_type`` in config.json)."""
+    """Load an llmarch model directory (or a Hugging Face one, recognised by ``model_type`` in config.json). A
+    LoRA run's checkpoint comes back as a plain model with its adapters merged into the base weights."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} has no config.json; expected an llmarch or Hugging Face model directory")
@@ -93,6 +94,13 @@ def _load(path: Path, dtype: torch.dtype | None) -> Model:
         from llmarch.infer.quantize import load_quantized
 
         return load_quantized(path)
+    from llmarch.train.merge import load_merged, lora_spec
+
+    spec = lora_spec(path)
+    if spec is not None:  # a LoRA run's checkpoint (base + adapters): merged, as `llmarch merge` writes it
+        model = load_merged(path, spec)
+        model.loaded_from = path
+        return model.to(dtype) if dtype is not None else model
     cfg = ModelConfig.from_file(path / "config.json")
     weights = path / "model.safetensors"
     model = build(cfg)

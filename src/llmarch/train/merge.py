@@ -46,33 +46,43 @@ def plain_copy(adapted: torch.nn.Module, cfg: ModelConfig) -> Model:
     return plain
 
 
+def lora_spec(ckpt: Path) -> str | None:
+    """The LoRA settings a training checkpoint was written with (``state.json``'s ``train.lora``), or None."""
+    state_file = Path(ckpt) / "state.json"
+    if not state_file.is_file():
+        return None
+    spec = json.loads(state_file.read_text()).get("train", {}).get("lora")
+    return spec if isinstance(spec, str) and spec else None
+
+
+def load_merged(ckpt: Path, spec: str) -> Model:
+    """A LoRA run's checkpoint (base + adapter weights) as a plain model with the adapters merged in."""
+    from llmarch import lora
+
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    adapted = build(cfg)
+    lora.apply(adapted, **parse_lora(spec))
+    missing, unexpected = adapted.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    missing = [m for m in missing if m not in adapted.tied_names()]
+    if missing or unexpected:
+        raise ValueError(f"{ckpt} does not fit its LoRA settings {spec!r}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    lora.merge(adapted)
+    return plain_copy(adapted, cfg)
+
+
 def merge_run(run: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write ``out``: the run's newest good checkpoint with its adapters merged (or copied when it has none)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"merge: {out} already exists and is not an empty directory; choose a new OUT")
     ckpt = resolve_model_dir(run)
-    state_file = ckpt / "state.json"
-    spec = json.loads(state_file.read_text()).get("train", {}).get("lora") if state_file.is_file() else None
-    if spec is None:
+    if lora_spec(ckpt) is None:
         log.info("merge: %s has no LoRA adapters (a full fine-tuning run); copying it", ckpt)
-        model = load_model(ckpt)
-    else:
-        from llmarch import lora
-
-        cfg = ModelConfig.from_file(ckpt / "config.json")
-        adapted = build(cfg)
-        lora.apply(adapted, **parse_lora(spec))
-        missing, unexpected = adapted.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-        missing = [m for m in missing if m not in adapted.tied_names()]
-        if missing or unexpected:
-            raise ValueError(f"merge: {ckpt} does not fit its LoRA settings {spec!r}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        lora.merge(adapted)
-        model = plain_copy(adapted, cfg)
+    model = load_model(ckpt)  # a LoRA checkpoint comes back merged (load_merged)
     save_model(model, out)
     load_tokenizer_for(ckpt).save(out)
     return out
 
 
-__all__ = ["merge_run", "plain_copy"]
+__all__ = ["load_merged", "lora_spec", "merge_run", "plain_copy"]
