@@ -63,6 +63,35 @@ def test_directory_writers_never_delete_user_files(src, tmp_path, capsys, monkey
     assert (out / "notes.txt").read_text() == "mine"
 
 
+KILLED_WRITER = """
+import os, signal, sys
+from llmarch.outdir import staged_dir
+with staged_dir(sys.argv[1]) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"half written")
+    os.kill(os.getpid(), signal.SIGKILL)  # no chance to clean up
+"""
+
+
+def test_a_killed_writers_staging_directory_is_removed_by_the_next_write(src, tmp_path, capsys):
+    import subprocess
+
+    from llmarch.outdir import _staging_prefix
+
+    out = tmp_path / "out"
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)])
+    assert writer.wait() == -9
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and not out.exists()  # what the kill left: the staging directory, no OUT
+    live = tmp_path / (_staging_prefix(out) + "x")  # a writer still running (this process): kept
+    other = tmp_path / f".out.tmp.otherhost.{writer.pid}.x"  # a dead pid, but on another host: kept
+    for d in (live, other):
+        d.mkdir()
+    assert main(["convert", str(src), str(out)]) == 0
+    assert sorted(_leftovers(tmp_path)) == sorted([live.name, other.name])
+    x = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(load_model(out)(x).logits, load_model(src)(x).logits)
+
+
 def test_index_build_refuses_a_user_directory_and_query_finds_text(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"line {i}: the quick brown fox number {i} jumps\n" for i in range(200)) +

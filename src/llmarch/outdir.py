@@ -8,13 +8,17 @@ through :func:`staged_dir`:
   (each rename is atomic); with ``overwrite`` only llmarch's own model files in ``OUT`` are replaced or removed
   (:data:`MODEL_FILES`: config, weights, manifest, tokenizer files, generation config; and ``*.safetensors``),
   everything else there is left alone;
-- on any error the temporary directory is removed and ``OUT`` is as it was.
+- on any error the temporary directory is removed and ``OUT`` is as it was; a writer killed outright (no
+  chance to clean up) leaves its temporary directory, named after its host and process, which the next write
+  to the same ``OUT`` on that host removes once that process is gone.
 """
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -90,13 +94,43 @@ def publish(tmp: Path, out: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _staging_prefix(path: Path, pid: int | None = None) -> str:
+    """The name a staging directory for ``path`` starts with: it carries the host and the writing process."""
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname()) or "host"
+    return f".{path.name or 'out'}.tmp.{host}.{os.getpid() if pid is None else pid}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or a platform that cannot tell: keep its files
+        return True
+    return True
+
+
+def remove_stale_staging(path: Path) -> list[Path]:
+    """Remove the staging directories for ``path`` that a killed writer on this host left beside it (its process
+    is gone); those of live processes, other hosts and anything else are left alone. Returns what was removed."""
+    head = _staging_prefix(path, 0)[:-2]  # ".NAME.tmp.HOST."
+    removed = []
+    for entry in path.parent.glob(glob.escape(head) + "*"):
+        pid = entry.name[len(head):].split(".", 1)[0]
+        if entry.is_dir() and not entry.is_symlink() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """``with staged_dir(OUT) as tmp: write files into tmp`` -> they land in OUT (see the module docstring)."""
     path = check_out_dir(out, overwrite)
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name or 'out'}.tmp.", dir=parent))
+    remove_stale_staging(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(path), dir=parent))
     try:
         yield tmp
         publish(tmp, path)
@@ -105,4 +139,5 @@ def staged_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         raise
 
 
-__all__ = ["staged_dir", "check_out_dir", "publish", "fsync_path", "fsync_tree", "MODEL_FILES"]
+__all__ = ["staged_dir", "check_out_dir", "publish", "fsync_path", "fsync_tree", "remove_stale_staging",
+           "MODEL_FILES"]
