@@ -10,7 +10,7 @@ only in how the experts run:
   empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
 - ``sliced``: assignments sorted by expert, one plain matmul per expert's contiguous slice.
 - ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``) and for
-  fp32 CPU inference; else on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
+  fp32 / bf16 CPU inference; else on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
   (``..._ONEDNN`` in fp32, whose sliced products and their backward run through oneDNN; the E Python iterations
   then cost microseconds against the matmuls), else ``grouped``; off CPU, ``grouped`` where torch has it for the
   dtype (CUDA: bf16), else ``padded``.
@@ -137,11 +137,15 @@ def auto_dispatch(x, experts, weights, keep, bank):
     host = host_reads_ok(x)  # sliced reads the per-expert counts into Python: free on the CPU, eager only
     onednn = host and x.dtype == torch.float32 and dense.ONEDNN
     training = torch.is_grad_enabled() and x.requires_grad
+    if host and dense.ONEDNN and not training and x.dtype in (torch.float32, torch.bfloat16):
+        # inference over unpacked banks: sliced ahead of grouped at 1-2048 tokens (fp32 1.2-1.6x; bf16 1.1-1.6x)
+        return sliced_dispatch(x, experts, weights, keep, bank)
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
-    # bf16 on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead at every size measured
-    # (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced)
+    # bf16 training on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead of or level with
+    # sliced at every size measured (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced over
+    # unbind views; 0.9-1.07x for sliced products straight on oneDNN)
     many = experts.numel() >= rows * bank.n_experts
-    if (onednn and not training) or (host and x.dtype != torch.bfloat16 and many):
+    if host and x.dtype != torch.bfloat16 and many:
         return sliced_dispatch(x, experts, weights, keep, bank)
     if grouped_mm_supports(x):
         return grouped_dispatch(x, experts, weights, keep, bank)
