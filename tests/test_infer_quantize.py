@@ -99,3 +99,19 @@ def test_int8_kernel_per_row_count(rows):
     onednn = "mkldnn::_linear_pointwise" in names
     assert onednn == (qz._BF16_ONEDNN and rows >= qz.INT8_ONEDNN_MIN_ROWS)
     assert ("aten::_weight_int8pack_mm" in names) == (not onednn)
+
+
+def test_int8_eager_path_equals_the_custom_op_and_follows_new_scales():
+    """Eager calls skip the custom op's dispatch (same kernel, same values); the cached bf16 scales follow an
+    in-place change of the scales."""
+    qz = importlib.import_module("llmarch.infer.quantize")
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 48, bias=False))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = q(x)
+        assert torch.equal(before, qz.int8_mm(x, q.qweight, q.scales))
+        q.scales.mul_(2)  # e.g. load_state_dict copying other scales in
+        torch.testing.assert_close(q(x), 2 * before, rtol=1e-2, atol=1e-3)
+        q.load_state_dict({"qweight": q.qweight, "scales": q.scales / 4})
+        torch.testing.assert_close(q(x), before / 2, rtol=1e-2, atol=1e-3)

@@ -43,14 +43,24 @@ _BF16_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldn
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-@torch.library.custom_op("llmarch::int8_mm", mutates_args=())
-def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype, bf16 inside."""
+def int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  scales_bf16: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype, bf16 inside.
+    ``scales_bf16``: the scales already cast (a module caches them). Eager callers call this directly: through
+    the custom op below, each call costs ~10 us more (28 against 18 us for a 768 x 512 decode product), ~0.35 ms
+    per LLaMA-style token."""
     xb = x.to(torch.bfloat16)
     if _BF16_ONEDNN and x.shape[0] >= INT8_ONEDNN_MIN_ROWS:  # bf16 products, fp32 scaling
         y = torch.ops.mkldnn._linear_pointwise(xb, qweight.to(torch.bfloat16), None, "none", [], "")
         return (y.float() * scales).to(x.dtype)
-    return torch._weight_int8pack_mm(xb, qweight, scales.to(torch.bfloat16)).to(x.dtype)
+    sb = scales.to(torch.bfloat16) if scales_bf16 is None else scales_bf16
+    return torch._weight_int8pack_mm(xb, qweight, sb).to(x.dtype)
+
+
+@torch.library.custom_op("llmarch::int8_mm", mutates_args=())
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`int8_mm_eager` as an opaque op for compiled regions."""
+    return int8_mm_eager(x, qweight, scales)
 
 
 @int8_mm.register_fake
@@ -95,9 +105,19 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]  # [N, K]
 
+    def _scales_bf16(self) -> torch.Tensor:
+        """The scales cast to bf16, cast once while they stay the same tensor (same storage and version)."""
+        key = (self.scales.data_ptr(), self.scales._version)
+        cached = getattr(self, "_bf16_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._bf16_cache = (key, self.scales.to(torch.bfloat16))
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if _kernels_ok(x):
+        if _kernels_ok(x) and not torch.compiler.is_compiling():
+            y = int8_mm_eager(x2, self.qweight, self.scales, self._scales_bf16())
+        elif _kernels_ok(x):
             y = int8_mm(x2, self.qweight, self.scales)
         else:
             y = x2 @ (self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype)).T
