@@ -20,6 +20,9 @@ the LLaMA-style matrices at 1 row streamed 21-31 GB/s packed against 17-21 for t
 at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows). fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are
 bit-identical to ``F.linear``'s. It costs one more copy of the packed weights in memory;
 ``llmarch.infer.layout.pack_weights`` decides when.
+
+Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through :func:`bank_linear`: the
+same oneDNN products, forward and backward (fp32 training; fp32 and bf16 inference).
 """
 from __future__ import annotations
 
