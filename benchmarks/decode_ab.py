@@ -1,10 +1,11 @@
 """A/B of two llmarch source trees on eager decoding: greedy tokens/s of ``llmarch.generate`` for the LLaMA-style
-config of ``decode.py``, counted in this process's CPU time (steadier than wall time on a shared machine), one
-process per tree, the trees alternating.
+(or GPT-2, ``--model gpt2``) config of ``decode.py``, optionally a quantized copy (``--quantize int8``), counted in
+this process's CPU time (steadier than wall time on a shared machine), one process per tree, the trees alternating.
 
     python benchmarks/decode_ab.py --trees /work/main/src,src [--batch 1] [--new-tokens 1024] [--rounds 2]
+    git worktree add /tmp/before HEAD~1 && python benchmarks/decode_ab.py --trees /tmp/before/src,src --quantize int8
 
-Prints one line per (round, tree) and writes benchmarks/results/decode_ab.json.
+Prints one line per (round, tree) and writes benchmarks/results/decode_ab[_gpt2][_int8].json.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def child(batch: int, new_tokens: int, repeats: int) -> float:
+def child(batch: int, new_tokens: int, repeats: int, mode: str | None = None, model_kind: str = "llama") -> float:
     import torch
 
     sys.path.insert(0, str(HERE))
@@ -29,7 +30,11 @@ def child(batch: int, new_tokens: int, repeats: int) -> float:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = llmarch.build(CONFIGS["llama"]()).eval()
+    model = llmarch.build(CONFIGS[model_kind]()).eval()
+    if mode is not None:  # a quantized copy (llmarch.infer.quantize)
+        from llmarch.infer.quantize import quantize
+
+        quantize(model, mode)
     ids = torch.randint(0, model.config.vocab_size, (batch, 16), generator=torch.Generator().manual_seed(batch))
     llmarch.generate(model, ids, new_tokens)
     times = []
@@ -47,10 +52,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--quantize", choices=["int8", "int4"], help="decode a quantized copy")
+    p.add_argument("--model", choices=["llama", "gpt2"], default="llama")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(child(args.batch, args.new_tokens, args.repeats))
+        print(child(args.batch, args.new_tokens, args.repeats, args.quantize, args.model))
         return
     sys.path.insert(0, str(HERE))
     from common import write_results
@@ -58,12 +65,16 @@ def main() -> None:
     results = {t: [] for t in args.trees.split(",")}
     for r in range(args.rounds):
         for tree in results:
-            out = subprocess.run([sys.executable, __file__, "--child", "--batch", str(args.batch), "--new-tokens",
-                                  str(args.new_tokens), "--repeats", str(args.repeats)], check=True, text=True,
-                                 stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=tree)).stdout
+            cmd = [sys.executable, __file__, "--child", "--batch", str(args.batch), "--new-tokens",
+                   str(args.new_tokens), "--repeats", str(args.repeats), "--model", args.model]
+            cmd += ["--quantize", args.quantize] if args.quantize else []
+            out = subprocess.run(cmd, check=True, text=True, stdout=subprocess.PIPE,
+                                 env=dict(os.environ, PYTHONPATH=tree)).stdout
             results[tree].append(float(out.split()[-1]))
             print(f"round {r} {tree}: {results[tree][-1]:.1f} tokens/s (CPU time)", flush=True)
-    print(f"wrote {write_results('decode_ab', dict(settings=vars(args), load=os.getloadavg(), tokens_per_s=results))}")
+    parts = ["decode_ab"] + ([args.model] if args.model != "llama" else []) + ([args.quantize] if args.quantize else [])
+    topic = "_".join(parts)
+    print(f"wrote {write_results(topic, dict(settings=vars(args), load=os.getloadavg(), tokens_per_s=results))}")
 
 
 if __name__ == "__main__":
