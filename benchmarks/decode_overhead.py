@@ -1,9 +1,9 @@
-"""Where a batch-1 decode step's time goes: the eager step (packed weights, as ``generate`` runs) against the same
+"""Where a decode step's time goes (batch 1, or ``--batch``): the eager step (packed weights, as ``generate`` runs) against the same
 step with every oneDNN product replaced by an empty result of its shape, so what is left is everything else
 (norms, RoPE, the cache, attention, sampling, Python and dispatch). The difference is the products' time; their
 GB/s is the weight bytes over it.
 
-    PYTHONPATH=src python benchmarks/decode_overhead.py [--models llama,gpt2] [--rounds 5] [--threads 1]
+    PYTHONPATH=src python benchmarks/decode_overhead.py [--models llama,gpt2] [--rounds 5] [--threads 1] [--batch 1]
 
 Greedy, 16-token prompt, 32 new tokens; the two variants alternate, medians over rounds. Writes
 benchmarks/results/decode_overhead.json. (The token sequence of the product-free step is meaningless; only its
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     real_mm = dense._mm
@@ -46,7 +47,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = llmarch.build(CONFIGS[kind]()).eval()
         pack_weights(model)
-        ids = torch.randint(0, model.config.vocab_size, (1, 16))
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, 16))
         steps = args.new_tokens + 1  # the prefill is one more weight pass
         times = {"full": [], "without products": []}
         with torch.no_grad():
@@ -68,7 +69,7 @@ def main() -> None:
     print_table(table, ["model", "step ms", "without products ms", "products ms", "products share",
                         "products GB/s"])
     print(f"read bandwidth measured in this run: {bandwidth:.1f} GB/s")
-    path = write_results("decode_overhead", dict(settings=vars(args), read_bandwidth_gbs=bandwidth, rows=rows))
+    path = write_results("decode_overhead" + (f"_b{args.batch}" if args.batch != 1 else ""), dict(settings=vars(args), read_bandwidth_gbs=bandwidth, rows=rows))
     print(f"wrote {path}")
 
 
