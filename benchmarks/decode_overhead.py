@@ -1,7 +1,7 @@
-"""Where a decode step's time goes (batch 1, or ``--batch``): the eager step (packed weights, as ``generate`` runs) against the same
-step with every oneDNN product replaced by an empty result of its shape, so what is left is everything else
-(norms, RoPE, the cache, attention, sampling, Python and dispatch). The difference is the products' time; their
-GB/s is the weight bytes over it.
+"""Where a decode step's time goes (batch 1, or ``--batch``): the eager step (packed weights, as ``generate``
+runs) against the same step with every oneDNN product replaced by an empty result of its shape, so what is left
+is everything else (norms, RoPE, the cache, attention, sampling, Python and dispatch). The difference is the
+products' time; their GB/s is the weight bytes over it.
 
     PYTHONPATH=src python benchmarks/decode_overhead.py [--models llama,gpt2] [--rounds 5] [--threads 1] [--batch 1]
 
@@ -69,7 +69,8 @@ def main() -> None:
     print_table(table, ["model", "step ms", "without products ms", "products ms", "products share",
                         "products GB/s"])
     print(f"read bandwidth measured in this run: {bandwidth:.1f} GB/s")
-    path = write_results("decode_overhead" + (f"_b{args.batch}" if args.batch != 1 else ""), dict(settings=vars(args), read_bandwidth_gbs=bandwidth, rows=rows))
+    topic = "decode_overhead" + (f"_b{args.batch}" if args.batch != 1 else "")
+    path = write_results(topic, dict(settings=vars(args), read_bandwidth_gbs=bandwidth, rows=rows))
     print(f"wrote {path}")
 
 

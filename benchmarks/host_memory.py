@@ -5,9 +5,10 @@
     PYTHONPATH=src python benchmarks/host_memory.py [--rounds 4] [--steps 5] [--tokens 16,128,512] [--threads 1]
     PYTHONPATH=src python benchmarks/host_memory.py --models "llama d512 L8,gpt2-124m" --tokens 2048 --rounds 2
 
-A step reads one sequence of up to 512 tokens, more as rows of 512. Each round runs two fresh processes, one per setting, in alternating order (a setting is process-wide and cannot
-be undone); each process times ``--steps`` steps after two warm-up steps and counts the minor page faults per
-step (``getrusage``). Reported: medians over rounds, and default ÷ reuse. Writes benchmarks/results/host_memory.json.
+A step reads one sequence of up to 512 tokens, more as rows of 512. Each round runs two fresh processes, one per
+setting, in alternating order (a setting is process-wide and cannot be undone); each process times ``--steps``
+steps after two warm-up steps and counts the minor page faults per step (``getrusage``). Reported: medians over
+rounds, and default ÷ reuse. Writes benchmarks/results/host_memory.json.
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ shapes of this library about 2x faster on the benchmark machine (an AMD EPYC, on
 50257 x 768 GPT-2 head 3-4 -> 8-10 GB/s). A single row (batch-1 decoding) keeps torch's BLAS unless the weight
 has >= 2^24 elements: with every one-row product on oneDNN, LLaMA-style batch-1 decoding ran 8-17 % slower in
 each of three interleaved A/Bs (its 512 x 512 .. 2752 x 512 products do not pay oneDNN's per-call cost); for
-GPT-2's 50257 x 768 head the A/Bs were within the noise (-13 % .. +25 %). Same function, fp32 rounding order aside: tests hold values and
-gradients to ``F.linear``. Everything else (other devices and dtypes, autocast, compiled regions, tensor
-subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
+GPT-2's 50257 x 768 head the A/Bs were within the noise (-13 % .. +25 %). Same function, fp32 rounding order
+aside: tests hold values and gradients to ``F.linear``. Everything else (other devices and dtypes, autocast,
+compiled regions, tensor subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
 
 Inference can also run on *packed* weights (:func:`pack`): a copy of the weight in the blocked layout oneDNN picks
 for 128-row products, held outside the module (state dicts, parameters and checkpoints are untouched) and used
@@ -17,8 +17,9 @@ by :func:`linear` only while it is current (same tensor, storage and version: an
 (Writes through ``weight.data`` escape the version counter, hence this check: :func:`unpack` after them.)
 Measured on the benchmark machine (``benchmarks/decode.py --kernels``, one thread, weights streamed from memory):
 the LLaMA-style matrices at 1 row streamed 21-31 GB/s packed against 17-21 for the best plain kernel and layout,
-at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows). fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are
-bit-identical to ``F.linear``'s. It costs one more copy of the packed weights in memory;
+at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows).
+fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are bit-identical to
+``F.linear``'s. It costs one more copy of the packed weights in memory;
 ``llmarch.infer.layout.pack_weights`` decides when.
 
 Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through :func:`bank_linear`: the
