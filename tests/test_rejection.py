@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import llmarch
@@ -53,3 +54,28 @@ def test_rs_rounds_train_on_the_loop(tmp_path):
     assert all(r["score"] == max(r["scores"]) and r["messages"][-1]["role"] == "assistant" for r in kept)
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "rs_train_best_score" in records[0] and records[-1]["step"] == 4
+
+
+def test_rs_prompts_samples_a_new_subset_each_round(tmp_path):
+    from llmarch.instructions import VERIFIERS
+    from llmarch.train import TrainConfig
+
+    if "test_vowels" not in VERIFIERS:
+        VERIFIERS.add("test_vowels", lambda row, text: sum(c in "aeiou" for c in text))
+    rows = [{"prompt": f"Count to {i}", "response": "1 2 3", "split": "train"} for i in range(12)]
+    rows += [{"prompt": f"Count down from {i}", "response": "3 2 1", "split": "test"} for i in range(5)]
+    base = tiny_model_dir(tmp_path)
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    train(llmarch.ModelConfig.from_file(base / "config.json"),
+          ft_settings(tmp_path / "run", base, data, objective="rs", steps=4, rs_k=2, rs_rounds=2, rs_prompts=3,
+                      rs_max_new_tokens=4, verifier="test_vowels", eval_every=4))
+    prompts = []
+    for r in (0, 1):
+        kept = [json.loads(x) for x in (tmp_path / "run" / "rs" / f"train_round_{r}.jsonl").read_text().splitlines()]
+        prompts.append([row["messages"][0]["content"] for row in kept])
+    assert [len(p) for p in prompts] == [3, 3] and prompts[0] != prompts[1]  # 3 of 12, drawn again per round
+    assert all(p.startswith("Count to ") for p in prompts[0] + prompts[1])
+    val = (tmp_path / "run" / "rs" / "val_round_0.jsonl").read_text().splitlines()
+    assert len(val) == 3  # validation: one draw of 3 of its 5
+    with pytest.raises(ValueError, match="rs_prompts: must be a positive integer"):
+        TrainConfig(out=str(tmp_path / "x"), rs_prompts=0)

@@ -23,6 +23,7 @@ FT_OPTIONS = [
     ("--rs-temperature", "rs_temperature", float, "rs: sampling temperature (default 1.0)"),
     ("--rs-max-new-tokens", "rs_max_new_tokens", int, "rs: longest candidate (default 64)"),
     ("--rs-min-score", "rs_min_score", float, "rs: drop prompts whose best candidate scores below this"),
+    ("--rs-prompts", "rs_prompts", int, "rs: prompts sampled per round, a new draw each round (default all)"),
     ("--verifier", "verifier", str, "rs: programmatic scorer by name (stdlib: the instruction-set verifiers)"),
     ("--reward-model", "reward_model", str, "rs: a reward-model checkpoint that scores candidates"),
 ]

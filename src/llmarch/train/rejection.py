@@ -155,6 +155,9 @@ class RejectionSampling(SFT):
             kept = [(n, row) for n, row in cd.read_jsonl(path)]
         else:
             tc = self.tc
+            if tc.rs_prompts is not None and len(rows) > tc.rs_prompts:  # validation: one draw (round 0 only)
+                draw = torch.Generator().manual_seed(tc.seed * 104729 + r)  # this round's prompts, in file order
+                rows = [rows[i] for i in sorted(torch.randperm(len(rows), generator=draw)[:tc.rs_prompts].tolist())]
             gen = torch.Generator().manual_seed(tc.seed * 7919 + r)
             choices = best_of_k(self.model, self.tokenizer, [row for _, row in rows], self.score, tc.rs_k,
                                 tc.rs_max_new_tokens, tc.rs_temperature, gen)

@@ -86,6 +86,7 @@ class TrainConfig:
     rs_temperature: float = 1.0  # rs: sampling temperature of the candidates
     rs_max_new_tokens: int = 64  # rs: longest candidate
     rs_min_score: float | None = None  # rs: drop prompts whose best candidate scores below this (None: keep all)
+    rs_prompts: int | None = None  # rs: prompts sampled per round, a new seeded draw each round (None: all)
     verifier: str | None = None  # rs: a programmatic scorer by name (llmarch.instructions.VERIFIERS)
     reward_model: str | None = None  # rs: a reward-model checkpoint scoring the candidates (instead of a verifier)
 
@@ -142,7 +143,8 @@ class TrainConfig:
         if self.dpo_beta <= 0 or self.rs_temperature < 0:
             raise ValueError(f"dpo_beta must be > 0 and rs_temperature >= 0, got {self.dpo_beta}, "
                              f"{self.rs_temperature}")
-        for name in ("rs_k", "rs_rounds", "rs_max_new_tokens"):
+        counts = ("rs_k", "rs_rounds", "rs_max_new_tokens") + (("rs_prompts",) if self.rs_prompts is not None else ())
+        for name in counts:
             if isinstance(getattr(self, name), bool) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
         if self.max_data_mb is not None and self.max_data_mb <= 0:
