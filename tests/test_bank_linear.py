@@ -64,16 +64,7 @@ def test_the_bank_gradient_keeps_the_parameter_layout():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_runs_on_onednn_and_equals_the_loop(dtype):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from tests.test_dense import Ops  # records the aten ops a call runs
 
     x, bank = operands(dtype)
     if dtype == torch.bfloat16:  # a bf16 bank is stored column-major on the CPU (llmarch.nn.experts)

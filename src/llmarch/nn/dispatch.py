@@ -131,7 +131,8 @@ def sliced_dispatch(x, experts, weights, keep, bank):
 
 @DISPATCHERS.register("auto")
 def auto_dispatch(x, experts, weights, keep, bank):
-    """``sliced`` for large groups on CPU, else ``grouped`` where supported, else ``padded``."""
+    """On CPU: ``sliced`` for inference and (fp32) for training from ~1 row per expert, else ``grouped``;
+    elsewhere ``grouped`` where supported, else ``padded`` (the module docstring has the measurements)."""
     if bank.packed_ready(x):  # inference over packed experts (llmarch.nn.dense.pack): sliced at every size
         return sliced_dispatch(x, experts, weights, keep, bank)
     host = host_reads_ok(x)  # sliced reads the per-expert counts into Python: free on the CPU, eager only
