@@ -13,13 +13,14 @@ from torch import nn
 
 import llmarch
 from llmarch.checkpoint import load_model
+from llmarch.infer import int8_native
 from llmarch.infer.quantize import Int4Linear, Int8Linear, quantize, save_quantized
 
 log = logging.getLogger(__name__)
 CFG = llmarch.preset("llama-tiny").replace(vocab_size=211, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                            d_ff=128, max_seq_len=64)
-# |logits - fp32 logits| relative to the fp32 logits' std. int8: bf16 activations in the packed kernel dominate;
-# int4: 16 levels per group of random (uniform-ish) weights.
+# |logits - fp32 logits| relative to the fp32 logits' std. int8: the weights' rounding (and bf16 activations
+# where torch's kernels run); int4: 16 levels per group of random (uniform-ish) weights.
 TOL = {"int8": dict(mean=0.02, max=0.1), "int4": dict(mean=0.2, max=1.0)}
 
 
@@ -33,7 +34,7 @@ def test_int8_rounding_and_kernel():
         want = x @ q.dequantize().T + lin.bias
         got = q(x)
     assert got.shape == (3, 5, 40)
-    assert (got - want).abs().max() < 2e-2 * want.abs().max()  # bf16 activations
+    assert (got - want).abs().max() < 2e-2 * want.abs().max()  # bf16 activations without the native kernel
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -84,10 +85,14 @@ def test_int4_skips_layers_its_groups_do_not_fit(caplog):
 
 
 @pytest.mark.parametrize("rows", [3, 40])
-def test_int8_kernel_per_row_count(rows):
-    """Few rows: the packed kernel; from INT8_ONEDNN_MIN_ROWS (a prefill): oneDNN's bf16 matmul. Both within
-    bf16 rounding of the dequantized fp32 product."""
+def test_int8_kernel_per_row_count(rows, monkeypatch):
+    """Few rows: llmarch's native kernel where it builds (tests/test_int8_native.py), else torch's packed
+    kernel; from INT8_ONEDNN_MIN_ROWS (a prefill): oneDNN's bf16 matmul. All within bf16 rounding of the
+    dequantized fp32 product."""
     qz = importlib.import_module("llmarch.infer.quantize")  # the package exports a function of that name
+    calls = []
+    real = int8_native.mm
+    monkeypatch.setattr(int8_native, "mm", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
     q = Int8Linear.from_linear(nn.Linear(64, 48))
     x = torch.randn(rows, 64)
@@ -98,7 +103,8 @@ def test_int8_kernel_per_row_count(rows):
     names = {e.key for e in prof.key_averages()}
     onednn = "mkldnn::_linear_pointwise" in names
     assert onednn == (qz._BF16_ONEDNN and rows >= qz.INT8_ONEDNN_MIN_ROWS)
-    assert ("aten::_weight_int8pack_mm" in names) == (not onednn)
+    assert bool(calls) == (not onednn and int8_native.available())
+    assert ("aten::_weight_int8pack_mm" in names) == (not onednn and not calls)
 
 
 def test_int8_eager_path_equals_the_custom_op_and_follows_new_scales():

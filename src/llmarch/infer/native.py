@@ -1,0 +1,113 @@
+"""Native CPU kernels: C sources shipped with llmarch, compiled on first use for the machine that runs them.
+
+A kernel lives next to this file as ``NAME.c``. :func:`library` compiles it once with the system's C compiler
+(``$CC``, else ``cc``) at ``-O3 -march=native -fopenmp`` into llmarch's cache directory (``$LLMARCH_CACHE``, else
+``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file name carries a hash of the source,
+the flags, the compiler's version and the CPU's model and flags, so a cache shared between machines never hands
+one CPU a library built for another; the library is written to a temporary name and renamed into place, so two
+processes compiling at once cannot leave a torn file. OpenMP resolves to the ``libgomp`` torch has already
+loaded, so ``torch.set_num_threads`` sets the kernels' threads too.
+
+Every caller keeps a torch path: :func:`library` returns None (and the caller falls back) when
+``LLMARCH_NATIVE=0``, on a CPU without the kernel's instruction set, without a compiler, or when the build
+fails (a warning names the compiler's first error line, once; the failure is remembered per hash).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from llmarch.data import default_cache_dir
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# x86-64 CPU flags each kernel needs (its source also refuses to compile without them)
+NEEDS = {"int8_gemv": ("avx512f",)}
+log = logging.getLogger(__name__)
+
+
+def enabled() -> bool:
+    return os.environ.get("LLMARCH_NATIVE", "1") != "0"
+
+
+def _cpu() -> tuple[str, set[str]]:
+    """(model and flags as one string, the flag set); empty off Linux."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor(), set()
+    model = next((ln for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    return model + flags, set(flags.partition(":")[2].split())
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def _build(src: Path, out: Path, cc: str) -> str | None:
+    """Compile ``src`` to ``out`` atomically; None on success, else the compiler's first error line."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+    try:
+        r = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return str(e)
+    if r.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        errors = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.splitlines() or ["no output"]
+        return errors[0].strip()
+    os.replace(tmp, out)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def library(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``NAME.c``, or None when it cannot be used here (see the module docstring)."""
+    if not enabled():
+        return None
+    signature, flags = _cpu()
+    missing = [f for f in NEEDS.get(name, ()) if f not in flags]
+    if platform.machine().lower() not in ("x86_64", "amd64") or missing:
+        log.debug("native %s: not built for this CPU (%s; missing %s)", name, platform.machine(), missing)
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.debug("native %s: no C compiler ($CC or cc)", name)
+        return None
+    src = Path(__file__).with_name(f"{name}.c")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    key = hashlib.sha256("\0".join([src.read_text(), " ".join(FLAGS), version, signature]).encode()).hexdigest()
+    out = default_cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
+    failed = out.with_name(out.name + ".failed")
+    if failed.exists():
+        return None
+    if not out.exists():
+        error = _build(src, out, cc)
+        if error is not None:
+            log.warning("native %s: could not compile (%s); using torch's kernel instead", name, error)
+            try:
+                failed.write_text(error + "\n")
+            except OSError:
+                pass
+            return None
+        log.info("native %s: compiled %s", name, out)
+    try:
+        return ctypes.CDLL(str(out))
+    except OSError as e:
+        log.warning("native %s: could not load %s (%s); using torch's kernel instead", name, out, e)
+        return None
+
+
+def reset() -> None:
+    """Forget loaded libraries (for tests that flip ``LLMARCH_NATIVE`` or the cache directory)."""
+    library.cache_clear()

@@ -1,0 +1,162 @@
+"""llmarch's native int8 kernel (llmarch.infer.int8_native, built by llmarch.infer.native): the fp32 product it
+promises against a float64 reference at every row count and ragged shape, Int8Linear's use of it, re-deriving
+the blocked weight after edits, threads, and the fallbacks (disabled, no compiler, a failed build)."""
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import llmarch
+from llmarch.infer import int8_native, native
+from llmarch.infer.quantize import Int8Linear, quantize
+
+# Skipped only where the kernel cannot be built; a kernel that builds but computes wrong fails below.
+pytestmark = pytest.mark.skipif(native.library("int8_gemv") is None,
+                                reason="no AVX-512 CPU or no C compiler: the native kernel cannot be built here")
+qz = importlib.import_module("llmarch.infer.quantize")
+
+
+def test_kernel_passes_its_self_check():
+    assert int8_native.available()
+
+
+def _ref(x, q, s):
+    return (x.double() @ q.double().T * s.double()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31])
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (37, 21), (50, 130)])
+def test_kernel_is_the_fp32_product(rows, n, k):
+    """Ragged N (padding of the last block), K not a multiple of 4 (the tail loop), 1-8 rows per tile and more."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s, x = torch.rand(n, generator=g) + 0.1, torch.randn(rows, k, generator=g)
+    got, want = int8_native.mm(x, q, s), _ref(x, q, s)
+    assert got.shape == (rows, n)
+    # fp32 up to summation order; bf16 activations (torch's kernel) miss this by ~100x
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_int8_linear_decodes_through_the_kernel_in_fp32(monkeypatch):
+    calls = []
+    real = int8_native.mm
+    monkeypatch.setattr(int8_native, "mm", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(96, 40, bias=True))
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        got = q(x)
+        bf = q(x.bfloat16())
+    want = x @ q.dequantize().T + q.bias
+    assert calls and got.shape == (2, 3, 40) and bf.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        q(torch.randn(qz.INT8_ONEDNN_MIN_ROWS, 96))  # a prefill: oneDNN's bf16 route, not the kernel
+    assert len(calls) == 2
+
+
+def test_quantized_model_equals_its_dequantized_fp32_model():
+    """Decode-sized batches: an int8 model's logits are the fp32 model with the dequantized weights."""
+    cfg = llmarch.preset("llama-tiny").replace(vocab_size=211, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                               d_ff=128, max_seq_len=64)
+    torch.manual_seed(0)
+    qmodel = quantize(llmarch.build(cfg).eval(), "int8")
+    ref = copy.deepcopy(qmodel)
+    for name, m in list(ref.named_modules()):
+        if isinstance(m, Int8Linear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantize()
+            parent, _, attr = name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, attr, lin)
+    ids = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(qmodel(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_blocked_weight_follows_edits_and_goes_with_its_weight():
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 48, bias=False))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before = q(x)
+        q.qweight.neg_()
+        torch.testing.assert_close(q(x), -before, rtol=1e-5, atol=1e-5)
+        q.load_state_dict({"qweight": q.qweight.neg(), "scales": q.scales * 2})
+        torch.testing.assert_close(q(x), 2 * before, rtol=1e-5, atol=1e-5)
+        q.qweight = q.qweight.clone()  # a new tensor: a new entry
+        torch.testing.assert_close(q(x), 2 * before, rtol=1e-5, atol=1e-5)
+    key = id(q.qweight)
+    assert key in int8_native._blocked
+    del q
+    gc.collect()
+    assert key not in int8_native._blocked
+
+
+def test_threads_give_the_same_bits():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (300, 96), dtype=torch.int8, generator=g)
+    s, x = torch.rand(300, generator=g), torch.randn(5, 96, generator=g)
+    one = int8_native.mm(x, q, s)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(int8_native.mm(x, q, s), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty kernel cache; the loaded kernel forgotten before and after."""
+    monkeypatch.setenv("LLMARCH_CACHE", str(tmp_path))
+    int8_native.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    int8_native.reset()
+
+
+def test_disabled_falls_back_to_torch(fresh, monkeypatch):
+    monkeypatch.setenv("LLMARCH_NATIVE", "0")
+    assert not int8_native.available()
+    q = Int8Linear.from_linear(nn.Linear(64, 48))
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        q(torch.randn(3, 64))
+    assert "aten::_weight_int8pack_mm" in {e.key for e in prof.key_averages()}
+    assert not (fresh / "kernels").exists()
+
+
+def test_build_is_cached_atomic_and_a_failure_is_remembered(fresh, monkeypatch, caplog):
+    assert int8_native.available()
+    built = list((fresh / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary file left behind
+    int8_native.reset()
+    monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("rebuilt a cached kernel"))
+    assert int8_native.available()
+
+    monkeypatch.undo()
+    monkeypatch.setenv("LLMARCH_CACHE", str(fresh / "other"))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native, "_compiler", lambda: "/bin/false")
+    int8_native.reset()
+    with caplog.at_level(logging.WARNING):
+        assert not int8_native.available()
+    assert "could not compile" in caplog.text
+    assert list((fresh / "other" / "kernels").glob("*.failed"))
+    int8_native.reset()
+    monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("retried a failed build"))
+    assert not int8_native.available()
+
+
+def test_no_compiler_falls_back(fresh, monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert not int8_native.available()
+    q = Int8Linear.from_linear(nn.Linear(64, 48))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert (q(x) - (x @ q.dequantize().T + q.bias)).abs().max() < 2e-2  # torch's bf16 kernel
