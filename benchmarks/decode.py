@@ -4,7 +4,7 @@ the memory-bandwidth bound (weight bytes streamed per step / measured read bandw
 
     PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama] [--no-compile]
     PYTHONPATH=src python benchmarks/decode.py --kernels   # GB/s of each matrix-vector kernel and layout per shape
-    PYTHONPATH=src python benchmarks/decode.py --int8-kernels --threads 1   # int8 routes per row count
+    PYTHONPATH=src python benchmarks/decode.py --int8-kernels --threads 1   # int8 kernels per row count
 
 Greedy, prompt of 16 tokens, fixed output length; a timed call includes the prompt's prefill (one weight pass,
 like one decode step at these sizes). Random weights: speed does not depend on them (speculative acceptance
@@ -35,6 +35,7 @@ from common import limits, memory_bandwidth_gbs, print_table, write_results  # n
 
 import llmarch  # noqa: E402
 import llmarch.nn.dense as dense  # noqa: E402
+from llmarch.infer import int8_native  # noqa: E402
 from llmarch.infer.layout import decode_layout, pack_weights  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
@@ -97,6 +98,18 @@ def with_dense(fn, **settings):
     return run
 
 
+def without_native(fn):
+    """``fn`` with llmarch's native int8 kernel set aside: few-row int8 products on ``_weight_int8pack_mm``."""
+    def run():
+        saved = int8_native.available
+        int8_native.available = lambda: False
+        try:
+            return fn()
+        finally:
+            int8_native.available = saved
+    return run
+
+
 def unpacked(fn):
     """``fn`` without packed inference weights (``llmarch.nn.dense.pack``): generate() packs none (the
     column-major layout only) and the packed copies made by the other variants are set aside while it runs."""
@@ -139,21 +152,26 @@ def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
 
 
 def int8_kernel_table(repeats: int) -> list[dict]:
-    """Microseconds of the two int8 routes of ``llmarch::int8_mm`` per row count: the packed kernel
-    (``_weight_int8pack_mm``, row by row) and oneDNN's bf16 matmul over the weight cast to bf16; fp32 oneDNN
-    over an fp32 copy for reference. Each over ~200 MB of weight copies (nothing served from the caches)."""
+    """Microseconds of the int8 routes of ``llmarch::int8_mm`` per row count: llmarch's native kernel over the
+    blocked weight (where it builds), torch's packed kernel (``_weight_int8pack_mm``, row by row) and oneDNN's
+    bf16 matmul over the weight cast to bf16; fp32 oneDNN over an fp32 copy for reference. Each over ~200 MB of
+    weight copies (nothing served from the caches)."""
     lp = torch.ops.mkldnn._linear_pointwise
     rows = []
-    for out_f, in_f in ((8192, 512), (2752, 512), (512, 1376), (768, 512)):
+    for out_f, in_f in ((8192, 512), (2752, 512), (512, 1376), (768, 512), (2304, 768), (3072, 768), (768, 3072)):
         n = max(1, int(200e6 // (out_f * in_f * 4)))
         qs = [torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8) for _ in range(n)]
         ws, scales = [q.float() for q in qs], torch.rand(out_f)
+        blocked = [int8_native.block(q, scales) for q in qs] if int8_native.available() else []
         for M in (1, 8, 16, 32, 128):
             x = torch.randn(M, in_f)
             xb, sb = x.to(torch.bfloat16), scales.to(torch.bfloat16)
             fns = {"int8pack": lambda: [torch._weight_int8pack_mm(xb, q, sb) for q in qs],
                    "int8 -> bf16 oneDNN": lambda: [lp(xb, q.to(torch.bfloat16), None, "none", [], "") for q in qs],
                    "fp32 oneDNN": lambda: [lp(x, w, None, "none", [], "") for w in ws]}
+            if blocked:
+                fns["native int8 (fp32)"] = lambda: [int8_native._call(int8_native._kernel(), x, w, s, out_f)
+                                                     for w, s in blocked]
             us = {k: statistics.median(t) / n * 1e6 for k, t in round_robin(fns, repeats).items()}
             rows.append(dict(shape=[out_f, in_f], rows=M, us=us))
             print(f"  [{out_f}, {in_f}] M={M}: " + ", ".join(f"{k} {v:.0f} us" for k, v in us.items()), flush=True)
@@ -183,6 +201,8 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(model, ids, N)),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
         }
+        if int8_native.available():
+            variants["llmarch int8 eager, torch's int8 kernel"] = without_native(lambda: llmarch.generate(int8, ids, N))
         if args.compile:
             variants["llmarch static + compile"] = lambda: llmarch.generate(model, ids, N, cache="static",
                                                                             compile=True)
