@@ -13,7 +13,7 @@ from torch import nn
 
 import llmarch
 from llmarch.checkpoint import load_model
-from llmarch.infer import int8_native
+from llmarch.native import int8 as int8_native
 from llmarch.infer.quantize import Int4Linear, Int8Linear, quantize, save_quantized
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,7 @@
 """Packed inference weights (llmarch.nn.dense.pack, llmarch.infer.layout.pack_weights): the packed products equal
 F.linear, are used only while the weight is unchanged and only where no gradient is needed, and decoding with
-them gives the tokens decoding without them gives."""
+them gives the tokens decoding without them gives. Every test runs with oneDNN's packed copies and, where it
+builds, with the native kernel's blocked copies of fp32 matrices."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,12 +14,40 @@ from llmarch.nn import dense
 pytestmark = pytest.mark.skipif(not dense.ONEDNN, reason="this torch build has no oneDNN")
 
 
+@pytest.fixture(params=["native", "onednn"], autouse=True)
+def copies(request, monkeypatch):
+    """Each test twice: with llmarch's native fp32 kernel, whose blocked copies :func:`dense.pack` then keeps for
+    2-D fp32 weights (skipped where it cannot be built), and with oneDNN's packed copies for every weight."""
+    if request.param == "native" and not dense.native_fp32.available():
+        pytest.skip("no AVX-512 CPU or no C compiler: the native kernel cannot be built here")
+    if request.param == "onednn":
+        monkeypatch.setattr(dense.native_fp32, "available", lambda: False)
+    return request.param
+
+
+def fp32_route(rows: int) -> str:
+    """Where an fp32 inference product over a packed 2-D weight runs."""
+    if not dense.native_fp32.available():
+        return "packed"
+    return "native" if rows <= dense.native_fp32.MAX_ROWS else "plain"
+
+
 class PackedCalls(TorchDispatchMode):
-    """Counts the oneDNN products whose weight is a packed (oneDNN-layout) tensor."""
+    """Counts the oneDNN products whose weight is a packed (oneDNN-layout) tensor, the other oneDNN / BLAS
+    products (plain) and the products of llmarch's native kernel over a blocked copy (native)."""
 
     def __init__(self):
         super().__init__()
-        self.packed = self.plain = 0
+        self.packed = self.plain = self.native = 0
+
+    def __enter__(self):
+        self._mm = dense.native_fp32.mm
+        dense.native_fp32.mm = lambda *a: setattr(self, "native", self.native + 1) or self._mm(*a)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        dense.native_fp32.mm = self._mm
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if "mkldnn._linear_pointwise" in str(func) or "mm" in str(func) or "addmm" in str(func):
@@ -42,7 +71,8 @@ def test_packed_product_equals_f_linear(rows, bias, layout_):
     assert dense.pack(w) and not dense.pack(w)  # made once
     with PackedCalls() as calls, torch.no_grad():
         y = dense.linear(x[:, None], w, b)  # [rows, 1, 40]: any leading shape
-    assert calls.packed == 1 and calls.plain == 0
+    route = fp32_route(rows)
+    assert (calls.packed, calls.native, calls.plain) == (route == "packed", route == "native", route == "plain")
     torch.testing.assert_close(y[:, 0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
@@ -81,14 +111,17 @@ def test_gradients_and_autocast_take_the_plain_path():
     x = torch.randn(3, 16)
     with PackedCalls() as calls:
         lin(x).sum().backward()  # a gradient is needed: the packed copy cannot give one
-    assert calls.packed == 0 and lin.weight.grad is not None
+    assert calls.packed == calls.native == 0 and lin.weight.grad is not None
     with PackedCalls() as calls, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert lin(x).dtype == torch.bfloat16
-    assert calls.packed == 0
+    assert calls.packed == calls.native == 0
+    with PackedCalls() as calls, torch.no_grad():
+        lin(x)
+    assert calls.packed + calls.native == 1  # the copy is still there, and used
     dense.unpack(lin.weight)
     with PackedCalls() as calls, torch.no_grad():
         lin(torch.randn(8, 16))
-    assert calls.packed == 0
+    assert calls.packed == calls.native == 0
 
 
 @pytest.mark.parametrize("preset", ["llama-tiny", "gpt2-tiny"])
@@ -108,13 +141,14 @@ def test_generation_with_packed_weights_equals_without(preset):
     assert layout.pack_weights(model) == 0  # already packed: nothing to do
     with PackedCalls() as calls, torch.no_grad():
         logits = model(ids).logits
-    assert calls.packed == n_linear and calls.plain == 0
+    route = fp32_route(ids.numel())
+    assert getattr(calls, route) == n_linear and calls.packed + calls.native + calls.plain == n_linear
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     layout.unpack_weights(model)
     assert all(dense.packed(m.weight) is None for m in model.modules() if isinstance(m, torch.nn.Linear))
     with PackedCalls() as calls, torch.no_grad():
         model(ids)
-    assert calls.packed == 0
+    assert calls.packed == calls.native == 0
     assert torch.equal(llmarch.generate(model, ids, max_new_tokens=6), ref)
 
 

@@ -6,7 +6,7 @@
   minimum, w ≈ q * s + m with q in [0, 15] (the GPTQ/AWQ storage format, here with plain round-to-nearest).
 
 On CPU, int8 products of few rows (decoding) run in llmarch's native AVX-512 kernel in fp32
-(:mod:`llmarch.infer.int8_native`, where it builds); the others run in torch's packed kernels
+(:mod:`llmarch.native.int8`, where it builds); the others run in torch's packed kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) or oneDNN's bf16 matmul, which take bf16 activations:
 that rounding, not the weights, dominates their int8 logit error. Elsewhere the
 weight is dequantized and multiplied in the activation dtype. Files keep a portable layout (int8 rows; two 4-bit
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmarch.infer import int8_native
+from llmarch.native import int8 as int8_native
 from llmarch.infer.lowbit import LowBitLinear
 from llmarch.nn.heads import swap_projection
 
@@ -49,7 +49,7 @@ _BF16_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldn
 def int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   scales_bf16: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype. Below
-    INT8_ONEDNN_MIN_ROWS rows: llmarch's native kernel in fp32 (:mod:`llmarch.infer.int8_native`) where it
+    INT8_ONEDNN_MIN_ROWS rows: llmarch's native kernel in fp32 (:mod:`llmarch.native.int8`) where it
     builds, else torch's packed kernel with bf16 activations; from there on, oneDNN's bf16 matmul.
     ``scales_bf16``: the scales already cast (a module caches them). Eager callers call this directly: through
     the custom op below, each call costs ~10 us more (28 against 18 us for a 768 x 512 decode product), ~0.35 ms

@@ -20,7 +20,10 @@ the LLaMA-style matrices at 1 row streamed 21-31 GB/s packed against 17-21 for t
 at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows).
 fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are bit-identical to
 ``F.linear``'s. It costs one more copy of the packed weights in memory;
-``llmarch.infer.layout.pack_weights`` decides when.
+``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's native kernel builds
+(:mod:`llmarch.native.fp32`: x86-64 with AVX-512 and a C compiler), a 2-D fp32 weight's copy is that kernel's
+blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.07-1.16x whole decode
+steps against oneDNN's packed copy), more rows on oneDNN over the plain weight.
 
 Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through :func:`bank_linear`: the
 same oneDNN products, forward and backward (fp32 training; fp32 and bf16 inference).
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
+
+from llmarch.native import fp32 as native_fp32
 
 _OPS = getattr(torch.ops, "mkldnn", None)
 ONEDNN = torch.backends.mkldnn.is_available() and _OPS is not None and hasattr(_OPS, "_linear_pointwise")
@@ -104,7 +109,10 @@ def pack(weight: torch.Tensor) -> bool:
     key = id(weight)
     fresh = key not in _PACKED
     w = weight.detach()
-    copy = (_reorder(w) if w.dim() == 2 else [_reorder(w[e].t()) for e in range(w.shape[0])])
+    if w.dim() == 3:
+        copy = [_reorder(w[e].t()) for e in range(w.shape[0])]
+    else:
+        copy = native_fp32.Blocked(w) if w.dtype == torch.float32 and native_fp32.available() else _reorder(w)
     _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version, copy)
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)
@@ -220,7 +228,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _PACKED and not torch.compiler.is_compiling():  # compiled regions keep F.linear (no packed lookups)
         w = packed(weight)
         if w is not None and _inference(x, weight, bias):
-            return _mm(x.reshape(-1, x.shape[-1]), w, bias).view(*x.shape[:-1], weight.shape[0])
+            x2 = x.reshape(-1, x.shape[-1])
+            if not isinstance(w, native_fp32.Blocked):
+                return _mm(x2, w, bias).view(*x.shape[:-1], weight.shape[0])
+            if x2.shape[0] <= native_fp32.MAX_ROWS and native_fp32.available():
+                return native_fp32.mm(x2, w, bias).view(*x.shape[:-1], weight.shape[0])
+            # more rows (a prefill): oneDNN over the plain weight, below
     if not onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):

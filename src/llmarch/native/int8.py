@@ -1,60 +1,39 @@
-"""int8-weight products for few rows (decoding) through llmarch's native AVX-512 kernel (``int8_gemv.c``).
+"""int8-weight products for few rows (decoding) through llmarch's native AVX-512 kernel (``gemv.c``).
 
 The kernel reads the weight in a blocked layout, [ceil(N/16), K, 16]: each block of 16 outputs is one
 contiguous run that the prefetcher streams, where torch's ``_weight_int8pack_mm`` reads 16 short rows at once
-(1.6-1.9x faster at one row, 1.2-1.8x at eight; ``benchmarks/decode.py --int8-kernels``). It widens each weight
+(1.5-1.9x faster at one row, 1.2-1.8x at eight; ``benchmarks/decode.py --int8-kernels``). It widens each weight
 to fp32 and multiplies the fp32 activations, so the result is the dequantized fp32 product up to summation order
 (torch's kernel rounds the activations to bf16 first).
 
 The blocked copy is derived from ``qweight`` / ``scales`` on first use and kept while both stay the same tensors
 (same storage and version), so ``load_state_dict`` or an in-place edit re-derives it; it costs the int8 weight's
-bytes once more. :func:`available` is False where :mod:`llmarch.infer.native` cannot build the kernel; callers
-then use torch's kernel.
+bytes once more. :func:`available` is False where :mod:`llmarch.native` cannot build the kernel; callers then use
+torch's kernel.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
-import logging
 import weakref
 
 import torch
 
-from llmarch.infer import native
+from llmarch import native
 
 BLOCK = 16
-log = logging.getLogger(__name__)
 _blocked: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel():
-    lib = native.library("int8_gemv")
-    if lib is None:
-        return None
-    fn = lib.llmarch_int8_gemv
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-    fn.restype = None
-    # a self-check before first use: a library that disagrees with torch is never used
+def _check(fn) -> bool:
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (37, 21), dtype=torch.int8, generator=g)
     s, x = torch.rand(37, generator=g), torch.randn(3, 21, generator=g)
     want = (x.double() @ q.double().T * s.double()).float()
-    got = _call(fn, x, *block(q, s), 37)
-    if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
-        log.warning("native int8_gemv failed its self-check; using torch's kernel instead")
-        return None
-    return fn
+    return torch.allclose(_call(fn, x, *block(q, s), 37), want, rtol=1e-5, atol=1e-5)
 
 
-def available() -> bool:
-    return _kernel() is not None
-
-
-def reset() -> None:
-    """Forget the loaded kernel (tests flip ``LLMARCH_NATIVE``)."""
-    native.reset()
-    _kernel.cache_clear()
+_KERNEL = native.Kernel("gemv", "llmarch_int8_gemv", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3, _check)
+available, reset = _KERNEL.available, _KERNEL.reset  # reset: tests flip ``LLMARCH_NATIVE``
 
 
 def block(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +59,10 @@ def blocked(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, 
 def _call(fn, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
     x = x.float().contiguous()
     y = torch.empty(x.shape[0], n)
-    fn(x.data_ptr(), w.data_ptr(), s.data_ptr(), y.data_ptr(), x.shape[0], n, x.shape[1])
+    fn(x.data_ptr(), w.data_ptr(), s.data_ptr(), None, y.data_ptr(), x.shape[0], n, x.shape[1])
     return y
 
 
 def mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float, CPU) @ (qweight [N, K] * scales [N])ᵀ -> [M, N] fp32. Needs :func:`available`."""
-    return _call(_kernel(), x, *blocked(qweight, scales), qweight.shape[0])
+    return _call(_KERNEL.fn(), x, *blocked(qweight, scales), qweight.shape[0])

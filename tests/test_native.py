@@ -1,6 +1,7 @@
-"""llmarch's native int8 kernel (llmarch.infer.int8_native, built by llmarch.infer.native): the fp32 product it
-promises against a float64 reference at every row count and ragged shape, Int8Linear's use of it, re-deriving
-the blocked weight after edits, threads, and the fallbacks (disabled, no compiler, a failed build)."""
+"""llmarch's native kernels (llmarch.native.fp32 / .int8, built by llmarch.native): the fp32 products they
+promise against a float64 reference at every row count and ragged shape, Int8Linear's use of the int8 one
+(dense.linear's use of the fp32 one: tests/test_packed.py), re-deriving the blocked int8 weight after edits,
+threads, and the fallbacks (disabled, no compiler, a failed build)."""
 from __future__ import annotations
 
 import copy
@@ -13,17 +14,19 @@ import torch
 from torch import nn
 
 import llmarch
-from llmarch.infer import int8_native, native
+from llmarch import native
+from llmarch.native import fp32 as fp32_native
+from llmarch.native import int8 as int8_native
 from llmarch.infer.quantize import Int8Linear, quantize
 
 # Skipped only where the kernel cannot be built; a kernel that builds but computes wrong fails below.
-pytestmark = pytest.mark.skipif(native.library("int8_gemv") is None,
+pytestmark = pytest.mark.skipif(native.library("gemv") is None,
                                 reason="no AVX-512 CPU or no C compiler: the native kernel cannot be built here")
 qz = importlib.import_module("llmarch.infer.quantize")
 
 
-def test_kernel_passes_its_self_check():
-    assert int8_native.available()
+def test_kernels_pass_their_self_checks():
+    assert int8_native.available() and fp32_native.available()
 
 
 def _ref(x, q, s):
@@ -40,6 +43,19 @@ def test_kernel_is_the_fp32_product(rows, n, k):
     got, want = int8_native.mm(x, q, s), _ref(x, q, s)
     assert got.shape == (rows, n)
     # fp32 up to summation order; bf16 activations (torch's kernel) miss this by ~100x
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = fp32_native.mm(x, fp32_native.Blocked(w), b)
+    want = (x.double() @ w.double().T + (0 if b is None else b.double())).float()
+    assert got.shape == (rows, n)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
@@ -113,17 +129,19 @@ def test_threads_give_the_same_bits():
 
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
-    """An empty kernel cache; the loaded kernel forgotten before and after."""
+    """An empty kernel cache; the loaded kernels forgotten before and after."""
     monkeypatch.setenv("LLMARCH_CACHE", str(tmp_path))
     int8_native.reset()
+    fp32_native.reset()
     yield tmp_path
     monkeypatch.undo()
     int8_native.reset()
+    fp32_native.reset()
 
 
 def test_disabled_falls_back_to_torch(fresh, monkeypatch):
     monkeypatch.setenv("LLMARCH_NATIVE", "0")
-    assert not int8_native.available()
+    assert not int8_native.available() and not fp32_native.available()
     q = Int8Linear.from_linear(nn.Linear(64, 48))
     with torch.no_grad(), torch.profiler.profile() as prof:
         q(torch.randn(3, 64))

@@ -1,8 +1,9 @@
 """Native CPU kernels: C sources shipped with llmarch, compiled on first use for the machine that runs them.
 
-A kernel lives next to this file as ``NAME.c``. :func:`library` compiles it once with the system's C compiler
-(``$CC``, else ``cc``) at ``-O3 -march=native -fopenmp`` into llmarch's cache directory (``$LLMARCH_CACHE``, else
-``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file name carries a hash of the source,
+A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row products of
+:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`). :func:`library` compiles it once with the system's C
+compiler (``$CC``, else ``cc``) at ``-O3 -march=native -fopenmp`` into llmarch's cache directory (``$LLMARCH_CACHE``,
+else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file name carries a hash of the source,
 the flags, the compiler's version and the CPU's model and flags, so a cache shared between machines never hands
 one CPU a library built for another; the library is written to a temporary name and renamed into place, so two
 processes compiling at once cannot leave a torn file. OpenMP resolves to the ``libgomp`` torch has already
@@ -23,12 +24,11 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-
-from llmarch.data import default_cache_dir
+from typing import Callable
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # x86-64 CPU flags each kernel needs (its source also refuses to compile without them)
-NEEDS = {"int8_gemv": ("avx512f",)}
+NEEDS = {"gemv": ("avx512f",)}
 log = logging.getLogger(__name__)
 
 
@@ -87,6 +87,8 @@ def library(name: str) -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError):
         return None
     key = hashlib.sha256("\0".join([src.read_text(), " ".join(FLAGS), version, signature]).encode()).hexdigest()
+    from llmarch.data import default_cache_dir  # imports torch: only when a kernel is wanted
+
     out = default_cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
     failed = out.with_name(out.name + ".failed")
     if failed.exists():
@@ -106,6 +108,42 @@ def library(name: str) -> ctypes.CDLL | None:
     except OSError as e:
         log.warning("native %s: could not load %s (%s); using torch's kernel instead", name, out, e)
         return None
+
+
+class Kernel:
+    """One function of a kernel library, loaded on first use: ``symbol`` of :func:`library` ``(name)``, taking
+    ``argtypes`` (ctypes) and returning nothing. ``check(fn)`` runs once first and compares it with torch: a
+    function that fails it is never used (a warning says so). :meth:`fn` is None where it cannot be used."""
+
+    def __init__(self, name: str, symbol: str, argtypes: list, check: Callable[[Callable], bool]):
+        self.name, self.symbol, self.argtypes, self.check = name, symbol, argtypes, check
+        self._fn: Callable | None = None
+        self._loaded = False
+
+    def fn(self) -> Callable | None:
+        if not self._loaded:
+            self._fn, self._loaded = self._load(), True
+        return self._fn
+
+    def _load(self) -> Callable | None:
+        lib = library(self.name)
+        if lib is None:
+            return None
+        fn = getattr(lib, self.symbol)
+        fn.argtypes, fn.restype = self.argtypes, None
+        if not self.check(fn):
+            log.warning("native %s: %s failed its self-check against torch; using torch's kernels instead",
+                        self.name, self.symbol)
+            return None
+        return fn
+
+    def available(self) -> bool:
+        return self.fn() is not None
+
+    def reset(self) -> None:
+        """Forget the function and the libraries (tests flip ``LLMARCH_NATIVE`` or the cache directory)."""
+        self._fn, self._loaded = None, False
+        library.cache_clear()
 
 
 def reset() -> None:
