@@ -12,8 +12,9 @@ does; see its row). The variants of one batch size run in turns (round-robin, af
 a shared machine hits them alike; ratios are of medians.
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
-and oneDNN over the row-major and the column-major weight, and of oneDNN over the packed weight that generate()
-uses (``llmarch.nn.dense.pack``), streaming ~400 MB of copies so nothing is served from
+and oneDNN over the row-major and the column-major weight, of oneDNN over its packed weight and of llmarch's
+native kernel over its blocked weight (``llmarch.nn.dense.pack`` keeps the latter where it builds, else the
+former), streaming ~400 MB of copies so nothing is served from
 the caches; the read bandwidth is measured in the same run.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ from common import limits, memory_bandwidth_gbs, print_table, write_results  # n
 
 import llmarch  # noqa: E402
 import llmarch.nn.dense as dense  # noqa: E402
-from llmarch.infer import int8_native  # noqa: E402
+from llmarch.native import fp32 as native_fp32  # noqa: E402
+from llmarch.native import int8 as int8_native  # noqa: E402
 from llmarch.infer.layout import decode_layout, pack_weights  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
@@ -99,14 +101,15 @@ def with_dense(fn, **settings):
 
 
 def without_native(fn):
-    """``fn`` with llmarch's native int8 kernel set aside: few-row int8 products on ``_weight_int8pack_mm``."""
+    """``fn`` with llmarch's native kernels set aside: few-row int8 products on ``_weight_int8pack_mm``, and
+    packing (``dense.pack``) makes oneDNN's copies."""
     def run():
-        saved = int8_native.available
-        int8_native.available = lambda: False
+        saved = int8_native.available, native_fp32.available
+        int8_native.available = native_fp32.available = lambda: False
         try:
             return fn()
         finally:
-            int8_native.available = saved
+            int8_native.available, native_fp32.available = saved
     return run
 
 
@@ -126,7 +129,8 @@ def unpacked(fn):
 
 
 def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
-    """GB/s of F.linear and oneDNN over row- and column-major weights of every decode shape (see the docstring)."""
+    """GB/s of F.linear and oneDNN over row- and column-major weights of every decode shape, of oneDNN over its
+    packed copy and of the native kernel over its blocked copy (see the docstring)."""
     lp = torch.ops.mkldnn._linear_pointwise
     kernels = {"F.linear": lambda x, w: torch.nn.functional.linear(x, w),
                "oneDNN": lambda x, w: lp(x, w, None, "none", [], "")}
@@ -137,17 +141,20 @@ def kernel_table(kinds: list[str], repeats: int) -> list[dict]:
         row_major = [torch.randn(out_f, in_f) for _ in range(max(1, int(400e6 // (out_f * in_f * 4))))]
         layouts = {"row": row_major, "column": [w.t().contiguous().t() for w in row_major]}
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, dense.PACK_ROWS) for w in row_major]  # dense.pack
+        blocked = [native_fp32.Blocked(w) for w in row_major] if native_fp32.available() else []  # ... native
         for B in (1, 8):
             x = torch.randn(B, in_f)
             fns = {(k, lay): (lambda f=f, ws=ws: [f(x, w) for w in ws]) for k, f in kernels.items()
                    for lay, ws in layouts.items()}
             fns[("oneDNN", "packed")] = lambda ws=packed: [kernels["oneDNN"](x, w) for w in ws]
+            if blocked:
+                fns[("native", "blocked")] = lambda ws=blocked: [native_fp32.mm(x, w) for w in ws]
             times = round_robin(fns, repeats)
             gbs = {f"{k} {lay}": len(row_major) * out_f * in_f * 4 / statistics.median(t) / 1e9
                    for (k, lay), t in times.items()}
             rows.append(dict(shape=[out_f, in_f], batch=B, gb_per_s=gbs))
             print(f"  [{out_f}, {in_f}] B={B}: " + ", ".join(f"{k} {v:.1f}" for k, v in gbs.items()), flush=True)
-        del row_major, layouts, packed
+        del row_major, layouts, packed, blocked
     return rows
 
 
@@ -170,7 +177,7 @@ def int8_kernel_table(repeats: int) -> list[dict]:
                    "int8 -> bf16 oneDNN": lambda: [lp(xb, q.to(torch.bfloat16), None, "none", [], "") for q in qs],
                    "fp32 oneDNN": lambda: [lp(x, w, None, "none", [], "") for w in ws]}
             if blocked:
-                fns["native int8 (fp32)"] = lambda: [int8_native._call(int8_native._kernel(), x, w, s, out_f)
+                fns["native int8 (fp32)"] = lambda: [int8_native._call(int8_native._KERNEL.fn(), x, w, s, out_f)
                                                      for w, s in blocked]
             us = {k: statistics.median(t) / n * 1e6 for k, t in round_robin(fns, repeats).items()}
             rows.append(dict(shape=[out_f, in_f], rows=M, us=us))
@@ -187,6 +194,10 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model(model, kind, tmp)
     int8 = quantize(copy.deepcopy(model), "int8")
+    onednn = None
+    if native_fp32.available():  # the same model with oneDNN's packed copies instead of the native kernel's
+        onednn = copy.deepcopy(model)
+        without_native(lambda: pack_weights(onednn))()
     pack_weights(model)  # what generate does on a long call or a second call with unchanged weights (every timed
     # round here; done up front because the BLAS variant in between hides the packing from generate's check)
     for B in args.batches:
@@ -201,6 +212,8 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(model, ids, N)),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
         }
+        if onednn is not None:
+            variants["llmarch eager, oneDNN packed (no native)"] = lambda: llmarch.generate(onednn, ids, N)
         if int8_native.available():
             variants["llmarch int8 eager, torch's int8 kernel"] = without_native(lambda: llmarch.generate(int8, ids, N))
         if args.compile:
