@@ -194,6 +194,10 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_model(model, kind, tmp)
     int8 = quantize(copy.deepcopy(model), "int8")
+    # every variant its own copy: the BLAS and unpacked variants re-lay weights column-major (generate's layout
+    # without packed copies) and change what generate's pack check sees, which left most of a shared model's
+    # packed copies stale for the eager variant (in the runs before 2026-12-02's sixth round)
+    blas, plain = copy.deepcopy(model), copy.deepcopy(model)
     onednn = None
     if native_fp32.available():  # the same model with oneDNN's packed copies instead of the native kernel's
         onednn = copy.deepcopy(model)
@@ -208,8 +212,8 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "hf generate (sdpa, dynamic cache)": lambda: hf.generate(ids, **hf_kw),
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
-            "llmarch eager, F.linear (BLAS)": with_dense(lambda: llmarch.generate(model, ids, N), ONEDNN=False),
-            "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(model, ids, N)),
+            "llmarch eager, F.linear (BLAS)": with_dense(lambda: llmarch.generate(blas, ids, N), ONEDNN=False),
+            "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(plain, ids, N)),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
         }
         if onednn is not None:

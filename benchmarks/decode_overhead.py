@@ -1,7 +1,7 @@
 """Where a decode step's time goes (batch 1, or ``--batch``): the eager step (packed weights, as ``generate``
-runs) against the same step with every oneDNN product replaced by an empty result of its shape, so what is left
-is everything else (norms, RoPE, the cache, attention, sampling, Python and dispatch). The difference is the
-products' time; their GB/s is the weight bytes over it.
+runs) against the same step with every oneDNN and native-kernel product replaced by an empty result of its
+shape, so what is left is everything else (norms, RoPE, the cache, attention, sampling, Python and dispatch).
+The difference is the products' time; their GB/s is the weight bytes over it.
 
     PYTHONPATH=src python benchmarks/decode_overhead.py [--models llama,gpt2] [--rounds 5] [--threads 1] [--batch 1]
 
@@ -25,6 +25,7 @@ from decode import CONFIGS, weight_bytes  # noqa: E402
 
 import llmarch  # noqa: E402
 from llmarch.infer.layout import pack_weights  # noqa: E402
+from llmarch.native import fp32 as native_fp32  # noqa: E402
 from llmarch.nn import dense  # noqa: E402
 
 
@@ -37,10 +38,13 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    real_mm = dense._mm
+    real_mm, real_native = dense._mm, native_fp32.mm
 
     def empty_mm(x, w, b):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    def empty_native(x, w, b=None):
+        return x.new_empty(x.shape[0], w.out_features)
 
     rows, table = [], []
     for kind in args.models.split(","):
@@ -53,12 +57,12 @@ def main() -> None:
         with torch.no_grad():
             llmarch.generate(model, ids, args.new_tokens)
             for _ in range(args.rounds):
-                for name, mm in (("full", real_mm), ("without products", empty_mm)):
-                    dense._mm = mm
+                for name, mm, nat in (("full", real_mm, real_native), ("without products", empty_mm, empty_native)):
+                    dense._mm, native_fp32.mm = mm, nat
                     t0 = time.perf_counter()
                     llmarch.generate(model, ids, args.new_tokens)
                     times[name].append((time.perf_counter() - t0) / steps)
-            dense._mm = real_mm
+            dense._mm, native_fp32.mm = real_mm, real_native
         full, rest = (statistics.median(times[k]) for k in ("full", "without products"))
         nbytes = weight_bytes(model)
         rows.append(dict(model=kind, step_ms=full * 1e3, rest_ms=rest * 1e3, products_ms=(full - rest) * 1e3,
