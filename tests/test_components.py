@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import llmarch
 from llmarch.nn import ACTIVATIONS, GLU, MLP, LayerNorm, RMSNorm
 from llmarch.nn.attention import AttnContext
+from llmarch.nn import kernels
 from llmarch.nn.kernels import naive_attention, sdpa_attention, tiled_attention
 from llmarch.nn.patterns import Dense, Sliding
 from llmarch.nn.position import POSITIONS, AlibiPositions, NoPositions, alibi_slopes
@@ -70,6 +71,26 @@ def test_sdpa_naive_and_tiled_kernels_agree(case, G):
     torch.testing.assert_close(ref[real], dense[real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sdpa_attention(q, k, v, **args), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tiled_attention(q, k, v, block=4, **args), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("G", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("B,S", [(1, 300), (8, 40), (2, 7)])
+def test_single_query_sdpa_route_equals_naive(G, B, S, monkeypatch):
+    """Decoding on the CPU: from SINGLE_QUERY_MIN_KEYS keys (batch x keys) the sdpa kernel runs one query as two
+    products over the grouped heads; values as the naive kernel's, with a padding / window mask and without."""
+    calls = []
+    real = kernels._single_query
+    monkeypatch.setattr(kernels, "_single_query", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _qkv(B=B, G=G, T=1, S=S)
+    mask = torch.rand(B, 1, 1, S, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., -1] = True  # the query's own position
+    for m in (mask, None):
+        torch.testing.assert_close(sdpa_attention(q, k, v, mask=m, scale=0.3),
+                                   naive_attention(q, k, v, mask=m, scale=0.3), atol=1e-5, rtol=1e-5)
+    assert len(calls) == (2 if B * S >= kernels.SINGLE_QUERY_MIN_KEYS else 0)
+    q.requires_grad_(True)
+    sdpa_attention(q, k, v, mask=mask).sum().backward()  # training keeps the fused kernel
+    assert len(calls) == (2 if B * S >= kernels.SINGLE_QUERY_MIN_KEYS else 0) and q.grad is not None
 
 
 def test_tiled_kernel_visits_keys_in_blocks():
