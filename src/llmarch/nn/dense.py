@@ -22,8 +22,8 @@ fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products
 ``F.linear``'s. It costs one more copy of the packed weights in memory;
 ``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's native kernel builds
 (:mod:`llmarch.native.fp32`: x86-64 with AVX-512 and a C compiler), a 2-D fp32 weight's copy is that kernel's
-blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.07-1.16x whole decode
-steps against oneDNN's packed copy), more rows on oneDNN over the plain weight.
+blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
+steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight.
 
 Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through :func:`bank_linear`: the
 same oneDNN products, forward and backward (fp32 training; fp32 and bf16 inference).
