@@ -1,4 +1,4 @@
-"""``llmarch.nn.dense.bank_linear``: each expert's rows times its matrix, against a loop written here, forward and
+"""``llmarch.nn.banks.bank_linear``: each expert's rows times its matrix, against a loop written here, forward and
 backward, with empty experts, partial gradients and the gradient's layout (fp32 on oneDNN, other dtypes on the
 plain path)."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmarch.nn import dense
+from llmarch.nn import banks, dense
 
 pytestmark = pytest.mark.skipif(not dense.ONEDNN, reason="this torch build has no oneDNN (no kernel to test)")
 
@@ -33,9 +33,9 @@ def grads(fn, x, bank, counts, need=(True, True)):
 
 def test_fp32_forward_and_grads_equal_the_loop_and_run_on_onednn():
     x, bank = operands()
-    y = dense.bank_linear(x, bank.requires_grad_(), COUNTS)
+    y = banks.bank_linear(x, bank.requires_grad_(), COUNTS)
     assert type(y.grad_fn).__name__ == "_OneDNNBankBackward"
-    (y0, gx0, gb0), (y1, gx1, gb1) = (grads(f, x, bank.detach(), COUNTS) for f in (naive, dense.bank_linear))
+    (y0, gx0, gb0), (y1, gx1, gb1) = (grads(f, x, bank.detach(), COUNTS) for f in (naive, banks.bank_linear))
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gb1, gb0, atol=1e-5, rtol=1e-5)
@@ -45,7 +45,7 @@ def test_fp32_forward_and_grads_equal_the_loop_and_run_on_onednn():
 @pytest.mark.parametrize("need", [(True, False), (False, True)])
 def test_only_the_needed_gradient_is_computed(need):
     x, bank = operands()
-    (_, gx0, gb0), (_, gx1, gb1) = (grads(f, x, bank, COUNTS, need) for f in (naive, dense.bank_linear))
+    (_, gx0, gb0), (_, gx1, gb1) = (grads(f, x, bank, COUNTS, need) for f in (naive, banks.bank_linear))
     for g0, g1 in ((gx0, gx1), (gb0, gb1)):
         assert (g0 is None) == (g1 is None)
         if g0 is not None:
@@ -58,7 +58,7 @@ def test_the_bank_gradient_keeps_the_parameter_layout():
     for p in (torch.nn.Parameter(bank.clone()), torch.nn.Parameter(bank.transpose(1, 2).contiguous().transpose(1, 2))):
         produced = []
         p.register_hook(lambda g: produced.append(g.stride()))  # the gradient as the backward made it
-        dense.bank_linear(x, p, COUNTS).sum().backward()
+        banks.bank_linear(x, p, COUNTS).sum().backward()
         assert produced == [p.stride()]
 
 
@@ -70,7 +70,7 @@ def test_inference_runs_on_onednn_and_equals_the_loop(dtype):
     if dtype == torch.bfloat16:  # a bf16 bank is stored column-major on the CPU (llmarch.nn.experts)
         bank = bank.transpose(1, 2).contiguous().transpose(1, 2)
     with torch.no_grad(), Ops() as ops:
-        y = dense.bank_linear(x, bank, COUNTS)
+        y = banks.bank_linear(x, bank, COUNTS)
     assert any("mkldnn._linear_pointwise" in n for n in ops.names)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(y, naive(x, bank, COUNTS), atol=tol, rtol=tol)
@@ -78,7 +78,7 @@ def test_inference_runs_on_onednn_and_equals_the_loop(dtype):
 
 def test_bf16_training_values_equal_the_loop():
     xb, bb = operands(torch.bfloat16)
-    (y0, gx0, gb0), (y1, gx1, gb1) = (grads(f, xb, bb, COUNTS) for f in (naive, dense.bank_linear))
+    (y0, gx0, gb0), (y1, gx1, gb1) = (grads(f, xb, bb, COUNTS) for f in (naive, banks.bank_linear))
     assert y1.dtype == torch.bfloat16
     torch.testing.assert_close(y1, y0, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(gb1, gb0, atol=2e-2, rtol=2e-2)
@@ -93,8 +93,8 @@ def test_moe_inference_in_fp32_runs_the_sliced_onednn_products(monkeypatch):
     torch.manual_seed(0)
     m = MoE(16, 24, "silu", moe=MoEConfig(n_experts=4, top_k=2)).eval()
     calls = []
-    real = dense.bank_linear
-    monkeypatch.setattr(dense, "bank_linear", lambda *a: calls.append(1) or real(*a))
+    real = banks.bank_linear
+    monkeypatch.setattr(banks, "bank_linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(1, 1, 16)
     with torch.no_grad():
         y = m(x)

@@ -261,3 +261,23 @@ def test_generate_packs_only_where_it_pays_back():
     llmarch.generate(model, ids, max_new_tokens=layout.PACK_MIN_TOKENS // 2)  # 2 rows: enough tokens to repay it
     assert dense.packed(head) is not None
     layout.unpack_weights(model)
+
+
+def test_compiled_decoding_reads_the_packed_copies(monkeypatch):
+    """A compiled static-cache step reaches the packed copies through the opaque ``llmarch::packed_linear``: the
+    same tokens as eager decoding, and the copies (native or oneDNN) serve the compiled steps' products."""
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=2, vocab_size=97)).eval()
+    ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(0))
+    want = llmarch.generate(model, ids, max_new_tokens=12)
+    layout.pack_weights(model)
+    uses = []
+    real_native, real_mm = dense.native_fp32.mm, dense._mm
+    monkeypatch.setattr(dense.native_fp32, "mm", lambda *a: uses.append(1) or real_native(*a))
+    monkeypatch.setattr(dense, "_mm", lambda x, w, b: (uses.append(1) if w.layout == torch._mkldnn else None)
+                        or real_mm(x, w, b))
+    got = llmarch.generate(model, ids, max_new_tokens=12, cache="static", compile=True)
+    assert torch.equal(got, want)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(uses) >= 11 * n_linear  # every product of every compiled decode step
+    layout.unpack_weights(model)

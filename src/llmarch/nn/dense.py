@@ -25,8 +25,9 @@ fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products
 blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
 steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight.
 
-Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through :func:`bank_linear`: the
-same oneDNN products, forward and backward (fp32 training; fp32 and bf16 inference).
+Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through
+``llmarch.nn.banks.bank_linear``: the same oneDNN products, forward and backward (fp32 training; fp32 and bf16
+inference).
 """
 from __future__ import annotations
 
@@ -172,60 +173,33 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
-def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, k] @ w [k, m] for one expert: oneDNN, but torch's BLAS for a single row (measured on an expert's
-    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us)."""
-    return x @ w if x.shape[0] == 1 else _mm(x, w.t(), None)
+@torch.library.custom_op("llmarch::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear` as an opaque op for compiled inference: the packed-copy lookup (and its staleness check)
+    runs when the graph runs, so a compiled decode step streams the same copies as an eager one."""
+    return linear(x, weight, bias)
 
 
-class _OneDNNBank(torch.autograd.Function):
-    """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN (fp32
-    CPU training of an expert bank; see :func:`bank_linear`). The weight gradient is one new [E, in, out] tensor
-    in the bank's layout, so AccumulateGrad keeps it without a copy; an expert with no rows gets zeros."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        ctx.save_for_backward(x, bank)
-        ctx.counts = counts
-        return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, bank = ctx.saved_tensors
-        counts, pieces = ctx.counts, list(zip(x.split(ctx.counts), g.split(ctx.counts)))
-        dx = dbank = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.cat([_rows_mm(ge, bank[e].t()) for e, (_, ge) in enumerate(pieces) if counts[e]])
-        if ctx.needs_input_grad[1]:
-            dbank = torch.empty_like(bank)
-            for e, (xe, ge) in enumerate(pieces):
-                if counts[e] == 1:  # an outer product: BLAS writes it in place (107 against 276 us, as above)
-                    torch.mm(xe.t(), ge, out=dbank[e])
-                elif counts[e]:
-                    dbank[e].copy_(_mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
-                else:
-                    dbank[e].zero_()
-        return dx, dbank, None
+@packed_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x [A, in] sorted by expert (``counts[e]`` rows each, sum A > 0), bank [E, in, out] -> [A, out]: each
-    expert's rows times its matrix (``cat(x_e @ bank[e])``). CPU inference (fp32, bf16) and fp32 CPU training go
-    to oneDNN, training through :class:`_OneDNNBank` (bf16 training was level with ``torch._grouped_mm`` there,
-    0.9-1.07x, so it is left to the ``grouped`` dispatcher); anything else multiplies ``unbind`` views of the bank
-    with :func:`linear` (their backward stacks the expert gradients once)."""
-    if _operands_fit(x, bank, None) and x.dtype == torch.float32 and _needs_grad(x, bank, None):
-        return _OneDNNBank.apply(x, bank, counts)
-    if _operands_fit(x, bank, None) and not _needs_grad(x, bank, None):  # fp32 or bf16 inference
-        return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
-    mats = bank.unbind(0)
-    return torch.cat([linear(xe, mats[e].t()) for e, xe in enumerate(x.split(counts)) if counts[e]])
+def _compiled_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Inside a compiled region: CPU fp32 / bf16 inference that :func:`packed_linear` can serve."""
+    return (ONEDNN and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
+            and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and (bias is None or bias.dtype == x.dtype)
+            and not _needs_grad(x, weight, bias) and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``: x [..., in], weight [out, in] -> [..., out]; oneDNN for fp32 CPU tensors, on the packed copy
-    of the weight when inference has one (see the module)."""
-    if _PACKED and not torch.compiler.is_compiling():  # compiled regions keep F.linear (no packed lookups)
+    of the weight when inference has one (see the module). Compiled regions: :func:`packed_linear` for CPU
+    inference, else ``F.linear``."""
+    if torch.compiler.is_compiling():
+        return packed_linear(x, weight, bias) if _compiled_inference(x, weight, bias) else F.linear(x, weight, bias)
+    if _PACKED:
         w = packed(weight)
         if w is not None and _inference(x, weight, bias):
             x2 = x.reshape(-1, x.shape[-1])

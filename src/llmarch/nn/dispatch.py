@@ -105,7 +105,7 @@ def grouped_dispatch(x, experts, weights, keep, bank):
 
 
 SLICED_MIN_ROWS = 512
-# fp32 on CPU the sliced products run through oneDNN, backward included (llmarch.nn.dense.bank_linear): without
+# fp32 on CPU the sliced products run through oneDNN, backward included (llmarch.nn.banks.bank_linear): without
 # gradients sliced beat grouped at every size (benchmarks/moe.py layer: 1.2-1.6x at 1-16 tokens); with them from
 # ~1 row per expert (top-2 of 8, forward + backward: 4 tokens 1.08x, 8 1.22x, 16 1.34x; 1-2 tokens 0.96x)
 SLICED_MIN_ROWS_ONEDNN = 1

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from llmarch.nn.activation import gate_product, make_activation
-from llmarch.nn import dense
+from llmarch.nn import banks, dense
 from llmarch.nn.ffn import GLU, MLP
 from llmarch.registry import Registry
 
@@ -98,13 +98,13 @@ class GLUExperts(_Bank):
 
     def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x [A, D] sorted by expert, counts[e] rows each -> [A, D], one matmul per non-empty expert
-        (``llmarch.nn.dense.bank_linear``: oneDNN for fp32 CPU tensors, backward included)."""
+        (``llmarch.nn.banks.bank_linear``: oneDNN for fp32 CPU tensors, backward included)."""
         packs = self._packed(x)
         if packs is not None:
             mm, (gate_up, down) = dense.packed_mm, packs
             return torch.cat([mm(self._mid(mm(xe, gate_up[e])), down[e])
                               for e, xe in enumerate(x.split(counts)) if counts[e]])
-        return dense.bank_linear(self._mid(dense.bank_linear(x, self.gate_up, counts)), self.down, counts)
+        return banks.bank_linear(self._mid(banks.bank_linear(x, self.gate_up, counts)), self.down, counts)
 
     def load_dense(self, e: int, ffn: GLU) -> None:
         """Copy a dense GLU's weights into expert e (sparse upcycling)."""
@@ -144,7 +144,7 @@ class MLPExperts(_Bank):
             mm, (up, down) = dense.packed_mm, packs
             return torch.cat([mm(self.act(mm(xe, up[e])), down[e]) for e, xe in enumerate(x.split(counts))
                               if counts[e]])
-        return dense.bank_linear(self.act(dense.bank_linear(x, self.up, counts)), self.down, counts)
+        return banks.bank_linear(self.act(banks.bank_linear(x, self.up, counts)), self.down, counts)
 
     def load_dense(self, e: int, ffn: MLP) -> None:
         if ffn.up.bias is not None:
