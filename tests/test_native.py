@@ -178,3 +178,13 @@ def test_no_compiler_falls_back(fresh, monkeypatch):
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert (q(x) - (x @ q.dequantize().T + q.bias)).abs().max() < 2e-2  # torch's bf16 kernel
+
+
+def test_an_unwritable_cache_falls_back(fresh, monkeypatch, caplog):
+    blocker = fresh / "not-a-dir"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("LLMARCH_CACHE", str(blocker))
+    with caplog.at_level(logging.WARNING):
+        assert not int8_native.available() and not fp32_native.available()
+    assert "could not compile" in caplog.text
+    assert blocker.read_text().startswith("a file")  # nothing of the user's touched

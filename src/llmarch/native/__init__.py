@@ -53,17 +53,20 @@ def _compiler() -> str | None:
 
 def _build(src: Path, out: Path, cc: str) -> str | None:
     """Compile ``src`` to ``out`` atomically; None on success, else the compiler's first error line."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a compiler that hangs
         return str(e)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         errors = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.splitlines() or ["no output"]
         return errors[0].strip()
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError as e:
+        return str(e)
     return None
 
 
