@@ -122,6 +122,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if (x2.shape[0] < INT8_ONEDNN_MIN_ROWS and _kernels_ok(x) and not torch.compiler.is_compiling()
+                and int8_native.available()):  # decoding: the native kernel adds the bias too, in fp32
+            y = int8_native.mm(x2, self.qweight, self.scales, self.bias)
+            return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
         if _kernels_ok(x) and not torch.compiler.is_compiling():
             y = int8_mm_eager(x2, self.qweight, self.scales, self._scales_bf16())
         elif _kernels_ok(x):

@@ -56,13 +56,17 @@ def blocked(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, 
     return entry[1]
 
 
-def _call(fn, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, n: int) -> torch.Tensor:
-    x = x.float().contiguous()
+def _call(fn, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, n: int,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    x, b = x.float().contiguous(), None if bias is None else bias.float().contiguous()  # held during the call
     y = torch.empty(x.shape[0], n)
-    fn(x.data_ptr(), w.data_ptr(), s.data_ptr(), None, y.data_ptr(), x.shape[0], n, x.shape[1])
+    fn(x.data_ptr(), w.data_ptr(), s.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), x.shape[0], n,
+       x.shape[1])
     return y
 
 
-def mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float, CPU) @ (qweight [N, K] * scales [N])ᵀ -> [M, N] fp32. Needs :func:`available`."""
-    return _call(_KERNEL.fn(), x, *blocked(qweight, scales), qweight.shape[0])
+def mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (any float, CPU) @ (qweight [N, K] * scales [N])ᵀ (+ bias [N], added in fp32) -> [M, N] fp32.
+    Needs :func:`available`."""
+    return _call(_KERNEL.fn(), x, *blocked(qweight, scales), qweight.shape[0], bias)
