@@ -47,31 +47,35 @@ _BF16_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldn
 
 
 def int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                  scales_bf16: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ -> [M, N] in x's dtype. Below
-    INT8_ONEDNN_MIN_ROWS rows: llmarch's native kernel in fp32 (:mod:`llmarch.native.int8`) where it
-    builds, else torch's packed kernel with bf16 activations; from there on, oneDNN's bf16 matmul.
+                  scales_bf16: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ (+ bias [N]) -> [M, N] in x's dtype. Below
+    INT8_ONEDNN_MIN_ROWS rows: llmarch's native kernel in fp32 (:mod:`llmarch.native.int8`; it adds the bias
+    too) where it builds, else torch's packed kernel with bf16 activations; from there on, oneDNN's bf16 matmul.
     ``scales_bf16``: the scales already cast (a module caches them). Eager callers call this directly: through
     the custom op below, each call costs ~10 us more (28 against 18 us for a 768 x 512 decode product), ~0.35 ms
     per LLaMA-style token."""
     if x.shape[0] < INT8_ONEDNN_MIN_ROWS and int8_native.available():  # fp32 activations, blocked weight
-        return int8_native.mm(x, qweight, scales).to(x.dtype)
+        y = int8_native.mm(x, qweight, scales, bias)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
     xb = x.to(torch.bfloat16)
     if _BF16_ONEDNN and x.shape[0] >= INT8_ONEDNN_MIN_ROWS:  # bf16 products, fp32 scaling
         y = torch.ops.mkldnn._linear_pointwise(xb, qweight.to(torch.bfloat16), None, "none", [], "")
-        return (y.float() * scales).to(x.dtype)
-    sb = scales.to(torch.bfloat16) if scales_bf16 is None else scales_bf16
-    return torch._weight_int8pack_mm(xb, qweight, sb).to(x.dtype)
+        y = (y.float() * scales).to(x.dtype)
+    else:
+        sb = scales.to(torch.bfloat16) if scales_bf16 is None else scales_bf16
+        y = torch._weight_int8pack_mm(xb, qweight, sb).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
 
 
 @torch.library.custom_op("llmarch::int8_mm", mutates_args=())
-def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`int8_mm_eager` as an opaque op for compiled regions."""
-    return int8_mm_eager(x, qweight, scales)
+    return int8_mm_eager(x, qweight, scales, None, bias)
 
 
 @int8_mm.register_fake
-def _(x, qweight, scales):
+def _(x, qweight, scales, bias=None):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
@@ -122,18 +126,14 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if (x2.shape[0] < INT8_ONEDNN_MIN_ROWS and _kernels_ok(x) and not torch.compiler.is_compiling()
-                and int8_native.available()):  # decoding: the native kernel adds the bias too, in fp32
-            y = int8_native.mm(x2, self.qweight, self.scales, self.bias)
-            return (y if x.dtype == torch.float32 else y.to(x.dtype)).view(*x.shape[:-1], self.out_features)
         if _kernels_ok(x) and not torch.compiler.is_compiling():
-            y = int8_mm_eager(x2, self.qweight, self.scales, self._scales_bf16())
+            y = int8_mm_eager(x2, self.qweight, self.scales, self._scales_bf16(), self.bias)
         elif _kernels_ok(x):
-            y = int8_mm(x2, self.qweight, self.scales)
+            y = int8_mm(x2, self.qweight, self.scales, self.bias)
         else:
             y = x2 @ (self.qweight.to(x.dtype) * self.scales[:, None].to(x.dtype)).T
-        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+            y = y if self.bias is None else y + self.bias.to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
 class Int4Linear(nn.Module):
