@@ -24,7 +24,10 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # x86-64 CPU flags each kernel needs (its source also refuses to compile without them)
@@ -111,6 +114,18 @@ def library(name: str) -> ctypes.CDLL | None:
     except OSError as e:
         log.warning("native %s: could not load %s (%s); using torch's kernel instead", name, out, e)
         return None
+
+
+BLOCK = 16  # outputs per block of gemv.c's weight layout
+
+
+def block_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] in gemv.c's layout: [ceil(N/16), K, 16], the rows zero-padded to a multiple of 16."""
+    import torch  # noqa: F811 (imported here: only when a kernel is used)
+
+    N, K = weight.shape
+    w = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -N % BLOCK))
+    return w.view(-1, BLOCK, K).transpose(1, 2).contiguous()
 
 
 class Kernel:

@@ -15,7 +15,6 @@ import torch
 
 from llmarch import native
 
-BLOCK = 16
 MAX_ROWS = 32
 
 
@@ -34,10 +33,7 @@ class Blocked:
     """An fp32 weight [N, K] copied to the kernel's layout [ceil(N/16), K, 16] (zero-padded)."""
 
     def __init__(self, weight: torch.Tensor):
-        N, K = weight.shape
-        w = torch.nn.functional.pad(weight.detach(), (0, 0, 0, -N % BLOCK))
-        self.data = w.view(-1, BLOCK, K).transpose(1, 2).contiguous()
-        self.out_features = N
+        self.data, self.out_features = native.block_rows(weight), weight.shape[0]
 
 
 def _call(fn, x: torch.Tensor, w: Blocked, bias: torch.Tensor | None) -> torch.Tensor:

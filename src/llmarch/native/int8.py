@@ -20,7 +20,6 @@ import torch
 
 from llmarch import native
 
-BLOCK = 16
 _blocked: dict[int, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -39,10 +38,7 @@ available, reset = _KERNEL.available, _KERNEL.reset  # reset: tests flip ``LLMAR
 def block(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """qweight [N, K] int8, scales [N] -> the kernel's weight [ceil(N/16), K, 16] and scales [ceil(N/16) * 16]
     (zero-padded)."""
-    N, K = qweight.shape
-    pad = -N % BLOCK
-    w = torch.nn.functional.pad(qweight, (0, 0, 0, pad)).view(-1, BLOCK, K).transpose(1, 2).contiguous()
-    return w, torch.nn.functional.pad(scales.float(), (0, pad)).contiguous()
+    return native.block_rows(qweight), torch.nn.functional.pad(scales.float(), (0, -len(scales) % native.BLOCK))
 
 
 def blocked(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
