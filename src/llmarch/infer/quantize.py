@@ -24,6 +24,7 @@ from torch import nn
 
 from llmarch.native import int8 as int8_native
 from llmarch.infer.lowbit import LowBitLinear
+from llmarch.nn import dense
 from llmarch.nn.heads import swap_projection
 
 MODES = ("int8", "int4", "int3", "int2", "ternary")  # below 4 bits: llmarch.infer.lowbit
@@ -42,8 +43,7 @@ def _kernels_ok(x: torch.Tensor) -> bool:
 # values fit bf16's mantissa) costs ~280 us at 2 rows and 1080 at 128. From this many rows (a prefill) the
 # product takes the oneDNN route (``benchmarks/decode.py --int8-kernels``).
 INT8_ONEDNN_MIN_ROWS = 32
-_BF16_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+_BF16_ONEDNN = dense.ONEDNN_BF16
 
 
 def int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

@@ -43,6 +43,8 @@ from llmarch.native import fp32 as native_fp32
 
 _OPS = getattr(torch.ops, "mkldnn", None)
 ONEDNN = torch.backends.mkldnn.is_available() and _OPS is not None and hasattr(_OPS, "_linear_pointwise")
+# oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 stays on torch's kernels
+ONEDNN_BF16 = ONEDNN and hasattr(_OPS, "_is_mkldnn_bf16_supported") and bool(_OPS._is_mkldnn_bf16_supported())
 _PLAIN = (torch.Tensor, nn.Parameter)
 MATVEC_MIN_ELEMENTS = 1 << 24  # a one-row product goes to oneDNN only for weights this large (see above)
 PACK_ROWS = 128  # the row count the packed layout is chosen for; measured fastest at 1, 8 and 128 rows alike
@@ -61,9 +63,14 @@ def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
 
 
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's products take this dtype here: fp32, and bf16 where the CPU supports it."""
+    return ONEDNN and (dtype == torch.float32 or (dtype == torch.bfloat16 and ONEDNN_BF16))
+
+
 def _operands_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """oneDNN can take these: plain CPU tensors of one dtype (the bias's too), eager, no autocast."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
+    """oneDNN can take these: plain CPU tensors of one dtype it supports (the bias's too), eager, no autocast."""
+    return (onednn_dtype(x.dtype) and x.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
             and type(x) in _PLAIN and type(weight) in _PLAIN
             and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
@@ -83,8 +90,8 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def packable(weight: torch.Tensor) -> bool:
     """Whether :func:`pack` can pack this weight: a plain fp32 or bf16 CPU matrix, or an expert bank [E, in, out]
     (each expert packed apart), with oneDNN present."""
-    return (ONEDNN and type(weight) in _PLAIN and weight.device.type == "cpu" and weight.numel() > 0
-            and weight.dim() in (2, 3) and weight.dtype in (torch.float32, torch.bfloat16))
+    return (onednn_dtype(weight.dtype) and type(weight) in _PLAIN and weight.device.type == "cpu"
+            and weight.numel() > 0 and weight.dim() in (2, 3))
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
@@ -187,9 +194,9 @@ def _(x, weight, bias):
 
 def _compiled_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Inside a compiled region: CPU fp32 / bf16 inference that :func:`packed_linear` can serve."""
-    return (ONEDNN and type(x) in _PLAIN and type(weight) in _PLAIN and (bias is None or type(bias) in _PLAIN)
-            and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and (bias is None or bias.dtype == x.dtype)
+    return (onednn_dtype(x.dtype) and type(x) in _PLAIN and type(weight) in _PLAIN
+            and (bias is None or type(bias) in _PLAIN) and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
             and not _needs_grad(x, weight, bias) and not torch.is_autocast_enabled("cpu"))
 
 
