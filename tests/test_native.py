@@ -21,7 +21,7 @@ from llmarch.infer.quantize import Int8Linear, quantize
 
 # Skipped only where the kernel cannot be built; a kernel that builds but computes wrong fails below.
 pytestmark = pytest.mark.skipif(native.library("gemv") is None,
-                                reason="no AVX-512 CPU or no C compiler: the native kernel cannot be built here")
+                                reason="no AVX-512 / AVX2 CPU or no C compiler: the native kernel cannot be built here")
 qz = importlib.import_module("llmarch.infer.quantize")
 
 
@@ -34,9 +34,10 @@ def _ref(x, q, s):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31])
-@pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (37, 21), (50, 130)])
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (37, 21), (50, 130), (100, 33)])
 def test_kernel_is_the_fp32_product(rows, n, k):
-    """Ragged N (padding of the last block), K not a multiple of 4 (the tail loop), 1-8 rows per tile and more."""
+    """Ragged N (padding of the last block), K not a multiple of 4 (the tail loop), 1-8 rows per tile and more,
+    blocks read several at once and one at a time (100 outputs: a group of 4 blocks and one of 3)."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     s, x = torch.rand(n, generator=g) + 0.1, torch.randn(rows, k, generator=g)
@@ -46,8 +47,8 @@ def test_kernel_is_the_fp32_product(rows, n, k):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 32])
-@pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 32])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130), (100, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
@@ -57,6 +58,31 @@ def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
     want = (x.double() @ w.double().T + (0 if b is None else b.double())).float()
     assert got.shape == (rows, n)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_the_avx2_build_is_the_fp32_product_too(tmp_path):
+    """The AVX2 variant of gemv.c, built without AVX-512 (on an AVX-512 CPU the default build is the other one),
+    over both weight types, every row count up to 9 and ragged block groups."""
+    cc = native._compiler()
+    out = tmp_path / "gemv-avx2.so"
+    error = native._build(native.Path(native.__file__).with_name("gemv.c"), out, cc, extra=("-mno-avx512f",))
+    assert error is None, error
+    lib = native.ctypes.CDLL(str(out))
+    f32, i8 = lib.llmarch_f32_gemv, lib.llmarch_int8_gemv
+    for fn in (f32, i8):
+        fn.argtypes, fn.restype = fp32_native._KERNEL.argtypes, None
+    g = torch.Generator().manual_seed(0)
+    for rows in range(1, 10):
+        for n, k in [(37, 21), (100, 33), (130, 64)]:
+            w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
+            want = (x.double() @ w.double().T + b.double()).float()
+            got = fp32_native._call(f32, x, fp32_native.Blocked(w), b)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+            s = torch.rand(n, generator=g) + 0.1
+            got = int8_native._call(i8, x, *int8_native.block(q, s), n, b)
+            want = (x.double() @ q.double().T * s.double() + b.double()).float()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_int8_linear_decodes_through_the_kernel_in_fp32(monkeypatch):

@@ -10,8 +10,9 @@ processes compiling at once cannot leave a torn file. OpenMP resolves to the ``l
 loaded, so ``torch.set_num_threads`` sets the kernels' threads too.
 
 Every caller keeps a torch path: :func:`library` returns None (and the caller falls back) when
-``LLMARCH_NATIVE=0``, on a CPU without the kernel's instruction set, without a compiler, or when the build
-fails (a warning names the compiler's first error line, once; the failure is remembered per hash).
+``LLMARCH_NATIVE=0``, on a CPU without the kernel's instruction set (AVX-512F, or AVX2 with FMA), without a
+compiler, or when the build fails (a warning names the compiler's first error line, once; the failure is
+remembered per hash).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     import torch
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# x86-64 CPU flags each kernel needs (its source also refuses to compile without them)
-NEEDS = {"gemv": ("avx512f",)}
+# x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
+# compile without them, and picks the widest vectors the CPU has)
+NEEDS = {"gemv": (("avx512f",), ("avx2", "fma"))}
 log = logging.getLogger(__name__)
 
 
@@ -54,12 +56,13 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def _build(src: Path, out: Path, cc: str) -> str | None:
-    """Compile ``src`` to ``out`` atomically; None on success, else the compiler's first error line."""
+def _build(src: Path, out: Path, cc: str, extra: tuple[str, ...] = ()) -> str | None:
+    """Compile ``src`` to ``out`` atomically (``extra``: more compiler flags); None on success, else the
+    compiler's first error line."""
     tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([cc, *FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cc, *FLAGS, *extra, "-o", str(tmp), str(src)], capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.SubprocessError) as e:  # an unwritable cache, a compiler that hangs
         return str(e)
     if r.returncode != 0:
@@ -79,7 +82,7 @@ def library(name: str) -> ctypes.CDLL | None:
     if not enabled():
         return None
     signature, flags = _cpu()
-    missing = [f for f in NEEDS.get(name, ()) if f not in flags]
+    missing = min(([f for f in need if f not in flags] for need in NEEDS.get(name, ((),))), key=len)
     if platform.machine().lower() not in ("x86_64", "amd64") or missing:
         log.debug("native %s: not built for this CPU (%s; missing %s)", name, platform.machine(), missing)
         return None

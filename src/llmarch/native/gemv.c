@@ -1,86 +1,148 @@
-/* llmarch: products of few rows (decoding) with a weight in a blocked layout, AVX-512, fp32 arithmetic.
+/* llmarch: products of few rows (decoding) with a weight in a blocked layout, fp32 arithmetic, AVX-512 or AVX2.
  *
  * y[M, N] = (x[M, K] @ W[N, K]^T) * scale[N] + bias[N], where W is read as w[ceil(N/16)][K][16] (N zero-padded
- * to a multiple of 16): one block of 16 outputs is one contiguous run of 16 * K weights that the hardware
- * prefetcher streams (and a software prefetch 2 KiB ahead helps it). Two weight types:
+ * to a multiple of 16): one block of 16 outputs is one contiguous run of 16 * K weights. Two weight types:
  *   - fp32 (llmarch_f32_gemv): scale is NULL; the plain fp32 product, summation order aside.
  *   - int8 (llmarch_int8_gemv): each weight is widened to fp32 once per block and row tile and multiplied by the
  *     fp32 activations, then by its row's scale: the dequantized fp32 product, no bf16 rounding of activations.
- * scale and bias may be NULL. x, y: fp32 row-major [M, K] and [M, N] (y fully written). Blocks are split across
- * OpenMP threads. Built by llmarch.native with -O3 -march=native -fopenmp.
+ * scale (padded to the blocks) and bias ([N]) may be NULL. x, y: fp32 row-major [M, K] and [M, N] (y fully
+ * written). Groups of blocks are split across OpenMP threads. Built by llmarch.native with -O3 -march=native
+ * -fopenmp; the widest vector unit the CPU has is used, each tuned on the machine it was measured on
+ * (benchmarks/decode.py --kernels):
+ *   - AVX-512F: one 16-lane zmm per block, up to 8 rows per tile, one block at a time with a software prefetch
+ *     2 KiB ahead (an AMD EPYC with AVX-512);
+ *   - AVX2 + FMA: two 8-lane ymm per block, up to 4 rows per tile; one or two rows read 4 or 2 blocks at once,
+ *     as that many concurrent streams, without software prefetch (an AMD EPYC without AVX-512: one row read one
+ *     stream at ~14 GB/s and four at ~24).
  */
 #include <stdint.h>
+#include <string.h>
 #include <immintrin.h>
 
-#if !defined(__AVX512F__)
-#error "llmarch gemv needs AVX-512F"
-#endif
+#define NB 16           /* outputs per block */
+#define GROUP 4         /* blocks per unit of OpenMP work: the most streams a tile reads */
 
-#define NB 16           /* outputs per block: one zmm of fp32 lanes */
-#define MAXR 8          /* activation rows per tile */
+#if defined(__AVX512F__)
+typedef __m512 vec;
+#define VL 16
+#define MAXR 8          /* activation rows per tile: 8 rows x 2 partial sums = 16 of the 32 registers */
+#define STREAMS(R) 1
+#define PARTIALS(S, R) ((R) > 4 ? 2 : 4)
 #define PREFETCH 2048   /* bytes ahead of the weight being read */
-
-static inline __m512 load_f32(const float *w) { return _mm512_loadu_ps(w); }
-static inline __m512 load_i8(const int8_t *w) {
+#define V(op) _mm512_##op
+static inline vec load_i8(const int8_t *w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+#define VL 8
+#define MAXR 4          /* 4 rows x 2 vectors = 8 of the 16 registers (6 rows measured no faster) */
+#define STREAMS(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
+#define PARTIALS(S, R) ((S) * (R) >= 4 ? 1 : 4 / ((S) * (R)))  /* 8 accumulators where rows x streams allow */
+#define PREFETCH 0
+#define V(op) _mm256_##op
+static inline vec load_i8(const int8_t *w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+#else
+#error "llmarch gemv needs AVX-512F or AVX2 with FMA"
+#endif
 
-/* One block of 16 outputs for R activation rows (R is a compile-time constant at each call site). U partial
- * sums per row hide the FMA latency: 4 when R <= 4, 2 above (8 rows x 2 = 16 accumulators). */
+#define NV (NB / VL)    /* vectors per block */
+#define vzero V(setzero_ps)
+#define vset1 V(set1_ps)
+#define vadd V(add_ps)
+#define vfma V(fmadd_ps)
+#define vload V(loadu_ps)
+#define vstore V(storeu_ps)
+static inline vec load_f32(const float *w) { return vload(w); }
+
+/* S consecutive blocks (the first at w; scale, bias and y at its first output) for R activation rows, both
+ * compile-time constants at each call site; PARTIALS partial sums per row, block and vector hide the FMA latency.
+ * A block of fewer than 16 outputs (the last of the weight) is stored through a buffer. */
 #define TILE(NAME, T, LOAD)                                                                                    \
   static inline __attribute__((always_inline)) void NAME(const float *x, int64_t K, const T *w,             \
                                                          const float *scale, const float *bias, float *y,   \
-                                                         int64_t ldy, const int R, int64_t ncols) {         \
-    const int U = R > 4 ? 2 : 4;                                                                            \
-    __m512 acc[MAXR][4];                                                                                    \
-    for (int r = 0; r < MAXR; r++)                                                                          \
-      for (int u = 0; u < 4; u++) acc[r][u] = _mm512_setzero_ps();                                          \
+                                                         int64_t N, int64_t n0, const int S, const int R) { \
+    const int U = PARTIALS(S, R);                                                                           \
+    vec acc[GROUP][8][NV][4];                                                                               \
+    for (int s = 0; s < S; s++)                                                                             \
+      for (int r = 0; r < R; r++)                                                                           \
+        for (int v = 0; v < NV; v++)                                                                        \
+          for (int u = 0; u < U; u++) acc[s][r][v][u] = vzero();                                            \
     int64_t k = 0;                                                                                          \
     for (; k + 4 <= K; k += 4) {                                                                            \
-      for (int line = 0; line < (int)(4 * NB * sizeof(T)); line += 64)                                      \
-        _mm_prefetch((const char *)(w + k * NB) + PREFETCH + line, _MM_HINT_T0);                            \
-      for (int u = 0; u < 4; u++) {                                                                         \
-        __m512 wf = LOAD(w + (k + u) * NB);                                                                 \
-        for (int r = 0; r < R; r++)                                                                         \
-          acc[r][u % U] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k + u]), wf, acc[r][u % U]);             \
+      if (PREFETCH)                                                                                         \
+        for (int line = 0; line < (int)(4 * NB * sizeof(T)); line += 64)                                    \
+          _mm_prefetch((const char *)(w + k * NB) + PREFETCH + line, _MM_HINT_T0);                          \
+      for (int u = 0; u < 4; u++)                                                                           \
+        for (int s = 0; s < S; s++)                                                                         \
+          for (int v = 0; v < NV; v++) {                                                                    \
+            vec wf = LOAD(w + s * K * NB + (k + u) * NB + v * VL);                                          \
+            for (int r = 0; r < R; r++)                                                                     \
+              acc[s][r][v][u % U] = vfma(vset1(x[r * K + k + u]), wf, acc[s][r][v][u % U]);                 \
+          }                                                                                                 \
+    }                                                                                                       \
+    for (; k < K; k++)                                                                                      \
+      for (int s = 0; s < S; s++)                                                                           \
+        for (int v = 0; v < NV; v++) {                                                                      \
+          vec wf = LOAD(w + s * K * NB + k * NB + v * VL);                                                  \
+          for (int r = 0; r < R; r++) acc[s][r][v][0] = vfma(vset1(x[r * K + k]), wf, acc[s][r][v][0]);     \
+        }                                                                                                   \
+    for (int s = 0; s < S; s++) {                                                                           \
+      const int64_t ncols = N - n0 - s * NB < NB ? N - n0 - s * NB : NB;                                    \
+      float sbuf[NB], bbuf[NB], ybuf[NB];                                                                   \
+      for (int j = 0; j < NB; j++) {                                                                        \
+        sbuf[j] = scale ? scale[s * NB + j] : 1.0f;                                                         \
+        bbuf[j] = bias && j < ncols ? bias[s * NB + j] : 0.0f;                                              \
       }                                                                                                     \
-    }                                                                                                       \
-    for (; k < K; k++) {                                                                                    \
-      __m512 wf = LOAD(w + k * NB);                                                                         \
-      for (int r = 0; r < R; r++) acc[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), wf, acc[r][0]); \
-    }                                                                                                       \
-    const __mmask16 mask = (__mmask16)((1u << ncols) - 1u);                                                 \
-    const __m512 sv = scale ? _mm512_maskz_loadu_ps(mask, scale) : _mm512_set1_ps(1.0f);                    \
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(mask, bias) : _mm512_setzero_ps();                       \
-    for (int r = 0; r < R; r++) {                                                                           \
-      __m512 t = _mm512_add_ps(acc[r][0], acc[r][1]);                                                       \
-      if (U == 4) t = _mm512_add_ps(t, _mm512_add_ps(acc[r][2], acc[r][3]));                                \
-      _mm512_mask_storeu_ps(y + r * ldy, mask, _mm512_fmadd_ps(t, sv, bv));                                 \
+      for (int r = 0; r < R; r++) {                                                                         \
+        float *out = ncols == NB ? y + r * N + s * NB : ybuf;                                               \
+        for (int v = 0; v < NV; v++) {                                                                      \
+          vec t = acc[s][r][v][0];                                                                          \
+          for (int u = 1; u < U; u++) t = vadd(t, acc[s][r][v][u]);                                         \
+          vstore(out + v * VL, vfma(t, vload(sbuf + v * VL), vload(bbuf + v * VL)));                        \
+        }                                                                                                   \
+        if (ncols < NB) memcpy(y + r * N + s * NB, ybuf, (size_t)ncols * sizeof(float));                    \
+      }                                                                                                     \
     }                                                                                                       \
   }
 
-/* The product over all blocks; each OpenMP thread takes a run of blocks. */
-#define GEMV(NAME, TILE_NAME, T)                                                                               \
+/* Blocks [b0, b1) for R rows (R a compile-time constant): STREAMS(R) blocks at a time, then one at a time. */
+#define ROWS(NAME, TILE_NAME, T)                                                                               \
+  static inline __attribute__((always_inline)) void NAME(const float *x, const T *w, const float *scale,    \
+                                                         const float *bias, float *y, int64_t N, int64_t K, \
+                                                         int64_t b0, int64_t b1, const int R) {             \
+    const int S = STREAMS(R);                                                                               \
+    int64_t b = b0;                                                                                         \
+    for (; S > 1 && b + S <= b1; b += S)                                                                    \
+      TILE_NAME(x, K, w + b * K * NB, scale ? scale + b * NB : 0, bias ? bias + b * NB : 0, y + b * NB, N,  \
+                b * NB, S, R);                                                                              \
+    for (; b < b1; b++)                                                                                     \
+      TILE_NAME(x, K, w + b * K * NB, scale ? scale + b * NB : 0, bias ? bias + b * NB : 0, y + b * NB, N,  \
+                b * NB, 1, R);                                                                              \
+  }
+
+/* The product over all blocks; each OpenMP thread takes a run of groups of blocks, each group all row tiles. */
+#define GEMV(NAME, ROWS_NAME, T)                                                                               \
   void NAME(const float *x, const T *w, const float *scale, const float *bias, float *y, int64_t M,           \
             int64_t N, int64_t K) {                                                                           \
-    const int64_t nb = (N + NB - 1) / NB;                                                                     \
+    const int64_t nb = (N + NB - 1) / NB, ng = (nb + GROUP - 1) / GROUP;                                      \
     _Pragma("omp parallel for schedule(static)")                                                              \
-    for (int64_t b = 0; b < nb; b++) {                                                                        \
-      const int64_t ncols = N - b * NB < NB ? N - b * NB : NB;                                                \
-      const T *wb = w + b * K * NB;                                                                           \
-      const float *sb = scale ? scale + b * NB : 0, *bb = bias ? bias + b * NB : 0;                          \
+    for (int64_t g = 0; g < ng; g++) {                                                                        \
+      const int64_t b0 = g * GROUP, b1 = b0 + GROUP < nb ? b0 + GROUP : nb;                                   \
       for (int64_t m = 0; m < M; m += MAXR) {                                                                 \
         const float *xm = x + m * K;                                                                          \
-        float *ym = y + m * N + b * NB;                                                                       \
+        float *ym = y + m * N;                                                                                \
         switch (M - m < MAXR ? M - m : MAXR) {                                                                \
-          case 1: TILE_NAME(xm, K, wb, sb, bb, ym, N, 1, ncols); break;                                       \
-          case 2: TILE_NAME(xm, K, wb, sb, bb, ym, N, 2, ncols); break;                                       \
-          case 3: TILE_NAME(xm, K, wb, sb, bb, ym, N, 3, ncols); break;                                       \
-          case 4: TILE_NAME(xm, K, wb, sb, bb, ym, N, 4, ncols); break;                                       \
-          case 5: TILE_NAME(xm, K, wb, sb, bb, ym, N, 5, ncols); break;                                       \
-          case 6: TILE_NAME(xm, K, wb, sb, bb, ym, N, 6, ncols); break;                                       \
-          case 7: TILE_NAME(xm, K, wb, sb, bb, ym, N, 7, ncols); break;                                       \
-          default: TILE_NAME(xm, K, wb, sb, bb, ym, N, 8, ncols); break;                                      \
+          case 1: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 1); break;                                  \
+          case 2: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 2); break;                                  \
+          case 3: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 3); break;                                  \
+          case 4: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 4); break;                                  \
+          case 5: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 5); break;                                  \
+          case 6: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 6); break;                                  \
+          case 7: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 7); break;                                  \
+          default: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 8); break;                                 \
         }                                                                                                     \
       }                                                                                                       \
     }                                                                                                         \
@@ -88,5 +150,7 @@ static inline __m512 load_i8(const int8_t *w) {
 
 TILE(tile_f32, float, load_f32)
 TILE(tile_i8, int8_t, load_i8)
-GEMV(llmarch_f32_gemv, tile_f32, float)
-GEMV(llmarch_int8_gemv, tile_i8, int8_t)
+ROWS(rows_f32, tile_f32, float)
+ROWS(rows_i8, tile_i8, int8_t)
+GEMV(llmarch_f32_gemv, rows_f32, float)
+GEMV(llmarch_int8_gemv, rows_i8, int8_t)
