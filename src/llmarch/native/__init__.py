@@ -1,9 +1,10 @@
 """Native CPU kernels: C sources shipped with llmarch, compiled on first use for the machine that runs them.
 
 A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row products of
-:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`). :func:`library` compiles it once with the system's C
-compiler (``$CC``, else ``cc``) at ``-O3 -march=native -fopenmp`` into llmarch's cache directory (``$LLMARCH_CACHE``,
-else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file name carries a hash of the source,
+:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``rows.c``: :mod:`llmarch.native.rows`).
+:func:`library` compiles it once with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native
+-fopenmp -ffp-contract=off`` (no multiply-add contracted unless a kernel asks for it) into llmarch's cache
+directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file name carries a hash of the source,
 the flags, the compiler's version and the CPU's model and flags, so a cache shared between machines never hands
 one CPU a library built for another; the library is written to a temporary name and renamed into place, so two
 processes compiling at once cannot leave a torn file. OpenMP resolves to the ``libgomp`` torch has already
@@ -30,10 +31,10 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import torch
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 # x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
 # compile without them, and picks the widest vectors the CPU has)
-NEEDS = {"gemv": (("avx512f",), ("avx2", "fma"))}
+NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),)}
 log = logging.getLogger(__name__)
 
 

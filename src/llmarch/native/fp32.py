@@ -1,4 +1,4 @@
-"""fp32 products for few rows (decoding) through llmarch's native AVX-512 kernel (``gemv.c``).
+"""fp32 products for few rows (decoding) through llmarch's native AVX-512 / AVX2 kernel (``gemv.c``).
 
 ``llmarch.nn.dense.pack`` keeps a :class:`Blocked` copy of an fp32 weight here, [ceil(N/16), K, 16], instead of
 oneDNN's packed copy when the kernel builds: :func:`llmarch.nn.dense.linear` sends inference products of up to

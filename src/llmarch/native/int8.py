@@ -1,4 +1,4 @@
-"""int8-weight products for few rows (decoding) through llmarch's native AVX-512 kernel (``gemv.c``).
+"""int8-weight products for few rows (decoding) through llmarch's native AVX-512 / AVX2 kernel (``gemv.c``).
 
 The kernel reads the weight in a blocked layout, [ceil(N/16), K, 16]: each block of 16 outputs is one
 contiguous run that the prefetcher streams, where torch's ``_weight_int8pack_mm`` reads 16 short rows at once

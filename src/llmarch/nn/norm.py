@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmarch.native import rows as native_rows
 from llmarch.registry import Registry
 
 NORMS: Registry[type[nn.Module]] = Registry("norm")
@@ -36,6 +37,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if native_rows.applies(x, self.weight, limit=None):  # inference: one native call (llmarch.native.rows)
+                y = native_rows.rms_norm(x, self.weight, self.eps)
+                if y is not None:
+                    return y
             return nn.functional.rms_norm(x, (self.dim,), self.weight, self.eps)  # the same math in one call
         dtype = x.dtype  # lower precision: normalise in fp32, round once, then apply the gain (as LLaMA does)
         h = x.float()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmarch.config import RopeConfig
+from llmarch.native import rows as native_rows
 
 
 def base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -129,8 +130,12 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """x * cos + rotate_half(x) * sin (x [..., R], cos/sin broadcastable): :class:`_HalfRotation` for plain
     tensors in eager mode with constant tables, else the plain form (the reference)."""
     if type(x) is torch.Tensor and not cos.requires_grad and not torch.compiler.is_compiling():
-        # without autograd (decoding) the same ops run directly: Function.apply costs a per-call overhead
-        return _HalfRotation.apply(x, cos, sin) if torch.is_grad_enabled() else _half_rotation(x, cos, sin)
+        # without autograd (decoding) the same ops run directly: Function.apply costs a per-call overhead; and in
+        # one native call where it builds (llmarch.native.rows: the same bits)
+        if torch.is_grad_enabled() and (x.requires_grad or sin.requires_grad):
+            return _HalfRotation.apply(x, cos, sin)
+        y = native_rows.rotate_half(x, cos, sin) if native_rows.applies(x, cos, sin) else None
+        return _half_rotation(x, cos, sin) if y is None else y
     return x * cos + rotate_half(x) * sin
 
 
