@@ -5,7 +5,7 @@
 - int4, group-wise, asymmetric: each run of ``group_size`` input weights of a row gets its own scale and
   minimum, w ≈ q * s + m with q in [0, 15] (the GPTQ/AWQ storage format, here with plain round-to-nearest).
 
-On CPU, int8 products of few rows (decoding) run in llmarch's native AVX-512 kernel in fp32
+On CPU, int8 products of few rows (decoding) run in llmarch's native AVX-512 / AVX2 kernel in fp32
 (:mod:`llmarch.native.int8`, where it builds); the others run in torch's packed kernels
 (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) or oneDNN's bf16 matmul, which take bf16 activations:
 that rounding, not the weights, dominates their int8 logit error. Elsewhere the

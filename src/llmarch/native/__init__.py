@@ -4,10 +4,10 @@ A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row 
 :mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``rows.c``: :mod:`llmarch.native.rows`).
 :func:`library` compiles it once with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native
 -fopenmp -ffp-contract=off`` (no multiply-add contracted unless a kernel asks for it) into llmarch's cache
-directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file name carries a hash of the source,
-the flags, the compiler's version and the CPU's model and flags, so a cache shared between machines never hands
-one CPU a library built for another; the library is written to a temporary name and renamed into place, so two
-processes compiling at once cannot leave a torn file. OpenMP resolves to the ``libgomp`` torch has already
+directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file
+name carries a hash of the source, the flags, the compiler's version and the CPU's model and flags, so a cache
+shared between machines never hands one CPU a library built for another; the library is written to a temporary
+name and renamed into place, so two processes compiling at once cannot leave a torn file. OpenMP resolves to the ``libgomp`` torch has already
 loaded, so ``torch.set_num_threads`` sets the kernels' threads too.
 
 Every caller keeps a torch path: :func:`library` returns None (and the caller falls back) when

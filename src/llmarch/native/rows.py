@@ -33,7 +33,8 @@ def _check_rotation(fn) -> bool:
     from llmarch.nn.rope import _half_rotation
 
     g = torch.Generator().manual_seed(0)
-    x, c, s = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g)
+    x = torch.randn(2, 3, 5, 8, generator=g)
+    c, s = torch.randn(2, 1, 5, 8, generator=g), torch.randn(2, 1, 5, 8, generator=g)
     return torch.equal(_rotation(fn, x, c, s), _half_rotation(x, c, s))
 
 

@@ -18,11 +18,11 @@ by :func:`linear` only while it is current (same tensor, storage and version: an
 Measured on the benchmark machine (``benchmarks/decode.py --kernels``, one thread, weights streamed from memory):
 the LLaMA-style matrices at 1 row streamed 21-31 GB/s packed against 17-21 for the best plain kernel and layout,
 at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows).
-fp32 and bf16 weights (and expert banks, one copy per expert); the bf16 products are bit-identical to
-``F.linear``'s. It costs one more copy of the packed weights in memory;
-``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's native kernel builds
-(:mod:`llmarch.native.fp32`: x86-64 with AVX-512 and a C compiler), a 2-D fp32 weight's copy is that kernel's
-blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
+fp32 and bf16 weights (bf16 where the CPU has oneDNN's bf16 products: ``ONEDNN_BF16``; and expert banks, one copy
+per expert); the bf16 products are bit-identical to ``F.linear``'s. It costs one more copy of the packed weights
+in memory; ``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's native kernel builds
+(:mod:`llmarch.native.fp32`: x86-64 with AVX-512 or AVX2 and a C compiler), a 2-D fp32 weight's copy is that
+kernel's blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
 steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight.
 
 Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through
