@@ -7,8 +7,8 @@ A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row 
 directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file
 name carries a hash of the source, the flags, the compiler's version and the CPU's model and flags, so a cache
 shared between machines never hands one CPU a library built for another; the library is written to a temporary
-name and renamed into place, so two processes compiling at once cannot leave a torn file. OpenMP resolves to the ``libgomp`` torch has already
-loaded, so ``torch.set_num_threads`` sets the kernels' threads too.
+name and renamed into place, so two processes compiling at once cannot leave a torn file. OpenMP resolves to the
+``libgomp`` torch has already loaded, so ``torch.set_num_threads`` sets the kernels' threads too.
 
 Every caller keeps a torch path: :func:`library` returns None (and the caller falls back) when
 ``LLMARCH_NATIVE=0``, on a CPU without the kernel's instruction set (AVX-512F, or AVX2 with FMA), without a
