@@ -174,8 +174,9 @@ def int8_kernel_table(repeats: int) -> list[dict]:
             x = torch.randn(M, in_f)
             xb, sb = x.to(torch.bfloat16), scales.to(torch.bfloat16)
             fns = {"int8pack": lambda: [torch._weight_int8pack_mm(xb, q, sb) for q in qs],
-                   "int8 -> bf16 oneDNN": lambda: [lp(xb, q.to(torch.bfloat16), None, "none", [], "") for q in qs],
                    "fp32 oneDNN": lambda: [lp(x, w, None, "none", [], "") for w in ws]}
+            if dense.ONEDNN_BF16:  # oneDNN's bf16 products need AVX-512 BW/VL/DQ or AVX-NE-CONVERT
+                fns["int8 -> bf16 oneDNN"] = lambda: [lp(xb, q.to(torch.bfloat16), None, "none", [], "") for q in qs]
             if blocked:
                 fns["native int8 (fp32)"] = lambda: [int8_native._call(int8_native._KERNEL.fn(), x, w, s, out_f)
                                                      for w, s in blocked]

@@ -50,15 +50,18 @@ def int8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                   scales_bf16: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ (+ bias [N]) -> [M, N] in x's dtype. Below
     INT8_ONEDNN_MIN_ROWS rows: llmarch's native kernel in fp32 (:mod:`llmarch.native.int8`; it adds the bias
-    too) where it builds, else torch's packed kernel with bf16 activations; from there on, oneDNN's bf16 matmul.
+    too) where it builds, else torch's packed kernel with bf16 activations; from there on, oneDNN's bf16 matmul
+    where the CPU has it, else the native kernel again (on an AVX2 host 1.7-2.2x torch's packed kernel at 32 and
+    128 rows, ``benchmarks/decode.py --int8-kernels``).
     ``scales_bf16``: the scales already cast (a module caches them). Eager callers call this directly: through
     the custom op below, each call costs ~10 us more (28 against 18 us for a 768 x 512 decode product), ~0.35 ms
     per LLaMA-style token."""
-    if x.shape[0] < INT8_ONEDNN_MIN_ROWS and int8_native.available():  # fp32 activations, blocked weight
+    few = x.shape[0] < INT8_ONEDNN_MIN_ROWS
+    if (few or not _BF16_ONEDNN) and int8_native.available():  # fp32 activations, blocked weight
         y = int8_native.mm(x, qweight, scales, bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
     xb = x.to(torch.bfloat16)
-    if _BF16_ONEDNN and x.shape[0] >= INT8_ONEDNN_MIN_ROWS:  # bf16 products, fp32 scaling
+    if _BF16_ONEDNN and not few:  # bf16 products, fp32 scaling
         y = torch.ops.mkldnn._linear_pointwise(xb, qweight.to(torch.bfloat16), None, "none", [], "")
         y = (y.float() * scales).to(x.dtype)
     else:
