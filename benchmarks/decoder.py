@@ -1,7 +1,9 @@
 """Decoder core speed: llmarch vs Hugging Face transformers (attn_implementation="sdpa") on the same weights.
 
 For a LLaMA-style config (D 512, L 8, H 8, G 2, F 1376, V 8192) and GPT-2-124M, in fp32 on CPU:
-- training: forward + cross-entropy + backward + AdamW step on a [4, 512] batch, tokens/s;
+- training: forward + cross-entropy + backward + AdamW step on a [4, 512] batch, tokens/s, each library with its own
+  training loss (llmarch's chunked ``ce_sum`` over shifted labels, transformers' ``labels=``; the two losses are
+  recorded before the first step and agree);
 - decoding: greedy, batch 1, 32-token prompt, 128 new tokens (prefill included), tokens/s.
 Our model is built, saved with ``llmarch.hf.save`` (our translator writes config.json) and loaded by transformers,
 so both hold the same weights. The two libraries' repeats are interleaved so load on a shared machine hits both
@@ -30,7 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmarch
-from common import limits, matmul_gflops, median_time, onednn_matmul_gflops, print_table, write_results
+from llmarch.train.masking import IGNORE
+from llmarch.train.objectives import ce_sum
+from common import limits, matmul_gflops, onednn_matmul_gflops, print_table, write_results
 
 MODELS = {
     "llama-style": ("llama", llmarch.preset("llama-tiny").replace(
@@ -85,8 +89,10 @@ def train_step(model: nn.Module, ids: torch.Tensor, loss_of: Callable) -> Callab
 
 
 def ours_loss(model, ids):
-    logits = model(ids).logits  # [B, T, V]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    """llmarch's training loss as ``llmarch train`` computes it (``objectives.ce_sum``: labels shifted instead of
+    the logits, chunked cross-entropy), the mean over the B (T - 1) predicted positions like transformers'."""
+    labels = F.pad(ids[:, 1:], (0, 1), value=IGNORE)  # [B, T]: the last position predicts nothing
+    return ce_sum(model(ids).logits, labels) / (ids.shape[0] * (ids.shape[1] - 1))
 
 
 def hf_loss(model, ids):
@@ -107,6 +113,8 @@ def run_model(name: str, repeats: int, tmp: Path) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=g)
     prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), generator=g)
 
+    with torch.no_grad():
+        losses = {"llmarch": float(ours_loss(ours, ids)), "hf": float(hf_loss(hf, ids))}
     train = interleaved({"llmarch": train_step(ours, ids, ours_loss), "hf": train_step(hf, ids, hf_loss)},
                         repeats)
     for m in (ours, hf):
@@ -127,6 +135,7 @@ def run_model(name: str, repeats: int, tmp: Path) -> dict:
     attn = 12 * cfg.n_layers * cfg.n_heads * cfg.dh * SEQ
     return dict(model_type=model_type, config=cfg.to_dict(), matmul_weights=N,
                 train_flops_per_token=6 * N + attn, weight_bytes=N * 4, greedy_tokens_identical=same,
+                first_losses=losses,
                 train_s=train, decode_s=decode)
 
 
@@ -190,6 +199,9 @@ def main() -> None:
     for name, r in results.items():
         if not r["greedy_tokens_identical"]:
             print(f"WARNING {name}: greedy tokens differ between llmarch and transformers")
+        loss = r["first_losses"]
+        if abs(loss["llmarch"] - loss["hf"]) > 1e-4 * abs(loss["hf"]):
+            print(f"WARNING {name}: the training losses differ: {loss}")
     settings = dict(batch=BATCH, seq=SEQ, prompt=PROMPT, new_tokens=NEW, repeats=repeats, dtype="float32",
                     threads=torch.get_num_threads(), load_average=os.getloadavg())
     path = write_results("decoder", dict(settings=settings,

@@ -31,10 +31,19 @@ def grads(fn, x, bank, counts, need=(True, True)):
     return y.detach(), xi.grad, bi.grad
 
 
-def test_fp32_forward_and_grads_equal_the_loop_and_run_on_onednn():
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fp32_forward_and_grads_equal_the_loop_on_the_host_route(monkeypatch, onednn):
+    """One ``_Bank`` node either way; its products on oneDNN only where ``dense.ONEDNN_FP32`` says so."""
+    from tests.test_dense import Ops  # records the aten ops a call runs
+
+    monkeypatch.setattr(dense, "ONEDNN_FP32", onednn)
     x, bank = operands()
-    y = banks.bank_linear(x, bank.requires_grad_(), COUNTS)
-    assert type(y.grad_fn).__name__ == "_OneDNNBankBackward"
+    with Ops() as ops:
+        y = banks.bank_linear(x.clone().requires_grad_(), bank.clone().requires_grad_(), COUNTS)
+        y.sum().backward()
+    assert type(y.grad_fn).__name__ == "_BankBackward"
+    # 4 experts with rows; the one-row expert stays on BLAS: 3 forward, 3 dx, 3 dW products on oneDNN
+    assert sum("mkldnn._linear_pointwise" in n for n in ops.names) == (9 if onednn else 0)
     (y0, gx0, gb0), (y1, gx1, gb1) = (grads(f, x, bank.detach(), COUNTS) for f in (naive, banks.bank_linear))
     torch.testing.assert_close(y1, y0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx1, gx0, atol=1e-5, rtol=1e-5)
@@ -63,9 +72,10 @@ def test_the_bank_gradient_keeps_the_parameter_layout():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_runs_on_onednn_and_equals_the_loop(dtype):
+def test_inference_runs_on_onednn_and_equals_the_loop(monkeypatch, dtype):
     from tests.test_dense import Ops  # records the aten ops a call runs
 
+    monkeypatch.setattr(dense, "ONEDNN_FP32", True)  # the route of AVX-512 hosts, forced here on any CPU
     x, bank = operands(dtype)
     if dtype == torch.bfloat16:  # a bf16 bank is stored column-major on the CPU (llmarch.nn.experts)
         bank = bank.transpose(1, 2).contiguous().transpose(1, 2)

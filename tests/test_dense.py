@@ -12,6 +12,14 @@ from llmarch.nn.dense import ONEDNN, Linear, linear
 pytestmark = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN")
 
 
+@pytest.fixture
+def onednn_fp32(monkeypatch):
+    """The oneDNN route for plain fp32 weights, whichever this host takes by default (``dense.ONEDNN_FP32``)."""
+    import llmarch.nn.dense as dense
+
+    monkeypatch.setattr(dense, "ONEDNN_FP32", True)
+
+
 class Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -26,7 +34,7 @@ class Ops(TorchDispatchMode):
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("out_f", [37, 11])  # wider and narrower than the input
 @pytest.mark.parametrize("rows", [5, 200])  # x^T g transposed only for a wide weight and many rows (3 x 200)
-def test_values_and_grads_equal_f_linear(bias, layout, out_f, rows):
+def test_values_and_grads_equal_f_linear(bias, layout, out_f, rows, onednn_fp32):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(out_f, 24, generator=g)
     w = w if layout == "row" else w.t().contiguous().t()  # the decode layout stores wide weights column-major
@@ -49,7 +57,7 @@ def test_values_and_grads_equal_f_linear(bias, layout, out_f, rows):
 
 
 @pytest.mark.parametrize("rows", [4, 16])
-def test_small_batch_weight_gradient_comes_in_the_weight_layout(rows):
+def test_small_batch_weight_gradient_comes_in_the_weight_layout(rows, onednn_fp32):
     """With few rows the backward computes g^T x directly as [out, in] (AccumulateGrad keeps it as is), instead of
     a transposed x^T g that would cost a copy of the whole gradient."""
     w = torch.nn.Parameter(torch.randn(256, 32))
@@ -59,7 +67,7 @@ def test_small_batch_weight_gradient_comes_in_the_weight_layout(rows):
     assert produced == [w.stride()]
 
 
-def test_flop_counter_counts_the_onednn_products():
+def test_flop_counter_counts_the_onednn_products(onednn_fp32):
     from torch.utils.flop_counter import FlopCounterMode
 
     x, w = torch.randn(3, 5, 24, requires_grad=True), torch.randn(37, 24, requires_grad=True)
@@ -71,7 +79,7 @@ def test_flop_counter_counts_the_onednn_products():
     assert counts[0] == counts[1] == 3 * 2 * 15 * 24 * 37  # forward, dx and dW
 
 
-def test_no_grad_and_fallbacks():
+def test_no_grad_and_fallbacks(onednn_fp32):
     lin = Linear(16, 8)
     x = torch.randn(2, 4, 16)
     with torch.no_grad():
@@ -87,6 +95,41 @@ def test_no_grad_and_fallbacks():
     assert lin.state_dict().keys() == torch.nn.Linear(16, 8).state_dict().keys() and isinstance(lin, torch.nn.Linear)
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_the_host_flag_picks_the_route_of_plain_fp32_products(monkeypatch, on):
+    """``ONEDNN_FP32`` off (a host where torch's BLAS is ahead): training and prefill products run ``F.linear``
+    (its aten products, no oneDNN call); on: oneDNN, forward and backward."""
+    import llmarch.nn.dense as dense
+
+    monkeypatch.setattr(dense, "ONEDNN_FP32", on)
+    x, w = torch.randn(6, 24, requires_grad=True), torch.randn(37, 24, requires_grad=True)
+    with Ops() as ops:
+        linear(x, w).sum().backward()
+        with torch.no_grad():
+            linear(x, w)
+    onednn = [n for n in ops.names if "mkldnn._linear_pointwise" in n]
+    assert len(onednn) == (4 if on else 0)  # forward, dx, dW; the gradient-free forward
+    assert on or sum("aten.mm" in n for n in ops.names) >= 3
+
+
+def test_the_host_flag_follows_the_cpu_and_the_environment():
+    """oneDNN for plain fp32 weights by default only where the CPU has AVX-512; ``LLMARCH_ONEDNN_FP32`` overrides."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from llmarch.nn import dense; "
+            "print(torch.backends.cpu.get_cpu_capability(), dense.ONEDNN_FP32)")
+    seen = {}
+    for value in ("", "0", "1"):
+        env = {**os.environ, "LLMARCH_ONEDNN_FP32": value}
+        cap, flag = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True).stdout.split()
+        seen[value] = (cap, flag == "True")
+    cap = seen[""][0]
+    assert seen[""][1] == cap.startswith("AVX512") and seen["0"][1] is False and seen["1"][1] is True
+
+
 def test_model_training_step_matches_f_linear(monkeypatch):
     """A decoder's loss and gradients through oneDNN equal those with every projection on F.linear."""
     import llmarch.nn.dense as dense
@@ -96,7 +139,7 @@ def test_model_training_step_matches_f_linear(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     out = []
     for on in (True, False):
-        monkeypatch.setattr(dense, "ONEDNN", on)
+        monkeypatch.setattr(dense, "ONEDNN_FP32", on)
         model.zero_grad()
         loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
         loss.backward()

@@ -1,5 +1,6 @@
 """Expert-bank products: each expert's rows of a sorted batch times its matrix of a bank [E, in, out]
-(``llmarch.nn.experts``), through the same oneDNN products as :mod:`llmarch.nn.dense`, forward and backward."""
+(``llmarch.nn.experts``), forward and backward, through the same oneDNN products as :mod:`llmarch.nn.dense` (fp32 on
+hosts where oneDNN is the fp32 route, ``dense.ONEDNN_FP32``; torch's BLAS elsewhere)."""
 from __future__ import annotations
 
 import torch
@@ -7,16 +8,23 @@ import torch
 from llmarch.nn import dense
 
 
+def _onednn(x: torch.Tensor) -> bool:
+    """Whether an expert's product of these rows goes to oneDNN: bf16 (where the CPU has oneDNN's bf16 products,
+    the caller checks), and fp32 where oneDNN is this host's fp32 route (``dense.ONEDNN_FP32``)."""
+    return x.dtype != torch.float32 or dense.ONEDNN_FP32
+
+
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, k] @ w [k, m] for one expert: oneDNN, but torch's BLAS for a single row (measured on an expert's
-    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us)."""
-    return x @ w if x.shape[0] == 1 else dense._mm(x, w.t(), None)
+    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not the route."""
+    return x @ w if x.shape[0] == 1 or not _onednn(x) else dense._mm(x, w.t(), None)
 
 
-class _OneDNNBank(torch.autograd.Function):
-    """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN (fp32
-    CPU training of an expert bank; see :func:`bank_linear`). The weight gradient is one new [E, in, out] tensor
-    in the bank's layout, so AccumulateGrad keeps it without a copy; an expert with no rows gets zeros."""
+class _Bank(torch.autograd.Function):
+    """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN where it is
+    the host's fp32 route, else torch's BLAS (fp32 CPU training of an expert bank; see :func:`bank_linear`). The
+    weight gradient is one new [E, in, out] tensor in the bank's layout, so AccumulateGrad keeps it without a copy;
+    an expert with no rows gets zeros."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -34,7 +42,7 @@ class _OneDNNBank(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dbank = torch.empty_like(bank)
             for e, (xe, ge) in enumerate(pieces):
-                if counts[e] == 1:  # an outer product: BLAS writes it in place (107 against 276 us, as above)
+                if counts[e] == 1 or not _onednn(xe):  # BLAS writes in place (outer product 107 against 276 us)
                     torch.mm(xe.t(), ge, out=dbank[e])
                 elif counts[e]:
                     dbank[e].copy_(dense._mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
@@ -44,13 +52,14 @@ class _OneDNNBank(torch.autograd.Function):
 
 
 def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """x [A, in] sorted by expert (``counts[e]`` rows each, sum A > 0), bank [E, in, out] -> [A, out]: each
-    expert's rows times its matrix (``cat(x_e @ bank[e])``). CPU inference (fp32, bf16) and fp32 CPU training go
-    to oneDNN, training through :class:`_OneDNNBank` (bf16 training was level with ``torch._grouped_mm`` there,
-    0.9-1.07x, so it is left to the ``grouped`` dispatcher); anything else multiplies ``unbind`` views of the bank
-    with :func:`linear` (their backward stacks the expert gradients once)."""
+    """x [A, in] sorted by expert (``counts[e]`` rows each, sum A > 0), bank [E, in, out] -> [A, out]: each expert's
+    rows times its matrix (``cat(x_e @ bank[e])``). CPU inference (fp32, bf16) and fp32 CPU training go to oneDNN
+    (fp32: where ``dense.ONEDNN_FP32``, else torch's BLAS), training through :class:`_Bank` (bf16 training was level
+    with ``torch._grouped_mm`` there, 0.9-1.07x, so it is left to the ``grouped`` dispatcher); anything else
+    multiplies ``unbind`` views of the bank with :func:`linear` (their backward stacks the expert gradients
+    once)."""
     if dense._operands_fit(x, bank, None) and x.dtype == torch.float32 and dense._needs_grad(x, bank, None):
-        return _OneDNNBank.apply(x, bank, counts)
+        return _Bank.apply(x, bank, counts)
     if dense._operands_fit(x, bank, None) and not dense._needs_grad(x, bank, None):  # fp32 or bf16 inference
         return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
     mats = bank.unbind(0)

@@ -1,14 +1,15 @@
 """Dense projections: ``nn.Linear`` with the fp32 CPU matrix products sent to oneDNN.
 
-torch sends fp32 CPU matmuls to its BLAS (MKL); oneDNN, which torch already uses for bf16, ran the training
-shapes of this library about 2x faster on the benchmark machine (an AMD EPYC, one thread: [2048, 512] x
-[512, 2752] 87 -> 200 GFLOP/s, and the transposed products of the backward alike; batch-8 decode through the
-50257 x 768 GPT-2 head 3-4 -> 8-10 GB/s). A single row (batch-1 decoding) keeps torch's BLAS unless the weight
-has >= 2^24 elements: with every one-row product on oneDNN, LLaMA-style batch-1 decoding ran 8-17 % slower in
-each of three interleaved A/Bs (its 512 x 512 .. 2752 x 512 products do not pay oneDNN's per-call cost); for
-GPT-2's 50257 x 768 head the A/Bs were within the noise (-13 % .. +25 %). Same function, fp32 rounding order
-aside: tests hold values and gradients to ``F.linear``. Everything else (other devices and dtypes, autocast,
-compiled regions, tensor subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
+torch sends fp32 CPU matmuls to its BLAS (MKL); oneDNN, which torch already uses for bf16, ran the training shapes
+of this library about 2x faster on the benchmark machine (an AMD EPYC with AVX-512, one thread: [2048, 512] x [512,
+2752] 87 -> 200 GFLOP/s, and the transposed products of the backward alike; batch-8 decode through the 50257 x 768
+GPT-2 head 3-4 -> 8-10 GB/s). A single row (batch-1 decoding) keeps torch's BLAS unless the weight has >= 2^24
+elements: with every one-row product on oneDNN, LLaMA-style batch-1 decoding ran 8-17 % slower in each of three
+interleaved A/Bs (its 512 x 512 .. 2752 x 512 products do not pay oneDNN's per-call cost); for GPT-2's 50257 x 768
+head the A/Bs were within the noise (-13 % .. +25 %). Same function, fp32 rounding order aside: tests hold values
+and gradients to ``F.linear``. On a CPU without AVX-512 the order reverses (MKL ahead: ``ONEDNN_FP32`` below), and
+plain-weight fp32 products stay on ``F.linear`` there. Everything else (other devices and dtypes, autocast, compiled
+regions, tensor subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
 
 Inference can also run on *packed* weights (:func:`pack`): a copy of the weight in the blocked layout oneDNN picks
 for 128-row products, held outside the module (state dicts, parameters and checkpoints are untouched) and used
@@ -32,6 +33,7 @@ inference).
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import torch
@@ -45,6 +47,13 @@ _OPS = getattr(torch.ops, "mkldnn", None)
 ONEDNN = torch.backends.mkldnn.is_available() and _OPS is not None and hasattr(_OPS, "_linear_pointwise")
 # oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 stays on torch's kernels
 ONEDNN_BF16 = ONEDNN and hasattr(_OPS, "_is_mkldnn_bf16_supported") and bool(_OPS._is_mkldnn_bf16_supported())
+# fp32 products over plain weights (training, prefills) go to oneDNN on hosts where it beats torch's BLAS: AVX-512
+# ones (see above). On an AVX2-only EPYC (Zen 3, one thread, [2048, in] x [in, out] at the training shapes of
+# benchmarks/decoder.py) MKL was ahead in 20 of 27 forward / dx / dW products and 1.1-2.2x in most backward ones
+# (GPT-2-124M training step 0.69x transformers on oneDNN). ``LLMARCH_ONEDNN_FP32=1`` / ``0`` overrides.
+_FP32_ENV = os.environ.get("LLMARCH_ONEDNN_FP32", "")
+ONEDNN_FP32 = ONEDNN and (_FP32_ENV == "1" or (_FP32_ENV != "0"
+                                               and torch.backends.cpu.get_cpu_capability().startswith("AVX512")))
 _PLAIN = (torch.Tensor, nn.Parameter)
 MATVEC_MIN_ELEMENTS = 1 << 24  # a one-row product goes to oneDNN only for weights this large (see above)
 PACK_ROWS = 128  # the row count the packed layout is chosen for; measured fastest at 1, 8 and 128 rows alike
@@ -83,7 +92,7 @@ def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` takes the oneDNN path over the plain weight for these operands."""
-    return (_operands_fit(x, weight, bias) and x.dtype == torch.float32
+    return (ONEDNN_FP32 and _operands_fit(x, weight, bias) and x.dtype == torch.float32
             and (x.numel() > x.shape[-1] or weight.numel() >= MATVEC_MIN_ELEMENTS))
 
 

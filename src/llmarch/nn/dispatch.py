@@ -107,7 +107,9 @@ def grouped_dispatch(x, experts, weights, keep, bank):
 SLICED_MIN_ROWS = 512
 # fp32 on CPU the sliced products run through oneDNN, backward included (llmarch.nn.banks.bank_linear): without
 # gradients sliced beat grouped at every size (benchmarks/moe.py layer: 1.2-1.6x at 1-16 tokens); with them from
-# ~1 row per expert (top-2 of 8, forward + backward: 4 tokens 1.08x, 8 1.22x, 16 1.34x; 1-2 tokens 0.96x)
+# ~1 row per expert (top-2 of 8, forward + backward: 4 tokens 1.08x, 8 1.22x, 16 1.34x; 1-2 tokens 0.96x). On an
+# AVX2-only host, where the products run on torch's BLAS (dense.ONEDNN_FP32 off), sliced and grouped were level
+# (grouped / sliced step time 0.93-1.06 at 1-512 tokens; sliced on oneDNN there: 0.84-0.89 from 4 tokens)
 SLICED_MIN_ROWS_ONEDNN = 1
 
 
