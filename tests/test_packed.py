@@ -166,10 +166,11 @@ def test_packing_is_skipped_when_it_would_not_fit(monkeypatch):
 
 @pytest.mark.parametrize("expert_ffn", ["glu", "mlp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, 40])
+@pytest.mark.parametrize("tokens", [1, 5, 40, 150])
 def test_packed_experts_equal_the_grouped_products(expert_ffn, dtype, tokens):
     """An MoE layer whose banks are packed runs every expert product on the packed copies and gives the output of
-    the grouped dispatcher over the plain bank (bf16: bit for bit; fp32: rounding order aside)."""
+    the grouped dispatcher over the plain bank (bf16: bit for bit; fp32: rounding order aside). fp32 with native
+    copies: an expert's products of up to ``MAX_ROWS`` rows run on them, more rows over the plain bank."""
     from llmarch import MoEConfig
     from llmarch.nn.moe import MoE
 
@@ -181,12 +182,21 @@ def test_packed_experts_equal_the_grouped_products(expert_ffn, dtype, tokens):
     x = torch.randn(1, tokens, 32).to(dtype)
     banks = dtype == torch.float32 or dense.ONEDNN_BF16  # else bf16 banks stay unpacked, on torch's kernels
     assert layout.pack_weights(moe) == (3 if banks else 0)  # two banks and the router's matrix
+    routed = []
+    dispatch = moe.dispatch
+    moe.dispatch = lambda flat, experts, *a: routed.append(experts) or dispatch(flat, experts, *a)
     with torch.no_grad():
         ref = grouped(x)
         with PackedCalls() as calls:
             y = moe(x)
-    if banks:
-        assert calls.packed >= 2 and calls.plain == 1  # the experts; the router's fp32 product stays plain
+    rows = torch.bincount(routed[0].flatten(), minlength=6).tolist()  # per expert
+    if banks and dtype == torch.float32 and fp32_route(1) == "native":
+        few = sum(0 < r <= dense.native_fp32.MAX_ROWS for r in rows)
+        assert calls.packed == 0 and calls.native == 2 * few  # two matrices per expert
+        assert calls.plain == 1 + 2 * sum(r > dense.native_fp32.MAX_ROWS for r in rows)  # and the router's
+        assert (calls.plain > 1) == (tokens == 150)  # 150 tokens: some experts over MAX_ROWS, else none
+    elif banks:
+        assert calls.packed == 2 * sum(r > 0 for r in rows) and calls.plain == 1  # the router's stays plain
     else:
         assert calls.packed == 0
     if dtype == torch.bfloat16:
@@ -216,7 +226,7 @@ def test_moe_generation_with_packed_experts_equals_without():
     assert all(dense.packed(m.experts.down) is not None for m in model.modules() if hasattr(m, "experts"))
     with PackedCalls() as calls, torch.no_grad():
         logits = model(ids).logits
-    assert calls.packed > 0 and calls.plain == 2  # only the two routers run plain (fp32 routing)
+    assert calls.packed + calls.native > 0 and calls.plain == 2  # only the two routers run plain (fp32 routing)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     layout.unpack_weights(model)
     assert torch.equal(llmarch.generate(model, ids, max_new_tokens=5), out)

@@ -24,7 +24,9 @@ per expert); the bf16 products are bit-identical to ``F.linear``'s. It costs one
 in memory; ``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's native kernel builds
 (:mod:`llmarch.native.fp32`: x86-64 with AVX-512 or AVX2 and a C compiler), a 2-D fp32 weight's copy is that
 kernel's blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
-steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight.
+steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight. An fp32
+expert bank's copies are that layout too, one per expert (:func:`packed_mm`; AVX2 host, one expert's two matrices at
+1 / 4 / 16 rows: 311 / 543 / 1331 us against 530 / 713 / 1365 on oneDNN's packed copies).
 
 Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through
 ``llmarch.nn.banks.bank_linear``: the same oneDNN products, forward and backward (fp32 training; fp32 and bf16
@@ -126,10 +128,11 @@ def pack(weight: torch.Tensor) -> bool:
     key = id(weight)
     fresh = key not in _PACKED
     w = weight.detach()
-    if w.dim() == 3:
-        copy = [_reorder(w[e].t()) for e in range(w.shape[0])]
+    native = w.dtype == torch.float32 and native_fp32.available()
+    if w.dim() == 3:  # a bank [E, in, out]: one copy per expert, of its [out, in] matrix
+        copy = [native_fp32.Blocked(w[e].t()) if native else _reorder(w[e].t()) for e in range(w.shape[0])]
     else:
-        copy = native_fp32.Blocked(w) if w.dtype == torch.float32 and native_fp32.available() else _reorder(w)
+        copy = native_fp32.Blocked(w) if native else _reorder(w)
     _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version, copy)
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)
@@ -159,9 +162,15 @@ def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tenso
     return copies
 
 
-def packed_mm(x: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
-    """x [N, in] times a packed matrix (from :func:`packed_banks`) -> [N, out]."""
-    return _mm(x, copy, None)
+def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
+    """x [N, in] times an expert's packed matrix (from :func:`packed_banks`) -> [N, out]; ``plain`` is the same
+    matrix [in, out] from the bank. A native blocked copy serves up to ``native_fp32.MAX_ROWS`` rows; more rows run
+    over ``plain`` (oneDNN where it is the fp32 route, else torch's BLAS), as a 2-D weight's prefill does."""
+    if not isinstance(copy, native_fp32.Blocked):
+        return _mm(x, copy, None)
+    if x.shape[0] <= native_fp32.MAX_ROWS and native_fp32.available():
+        return native_fp32.mm(x, copy)
+    return _mm(x, plain.t(), None) if ONEDNN_FP32 else x @ plain
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -39,7 +39,8 @@ class _Bank(nn.Module):
     same shapes and values, only strides change (state dicts and checkpoints are unaffected).
 
     Inference may also pack the banks (``llmarch.infer.layout.pack_weights``; ``llmarch.nn.dense.pack``): one
-    oneDNN blocked copy per expert, which ``sliced`` then runs (no gradient needed, copies current). Few-row
+    copy per expert (fp32: the native kernel's blocked layout where it builds, for up to ``MAX_ROWS`` rows; else
+    oneDNN's), which ``sliced`` then runs (no gradient needed, copies current). Few-row
     products stream 1.2-2.3x faster from it (fp32; bf16 ~2x, bit-identical), docs/performance.md, MoE layer."""
 
     packs_for_inference = True
@@ -102,7 +103,7 @@ class GLUExperts(_Bank):
         packs = self._packed(x)
         if packs is not None:
             mm, (gate_up, down) = dense.packed_mm, packs
-            return torch.cat([mm(self._mid(mm(xe, gate_up[e])), down[e])
+            return torch.cat([mm(self._mid(mm(xe, gate_up[e], self.gate_up[e])), down[e], self.down[e])
                               for e, xe in enumerate(x.split(counts)) if counts[e]])
         return banks.bank_linear(self._mid(banks.bank_linear(x, self.gate_up, counts)), self.down, counts)
 
@@ -142,8 +143,8 @@ class MLPExperts(_Bank):
         packs = self._packed(x)
         if packs is not None:
             mm, (up, down) = dense.packed_mm, packs
-            return torch.cat([mm(self.act(mm(xe, up[e])), down[e]) for e, xe in enumerate(x.split(counts))
-                              if counts[e]])
+            return torch.cat([mm(self.act(mm(xe, up[e], self.up[e])), down[e], self.down[e])
+                              for e, xe in enumerate(x.split(counts)) if counts[e]])
         return banks.bank_linear(self.act(banks.bank_linear(x, self.up, counts)), self.down, counts)
 
     def load_dense(self, e: int, ffn: MLP) -> None:
