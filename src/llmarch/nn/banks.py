@@ -20,6 +20,17 @@ def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x @ w if x.shape[0] == 1 or not _onednn(x) else dense._mm(x, w.t(), None)
 
 
+def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
+    """x [N, in] times an expert's packed matrix (from ``dense.packed_banks``) -> [N, out]; ``plain`` is the same
+    matrix [in, out] from the bank. A native blocked copy serves up to ``native_fp32.MAX_ROWS`` rows; more rows run
+    over ``plain`` (:func:`_rows_mm`), as a 2-D weight's prefill does."""
+    if not isinstance(copy, dense.native_fp32.Blocked):
+        return dense._mm(x, copy, None)
+    if x.shape[0] <= dense.native_fp32.MAX_ROWS and dense.native_fp32.available():
+        return dense.native_fp32.mm(x, copy)
+    return _rows_mm(x, plain)
+
+
 class _Bank(torch.autograd.Function):
     """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN where it is
     the host's fp32 route, else torch's BLAS (fp32 CPU training of an expert bank; see :func:`bank_linear`). The

@@ -25,8 +25,8 @@ in memory; ``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's n
 (:mod:`llmarch.native.fp32`: x86-64 with AVX-512 or AVX2 and a C compiler), a 2-D fp32 weight's copy is that
 kernel's blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
 steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight. An fp32
-expert bank's copies are that layout too, one per expert (:func:`packed_mm`; AVX2 host, one expert's two matrices at
-1 / 4 / 16 rows: 311 / 543 / 1331 us against 530 / 713 / 1365 on oneDNN's packed copies).
+expert bank's copies are that layout too, one per expert (``llmarch.nn.banks.packed_mm``; AVX2 host, one expert's
+two matrices at 1 / 4 / 16 rows: 311 / 543 / 1331 us against 530 / 713 / 1365 on oneDNN's packed copies).
 
 Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through
 ``llmarch.nn.banks.bank_linear``: the same oneDNN products, forward and backward (fp32 training; fp32 and bf16
@@ -153,24 +153,13 @@ def _inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tensor]] | None:
     """The packed copies of these expert banks if inference on ``x`` can use them (all current, no gradient
-    needed), else None. ``packed_banks(x, b)[0][e]`` is expert e's matrix for :func:`packed_mm`."""
+    needed), else None. ``packed_banks(x, b)[0][e]`` is expert e's matrix for ``llmarch.nn.banks.packed_mm``."""
     if not _PACKED or torch.compiler.is_compiling():
         return None
     copies = [packed(b) for b in banks]
     if any(c is None for c in copies) or not all(_inference(x, b, None) for b in banks):
         return None
     return copies
-
-
-def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
-    """x [N, in] times an expert's packed matrix (from :func:`packed_banks`) -> [N, out]; ``plain`` is the same
-    matrix [in, out] from the bank. A native blocked copy serves up to ``native_fp32.MAX_ROWS`` rows; more rows run
-    over ``plain`` (oneDNN where it is the fp32 route, else torch's BLAS), as a 2-D weight's prefill does."""
-    if not isinstance(copy, native_fp32.Blocked):
-        return _mm(x, copy, None)
-    if x.shape[0] <= native_fp32.MAX_ROWS and native_fp32.available():
-        return native_fp32.mm(x, copy)
-    return _mm(x, plain.t(), None) if ONEDNN_FP32 else x @ plain
 
 
 class _OneDNNLinear(torch.autograd.Function):

@@ -102,7 +102,7 @@ class GLUExperts(_Bank):
         (``llmarch.nn.banks.bank_linear``: oneDNN for fp32 CPU tensors, backward included)."""
         packs = self._packed(x)
         if packs is not None:
-            mm, (gate_up, down) = dense.packed_mm, packs
+            mm, (gate_up, down) = banks.packed_mm, packs
             return torch.cat([mm(self._mid(mm(xe, gate_up[e], self.gate_up[e])), down[e], self.down[e])
                               for e, xe in enumerate(x.split(counts)) if counts[e]])
         return banks.bank_linear(self._mid(banks.bank_linear(x, self.gate_up, counts)), self.down, counts)
@@ -142,7 +142,7 @@ class MLPExperts(_Bank):
     def sliced(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         packs = self._packed(x)
         if packs is not None:
-            mm, (up, down) = dense.packed_mm, packs
+            mm, (up, down) = banks.packed_mm, packs
             return torch.cat([mm(self.act(mm(xe, up[e], self.up[e])), down[e], self.down[e])
                               for e, xe in enumerate(x.split(counts)) if counts[e]])
         return banks.bank_linear(self.act(banks.bank_linear(x, self.up, counts)), self.down, counts)
