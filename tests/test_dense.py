@@ -121,30 +121,46 @@ def test_the_host_flag_follows_the_cpu_and_the_environment():
     code = ("import torch; from llmarch.nn import dense; "
             "print(torch.backends.cpu.get_cpu_capability(), dense.ONEDNN_FP32)")
     seen = {}
-    for value in ("", "0", "1"):
+    for value in ("", "0", "1", "on"):
         env = {**os.environ, "LLMARCH_ONEDNN_FP32": value}
-        cap, flag = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                                   check=True).stdout.split()
-        seen[value] = (cap, flag == "True")
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        cap, flag = r.stdout.split()
+        seen[value] = (cap, flag == "True", "LLMARCH_ONEDNN_FP32='on'" in r.stderr)
     cap = seen[""][0]
     assert seen[""][1] == cap.startswith("AVX512") and seen["0"][1] is False and seen["1"][1] is True
+    assert seen["on"][1:] == (seen[""][1], True) and not any(seen[v][2] for v in ("", "0", "1"))  # warned, ignored
+
+
+def loss_and_grads(model, ids: torch.Tensor, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
+    """One training step's next-token loss and every parameter's gradient (``autocast``: CPU autocast dtype)."""
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        logits = model(ids).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
+    loss.backward()
+    return [loss] + [p.grad.clone() for p in model.parameters()]
+
+
+def steps_on_and_off(monkeypatch, module, flag: str, autocast=None, mode=None):
+    """:func:`loss_and_grads` of a 2-layer llama-tiny with ``module.flag`` True, then False; with the dispatch
+    ``mode`` seen by each step."""
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=2))
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    out = {}
+    for on in (True, False):
+        monkeypatch.setattr(module, flag, on)
+        with (mode or Ops)() as seen:
+            out[on] = (loss_and_grads(model, ids, autocast), seen)
+    return out
 
 
 def test_model_training_step_matches_f_linear(monkeypatch):
     """A decoder's loss and gradients through oneDNN equal those with every projection on F.linear."""
     import llmarch.nn.dense as dense
 
-    torch.manual_seed(0)
-    model = llmarch.build(llmarch.preset("llama-tiny").replace(n_layers=2))
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    out = []
-    for on in (True, False):
-        monkeypatch.setattr(dense, "ONEDNN_FP32", on)
-        model.zero_grad()
-        loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.roll(-1, 1).flatten())
-        loss.backward()
-        out.append([loss] + [p.grad.clone() for p in model.parameters()])
-    for ours, ref in zip(*out):
+    out = steps_on_and_off(monkeypatch, dense, "ONEDNN_FP32")
+    for ours, ref in zip(out[True][0], out[False][0]):
         torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
 
 

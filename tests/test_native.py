@@ -1,4 +1,4 @@
-"""llmarch's native kernels (llmarch.native.fp32 / .int8, built by llmarch.native): the fp32 products they
+"""llmarch's native kernels (llmarch.native.fp32 / .int8 / .bf16, built by llmarch.native): the products they
 promise against a float64 reference at every row count and ragged shape, Int8Linear's use of the int8 one
 (dense.linear's use of the fp32 one: tests/test_packed.py), re-deriving the blocked int8 weight after edits,
 threads, and the fallbacks (disabled, no compiler, a failed build)."""
@@ -15,6 +15,7 @@ from torch import nn
 
 import llmarch
 from llmarch import native
+from llmarch.native import bf16 as bf16_native
 from llmarch.native import fp32 as fp32_native
 from llmarch.native import int8 as int8_native
 from llmarch.infer.quantize import Int8Linear, quantize
@@ -26,7 +27,7 @@ qz = importlib.import_module("llmarch.infer.quantize")
 
 
 def test_kernels_pass_their_self_checks():
-    assert int8_native.available() and fp32_native.available()
+    assert int8_native.available() and fp32_native.available() and bf16_native.available()
 
 
 def _ref(x, q, s):
@@ -60,6 +61,21 @@ def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 32])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130), (100, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_kernel_is_the_product_of_the_bf16_weights_rounded_once(rows, n, k, bias):
+    """bf16 weights (and activations) widened to fp32, summed in fp32, the result rounded to bf16 once: within
+    half a bf16 ulp of the exact product, plus fp32 summation error."""
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(rows, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    got = bf16_native.mm(x, fp32_native.Blocked(w), b)
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * exact.abs().max()).all()
+
+
 def test_the_avx2_build_is_the_fp32_product_too(tmp_path):
     """The AVX2 variant of gemv.c, built without AVX-512 (on an AVX-512 CPU the default build is the other one),
     over both weight types, every row count up to 9 and ragged block groups."""
@@ -68,8 +84,8 @@ def test_the_avx2_build_is_the_fp32_product_too(tmp_path):
     error = native._build(native.Path(native.__file__).with_name("gemv.c"), out, cc, extra=("-mno-avx512f",))
     assert error is None, error
     lib = native.ctypes.CDLL(str(out))
-    f32, i8 = lib.llmarch_f32_gemv, lib.llmarch_int8_gemv
-    for fn in (f32, i8):
+    f32, i8, b16 = lib.llmarch_f32_gemv, lib.llmarch_int8_gemv, lib.llmarch_bf16_gemv
+    for fn in (f32, i8, b16):
         fn.argtypes, fn.restype = fp32_native._KERNEL.argtypes, None
     g = torch.Generator().manual_seed(0)
     for rows in range(1, 10):
@@ -82,6 +98,10 @@ def test_the_avx2_build_is_the_fp32_product_too(tmp_path):
             s = torch.rand(n, generator=g) + 0.1
             got = int8_native._call(i8, x, *int8_native.block(q, s), n, b)
             want = (x.double() @ q.double().T * s.double() + b.double()).float()
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            w16 = w.bfloat16()  # the bf16 kernel before its rounding: the fp32 product of the bf16 weights
+            got = bf16_native._call(b16, x, fp32_native.Blocked(w16), b)
+            want = (x.double() @ w16.double().T + b.double()).float()
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 

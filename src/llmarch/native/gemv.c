@@ -1,8 +1,10 @@
 /* llmarch: products of few rows (decoding) with a weight in a blocked layout, fp32 arithmetic, AVX-512 or AVX2.
  *
  * y[M, N] = (x[M, K] @ W[N, K]^T) * scale[N] + bias[N], where W is read as w[ceil(N/16)][K][16] (N zero-padded
- * to a multiple of 16): one block of 16 outputs is one contiguous run of 16 * K weights. Two weight types:
+ * to a multiple of 16): one block of 16 outputs is one contiguous run of 16 * K weights. Three weight types:
  *   - fp32 (llmarch_f32_gemv): scale is NULL; the plain fp32 product, summation order aside.
+ *   - bf16 (llmarch_bf16_gemv): each weight widened to fp32 (exact: a 16-bit shift) and multiplied by the fp32
+ *     activations; the fp32 product of the bf16 weights, half the bytes of fp32 to stream.
  *   - int8 (llmarch_int8_gemv): each weight is widened to fp32 once per block and row tile and multiplied by the
  *     fp32 activations, then by its row's scale: the dequantized fp32 product, no bf16 rounding of activations.
  * scale (padded to the blocks) and bias ([N]) may be NULL. x, y: fp32 row-major [M, K] and [M, N] (y fully
@@ -33,6 +35,9 @@ typedef __m512 vec;
 static inline vec load_i8(const int8_t *w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)w)));
 }
+static inline vec load_bf16(const uint16_t *w) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)w)), 16));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 typedef __m256 vec;
 #define VL 8
@@ -43,6 +48,9 @@ typedef __m256 vec;
 #define V(op) _mm256_##op
 static inline vec load_i8(const int8_t *w) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)w)));
+}
+static inline vec load_bf16(const uint16_t *w) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w)), 16));
 }
 #else
 #error "llmarch gemv needs AVX-512F or AVX2 with FMA"
@@ -150,7 +158,10 @@ static inline vec load_f32(const float *w) { return vload(w); }
 
 TILE(tile_f32, float, load_f32)
 TILE(tile_i8, int8_t, load_i8)
+TILE(tile_bf16, uint16_t, load_bf16)
 ROWS(rows_f32, tile_f32, float)
 ROWS(rows_i8, tile_i8, int8_t)
+ROWS(rows_bf16, tile_bf16, uint16_t)
 GEMV(llmarch_f32_gemv, rows_f32, float)
 GEMV(llmarch_int8_gemv, rows_i8, int8_t)
+GEMV(llmarch_bf16_gemv, rows_bf16, uint16_t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from llmarch.nn import dense
+from llmarch.nn import dense, widened
 
 
 def _onednn(x: torch.Tensor) -> bool:
@@ -26,8 +26,11 @@ def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
     over ``plain`` (:func:`_rows_mm`), as a 2-D weight's prefill does."""
     if not isinstance(copy, dense.native_fp32.Blocked):
         return dense._mm(x, copy, None)
-    if x.shape[0] <= dense.native_fp32.MAX_ROWS and dense.native_fp32.available():
-        return dense.native_fp32.mm(x, copy)
+    y = dense.native_mm(x, copy)
+    if y is not None:
+        return y
+    if x.dtype == torch.bfloat16 and not dense.ONEDNN_BF16:  # a bf16 copy is native only on such CPUs
+        return widened.mm(x, plain) if x.shape[0] >= widened.MIN_ROWS else x @ plain
     return _rows_mm(x, plain)
 
 

@@ -1,41 +1,37 @@
-"""Dense projections: ``nn.Linear`` with the fp32 CPU matrix products sent to oneDNN.
+"""Dense projections: ``nn.Linear`` with the CPU matrix products sent to the fastest route measured per host.
 
-torch sends fp32 CPU matmuls to its BLAS (MKL); oneDNN, which torch already uses for bf16, ran the training shapes
-of this library about 2x faster on the benchmark machine (an AMD EPYC with AVX-512, one thread: [2048, 512] x [512,
-2752] 87 -> 200 GFLOP/s, and the transposed products of the backward alike; batch-8 decode through the 50257 x 768
-GPT-2 head 3-4 -> 8-10 GB/s). A single row (batch-1 decoding) keeps torch's BLAS unless the weight has >= 2^24
-elements: with every one-row product on oneDNN, LLaMA-style batch-1 decoding ran 8-17 % slower in each of three
-interleaved A/Bs (its 512 x 512 .. 2752 x 512 products do not pay oneDNN's per-call cost); for GPT-2's 50257 x 768
-head the A/Bs were within the noise (-13 % .. +25 %). Same function, fp32 rounding order aside: tests hold values
-and gradients to ``F.linear``. On a CPU without AVX-512 the order reverses (MKL ahead: ``ONEDNN_FP32`` below), and
-plain-weight fp32 products stay on ``F.linear`` there. Everything else (other devices and dtypes, autocast, compiled
-regions, tensor subclasses such as sharded DTensors) takes ``F.linear`` unchanged.
+- fp32 over plain weights (training, prefills): oneDNN where the CPU has AVX-512 (about 2x MKL on an AVX-512
+  EPYC at the training shapes: [2048, 512] x [512, 2752] 87 -> 200 GFLOP/s, the backward's products alike), MKL
+  elsewhere (``ONEDNN_FP32``: on an AVX2-only EPYC MKL led 20 of 27 products); a single row keeps torch's BLAS
+  unless the weight has >= 2^24 elements (oneDNN's per-call cost lost 8-17 % of LLaMA-style batch-1 decoding).
+  Values and gradients are held to ``F.linear``'s, fp32 rounding order aside.
+- bf16 where the CPU has no bf16 products (no oneDNN bf16): widened to fp32 (:mod:`llmarch.nn.widened`).
+- Everything else (other devices and dtypes, fp16 autocast, compiled regions, tensor subclasses such as sharded
+  DTensors) takes ``F.linear`` unchanged.
 
-Inference can also run on *packed* weights (:func:`pack`): a copy of the weight in the blocked layout oneDNN picks
-for 128-row products, held outside the module (state dicts, parameters and checkpoints are untouched) and used
-by :func:`linear` only while it is current (same tensor, storage and version: an in-place update, a
-``load_state_dict`` or a dtype change makes it stale, and the plain path runs) and no gradient is needed.
-(Writes through ``weight.data`` escape the version counter, hence this check: :func:`unpack` after them.)
-Measured on the benchmark machine (``benchmarks/decode.py --kernels``, one thread, weights streamed from memory):
-the LLaMA-style matrices at 1 row streamed 21-31 GB/s packed against 17-21 for the best plain kernel and layout,
-at 8 rows 15-21 against 10-20; GPT-2's 50257 x 768 head 35 against 29 (1 row) and 24 against 16 (8 rows).
-fp32 and bf16 weights (bf16 where the CPU has oneDNN's bf16 products: ``ONEDNN_BF16``; and expert banks, one copy
-per expert); the bf16 products are bit-identical to ``F.linear``'s. It costs one more copy of the packed weights
-in memory; ``llmarch.infer.layout.pack_weights`` decides when. Where llmarch's native kernel builds
-(:mod:`llmarch.native.fp32`: x86-64 with AVX-512 or AVX2 and a C compiler), a 2-D fp32 weight's copy is that
-kernel's blocked layout instead: products of up to ``native_fp32.MAX_ROWS`` rows run there (1.06-1.18x whole decode
-steps against oneDNN's packed copy, ``benchmarks/decode.py``), more rows on oneDNN over the plain weight. An fp32
-expert bank's copies are that layout too, one per expert (``llmarch.nn.banks.packed_mm``; AVX2 host, one expert's
-two matrices at 1 / 4 / 16 rows: 311 / 543 / 1331 us against 530 / 713 / 1365 on oneDNN's packed copies).
+Inference can also run on *packed* weights (:func:`pack`): a second copy of the weight in a layout made for it,
+held outside the module (state dicts, parameters and checkpoints are untouched) and used by :func:`linear` only
+while it is current (same tensor, storage and version: an in-place update, a ``load_state_dict`` or a dtype change
+makes it stale, and the plain path runs) and no gradient is needed. (Writes through ``weight.data`` escape the
+version counter, hence this check: :func:`unpack` after them.) The copy is
+- for fp32 weights where llmarch's native kernel builds (:mod:`llmarch.native.fp32`: x86-64 with AVX-512 or AVX2
+  and a C compiler): its blocked layout; up to ``MAX_ROWS`` rows run there (1.06-1.18x whole decode steps against
+  oneDNN's packed copy), more on the plain weight;
+- for bf16 weights on CPUs without oneDNN's bf16: the same blocked layout in bf16 (:mod:`llmarch.native.bf16`;
+  1.6-2x the fp32 kernel's speed at 1-16 rows, 2.5-4x torch's bf16 kernel at one row), more rows widened;
+- else oneDNN's packed layout for 128-row products (fp32, and bf16 where ``ONEDNN_BF16``, bit-identical to
+  ``F.linear``): 21-31 GB/s at one row against 17-21 for the best plain layout on the LLaMA-style matrices.
+Expert banks ([E, in, out]) get one copy per expert (``llmarch.nn.banks.packed_mm``). It costs the packed bytes in
+memory; ``llmarch.infer.layout.pack_weights`` decides when. Figures: docs/performance.md.
 
-Expert banks ([E, in, out], ``llmarch.nn.experts``) run their per-expert products through
-``llmarch.nn.banks.bank_linear``: the same oneDNN products, forward and backward (fp32 training; fp32 and bf16
-inference).
+Expert banks run their per-expert products through ``llmarch.nn.banks.bank_linear``: the same products, forward
+and backward.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
 
 import torch
@@ -43,17 +39,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
+from llmarch.native import bf16 as native_bf16
 from llmarch.native import fp32 as native_fp32
 
 _OPS = getattr(torch.ops, "mkldnn", None)
 ONEDNN = torch.backends.mkldnn.is_available() and _OPS is not None and hasattr(_OPS, "_linear_pointwise")
-# oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 stays on torch's kernels
+# oneDNN's bf16 products need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; elsewhere bf16 is widened (see above)
 ONEDNN_BF16 = ONEDNN and hasattr(_OPS, "_is_mkldnn_bf16_supported") and bool(_OPS._is_mkldnn_bf16_supported())
-# fp32 products over plain weights (training, prefills) go to oneDNN on hosts where it beats torch's BLAS: AVX-512
-# ones (see above). On an AVX2-only EPYC (Zen 3, one thread, [2048, in] x [in, out] at the training shapes of
-# benchmarks/decoder.py) MKL was ahead in 20 of 27 forward / dx / dW products and 1.1-2.2x in most backward ones
-# (GPT-2-124M training step 0.69x transformers on oneDNN). ``LLMARCH_ONEDNN_FP32=1`` / ``0`` overrides.
+# fp32 over plain weights: oneDNN on AVX-512 hosts only (see above); ``LLMARCH_ONEDNN_FP32=1`` / ``0`` overrides
 _FP32_ENV = os.environ.get("LLMARCH_ONEDNN_FP32", "")
+if _FP32_ENV not in ("", "0", "1"):
+    warnings.warn(f"LLMARCH_ONEDNN_FP32={_FP32_ENV!r} is neither 0 nor 1: ignored (this host's default route)")
 ONEDNN_FP32 = ONEDNN and (_FP32_ENV == "1" or (_FP32_ENV != "0"
                                                and torch.backends.cpu.get_cpu_capability().startswith("AVX512")))
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -79,9 +75,21 @@ def onednn_dtype(dtype: torch.dtype) -> bool:
     return ONEDNN and (dtype == torch.float32 or (dtype == torch.bfloat16 and ONEDNN_BF16))
 
 
-def _operands_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """oneDNN can take these: plain CPU tensors of one dtype it supports (the bias's too), eager, no autocast."""
-    return (onednn_dtype(x.dtype) and x.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
+def native_bf16_copies() -> bool:
+    """Whether bf16 weights get the native kernel's blocked copies: a CPU without oneDNN's bf16 products, where
+    the kernel builds (:mod:`llmarch.native.bf16`)."""
+    return not ONEDNN_BF16 and native_bf16.available()
+
+
+def packs_dtype(dtype: torch.dtype) -> bool:
+    """Whether :func:`pack` keeps copies of weights of this dtype here."""
+    return onednn_dtype(dtype) or (dtype == torch.bfloat16 and native_bf16_copies())
+
+
+def _operands_fit(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype_ok=onednn_dtype) -> bool:
+    """oneDNN can take these: plain CPU tensors of one dtype it supports (``dtype_ok``; the bias's too), eager, no
+    autocast."""
+    return (dtype_ok(x.dtype) and x.device.type == "cpu" and x.dtype == weight.dtype and x.numel() > 0
             and type(x) in _PLAIN and type(weight) in _PLAIN
             and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype))
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
@@ -101,7 +109,7 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def packable(weight: torch.Tensor) -> bool:
     """Whether :func:`pack` can pack this weight: a plain fp32 or bf16 CPU matrix, or an expert bank [E, in, out]
     (each expert packed apart), with oneDNN present."""
-    return (onednn_dtype(weight.dtype) and type(weight) in _PLAIN and weight.device.type == "cpu"
+    return (packs_dtype(weight.dtype) and type(weight) in _PLAIN and weight.device.type == "cpu"
             and weight.numel() > 0 and weight.dim() in (2, 3))
 
 
@@ -128,7 +136,7 @@ def pack(weight: torch.Tensor) -> bool:
     key = id(weight)
     fresh = key not in _PACKED
     w = weight.detach()
-    native = w.dtype == torch.float32 and native_fp32.available()
+    native = native_fp32.available() if w.dtype == torch.float32 else not ONEDNN_BF16  # bf16: packs_dtype
     if w.dim() == 3:  # a bank [E, in, out]: one copy per expert, of its [out, in] matrix
         copy = [native_fp32.Blocked(w[e].t()) if native else _reorder(w[e].t()) for e in range(w.shape[0])]
     else:
@@ -148,7 +156,7 @@ def unpack(weight: torch.Tensor) -> None:
 
 def _inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """A packed copy of ``weight`` can serve these operands: oneDNN takes them and no gradient is needed."""
-    return _operands_fit(x, weight, bias) and not _needs_grad(x, weight, bias)
+    return _operands_fit(x, weight, bias, packs_dtype) and not _needs_grad(x, weight, bias)
 
 
 def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tensor]] | None:
@@ -160,6 +168,16 @@ def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tenso
     if any(c is None for c in copies) or not all(_inference(x, b, None) for b in banks):
         return None
     return copies
+
+
+def native_mm(x: torch.Tensor, w: native_fp32.Blocked, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [M, in] over a native blocked copy (fp32 or bf16 weights; result in the weight's dtype), or None where
+    the kernel does not serve it (more than ``MAX_ROWS`` rows, or not available)."""
+    if x.shape[0] > native_fp32.MAX_ROWS:
+        return None
+    if w.data.dtype == torch.bfloat16:
+        return native_bf16.mm(x, w, bias) if native_bf16.available() else None
+    return native_fp32.mm(x, w, bias) if native_fp32.available() else None
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -201,7 +219,7 @@ def _(x, weight, bias):
 
 def _compiled_inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Inside a compiled region: CPU fp32 / bf16 inference that :func:`packed_linear` can serve."""
-    return (onednn_dtype(x.dtype) and type(x) in _PLAIN and type(weight) in _PLAIN
+    return (packs_dtype(x.dtype) and type(x) in _PLAIN and type(weight) in _PLAIN
             and (bias is None or type(bias) in _PLAIN) and x.device.type == "cpu" and weight.device.type == "cpu"
             and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype)
             and not _needs_grad(x, weight, bias) and not torch.is_autocast_enabled("cpu"))
@@ -219,14 +237,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             x2 = x.reshape(-1, x.shape[-1])
             if not isinstance(w, native_fp32.Blocked):
                 return _mm(x2, w, bias).view(*x.shape[:-1], weight.shape[0])
-            if x2.shape[0] <= native_fp32.MAX_ROWS and native_fp32.available():
-                return native_fp32.mm(x2, w, bias).view(*x.shape[:-1], weight.shape[0])
-            # more rows (a prefill): oneDNN over the plain weight, below
+            y = native_mm(x2, w, bias)
+            if y is not None:
+                return y.view(*x.shape[:-1], weight.shape[0])
+            # more rows (a prefill): oneDNN or the bf16 route over the plain weight, below
+    if widened.ROUTE and widened.applies(x, weight, bias):  # bf16 where the CPU has no bf16 products
+        return widened.linear(x, weight, bias)
     if not onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return _mm(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+from llmarch.nn import widened  # noqa: E402 (it reads this module's names when called)
 
 
 class Linear(nn.Linear):

@@ -9,8 +9,10 @@ only in how the experts run:
 - ``grouped``: assignments sorted by expert and run with ``torch._grouped_mm`` over ragged groups: no padding,
   empty groups skipped (so a decode step reads only the experts it hit), weight gradients written in place.
 - ``sliced``: assignments sorted by expert, one plain matmul per expert's contiguous slice.
-- ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``) and for
-  fp32 / bf16 CPU inference; else on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
+- ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``), for
+  fp32 / bf16 CPU inference, and for any bf16 on a CPU without bf16 products (``llmarch.nn.widened``: its
+  products widened to fp32, where ``grouped`` and ``padded`` would run torch's generic bf16 kernel, ~100x
+  slower over the bank); else on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
   (``..._ONEDNN`` in fp32, whose sliced products and their backward run through oneDNN; the E Python iterations
   then cost microseconds against the matmuls), else ``grouped``; off CPU, ``grouped`` where torch has it for the
   dtype (CUDA: bf16), else ``padded``.
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmarch.nn import dense
+from llmarch.nn import dense, widened
 from llmarch.nn.device import host_reads_ok
 from llmarch.registry import Registry
 
@@ -140,6 +142,10 @@ def auto_dispatch(x, experts, weights, keep, bank):
     host = host_reads_ok(x)  # sliced reads the per-expert counts into Python: free on the CPU, eager only
     onednn = host and x.dtype == torch.float32 and dense.ONEDNN
     training = torch.is_grad_enabled() and x.requires_grad
+    if host and x.dtype == torch.bfloat16 and widened.ROUTE and x.device.type == "cpu":
+        # bf16 on a CPU without bf16 products: sliced over fp32 products (llmarch.nn.widened); grouped and
+        # padded run torch's generic bf16 kernel there (~100x slower over the bank's layout)
+        return sliced_dispatch(x, experts, weights, keep, bank)
     if host and not training and dense.onednn_dtype(x.dtype):
         # inference over unpacked banks: sliced ahead of grouped at 1-2048 tokens (fp32 1.2-1.6x; bf16 1.1-1.6x)
         return sliced_dispatch(x, experts, weights, keep, bank)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from llmarch.nn import widened
 from llmarch.registry import Registry
 
 Kernel = Callable[..., torch.Tensor]
@@ -48,10 +49,50 @@ def _single_query(q, k, v, mask, scale) -> torch.Tensor:
     return torch.matmul(scores.softmax(-1), v).reshape(B, H, 1, v.shape[-1])
 
 
+def _additive(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class _WideFlash(torch.autograd.Function):
+    """torch's CPU flash attention (forward and backward) for bf16 q, k, v, computed in fp32; saves what its bf16
+    kernel saves (q, k, v and the output in bf16, the fp32 log-sum-exp; the bool mask), so training holds the same
+    memory. Gradients rounded to bf16."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, causal: bool, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        with torch.autocast("cpu", enabled=False):
+            out, lse = flash(q.float(), k.float(), v.float(), 0.0, causal, attn_mask=_additive(mask), scale=scale)
+        out = out.to(torch.bfloat16)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale = causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        back = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        with torch.autocast("cpu", enabled=False):
+            grads = back(g.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, ctx.causal,
+                         attn_mask=_additive(mask), scale=ctx.scale)
+        return (*(t.to(torch.bfloat16) for t in grads), None, None, None)
+
+
 @KERNELS.register("sdpa")
 def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient / math backends); a single query
-    per sequence over a long enough cache (fp32, CPU, no gradient) takes :func:`_single_query` instead."""
+    per sequence over a long enough cache (fp32, CPU, no gradient) takes :func:`_single_query` instead. bf16 on a
+    CPU without bf16 products (``llmarch.nn.widened``) runs in fp32 and rounds the output once: torch's bf16
+    kernels there took 5-6x the fp32 time for forward + backward at [1-4, 8, 512, 64] and 4-6x for a decode
+    step's single query (forward alone level), with the same error against fp64."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and widened.ROUTE and not torch.compiler.is_compiling():
+        if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
+                t.requires_grad for t in (q, k, v)):
+            return _WideFlash.apply(q, k, v, mask, causal, scale)
+        with torch.autocast("cpu", enabled=False):
+            out = sdpa_attention(q.float(), k.float(), v.float(), mask, None if bias is None else bias.float(),
+                                 scale, causal, dropout_p)
+        return out.to(torch.bfloat16)
     if (q.shape[2] == 1 and not causal and bias is None and dropout_p == 0.0 and q.device.type == "cpu"
             and q.dtype == torch.float32 and k.shape[0] * k.shape[2] >= SINGLE_QUERY_MIN_KEYS
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
