@@ -180,3 +180,22 @@ class Attention(TorchDispatchMode):
         if "scaled_dot_product" in str(func) or "aten.bmm" in str(func) or "aten.matmul" in str(func):
             self.dtypes.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 9, 1], [1, 0, 0, 1]])
+def test_bf16_bank_training_widens_in_the_bank_layout(route, counts):
+    """bf16 expert banks train through the bank node (llmarch.nn.banks): products widened, the weight gradient
+    made in the parameter's column-major layout (no transposing copy of the whole bank), values equal the loop."""
+    from llmarch.nn import banks
+    from tests.test_bank_linear import grads, naive, operands
+
+    x, bank = operands(BF16, counts)
+    bank = torch.nn.Parameter(bank.transpose(1, 2).contiguous().transpose(1, 2))  # the CPU bf16 layout
+    produced = []
+    bank.register_hook(lambda g: produced.append(g.stride()))
+    with Products() as seen:
+        got = grads(banks.bank_linear, x, bank.detach(), counts)
+        banks.bank_linear(x, bank, counts).float().sum().backward()
+    assert produced == [bank.stride()] and torch.float32 in seen.dtypes
+    for ours, ref in zip(got, grads(naive, x, bank.detach(), counts)):
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)

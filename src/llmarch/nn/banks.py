@@ -1,6 +1,7 @@
 """Expert-bank products: each expert's rows of a sorted batch times its matrix of a bank [E, in, out]
 (``llmarch.nn.experts``), forward and backward, through the same oneDNN products as :mod:`llmarch.nn.dense` (fp32 on
-hosts where oneDNN is the fp32 route, ``dense.ONEDNN_FP32``; torch's BLAS elsewhere)."""
+hosts where oneDNN is the fp32 route, ``dense.ONEDNN_FP32``; torch's BLAS elsewhere; bf16 widened to fp32 on CPUs
+without bf16 products, ``llmarch.nn.widened``)."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,11 @@ def _onednn(x: torch.Tensor) -> bool:
 
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, k] @ w [k, m] for one expert: oneDNN, but torch's BLAS for a single row (measured on an expert's
-    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not the route."""
+    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not the route.
+    bf16 on the widened route: fp32 products, but torch's kernel for fewer than ``widened.MIN_ROWS`` rows over
+    a weight in nn.Linear's layout (``w.t()`` contiguous), the one it streams well."""
+    if x.dtype == torch.bfloat16 and widened.ROUTE:
+        return x @ w if x.shape[0] < widened.MIN_ROWS and w.t().is_contiguous() else widened.mm(x, w)
     return x @ w if x.shape[0] == 1 or not _onednn(x) else dense._mm(x, w.t(), None)
 
 
@@ -34,11 +39,15 @@ def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
     return _rows_mm(x, plain)
 
 
+def _bank_dtype(dtype: torch.dtype) -> bool:
+    return dense.onednn_dtype(dtype) or (dtype == torch.bfloat16 and widened.ROUTE)
+
+
 class _Bank(torch.autograd.Function):
     """y_e = x_e W_e for each expert's slice of rows, forward and both backward products through oneDNN where it is
-    the host's fp32 route, else torch's BLAS (fp32 CPU training of an expert bank; see :func:`bank_linear`). The
-    weight gradient is one new [E, in, out] tensor in the bank's layout, so AccumulateGrad keeps it without a copy;
-    an expert with no rows gets zeros."""
+    the host's fp32 route, else torch's BLAS (CPU training of an expert bank: fp32, and bf16 widened to fp32; see
+    :func:`bank_linear`). The weight gradient is one new [E, in, out] tensor in the bank's layout, so
+    AccumulateGrad keeps it without a copy; an expert with no rows gets zeros."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -56,7 +65,9 @@ class _Bank(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dbank = torch.empty_like(bank)
             for e, (xe, ge) in enumerate(pieces):
-                if counts[e] == 1 or not _onednn(xe):  # BLAS writes in place (outer product 107 against 276 us)
+                if counts[e] and xe.dtype == torch.bfloat16:  # the widened route: [out, in] = g_e^T x_e
+                    dbank[e].t().copy_(widened.mm(ge.t(), xe))  # contiguous there for a column-major bank
+                elif counts[e] == 1 or not _onednn(xe):  # BLAS writes in place (outer product 107 against 276 us)
                     torch.mm(xe.t(), ge, out=dbank[e])
                 elif counts[e]:
                     dbank[e].copy_(dense._mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
@@ -71,10 +82,14 @@ def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch
     (fp32: where ``dense.ONEDNN_FP32``, else torch's BLAS), training through :class:`_Bank` (bf16 training was level
     with ``torch._grouped_mm`` there, 0.9-1.07x, so it is left to the ``grouped`` dispatcher); anything else
     multiplies ``unbind`` views of the bank with :func:`linear` (their backward stacks the expert gradients
-    once)."""
-    if dense._operands_fit(x, bank, None) and x.dtype == torch.float32 and dense._needs_grad(x, bank, None):
-        return _Bank.apply(x, bank, counts)
-    if dense._operands_fit(x, bank, None) and not dense._needs_grad(x, bank, None):  # fp32 or bf16 inference
+    once). bf16 on CPUs without bf16 products (``widened.ROUTE``) runs like fp32, its products widened: through
+    :class:`_Bank` for training, whose gradient comes in the bank's own (column-major) layout; the ``unbind`` form
+    cost AccumulateGrad a transposing copy of the whole bank's gradient, 54 ms of a 60 ms step at one token."""
+    fits = dense._operands_fit(x, bank, None, _bank_dtype)
+    if fits and x.dtype in (torch.float32, torch.bfloat16) and dense._needs_grad(x, bank, None):
+        if x.dtype == torch.float32 or widened.ROUTE:
+            return _Bank.apply(x, bank, counts)
+    if fits and not dense._needs_grad(x, bank, None):  # fp32 or bf16 inference
         return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
     mats = bank.unbind(0)
     return torch.cat([dense.linear(xe, mats[e].t()) for e, xe in enumerate(x.split(counts)) if counts[e]])

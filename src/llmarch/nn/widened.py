@@ -6,9 +6,11 @@ the fp32 product of the bf16 operands rounded to bf16 once (fp32 accumulation), 
 thread, ``F.linear`` of [128, 512] x [2048, 512]^T took 28 ms in bf16 against 3.8 ms in fp32, and ``x @ w`` over a
 row-major [512, 2048] (an expert bank's layout) 471 ms; bf16 autocast training ran every product there. Widening
 the operands to fp32 (exact), multiplying with torch's BLAS and rounding the result gives the same values, the
-summation order aside, 1.5-4.5x faster than the generic kernel from 4 rows (4-16 rows, the LLaMA-style and GPT-2
-matrices) and ~100x over row-major banks. One or two rows stay on torch's kernel, which does not pay for widening
-the whole weight (0.5-0.8x there).
+summation order aside: 1.6-5x faster than the generic kernel at 16 rows on the LLaMA-style and GPT-2 matrices,
+2-4.6x at 64, ~100x over row-major banks (``benchmarks/bf16_cpu.py``). Fewer than :data:`MIN_ROWS` rows of an
+inference product stay on torch's kernel: widening the whole weight costs more than a few rows' products (weights
+streamed from memory: 0.3-0.8x at one row; at four rows 0.8-1.2x, the large ones behind). Few-row products of
+packed weights run on the native bf16 kernel instead (``llmarch.native.bf16``).
 
 :func:`applies` says when :func:`linear` (``llmarch.nn.dense.linear``'s bf16 route) takes it: bf16 operands on the
 CPU, or fp32 ones under CPU bf16 autocast (cast to bf16 first, as autocast would), eager, at least
@@ -31,7 +33,7 @@ _ENV = os.environ.get("LLMARCH_WIDEN_BF16", "")
 if _ENV not in ("", "0", "1"):
     warnings.warn(f"LLMARCH_WIDEN_BF16={_ENV!r} is neither 0 nor 1: ignored (on where the CPU lacks bf16 products)")
 ROUTE = not dense.ONEDNN_BF16 and _ENV != "0"
-MIN_ROWS = 3  # fewer rows of an inference product stay on torch's kernel (measured crossover: 2-3 rows)
+MIN_ROWS = 8  # fewer rows of an inference product stay on torch's kernel (crossover 3-8 rows, large weights last)
 
 
 def _autocast_bf16() -> bool:
