@@ -3,7 +3,11 @@ forward+backward: llmarch's dispatchers versus HF Mixtral's sparse MoE block at 
 transformers offers on this machine (same weights, so the same routing), and versus a dense SwiGLU FFN of the same
 active compute (F 2048), the physical target.
 
-    PYTHONPATH=src python benchmarks/moe.py [--threads 1] [--quick] [--tokens 1,16,128,2048]
+    PYTHONPATH=src python benchmarks/moe.py [--threads 1] [--quick] [--tokens 1,16,128,2048] [--dtypes fp32,bf16]
+
+On a CPU without bf16 products (``llmarch.nn.widened.ROUTE``: torch's generic bf16 kernel, ~1 GFLOP/s), the bf16
+rows skip llmarch's ``loop``, ``padded`` and ``grouped`` dispatchers, which run that kernel (minutes per row at
+2048 tokens); ``auto`` and ``sliced`` run the widened fp32 products, transformers' implementations torch's kernel.
 
 The llmarch layers and the dense FFN are packed for inference first, as ``llmarch.generate`` packs a model
 (``llmarch.infer.layout.pack_weights``): the forward rows (no gradient) run on the packed copies, forward +
@@ -30,12 +34,14 @@ from llmarch import MoEConfig
 from llmarch.infer.layout import pack_weights
 from llmarch.nn.device import reuse_host_memory
 from llmarch.nn.dispatch import DISPATCHERS
+from llmarch.nn import widened
 from llmarch.nn.ffn import GLU
 from llmarch.nn.moe import MoE
 
 D, F, E, K = 512, 1024, 8, 2
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")  # deepgemm and sonicmoe need CUDA
 REPEATS = {1: 41, 16: 25, 128: 11, 2048: 7, 4096: 5}  # small calls are short and noisy: more rounds
+SLOW_BF16 = ("llmarch loop", "llmarch padded", "llmarch grouped")
 HF_BATCHED_MAX_TOKENS = 16  # batched_mm gathers a weight copy per (token, expert): 256 x 12.6 MB at 128 tokens
 
 
@@ -120,6 +126,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="half the rounds (at least 3)")
     ap.add_argument("--tokens", default="1,16,128,2048", help=f"token counts, from {sorted(REPEATS)}")
+    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32, bf16")
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's allocator defaults (writes moe_default_malloc.json)")
     args = ap.parse_args()
@@ -127,8 +134,10 @@ def main() -> None:
     reused = False if args.default_malloc else reuse_host_memory()  # as `llmarch train` runs on the CPU
     check_outputs_agree()
     rows, records = [], []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in [{"fp32": torch.float32, "bf16": torch.bfloat16}[d] for d in args.dtypes.split(",")]:
         layers = make_layers(dtype)
+        if dtype == torch.bfloat16 and widened.ROUTE:  # see the module docstring
+            layers = {k: v for k, v in layers.items() if k not in SLOW_BF16}
         for backward in (False, True):
             for N in [int(n) for n in args.tokens.split(",")]:
                 reps = max(3, REPEATS[N] // 2) if args.quick else REPEATS[N]

@@ -18,7 +18,7 @@ version counter, hence this check: :func:`unpack` after them.) The copy is
   and a C compiler): its blocked layout; up to ``MAX_ROWS`` rows run there (1.06-1.18x whole decode steps against
   oneDNN's packed copy), more on the plain weight;
 - for bf16 weights on CPUs without oneDNN's bf16: the same blocked layout in bf16 (:mod:`llmarch.native.bf16`;
-  1.6-2x the fp32 kernel's speed at 1-16 rows, 2.5-4x torch's bf16 kernel at one row), more rows widened;
+  1.3-1.9x the fp32 kernel's speed at 1-16 rows, 1.8-6x torch's bf16 kernel), more rows widened;
 - else oneDNN's packed layout for 128-row products (fp32, and bf16 where ``ONEDNN_BF16``, bit-identical to
   ``F.linear``): 21-31 GB/s at one row against 17-21 for the best plain layout on the LLaMA-style matrices.
 Expert banks ([E, in, out]) get one copy per expert (``llmarch.nn.banks.packed_mm``). It costs the packed bytes in

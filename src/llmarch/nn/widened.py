@@ -6,10 +6,10 @@ the fp32 product of the bf16 operands rounded to bf16 once (fp32 accumulation), 
 thread, ``F.linear`` of [128, 512] x [2048, 512]^T took 28 ms in bf16 against 3.8 ms in fp32, and ``x @ w`` over a
 row-major [512, 2048] (an expert bank's layout) 471 ms; bf16 autocast training ran every product there. Widening
 the operands to fp32 (exact), multiplying with torch's BLAS and rounding the result gives the same values, the
-summation order aside: 1.6-5x faster than the generic kernel at 16 rows on the LLaMA-style and GPT-2 matrices,
-2-4.6x at 64, ~100x over row-major banks (``benchmarks/bf16_cpu.py``). Fewer than :data:`MIN_ROWS` rows of an
+summation order aside: 1.6-3.6x faster than the generic kernel at 16 rows on the LLaMA-style and GPT-2 matrices,
+3.2-5.4x at 64, ~100x over row-major banks (``benchmarks/bf16_cpu.py``). Fewer than :data:`MIN_ROWS` rows of an
 inference product stay on torch's kernel: widening the whole weight costs more than a few rows' products (weights
-streamed from memory: 0.3-0.8x at one row; at four rows 0.8-1.2x, the large ones behind). Few-row products of
+streamed from memory: 0.3-0.6x at one row; at four rows 0.6-1.2x, the large ones behind). Few-row products of
 packed weights run on the native bf16 kernel instead (``llmarch.native.bf16``).
 
 :func:`applies` says when :func:`linear` (``llmarch.nn.dense.linear``'s bf16 route) takes it: bf16 operands on the
