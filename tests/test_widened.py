@@ -84,8 +84,8 @@ def test_few_rows_of_inference_stay_on_torch_and_fp32_is_untouched(route):
         assert seen.dtypes == [want] and y.dtype == BF16
         torch.testing.assert_close(y, F.linear(xr, w, b), rtol=2 ** -7, atol=1e-5)
     assert not widened.applies(x.float(), w.float())  # fp32 outside autocast: not this route
-    with torch.autocast("cpu", dtype=torch.float16):
-        assert not widened.applies(x.float(), w.float())
+    with torch.autocast("cpu", dtype=torch.float16):  # nor fp16 autocast, whatever the operands
+        assert not widened.applies(x.float(), w.float()) and not widened.applies(x, w)
 
 
 def test_route_off_keeps_torch_bf16(monkeypatch):

@@ -49,8 +49,8 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if any(type(t) not in dense._PLAIN for t in tensors) or x.numel() == 0:
         return False
-    if _autocast_bf16():
-        dtypes_ok = all(t.dtype in (torch.float32, BF16) for t in tensors)
+    if torch.is_autocast_enabled("cpu"):  # bf16 autocast casts fp32 operands; another autocast dtype is not ours
+        dtypes_ok = _autocast_bf16() and all(t.dtype in (torch.float32, BF16) for t in tensors)
     else:
         dtypes_ok = all(t.dtype == BF16 for t in tensors)
     return dtypes_ok and (x.numel() >= MIN_ROWS * x.shape[-1] or dense._needs_grad(x, weight, bias))
