@@ -179,10 +179,12 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMARCH_CACHE", str(tmp_path))
     int8_native.reset()
     fp32_native.reset()
+    bf16_native.reset()
     yield tmp_path
     monkeypatch.undo()
     int8_native.reset()
     fp32_native.reset()
+    bf16_native.reset()
 
 
 def test_disabled_falls_back_to_torch(fresh, monkeypatch):
@@ -215,6 +217,14 @@ def test_build_is_cached_atomic_and_a_failure_is_remembered(fresh, monkeypatch, 
     int8_native.reset()
     monkeypatch.setattr(native, "_build", lambda *a: pytest.fail("retried a failed build"))
     assert not int8_native.available()
+    marker = next((fresh / "other" / "kernels").glob("*.failed"))  # a day later: one more try
+    old = marker.stat().st_mtime - native.RETRY_AFTER_S - 1
+    native.os.utime(marker, (old, old))
+    tried = []
+    monkeypatch.setattr(native, "_build", lambda *a, **k: tried.append(1) or "still failing")
+    int8_native.reset()
+    assert not int8_native.available() and tried == [1]
+    assert marker.stat().st_mtime > old + native.RETRY_AFTER_S  # failed again: remembered for another day
 
 
 def test_no_compiler_falls_back(fresh, monkeypatch):

@@ -12,8 +12,8 @@ name and renamed into place, so two processes compiling at once cannot leave a t
 
 Every caller keeps a torch path: :func:`library` returns None (and the caller falls back) when
 ``LLMARCH_NATIVE=0``, on a CPU without the kernel's instruction set (AVX-512F, or AVX2 with FMA), without a
-compiler, or when the build fails (a warning names the compiler's first error line, once; the failure is
-remembered per hash).
+compiler, or when the build fails (a warning names the compiler's first error line and the marker file that
+remembers the failure per hash; the build is retried once the marker is a day old, or at once if it is deleted).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -35,6 +36,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-f
 # x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
 # compile without them, and picks the widest vectors the CPU has)
 NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),)}
+RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)
 log = logging.getLogger(__name__)
 
 
@@ -101,12 +103,16 @@ def library(name: str) -> ctypes.CDLL | None:
 
     out = default_cache_dir() / "kernels" / f"{name}-{key[:16]}.so"
     failed = out.with_name(out.name + ".failed")
-    if failed.exists():
-        return None
+    try:
+        if time.time() - failed.stat().st_mtime < RETRY_AFTER_S:
+            return None
+    except OSError:  # no marker
+        pass
     if not out.exists():
         error = _build(src, out, cc)
         if error is not None:
-            log.warning("native %s: could not compile (%s); using torch's kernel instead", name, error)
+            log.warning("native %s: could not compile (%s); using torch's kernel instead (retried in a day, or "
+                        "now if %s is deleted)", name, error, failed)
             try:
                 failed.write_text(error + "\n")
             except OSError:
