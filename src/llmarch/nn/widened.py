@@ -16,7 +16,9 @@ packed weights run on the native bf16 kernel instead (``llmarch.native.bf16``).
 CPU, or fp32 ones under CPU bf16 autocast (cast to bf16 first, as autocast would), eager, at least
 :data:`MIN_ROWS` rows or a gradient to compute. Gradients (input, weight, bias) are widened alike and rounded to
 bf16, as torch's bf16 backward rounds them; autocast's casts keep their own backward (fp32 gradients for fp32
-weights). Expert banks use :func:`mm` (``llmarch.nn.banks``). ``LLMARCH_WIDEN_BF16=0`` turns the route off.
+weights). Expert banks use :func:`mm` (``llmarch.nn.banks``), attention the same idea
+(``llmarch.nn.kernels.sdpa_attention``: torch's fp32 kernel, one rounding). ``LLMARCH_WIDEN_BF16=0`` turns the
+route off.
 """
 from __future__ import annotations
 
