@@ -42,10 +42,13 @@ class RMSNorm(nn.Module):
                 if y is not None:
                     return y
             return nn.functional.rms_norm(x, (self.dim,), self.weight, self.eps)  # the same math in one call
-        dtype = x.dtype  # lower precision: normalise in fp32, round once, then apply the gain (as LLaMA does)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # lower precision: normalise in fp32, round once, then apply the gain (as LLaMA does); bf16 inference in
+        # one native call with the same roundings (within a bf16 ulp: the mean is summed in double there)
+        if x.dtype == torch.bfloat16 and native_rows.applies(x, self.weight, limit=None):
+            y = native_rows.rms_norm(x, self.weight, self.eps)
+            if y is not None:
+                return y
+        return native_rows.bf16_rms_norm(x, self.weight, self.eps)
 
 
 @NORMS.register("rmsnorm_zero")
