@@ -199,3 +199,21 @@ def test_bf16_bank_training_widens_in_the_bank_layout(route, counts):
     assert produced == [bank.stride()] and torch.float32 in seen.dtypes
     for ours, ref in zip(got, grads(naive, x, bank.detach(), counts)):
         torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_packed_bf16_expert_rows_over_the_native_limit_are_widened(route):
+    """An expert's packed bf16 copy serves up to MAX_ROWS rows natively; more rows run widened over the bank."""
+    from llmarch.native import fp32 as native_fp32
+    from llmarch.nn import banks
+
+    if not dense.native_bf16.available():
+        pytest.skip("no AVX-512 / AVX2 CPU or no C compiler: the native kernel cannot be built here")
+    g = torch.Generator().manual_seed(0)
+    plain = torch.randn(24, 40, generator=g).to(BF16)  # an expert's [in, out]
+    copy = native_fp32.Blocked(plain.t())
+    for rows, want in ((native_fp32.MAX_ROWS, []), (native_fp32.MAX_ROWS + 1, [torch.float32])):
+        x = torch.randn(rows, 24, generator=g).to(BF16)
+        with torch.no_grad(), Products() as seen:
+            y = banks.packed_mm(x, copy, plain)
+        assert seen.dtypes == want and y.dtype == BF16
+        torch.testing.assert_close(y, x @ plain, rtol=2 ** -7, atol=1e-5)

@@ -23,17 +23,14 @@ MAX_ELEMENTS = 1 << 16
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def bf16_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """llmarch.nn.norm's bf16 form: normalised in fp32, rounded, times the bf16 gain."""
-    h = x.float()
-    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
 def _check_norm(fn, dtype=torch.float32) -> bool:
+    from llmarch.nn.norm import rounded_rms_norm
+
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(3, 37, generator=g).to(dtype), torch.randn(37, generator=g).to(dtype)
     if dtype == torch.bfloat16:  # within a bf16 ulp of the torch form (the mean is summed in double here)
-        return torch.allclose(_norm(fn, x, w, 1e-6).float(), bf16_rms_norm(x, w, 1e-6).float(), rtol=2 ** -7, atol=0)
+        return torch.allclose(_norm(fn, x, w, 1e-6).float(), rounded_rms_norm(x, w, 1e-6).float(), rtol=2 ** -7,
+                              atol=0)
     want = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()).float()
     return torch.allclose(_norm(fn, x, w, 1e-6), want, rtol=1e-5, atol=1e-6)
 
@@ -83,8 +80,8 @@ def _norm(fn, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of x [..., D] with gain weight [D] (fp32, or bf16: :func:`bf16_rms_norm`'s rounding); None where
-    the kernel is not available (call torch's)."""
+    """RMSNorm of x [..., D] with gain weight [D] (fp32, or bf16 with ``llmarch.nn.norm.rounded_rms_norm``'s
+    roundings); None where the kernel is not available (call torch's)."""
     fn = _KERNELS[x.dtype][0].fn()
     return None if fn is None else _norm(fn, x, weight, eps)
 

@@ -18,10 +18,12 @@ def _onednn(x: torch.Tensor) -> bool:
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, k] @ w [k, m] for one expert: oneDNN, but torch's BLAS for a single row (measured on an expert's
     512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not the route.
-    bf16 on the widened route: fp32 products, but torch's kernel for fewer than ``widened.MIN_ROWS`` rows over
-    a weight in nn.Linear's layout (``w.t()`` contiguous), the one it streams well."""
-    if x.dtype == torch.bfloat16 and widened.ROUTE:
-        return x @ w if x.shape[0] < widened.MIN_ROWS and w.t().is_contiguous() else widened.mm(x, w)
+    bf16 without oneDNN's bf16 products: widened fp32 products (``widened.ROUTE``), but torch's kernel for fewer
+    than ``widened.MIN_ROWS`` rows over a weight in nn.Linear's layout (``w.t()`` contiguous), the one it streams
+    well."""
+    if x.dtype == torch.bfloat16 and (widened.ROUTE or not dense.ONEDNN_BF16):
+        few = x.shape[0] < widened.MIN_ROWS and w.t().is_contiguous()
+        return widened.mm(x, w) if widened.ROUTE and not few else x @ w
     return x @ w if x.shape[0] == 1 or not _onednn(x) else dense._mm(x, w.t(), None)
 
 
@@ -32,11 +34,7 @@ def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
     if not isinstance(copy, dense.native_fp32.Blocked):
         return dense._mm(x, copy, None)
     y = dense.native_mm(x, copy)
-    if y is not None:
-        return y
-    if x.dtype == torch.bfloat16 and not dense.ONEDNN_BF16:  # a bf16 copy is native only on such CPUs
-        return widened.mm(x, plain) if x.shape[0] >= widened.MIN_ROWS else x @ plain
-    return _rows_mm(x, plain)
+    return _rows_mm(x, plain) if y is None else y
 
 
 def _bank_dtype(dtype: torch.dtype) -> bool:
@@ -85,11 +83,10 @@ def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch
     once). bf16 on CPUs without bf16 products (``widened.ROUTE``) runs like fp32, its products widened: through
     :class:`_Bank` for training, whose gradient comes in the bank's own (column-major) layout; the ``unbind`` form
     cost AccumulateGrad a transposing copy of the whole bank's gradient, 54 ms of a 60 ms step at one token."""
-    fits = dense._operands_fit(x, bank, None, _bank_dtype)
-    if fits and x.dtype in (torch.float32, torch.bfloat16) and dense._needs_grad(x, bank, None):
-        if x.dtype == torch.float32 or widened.ROUTE:
-            return _Bank.apply(x, bank, counts)
-    if fits and not dense._needs_grad(x, bank, None):  # fp32 or bf16 inference
+    fits, grad = dense._operands_fit(x, bank, None, _bank_dtype), dense._needs_grad(x, bank, None)
+    if fits and grad and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and widened.ROUTE)):
+        return _Bank.apply(x, bank, counts)
+    if fits and not grad:  # fp32 or bf16 inference
         return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
     mats = bank.unbind(0)
     return torch.cat([dense.linear(xe, mats[e].t()) for e, xe in enumerate(x.split(counts)) if counts[e]])

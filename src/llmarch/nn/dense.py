@@ -21,11 +21,9 @@ version counter, hence this check: :func:`unpack` after them.) The copy is
   1.3-1.9x the fp32 kernel's speed at 1-16 rows, 1.8-6x torch's bf16 kernel), more rows widened;
 - else oneDNN's packed layout for 128-row products (fp32, and bf16 where ``ONEDNN_BF16``, bit-identical to
   ``F.linear``): 21-31 GB/s at one row against 17-21 for the best plain layout on the LLaMA-style matrices.
-Expert banks ([E, in, out]) get one copy per expert (``llmarch.nn.banks.packed_mm``). It costs the packed bytes in
-memory; ``llmarch.infer.layout.pack_weights`` decides when. Figures: docs/performance.md.
-
-Expert banks run their per-expert products through ``llmarch.nn.banks.bank_linear``: the same products, forward
-and backward.
+Expert banks ([E, in, out]) get one copy per expert (``llmarch.nn.banks.packed_mm``) and run their other products
+through ``llmarch.nn.banks.bank_linear``, forward and backward. A copy costs its bytes in memory;
+``llmarch.infer.layout.pack_weights`` decides when. Figures: docs/performance.md.
 """
 from __future__ import annotations
 

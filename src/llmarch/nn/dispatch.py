@@ -142,7 +142,7 @@ def auto_dispatch(x, experts, weights, keep, bank):
     host = host_reads_ok(x)  # sliced reads the per-expert counts into Python: free on the CPU, eager only
     onednn = host and x.dtype == torch.float32 and dense.ONEDNN
     training = torch.is_grad_enabled() and x.requires_grad
-    if host and x.dtype == torch.bfloat16 and widened.ROUTE and x.device.type == "cpu":
+    if host and widened.takes(x):
         # bf16 on a CPU without bf16 products: sliced over fp32 products (llmarch.nn.widened); grouped and
         # padded run torch's generic bf16 kernel there (~100x slower over the bank's layout)
         return sliced_dispatch(x, experts, weights, keep, bank)

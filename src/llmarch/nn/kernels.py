@@ -85,8 +85,7 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
     CPU without bf16 products (``llmarch.nn.widened``) runs in fp32 and rounds the output once: torch's bf16
     kernels there took 5-6x the fp32 time for forward + backward at [1-4, 8, 512, 64] and 4-6x for a decode
     step's single query (forward alone level), with the same error against fp64."""
-    if (q.dtype == torch.bfloat16 and q.device.type == "cpu" and widened.ROUTE and not torch.compiler.is_compiling()
-            and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)):
+    if widened.takes(q):
         if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
                 t.requires_grad for t in (q, k, v)):
             return _WideFlash.apply(q, k, v, mask, causal, scale)

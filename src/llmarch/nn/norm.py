@@ -10,6 +10,13 @@ from llmarch.registry import Registry
 NORMS: Registry[type[nn.Module]] = Registry("norm")
 
 
+def rounded_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of a lower-precision x: normalised in fp32, rounded to x's dtype once, then times the gain (as
+    LLaMA does)."""
+    h = x.float()
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 @NORMS.register("layernorm")
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim. [..., D] -> [..., D]; statistics in fp32, output in the input dtype."""
@@ -42,13 +49,13 @@ class RMSNorm(nn.Module):
                 if y is not None:
                     return y
             return nn.functional.rms_norm(x, (self.dim,), self.weight, self.eps)  # the same math in one call
-        # lower precision: normalise in fp32, round once, then apply the gain (as LLaMA does); bf16 inference in
-        # one native call with the same roundings (within a bf16 ulp: the mean is summed in double there)
+        # lower precision: rounded_rms_norm; bf16 inference in one native call with the same roundings (within a
+        # bf16 ulp: the mean is summed in double there)
         if x.dtype == torch.bfloat16 and native_rows.applies(x, self.weight, limit=None):
             y = native_rows.rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y
-        return native_rows.bf16_rms_norm(x, self.weight, self.eps)
+        return rounded_rms_norm(x, self.weight, self.eps)
 
 
 @NORMS.register("rmsnorm_zero")

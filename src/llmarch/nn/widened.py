@@ -42,6 +42,13 @@ def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16
 
 
+def takes(t: torch.Tensor) -> bool:
+    """A bf16 CPU tensor whose products (and attention) this route serves here: the route on, eager, no CPU
+    autocast other than bf16's."""
+    return (t.dtype == BF16 and t.device.type == "cpu" and ROUTE and not torch.compiler.is_compiling()
+            and (not torch.is_autocast_enabled("cpu") or _autocast_bf16()))
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` serves ``F.linear(x, weight, bias)`` here (see the module)."""
     if x.dtype != BF16 and not torch.is_autocast_enabled("cpu"):
@@ -63,17 +70,21 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float()).to(BF16)
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear of bf16 operands in fp32, rounded once; [..., in] -> [..., out]."""
+    with torch.autocast("cpu", enabled=False):
+        y = F.linear(x.reshape(-1, x.shape[-1]).float(), weight.float(), None if bias is None else bias.float())
+    return y.to(BF16).view(*x.shape[:-1], weight.shape[0])
+
+
 class _Linear(torch.autograd.Function):
     """y = x W^T + b for bf16 x, W, b: each product (forward, dx = g W, dW = g^T x) widened to fp32 and rounded."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x2, weight)
+        ctx.save_for_backward(x.reshape(-1, x.shape[-1]), weight)
         ctx.x_shape, ctx.has_bias = x.shape, bias is not None
-        with torch.autocast("cpu", enabled=False):
-            y = F.linear(x2.float(), weight.float(), None if bias is None else bias.float())
-        return y.to(BF16).view(*x.shape[:-1], weight.shape[0])
+        return _forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
@@ -92,9 +103,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if _autocast_bf16():
         x, weight = x.to(BF16), weight.to(BF16)
         bias = None if bias is None else bias.to(BF16)
-    if not dense._needs_grad(x, weight, bias):
-        with torch.autocast("cpu", enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).float()
-            y = F.linear(x2, weight.float(), None if bias is None else bias.float())
-        return y.to(BF16).view(*x.shape[:-1], weight.shape[0])
-    return _Linear.apply(x, weight, bias)
+    return _Linear.apply(x, weight, bias) if dense._needs_grad(x, weight, bias) else _forward(x, weight, bias)
