@@ -17,6 +17,7 @@ from llmarch.nn.block import BLOCKS, CROSS_BLOCKS
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
 from llmarch.nn.cross_attention import CrossAttention
 from llmarch.nn.embedding import Embeddings
+from llmarch.nn import fused_decode
 from llmarch.nn.ffn import FFNS
 from llmarch.nn.heads import build_head
 from llmarch.nn.mixers import MIXERS
@@ -97,6 +98,9 @@ class Stack(nn.Module):
                                                 dropout=cfg.dropout, clamp=cfg.fp16_clamp)
 
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None) -> torch.Tensor:
+        fused = fused_decode.run(self, x, ctx, cache) if cache is not None and ctx.T == 1 else None
+        if fused is not None:  # a decode step with every layer in one native call (llmarch.nn.fused_decode)
+            return self.final_norm(fused)
         for layer in self.layers:
             x = layer(x, ctx, cache)
         return self.final_norm(x)

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 # x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
 # compile without them, and picks the widest vectors the CPU has)
-NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),)}
+NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("avx2", "fma"),)}
+INCLUDES = {"decode": ("gemv.c", "rows.c")}  # sources a kernel library #includes: part of its build's hash
 RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def library(name: str) -> ctypes.CDLL | None:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    key = hashlib.sha256("\0".join([src.read_text(), " ".join(FLAGS), version, signature]).encode()).hexdigest()
+    sources = [src.read_text()] + [src.with_name(f).read_text() for f in INCLUDES.get(name, ())]
+    key = hashlib.sha256("\0".join([*sources, " ".join(FLAGS), version, signature]).encode()).hexdigest()
     from llmarch.data import default_cache_dir  # imports torch: only when a kernel is wanted
 
     out = default_cache_dir() / "kernels" / f"{name}-{key[:16]}.so"

@@ -22,6 +22,23 @@ class KVCache:
         self.length = 0
         self._buffers: dict[int, tuple] = {}  # layer -> (k buffer, v buffer, offset of k[layer] in them)
 
+    def reserve(self, layer: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Buffers (k, v: [B, G, capacity, *]) holding k[layer] / v[layer] at slots [offset, offset + n) with room
+        for T more slots after them, and (offset, n); the buffers are made (with spare slots) when k[layer] is
+        not a view of them any more, they are full, or of another dtype. :meth:`written` records T new slots."""
+        old_k, old_v = self.k[layer], self.v[layer]
+        n = old_k.shape[2]
+        bk, bv, off, view_k, view_v = self._buffers.get(layer, (None,) * 5)
+        if (view_k is not old_k or view_v is not old_v or off + n + T > bk.shape[2]
+                or bk.dtype != dtype or bv.dtype != dtype):
+            cap, off = n + T + min(self.GROW, n + T), 0  # spare: at most the cache's own size
+            bk = torch.cat([old_k.to(dtype), old_k.new_empty(*old_k.shape[:2], cap - n, old_k.shape[3], dtype=dtype)],
+                           dim=2)
+            bv = torch.cat([old_v.to(dtype), old_v.new_empty(*old_v.shape[:2], cap - n, old_v.shape[3], dtype=dtype)],
+                           dim=2)
+        self._buffers[layer] = (bk, bv, off, old_k, old_v)
+        return bk, bv, off, n
+
     def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k/v of ``layer`` followed by the new ones, written into buffers with spare slots (no copy of the
         whole cache per call, as torch.cat would); k[layer] / v[layer] stay views of them. Under autograd
@@ -30,18 +47,20 @@ class KVCache:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad or old_k.requires_grad):
             self._buffers.pop(layer, None)
             return torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-        n, T = old_k.shape[2], k.shape[2]
-        bk, bv, off, view_k, view_v = self._buffers.get(layer, (None,) * 5)
-        if (view_k is not old_k or view_v is not old_v or off + n + T > bk.shape[2]
-                or bk.dtype != k.dtype or bv.dtype != v.dtype):
-            cap, off = n + T + min(self.GROW, n + T), 0  # spare: at most the cache's own size
-            bk = torch.cat([old_k, k, k.new_empty(*k.shape[:2], cap - n - T, k.shape[3])], dim=2)
-            bv = torch.cat([old_v, v, v.new_empty(*v.shape[:2], cap - n - T, v.shape[3])], dim=2)
-        else:
-            bk.narrow(2, off + n, T).copy_(k)
-            bv.narrow(2, off + n, T).copy_(v)
+        T = k.shape[2]
+        bk, bv, off, n = self.reserve(layer, T, k.dtype)
+        bk.narrow(2, off + n, T).copy_(k)
+        bv.narrow(2, off + n, T).copy_(v)
         self._buffers[layer] = (bk, bv, off)
         return bk.narrow(2, off, n + T), bv.narrow(2, off, n + T)
+
+    def written(self, layer: int, T: int, lookback: int | None) -> None:
+        """Record T slots written into :meth:`reserve`'s buffers after k[layer] / v[layer] (what :meth:`update`
+        does after appending; a native decode step writes them itself)."""
+        bk, bv, off = self._buffers[layer][:3]
+        n = self.k[layer].shape[2] + T
+        self._buffers[layer] = (bk, bv, off)
+        self._keep(layer, bk.narrow(2, off, n), bv.narrow(2, off, n), self.start[layer], lookback)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                lookback: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -52,6 +71,11 @@ class KVCache:
             start = self.start[layer]
         else:
             start = self.length
+        self._keep(layer, k, v, start, lookback)
+        return k, v, start
+
+    def _keep(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, lookback: int | None) -> None:
+        """Store k/v (all keys of ``layer`` from absolute slot ``start``), at most the last ``lookback``."""
         keep_from = 0 if lookback is None else max(0, k.shape[2] - lookback)
         kept_k, kept_v = (k[:, :, keep_from:], v[:, :, keep_from:]) if keep_from else (k, v)
         self.k[layer], self.v[layer] = kept_k, kept_v
@@ -59,7 +83,6 @@ class KVCache:
         if layer in self._buffers:  # remember the views kept: the next append checks it still owns them
             bk, bv, off = self._buffers[layer][:3]
             self._buffers[layer] = (bk, bv, off + keep_from, kept_k, kept_v)
-        return k, v, start
 
     def advance(self, n: int) -> None:
         self.length += n

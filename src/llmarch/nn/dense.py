@@ -54,6 +54,7 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 MATVEC_MIN_ELEMENTS = 1 << 24  # a one-row product goes to oneDNN only for weights this large (see above)
 PACK_ROWS = 128  # the row count the packed layout is chosen for; measured fastest at 1, 8 and 128 rows alike
 _PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its storage pointer, its version, packed copy)
+_GENERATION = [0]  # counts packed copies made and dropped (llmarch.nn.fused_decode re-reads its plan on a change)
 
 
 if ONEDNN and _OPS._linear_pointwise not in flop_counter.flop_registry:  # FLOP counts (analysis, benchmarks) see it
@@ -140,6 +141,7 @@ def pack(weight: torch.Tensor) -> bool:
     else:
         copy = native_fp32.Blocked(w) if native else _reorder(w)
     _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version, copy)
+    _GENERATION[0] += 1
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)
     return True
@@ -150,6 +152,12 @@ def unpack(weight: torch.Tensor) -> None:
     entry = _PACKED.get(id(weight))
     if entry is not None and entry[0]() is weight:
         del _PACKED[id(weight)]
+        _GENERATION[0] += 1
+
+
+def generation() -> int:
+    """A number that changes whenever a packed copy is made or dropped."""
+    return _GENERATION[0]
 
 
 def _inference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:

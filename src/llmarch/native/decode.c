@@ -1,0 +1,214 @@
+/* llmarch: one decoder layer of a decode step (one new token per row) in one call, fp32 activations, where the
+ * eager step runs ~40 torch ops and 4 kernel calls per layer (llmarch.nn.fused_decode says which layers qualify).
+ *
+ * llmarch_decode_layer(L, x, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride): a pre-norm block of
+ * grouped-query attention and an FFN, x [B, D] the residual stream (updated in place):
+ *   h = norm1(x); qkv = h W_qkv^T + b; q, k rotated (half-split RoPE over the whole head, when cos is not NULL);
+ *   k, v written to slot `slot` of each row's cache (kbuf / vbuf [B, G, cap, Dh]); each query head attends to
+ *   slots [first, slot] of its kv head (head h reads kv head h / (H / G)); x += attn W_out^T + b;
+ *   h = norm2(x); x += act(h W_up^T + b) W_down^T + b, or for a gated FFN (act(gate) * up) W_down^T + b with
+ *   [gate | up] = h W_up^T + b.
+ * Norms: RMSNorm (rows.c's, the mean of squares summed in double) or LayerNorm (mean and variance in double, then
+ * (x - mean) * rstd * w + b in fp32). Products: gemv.c's (fp32, int8 or bf16 weights in its blocked layout). The
+ * rotation: rows.c's (the bits of llmarch.nn.rope's torch form). Attention: scores q.k * scale in fp32, softmax
+ * with the maximum subtracted, exp by a polynomial within 2 ulp of expf, the weighted sum of values divided by the
+ * weights' sum last, as a flash kernel does. Activations: silu(g) = g / (1 + exp(-g)), the tanh GELU through
+ * exp(-2|u|), relu, the erf GELU with erff. Summation order and exp's last bits aside, torch's values (the tests
+ * hold logits to the eager step's at 1e-5).
+ */
+#include "gemv.c"
+#include "rows.c"
+
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+  const void *w;        /* blocked weight: float, int8_t or uint16_t (bf16) */
+  const float *scale;   /* int8: per-output scales padded to the blocks; else NULL */
+  const float *bias;    /* [N] or NULL */
+  int64_t kind;         /* 0 fp32, 1 int8, 2 bf16 */
+} product_t;
+
+enum { RMS_NORM_KIND = 0, LAYER_NORM_KIND = 1 };
+enum { SILU = 0, GELU_TANH = 1, GELU_ERF = 2, RELU = 3 };
+
+typedef struct {
+  int64_t D, H, G, Dh, F;
+  int64_t norm, act, gated;     /* norm kind, activation, whether the FFN is gated (up has 2F outputs) */
+  float eps1, eps2, scale;
+  const float *norm1, *norm2, *norm1_bias, *norm2_bias;  /* LayerNorm biases may be NULL */
+  product_t qkv, out, up, down;
+} layer_t;
+
+static void product(const product_t *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+  if (p->kind == 1)
+    llmarch_int8_gemv(x, (const int8_t *)p->w, p->scale, p->bias, y, M, N, K);
+  else if (p->kind == 2)
+    llmarch_bf16_gemv(x, (const uint16_t *)p->w, NULL, p->bias, y, M, N, K);
+  else
+    llmarch_f32_gemv(x, (const float *)p->w, NULL, p->bias, y, M, N, K);
+}
+
+/* exp(x) for x <= 0 (softmax arguments), 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for
+ * e^r (Cephes' coefficients) and 2^n through the exponent bits; below -87 the result is 0. */
+static inline __m256 exp_neg(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* One query head q [Dh] over S keys / values (rows of Dh, stride Dh) -> o [Dh]; p: S floats of scratch. */
+static void attend_one(const float *q, const float *k, const float *v, int64_t S, int64_t Dh, float scale,
+                       float *p, float *o) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < S; j++) {
+    p[j] = dot(q, k + j * Dh, Dh) * scale;
+    m = p[j] > m ? p[j] : m;
+  }
+  int64_t j = 0;
+  __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
+  for (; j + 8 <= S; j += 8) {
+    __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
+    _mm256_storeu_ps(p + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  if (j < S) {
+    float tail[8] = {0}, e[8];
+    for (int64_t t = j; t < S; t++) tail[t - j] = p[t] - m;
+    _mm256_storeu_ps(e, exp_neg(_mm256_loadu_ps(tail)));
+    for (int64_t t = j; t < S; t++) sum += (p[t] = e[t - j]);
+  }
+  for (int64_t d = 0; d < Dh; d++) o[d] = 0.0f;
+  for (int64_t s = 0; s < S; s++) {
+    const float w = p[s], *vs = v + s * Dh;
+    int64_t d = 0;
+    for (; d + 8 <= Dh; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vs + d), _mm256_loadu_ps(o + d)));
+    for (; d < Dh; d++) o[d] += w * vs[d];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t d = 0; d < Dh; d++) o[d] *= inv;
+}
+
+static void norm(const layer_t *L, const float *x, const float *w, const float *b, float eps, float *y, int64_t B) {
+  const int64_t D = L->D;
+  if (L->norm == RMS_NORM_KIND) {
+    llmarch_rms_norm(x, w, y, B, D, eps);
+    return;
+  }
+  for (int64_t r = 0; r < B; r++) {
+    const float *xr = x + r * D;
+    float *yr = y + r * D;
+    double s = 0.0, ss = 0.0;
+    for (int64_t i = 0; i < D; i++) s += xr[i];
+    const float mean = (float)(s / (double)D);
+    for (int64_t i = 0; i < D; i++) ss += ((double)xr[i] - mean) * ((double)xr[i] - mean);
+    const float rstd = (float)(1.0 / sqrt(ss / (double)D + (double)eps));
+    for (int64_t i = 0; i < D; i++) yr[i] = ((xr[i] - mean) * rstd) * w[i] + (b ? b[i] : 0.0f);
+  }
+}
+
+/* act(g) (times up, when up is not NULL) for 8 lanes. */
+static inline __m256 act8(int64_t act, __m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  if (act == SILU) {  /* e = exp(-|g|): g / (1 + e) for g >= 0, g e / (1 + e) below */
+    __m256 e = exp_neg(_mm256_or_ps(g, sign)), neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_div_ps(_mm256_blendv_ps(g, _mm256_mul_ps(g, e), neg), _mm256_add_ps(one, e));
+  }
+  if (act == GELU_TANH) {  /* 0.5 g (1 + tanh u), tanh |u| = (1 - e) / (1 + e) with e = exp(-2|u|) */
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                             _mm256_add_ps(g, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
+                                                            _mm256_mul_ps(_mm256_mul_ps(g, g), g))));
+    __m256 au = _mm256_andnot_ps(sign, u), e = exp_neg(_mm256_mul_ps(_mm256_set1_ps(-2.0f), au));
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    t = _mm256_or_ps(t, _mm256_and_ps(u, sign));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, t));
+  }
+  if (act == RELU) return _mm256_max_ps(g, _mm256_setzero_ps());
+  float v[8];
+  _mm256_storeu_ps(v, g);
+  for (int i = 0; i < 8; i++) v[i] = 0.5f * v[i] * (1.0f + erff(v[i] * 0.70710678118654752f));
+  return _mm256_loadu_ps(v);
+}
+
+/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). */
+static void activate(const layer_t *L, const float *h, float *y, int64_t B) {
+  const int64_t F = L->F, W = L->gated ? 2 * F : F;
+  for (int64_t r = 0; r < B; r++)
+    for (int64_t f = 0; f < F; f += 8) {
+      float g[8] = {0}, u[8] = {0}, o[8];
+      const int64_t n = F - f < 8 ? F - f : 8;
+      memcpy(g, h + r * W + f, sizeof(float) * n);
+      __m256 a = act8(L->act, _mm256_loadu_ps(g));
+      if (L->gated) {
+        memcpy(u, h + r * W + F + f, sizeof(float) * n);
+        a = _mm256_mul_ps(a, _mm256_loadu_ps(u));
+      }
+      _mm256_storeu_ps(o, a);
+      memcpy(y + r * F + f, o, sizeof(float) * n);
+    }
+}
+
+void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, float *vbuf, int64_t cap,
+                          int64_t first, int64_t slot, const float *cos, const float *sin, int64_t cos_stride) {
+  const int64_t D = L->D, H = L->H, G = L->G, Dh = L->Dh, F = L->F, W = (H + 2 * G) * Dh, S = slot + 1 - first;
+  float *h = malloc(sizeof(float) * B * (D > F ? D : F)), *qkv = malloc(sizeof(float) * B * W);
+  float *rot = malloc(sizeof(float) * B * (H + G) * Dh), *att = malloc(sizeof(float) * B * H * Dh);
+  float *gu = malloc(sizeof(float) * B * 2 * F), *y = malloc(sizeof(float) * B * D);
+  norm(L, x, L->norm1, L->norm1_bias, L->eps1, h, B);
+  product(&L->qkv, h, qkv, B, W, D);
+  if (cos != NULL) /* q and k heads of each row: [B, H+G, 1, Dh] with row stride W */
+    llmarch_rotate_half(qkv, cos, sin, rot, B, H + G, 1, Dh, W, Dh, Dh, cos_stride, cos_stride);
+  else
+    for (int64_t b = 0; b < B; b++) memcpy(rot + b * (H + G) * Dh, qkv + b * W, sizeof(float) * (H + G) * Dh);
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t g = 0; g < G; g++) {
+      const int64_t at = ((b * G + g) * cap + slot) * Dh;
+      memcpy(kbuf + at, rot + (b * (H + G) + H + g) * Dh, sizeof(float) * Dh);
+      memcpy(vbuf + at, qkv + b * W + (H + 2 * G - G + g) * Dh, sizeof(float) * Dh);
+    }
+  _Pragma("omp parallel for schedule(static) if (B * H * S * Dh >= (1 << 18))")
+  for (int64_t bh = 0; bh < B * H; bh++) {
+    const int64_t b = bh / H, hd = bh % H, g = hd / (H / G), base = ((b * G + g) * cap + first) * Dh;
+    float *p = malloc(sizeof(float) * (S + 8));
+    attend_one(rot + (b * (H + G) + hd) * Dh, kbuf + base, vbuf + base, S, Dh, L->scale, p, att + bh * Dh);
+    free(p);
+  }
+  product(&L->out, att, y, B, D, H * Dh);
+  for (int64_t i = 0; i < B * D; i++) x[i] = x[i] + y[i];
+  norm(L, x, L->norm2, L->norm2_bias, L->eps2, h, B);
+  product(&L->up, h, gu, B, L->gated ? 2 * F : F, D);
+  activate(L, gu, h, B);
+  product(&L->down, h, y, B, D, F);
+  for (int64_t i = 0; i < B * D; i++) x[i] = x[i] + y[i];
+  free(h), free(qkv), free(rot), free(att), free(gu), free(y);
+}

@@ -1,0 +1,91 @@
+"""One decoder layer of a decode step in one native call (``decode.c``): norm, fused qkv product, rotation, cache
+write, attention over the cache, output product, residual, norm, FFN products and activation, residual. The eager
+layer runs ~40 torch ops for this: on an AVX2 host ~4 of a 10 ms LLaMA-style batch-1 token went to them, their
+dispatch and Python, not to the products (``benchmarks/decode_overhead.py``; figures in docs/performance.md).
+
+:mod:`llmarch.nn.fused_decode` decides which stacks and calls it serves and builds the per-layer records
+(:class:`_Layer`: sizes, kinds, pointers to gains, biases and the products' blocked weights). :func:`available`
+is False where the library cannot be built or fails its self-check (a small layer against the torch form below);
+``LLMARCH_FUSED_DECODE=0`` turns the path off (:func:`enabled`).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from llmarch import native
+
+MAX_ROWS = 32
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("kind", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "Dh", "F", "norm", "act", "gated")]
+                + [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
+                + [(name, ctypes.c_void_p) for name in ("norm1", "norm2", "norm1_bias", "norm2_bias")]
+                + [(name, _Product) for name in ("qkv", "out", "up", "down")])
+
+
+NORMS = {"RMSNorm": 0, "LayerNorm": 1}  # decode.c's norm kinds, by llmarch.nn.norm class name
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}  # and activations, by config name
+
+
+def enabled() -> bool:
+    return os.environ.get("LLMARCH_FUSED_DECODE", "1") != "0"
+
+
+def _reference(x, norms, weights, k_old, v_old, cos, sin, H, G, scale, eps):
+    """The layer in torch ops, fp32 (the self-check's reference): x [B, D], weights [N, K] plain."""
+    def norm(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
+    B, D = x.shape
+    Dh = k_old.shape[-1]
+    qkv = (norm(x, norms[0]) @ weights[0].T).view(B, H + 2 * G, Dh)
+    qk = qkv[:, :H + G]
+    h = Dh // 2
+    qk = torch.cat([qk[..., :h] * cos[:, None, :h] - qk[..., h:] * sin[:, None, :h],
+                    qk[..., h:] * cos[:, None, h:] + qk[..., :h] * sin[:, None, h:]], -1)
+    k = torch.cat([k_old, qk[:, H:, None]], 2)
+    v = torch.cat([v_old, qkv[:, H + G:, None]], 2)
+    q = qk[:, :H, None]  # [B, H, 1, Dh]
+    att = torch.softmax(q @ k.repeat_interleave(H // G, 1).transpose(-1, -2) * scale, -1)
+    x = x + (att @ v.repeat_interleave(H // G, 1)).reshape(B, H * Dh) @ weights[1].T
+    gate, up = (norm(x, norms[1]) @ weights[2].T).chunk(2, -1)
+    return x + (torch.nn.functional.silu(gate) * up) @ weights[3].T, k, v
+
+
+def _check(fn) -> bool:
+    from llmarch.native import fp32 as native_fp32
+
+    if not native_fp32.available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    B, D, H, G, Dh, F, n = 2, 24, 4, 2, 6, 20, 5
+    shapes = [((H + 2 * G) * Dh, D), (D, H * Dh), (2 * F, D), (D, F)]
+    weights = [torch.randn(s, generator=g) / s[1] ** 0.5 for s in shapes]
+    norms = [1 + 0.1 * torch.randn(D, generator=g) for _ in range(2)]
+    x, cap = torch.randn(B, D, generator=g), n + 3
+    kbuf, vbuf = torch.randn(B, G, cap, Dh, generator=g), torch.randn(B, G, cap, Dh, generator=g)
+    ang = torch.randn(B, Dh // 2, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    want, k, v = _reference(x, norms, weights, kbuf[:, :, :n], vbuf[:, :, :n], cos, sin, H, G, 0.3, 1e-5)
+    blocked = [native_fp32.Blocked(w) for w in weights]
+    layer = _Layer(D, H, G, Dh, F, 0, 0, 1, 1e-5, 1e-5, 0.3, norms[0].data_ptr(), norms[1].data_ptr(), None, None,
+                   *[_Product(b.data.data_ptr(), None, None, 0) for b in blocked])
+    got = x.clone()
+    fn(ctypes.byref(layer), got.data_ptr(), B, kbuf.data_ptr(), vbuf.data_ptr(), cap, 0, n, cos.data_ptr(),
+       sin.data_ptr(), Dh)
+    return all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in
+               [(got, want), (kbuf[:, :, :n + 1], k), (vbuf[:, :, :n + 1], v)])
+
+
+_KERNEL = native.Kernel("decode", "llmarch_decode_layer",
+                        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+                        + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64], _check)
+available, reset = _KERNEL.available, _KERNEL.reset

@@ -1,0 +1,194 @@
+"""The decode step of a plain decoder stack with each layer in one native call (:mod:`llmarch.native.decode`).
+:class:`llmarch.model.Stack` tries :func:`run` first when it has a cache and one new token per row; None means
+"not here" and the eager layers run. Values: the eager layers' up to summation order and ``exp``'s last bits
+(tests hold per-step logits and the cache to the eager step's at 1e-5, greedy tokens identical).
+
+A stack qualifies when every layer is
+- a pre-norm block (no fp16 clamp) whose two norms are RMSNorm or LayerNorm (fp32; same kind);
+- grouped-query :class:`~llmarch.nn.attention.Attention` (MHA, GQA, MQA; any scale; qkv / output biases) with a
+  dense causal or sliding-window pattern, mask execution, the sdpa or naive kernel;
+- an FFN that is a :class:`~llmarch.nn.ffn.GLU` or :class:`~llmarch.nn.ffn.MLP` with silu, gelu_tanh, gelu or
+  relu;
+- with every product on a weight the native kernel reads: fp32 with a current blocked copy
+  (``llmarch.nn.dense.pack``; ``generate`` packs when that pays back) or an
+  :class:`~llmarch.infer.quantize.Int8Linear`.
+A call qualifies with fp32 CPU activations, at most ``llmarch.native.decode.MAX_ROWS`` rows, no gradient, eval
+mode, no autocast or compilation, no padding mask, documents, global tokens or encoder memory, positions that add
+no score bias and rotate whole heads (or not at all), a plain :class:`~llmarch.nn.cache.KVCache` already holding
+every layer, and no forward hook on a module the eager layers would call.
+
+The plan (the kernel's records) is built once and reused while it is current: the same modules, the same tensors
+at the same versions and storage, no packed copy made or dropped since. A LoRA wrapper, ``load_state_dict``,
+``unpack_weights`` or a hook is seen at the next step.
+"""
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _torch_module
+
+from llmarch.native import decode as native_decode
+from llmarch.native import fp32 as native_fp32
+from llmarch.native import int8 as native_int8
+from llmarch.nn import dense
+from llmarch.nn.attention import Attention
+from llmarch.nn.block import PreNormBlock
+from llmarch.nn.cache import KVCache
+from llmarch.nn.ffn import GLU, MLP
+from llmarch.nn.norm import LayerNorm, RMSNorm
+from llmarch.nn.patterns import Dense, Sliding
+from llmarch.nn.position import PositionScheme
+from llmarch.nn.rope import NoRotation, Rotation
+
+# stack -> its plan, or the (packed-copy generation, modules) at which it was found not eligible: looked at again
+# once a copy is made or dropped (an fp32 stack qualifies once its weights are packed) or a module is swapped
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, _Plan | tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fp32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+def _product(m: nn.Module):
+    """(record, tensors it reads from, copies to keep) for one projection, or None where the kernel cannot take
+    it: an fp32 weight with a current blocked copy, or an Int8Linear."""
+    from llmarch.infer.quantize import Int8Linear
+
+    bias = getattr(m, "bias", None)
+    if not _fp32(bias):
+        return None
+    b = None if bias is None else bias.data_ptr()
+    if type(m) in (dense.Linear, nn.Linear):
+        copy = dense.packed(m.weight)
+        if not isinstance(copy, native_fp32.Blocked) or copy.data.dtype != torch.float32:
+            return None
+        return native_decode._Product(copy.data.data_ptr(), None, b, 0), [m.weight, bias], [copy]
+    if type(m) is Int8Linear and native_int8.available() and m.scales.dtype == torch.float32:
+        w, s = native_int8.blocked(m.qweight, m.scales)
+        return native_decode._Product(w.data_ptr(), s.data_ptr(), b, 1), [m.qweight, m.scales, bias], [w, s]
+    return None
+
+
+def _norm(m: nn.Module):
+    """(kind, gain, bias) of a norm decode.c computes (RMSNorm, LayerNorm; fp32), or None."""
+    kind = native_decode.NORMS.get(type(m).__name__) if type(m) in (RMSNorm, LayerNorm) else None
+    bias = getattr(m, "bias", None)
+    return None if kind is None or not _fp32(m.weight) or not _fp32(bias) else (kind, m.weight, bias)
+
+
+def _layer(block: nn.Module):
+    """(record, cache index, lookback, tensors, module edges, called modules, copies) of one block, or None (see
+    llmarch.native.decode)."""
+    if type(block) is not PreNormBlock or type(block.guard) is not nn.Identity:
+        return None
+    a, f = block.attn, block.ffn
+    n1, n2 = _norm(block.attn_norm), _norm(block.ffn_norm)
+    if (type(a) is not Attention or type(f) not in (GLU, MLP) or n1 is None or n2 is None or n1[0] != n2[0]
+            or a.kernel_name not in ("sdpa", "naive") or a.execution_name != "mask"
+            or f.activation not in native_decode.ACTIVATIONS or type(a.pattern) not in (Dense, Sliding)):
+        return None
+    up = f.gate_up if type(f) is GLU else f.up
+    products = [_product(m) for m in (a.qkv, a.out, up, f.down)]
+    if any(p is None for p in products):
+        return None
+    ptr = [None if t is None else t.data_ptr() for t in (n1[1], n2[1], n1[2], n2[2])]
+    record = native_decode._Layer(block.attn_norm.dim, a.n_heads, a.n_kv_heads, a.head_dim, f.down.in_features,
+                                  n1[0], native_decode.ACTIVATIONS[f.activation], type(f) is GLU,
+                                  block.attn_norm.eps, block.ffn_norm.eps, a.scale, *ptr, *[p[0] for p in products])
+    tensors = [t for t in [*n1[1:], *n2[1:]] + [t for p in products for t in p[1]] if t is not None]
+    edges = [(block, name, getattr(block, name)) for name in ("attn", "ffn", "attn_norm", "ffn_norm")]
+    edges += [(a, "qkv", a.qkv), (a, "out", a.out), (f, "gate_up" if type(f) is GLU else "up", up), (f, "down", f.down)]
+    called = [block, block.dropout, f.dropout] + [child for _, _, child in edges]
+    return record, a.layer_idx, a.pattern.lookback, tensors, edges, called, [c for p in products for c in p[2]]
+
+
+class _Plan:
+    """The kernel's records for every layer of a stack, and what they were read from."""
+
+    def __init__(self, stack: nn.Module, layers: list):
+        self.layers = weakref.ref(stack.layers)
+        self.records = [(ctypes.addressof(r[0]), r[1], r[2]) for r in layers]
+        self.head_dim = layers[0][0].Dh
+        self.keep = [(r[0], r[6]) for r in layers]  # the records and the copies their pointers read
+        self.tensors = [t for r in layers for t in r[3]]
+        self.edges = [(stack.layers, str(i), stack.layers[i]) for i in range(len(layers))]
+        self.edges += [e for r in layers for e in r[4]]
+        self.called = [m for r in layers for m in r[5]]
+        self.generation = dense.generation()
+        self.versions, self.pointers = self._state()
+
+    def _state(self) -> tuple[list, list]:
+        return [t._version for t in self.tensors], [t.data_ptr() for t in self.tensors]
+
+    def current(self, stack: nn.Module) -> bool:
+        """Nothing the records were read from changed: modules, tensors (versions, storage), packed copies."""
+        return (self.layers() is stack.layers and len(stack.layers) == len(self.records)
+                and self.generation == dense.generation() and self._state() == (self.versions, self.pointers)
+                and all(parent._modules.get(name) is child for parent, name, child in self.edges))
+
+    def hooked(self) -> bool:
+        """A forward hook on a module the eager step would call (it must see that call)."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.called)
+
+
+def _refusal(stack: nn.Module) -> tuple:
+    """What a refusal depends on: the packed copies, and the modules two levels below each layer."""
+    return dense.generation(), tuple(id(m) for b in stack.layers for c in b._modules.values() if c is not None
+                                     for m in (c, *c._modules.values()))
+
+
+def _plan(stack: nn.Module) -> _Plan | None:
+    plan = _PLANS.get(stack)
+    if type(plan) is tuple and plan == _refusal(stack):
+        return None
+    if not (isinstance(plan, _Plan) and plan.current(stack)):
+        layers = [_layer(block) for block in stack.layers]
+        if not layers or any(r is None for r in layers) or len({r[0].Dh for r in layers}) != 1:
+            _PLANS[stack] = _refusal(stack)
+            return None
+        plan = _PLANS[stack] = _Plan(stack, layers)
+    return None if plan.hooked() else plan
+
+
+def _call_fits(stack: nn.Module, x: torch.Tensor, ctx, cache) -> bool:
+    return (type(cache) is KVCache and ctx.T == 1 and ctx.causal and not stack.training
+            and x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
+            and x.shape[0] <= native_decode.MAX_ROWS and ctx.key_padding is None and ctx.document_ids is None
+            and ctx.global_mask is None and ctx.memory is None and not torch.is_grad_enabled()
+            and type(ctx.positions).score_bias is PositionScheme.score_bias
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+            and not _torch_module._has_any_global_hook() and native_decode.enabled())
+
+
+def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
+    """The stack's layers (not its final norm) over x [B, 1, D] in native calls, or None (run them eagerly)."""
+    if not _call_fits(stack, x, ctx, cache) or not native_decode.available():
+        return None
+    plan = _plan(stack)
+    if plan is None:
+        return None
+    B, _, D = x.shape
+    rot, cos, sin, stride = ctx.rotation, None, None, 0
+    if type(rot) is Rotation:
+        if rot.cos.shape[-1] != plan.head_dim or rot.cos.dtype != torch.float32:
+            return None
+        cos, sin = rot.cos.reshape(-1, plan.head_dim), rot.sin.reshape(-1, plan.head_dim)  # [B or 1, Dh]
+        cos, sin = cos.contiguous(), sin.contiguous()
+        stride = plan.head_dim if cos.shape[0] == B else 0
+    elif type(rot) is not NoRotation:
+        return None
+    for _, idx, _ in plan.records:
+        k = cache.k.get(idx)
+        if k is None or k.dtype != torch.float32 or k.shape[0] != B:
+            return None
+    h = x.reshape(B, D).clone()
+    fn = native_decode._KERNEL.fn()
+    cp, sp = (None, None) if cos is None else (cos.data_ptr(), sin.data_ptr())
+    for record, idx, lookback in plan.records:
+        bk, bv, off, n = cache.reserve(idx, 1, torch.float32)
+        fn(record, h.data_ptr(), B, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n, cp, sp, stride)
+        cache.written(idx, 1, lookback)
+    return h.view(B, 1, D)

@@ -1,0 +1,210 @@
+"""llmarch.nn.fused_decode: a decode step with every decoder layer in one native call (llmarch.native.decode).
+Held to the eager layers it replaces: per-step logits and the cache it leaves behind, greedy tokens, across
+attention shapes (MHA, GQA, MQA, biases, sliding window, no rotation, scaled RoPE), batch sizes, a cache that
+outgrows its buffers, and int8 weights; a spy checks that the fused path ran where it should and stood aside
+everywhere else (gradients, training, padding, hooks, swapped modules, stale or dropped packed copies)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import llmarch
+from llmarch import native
+from llmarch.infer.layout import pack_weights, unpack_weights
+from llmarch.infer.quantize import quantize
+from llmarch.native import decode as native_decode
+from llmarch.nn import fused_decode
+from llmarch.rope_config import RopeConfig
+
+pytestmark = pytest.mark.skipif(native.library("decode") is None,
+                                reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
+
+BASE = dict(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40, max_seq_len=600)
+CASES = {
+    "gqa": {},
+    "mha": dict(n_kv_heads=4),
+    "mqa": dict(n_kv_heads=1),
+    "biases": dict(qkv_bias=True, out_bias=True, ffn_bias=True),
+    "sliding": dict(pattern=("sliding",), window=5),
+    "learned positions": dict(position="learned"),
+    "llama3 rope": dict(rope=RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, original_max_seq_len=64)),
+    "scaled, odd head": dict(d_model=40, n_heads=4, n_kv_heads=2, attn_scale=0.3),
+    "gpt-2 style": dict(norm="layernorm", norm_bias=True, ffn="mlp", activation="gelu_tanh", position="learned",
+                        n_kv_heads=4, qkv_bias=True, out_bias=True, ffn_bias=True),
+    "layernorm, no bias": dict(norm="layernorm", norm_bias=False),
+    "geglu": dict(activation="gelu_tanh"),
+    "mlp, erf gelu": dict(ffn="mlp", activation="gelu", d_ff=37),
+    "mlp, relu": dict(ffn="mlp", activation="relu"),
+}
+
+
+class Spy:
+    """Counts the steps llmarch.nn.fused_decode served."""
+
+    def __init__(self, monkeypatch):
+        self.steps = 0
+        real = fused_decode.run
+
+        def run(*a):
+            y = real(*a)
+            self.steps += y is not None
+            return y
+
+        monkeypatch.setattr(fused_decode, "run", run)
+
+
+def model_for(seed=0, **over):
+    torch.manual_seed(seed)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(**{**BASE, **over})).eval()
+    with torch.no_grad():  # gains and biases away from their init values, so a mix-up shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def steps(model, ids, n, fused, monkeypatch):
+    """Logits of each of n greedy decode steps after the prompt, and the caches' keys / values at the end."""
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1" if fused else "0")
+    cache, out, logits = model.new_cache(), [], []
+    with torch.no_grad():
+        step = model(ids, cache=cache).logits[:, -1:]
+        for _ in range(n):
+            tok = step.argmax(-1)
+            out.append(tok)
+            step = model(tok, cache=cache).logits
+            logits.append(step)
+    return torch.cat(logits, 1), torch.cat(out, 1), cache
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("B", [1, 3])
+def test_fused_steps_are_the_eager_steps(case, B, monkeypatch):
+    model = model_for(**CASES[case])
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (B, 7), generator=torch.Generator().manual_seed(B))
+    want, want_tokens, want_cache = steps(model, ids, 12, False, monkeypatch)
+    spy = Spy(monkeypatch)
+    got, got_tokens, got_cache = steps(model, ids, 12, True, monkeypatch)
+    assert spy.steps == 12
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_tokens, want_tokens)
+    for i in want_cache.k:
+        assert got_cache.start[i] == want_cache.start[i]
+        torch.testing.assert_close(got_cache.k[i], want_cache.k[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_cache.v[i], want_cache.v[i], rtol=1e-5, atol=1e-5)
+    if case == "sliding":  # the window trimmed the cache, and the fused steps kept what the eager ones kept
+        assert got_cache.k[0].shape[2] == 4
+
+
+def test_long_generation_outgrows_the_buffers_and_matches(monkeypatch):
+    """300 new tokens: the cache's buffers are re-made along the way (spare slots run out), attention runs over
+    hundreds of keys (the kernel's threaded branch included)."""
+    model = model_for(n_layers=1)
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 3), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
+    want = llmarch.generate(model, ids, 300)
+    spy = Spy(monkeypatch)
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
+    got = llmarch.generate(model, ids, 300)
+    assert spy.steps == 299 and torch.equal(got, want)
+
+
+def test_int8_weights_run_fused_and_match(monkeypatch):
+    model = quantize(model_for(qkv_bias=True), "int8")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
+    want, want_tokens, _ = steps(model, ids, 10, False, monkeypatch)
+    spy = Spy(monkeypatch)
+    got, got_tokens, _ = steps(model, ids, 10, True, monkeypatch)
+    assert spy.steps == 10 and torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_takes_the_fused_path_once_weights_are_packed(monkeypatch):
+    model = model_for()
+    ids = torch.randint(0, BASE["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(2))
+    spy = Spy(monkeypatch)
+    first = llmarch.generate(model, ids, 6)  # a short first call: no packing, so no native layers
+    assert spy.steps == 0
+    again = llmarch.generate(model, ids, 6)  # the same weights again: generate packs them
+    assert spy.steps == 5 and torch.equal(first, again)
+
+
+def _one_step(model, monkeypatch, grad=False, mask=None):
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache()
+    with torch.set_grad_enabled(grad):
+        model(ids, cache=cache, attention_mask=None if mask is None else mask[:, :4])
+        return model(ids[:, -1:], cache=cache, attention_mask=mask).logits
+
+
+def test_fused_path_stands_aside_where_it_does_not_serve(monkeypatch):
+    model = model_for()
+    pack_weights(model)
+    spy = Spy(monkeypatch)
+    _one_step(model, monkeypatch)
+    assert spy.steps == 1  # the baseline: this step qualifies
+    _one_step(model, monkeypatch, grad=True)  # gradients wanted
+    _one_step(model, monkeypatch, mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))  # padding
+    model.train()
+    _one_step(model, monkeypatch)
+    model.eval()
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
+    with torch.no_grad():
+        model(torch.ones(1, 3, dtype=torch.long), cache=model.new_cache())
+    assert spy.steps == 1
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    pack_weights(bf16)
+    _one_step(bf16, monkeypatch)
+    assert spy.steps == 1
+
+
+def test_hooks_swapped_modules_and_changed_weights_are_seen(monkeypatch):
+    model = model_for()
+    pack_weights(model)
+    spy = Spy(monkeypatch)
+    want = _one_step(model, monkeypatch)
+    assert spy.steps == 1
+    seen = []
+    handle = model.decoder.layers[1].ffn.down.register_forward_hook(lambda *a: seen.append(1))
+    torch.testing.assert_close(_one_step(model, monkeypatch), want, rtol=1e-5, atol=1e-5)
+    assert seen == [1, 1] and spy.steps == 1  # the hook ran, in the eager layers (prefill and step)
+    handle.remove()
+    _one_step(model, monkeypatch)
+    assert spy.steps == 2
+    attn = model.decoder.layers[0].attn
+    plain = attn.out
+    attn.out = copy.deepcopy(plain)  # a different module (as an adapter wrapper would be): no packed copy
+    _one_step(model, monkeypatch)
+    assert spy.steps == 2
+    attn.out = plain
+    _one_step(model, monkeypatch)
+    assert spy.steps == 3
+    with torch.no_grad():
+        plain.weight.mul_(2)  # in place: the packed copy is stale, the eager path sees the new weight
+    edited = _one_step(model, monkeypatch)
+    assert spy.steps == 3 and not torch.allclose(edited, want)
+    pack_weights(model)  # packed again: fused, with the new weight
+    torch.testing.assert_close(_one_step(model, monkeypatch), edited, rtol=1e-5, atol=1e-5)
+    assert spy.steps == 4
+    unpack_weights(model)
+    _one_step(model, monkeypatch)
+    assert spy.steps == 4
+
+
+def test_layers_it_does_not_compute_keep_the_eager_path(monkeypatch):
+    spy = Spy(monkeypatch)
+    for over in (dict(norm="rmsnorm_zero"), dict(activation="quick_gelu"), dict(norm_placement="post"),
+                 dict(rope=RopeConfig(fraction=0.5)), dict(position="alibi")):
+        model = model_for(**over)
+        pack_weights(model)
+        _one_step(model, monkeypatch)
+    assert spy.steps == 0
+
+
+def test_kernel_passes_its_self_check():
+    assert native_decode.available()
