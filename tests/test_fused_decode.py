@@ -208,3 +208,20 @@ def test_layers_it_does_not_compute_keep_the_eager_path(monkeypatch):
 
 def test_kernel_passes_its_self_check():
     assert native_decode.available()
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_a_model_made_under_inference_mode_packs_and_decodes(int8, monkeypatch):
+    """Inference tensors keep no version counter (reading it raised in generate and pack_weights); their copies
+    are made and used all the same."""
+    ids = torch.randint(0, BASE["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        model = model_for(seed=2)
+        model = quantize(model, "int8") if int8 else model
+        pack_weights(model)
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
+        want = llmarch.generate(model, ids, 8)
+        spy = Spy(monkeypatch)
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
+        got = llmarch.generate(model, ids, 8)
+    assert spy.steps == 7 and torch.equal(got, want)

@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import nn
 
+from llmarch import native
 from llmarch.nn import dense
 
 PACK_MIN_TOKENS = 256  # rows x new tokens from which one call repays its packing (see the module)
@@ -95,7 +96,7 @@ def unpack_weights(model: nn.Module) -> None:
 
 
 def _signature(model: nn.Module) -> tuple:
-    return tuple((id(w), w.data_ptr(), w._version) for w in _packable(model))
+    return tuple((id(w), w.data_ptr(), native.version(w)) for w in _packable(model))
 
 
 def prepare_for_decoding(model: nn.Module, tokens: int) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmarch import native
 from llmarch.native import int8 as int8_native
 from llmarch.infer.lowbit import LowBitLinear
 from llmarch.nn import dense
@@ -121,7 +122,7 @@ class Int8Linear(nn.Module):
 
     def _scales_bf16(self) -> torch.Tensor:
         """The scales cast to bf16, cast once while they stay the same tensor (same storage and version)."""
-        key = (self.scales.data_ptr(), self.scales._version)
+        key = (self.scales.data_ptr(), native.version(self.scales))
         cached = getattr(self, "_bf16_cache", None)
         if cached is None or cached[0] != key:
             cached = self._bf16_cache = (key, self.scales.to(torch.bfloat16))

@@ -131,6 +131,12 @@ def library(name: str) -> ctypes.CDLL | None:
 BLOCK = 16  # outputs per block of gemv.c's weight layout
 
 
+def version(t: torch.Tensor) -> int:
+    """``t._version``, the in-place write counter copies made from ``t`` are checked against; -1 for an inference
+    tensor (made under ``torch.inference_mode``), which keeps none: in-place writes to one are not seen."""
+    return -1 if t.is_inference() else t._version
+
+
 def block_rows(weight: torch.Tensor) -> torch.Tensor:
     """A weight [N, K] in gemv.c's layout: [ceil(N/16), K, 16], the rows zero-padded to a multiple of 16."""
     import torch  # noqa: F811 (imported here: only when a kernel is used)

@@ -43,7 +43,7 @@ def block(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, to
 
 def blocked(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`block` of these tensors, derived once while they stay the same tensors at the same versions."""
-    key = (qweight.data_ptr(), qweight._version, scales.data_ptr(), scales._version)
+    key = (qweight.data_ptr(), native.version(qweight), scales.data_ptr(), native.version(scales))
     entry = _blocked.get(id(qweight))
     if entry is None or entry[0] != key:
         if entry is None:  # the entry goes when the weight does, before its id can be reused

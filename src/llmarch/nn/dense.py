@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter
 
+from llmarch import native
 from llmarch.native import bf16 as native_bf16
 from llmarch.native import fp32 as native_fp32
 
@@ -115,7 +116,8 @@ def packable(weight: torch.Tensor) -> bool:
 def packed(weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
     """The current packed copy of ``weight`` (a bank's: one per expert), or None (never packed, or stale since)."""
     entry = _PACKED.get(id(weight))
-    if entry is None or entry[0]() is not weight or entry[1] != weight.data_ptr() or entry[2] != weight._version:
+    if (entry is None or entry[0]() is not weight or entry[1] != weight.data_ptr()
+            or entry[2] != native.version(weight)):
         return None
     return entry[3]
 
@@ -135,12 +137,12 @@ def pack(weight: torch.Tensor) -> bool:
     key = id(weight)
     fresh = key not in _PACKED
     w = weight.detach()
-    native = native_fp32.available() if w.dtype == torch.float32 else not ONEDNN_BF16  # bf16: packs_dtype
+    blocked = native_fp32.available() if w.dtype == torch.float32 else not ONEDNN_BF16  # bf16: packs_dtype
     if w.dim() == 3:  # a bank [E, in, out]: one copy per expert, of its [out, in] matrix
-        copy = [native_fp32.Blocked(w[e].t()) if native else _reorder(w[e].t()) for e in range(w.shape[0])]
+        copy = [native_fp32.Blocked(w[e].t()) if blocked else _reorder(w[e].t()) for e in range(w.shape[0])]
     else:
-        copy = native_fp32.Blocked(w) if native else _reorder(w)
-    _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), weight._version, copy)
+        copy = native_fp32.Blocked(w) if blocked else _reorder(w)
+    _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), native.version(weight), copy)
     _GENERATION[0] += 1
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)

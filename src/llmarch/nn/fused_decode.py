@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _torch_module
 
+from llmarch import native
 from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
 from llmarch.native import int8 as native_int8
@@ -121,7 +122,7 @@ class _Plan:
         self.versions, self.pointers = self._state()
 
     def _state(self) -> tuple[list, list]:
-        return [t._version for t in self.tensors], [t.data_ptr() for t in self.tensors]
+        return [native.version(t) for t in self.tensors], [t.data_ptr() for t in self.tensors]
 
     def current(self, stack: nn.Module) -> bool:
         """Nothing the records were read from changed: modules, tensors (versions, storage), packed copies."""
