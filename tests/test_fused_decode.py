@@ -113,6 +113,37 @@ def test_long_generation_outgrows_the_buffers_and_matches(monkeypatch):
     assert spy.steps == 299 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("case", ["gqa", "sliding", "learned positions"])
+def test_padded_batches_match(case, monkeypatch):
+    """Rows of different lengths, left-padded: each row attends to its own real keys only; a mask with a hole in
+    the middle, a new token masked out, and a row with no real key at all (it then sees every key, as the eager
+    mask has it)."""
+    model = model_for(**CASES[case])
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]])
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
+    want = llmarch.generate(model, ids, 9, attention_mask=mask)
+    spy = Spy(monkeypatch)
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
+    assert torch.equal(llmarch.generate(model, ids, 9, attention_mask=mask), want)
+    assert spy.steps == 8
+    results = []
+    ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, torch.zeros(1, 6, dtype=mask.dtype)])
+    for fused in ("0", "1"):
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
+        cache, m = model.new_cache(), mask
+        with torch.no_grad():
+            model(ids, attention_mask=m, cache=cache)
+            out = []
+            for i in range(6):
+                m = torch.cat([m, torch.tensor([[1], [1], [0 if i == 2 else 1], [0]])], 1)
+                out.append(model(ids[:, i:i + 1], attention_mask=m, cache=cache).logits)
+        results.append(torch.cat(out, 1))
+    assert spy.steps == 14
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
 def test_int8_weights_run_fused_and_match(monkeypatch):
     model = quantize(model_for(qkv_bias=True), "int8")
     ids = torch.randint(0, BASE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
@@ -149,7 +180,6 @@ def test_fused_path_stands_aside_where_it_does_not_serve(monkeypatch):
     _one_step(model, monkeypatch)
     assert spy.steps == 1  # the baseline: this step qualifies
     _one_step(model, monkeypatch, grad=True)  # gradients wanted
-    _one_step(model, monkeypatch, mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))  # padding
     model.train()
     _one_step(model, monkeypatch)
     model.eval()

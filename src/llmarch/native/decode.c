@@ -1,11 +1,12 @@
 /* llmarch: one decoder layer of a decode step (one new token per row) in one call, fp32 activations, where the
  * eager step runs ~40 torch ops and 4 kernel calls per layer (llmarch.nn.fused_decode says which layers qualify).
  *
- * llmarch_decode_layer(L, x, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride): a pre-norm block of
- * grouped-query attention and an FFN, x [B, D] the residual stream (updated in place):
+ * llmarch_decode_layer(L, x, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride): a
+ * pre-norm block of grouped-query attention and an FFN, x [B, D] the residual stream (updated in place):
  *   h = norm1(x); qkv = h W_qkv^T + b; q, k rotated (half-split RoPE over the whole head, when cos is not NULL);
  *   k, v written to slot `slot` of each row's cache (kbuf / vbuf [B, G, cap, Dh]); each query head attends to
- *   slots [first, slot] of its kv head (head h reads kv head h / (H / G)); x += attn W_out^T + b;
+ *   slots [first, slot] of its kv head (head h reads kv head h / (H / G)), those of row b whose byte in
+ *   valid[b * valid_stride + j - first] is nonzero (valid NULL: all; none nonzero: all); x += attn W_out^T + b;
  *   h = norm2(x); x += act(h W_up^T + b) W_down^T + b, or for a gated FFN (act(gate) * up) W_down^T + b with
  *   [gate | up] = h W_up^T + b.
  * Norms: RMSNorm (rows.c's, the mean of squares summed in double) or LayerNorm (mean and variance in double, then
@@ -85,12 +86,16 @@ static inline float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
-/* One query head q [Dh] over S keys / values (rows of Dh, stride Dh) -> o [Dh]; p: S floats of scratch. */
-static void attend_one(const float *q, const float *k, const float *v, int64_t S, int64_t Dh, float scale,
-                       float *p, float *o) {
+/* One query head q [Dh] over S keys / values (rows of Dh, stride Dh) -> o [Dh]; p: S floats of scratch. valid
+ * (S bytes, or NULL: all) marks the keys it may see; with none visible it sees all (as the eager mask does). */
+static void attend_one(const float *q, const float *k, const float *v, const uint8_t *valid, int64_t S,
+                       int64_t Dh, float scale, float *p, float *o) {
+  int any = valid == NULL;
+  for (int64_t j = 0; j < S; j++) any |= valid && valid[j];
+  if (!any) valid = NULL;
   float m = -INFINITY;
   for (int64_t j = 0; j < S; j++) {
-    p[j] = dot(q, k + j * Dh, Dh) * scale;
+    p[j] = valid && !valid[j] ? -INFINITY : dot(q, k + j * Dh, Dh) * scale;
     m = p[j] > m ? p[j] : m;
   }
   int64_t j = 0;
@@ -179,7 +184,8 @@ static void activate(const layer_t *L, const float *h, float *y, int64_t B) {
 }
 
 void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, float *vbuf, int64_t cap,
-                          int64_t first, int64_t slot, const float *cos, const float *sin, int64_t cos_stride) {
+                          int64_t first, int64_t slot, const float *cos, const float *sin, int64_t cos_stride,
+                          const uint8_t *valid, int64_t valid_stride) {
   const int64_t D = L->D, H = L->H, G = L->G, Dh = L->Dh, F = L->F, W = (H + 2 * G) * Dh, S = slot + 1 - first;
   float *h = malloc(sizeof(float) * B * (D > F ? D : F)), *qkv = malloc(sizeof(float) * B * W);
   float *rot = malloc(sizeof(float) * B * (H + G) * Dh), *att = malloc(sizeof(float) * B * H * Dh);
@@ -200,7 +206,8 @@ void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, fl
   for (int64_t bh = 0; bh < B * H; bh++) {
     const int64_t b = bh / H, hd = bh % H, g = hd / (H / G), base = ((b * G + g) * cap + first) * Dh;
     float *p = malloc(sizeof(float) * (S + 8));
-    attend_one(rot + (b * (H + G) + hd) * Dh, kbuf + base, vbuf + base, S, Dh, L->scale, p, att + bh * Dh);
+    attend_one(rot + (b * (H + G) + hd) * Dh, kbuf + base, vbuf + base, valid ? valid + b * valid_stride : NULL, S,
+               Dh, L->scale, p, att + bh * Dh);
     free(p);
   }
   product(&L->out, att, y, B, D, H * Dh);

@@ -13,9 +13,10 @@ A stack qualifies when every layer is
   (``llmarch.nn.dense.pack``; ``generate`` packs when that pays back) or an
   :class:`~llmarch.infer.quantize.Int8Linear`.
 A call qualifies with fp32 CPU activations, at most ``llmarch.native.decode.MAX_ROWS`` rows, no gradient, eval
-mode, no autocast or compilation, no padding mask, documents, global tokens or encoder memory, positions that add
-no score bias and rotate whole heads (or not at all), a plain :class:`~llmarch.nn.cache.KVCache` already holding
-every layer, and no forward hook on a module the eager layers would call.
+mode, no autocast or compilation, no documents, global tokens or encoder memory (a padding mask is served),
+positions that add no score bias and rotate whole heads (or not at all), a plain
+:class:`~llmarch.nn.cache.KVCache` already holding every layer, and no forward hook on a module the eager layers
+would call.
 
 The plan (the kernel's records) is built once and reused while it is current: the same modules, the same tensors
 at the same versions and storage, no packed copy made or dropped since. A LoRA wrapper, ``load_state_dict``,
@@ -157,7 +158,7 @@ def _plan(stack: nn.Module) -> _Plan | None:
 def _call_fits(stack: nn.Module, x: torch.Tensor, ctx, cache) -> bool:
     return (type(cache) is KVCache and ctx.T == 1 and ctx.causal and not stack.training
             and x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
-            and x.shape[0] <= native_decode.MAX_ROWS and ctx.key_padding is None and ctx.document_ids is None
+            and x.shape[0] <= native_decode.MAX_ROWS and ctx.document_ids is None
             and ctx.global_mask is None and ctx.memory is None and not torch.is_grad_enabled()
             and type(ctx.positions).score_bias is PositionScheme.score_bias
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
@@ -185,11 +186,18 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
         k = cache.k.get(idx)
         if k is None or k.dtype != torch.float32 or k.shape[0] != B:
             return None
+    valid = ctx.key_padding  # [B, S_total] bool (True: a real token), or None
+    if valid is not None:
+        if valid.dtype != torch.bool or valid.shape != (B, cache.length + 1):
+            return None
+        valid = valid.contiguous()
     h = x.reshape(B, D).clone()
     fn = native_decode._KERNEL.fn()
     cp, sp = (None, None) if cos is None else (cos.data_ptr(), sin.data_ptr())
     for record, idx, lookback in plan.records:
         bk, bv, off, n = cache.reserve(idx, 1, torch.float32)
-        fn(record, h.data_ptr(), B, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n, cp, sp, stride)
+        vp = None if valid is None else valid.data_ptr() + cache.start[idx]  # the flags of the first key kept
+        fn(record, h.data_ptr(), B, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n, cp, sp, stride, vp,
+           0 if valid is None else valid.shape[1])
         cache.written(idx, 1, lookback)
     return h.view(B, 1, D)
