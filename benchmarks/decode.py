@@ -9,7 +9,9 @@ the memory-bandwidth bound (weight bytes streamed per step / measured read bandw
 Greedy, prompt of 16 tokens, fixed output length; a timed call includes the prompt's prefill (one weight pass,
 like one decode step at these sizes). Random weights: speed does not depend on them (speculative acceptance
 does; see its row). The variants of one batch size run in turns (round-robin, after one warmup each), so load on
-a shared machine hits them alike; ratios are of medians.
+a shared machine hits them alike; ratios are of medians. "llmarch eager" runs each decoder layer of a step in one
+native call where the model qualifies (``llmarch.nn.fused_decode``: both models here, on packed fp32 or int8
+weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``.
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
 and oneDNN over the row-major and the column-major weight, of oneDNN over its packed weight and of llmarch's
@@ -101,8 +103,12 @@ def with_dense(fn, **settings):
 
 
 def without_native(fn):
-    """``fn`` with llmarch's native kernels set aside: few-row int8 products on ``_weight_int8pack_mm``, and
-    packing (``dense.pack``) makes oneDNN's copies."""
+    """``fn`` with llmarch's native kernels set aside: few-row int8 products on ``_weight_int8pack_mm``, packing
+    (``dense.pack``) makes oneDNN's copies, and the decoder layers run as torch ops."""
+    return torch_layers(_without_native(fn))
+
+
+def _without_native(fn):
     def run():
         saved = int8_native.available, native_fp32.available
         int8_native.available = native_fp32.available = lambda: False
@@ -110,6 +116,18 @@ def without_native(fn):
             return fn()
         finally:
             int8_native.available, native_fp32.available = saved
+    return run
+
+
+def torch_layers(fn):
+    """``fn`` with a decode step's layers as torch ops (``LLMARCH_FUSED_DECODE=0``), not one native call each."""
+    def run():
+        saved = os.environ.get("LLMARCH_FUSED_DECODE")
+        os.environ["LLMARCH_FUSED_DECODE"] = "0"
+        try:
+            return fn()
+        finally:
+            os.environ.pop("LLMARCH_FUSED_DECODE") if saved is None else os.environ.update(LLMARCH_FUSED_DECODE=saved)
     return run
 
 
@@ -213,9 +231,11 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "hf generate (sdpa, dynamic cache)": lambda: hf.generate(ids, **hf_kw),
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
+            "llmarch eager, layers as torch ops": torch_layers(lambda: llmarch.generate(model, ids, N)),
             "llmarch eager, F.linear (BLAS)": with_dense(lambda: llmarch.generate(blas, ids, N), ONEDNN=False),
             "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(plain, ids, N)),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
+            "llmarch int8 eager, layers as torch ops": torch_layers(lambda: llmarch.generate(int8, ids, N)),
         }
         if onednn is not None:
             variants["llmarch eager, oneDNN packed (no native)"] = lambda: llmarch.generate(onednn, ids, N)

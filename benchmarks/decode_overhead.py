@@ -1,17 +1,22 @@
-"""Where a decode step's time goes (batch 1, or ``--batch``): the eager step (packed weights, as ``generate``
-runs) against the same step with every oneDNN and native-kernel product replaced by an empty result of its
-shape, so what is left is everything else (norms, RoPE, the cache, attention, sampling, Python and dispatch).
-The difference is the products' time; their GB/s is the weight bytes over it.
+"""Where a decode step's time goes (batch 1, or ``--batch``), with the decoder layers eager
+(``LLMARCH_FUSED_DECODE=0``) and in native calls (llmarch.nn.fused_decode, what ``generate`` runs on packed
+weights). Eager: the step against the same step with every oneDNN and native-kernel product replaced by an empty
+result of its shape, so what is left is everything else (norms, RoPE, the cache, attention, sampling, Python and
+dispatch); the difference is the products' time. Native layers run their products inside one C call, which
+cannot be emptied from here: their products' time is that of one pass of the same kernel over the same blocked
+copies (every weight once, random rows), timed in the same rounds, and the rest is the step minus that pass.
+Products' GB/s: the weight bytes over their time.
 
     PYTHONPATH=src python benchmarks/decode_overhead.py [--models llama,gpt2] [--rounds 5] [--threads 1] [--batch 1]
 
-Greedy, 16-token prompt, 32 new tokens; the two variants alternate, medians over rounds. Writes
+Greedy, 16-token prompt, 32 new tokens; the variants take turns, medians over rounds. Writes
 benchmarks/results/decode_overhead.json. (The token sequence of the product-free step is meaningless; only its
 time is used.)
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -53,25 +58,38 @@ def main() -> None:
         pack_weights(model)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, 16))
         steps = args.new_tokens + 1  # the prefill is one more weight pass
-        times = {"full": [], "without products": []}
+        copies = {id(m.weight): dense.packed(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+        inputs = [(torch.randn(args.batch, c.data.shape[1]), c) for c in copies.values()
+                  if isinstance(c, native_fp32.Blocked)]
+
+        def products_pass():
+            for x, c in inputs:
+                native_fp32.mm(x, c)
+
+        times = {"eager": [], "eager without products": [], "native layers": [], "products pass": []}
         with torch.no_grad():
             llmarch.generate(model, ids, args.new_tokens)
             for _ in range(args.rounds):
-                for name, mm, nat in (("full", real_mm, real_native), ("without products", empty_mm, empty_native)):
-                    dense._mm, native_fp32.mm = mm, nat
+                for name in times:
+                    os.environ["LLMARCH_FUSED_DECODE"] = "1" if name == "native layers" else "0"
+                    if name == "eager without products":
+                        dense._mm, native_fp32.mm = empty_mm, empty_native
                     t0 = time.perf_counter()
-                    llmarch.generate(model, ids, args.new_tokens)
-                    times[name].append((time.perf_counter() - t0) / steps)
-            dense._mm, native_fp32.mm = real_mm, real_native
-        full, rest = (statistics.median(times[k]) for k in ("full", "without products"))
+                    products_pass() if name == "products pass" else llmarch.generate(model, ids, args.new_tokens)
+                    times[name].append((time.perf_counter() - t0) / (1 if name == "products pass" else steps))
+                    dense._mm, native_fp32.mm = real_mm, real_native
+            os.environ.pop("LLMARCH_FUSED_DECODE")
+        med = {k: statistics.median(v) for k, v in times.items()}
         nbytes = weight_bytes(model)
-        rows.append(dict(model=kind, step_ms=full * 1e3, rest_ms=rest * 1e3, products_ms=(full - rest) * 1e3,
-                         products_gbs=nbytes / (full - rest) / 1e9, weight_bytes=nbytes, times=times))
-        table.append([kind, full * 1e3, rest * 1e3, (full - rest) * 1e3, (full - rest) / full,
-                      nbytes / (full - rest) / 1e9])
+        for variant, full, products in (("eager layers", med["eager"], med["eager"] - med["eager without products"]),
+                                        ("native layers", med["native layers"], med["products pass"])):
+            rows.append(dict(model=kind, variant=variant, step_ms=full * 1e3, rest_ms=(full - products) * 1e3,
+                             products_ms=products * 1e3, products_gbs=nbytes / products / 1e9, weight_bytes=nbytes))
+            table.append([kind, variant, full * 1e3, (full - products) * 1e3, products * 1e3, products / full,
+                          nbytes / products / 1e9])
+        rows[-1]["times"] = times
     bandwidth = memory_bandwidth_gbs()
-    print_table(table, ["model", "step ms", "without products ms", "products ms", "products share",
-                        "products GB/s"])
+    print_table(table, ["model", "layers", "step ms", "rest ms", "products ms", "products share", "products GB/s"])
     print(f"read bandwidth measured in this run: {bandwidth:.1f} GB/s")
     topic = "decode_overhead" + (f"_b{args.batch}" if args.batch != 1 else "")
     path = write_results(topic, dict(settings=vars(args), read_bandwidth_gbs=bandwidth, rows=rows))

@@ -85,8 +85,7 @@ def _check(fn) -> bool:
                [(got, want), (kbuf[:, :, :n + 1], k), (vbuf[:, :, :n + 1], v)])
 
 
-_KERNEL = native.Kernel("decode", "llmarch_decode_layer",
-                        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-                        + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64],
-                        _check)
+_ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
+         + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64])  # llmarch_decode_layer's
+_KERNEL = native.Kernel("decode", "llmarch_decode_layer", _ARGS, _check)
 available, reset = _KERNEL.available, _KERNEL.reset
