@@ -11,9 +11,11 @@ Where oneDNN is present, decoding also packs the fp32 and bf16 linear weights an
 (:func:`pack_weights`, ``llmarch.nn.dense.pack``): a second, blocked copy that oneDNN's products stream faster
 at every row count measured (1, 8 and 128 rows). The copy is made once and reused while the weight is
 unchanged; it costs its bytes in memory, so it is skipped when they exceed half the available memory, and
-:func:`unpack_weights` frees it. Packing itself runs at only 2-5 GB/s (GPT-2-124M: ~0.3 s, about the time of 70
-batch-1 steps it then saves), so :func:`prepare_for_decoding` packs only what will pay back: a call that
-generates at least ``PACK_MIN_TOKENS`` tokens, or any call on weights unchanged since the previous one (a chat,
+:func:`unpack_weights` frees it. Packing itself runs at only 1-5 GB/s (on an AVX2 host GPT-2-124M took ~0.65 s,
+the LLaMA-style benchmark model ~0.09 s), and what it saves is per token: there, with the native decode layers
+that need the copies (``llmarch.nn.fused_decode``), 19.5 and 9 ms per batch-1 token, repaid after ~35 and ~10
+tokens. So :func:`prepare_for_decoding` packs only what will pay back: a call that generates at least
+``PACK_MIN_TOKENS`` tokens (rows x new tokens), or any call on weights unchanged since the previous one (a chat,
 an evaluation, a benchmark), never a train-then-sample loop's short generations.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 from llmarch import native
 from llmarch.nn import dense
 
-PACK_MIN_TOKENS = 256  # rows x new tokens from which one call repays its packing (see the module)
+PACK_MIN_TOKENS = 64  # rows x new tokens from which one call repays its packing (see the module)
 _SEEN: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()  # weights at the last call
 
 
