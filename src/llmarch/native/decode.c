@@ -86,6 +86,22 @@ static inline float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+/* out[0..3] = q . k_i for the 4 keys of Dh floats from k (stride Dh), each summed as dot() sums it. */
+static inline void dot4(const float *q, const float *k, int64_t Dh, float *out) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 8 <= Dh; i += 8) {
+    const __m256 qi = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + i), a0);
+    a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + Dh + i), a1);
+    a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 2 * Dh + i), a2);
+    a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + 3 * Dh + i), a3);
+  }
+  out[0] = hsum(a0), out[1] = hsum(a1), out[2] = hsum(a2), out[3] = hsum(a3);
+  for (; i < Dh; i++)
+    for (int r = 0; r < 4; r++) out[r] += q[i] * k[r * Dh + i];
+}
+
 /* One query head q [Dh] over S keys / values (rows of Dh, stride Dh) -> o [Dh]; p: S floats of scratch. valid
  * (S bytes, or NULL: all) marks the keys it may see; with none visible it sees all (as the eager mask does). */
 static void attend_one(const float *q, const float *k, const float *v, const uint8_t *valid, int64_t S,
@@ -93,12 +109,16 @@ static void attend_one(const float *q, const float *k, const float *v, const uin
   int any = valid == NULL;
   for (int64_t j = 0; j < S; j++) any |= valid && valid[j];
   if (!any) valid = NULL;
+  int64_t j = 0;
+  for (; j + 4 <= S; j += 4) /* four keys at a time: four independent sums */
+    dot4(q, k + j * Dh, Dh, p + j);
+  for (; j < S; j++) p[j] = dot(q, k + j * Dh, Dh);
   float m = -INFINITY;
-  for (int64_t j = 0; j < S; j++) {
-    p[j] = valid && !valid[j] ? -INFINITY : dot(q, k + j * Dh, Dh) * scale;
+  for (j = 0; j < S; j++) {
+    p[j] = valid && !valid[j] ? -INFINITY : p[j] * scale;
     m = p[j] > m ? p[j] : m;
   }
-  int64_t j = 0;
+  j = 0;
   __m256 vm = _mm256_set1_ps(m), acc = _mm256_setzero_ps();
   for (; j + 8 <= S; j += 8) {
     __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(p + j), vm));
@@ -112,16 +132,32 @@ static void attend_one(const float *q, const float *k, const float *v, const uin
     _mm256_storeu_ps(e, exp_neg(_mm256_loadu_ps(tail)));
     for (int64_t t = j; t < S; t++) sum += (p[t] = e[t - j]);
   }
-  for (int64_t d = 0; d < Dh; d++) o[d] = 0.0f;
-  for (int64_t s = 0; s < S; s++) {
-    const float w = p[s], *vs = v + s * Dh;
-    int64_t d = 0;
-    for (; d + 8 <= Dh; d += 8)
-      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vs + d), _mm256_loadu_ps(o + d)));
-    for (; d < Dh; d++) o[d] += w * vs[d];
+  int64_t d = 0;
+  for (; d + 32 <= Dh; d += 32) { /* 32 output dims in 4 registers across all values */
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t s = 0; s < S; s++) {
+      const __m256 w = _mm256_set1_ps(p[s]);
+      const float *vs = v + s * Dh + d;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs), a0);
+      a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 16), a2);
+      a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 24), a3);
+    }
+    _mm256_storeu_ps(o + d, a0), _mm256_storeu_ps(o + d + 8, a1);
+    _mm256_storeu_ps(o + d + 16, a2), _mm256_storeu_ps(o + d + 24, a3);
+  }
+  for (; d + 8 <= Dh; d += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t s = 0; s < S; s++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[s]), _mm256_loadu_ps(v + s * Dh + d), a);
+    _mm256_storeu_ps(o + d, a);
+  }
+  for (; d < Dh; d++) {
+    float a = 0.0f;
+    for (int64_t s = 0; s < S; s++) a += p[s] * v[s * Dh + d];
+    o[d] = a;
   }
   const float inv = 1.0f / sum;
-  for (int64_t d = 0; d < Dh; d++) o[d] *= inv;
+  for (int64_t i = 0; i < Dh; i++) o[i] *= inv;
 }
 
 static void norm(const layer_t *L, const float *x, const float *w, const float *b, float eps, float *y, int64_t B) {
