@@ -100,8 +100,8 @@ def test_fused_steps_are_the_eager_steps(case, B, monkeypatch):
 
 
 def test_long_generation_outgrows_the_buffers_and_matches(monkeypatch):
-    """300 new tokens: the cache's buffers are re-made along the way (spare slots run out), attention runs over
-    hundreds of keys (the kernel's threaded branch included)."""
+    """300 new tokens: the cache's buffers are re-made along the way (spare slots run out) and attention runs over
+    hundreds of keys."""
     model = model_for(n_layers=1)
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (2, 3), generator=torch.Generator().manual_seed(0))
@@ -113,35 +113,22 @@ def test_long_generation_outgrows_the_buffers_and_matches(monkeypatch):
     assert spy.steps == 299 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["gqa", "sliding", "learned positions"])
-def test_padded_batches_match(case, monkeypatch):
-    """Rows of different lengths, left-padded: each row attends to its own real keys only; a mask with a hole in
-    the middle, a new token masked out, and a row with no real key at all (it then sees every key, as the eager
-    mask has it)."""
-    model = model_for(**CASES[case])
+def test_two_threads_and_the_threaded_attention_match(monkeypatch):
+    """Two OpenMP threads: the products split their blocks, and attention over 2 x 4 heads x 520 keys x 64 dims
+    (past the kernel's 2^18 threshold) splits its heads."""
+    model = model_for(n_layers=1, d_model=256, d_ff=64)
     pack_weights(model)
-    ids = torch.randint(0, BASE["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(5))
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]])
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
-    want = llmarch.generate(model, ids, 9, attention_mask=mask)
-    spy = Spy(monkeypatch)
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
-    assert torch.equal(llmarch.generate(model, ids, 9, attention_mask=mask), want)
-    assert spy.steps == 8
-    results = []
-    ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, torch.zeros(1, 6, dtype=mask.dtype)])
-    for fused in ("0", "1"):
-        monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
-        cache, m = model.new_cache(), mask
-        with torch.no_grad():
-            model(ids, attention_mask=m, cache=cache)
-            out = []
-            for i in range(6):
-                m = torch.cat([m, torch.tensor([[1], [1], [0 if i == 2 else 1], [0]])], 1)
-                out.append(model(ids[:, i:i + 1], attention_mask=m, cache=cache).logits)
-        results.append(torch.cat(out, 1))
-    assert spy.steps == 14
-    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 512), generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want, want_tokens, _ = steps(model, ids, 8, False, monkeypatch)
+        spy = Spy(monkeypatch)
+        got, got_tokens, _ = steps(model, ids, 8, True, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert spy.steps == 8 and torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_weights_run_fused_and_match(monkeypatch):
