@@ -6,6 +6,8 @@ everywhere else (gradients, training, padding, hooks, swapped modules, stale or 
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from llmarch import native
 from llmarch.infer.layout import pack_weights, unpack_weights
 from llmarch.infer.quantize import quantize
 from llmarch.native import decode as native_decode
-from llmarch.nn import fused_decode
+from llmarch.nn import dense, fused_decode
 from llmarch.rope_config import RopeConfig
 
 pytestmark = pytest.mark.skipif(native.library("decode") is None,
@@ -208,7 +210,10 @@ def test_hooks_swapped_modules_and_changed_weights_are_seen(monkeypatch):
     pack_weights(model)  # packed again: fused, with the new weight
     torch.testing.assert_close(_one_step(model, monkeypatch), edited, rtol=1e-5, atol=1e-5)
     assert spy.steps == 4
+    copy_of = weakref.ref(dense.packed(plain.weight))
     unpack_weights(model)
+    gc.collect()
+    assert copy_of() is None  # the plan does not keep dropped copies alive
     _one_step(model, monkeypatch)
     assert spy.steps == 4
 

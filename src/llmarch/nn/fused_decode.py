@@ -55,8 +55,10 @@ def _fp32(t: torch.Tensor | None) -> bool:
 
 
 def _product(m: nn.Module):
-    """(record, tensors it reads from, copies to keep) for one projection, or None where the kernel cannot take
-    it: an fp32 weight with a current blocked copy, or an Int8Linear."""
+    """(record, tensors it reads from) for one projection, or None where the kernel cannot take it: an fp32
+    weight with a current blocked copy, or an Int8Linear. The record points into the copy, which the plan does
+    not hold: dropping or remaking a copy changes ``dense.generation()`` or the weight's version, and the plan is
+    re-read before its next use (so ``unpack_weights`` frees the memory at once)."""
     from llmarch.infer.quantize import Int8Linear
 
     bias = getattr(m, "bias", None)
@@ -67,10 +69,10 @@ def _product(m: nn.Module):
         copy = dense.packed(m.weight)
         if not isinstance(copy, native_fp32.Blocked) or copy.data.dtype != torch.float32:
             return None
-        return native_decode._Product(copy.data.data_ptr(), None, b, 0), [m.weight, bias], [copy]
+        return native_decode._Product(copy.data.data_ptr(), None, b, 0), [m.weight, bias]
     if type(m) is Int8Linear and native_int8.available() and m.scales.dtype == torch.float32:
         w, s = native_int8.blocked(m.qweight, m.scales)
-        return native_decode._Product(w.data_ptr(), s.data_ptr(), b, 1), [m.qweight, m.scales, bias], [w, s]
+        return native_decode._Product(w.data_ptr(), s.data_ptr(), b, 1), [m.qweight, m.scales, bias]
     return None
 
 
@@ -82,8 +84,8 @@ def _norm(m: nn.Module):
 
 
 def _layer(block: nn.Module):
-    """(record, cache index, lookback, tensors, module edges, called modules, copies) of one block, or None (see
-    llmarch.native.decode)."""
+    """(record, cache index, lookback, tensors, module edges, called modules) of one block, or None (see the
+    module)."""
     if type(block) is not PreNormBlock or type(block.guard) is not nn.Identity:
         return None
     a, f = block.attn, block.ffn
@@ -104,7 +106,7 @@ def _layer(block: nn.Module):
     edges = [(block, name, getattr(block, name)) for name in ("attn", "ffn", "attn_norm", "ffn_norm")]
     edges += [(a, "qkv", a.qkv), (a, "out", a.out), (f, "gate_up" if type(f) is GLU else "up", up), (f, "down", f.down)]
     called = [block, block.dropout, f.dropout] + [child for _, _, child in edges]
-    return record, a.layer_idx, a.pattern.lookback, tensors, edges, called, [c for p in products for c in p[2]]
+    return record, a.layer_idx, a.pattern.lookback, tensors, edges, called
 
 
 class _Plan:
@@ -114,7 +116,7 @@ class _Plan:
         self.layers = weakref.ref(stack.layers)
         self.records = [(ctypes.addressof(r[0]), r[1], r[2]) for r in layers]
         self.head_dim = layers[0][0].Dh
-        self.keep = [(r[0], r[6]) for r in layers]  # the records and the copies their pointers read
+        self.keep = [r[0] for r in layers]  # the records (their addresses are passed)
         self.tensors = [t for r in layers for t in r[3]]
         self.edges = [(stack.layers, str(i), stack.layers[i]) for i in range(len(layers))]
         self.edges += [e for r in layers for e in r[4]]
