@@ -34,7 +34,7 @@ def _ref(x, q, s):
     return (x.double() @ q.double().T * s.double()).float()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 31])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 31])
 @pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (37, 21), (50, 130), (100, 33)])
 def test_kernel_is_the_fp32_product(rows, n, k):
     """Ragged N (padding of the last block), K not a multiple of 4 (the tail loop), 1-8 rows per tile and more,
