@@ -92,7 +92,7 @@ def test_packed_bf16_product_equals_f_linear(rows):
     if dense.ONEDNN_BF16:
         assert calls.packed == 1 and torch.equal(y, F.linear(x, w, b))
         return
-    native = dense.native_bf16_copies() and rows <= dense.native_fp32.MAX_ROWS
+    native = dense.native_bf16_copies() and rows <= dense.native_max_rows(torch.bfloat16)
     assert calls.packed == 0 and calls.native == native
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=2 ** -7, atol=1e-5)
 
@@ -174,7 +174,7 @@ def test_packing_is_skipped_when_it_would_not_fit(monkeypatch):
 
 @pytest.mark.parametrize("expert_ffn", ["glu", "mlp"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens", [1, 5, 40, 150])
+@pytest.mark.parametrize("tokens", [1, 5, 40, 600])
 def test_packed_experts_equal_the_grouped_products(expert_ffn, dtype, tokens):
     """An MoE layer whose banks are packed runs every expert product on the packed copies and gives the output of
     the grouped dispatcher over the plain bank (bf16 on oneDNN's copies: bit for bit; else rounding order aside).
@@ -201,10 +201,11 @@ def test_packed_experts_equal_the_grouped_products(expert_ffn, dtype, tokens):
     rows = torch.bincount(routed[0].flatten(), minlength=6).tolist()  # per expert
     native = fp32_route(1) == "native" if dtype == torch.float32 else dense.native_bf16_copies()
     if banks and native:
-        few = sum(0 < r <= dense.native_fp32.MAX_ROWS for r in rows)
+        limit = dense.native_max_rows(dtype)
+        few = sum(0 < r <= limit for r in rows)
         assert calls.packed == 0 and calls.native == 2 * few  # two matrices per expert
-        assert calls.plain == 1 + 2 * sum(r > dense.native_fp32.MAX_ROWS for r in rows)  # and the router's
-        assert (calls.plain > 1) == (tokens == 150)  # 150 tokens: some experts over MAX_ROWS, else none
+        assert calls.plain == 1 + 2 * sum(r > limit for r in rows)  # and the router's
+        assert (calls.plain > 1) == (tokens == 600)  # 600 tokens: some experts over the limit, else none
     elif banks:
         assert calls.packed == 2 * sum(r > 0 for r in rows) and calls.plain == 1  # the router's stays plain
     else:

@@ -211,7 +211,8 @@ def test_packed_bf16_expert_rows_over_the_native_limit_are_widened(route):
     g = torch.Generator().manual_seed(0)
     plain = torch.randn(24, 40, generator=g).to(BF16)  # an expert's [in, out]
     copy = native_fp32.Blocked(plain.t())
-    for rows, want in ((native_fp32.MAX_ROWS, []), (native_fp32.MAX_ROWS + 1, [torch.float32])):
+    limit = dense.native_max_rows(BF16)
+    for rows, want in ((limit, []), (limit + 1, [torch.float32])):
         x = torch.randn(rows, 24, generator=g).to(BF16)
         with torch.no_grad(), Products() as seen:
             y = banks.packed_mm(x, copy, plain)

@@ -2,10 +2,15 @@
 
 ``llmarch.nn.dense.pack`` keeps a :class:`Blocked` copy of an fp32 weight here, [ceil(N/16), K, 16], instead of
 oneDNN's packed copy when the kernel builds: :func:`llmarch.nn.dense.linear` sends inference products of up to
-:data:`MAX_ROWS` rows to it, and more rows (a prefill) to oneDNN over the plain weight. Measured at one thread
-(``benchmarks/decode.py --kernels``): the blocked copy streamed as fast as oneDNN's packed copy at one row
-(1.0-1.25x on the small LLaMA-style matrices) and 1.1-1.35x faster at eight; equal at 32 rows; oneDNN over the
-plain weight is 5-15 % behind its packed copy at 64-128 rows. Values: the fp32 product, summation order aside.
+:data:`MAX_ROWS` rows to it, and more rows (a prefill) to oneDNN or BLAS over the plain weight. Measured at one
+thread:
+- on an AVX-512 EPYC (``benchmarks/decode.py --kernels``): the blocked copy streamed as fast as oneDNN's packed
+  copy at one row (1.0-1.25x on the small LLaMA-style matrices) and 1.1-1.35x faster at eight; equal at 32 rows;
+  oneDNN over the plain weight 5-15 % behind its packed copy at 64-128 rows. There ``MAX_ROWS`` is 32.
+- on an AVX2 EPYC (6-row tiles): 1.05-2.06x torch's BLAS over the plain weight at every row count from 16 to 128
+  on the LLaMA-style matrices (each call reading its own weight from a 96 MB pool; 1.26-1.34x at 128 rows on
+  2752 x 512 and 8192 x 512, 1.05-1.14x on the narrow ones). There ``MAX_ROWS`` is 128.
+Values: the fp32 product, summation order aside.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch
 
 from llmarch import native
 
-MAX_ROWS = 32
+MAX_ROWS = 32 if "avx512f" in native._cpu()[1] else 128  # see the module
 
 
 def _check(fn) -> bool:

@@ -15,8 +15,8 @@ while it is current (same tensor, storage and version: an in-place update, a ``l
 makes it stale, and the plain path runs) and no gradient is needed. (Writes through ``weight.data`` escape the
 version counter, hence this check: :func:`unpack` after them.) The copy is
 - for fp32 weights where llmarch's native kernel builds (:mod:`llmarch.native.fp32`: x86-64 with AVX-512 or AVX2
-  and a C compiler): its blocked layout; up to ``MAX_ROWS`` rows run there (1.06-1.18x whole decode steps against
-  oneDNN's packed copy), more on the plain weight;
+  and a C compiler): its blocked layout; up to ``native_fp32.MAX_ROWS`` rows run there (32 on AVX-512 hosts, 128
+  on AVX2 ones; 1.06-1.18x whole decode steps against oneDNN's packed copy), more on the plain weight;
 - for bf16 weights on CPUs without oneDNN's bf16: the same blocked layout in bf16 (:mod:`llmarch.native.bf16`;
   1.3-1.9x the fp32 kernel's speed at 1-16 rows, 1.8-6x torch's bf16 kernel), more rows widened;
 - else oneDNN's packed layout for 128-row products (fp32, and bf16 where ``ONEDNN_BF16``, bit-identical to
@@ -178,10 +178,15 @@ def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tenso
     return copies
 
 
+def native_max_rows(dtype: torch.dtype) -> int:
+    """The most rows a product over a native blocked copy of this dtype runs there (more: the plain weight)."""
+    return native_bf16.MAX_ROWS if dtype == torch.bfloat16 else native_fp32.MAX_ROWS
+
+
 def native_mm(x: torch.Tensor, w: native_fp32.Blocked, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [M, in] over a native blocked copy (fp32 or bf16 weights; result in the weight's dtype), or None where
-    the kernel does not serve it (more than ``MAX_ROWS`` rows, or not available)."""
-    if x.shape[0] > native_fp32.MAX_ROWS:
+    the kernel does not serve it (more than :func:`native_max_rows` rows, or not available)."""
+    if x.shape[0] > native_max_rows(w.data.dtype):
         return None
     if w.data.dtype == torch.bfloat16:
         return native_bf16.mm(x, w, bias) if native_bf16.available() else None
