@@ -1,6 +1,8 @@
 """Decode after a long prompt: milliseconds per new token of the LLaMA-style model (benchmarks/decode.py's, with
-a 4096-token context) for transformers `generate` (sdpa) and llmarch eager, with the sdpa kernel's single-query
-route (``llmarch.nn.kernels.SINGLE_QUERY_MIN_KEYS``) and with torch's fused kernel for every query.
+a 4096-token context) for transformers `generate` (sdpa) and llmarch eager: with each decoder layer in one native
+call (``llmarch.nn.fused_decode``, generate's default here), and with the layers as torch ops
+(``LLMARCH_FUSED_DECODE=0``) using the sdpa kernel's single-query route
+(``llmarch.nn.kernels.SINGLE_QUERY_MIN_KEYS``) or torch's fused kernel for every query.
 
     PYTHONPATH=src python benchmarks/decode_long.py [--cases 1x2048,8x512] [--rounds 3] [--threads 1]
 
@@ -45,21 +47,24 @@ def main() -> None:
     pack_weights(model)
     on = kernels.SINGLE_QUERY_MIN_KEYS
 
-    def ours(route: int):
+    def ours(route: int, native_layers: bool = False):
         def run(ids, n):
             kernels.SINGLE_QUERY_MIN_KEYS = route
+            os.environ["LLMARCH_FUSED_DECODE"] = "1" if native_layers else "0"
             try:
                 return llmarch.generate(model, ids, n)
             finally:
                 kernels.SINGLE_QUERY_MIN_KEYS = on
+                os.environ.pop("LLMARCH_FUSED_DECODE")
         return run
 
     def theirs(ids, n):
         return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
 
-    variants = {"hf generate (sdpa)": theirs, "llmarch, single-query route": ours(on),
-                "llmarch, fused kernel only": ours(1 << 62)}
+    variants = {"hf generate (sdpa)": theirs, "llmarch, native layers": ours(on, native_layers=True),
+                "llmarch, torch-op layers, single-query route": ours(on),
+                "llmarch, torch-op layers, fused kernel only": ours(1 << 62)}
     rows, table = [], []
     for case in args.cases.split(","):
         B, P = (int(x) for x in case.split("x"))
