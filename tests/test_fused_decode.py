@@ -67,6 +67,15 @@ def model_for(seed=0, **over):
     return model
 
 
+def generate_both(model, ids, n, monkeypatch, **kw):
+    """generate with the eager layers, then with the native ones: (eager ids, native ids, a Spy of the latter)."""
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
+    want = llmarch.generate(model, ids, n, **kw)
+    spy = Spy(monkeypatch)
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
+    return want, llmarch.generate(model, ids, n, **kw), spy
+
+
 def steps(model, ids, n, fused, monkeypatch):
     """Logits of each of n greedy decode steps after the prompt, and the caches' keys / values at the end."""
     monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1" if fused else "0")
@@ -107,11 +116,7 @@ def test_long_generation_outgrows_the_buffers_and_matches(monkeypatch):
     model = model_for(n_layers=1)
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (2, 3), generator=torch.Generator().manual_seed(0))
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
-    want = llmarch.generate(model, ids, 300)
-    spy = Spy(monkeypatch)
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
-    got = llmarch.generate(model, ids, 300)
+    want, got, spy = generate_both(model, ids, 300, monkeypatch)
     assert spy.steps == 299 and torch.equal(got, want)
 
 
@@ -131,6 +136,34 @@ def test_two_threads_and_the_threaded_attention_match(monkeypatch):
         torch.set_num_threads(before)
     assert spy.steps == 8 and torch.equal(got_tokens, want_tokens)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["gqa", "sliding", "learned positions"])
+def test_padded_batches_match(case, monkeypatch):
+    """Rows of different lengths, left-padded: each row attends to its own real keys only; a mask with a hole in
+    the middle, a new token masked out, and a row with no real key at all (it then sees every key, as the eager
+    mask has it)."""
+    model = model_for(**CASES[case])
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]])
+    want, got, spy = generate_both(model, ids, 9, monkeypatch, attention_mask=mask)
+    assert torch.equal(got, want) and spy.steps == 8
+    results = []
+    ids, mask = torch.cat([ids, ids[:1]]), torch.cat([mask, torch.zeros(1, 6, dtype=mask.dtype)])
+    for fused in ("0", "1"):
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
+        cache, m = model.new_cache(), mask
+        with torch.no_grad():
+            model(ids, attention_mask=m, cache=cache)
+            out = []
+            for i in range(6):
+                m = torch.cat([m, torch.tensor([[1], [1], [0 if i == 2 else 1], [0]])], 1)
+                out.append(model(ids[:, i:i + 1], attention_mask=m, cache=cache).logits)
+        results.append(torch.cat(out, 1))
+    assert spy.steps == 14
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
 
 
 def test_int8_weights_run_fused_and_match(monkeypatch):
@@ -241,9 +274,5 @@ def test_a_model_made_under_inference_mode_packs_and_decodes(int8, monkeypatch):
         model = model_for(seed=2)
         model = quantize(model, "int8") if int8 else model
         pack_weights(model)
-        monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
-        want = llmarch.generate(model, ids, 8)
-        spy = Spy(monkeypatch)
-        monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
-        got = llmarch.generate(model, ids, 8)
+        want, got, spy = generate_both(model, ids, 8, monkeypatch)
     assert spy.steps == 7 and torch.equal(got, want)

@@ -1,6 +1,6 @@
 """One decoder layer of a decode step in one native call (``decode.c``): norm, fused qkv product, rotation, cache
 write, attention over the cache, output product, residual, norm, FFN products and activation, residual. The eager
-layer runs ~40 torch ops for this: on an AVX2 host ~4 of a 10 ms LLaMA-style batch-1 token went to them, their
+layer runs ~40 torch ops for this: on an AVX2 host ~5 of a 13 ms LLaMA-style batch-1 token went to them, their
 dispatch and Python, not to the products (``benchmarks/decode_overhead.py``; figures in docs/performance.md).
 
 :mod:`llmarch.nn.fused_decode` decides which stacks and calls it serves and builds the per-layer records
