@@ -74,6 +74,30 @@ def test_quantized_logits_close_to_fp32_and_reload(mode, tmp_path):
     assert gen.shape == (1, 12)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_mixture_of_experts_keeps_its_scorers_and_reloads(mode, tmp_path):
+    """Routers read their scorer's fp32 weight, and the shared experts' gate is one output: both stay plain
+    (quantizing the routers made every MoE model fail its first forward); everything else is quantized."""
+    import dataclasses
+
+    c = llmarch.preset("qwen2-moe-tiny").replace(vocab_size=211, d_model=64, n_layers=2, d_ff=64, max_seq_len=64)
+    c = c.replace(moe=dataclasses.replace(c.moe, shared_gate=True, n_shared=1))
+    torch.manual_seed(0)
+    model = llmarch.build(c).eval()
+    ids = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        qmodel = quantize(copy.deepcopy(model), mode, group_size=32)
+        out = qmodel(ids).logits
+    plain = {name for name, m in qmodel.named_modules() if type(m) is nn.Linear}
+    assert plain == {f"decoder.layers.{i}.ffn.{p}" for i in range(2) for p in ("router.proj", "shared.gate")}
+    err = (out - ref).abs() / ref.std()
+    assert err.mean() < TOL[mode]["mean"] and err.max() < TOL[mode]["max"]
+    save_quantized(qmodel, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "q")(ids).logits, out)
+
+
 def test_int4_skips_layers_its_groups_do_not_fit(caplog):
     model = llmarch.build(CFG.replace(d_ff=96))  # ffn.down has 96 inputs: not a multiple of 64
     quantize(model, "int4", group_size=64)

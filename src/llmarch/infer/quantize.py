@@ -209,10 +209,18 @@ class Int4Linear(nn.Module):
 
 def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every ``nn.Linear`` (except names in ``skip``) by its quantized version, in place. A tied LM head
-    is quantized as its own copy; the embedding table stays in full precision."""
+    is quantized as its own copy. The embedding table and a mixture of experts' scorers stay in full precision:
+    the routers' (``E`` outputs, read in fp32 by design: ``llmarch.nn.router``) and the shared experts' one-output
+    gate (``llmarch.nn.moe.GatedSharedExperts``); together a few KB."""
+    from llmarch.nn.moe import GatedSharedExperts
+    from llmarch.nn.router import Router
+
     if mode not in MODES:
         raise ValueError(f"quantize mode must be one of {MODES}, got {mode!r}")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+    scorers = {id(m.proj) for m in model.modules() if isinstance(m, Router)}
+    scorers |= {id(m.gate) for m in model.modules() if isinstance(m, GatedSharedExperts)}
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name not in skip and id(m) not in scorers]
     if mode in ("int4", "int3", "int2"):
         misfit = [name for name, m in targets if m.in_features % group_size]
         if misfit:
