@@ -1,6 +1,7 @@
-"""Decode speed: tokens/s at batch 1 and 8 for GPT-2-124M and a LLaMA-style model, Hugging Face `generate`
-against llmarch (eager, static cache + torch.compile, int8, speculative), each as a fraction of
-the memory-bandwidth bound (weight bytes streamed per step / measured read bandwidth).
+"""Decode speed: tokens/s at batch 1 and 8 for GPT-2-124M, a LLaMA-style model and (``--models mixtral``) a
+Mixtral-style one, Hugging Face `generate` against llmarch (eager, static cache + torch.compile, int8,
+speculative), each as a fraction of the memory-bandwidth bound (weight bytes streamed per step / measured read
+bandwidth; for the MoE model the experts' bytes are counted at the share of experts a step is expected to hit).
 
     PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama] [--no-compile]
     PYTHONPATH=src python benchmarks/decode.py --kernels   # GB/s of each matrix-vector kernel and layout per shape
@@ -10,8 +11,9 @@ Greedy, prompt of 16 tokens, fixed output length; a timed call includes the prom
 like one decode step at these sizes). Random weights: speed does not depend on them (speculative acceptance
 does; see its row). The variants of one batch size run in turns (round-robin, after one warmup each), so load on
 a shared machine hits them alike; ratios are of medians. "llmarch eager" runs each decoder layer of a step in one
-native call where the model qualifies (``llmarch.nn.fused_decode``: both models here, on packed fp32 or int8
-weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``.
+native call where the model qualifies (``llmarch.nn.fused_decode``: all three models here, on packed fp32 or int8
+weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``. For the MoE model transformers
+runs each of its CPU experts implementations, and ratios are to the fastest; the compiled variants are left out.
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
 and oneDNN over the row-major and the column-major weight, of oneDNN over its packed weight and of llmarch's
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import importlib
 import os
 import statistics
@@ -43,13 +46,22 @@ from llmarch.native import int8 as int8_native  # noqa: E402
 from llmarch.infer.layout import decode_layout, pack_weights  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
+from llmarch.nn.moe import MoE  # noqa: E402
+
+def _mixtral():
+    c = llmarch.preset("mixtral-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1376,
+                                              vocab_size=8192, max_seq_len=2048)
+    return c.replace(moe=dataclasses.replace(c.moe, n_experts=8, top_k=2))
+
 
 CONFIGS = {
     "gpt2": lambda: llmarch.preset("gpt2"),
     "llama": lambda: llmarch.preset("llama-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
                                                           d_ff=1376, vocab_size=8192, max_seq_len=2048),
+    "mixtral": _mixtral,  # the LLaMA-style model with 8 experts of its FFN's size, 2 per token
 }
-HF_TYPE = {"gpt2": "gpt2", "llama": "llama"}
+HF_TYPE = {"gpt2": "gpt2", "llama": "llama", "mixtral": "mixtral"}
+HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")  # transformers' CPU experts implementations (default first)
 
 
 def weight_bytes(model) -> int:
@@ -66,12 +78,28 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in mats.values())
 
 
-def hf_model(model, kind: str, tmp: str):
+def streamed_bytes(model, B: int) -> float:
+    """Bytes one decode step of B rows streams: :func:`weight_bytes`, plus each expert bank's bytes times the
+    expected share of its experts that B rows routed uniformly at random to K of E hit, 1 - (1 - K/E)^B (a dense
+    model: weight_bytes)."""
+    total = float(weight_bytes(model))
+    for m in model.modules():
+        if isinstance(m, MoE):
+            hit = 1 - (1 - m.moe.top_k / m.moe.n_experts) ** B
+            total += hit * sum(p.numel() * p.element_size() for p in m.experts.parameters(recurse=False))
+    return total
+
+
+def hf_model(model, kind: str, tmp: str, experts: tuple[str, ...] = ()):
+    """transformers' copy of ``model`` (sdpa, fp32); with ``experts``, one copy per experts implementation."""
     import transformers
 
     llmarch.hf.save(model, tmp, model_type=HF_TYPE[kind])
-    return transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa",
-                                                             dtype=torch.float32).eval()
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    if experts:
+        return {impl: load(tmp, attn_implementation="sdpa", dtype=torch.float32, experts_implementation=impl).eval()
+                for impl in experts}
+    return load(tmp, attn_implementation="sdpa", dtype=torch.float32).eval()
 
 
 def round_robin(fns: dict, repeats: int) -> dict[str, list[float]]:
@@ -208,10 +236,10 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
     torch.manual_seed(0)
     model = llmarch.build(CONFIGS[kind]()).eval()
     V, N = model.config.vocab_size, args.new_tokens
-    fp32_bytes = weight_bytes(model)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_model(model, kind, tmp)
+    rows, moe = [], any(isinstance(m, MoE) for m in model.modules())
+    with tempfile.TemporaryDirectory() as tmp:  # MoE: every experts implementation of transformers on CPU
+        hfs = hf_model(model, kind, tmp, HF_EXPERTS) if moe else {}
+        hf = hfs[HF_EXPERTS[0]] if moe else hf_model(model, kind, tmp)
     int8 = quantize(copy.deepcopy(model), "int8")
     # every variant its own copy: the BLAS and unpacked variants re-lay weights column-major (generate's layout
     # without packed copies) and change what generate's pack check sees, which left most of a shared model's
@@ -227,8 +255,11 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
         ids = torch.randint(0, V, (B, args.prompt), generator=torch.Generator().manual_seed(B))
         mask = torch.ones_like(ids)
         hf_kw = dict(attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0)
+        fp32_bytes = streamed_bytes(model, B)
         variants = {
             "hf generate (sdpa, dynamic cache)": lambda: hf.generate(ids, **hf_kw),
+            **{f"hf generate (sdpa, dynamic cache, experts {impl})": lambda m=m: m.generate(ids, **hf_kw)
+               for impl, m in hfs.items() if impl != HF_EXPERTS[0]},
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
             "llmarch eager, layers as torch ops": torch_layers(lambda: llmarch.generate(model, ids, N)),
@@ -241,7 +272,7 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             variants["llmarch eager, oneDNN packed (no native)"] = lambda: llmarch.generate(onednn, ids, N)
         if int8_native.available():
             variants["llmarch int8 eager, torch's int8 kernel"] = without_native(lambda: llmarch.generate(int8, ids, N))
-        if args.compile:
+        if args.compile and not moe:
             variants["llmarch static + compile"] = lambda: llmarch.generate(model, ids, N, cache="static",
                                                                             compile=True)
             variants["llmarch int8 static + compile"] = lambda: llmarch.generate(int8, ids, N, cache="static",
@@ -251,13 +282,13 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
                 model, int8, ids, N, k=4)
         with torch.no_grad():
             times = round_robin(variants, args.repeats)
-        base = None
+        # transformers' fastest experts implementation for an MoE model (only the default one for a dense model)
+        base = max(B * N / statistics.median(t) for name, t in times.items()
+                   if name.startswith("hf generate (sdpa, dynamic"))
         for name, raw in times.items():
             tps = B * N / statistics.median(raw)
-            bytes_ = weight_bytes(int8) if "int8" in name and "draft" not in name else fp32_bytes
+            bytes_ = streamed_bytes(int8, B) if "int8" in name and "draft" not in name else fp32_bytes
             bound = B * bandwidth * 1e9 / fp32_bytes
-            if name.startswith("hf generate (sdpa, dynamic"):
-                base = tps
             row = dict(model=kind, batch=B, variant=name, tokens_per_s=tps, vs_hf=tps / base,
                        fp32_bound_tokens_per_s=bound, fraction_of_fp32_bound=tps / bound,
                        own_bound_tokens_per_s=B * bandwidth * 1e9 / bytes_, weight_bytes=bytes_, times=raw)

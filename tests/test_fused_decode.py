@@ -17,8 +17,10 @@ from llmarch import native
 from llmarch.infer.layout import pack_weights, unpack_weights
 from llmarch.infer.quantize import quantize
 from llmarch.native import decode as native_decode
-from llmarch.nn import dense, fused_decode
+from llmarch.nn import dense
 from llmarch.rope_config import RopeConfig
+
+from tests.decode_util import Spy, check_steps, generate_both, steps
 
 pytestmark = pytest.mark.skipif(native.library("decode") is None,
                                 reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
@@ -42,21 +44,6 @@ CASES = {
 }
 
 
-class Spy:
-    """Counts the steps llmarch.nn.fused_decode served."""
-
-    def __init__(self, monkeypatch):
-        self.steps = 0
-        real = fused_decode.run
-
-        def run(*a):
-            y = real(*a)
-            self.steps += y is not None
-            return y
-
-        monkeypatch.setattr(fused_decode, "run", run)
-
-
 def model_for(seed=0, **over):
     torch.manual_seed(seed)
     model = llmarch.build(llmarch.preset("llama-tiny").replace(**{**BASE, **over})).eval()
@@ -67,45 +54,13 @@ def model_for(seed=0, **over):
     return model
 
 
-def generate_both(model, ids, n, monkeypatch, **kw):
-    """generate with the eager layers, then with the native ones: (eager ids, native ids, a Spy of the latter)."""
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "0")
-    want = llmarch.generate(model, ids, n, **kw)
-    spy = Spy(monkeypatch)
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
-    return want, llmarch.generate(model, ids, n, **kw), spy
-
-
-def steps(model, ids, n, fused, monkeypatch):
-    """Logits of each of n greedy decode steps after the prompt, and the caches' keys / values at the end."""
-    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1" if fused else "0")
-    cache, out, logits = model.new_cache(), [], []
-    with torch.no_grad():
-        step = model(ids, cache=cache).logits[:, -1:]
-        for _ in range(n):
-            tok = step.argmax(-1)
-            out.append(tok)
-            step = model(tok, cache=cache).logits
-            logits.append(step)
-    return torch.cat(logits, 1), torch.cat(out, 1), cache
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("B", [1, 3])
 def test_fused_steps_are_the_eager_steps(case, B, monkeypatch):
     model = model_for(**CASES[case])
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (B, 7), generator=torch.Generator().manual_seed(B))
-    want, want_tokens, want_cache = steps(model, ids, 12, False, monkeypatch)
-    spy = Spy(monkeypatch)
-    got, got_tokens, got_cache = steps(model, ids, 12, True, monkeypatch)
-    assert spy.steps == 12
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(got_tokens, want_tokens)
-    for i in want_cache.k:
-        assert got_cache.start[i] == want_cache.start[i]
-        torch.testing.assert_close(got_cache.k[i], want_cache.k[i], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got_cache.v[i], want_cache.v[i], rtol=1e-5, atol=1e-5)
+    got_cache = check_steps(model, ids, 12, monkeypatch)
     if case == "sliding":  # the window trimmed the cache, and the fused steps kept what the eager ones kept
         assert got_cache.k[0].shape[2] == 4
 
@@ -169,11 +124,7 @@ def test_padded_batches_match(case, monkeypatch):
 def test_int8_weights_run_fused_and_match(monkeypatch):
     model = quantize(model_for(qkv_bias=True), "int8")
     ids = torch.randint(0, BASE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
-    want, want_tokens, _ = steps(model, ids, 10, False, monkeypatch)
-    spy = Spy(monkeypatch)
-    got, got_tokens, _ = steps(model, ids, 10, True, monkeypatch)
-    assert spy.steps == 10 and torch.equal(got_tokens, want_tokens)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    check_steps(model, ids, 10, monkeypatch)
 
 
 def test_generate_takes_the_fused_path_once_weights_are_packed(monkeypatch):

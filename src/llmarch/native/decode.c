@@ -8,83 +8,32 @@
  *   slots [first, slot] of its kv head (head h reads kv head h / (H / G)), those of row b whose byte in
  *   valid[b * valid_stride + j - first] is nonzero (valid NULL: all; none nonzero: all); x += attn W_out^T + b;
  *   h = norm2(x); x += act(h W_up^T + b) W_down^T + b, or for a gated FFN (act(gate) * up) W_down^T + b with
- *   [gate | up] = h W_up^T + b.
+ *   [gate | up] = h W_up^T + b; or, where L->moe is set, x += the mixture of experts over h (ffn.c).
  * Norms: RMSNorm (rows.c's, the mean of squares summed in double) or LayerNorm (mean and variance in double, then
  * (x - mean) * rstd * w + b in fp32). Products: gemv.c's (fp32, int8 or bf16 weights in its blocked layout). The
- * rotation: rows.c's (the bits of llmarch.nn.rope's torch form). Attention: scores q.k * scale in fp32, softmax
- * with the maximum subtracted, exp by a polynomial within 2 ulp of expf, the weighted sum of values divided by the
- * weights' sum last, as a flash kernel does. Activations: silu(g) = g / (1 + exp(-g)), the tanh GELU through
+ * rotation: rows.c's (the bits of llmarch.nn.rope's torch form); the FFN half: ffn.c. Attention: scores q.k *
+ * scale in fp32, softmax with the maximum subtracted, exp by a polynomial within 2 ulp of expf, the weighted sum of
+ * values divided by the weights' sum last, as a flash kernel does. Activations: silu(g) = g / (1 + exp(-g)), the tanh GELU through
  * exp(-2|u|), relu, the erf GELU with erff. Summation order and exp's last bits aside, torch's values (the tests
  * hold logits to the eager step's at 1e-5).
  */
 #include "gemv.c"
 #include "rows.c"
+#include "ffn.c"
 
 #include <math.h>
 #include <stdlib.h>
 
-typedef struct {
-  const void *w;        /* blocked weight: float, int8_t or uint16_t (bf16) */
-  const float *scale;   /* int8: per-output scales padded to the blocks; else NULL */
-  const float *bias;    /* [N] or NULL */
-  int64_t kind;         /* 0 fp32, 1 int8, 2 bf16 */
-} product_t;
-
 enum { RMS_NORM_KIND = 0, LAYER_NORM_KIND = 1 };
-enum { SILU = 0, GELU_TANH = 1, GELU_ERF = 2, RELU = 3 };
 
 typedef struct {
   int64_t D, H, G, Dh, F;
   int64_t norm, act, gated;     /* norm kind, activation, whether the FFN is gated (up has 2F outputs) */
   float eps1, eps2, scale;
   const float *norm1, *norm2, *norm1_bias, *norm2_bias;  /* LayerNorm biases may be NULL */
-  product_t qkv, out, up, down;
+  product_t qkv, out, up, down;  /* up and down unused where moe is set */
+  const moe_t *moe;              /* a mixture-of-experts FFN, or NULL */
 } layer_t;
-
-static void product(const product_t *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-  if (p->kind == 1)
-    llmarch_int8_gemv(x, (const int8_t *)p->w, p->scale, p->bias, y, M, N, K);
-  else if (p->kind == 2)
-    llmarch_bf16_gemv(x, (const uint16_t *)p->w, NULL, p->bias, y, M, N, K);
-  else
-    llmarch_f32_gemv(x, (const float *)p->w, NULL, p->bias, y, M, N, K);
-}
-
-/* exp(x) for x <= 0 (softmax arguments), 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for
- * e^r (Cephes' coefficients) and 2^n through the exponent bits; below -87 the result is 0. */
-static inline __m256 exp_neg(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static inline float dot(const float *a, const float *b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; i++) s += a[i] * b[i];
-  return s;
-}
 
 /* out[0..3] = q . k_i for the 4 keys of Dh floats from k (stride Dh), each summed as dot() sums it. */
 static inline void dot4(const float *q, const float *k, int64_t Dh, float *out) {
@@ -178,47 +127,6 @@ static void norm(const layer_t *L, const float *x, const float *w, const float *
   }
 }
 
-/* act(g) (times up, when up is not NULL) for 8 lanes. */
-static inline __m256 act8(int64_t act, __m256 g) {
-  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-  if (act == SILU) {  /* e = exp(-|g|): g / (1 + e) for g >= 0, g e / (1 + e) below */
-    __m256 e = exp_neg(_mm256_or_ps(g, sign)), neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
-    return _mm256_div_ps(_mm256_blendv_ps(g, _mm256_mul_ps(g, e), neg), _mm256_add_ps(one, e));
-  }
-  if (act == GELU_TANH) {  /* 0.5 g (1 + tanh u), tanh |u| = (1 - e) / (1 + e) with e = exp(-2|u|) */
-    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                             _mm256_add_ps(g, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
-                                                            _mm256_mul_ps(_mm256_mul_ps(g, g), g))));
-    __m256 au = _mm256_andnot_ps(sign, u), e = exp_neg(_mm256_mul_ps(_mm256_set1_ps(-2.0f), au));
-    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-    t = _mm256_or_ps(t, _mm256_and_ps(u, sign));
-    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, t));
-  }
-  if (act == RELU) return _mm256_max_ps(g, _mm256_setzero_ps());
-  float v[8];
-  _mm256_storeu_ps(v, g);
-  for (int i = 0; i < 8; i++) v[i] = 0.5f * v[i] * (1.0f + erff(v[i] * 0.70710678118654752f));
-  return _mm256_loadu_ps(v);
-}
-
-/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). */
-static void activate(const layer_t *L, const float *h, float *y, int64_t B) {
-  const int64_t F = L->F, W = L->gated ? 2 * F : F;
-  for (int64_t r = 0; r < B; r++)
-    for (int64_t f = 0; f < F; f += 8) {
-      float g[8] = {0}, u[8] = {0}, o[8];
-      const int64_t n = F - f < 8 ? F - f : 8;
-      memcpy(g, h + r * W + f, sizeof(float) * n);
-      __m256 a = act8(L->act, _mm256_loadu_ps(g));
-      if (L->gated) {
-        memcpy(u, h + r * W + F + f, sizeof(float) * n);
-        a = _mm256_mul_ps(a, _mm256_loadu_ps(u));
-      }
-      _mm256_storeu_ps(o, a);
-      memcpy(y + r * F + f, o, sizeof(float) * n);
-    }
-}
-
 void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, float *vbuf, int64_t cap,
                           int64_t first, int64_t slot, const float *cos, const float *sin, int64_t cos_stride,
                           const uint8_t *valid, int64_t valid_stride) {
@@ -249,9 +157,13 @@ void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, fl
   product(&L->out, att, y, B, D, H * Dh);
   for (int64_t i = 0; i < B * D; i++) x[i] = x[i] + y[i];
   norm(L, x, L->norm2, L->norm2_bias, L->eps2, h, B);
-  product(&L->up, h, gu, B, L->gated ? 2 * F : F, D);
-  activate(L, gu, h, B);
-  product(&L->down, h, y, B, D, F);
+  if (L->moe != NULL) {
+    moe_ffn(L->moe, h, y, B, D);
+  } else {
+    product(&L->up, h, gu, B, L->gated ? 2 * F : F, D);
+    activate(L->act, L->gated, F, gu, h, B);
+    product(&L->down, h, y, B, D, F);
+  }
   for (int64_t i = 0; i < B * D; i++) x[i] = x[i] + y[i];
   free(h), free(qkv), free(rot), free(att), free(gu), free(y);
 }

@@ -1,5 +1,6 @@
 """One decoder layer of a decode step in one native call (``decode.c``): norm, fused qkv product, rotation, cache
-write, attention over the cache, output product, residual, norm, FFN products and activation, residual. The eager
+write, attention over the cache, output product, residual, norm, FFN (dense, or a routed mixture of experts:
+``ffn.c``), residual. The eager
 layer runs ~40 torch ops for this: on an AVX2 host ~5 of a 13 ms LLaMA-style batch-1 token went to them, their
 dispatch and Python, not to the products (``benchmarks/decode_overhead.py``; figures in docs/performance.md).
 
@@ -25,15 +26,25 @@ class _Product(ctypes.Structure):
                 ("kind", ctypes.c_int64)]
 
 
+class _Moe(ctypes.Structure):
+    """ffn.c's moe_t: a mixture-of-experts FFN (``up`` / ``down``: arrays of E :class:`_Product`)."""
+    _fields_ = ([(name, ctypes.c_int64) for name in ("E", "K", "F", "gated", "act", "router", "groups", "topk_groups")]
+                + [("scale", ctypes.c_float)]
+                + [(name, ctypes.c_void_p) for name in ("router_w", "router_b", "up", "down")]
+                + [(name, ctypes.c_int64) for name in ("shared_F", "shared_gated")]
+                + [(name, _Product) for name in ("shared_up", "shared_down")] + [("shared_gate", ctypes.c_void_p)])
+
+
 class _Layer(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "Dh", "F", "norm", "act", "gated")]
                 + [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
                 + [(name, ctypes.c_void_p) for name in ("norm1", "norm2", "norm1_bias", "norm2_bias")]
-                + [(name, _Product) for name in ("qkv", "out", "up", "down")])
+                + [(name, _Product) for name in ("qkv", "out", "up", "down")] + [("moe", ctypes.c_void_p)])
 
 
 NORMS = {"RMSNorm": 0, "LayerNorm": 1}  # decode.c's norm kinds, by llmarch.nn.norm class name
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}  # and activations, by config name
+ROUTERS = {"topk_softmax": 0, "softmax_topk": 1, "softmax_topk_norm": 2, "switch": 3}  # ffn.c's, by moe.router
 
 
 def enabled() -> bool:
@@ -77,7 +88,7 @@ def _check(fn) -> bool:
     want, k, v = _reference(x, norms, weights, kbuf[:, :, :n], vbuf[:, :, :n], cos, sin, H, G, 0.3, 1e-5)
     blocked = [native_fp32.Blocked(w) for w in weights]
     layer = _Layer(D, H, G, Dh, F, 0, 0, 1, 1e-5, 1e-5, 0.3, norms[0].data_ptr(), norms[1].data_ptr(), None, None,
-                   *[_Product(b.data.data_ptr(), None, None, 0) for b in blocked])
+                   *[_Product(b.data.data_ptr(), None, None, 0) for b in blocked], None)
     got = x.clone()
     fn(ctypes.byref(layer), got.data_ptr(), B, kbuf.data_ptr(), vbuf.data_ptr(), cap, 0, n, cos.data_ptr(),
        sin.data_ptr(), Dh, None, 0)

@@ -8,7 +8,7 @@ A stack qualifies when every layer is
 - grouped-query :class:`~llmarch.nn.attention.Attention` (MHA, GQA, MQA; any scale; qkv / output biases) with a
   dense causal or sliding-window pattern, mask execution, the sdpa or naive kernel;
 - an FFN that is a :class:`~llmarch.nn.ffn.GLU` or :class:`~llmarch.nn.ffn.MLP` with silu, gelu_tanh, gelu or
-  relu;
+  relu, or a mixture of experts :mod:`llmarch.nn.fused_moe` takes;
 - with every product on a weight the native kernel reads: fp32 with a current blocked copy
   (``llmarch.nn.dense.pack``; ``generate`` packs when that pays back) or an
   :class:`~llmarch.infer.quantize.Int8Linear`.
@@ -35,11 +35,13 @@ from llmarch import native
 from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
 from llmarch.native import int8 as native_int8
-from llmarch.nn import dense
+from llmarch.nn import dense, fused_moe
 from llmarch.nn.attention import Attention
 from llmarch.nn.block import PreNormBlock
 from llmarch.nn.cache import KVCache
+from llmarch.nn.experts import GLUExperts
 from llmarch.nn.ffn import GLU, MLP
+from llmarch.nn.moe import MoE
 from llmarch.nn.norm import LayerNorm, RMSNorm
 from llmarch.nn.patterns import Dense, Sliding
 from llmarch.nn.position import PositionScheme
@@ -83,30 +85,56 @@ def _norm(m: nn.Module):
     return None if kind is None or not _fp32(m.weight) or not _fp32(bias) else (kind, m.weight, bias)
 
 
-def _layer(block: nn.Module):
-    """(record, cache index, lookback, tensors, module edges, called modules) of one block, or None (see the
-    module)."""
-    if type(block) is not PreNormBlock or type(block.guard) is not nn.Identity:
-        return None
-    a, f = block.attn, block.ffn
-    n1, n2 = _norm(block.attn_norm), _norm(block.ffn_norm)
-    if (type(a) is not Attention or type(f) not in (GLU, MLP) or n1 is None or n2 is None or n1[0] != n2[0]
-            or a.kernel_name not in ("sdpa", "naive") or a.execution_name != "mask"
-            or f.activation not in native_decode.ACTIVATIONS or type(a.pattern) not in (Dense, Sliding)):
+def _dense_ffn(f: nn.Module):
+    """(up, down) product records, tensors, module edges, called modules of a GLU or MLP, or None."""
+    if type(f) not in (GLU, MLP) or f.activation not in native_decode.ACTIVATIONS:
         return None
     up = f.gate_up if type(f) is GLU else f.up
-    products = [_product(m) for m in (a.qkv, a.out, up, f.down)]
+    products = [_product(up), _product(f.down)]
+    if any(p is None for p in products):
+        return None
+    edges = [(f, "gate_up" if type(f) is GLU else "up", up), (f, "down", f.down)]
+    return [p[0] for p in products], [t for p in products for t in p[1]], edges, [f, f.dropout, up, f.down]
+
+
+def _ffn(f: nn.Module):
+    """(F, activation, gated, up and down records, MoE record or None, tensors, edges, called) of a block's FFN,
+    or None."""
+    if type(f) is MoE:
+        moe = fused_moe.record(f, _dense_ffn)
+        if moe is None:
+            return None
+        bank = f.experts
+        return (bank.d_ff, bank.activation, type(bank) is GLUExperts, [native_decode._Product()] * 2, *moe)
+    parts = _dense_ffn(f)
+    return None if parts is None else (f.down.in_features, f.activation, type(f) is GLU, parts[0], None, *parts[1:])
+
+
+def _layer(block: nn.Module):
+    """(record, cache index, lookback, tensors, module edges, called modules, kept records) of one block, or None
+    (see the module)."""
+    if type(block) is not PreNormBlock or type(block.guard) is not nn.Identity:
+        return None
+    a = block.attn
+    n1, n2, ffn = _norm(block.attn_norm), _norm(block.ffn_norm), _ffn(block.ffn)
+    if (type(a) is not Attention or ffn is None or n1 is None or n2 is None or n1[0] != n2[0]
+            or a.kernel_name not in ("sdpa", "naive") or a.execution_name != "mask"
+            or type(a.pattern) not in (Dense, Sliding)):
+        return None
+    F, act, gated, ffn_products, moe, ffn_tensors, ffn_edges, ffn_called = ffn
+    products = [_product(a.qkv), _product(a.out)]
     if any(p is None for p in products):
         return None
     ptr = [None if t is None else t.data_ptr() for t in (n1[1], n2[1], n1[2], n2[2])]
-    record = native_decode._Layer(block.attn_norm.dim, a.n_heads, a.n_kv_heads, a.head_dim, f.down.in_features,
-                                  n1[0], native_decode.ACTIVATIONS[f.activation], type(f) is GLU,
-                                  block.attn_norm.eps, block.ffn_norm.eps, a.scale, *ptr, *[p[0] for p in products])
-    tensors = [t for t in [*n1[1:], *n2[1:]] + [t for p in products for t in p[1]] if t is not None]
+    record = native_decode._Layer(block.attn_norm.dim, a.n_heads, a.n_kv_heads, a.head_dim, F, n1[0],
+                                  native_decode.ACTIVATIONS[act], gated, block.attn_norm.eps, block.ffn_norm.eps,
+                                  a.scale, *ptr, *[p[0] for p in products], *ffn_products,
+                                  None if moe is None else ctypes.addressof(moe[0]))
+    tensors = [t for t in [*n1[1:], *n2[1:]] + [t for p in products for t in p[1]] + ffn_tensors if t is not None]
     edges = [(block, name, getattr(block, name)) for name in ("attn", "ffn", "attn_norm", "ffn_norm")]
-    edges += [(a, "qkv", a.qkv), (a, "out", a.out), (f, "gate_up" if type(f) is GLU else "up", up), (f, "down", f.down)]
-    called = [block, block.dropout, f.dropout] + [child for _, _, child in edges]
-    return record, a.layer_idx, a.pattern.lookback, tensors, edges, called
+    edges += [(a, "qkv", a.qkv), (a, "out", a.out)] + ffn_edges
+    called = [block, block.dropout, a, a.qkv, a.out, block.attn_norm, block.ffn_norm] + ffn_called
+    return record, a.layer_idx, a.pattern.lookback, tensors, edges, called, moe
 
 
 class _Plan:
@@ -116,7 +144,8 @@ class _Plan:
         self.layers = weakref.ref(stack.layers)
         self.records = [(ctypes.addressof(r[0]), r[1], r[2]) for r in layers]
         self.head_dim = layers[0][0].Dh
-        self.keep = [r[0] for r in layers]  # the records (their addresses are passed)
+        self.keep = [(r[0], r[6]) for r in layers]  # the records (their addresses are passed)
+        self.moe = [stack.layers[i].ffn for i, r in enumerate(layers) if r[6] is not None]
         self.tensors = [t for r in layers for t in r[3]]
         self.edges = [(stack.layers, str(i), stack.layers[i]) for i in range(len(layers))]
         self.edges += [e for r in layers for e in r[4]]
@@ -202,4 +231,5 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
         fn(record, h.data_ptr(), B, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n, cp, sp, stride, vp,
            0 if valid is None else valid.shape[1])
         cache.written(idx, 1, lookback)
+    fused_moe.forget_routing(plan.moe)
     return h.view(B, 1, D)

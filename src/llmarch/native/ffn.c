@@ -1,0 +1,213 @@
+/* llmarch: the FFN half of a native decode layer (decode.c #includes this file): the products over gemv.c's
+ * blocked weights, the activations, and a mixture-of-experts FFN.
+ *
+ * moe_ffn(M, h, y, B, D): y [B, D] = sum over the K experts each row of h [B, D] is routed to of weight * expert(h)
+ * (+ the shared experts, scaled by sigmoid(h . gate) when gated), as llmarch.nn.moe.MoE computes it in eval mode
+ * with every assignment served (no capacity limit). Routing (llmarch.nn.router), in fp32: logits = h Wr^T + b
+ * (Wr [E, D] row-major), probs = softmax(logits); with groups, experts outside the row's topk_groups best groups
+ * (by their highest probability) get probability 0; then topk_softmax: the K largest logits, softmax over them;
+ * softmax_topk: the K largest probabilities; softmax_topk_norm: those divided by their sum; switch: the largest
+ * probability (K = 1); the weights times scale. Ties go to the lower expert index. Each expert runs once per call
+ * over the rows routed to it, so a step streams each chosen expert's weights once.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+  const void *w;        /* blocked weight: float, int8_t or uint16_t (bf16) */
+  const float *scale;   /* int8: per-output scales padded to the blocks; else NULL */
+  const float *bias;    /* [N] or NULL */
+  int64_t kind;         /* 0 fp32, 1 int8, 2 bf16 */
+} product_t;
+
+enum { SILU = 0, GELU_TANH = 1, GELU_ERF = 2, RELU = 3 };
+
+static void product(const product_t *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+  if (p->kind == 1)
+    llmarch_int8_gemv(x, (const int8_t *)p->w, p->scale, p->bias, y, M, N, K);
+  else if (p->kind == 2)
+    llmarch_bf16_gemv(x, (const uint16_t *)p->w, NULL, p->bias, y, M, N, K);
+  else
+    llmarch_f32_gemv(x, (const float *)p->w, NULL, p->bias, y, M, N, K);
+}
+
+/* exp(x) for x <= 0 (softmax arguments), 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for
+ * e^r (Cephes' coefficients) and 2^n through the exponent bits; below -87 the result is 0. */
+static inline __m256 exp_neg(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+/* act(g) (times up, when up is not NULL) for 8 lanes. */
+static inline __m256 act8(int64_t act, __m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  if (act == SILU) {  /* e = exp(-|g|): g / (1 + e) for g >= 0, g e / (1 + e) below */
+    __m256 e = exp_neg(_mm256_or_ps(g, sign)), neg = _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ);
+    return _mm256_div_ps(_mm256_blendv_ps(g, _mm256_mul_ps(g, e), neg), _mm256_add_ps(one, e));
+  }
+  if (act == GELU_TANH) {  /* 0.5 g (1 + tanh u), tanh |u| = (1 - e) / (1 + e) with e = exp(-2|u|) */
+    __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                             _mm256_add_ps(g, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
+                                                            _mm256_mul_ps(_mm256_mul_ps(g, g), g))));
+    __m256 au = _mm256_andnot_ps(sign, u), e = exp_neg(_mm256_mul_ps(_mm256_set1_ps(-2.0f), au));
+    __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    t = _mm256_or_ps(t, _mm256_and_ps(u, sign));
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), g), _mm256_add_ps(one, t));
+  }
+  if (act == RELU) return _mm256_max_ps(g, _mm256_setzero_ps());
+  float v[8];
+  _mm256_storeu_ps(v, g);
+  for (int i = 0; i < 8; i++) v[i] = 0.5f * v[i] * (1.0f + erff(v[i] * 0.70710678118654752f));
+  return _mm256_loadu_ps(v);
+}
+
+/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). */
+static void activate(int64_t act, int64_t gated, int64_t F, const float *h, float *y, int64_t B) {
+  const int64_t W = gated ? 2 * F : F;
+  for (int64_t r = 0; r < B; r++)
+    for (int64_t f = 0; f < F; f += 8) {
+      float g[8] = {0}, u[8] = {0}, o[8];
+      const int64_t n = F - f < 8 ? F - f : 8;
+      memcpy(g, h + r * W + f, sizeof(float) * n);
+      __m256 a = act8(act, _mm256_loadu_ps(g));
+      if (gated) {
+        memcpy(u, h + r * W + F + f, sizeof(float) * n);
+        a = _mm256_mul_ps(a, _mm256_loadu_ps(u));
+      }
+      _mm256_storeu_ps(o, a);
+      memcpy(y + r * F + f, o, sizeof(float) * n);
+    }
+}
+
+enum { TOPK_SOFTMAX = 0, SOFTMAX_TOPK = 1, SOFTMAX_TOPK_NORM = 2, SWITCH = 3 };
+
+typedef struct {
+  int64_t E, K, F, gated, act;           /* experts, routed per row, expert width, gated (up has 2F), activation */
+  int64_t router, groups, topk_groups;   /* router kind, expert groups (1: none), groups kept per row */
+  float scale;                           /* routed weights' factor */
+  const float *router_w, *router_b;      /* [E, D] row-major, [E] or NULL */
+  const product_t *up, *down;            /* E each: [2F or F, D], [D, F] */
+  int64_t shared_F, shared_gated;        /* shared experts' fused width (0: none), gated FFN */
+  product_t shared_up, shared_down;
+  const float *shared_gate;              /* [D]: sigmoid(h . gate) scales the shared output; NULL: not gated */
+} moe_t;
+
+/* idx[0..k) = the k largest of v[0..n), largest first; ties: the lower index. */
+static void top(const float *v, int64_t n, int64_t k, int64_t *idx) {
+  for (int64_t i = 0; i < k; i++) {
+    int64_t best = -1;
+    for (int64_t j = 0; j < n; j++) {
+      int taken = 0;
+      for (int64_t t = 0; t < i; t++) taken |= idx[t] == j;
+      if (!taken && (best < 0 || v[j] > v[best])) best = j;
+    }
+    idx[i] = best;
+  }
+}
+
+/* One row's routing: experts idx[K] and weights w[K]; scratch: logits and probs [E], group scores. */
+static void route(const moe_t *M, const float *h, int64_t D, float *logits, float *probs, int64_t *idx, float *w) {
+  const int64_t E = M->E, K = M->K;
+  float mx = -INFINITY, sum = 0.0f;
+  for (int64_t e = 0; e < E; e++) {
+    logits[e] = dot(h, M->router_w + e * D, D) + (M->router_b ? M->router_b[e] : 0.0f);
+    mx = logits[e] > mx ? logits[e] : mx;
+  }
+  for (int64_t e = 0; e < E; e++) sum += (probs[e] = expf(logits[e] - mx));
+  for (int64_t e = 0; e < E; e++) probs[e] /= sum;
+  if (M->groups > 1) {
+    const int64_t G = M->groups, per = E / G;
+    float best[G];
+    int64_t keep[G];
+    for (int64_t g = 0; g < G; g++) {
+      best[g] = probs[g * per];
+      for (int64_t j = 1; j < per; j++) best[g] = probs[g * per + j] > best[g] ? probs[g * per + j] : best[g];
+    }
+    top(best, G, M->topk_groups, keep);
+    for (int64_t g = 0; g < G; g++) {
+      int kept = 0;
+      for (int64_t t = 0; t < M->topk_groups; t++) kept |= keep[t] == g;
+      if (!kept) memset(probs + g * per, 0, sizeof(float) * per);
+    }
+  }
+  if (M->router == TOPK_SOFTMAX) {
+    top(logits, E, K, idx);
+    float m = logits[idx[0]], s = 0.0f;
+    for (int64_t k = 0; k < K; k++) s += (w[k] = expf(logits[idx[k]] - m));
+    for (int64_t k = 0; k < K; k++) w[k] /= s;
+  } else {
+    top(probs, E, K, idx);
+    float s = 0.0f;
+    for (int64_t k = 0; k < K; k++) s += (w[k] = probs[idx[k]]);
+    if (M->router == SOFTMAX_TOPK_NORM)
+      for (int64_t k = 0; k < K; k++) w[k] /= s;
+  }
+  if (M->scale != 1.0f)
+    for (int64_t k = 0; k < K; k++) w[k] *= M->scale;
+}
+
+/* y [B, D] = the mixture's output for h [B, D] (see the file's comment). */
+static void moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t D) {
+  const int64_t E = M->E, K = M->K, F = M->F, Fs = M->shared_F, Fm = F > Fs ? F : Fs;
+  float *logits = malloc(sizeof(float) * 2 * E), *w = malloc(sizeof(float) * B * K), *wr = malloc(sizeof(float) * B);
+  int64_t *idx = malloc(sizeof(int64_t) * B * K), *rows = malloc(sizeof(int64_t) * B);
+  float *xe = malloc(sizeof(float) * B * D), *ye = malloc(sizeof(float) * B * D);
+  float *gu = malloc(sizeof(float) * B * 2 * Fm), *mid = malloc(sizeof(float) * B * Fm);
+  for (int64_t b = 0; b < B; b++) route(M, h + b * D, D, logits, logits + E, idx + b * K, w + b * K);
+  memset(y, 0, sizeof(float) * B * D);
+  for (int64_t e = 0; e < E; e++) {
+    int64_t n = 0;
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t k = 0; k < K; k++)
+        if (idx[b * K + k] == e) {
+          rows[n] = b, wr[n] = w[b * K + k];
+          memcpy(xe + n++ * D, h + b * D, sizeof(float) * D);
+        }
+    if (n == 0) continue;
+    product(&M->up[e], xe, gu, n, M->gated ? 2 * F : F, D);
+    activate(M->act, M->gated, F, gu, mid, n);
+    product(&M->down[e], mid, ye, n, D, F);
+    for (int64_t i = 0; i < n; i++)
+      for (int64_t d = 0; d < D; d++) y[rows[i] * D + d] += ye[i * D + d] * wr[i];
+  }
+  if (Fs > 0) {
+    product(&M->shared_up, h, gu, B, M->shared_gated ? 2 * Fs : Fs, D);
+    activate(M->act, M->shared_gated, Fs, gu, mid, B);
+    product(&M->shared_down, mid, ye, B, D, Fs);
+    for (int64_t b = 0; b < B; b++) {
+      const float g = M->shared_gate ? 1.0f / (1.0f + expf(-dot(h + b * D, M->shared_gate, D))) : 1.0f;
+      for (int64_t d = 0; d < D; d++) y[b * D + d] += M->shared_gate ? g * ye[b * D + d] : ye[b * D + d];
+    }
+  }
+  free(logits), free(w), free(wr), free(idx), free(rows), free(xe), free(ye), free(gu), free(mid);
+}

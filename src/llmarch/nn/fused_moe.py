@@ -1,0 +1,103 @@
+"""The mixture-of-experts FFN of a native decode layer (:mod:`llmarch.nn.fused_decode`; ``ffn.c``'s ``moe_t``):
+routing, the chosen experts over their packed copies, and the shared experts, in the layer's one native call.
+
+An :class:`~llmarch.nn.moe.MoE` qualifies when every assignment is served (``Dropless``: no capacity limit), its
+router is one of ``llmarch.nn.router``'s four (unsubclassed) with an fp32 ``nn.Linear`` scorer, its bank is a
+:class:`~llmarch.nn.experts.GLUExperts` or :class:`~llmarch.nn.experts.MLPExperts` of fp32 experts with current
+native blocked copies (``llmarch.infer.layout.pack_weights``; a LoRA-adapted bank is a subclass and does not), and
+its shared experts, if any, are a GLU or MLP with the same activation whose products the kernel reads (gated by an
+fp32 ``nn.Linear``). The dispatcher does not matter: they all compute the same sum. A native step does not record
+the routing: it clears the layer's ``last_routing`` (read by training statistics) and its auxiliary loss.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from llmarch.native import decode as native_decode
+from llmarch.native import fp32 as native_fp32
+from llmarch.nn import dense
+from llmarch.nn.dispatch import Dropless
+from llmarch.nn.experts import GLUExperts, MLPExperts
+from llmarch.nn.ffn import GLU
+from llmarch.nn.moe import GatedSharedExperts, MoE, SharedExperts
+from llmarch.nn.router import ROUTERS
+
+
+def _plain(m: nn.Module, rows: int | None = None) -> torch.Tensor | None:
+    """The fp32 row-major weight of a plain ``nn.Linear`` (with ``rows`` outputs, if given), else None."""
+    w = getattr(m, "weight", None)
+    ok = (type(m) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+          and (rows is None or w.shape[0] == rows))
+    return w if ok else None
+
+
+def _bank(bank: nn.Module):
+    """(up, down) ctypes arrays of the bank's E expert products, and the bank's tensors; or None."""
+    if type(bank) not in (GLUExperts, MLPExperts) or bank.activation not in native_decode.ACTIVATIONS:
+        return None
+    weights = (bank.gate_up if type(bank) is GLUExperts else bank.up, bank.down)
+    arrays = []
+    for w in weights:
+        copies = dense.packed(w)
+        if not isinstance(copies, list) or not all(isinstance(c, native_fp32.Blocked)
+                                                   and c.data.dtype == torch.float32 for c in copies):
+            return None
+        arrays.append((native_decode._Product * len(copies))(*[native_decode._Product(c.data.data_ptr(), None, None, 0)
+                                                                  for c in copies]))
+    return arrays, list(weights)
+
+
+def _shared(f: MoE, dense_ffn):
+    """(shared_F, gated FFN, up and down records, gate weight or None, tensors, edges, called) of the shared
+    experts (all empty without them), or None where the kernel cannot run them."""
+    s = f.shared
+    if s is None:
+        return 0, False, [native_decode._Product()] * 2, None, [], [], []
+    parts = dense_ffn(s.ffn) if type(s) in (SharedExperts, GatedSharedExperts) else None
+    if parts is None or s.ffn.activation != f.experts.activation:
+        return None
+    gate = _plain(s.gate, 1) if type(s) is GatedSharedExperts else None
+    if type(s) is GatedSharedExperts and (gate is None or s.gate.bias is not None):
+        return None
+    products, tensors, edges, called = parts
+    edges = edges + [(s, "ffn", s.ffn)] + ([(s, "gate", s.gate)] if gate is not None else [])
+    called = called + [s] + ([s.gate] if gate is not None else [])
+    return (s.ffn.down.in_features, type(s.ffn) is GLU, products, gate, tensors + ([gate] if gate is not None else []),
+            edges, called)
+
+
+def record(f: MoE, dense_ffn):
+    """(kept records: the moe_t first, tensors, module edges, called modules) of an MoE FFN, or None;
+    ``dense_ffn``: ``llmarch.nn.fused_decode``'s reader of a GLU or MLP (for the shared experts)."""
+    r, E = f.router, f.moe.n_experts
+    kind = native_decode.ROUTERS.get(f.moe.router)
+    router_w = _plain(r.proj, E)
+    bias = r.proj.bias if router_w is not None else None
+    if (kind is None or type(r) is not ROUTERS[f.moe.router] or router_w is None or type(f.capacity) is not Dropless
+            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+        return None
+    bank, shared = _bank(f.experts), _shared(f, dense_ffn)
+    if bank is None or shared is None:
+        return None
+    (up, down), bank_tensors = bank
+    shared_F, shared_gated, shared_products, gate, shared_tensors, shared_edges, shared_called = shared
+    b = f.experts
+    moe = native_decode._Moe(E, r.top_k, b.d_ff, type(b) is GLUExperts, native_decode.ACTIVATIONS[b.activation],
+                             kind, r.n_groups, r.topk_groups or 0, r.scale, router_w.data_ptr(),
+                             None if bias is None else bias.data_ptr(), ctypes.addressof(up), ctypes.addressof(down),
+                             shared_F, shared_gated, *shared_products, None if gate is None else gate.data_ptr())
+    tensors = [router_w, bias, *bank_tensors, *shared_tensors]
+    edges = [(f, "router", r), (r, "proj", r.proj), (f, "experts", b), (f, "capacity", f.capacity),
+             (f, "shared", f.shared)] + shared_edges
+    called = [f, f.dropout, r, r.proj, f.capacity, *b.modules()] + shared_called
+    return (moe, up, down), tensors, edges, called
+
+
+def forget_routing(layers: list) -> None:
+    """Clear what the eager forward would have left on these MoE layers (a native step does not record it)."""
+    for m in layers:
+        if m.last_routing is not None or m._aux is not None:
+            m.last_routing = m._aux = None

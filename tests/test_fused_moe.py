@@ -1,0 +1,130 @@
+"""llmarch.nn.fused_moe: the mixture-of-experts FFN inside a native decode layer (ffn.c). Held to the eager MoE
+layer it replaces (itself held to transformers' Mixtral and Qwen2-MoE in the parity tests): per-step logits,
+greedy tokens and caches, for every router kind, group-limited routing, a routed-weight scale, GLU and MLP
+experts, shared experts with and without their gate, batches where several rows share an expert, padded rows,
+int8 attention; and the cases it must leave to the eager layers."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+import llmarch
+from llmarch import native
+from llmarch.infer.layout import pack_weights
+from llmarch.infer.quantize import quantize
+from llmarch import lora
+from llmarch.nn import fused_decode
+from llmarch.nn.router import Router
+
+from tests.decode_util import Spy, check_steps, generate_both
+
+pytestmark = pytest.mark.skipif(native.library("decode") is None,
+                                reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
+
+BASE = dict(vocab_size=96, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40, max_seq_len=256)
+CASES = {
+    "mixtral": dict(n_experts=6, top_k=2),
+    "qwen2-moe": dict(n_experts=6, top_k=2, router="softmax_topk", n_shared=1, shared_gate=True, shared_d_ff=24),
+    "shared, ungated, 2 of them": dict(n_experts=4, top_k=2, router="softmax_topk", n_shared=2),
+    "groups, norm, scale": dict(n_experts=8, top_k=3, router="softmax_topk_norm", n_groups=4, topk_groups=2,
+                                routed_scale=2.5),
+    "one group of four": dict(n_experts=8, top_k=2, router="softmax_topk", n_groups=4, topk_groups=1),
+    "switch, mlp experts": dict(n_experts=4, top_k=1, router="switch", expert_ffn="mlp"),
+    "router bias, gelu_tanh": dict(n_experts=4, top_k=2, router_bias=True),
+}
+
+
+def moe_model(seed=0, activation="silu", **moe):
+    c = llmarch.preset("mixtral-tiny").replace(**BASE, activation=activation)
+    c = c.replace(moe=dataclasses.replace(c.moe, **moe))
+    torch.manual_seed(seed)
+    model = llmarch.build(c).eval()
+    with torch.no_grad():  # gains and biases away from their init values; router logits spread out
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.3 * torch.randn_like(p))
+            if "router" in name:
+                p.mul_(4.0)
+    return model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("B", [1, 6])
+def test_fused_moe_steps_are_the_eager_steps(case, B, monkeypatch):
+    model = moe_model(activation="gelu_tanh" if "gelu" in case else "silu", **CASES[case])
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (B, 7), generator=torch.Generator().manual_seed(B))
+    check_steps(model, ids, 10, monkeypatch)
+
+
+def test_rows_sharing_experts_and_padding_match(monkeypatch):
+    """8 rows over 4 experts (several rows per expert in every step), left-padded to different lengths."""
+    model = moe_model(n_experts=4, top_k=2)
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (8, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[::2, :3] = 0
+    want, got, spy = generate_both(model, ids, 12, monkeypatch, attention_mask=mask)
+    assert spy.steps == 11 and torch.equal(got, want)
+
+
+def test_int8_attention_with_fp32_experts_and_routing_cleared(monkeypatch):
+    """quantize() keeps the routers' scorers and the shared experts' gate in fp32 (it used to make the routers'
+    Int8Linear, which the router cannot read: every quantized MoE model failed its first forward); attention and
+    the shared experts run int8, the routed experts their packed fp32 copies. A native step leaves no stale
+    routing behind on the layer."""
+    model = quantize(moe_model(**CASES["qwen2-moe"]), "int8")
+    assert all(type(m.proj) is torch.nn.Linear for m in model.modules() if isinstance(m, Router))
+    assert type(model.decoder.layers[0].ffn.shared.gate) is torch.nn.Linear
+    assert type(model.decoder.layers[0].ffn.shared.ffn.down) is not torch.nn.Linear
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
+    moe = model.decoder.layers[0].ffn
+    with torch.no_grad():
+        model(ids)
+    assert moe.last_routing is not None
+    check_steps(model, ids, 8, monkeypatch)
+    assert moe.last_routing is None and moe.aux_loss is None
+
+
+def _one_step(model, monkeypatch):
+    monkeypatch.setenv("LLMARCH_FUSED_DECODE", "1")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(ids, cache=cache)
+        return model(ids[:, -1:], cache=cache).logits
+
+
+def test_what_it_does_not_serve_keeps_the_eager_layers(monkeypatch):
+    spy = Spy(monkeypatch)
+    model = moe_model(n_experts=4, top_k=2)
+    pack_weights(model)
+    want = _one_step(model, monkeypatch)
+    assert spy.steps == 1  # the baseline qualifies
+    for over in (dict(capacity_factor=1.0), dict(activation="quick_gelu")):  # a capacity limit; an activation
+        other = moe_model(**{**dict(n_experts=4, top_k=2), **over})            # the kernel does not compute
+        pack_weights(other)
+        _one_step(other, monkeypatch)
+    assert spy.steps == 1
+    seen = []
+    handle = model.decoder.layers[1].ffn.router.register_forward_hook(lambda *a: seen.append(1))
+    torch.testing.assert_close(_one_step(model, monkeypatch), want, rtol=1e-5, atol=1e-5)
+    assert seen == [1, 1] and spy.steps == 1
+    handle.remove()
+    bank = model.decoder.layers[0].ffn.experts
+    with torch.no_grad():
+        bank.down[1].mul_(-1)  # in place: the experts' packed copies are stale
+    edited = _one_step(model, monkeypatch)
+    assert spy.steps == 1 and not torch.allclose(edited, want)
+    pack_weights(model)
+    torch.testing.assert_close(_one_step(model, monkeypatch), edited, rtol=1e-5, atol=1e-5)
+    assert spy.steps == 2
+    adapted = lora.apply(copy.deepcopy(model), r=2, targets=("experts.down",))  # a LoRA bank: a subclass
+    pack_weights(adapted)
+    _one_step(adapted, monkeypatch)
+    assert spy.steps == 2
+    assert fused_decode._PLANS  # the plain model's plan is still held
