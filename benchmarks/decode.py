@@ -64,13 +64,15 @@ HF_TYPE = {"gpt2": "gpt2", "llama": "llama", "mixtral": "mixtral"}
 HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")  # transformers' CPU experts implementations (default first)
 
 
-def weight_bytes(model) -> int:
+def weight_bytes(model, leave_out: frozenset = frozenset()) -> int:
     """Bytes of the matrices one decode step streams: every Linear-like weight, the LM head included, each tensor
-    once (a head tied to the embedding is one matrix, read once per step)."""
+    once (a head tied to the embedding is one matrix, read once per step); ``leave_out``: ids of tensors not to
+    count."""
     mats = {}
     for m in model.modules():
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-            if t is not None and t.dim() == 2 and not isinstance(m, torch.nn.Embedding) and "position" not in name:
+            if (t is not None and t.dim() == 2 and not isinstance(m, torch.nn.Embedding) and "position" not in name
+                    and id(t) not in leave_out):
                 mats[id(t)] = t
     head = getattr(model.lm_head, "weight", None)
     if isinstance(head, torch.Tensor):  # the head's matrix, even where it is the embedding's
@@ -81,12 +83,14 @@ def weight_bytes(model) -> int:
 def streamed_bytes(model, B: int) -> float:
     """Bytes one decode step of B rows streams: :func:`weight_bytes`, plus each expert bank's bytes times the
     expected share of its experts that B rows routed uniformly at random to K of E hit, 1 - (1 - K/E)^B (a dense
-    model: weight_bytes)."""
-    total = float(weight_bytes(model))
-    for m in model.modules():
-        if isinstance(m, MoE):
-            hit = 1 - (1 - m.moe.top_k / m.moe.n_experts) ** B
-            total += hit * sum(p.numel() * p.element_size() for p in m.experts.parameters(recurse=False))
+    model: weight_bytes); a bank's matrices are its parameters and buffers (an int8 bank's)."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    banks = {id(t): t for m in moes for t in [*m.experts.parameters(), *m.experts.buffers()] if t.dim() >= 2}
+    total = float(weight_bytes(model, frozenset(banks)))
+    for m in moes:
+        hit = 1 - (1 - m.moe.top_k / m.moe.n_experts) ** B
+        total += hit * sum(t.numel() * t.element_size() for t in [*m.experts.parameters(), *m.experts.buffers()]
+                           if t.dim() >= 2)
     return total
 
 

@@ -13,6 +13,7 @@ import torch
 
 import llmarch
 from llmarch import native
+from llmarch.infer.int8_experts import Int8Experts
 from llmarch.infer.layout import pack_weights
 from llmarch.infer.quantize import quantize
 from llmarch import lora
@@ -71,15 +72,15 @@ def test_rows_sharing_experts_and_padding_match(monkeypatch):
     assert spy.steps == 11 and torch.equal(got, want)
 
 
-def test_int8_attention_with_fp32_experts_and_routing_cleared(monkeypatch):
+@pytest.mark.parametrize("case", ["qwen2-moe", "switch, mlp experts"])
+def test_int8_model_and_routing_cleared(case, monkeypatch):
     """quantize() keeps the routers' scorers and the shared experts' gate in fp32 (it used to make the routers'
-    Int8Linear, which the router cannot read: every quantized MoE model failed its first forward); attention and
-    the shared experts run int8, the routed experts their packed fp32 copies. A native step leaves no stale
-    routing behind on the layer."""
-    model = quantize(moe_model(**CASES["qwen2-moe"]), "int8")
+    Int8Linear, which the router cannot read: every quantized MoE model failed its first forward); attention, the
+    shared experts and the routed experts (Int8Experts) run int8 in the native layer too. A native step leaves no
+    stale routing behind on the layer."""
+    model = quantize(moe_model(**CASES[case]), "int8")
     assert all(type(m.proj) is torch.nn.Linear for m in model.modules() if isinstance(m, Router))
-    assert type(model.decoder.layers[0].ffn.shared.gate) is torch.nn.Linear
-    assert type(model.decoder.layers[0].ffn.shared.ffn.down) is not torch.nn.Linear
+    assert type(model.decoder.layers[0].ffn.experts) is Int8Experts
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
     moe = model.decoder.layers[0].ffn

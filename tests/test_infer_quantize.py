@@ -91,11 +91,42 @@ def test_mixture_of_experts_keeps_its_scorers_and_reloads(mode, tmp_path):
         out = qmodel(ids).logits
     plain = {name for name, m in qmodel.named_modules() if type(m) is nn.Linear}
     assert plain == {f"decoder.layers.{i}.ffn.{p}" for i in range(2) for p in ("router.proj", "shared.gate")}
+    banks = {type(m.ffn.experts).__name__ for m in qmodel.decoder.layers}
+    assert banks == ({"Int8Experts"} if mode == "int8" else {"GLUExperts"})  # int4 leaves the banks in fp32
     err = (out - ref).abs() / ref.std()
     assert err.mean() < TOL[mode]["mean"] and err.max() < TOL[mode]["max"]
     save_quantized(qmodel, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "q")(ids).logits, out)
+
+
+@pytest.mark.parametrize("kind", ["glu", "mlp"])
+def test_int8_expert_banks_are_the_dequantized_banks_under_every_dispatcher(kind):
+    """quantize(..., "int8") makes each routed expert's matrices Int8Linear (Int8Experts): every dispatcher gives
+    the fp32 bank's output with the dequantized weights, and the rounding is at most half a step per weight."""
+    from llmarch.infer.int8_experts import Int8Experts
+    from llmarch.moe_config import MoEConfig
+    from llmarch.nn.dispatch import DISPATCHERS
+    from llmarch.nn.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(32, 24, "silu", moe=MoEConfig(n_experts=4, top_k=2, expert_ffn=kind)).eval()
+    bank = moe.experts
+    q = Int8Experts.from_bank(bank)
+    up = bank.gate_up if kind == "glu" else bank.up
+    for e in range(4):
+        for lin, w in ((q.up[e], up[e]), (q.down[e], bank.down[e])):
+            assert ((lin.dequantize() - w.t()).abs() <= lin.scales[:, None] / 2 + 1e-7).all()
+    with torch.no_grad():  # the fp32 bank with the dequantized weights: the reference
+        up.copy_(torch.stack([m.dequantize().t() for m in q.up]))
+        bank.down.copy_(torch.stack([m.dequantize().t() for m in q.down]))
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        want = moe(x)
+        moe.experts = q
+        for name in DISPATCHERS.names():
+            moe.dispatch = DISPATCHERS[name]
+            torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_int4_skips_layers_its_groups_do_not_fit(caplog):

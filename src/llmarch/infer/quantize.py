@@ -108,13 +108,18 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach().float()
-        m = cls(w.shape[1], w.shape[0], linear.bias is not None).to(w.device)
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> "Int8Linear":
+        """The int8 form of ``weight`` [out, in] (+ ``bias`` [out], kept in fp32)."""
+        w = weight.detach().float()
+        m = cls(w.shape[1], w.shape[0], bias is not None).to(w.device)
         scales = (w.abs().amax(1) / 127).clamp(min=1e-12)
         m.qweight.copy_((w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
         m.scales.copy_(scales)
-        if linear.bias is not None:
-            m.bias.copy_(linear.bias.detach().float())
+        if bias is not None:
+            m.bias.copy_(bias.detach().float())
         return m
 
     def dequantize(self) -> torch.Tensor:
@@ -211,7 +216,8 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: t
     """Replace every ``nn.Linear`` (except names in ``skip``) by its quantized version, in place. A tied LM head
     is quantized as its own copy. The embedding table and a mixture of experts' scorers stay in full precision:
     the routers' (``E`` outputs, read in fp32 by design: ``llmarch.nn.router``) and the shared experts' one-output
-    gate (``llmarch.nn.moe.GatedSharedExperts``); together a few KB."""
+    gate (``llmarch.nn.moe.GatedSharedExperts``); together a few KB. int8 also quantizes the routed experts'
+    banks (:mod:`llmarch.infer.int8_experts`); the other modes leave them in full precision."""
     from llmarch.nn.moe import GatedSharedExperts
     from llmarch.nn.router import Router
 
@@ -234,6 +240,10 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: t
         q = (Int8Linear.from_linear(linear) if mode == "int8" else Int4Linear.from_linear(linear, group_size)
              if mode == "int4" else LowBitLinear.from_linear(linear, mode, group_size))
         setattr(parent, attr, swap_projection(linear, q))
+    if mode == "int8":
+        from llmarch.infer.int8_experts import quantize_banks
+
+        quantize_banks(model, tuple(skip))
     model.quantization = dict(mode=mode, group_size=group_size if mode in ("int4", "int3", "int2") else None,
                               skip=list(skip))
     return model

@@ -39,7 +39,6 @@ from llmarch.nn import dense, fused_moe
 from llmarch.nn.attention import Attention
 from llmarch.nn.block import PreNormBlock
 from llmarch.nn.cache import KVCache
-from llmarch.nn.experts import GLUExperts
 from llmarch.nn.ffn import GLU, MLP
 from llmarch.nn.moe import MoE
 from llmarch.nn.norm import LayerNorm, RMSNorm
@@ -105,7 +104,7 @@ def _ffn(f: nn.Module):
         if moe is None:
             return None
         bank = f.experts
-        return (bank.d_ff, bank.activation, type(bank) is GLUExperts, [native_decode._Product()] * 2, *moe)
+        return (bank.d_ff, bank.activation, fused_moe._gated(bank), [native_decode._Product()] * 2, *moe)
     parts = _dense_ffn(f)
     return None if parts is None else (f.down.in_features, f.activation, type(f) is GLU, parts[0], None, *parts[1:])
 

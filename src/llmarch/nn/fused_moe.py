@@ -4,7 +4,8 @@ routing, the chosen experts over their packed copies, and the shared experts, in
 An :class:`~llmarch.nn.moe.MoE` qualifies when every assignment is served (``Dropless``: no capacity limit), its
 router is one of ``llmarch.nn.router``'s four (unsubclassed) with an fp32 ``nn.Linear`` scorer, its bank is a
 :class:`~llmarch.nn.experts.GLUExperts` or :class:`~llmarch.nn.experts.MLPExperts` of fp32 experts with current
-native blocked copies (``llmarch.infer.layout.pack_weights``; a LoRA-adapted bank is a subclass and does not), and
+native blocked copies (``llmarch.infer.layout.pack_weights``; a LoRA-adapted bank is a subclass and does not) or an
+int8 bank (:class:`~llmarch.infer.int8_experts.Int8Experts`, which ``quantize(model, "int8")`` makes), and
 its shared experts, if any, are a GLU or MLP with the same activation whose products the kernel reads (gated by an
 fp32 ``nn.Linear``). The dispatcher does not matter: they all compute the same sum. A native step does not record
 the routing: it clears the layer's ``last_routing`` (read by training statistics) and its auxiliary loss.
@@ -17,7 +18,10 @@ import torch
 from torch import nn
 
 from llmarch.native import decode as native_decode
+from llmarch.infer.int8_experts import Int8Experts
+from llmarch.infer.quantize import Int8Linear
 from llmarch.native import fp32 as native_fp32
+from llmarch.native import int8 as native_int8
 from llmarch.nn import dense
 from llmarch.nn.dispatch import Dropless
 from llmarch.nn.experts import GLUExperts, MLPExperts
@@ -34,10 +38,31 @@ def _plain(m: nn.Module, rows: int | None = None) -> torch.Tensor | None:
     return w if ok else None
 
 
+def _gated(bank: nn.Module) -> bool:
+    return type(bank) is GLUExperts or (type(bank) is Int8Experts and bank.gated)
+
+
+def _int8_bank(bank: Int8Experts):
+    """(up, down) ctypes arrays of an int8 bank's expert products (their blocked copies), and its tensors."""
+    if not native_int8.available():
+        return None
+    arrays, tensors = [], []
+    for linears in (bank.up, bank.down):
+        if any(type(m) is not Int8Linear or m.bias is not None or m.scales.dtype != torch.float32 for m in linears):
+            return None
+        copies = [native_int8.blocked(m.qweight, m.scales) for m in linears]
+        arrays.append((native_decode._Product * len(copies))(*[native_decode._Product(w.data_ptr(), s.data_ptr(),
+                                                                                       None, 1) for w, s in copies]))
+        tensors += [t for m in linears for t in (m.qweight, m.scales)]
+    return arrays, tensors
+
+
 def _bank(bank: nn.Module):
     """(up, down) ctypes arrays of the bank's E expert products, and the bank's tensors; or None."""
-    if type(bank) not in (GLUExperts, MLPExperts) or bank.activation not in native_decode.ACTIVATIONS:
+    if type(bank) not in (GLUExperts, MLPExperts, Int8Experts) or bank.activation not in native_decode.ACTIVATIONS:
         return None
+    if type(bank) is Int8Experts:
+        return _int8_bank(bank)
     weights = (bank.gate_up if type(bank) is GLUExperts else bank.up, bank.down)
     arrays = []
     for w in weights:
@@ -85,7 +110,7 @@ def record(f: MoE, dense_ffn):
     (up, down), bank_tensors = bank
     shared_F, shared_gated, shared_products, gate, shared_tensors, shared_edges, shared_called = shared
     b = f.experts
-    moe = native_decode._Moe(E, r.top_k, b.d_ff, type(b) is GLUExperts, native_decode.ACTIVATIONS[b.activation],
+    moe = native_decode._Moe(E, r.top_k, b.d_ff, _gated(b), native_decode.ACTIVATIONS[b.activation],
                              kind, r.n_groups, r.topk_groups or 0, r.scale, router_w.data_ptr(),
                              None if bias is None else bias.data_ptr(), ctypes.addressof(up), ctypes.addressof(down),
                              shared_F, shared_gated, *shared_products, None if gate is None else gate.data_ptr())
