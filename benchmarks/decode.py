@@ -13,7 +13,8 @@ does; see its row). The variants of one batch size run in turns (round-robin, af
 a shared machine hits them alike; ratios are of medians. "llmarch eager" runs each decoder layer of a step in one
 native call where the model qualifies (``llmarch.nn.fused_decode``: all three models here, on packed fp32 or int8
 weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``. For the MoE model transformers
-runs each of its CPU experts implementations, and ratios are to the fastest; the compiled variants are left out.
+runs each of its CPU experts implementations (``batched_mm`` at batch 1 only: it gathers a weight copy per token
+and expert, 8x slower than ``grouped_mm`` there), and ratios are to the fastest; the compiled variants are left out.
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
 and oneDNN over the row-major and the column-major weight, of oneDNN over its packed weight and of llmarch's
@@ -263,7 +264,7 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
         variants = {
             "hf generate (sdpa, dynamic cache)": lambda: hf.generate(ids, **hf_kw),
             **{f"hf generate (sdpa, dynamic cache, experts {impl})": lambda m=m: m.generate(ids, **hf_kw)
-               for impl, m in hfs.items() if impl != HF_EXPERTS[0]},
+               for impl, m in hfs.items() if impl != HF_EXPERTS[0] and (B == 1 or impl != "batched_mm")},
             "hf generate (sdpa, static cache)": lambda: hf.generate(ids, cache_implementation="static", **hf_kw),
             "llmarch eager (dynamic cache)": lambda: llmarch.generate(model, ids, N),
             "llmarch eager, layers as torch ops": torch_layers(lambda: llmarch.generate(model, ids, N)),

@@ -1,6 +1,6 @@
 """llmarch.nn.fused_decode: a decode step with every decoder layer in one native call (llmarch.native.decode).
 Held to the eager layers it replaces: per-step logits and the cache it leaves behind, greedy tokens, across
-attention shapes (MHA, GQA, MQA, biases, sliding window, no rotation, scaled RoPE), batch sizes, a cache that
+attention shapes (MHA, GQA, MQA, biases, sliding window, no rotation, scaled RoPE, ALiBi), batch sizes, a cache that
 outgrows its buffers, and int8 weights; a spy checks that the fused path ran where it should and stood aside
 everywhere else (gradients, training, padding, hooks, swapped modules, stale or dropped packed copies)."""
 from __future__ import annotations
@@ -41,6 +41,9 @@ CASES = {
     "geglu": dict(activation="gelu_tanh"),
     "mlp, erf gelu": dict(ffn="mlp", activation="gelu", d_ff=37),
     "mlp, relu": dict(ffn="mlp", activation="relu"),
+    "bloom style": dict(norm="layernorm", norm_bias=True, ffn="mlp", activation="gelu_tanh", position="alibi",
+                        n_kv_heads=4, qkv_bias=True, out_bias=True, ffn_bias=True, embed_norm=True),
+    "alibi, sliding, gqa": dict(position="alibi", pattern=("sliding",), window=5, n_heads=6, d_model=48),
 }
 
 
@@ -93,7 +96,7 @@ def test_two_threads_and_the_threaded_attention_match(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["gqa", "sliding", "learned positions"])
+@pytest.mark.parametrize("case", ["gqa", "sliding", "learned positions", "bloom style"])
 def test_padded_batches_match(case, monkeypatch):
     """Rows of different lengths, left-padded: each row attends to its own real keys only; a mask with a hole in
     the middle, a new token masked out, and a row with no real key at all (it then sees every key, as the eager
@@ -205,7 +208,7 @@ def test_hooks_swapped_modules_and_changed_weights_are_seen(monkeypatch):
 def test_layers_it_does_not_compute_keep_the_eager_path(monkeypatch):
     spy = Spy(monkeypatch)
     for over in (dict(norm="rmsnorm_zero"), dict(activation="quick_gelu"), dict(norm_placement="post"),
-                 dict(rope=RopeConfig(fraction=0.5)), dict(position="alibi")):
+                 dict(rope=RopeConfig(fraction=0.5)), dict(position="relative")):
         model = model_for(**over)
         pack_weights(model)
         _one_step(model, monkeypatch)

@@ -1,21 +1,22 @@
 /* llmarch: one decoder layer of a decode step (one new token per row) in one call, fp32 activations, where the
  * eager step runs ~40 torch ops and 4 kernel calls per layer (llmarch.nn.fused_decode says which layers qualify).
  *
- * llmarch_decode_layer(L, x, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride): a
+ * llmarch_decode_layer(L, x, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride, alibi): a
  * pre-norm block of grouped-query attention and an FFN, x [B, D] the residual stream (updated in place):
  *   h = norm1(x); qkv = h W_qkv^T + b; q, k rotated (half-split RoPE over the whole head, when cos is not NULL);
  *   k, v written to slot `slot` of each row's cache (kbuf / vbuf [B, G, cap, Dh]); each query head attends to
  *   slots [first, slot] of its kv head (head h reads kv head h / (H / G)), those of row b whose byte in
- *   valid[b * valid_stride + j - first] is nonzero (valid NULL: all; none nonzero: all); x += attn W_out^T + b;
+ *   valid[b * valid_stride + j - first] is nonzero (valid NULL: all; none nonzero: all), each score q.k * scale
+ *   plus -(alibi[h] * (slot - j)) where alibi (ALiBi's per-head slopes) is not NULL; x += attn W_out^T + b;
  *   h = norm2(x); x += act(h W_up^T + b) W_down^T + b, or for a gated FFN (act(gate) * up) W_down^T + b with
  *   [gate | up] = h W_up^T + b; or, where L->moe is set, x += the mixture of experts over h (ffn.c).
  * Norms: RMSNorm (rows.c's, the mean of squares summed in double) or LayerNorm (mean and variance in double, then
  * (x - mean) * rstd * w + b in fp32). Products: gemv.c's (fp32, int8 or bf16 weights in its blocked layout). The
  * rotation: rows.c's (the bits of llmarch.nn.rope's torch form); the FFN half: ffn.c. Attention: scores q.k *
  * scale in fp32, softmax with the maximum subtracted, exp by a polynomial within 2 ulp of expf, the weighted sum of
- * values divided by the weights' sum last, as a flash kernel does. Activations: silu(g) = g / (1 + exp(-g)), the tanh GELU through
- * exp(-2|u|), relu, the erf GELU with erff. Summation order and exp's last bits aside, torch's values (the tests
- * hold logits to the eager step's at 1e-5).
+ * values divided by the weights' sum last, as a flash kernel does. Activations (ffn.c): silu(g) = g / (1 +
+ * exp(-g)), the tanh GELU through exp(-2|u|), relu, the erf GELU with erff. Summation order and exp's last bits
+ * aside, torch's values (the tests hold logits to the eager step's at 1e-5).
  */
 #include "gemv.c"
 #include "rows.c"
@@ -54,7 +55,7 @@ static inline void dot4(const float *q, const float *k, int64_t Dh, float *out) 
 /* One query head q [Dh] over S keys / values (rows of Dh, stride Dh) -> o [Dh]; p: S floats of scratch. valid
  * (S bytes, or NULL: all) marks the keys it may see; with none visible it sees all (as the eager mask does). */
 static void attend_one(const float *q, const float *k, const float *v, const uint8_t *valid, int64_t S,
-                       int64_t Dh, float scale, float *p, float *o) {
+                       int64_t Dh, float scale, const float *slope, float *p, float *o) {
   int any = valid == NULL;
   for (int64_t j = 0; j < S; j++) any |= valid && valid[j];
   if (!any) valid = NULL;
@@ -64,7 +65,7 @@ static void attend_one(const float *q, const float *k, const float *v, const uin
   for (; j < S; j++) p[j] = dot(q, k + j * Dh, Dh);
   float m = -INFINITY;
   for (j = 0; j < S; j++) {
-    p[j] = valid && !valid[j] ? -INFINITY : p[j] * scale;
+    p[j] = valid && !valid[j] ? -INFINITY : slope ? p[j] * scale + -(*slope * (float)(S - 1 - j)) : p[j] * scale;
     m = p[j] > m ? p[j] : m;
   }
   j = 0;
@@ -129,7 +130,7 @@ static void norm(const layer_t *L, const float *x, const float *w, const float *
 
 void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, float *vbuf, int64_t cap,
                           int64_t first, int64_t slot, const float *cos, const float *sin, int64_t cos_stride,
-                          const uint8_t *valid, int64_t valid_stride) {
+                          const uint8_t *valid, int64_t valid_stride, const float *alibi) {
   const int64_t D = L->D, H = L->H, G = L->G, Dh = L->Dh, F = L->F, W = (H + 2 * G) * Dh, S = slot + 1 - first;
   float *h = malloc(sizeof(float) * B * (D > F ? D : F)), *qkv = malloc(sizeof(float) * B * W);
   float *rot = malloc(sizeof(float) * B * (H + G) * Dh), *att = malloc(sizeof(float) * B * H * Dh);
@@ -151,7 +152,7 @@ void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, fl
     const int64_t b = bh / H, hd = bh % H, g = hd / (H / G), base = ((b * G + g) * cap + first) * Dh;
     float *p = malloc(sizeof(float) * (S + 8));
     attend_one(rot + (b * (H + G) + hd) * Dh, kbuf + base, vbuf + base, valid ? valid + b * valid_stride : NULL, S,
-               Dh, L->scale, p, att + bh * Dh);
+               Dh, L->scale, alibi ? alibi + hd : NULL, p, att + bh * Dh);
     free(p);
   }
   product(&L->out, att, y, B, D, H * Dh);

@@ -91,12 +91,12 @@ def _check(fn) -> bool:
                    *[_Product(b.data.data_ptr(), None, None, 0) for b in blocked], None)
     got = x.clone()
     fn(ctypes.byref(layer), got.data_ptr(), B, kbuf.data_ptr(), vbuf.data_ptr(), cap, 0, n, cos.data_ptr(),
-       sin.data_ptr(), Dh, None, 0)
+       sin.data_ptr(), Dh, None, 0, None)
     return all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in
                [(got, want), (kbuf[:, :, :n + 1], k), (vbuf[:, :, :n + 1], v)])
 
 
 _ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
-         + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64])  # llmarch_decode_layer's
+         + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])  # its args
 _KERNEL = native.Kernel("decode", "llmarch_decode_layer", _ARGS, _check)
 available, reset = _KERNEL.available, _KERNEL.reset

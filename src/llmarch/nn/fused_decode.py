@@ -14,7 +14,7 @@ A stack qualifies when every layer is
   :class:`~llmarch.infer.quantize.Int8Linear`.
 A call qualifies with fp32 CPU activations, at most ``llmarch.native.decode.MAX_ROWS`` rows, no gradient, eval
 mode, no autocast or compilation, no documents, global tokens or encoder memory (a padding mask is served),
-positions that add no score bias and rotate whole heads (or not at all), a plain
+positions that add no score bias but ALiBi's and rotate whole heads (or not at all), a plain
 :class:`~llmarch.nn.cache.KVCache` already holding every layer, and no forward hook on a module the eager layers
 would call.
 
@@ -43,7 +43,7 @@ from llmarch.nn.ffn import GLU, MLP
 from llmarch.nn.moe import MoE
 from llmarch.nn.norm import LayerNorm, RMSNorm
 from llmarch.nn.patterns import Dense, Sliding
-from llmarch.nn.position import PositionScheme
+from llmarch.nn.position import AlibiPositions, PositionScheme
 from llmarch.nn.rope import NoRotation, Rotation
 
 # stack -> its plan, or the (packed-copy generation, modules) at which it was found not eligible: looked at again
@@ -142,7 +142,7 @@ class _Plan:
     def __init__(self, stack: nn.Module, layers: list):
         self.layers = weakref.ref(stack.layers)
         self.records = [(ctypes.addressof(r[0]), r[1], r[2]) for r in layers]
-        self.head_dim = layers[0][0].Dh
+        self.head_dim, self.heads = layers[0][0].Dh, {r[0].H for r in layers}
         self.keep = [(r[0], r[6]) for r in layers]  # the records (their addresses are passed)
         self.moe = [stack.layers[i].ffn for i, r in enumerate(layers) if r[6] is not None]
         self.tensors = [t for r in layers for t in r[3]]
@@ -190,7 +190,7 @@ def _call_fits(stack: nn.Module, x: torch.Tensor, ctx, cache) -> bool:
             and x.dtype == torch.float32 and x.device.type == "cpu" and type(x) is torch.Tensor
             and x.shape[0] <= native_decode.MAX_ROWS and ctx.document_ids is None
             and ctx.global_mask is None and ctx.memory is None and not torch.is_grad_enabled()
-            and type(ctx.positions).score_bias is PositionScheme.score_bias
+            and (type(ctx.positions).score_bias is PositionScheme.score_bias or type(ctx.positions) is AlibiPositions)
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
             and not _torch_module._has_any_global_hook() and native_decode.enabled())
 
@@ -212,6 +212,9 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
         stride = plan.head_dim if cos.shape[0] == B else 0
     elif type(rot) is not NoRotation:
         return None
+    alibi = ctx.positions.slopes if type(ctx.positions) is AlibiPositions else None  # [H] fp32
+    if alibi is not None and (not _fp32(alibi) or plan.heads != {alibi.numel()}):
+        return None
     for _, idx, _ in plan.records:
         k = cache.k.get(idx)
         if k is None or k.dtype != torch.float32 or k.shape[0] != B:
@@ -228,7 +231,7 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
         bk, bv, off, n = cache.reserve(idx, 1, torch.float32)
         vp = None if valid is None else valid.data_ptr() + cache.start[idx]  # the flags of the first key kept
         fn(record, h.data_ptr(), B, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n, cp, sp, stride, vp,
-           0 if valid is None else valid.shape[1])
+           0 if valid is None else valid.shape[1], None if alibi is None else alibi.data_ptr())
         cache.written(idx, 1, lookback)
     fused_moe.forget_routing(plan.moe)
     return h.view(B, 1, D)
