@@ -18,8 +18,6 @@ import torch
 from torch import nn
 
 from llmarch.native import decode as native_decode
-from llmarch.infer.int8_experts import Int8Experts
-from llmarch.infer.quantize import Int8Linear
 from llmarch.native import fp32 as native_fp32
 from llmarch.native import int8 as native_int8
 from llmarch.nn import dense
@@ -38,12 +36,21 @@ def _plain(m: nn.Module, rows: int | None = None) -> torch.Tensor | None:
     return w if ok else None
 
 
+def _int8_types():
+    # imported when first needed: llmarch.infer imports llmarch.model, which imports this module
+    from llmarch.infer.int8_experts import Int8Experts
+    from llmarch.infer.quantize import Int8Linear
+
+    return Int8Experts, Int8Linear
+
+
 def _gated(bank: nn.Module) -> bool:
-    return type(bank) is GLUExperts or (type(bank) is Int8Experts and bank.gated)
+    return type(bank) is GLUExperts or (type(bank) is _int8_types()[0] and bank.gated)
 
 
-def _int8_bank(bank: Int8Experts):
+def _int8_bank(bank: nn.Module):
     """(up, down) ctypes arrays of an int8 bank's expert products (their blocked copies), and its tensors."""
+    Int8Linear = _int8_types()[1]
     if not native_int8.available():
         return None
     arrays, tensors = [], []
@@ -59,9 +66,10 @@ def _int8_bank(bank: Int8Experts):
 
 def _bank(bank: nn.Module):
     """(up, down) ctypes arrays of the bank's E expert products, and the bank's tensors; or None."""
-    if type(bank) not in (GLUExperts, MLPExperts, Int8Experts) or bank.activation not in native_decode.ACTIVATIONS:
+    int8 = type(bank) is _int8_types()[0]
+    if (type(bank) not in (GLUExperts, MLPExperts) and not int8) or bank.activation not in native_decode.ACTIVATIONS:
         return None
-    if type(bank) is Int8Experts:
+    if int8:
         return _int8_bank(bank)
     weights = (bank.gate_up if type(bank) is GLUExperts else bank.up, bank.down)
     arrays = []
