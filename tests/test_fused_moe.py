@@ -17,7 +17,9 @@ from llmarch.infer.int8_experts import Int8Experts
 from llmarch.infer.layout import pack_weights
 from llmarch.infer.quantize import quantize
 from llmarch import lora
-from llmarch.nn import fused_decode
+from llmarch.native import decode as native_decode
+from llmarch.native import fp32 as native_fp32
+from llmarch.nn import fused_decode, fused_moe
 from llmarch.nn.router import Router
 
 from tests.decode_util import Spy, check_steps, generate_both
@@ -129,3 +131,79 @@ def test_what_it_does_not_serve_keeps_the_eager_layers(monkeypatch):
     _one_step(adapted, monkeypatch)
     assert spy.steps == 2
     assert fused_decode._PLANS  # the plain model's plan is still held
+
+
+class ForwardSpy:
+    """Counts the MoE forwards llmarch.nn.fused_moe.forward served."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        real = fused_moe.forward
+
+        def forward(*a):
+            out = real(*a)
+            self.calls += out is not None
+            return out
+
+        monkeypatch.setattr(fused_moe, "forward", forward)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2-moe", "groups, norm, scale", "switch, mlp experts"])
+@pytest.mark.parametrize("N", [1, 16, 128])
+def test_native_moe_forward_and_its_routing_are_the_eager_ones(case, N, monkeypatch):
+    """An MoE layer's inference forward over up to the native row limit (a prefill, or a decode step in a stack
+    whose attention is not native) runs in one native call, and records the routing the eager forward records."""
+    moe = moe_model(**CASES[case]).decoder.layers[0].ffn
+    pack_weights(moe)
+    x = torch.randn(1, N, BASE["d_model"], generator=torch.Generator().manual_seed(N))
+    results = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
+        spy = ForwardSpy(monkeypatch)
+        with torch.no_grad():
+            results.append((moe(x), moe.last_routing[0], moe.aux_loss))
+    assert spy.calls == 1
+    (want, want_route, want_aux), (got, got_route, got_aux) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_route.experts, want_route.experts)
+    for name in ("logits", "probs", "weights"):
+        torch.testing.assert_close(getattr(got_route, name), getattr(want_route, name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_aux, want_aux, rtol=1e-5, atol=1e-6)
+
+
+def test_native_moe_forward_stands_aside(monkeypatch):
+    moe = moe_model(n_experts=4, top_k=2).decoder.layers[0].ffn
+    x = torch.randn(1, 8, BASE["d_model"])
+    spy = ForwardSpy(monkeypatch)
+    with torch.no_grad():
+        moe(x)  # banks not packed
+        pack_weights(moe)
+        moe(torch.randn(1, native_fp32.MAX_ROWS + 1, BASE["d_model"]))  # more rows than the kernel takes
+        for hooked in (moe.router, moe.dropout, moe.experts):  # a hook on a module the eager forward calls
+            handle = hooked.register_forward_hook(lambda *a: None)
+            moe(x)
+            handle.remove()
+    moe(x)  # a gradient wanted
+    moe.train()
+    with torch.no_grad():
+        moe(x)
+    assert spy.calls == 0
+    moe.eval()
+    with torch.no_grad():
+        moe(x)
+    assert spy.calls == 1
+
+
+def test_latent_attention_moe_model_decodes_with_native_experts(monkeypatch):
+    """DeepSeek-V2 style: latent attention keeps the eager layers; its MoE layers (shared experts, group-limited
+    routing) run natively in every step."""
+    model = llmarch.build(llmarch.preset("deepseek-v2-tiny")).eval()
+    pack_weights(model)
+    spy = ForwardSpy(monkeypatch)
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    want, got, decode_spy = generate_both(model, ids, 6, monkeypatch)
+    assert torch.equal(got, want) and decode_spy.steps == 0 and spy.calls > 0
+
+
+def test_moe_kernel_passes_its_self_check():
+    assert native_decode.MOE_KERNEL.available()

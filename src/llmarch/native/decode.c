@@ -159,7 +159,7 @@ void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, fl
   for (int64_t i = 0; i < B * D; i++) x[i] = x[i] + y[i];
   norm(L, x, L->norm2, L->norm2_bias, L->eps2, h, B);
   if (L->moe != NULL) {
-    moe_ffn(L->moe, h, y, B, D);
+    moe_ffn(L->moe, h, y, B, D, NULL, NULL, NULL);
   } else {
     product(&L->up, h, gu, B, L->gated ? 2 * F : F, D);
     activate(L->act, L->gated, F, gu, h, B);
@@ -167,4 +167,10 @@ void llmarch_decode_layer(const layer_t *L, float *x, int64_t B, float *kbuf, fl
   }
   for (int64_t i = 0; i < B * D; i++) x[i] = x[i] + y[i];
   free(h), free(qkv), free(rot), free(att), free(gu), free(y);
+}
+
+/* The mixture-of-experts FFN alone over B rows (ffn.c's moe_ffn): y [B, D] from h [B, D], and the routing. */
+void llmarch_moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t D, float *logits,
+                     int64_t *experts, float *weights) {
+  moe_ffn(M, h, y, B, D, logits, experts, weights);
 }

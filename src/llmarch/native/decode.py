@@ -99,4 +99,44 @@ def _check(fn) -> bool:
 _ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3
          + [ctypes.c_void_p] * 2 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p])  # its args
 _KERNEL = native.Kernel("decode", "llmarch_decode_layer", _ARGS, _check)
-available, reset = _KERNEL.available, _KERNEL.reset
+available = _KERNEL.available
+
+
+def _check_moe(fn) -> bool:
+    """A small mixture (4 experts, 2 per row, topk_softmax, gated silu experts) against torch ops."""
+    from llmarch.native import fp32 as native_fp32
+
+    if not native_fp32.available():
+        return False
+    g = torch.Generator().manual_seed(1)
+    B, D, F, E, K = 3, 16, 12, 4, 2
+    h, router = torch.randn(B, D, generator=g), torch.randn(E, D, generator=g)
+    ups = [torch.randn(2 * F, D, generator=g) / D ** 0.5 for _ in range(E)]
+    downs = [torch.randn(D, F, generator=g) / F ** 0.5 for _ in range(E)]
+    logits = h @ router.T
+    top, experts = logits.topk(K, -1)
+    weights, want = top.softmax(-1), torch.zeros(B, D)
+    for b in range(B):
+        for k in range(K):
+            gate, up = (h[b] @ ups[experts[b, k]].T).chunk(2)
+            want[b] += weights[b, k] * ((torch.nn.functional.silu(gate) * up) @ downs[experts[b, k]].T)
+    blocked = [native_fp32.Blocked(w) for w in ups + downs]
+    arrays = [(_Product * E)(*[_Product(b.data.data_ptr(), None, None, 0) for b in half])
+              for half in (blocked[:E], blocked[E:])]
+    moe = _Moe(E, K, F, 1, 0, 0, 1, 0, 1.0, router.data_ptr(), None, *[ctypes.addressof(a) for a in arrays], 0, 0,
+               _Product(), _Product(), None)
+    y, lg, ex, wt = torch.empty(B, D), torch.empty(B, E), torch.empty(B, K, dtype=torch.long), torch.empty(B, K)
+    fn(ctypes.byref(moe), h.data_ptr(), y.data_ptr(), B, D, lg.data_ptr(), ex.data_ptr(), wt.data_ptr())
+    return torch.equal(ex, experts) and all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                                            for a, b in [(y, want), (lg, logits), (wt, weights)])
+
+
+# llmarch_moe_ffn(moe, h, y, rows, D, logits, experts, weights): one MoE FFN over many rows, with its routing
+MOE_KERNEL = native.Kernel("decode", "llmarch_moe_ffn", [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+                           + [ctypes.c_void_p] * 3, _check_moe)
+
+
+def reset() -> None:
+    """Forget both functions and the libraries (tests flip ``LLMARCH_NATIVE``)."""
+    _KERNEL.reset()
+    MOE_KERNEL.reset()

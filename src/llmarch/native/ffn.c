@@ -176,14 +176,21 @@ static void route(const moe_t *M, const float *h, int64_t D, float *logits, floa
     for (int64_t k = 0; k < K; k++) w[k] *= M->scale;
 }
 
-/* y [B, D] = the mixture's output for h [B, D] (see the file's comment). */
-static void moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t D) {
+/* y [B, D] = the mixture's output for h [B, D] (see the file's comment); where not NULL, each row's routing is
+ * written out too: logits [B, E], experts [B, K] and their weights [B, K], in the router's order. */
+static void moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t D, float *logits_out,
+                    int64_t *experts_out, float *weights_out) {
   const int64_t E = M->E, K = M->K, F = M->F, Fs = M->shared_F, Fm = F > Fs ? F : Fs;
   float *logits = malloc(sizeof(float) * 2 * E), *w = malloc(sizeof(float) * B * K), *wr = malloc(sizeof(float) * B);
   int64_t *idx = malloc(sizeof(int64_t) * B * K), *rows = malloc(sizeof(int64_t) * B);
   float *xe = malloc(sizeof(float) * B * D), *ye = malloc(sizeof(float) * B * D);
   float *gu = malloc(sizeof(float) * B * 2 * Fm), *mid = malloc(sizeof(float) * B * Fm);
-  for (int64_t b = 0; b < B; b++) route(M, h + b * D, D, logits, logits + E, idx + b * K, w + b * K);
+  for (int64_t b = 0; b < B; b++) {
+    route(M, h + b * D, D, logits, logits + E, idx + b * K, w + b * K);
+    if (logits_out) memcpy(logits_out + b * E, logits, sizeof(float) * E);
+  }
+  if (experts_out) memcpy(experts_out, idx, sizeof(int64_t) * B * K);
+  if (weights_out) memcpy(weights_out, w, sizeof(float) * B * K);
   memset(y, 0, sizeof(float) * B * D);
   for (int64_t e = 0; e < E; e++) {
     int64_t n = 0;

@@ -13,9 +13,11 @@ the routing: it clears the layer's ``last_routing`` (read by training statistics
 from __future__ import annotations
 
 import ctypes
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
@@ -24,8 +26,10 @@ from llmarch.nn import dense
 from llmarch.nn.dispatch import Dropless
 from llmarch.nn.experts import GLUExperts, MLPExperts
 from llmarch.nn.ffn import GLU
-from llmarch.nn.moe import GatedSharedExperts, MoE, SharedExperts
-from llmarch.nn.router import ROUTERS
+from llmarch.nn.router import ROUTERS, Routing
+
+if TYPE_CHECKING:  # llmarch.nn.moe imports this module
+    from llmarch.nn.moe import MoE
 
 
 def _plain(m: nn.Module, rows: int | None = None) -> torch.Tensor | None:
@@ -34,6 +38,12 @@ def _plain(m: nn.Module, rows: int | None = None) -> torch.Tensor | None:
     ok = (type(m) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
           and (rows is None or w.shape[0] == rows))
     return w if ok else None
+
+
+def _moe_module():
+    from llmarch.nn import moe  # it imports this module
+
+    return moe
 
 
 def _int8_types():
@@ -89,11 +99,12 @@ def _shared(f: MoE, dense_ffn):
     s = f.shared
     if s is None:
         return 0, False, [native_decode._Product()] * 2, None, [], [], []
-    parts = dense_ffn(s.ffn) if type(s) in (SharedExperts, GatedSharedExperts) else None
+    gated = type(s) is _moe_module().GatedSharedExperts
+    parts = dense_ffn(s.ffn) if type(s) is _moe_module().SharedExperts or gated else None
     if parts is None or s.ffn.activation != f.experts.activation:
         return None
-    gate = _plain(s.gate, 1) if type(s) is GatedSharedExperts else None
-    if type(s) is GatedSharedExperts and (gate is None or s.gate.bias is not None):
+    gate = _plain(s.gate, 1) if gated else None
+    if gated and (gate is None or s.gate.bias is not None):
         return None
     products, tensors, edges, called = parts
     edges = edges + [(s, "ffn", s.ffn)] + ([(s, "gate", s.gate)] if gate is not None else [])
@@ -127,6 +138,30 @@ def record(f: MoE, dense_ffn):
              (f, "shared", f.shared)] + shared_edges
     called = [f, f.dropout, r, r.proj, f.capacity, *b.modules()] + shared_called
     return (moe, up, down), tensors, edges, called
+
+
+def forward(f: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
+    """``f`` over x [N, D] (fp32, CPU, no gradient, eval mode; N at most the native kernel's row limit, so no
+    expert gets more rows than the kernel takes) in one native call, with the routing the eager forward records
+    (its logits, probabilities, weights and experts); or None where it does not serve (run it eagerly).
+    ``LLMARCH_FUSED_DECODE=0`` turns this off with the decode layers."""
+    if (f.training or torch.is_grad_enabled() or type(x) is not torch.Tensor or x.dtype != torch.float32
+            or x.device.type != "cpu" or x.shape[0] > native_fp32.MAX_ROWS or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled("cpu") or _torch_module._has_any_global_hook() or not native_decode.enabled()
+            or not native_decode.MOE_KERNEL.available()):
+        return None
+    from llmarch.nn.fused_decode import _dense_ffn
+
+    found = record(f, _dense_ffn)
+    if found is None or any(m._forward_hooks or m._forward_pre_hooks for m in found[3][1:]):  # [0]: f, running
+        return None
+    (N, D), E, K = x.shape, f.moe.n_experts, f.router.top_k
+    x = x.contiguous()
+    y, logits, weights = torch.empty(N, D), torch.empty(N, E), torch.empty(N, K)
+    experts = torch.empty(N, K, dtype=torch.long)
+    native_decode.MOE_KERNEL.fn()(ctypes.addressof(found[0][0]), x.data_ptr(), y.data_ptr(), N, D, logits.data_ptr(),
+                                  experts.data_ptr(), weights.data_ptr())
+    return y, Routing(logits, logits.softmax(-1), weights, experts)
 
 
 def forget_routing(layers: list) -> None:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmarch.moe_config import MoEConfig
+from llmarch.nn import fused_moe
 from llmarch.nn.dispatch import DISPATCHERS, CapacityLimit, Dropless
 from llmarch.nn.experts import EXPERTS
 from llmarch.nn.ffn import FFNS
@@ -74,12 +75,16 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        route = self.router(flat)
-        keep = self.capacity(route.experts.view(B, T, -1))  # [B, T, K] bool, or None when dropless
-        keep = keep.reshape(B * T, -1) if keep is not None else None
-        y = self.dispatch(flat, route.experts, route.weights, keep, self.experts)  # [N, D]
-        if self.shared is not None:
-            y = y + self.shared(flat)
+        native = fused_moe.forward(self, flat)  # inference on CPU: routing and experts in one native call
+        if native is not None:
+            (y, route), keep = native, None
+        else:
+            route = self.router(flat)
+            keep = self.capacity(route.experts.view(B, T, -1))  # [B, T, K] bool, or None when dropless
+            keep = keep.reshape(B * T, -1) if keep is not None else None
+            y = self.dispatch(flat, route.experts, route.weights, keep, self.experts)  # [N, D]
+            if self.shared is not None:
+                y = y + self.shared(flat)
         self._aux = route  # the auxiliary losses are computed when first read (inference never reads them)
         self.last_routing = (Routing(route.logits.detach(), route.probs.detach(), route.weights.detach(),
                                      route.experts), keep)
