@@ -11,7 +11,9 @@ rows skip llmarch's ``loop``, ``padded`` and ``grouped`` dispatchers, which run 
 
 The llmarch layers and the dense FFN are packed for inference first, as ``llmarch.generate`` packs a model
 (``llmarch.infer.layout.pack_weights``): the forward rows (no gradient) run on the packed copies, forward +
-backward cannot; "llmarch auto (unpacked)" is the same layer without them.
+backward cannot; "llmarch auto (unpacked)" is the same layer without them. Over packed copies and up to the
+native row limit, ``auto``'s forward is one native call (``llmarch.nn.fused_moe.forward``); "llmarch auto, torch
+ops" is the same layer with that call set aside (``LLMARCH_FUSED_DECODE=0``).
 
 The process reuses freed host memory (``llmarch.nn.device.reuse_host_memory``), as ``llmarch train`` does on the
 CPU, for every implementation alike: with glibc's defaults (``--default-malloc``) each forward + backward maps its
@@ -24,6 +26,8 @@ writes benchmarks/results/moe.json.
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import statistics
 import time
 
@@ -80,6 +84,8 @@ def make_layers(dtype: torch.dtype, only: set[str] | None = None) -> dict[str, t
         for p in dense.parameters():
             p.normal_(0.0, 0.02)
     layers["dense swiglu F=2048"] = dense
+    if "llmarch auto" in layers and (only is None or "llmarch auto, torch ops" in only):  # native forward off
+        layers["llmarch auto, torch ops"] = copy.deepcopy(layers["llmarch auto"])
     if only is None or "llmarch auto (unpacked)" in only:
         plain = MoE(D, F, "silu", moe=MoEConfig(n_experts=E, top_k=K))
         plain.load_state_dict(ours.state_dict())
@@ -91,12 +97,21 @@ def make_layers(dtype: torch.dtype, only: set[str] | None = None) -> dict[str, t
     return layers
 
 
-def runner(layer: torch.nn.Module, x: torch.Tensor, backward: bool):
+def runner(layer: torch.nn.Module, x: torch.Tensor, backward: bool, torch_ops: bool = False):
     grad = torch.randn_like(x)
 
     def fwd():
-        with torch.no_grad():
-            layer(x)
+        saved = os.environ.get("LLMARCH_FUSED_DECODE")
+        if torch_ops:  # routing and experts as torch ops (llmarch.nn.fused_moe.forward set aside)
+            os.environ["LLMARCH_FUSED_DECODE"] = "0"
+        try:
+            with torch.no_grad():
+                layer(x)
+        finally:
+            if torch_ops and saved is None:
+                os.environ.pop("LLMARCH_FUSED_DECODE")
+            elif torch_ops:
+                os.environ["LLMARCH_FUSED_DECODE"] = saved
 
     def fwd_bwd():
         xi = x.detach().requires_grad_()
@@ -108,7 +123,7 @@ def runner(layer: torch.nn.Module, x: torch.Tensor, backward: bool):
 
 def measure(layers, N: int, dtype, backward: bool, repeats: int) -> dict[str, list[float]]:
     x = torch.randn(1, N, D, dtype=dtype)
-    fns = {name: runner(layer, x, backward) for name, layer in layers.items()
+    fns = {name: runner(layer, x, backward, name.endswith("torch ops")) for name, layer in layers.items()
            if not (name == "hf batched_mm" and N > HF_BATCHED_MAX_TOKENS)}
     for fn in fns.values():  # warm-up
         fn()

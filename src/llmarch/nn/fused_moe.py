@@ -1,14 +1,17 @@
-"""The mixture-of-experts FFN of a native decode layer (:mod:`llmarch.nn.fused_decode`; ``ffn.c``'s ``moe_t``):
-routing, the chosen experts over their packed copies, and the shared experts, in the layer's one native call.
+"""A mixture-of-experts FFN in native code (``ffn.c``'s ``moe_t``): routing, the chosen experts over their packed
+or int8 copies, and the shared experts in one call. Two users: a native decode layer
+(:mod:`llmarch.nn.fused_decode`), and :func:`forward`, the MoE layer's own inference forward on the CPU over up to
+the native row limit (a prefill; a decode step of a stack whose attention is not native, e.g. latent attention).
 
 An :class:`~llmarch.nn.moe.MoE` qualifies when every assignment is served (``Dropless``: no capacity limit), its
-router is one of ``llmarch.nn.router``'s four (unsubclassed) with an fp32 ``nn.Linear`` scorer, its bank is a
+dispatcher is ``auto`` (the native call is what it picks; a layer set to a particular dispatcher runs that one),
+its router is one of ``llmarch.nn.router``'s four (unsubclassed) with an fp32 ``nn.Linear`` scorer, its bank is a
 :class:`~llmarch.nn.experts.GLUExperts` or :class:`~llmarch.nn.experts.MLPExperts` of fp32 experts with current
 native blocked copies (``llmarch.infer.layout.pack_weights``; a LoRA-adapted bank is a subclass and does not) or an
-int8 bank (:class:`~llmarch.infer.int8_experts.Int8Experts`, which ``quantize(model, "int8")`` makes), and
-its shared experts, if any, are a GLU or MLP with the same activation whose products the kernel reads (gated by an
-fp32 ``nn.Linear``). The dispatcher does not matter: they all compute the same sum. A native step does not record
-the routing: it clears the layer's ``last_routing`` (read by training statistics) and its auxiliary loss.
+int8 bank (:class:`~llmarch.infer.int8_experts.Int8Experts`, which ``quantize(model, "int8")`` makes), and its
+shared experts, if any, are a GLU or MLP with the same activation whose products the kernel reads (gated by an
+fp32 ``nn.Linear``). :func:`forward` records the routing as the eager forward does; a native decode step does not:
+it clears the layer's ``last_routing`` (read by training statistics) and its auxiliary loss.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
 from llmarch.native import int8 as native_int8
 from llmarch.nn import dense
-from llmarch.nn.dispatch import Dropless
+from llmarch.nn.dispatch import DISPATCHERS, Dropless
 from llmarch.nn.experts import GLUExperts, MLPExperts
 from llmarch.nn.ffn import GLU
 from llmarch.nn.router import ROUTERS, Routing
@@ -121,6 +124,7 @@ def record(f: MoE, dense_ffn):
     router_w = _plain(r.proj, E)
     bias = r.proj.bias if router_w is not None else None
     if (kind is None or type(r) is not ROUTERS[f.moe.router] or router_w is None or type(f.capacity) is not Dropless
+            or f.dispatch is not DISPATCHERS["auto"]
             or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
         return None
     bank, shared = _bank(f.experts), _shared(f, dense_ffn)
