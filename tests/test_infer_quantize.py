@@ -98,6 +98,9 @@ def test_mixture_of_experts_keeps_its_scorers_and_reloads(mode, tmp_path):
     save_quantized(qmodel, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "q")(ids).logits, out)
+    with pytest.raises(ValueError, match="quantized .*save_quantized"):  # not a deep conversion error
+        llmarch.hf.save(qmodel, tmp_path / "hf", model_type="qwen2_moe")
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.parametrize("kind", ["glu", "mlp"])

@@ -125,6 +125,10 @@ def save(model: Model, path: str | os.PathLike, model_type: str | None = None,
     nothing else is touched (:mod:`llmarch.outdir`)."""
     from llmarch.outdir import check_out_dir, staged_dir
 
+    if getattr(model, "quantization", None):
+        raise ValueError(f"hf.save: the model is quantized ({model.quantization['mode']}), which transformers' "
+                         "checkpoints do not hold; save it with llmarch.infer.save_quantized, or save the "
+                         "full-precision model")
     check_out_dir(path, overwrite)
     fam = pick_family(model, model_type)
     cfg = model.config
