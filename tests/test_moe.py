@@ -250,3 +250,12 @@ def test_upcycle_refuses_routers_that_would_not_start_equal():
         llmarch.upcycle(dense, MoEConfig(router="softmax_topk"))
     with pytest.raises(ValueError, match=r"moe.expert_ffn"):
         llmarch.upcycle(dense, MoEConfig(expert_ffn="mlp"))
+
+
+@pytest.mark.parametrize("capacity", [None, 1.0])
+def test_no_tokens_give_an_empty_output_under_every_dispatcher(capacity):
+    """A [B, 0, D] input (reshaping its routing by -1 was ambiguous, and raised)."""
+    for name in DISPATCHERS.names():
+        m = MoE(16, 8, "silu", moe=MoEConfig(n_experts=4, top_k=2, dispatch=name, capacity_factor=capacity)).eval()
+        with torch.no_grad():
+            assert m(torch.randn(2, 0, 16)).shape == (2, 0, 16)

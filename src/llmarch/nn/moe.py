@@ -80,8 +80,9 @@ class MoE(nn.Module):
             (y, route), keep = native, None
         else:
             route = self.router(flat)
-            keep = self.capacity(route.experts.view(B, T, -1))  # [B, T, K] bool, or None when dropless
-            keep = keep.reshape(B * T, -1) if keep is not None else None
+            K = route.experts.shape[-1]
+            keep = self.capacity(route.experts.view(B, T, K))  # [B, T, K] bool, or None when dropless
+            keep = keep.reshape(B * T, K) if keep is not None else None
             y = self.dispatch(flat, route.experts, route.weights, keep, self.experts)  # [N, D]
             if self.shared is not None:
                 y = y + self.shared(flat)
