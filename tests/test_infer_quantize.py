@@ -132,6 +132,19 @@ def test_int8_expert_banks_are_the_dequantized_banks_under_every_dispatcher(kind
             torch.testing.assert_close(moe(x), want, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_quantized_latent_attention_decodes_like_its_full_forward():
+    """Latent attention's absorbed decode reads its up-projection as a matrix: quantized, it uses the dequantized
+    one (it read ``.weight`` and raised), so a cached step gives the full forward's last logits."""
+    torch.manual_seed(0)
+    model = quantize(llmarch.build(llmarch.preset("deepseek-v2-tiny")).eval(), "int8")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(ids[:, :5], cache=cache)
+        step = model(ids[:, 5:], cache=cache).logits[:, -1]
+        torch.testing.assert_close(step, model(ids).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_int4_skips_layers_its_groups_do_not_fit(caplog):
     model = llmarch.build(CFG.replace(d_ff=96))  # ffn.down has 96 inputs: not a multiple of 64
     quantize(model, "int4", group_size=64)

@@ -99,7 +99,9 @@ class LatentAttention(nn.Module):
     def _absorbed(self, q_nope, q_rope, latent, k_rope, ctx, k_start):
         """Score against the latent itself: q_C W_UK^T [B, H, T, R]; one shared key/value head (MQA) of width
         R + Dr over the cache; W_UV applied to the attended latent [B, H, T, R] afterwards."""
-        w = self.kv_up.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        up = self.kv_up  # a quantized projection (llmarch.infer.quantize) holds no float weight: its dequantized one
+        w = up.weight if hasattr(up, "weight") else up.dequantize().to(q_nope.dtype)
+        w = w.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # [H, Dn, R], [H, Dv, R]
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
         y_latent = self._run(torch.cat([q_latent, q_rope], dim=-1), torch.cat([latent, k_rope], dim=-1), latent,
