@@ -55,13 +55,22 @@ def _mixtral():
     return c.replace(moe=dataclasses.replace(c.moe, n_experts=8, top_k=2))
 
 
+def _deepseek():
+    c = llmarch.preset("deepseek-v2-tiny")
+    return c.replace(d_model=512, n_layers=8, n_heads=8, d_ff=1376, vocab_size=8192, max_seq_len=2048,
+                     mla=dataclasses.replace(c.mla, kv_lora_rank=128, q_lora_rank=192, qk_rope_head_dim=32,
+                                             qk_nope_head_dim=32, v_head_dim=64),
+                     moe=dataclasses.replace(c.moe, n_experts=16, top_k=4, d_ff=344))
+
+
 CONFIGS = {
     "gpt2": lambda: llmarch.preset("gpt2"),
     "llama": lambda: llmarch.preset("llama-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
                                                           d_ff=1376, vocab_size=8192, max_seq_len=2048),
     "mixtral": _mixtral,  # the LLaMA-style model with 8 experts of its FFN's size, 2 per token
+    "deepseek": _deepseek,  # latent attention (eager layers) and fine-grained MoE layers (natively per layer)
 }
-HF_TYPE = {"gpt2": "gpt2", "llama": "llama", "mixtral": "mixtral"}
+HF_TYPE = {"gpt2": "gpt2", "llama": "llama", "mixtral": "mixtral", "deepseek": "deepseek_v2"}
 HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")  # transformers' CPU experts implementations (default first)
 
 
@@ -282,7 +291,7 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
                                                                             compile=True)
             variants["llmarch int8 static + compile"] = lambda: llmarch.generate(int8, ids, N, cache="static",
                                                                                  compile=True)
-        if B == 1:
+        if B == 1 and set(model.config.mixers) == {"attention"}:  # speculative decoding's static cache
             variants["speculative fp32 target, int8 self-draft k=4"] = lambda: speculative_generate(
                 model, int8, ids, N, k=4)
         with torch.no_grad():
