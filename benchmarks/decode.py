@@ -1,7 +1,8 @@
-"""Decode speed: tokens/s at batch 1 and 8 for GPT-2-124M, a LLaMA-style model and (``--models mixtral``) a
-Mixtral-style one, Hugging Face `generate` against llmarch (eager, static cache + torch.compile, int8,
-speculative), each as a fraction of the memory-bandwidth bound (weight bytes streamed per step / measured read
-bandwidth; for the MoE model the experts' bytes are counted at the share of experts a step is expected to hit).
+"""Decode speed: tokens/s at batch 1 and 8 for GPT-2-124M, a LLaMA-style model and (``--models mixtral``,
+``deepseek``) a Mixtral-style and a DeepSeek-V2 style one, Hugging Face `generate` against llmarch (eager, static
+cache + torch.compile, int8, speculative), each as a fraction of the memory-bandwidth bound (weight bytes streamed
+per step / measured read bandwidth; for an MoE model the experts' bytes count at the share a step is expected to
+hit).
 
     PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama] [--no-compile]
     PYTHONPATH=src python benchmarks/decode.py --kernels   # GB/s of each matrix-vector kernel and layout per shape
@@ -11,10 +12,12 @@ Greedy, prompt of 16 tokens, fixed output length; a timed call includes the prom
 like one decode step at these sizes). Random weights: speed does not depend on them (speculative acceptance
 does; see its row). The variants of one batch size run in turns (round-robin, after one warmup each), so load on
 a shared machine hits them alike; ratios are of medians. "llmarch eager" runs each decoder layer of a step in one
-native call where the model qualifies (``llmarch.nn.fused_decode``: all three models here, on packed fp32 or int8
-weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``. For the MoE model transformers
+native call where the model qualifies (``llmarch.nn.fused_decode``; all but the DeepSeek-V2 style model, whose
+latent attention keeps the eager layers while its MoE layers run natively one by one; packed fp32 or int8
+weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``. For an MoE model transformers
 runs each of its CPU experts implementations (``batched_mm`` at batch 1 only: it gathers a weight copy per token
-and expert, 8x slower than ``grouped_mm`` there), and ratios are to the fastest; the compiled variants are left out.
+and expert, 8x slower than ``grouped_mm`` there), and ratios are to the fastest; the compiled variants and
+speculative decoding (its static cache) are left out where they do not apply.
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
 and oneDNN over the row-major and the column-major weight, of oneDNN over its packed weight and of llmarch's
