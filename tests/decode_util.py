@@ -9,18 +9,19 @@ from llmarch.nn import fused_decode
 
 
 class Spy:
-    """Counts the steps llmarch.nn.fused_decode served."""
+    """Counts the calls of ``module.name`` (default: llmarch.nn.fused_decode.run, the native decode steps) that
+    served, i.e. returned something other than None."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, module=fused_decode, name: str = "run"):
         self.steps = 0
-        real = fused_decode.run
+        real = getattr(module, name)
 
-        def run(*a):
+        def counted(*a):
             y = real(*a)
             self.steps += y is not None
             return y
 
-        monkeypatch.setattr(fused_decode, "run", run)
+        monkeypatch.setattr(module, name, counted)
 
 
 def generate_both(model, ids, n, monkeypatch, **kw):

@@ -133,19 +133,9 @@ def test_what_it_does_not_serve_keeps_the_eager_layers(monkeypatch):
     assert fused_decode._PLANS  # the plain model's plan is still held
 
 
-class ForwardSpy:
+def forward_spy(monkeypatch) -> Spy:
     """Counts the MoE forwards llmarch.nn.fused_moe.forward served."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        real = fused_moe.forward
-
-        def forward(*a):
-            out = real(*a)
-            self.calls += out is not None
-            return out
-
-        monkeypatch.setattr(fused_moe, "forward", forward)
+    return Spy(monkeypatch, fused_moe, "forward")
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2-moe", "groups, norm, scale", "switch, mlp experts"])
@@ -159,10 +149,10 @@ def test_native_moe_forward_and_its_routing_are_the_eager_ones(case, N, monkeypa
     results = []
     for fused in ("0", "1"):
         monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
-        spy = ForwardSpy(monkeypatch)
+        spy = forward_spy(monkeypatch)
         with torch.no_grad():
             results.append((moe(x), moe.last_routing[0], moe.aux_loss))
-    assert spy.calls == 1
+    assert spy.steps == 1
     (want, want_route, want_aux), (got, got_route, got_aux) = results
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got_route.experts, want_route.experts)
@@ -174,7 +164,7 @@ def test_native_moe_forward_and_its_routing_are_the_eager_ones(case, N, monkeypa
 def test_native_moe_forward_stands_aside(monkeypatch):
     moe = moe_model(n_experts=4, top_k=2).decoder.layers[0].ffn
     x = torch.randn(1, 8, BASE["d_model"])
-    spy = ForwardSpy(monkeypatch)
+    spy = forward_spy(monkeypatch)
     with torch.no_grad():
         moe(x)  # banks not packed
         pack_weights(moe)
@@ -187,11 +177,11 @@ def test_native_moe_forward_stands_aside(monkeypatch):
     moe.train()
     with torch.no_grad():
         moe(x)
-    assert spy.calls == 0
+    assert spy.steps == 0
     moe.eval()
     with torch.no_grad():
         moe(x)
-    assert spy.calls == 1
+    assert spy.steps == 1
 
 
 def test_latent_attention_moe_model_decodes_with_native_experts(monkeypatch):
@@ -199,10 +189,10 @@ def test_latent_attention_moe_model_decodes_with_native_experts(monkeypatch):
     routing) run natively in every step."""
     model = llmarch.build(llmarch.preset("deepseek-v2-tiny")).eval()
     pack_weights(model)
-    spy = ForwardSpy(monkeypatch)
+    spy = forward_spy(monkeypatch)
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
     want, got, decode_spy = generate_both(model, ids, 6, monkeypatch)
-    assert torch.equal(got, want) and decode_spy.steps == 0 and spy.calls > 0
+    assert torch.equal(got, want) and decode_spy.steps == 0 and spy.steps > 0
 
 
 def test_moe_kernel_passes_its_self_check():

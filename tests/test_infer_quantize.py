@@ -53,11 +53,12 @@ def test_int4_rounding_and_kernel(group_size):
         Int4Linear(256, 8, group_size=48)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_logits_close_to_fp32_and_reload(mode, tmp_path):
+def quantized_within_tolerance(cfg, mode: str):
+    """A model of ``cfg`` quantized (groups of 32): its logits on a batch stay within TOL of the fp32 model's.
+    Returns (the batch, the quantized model, its logits)."""
     torch.manual_seed(0)
-    model = llmarch.build(CFG).eval()
-    ids = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(1))
+    model = llmarch.build(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(ids).logits
         qmodel = quantize(copy.deepcopy(model), mode, group_size=32)
@@ -65,6 +66,12 @@ def test_quantized_logits_close_to_fp32_and_reload(mode, tmp_path):
     err = (out - ref).abs() / ref.std()
     log.info("%s logits: max rel err %.4f, mean rel err %.4f", mode, err.max(), err.mean())
     assert err.mean() < TOL[mode]["mean"] and err.max() < TOL[mode]["max"]
+    return ids, qmodel, out
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_logits_close_to_fp32_and_reload(mode, tmp_path):
+    ids, qmodel, out = quantized_within_tolerance(CFG, mode)
     assert not any(isinstance(m, nn.Linear) for m in qmodel.modules())
     save_quantized(qmodel, tmp_path / "q")
     again = load_model(tmp_path / "q")
@@ -81,20 +88,12 @@ def test_mixture_of_experts_keeps_its_scorers_and_reloads(mode, tmp_path):
     import dataclasses
 
     c = llmarch.preset("qwen2-moe-tiny").replace(vocab_size=211, d_model=64, n_layers=2, d_ff=64, max_seq_len=64)
-    c = c.replace(moe=dataclasses.replace(c.moe, shared_gate=True, n_shared=1))
-    torch.manual_seed(0)
-    model = llmarch.build(c).eval()
-    ids = torch.randint(0, 211, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(ids).logits
-        qmodel = quantize(copy.deepcopy(model), mode, group_size=32)
-        out = qmodel(ids).logits
+    ids, qmodel, out = quantized_within_tolerance(c.replace(moe=dataclasses.replace(c.moe, shared_gate=True,
+                                                                                  n_shared=1)), mode)
     plain = {name for name, m in qmodel.named_modules() if type(m) is nn.Linear}
     assert plain == {f"decoder.layers.{i}.ffn.{p}" for i in range(2) for p in ("router.proj", "shared.gate")}
     banks = {type(m.ffn.experts).__name__ for m in qmodel.decoder.layers}
     assert banks == ({"Int8Experts"} if mode == "int8" else {"GLUExperts"})  # int4 leaves the banks in fp32
-    err = (out - ref).abs() / ref.std()
-    assert err.mean() < TOL[mode]["mean"] and err.max() < TOL[mode]["max"]
     save_quantized(qmodel, tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "q")(ids).logits, out)

@@ -104,7 +104,7 @@ def _ffn(f: nn.Module):
         if moe is None:
             return None
         bank = f.experts
-        return (bank.d_ff, bank.activation, fused_moe._gated(bank), [native_decode._Product()] * 2, *moe)
+        return (bank.d_ff, bank.activation, fused_moe.gated_bank(bank), [native_decode._Product()] * 2, *moe)
     parts = _dense_ffn(f)
     return None if parts is None else (f.down.in_features, f.activation, type(f) is GLU, parts[0], None, *parts[1:])
 

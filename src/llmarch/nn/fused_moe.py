@@ -57,8 +57,14 @@ def _int8_types():
     return Int8Experts, Int8Linear
 
 
-def _gated(bank: nn.Module) -> bool:
+def gated_bank(bank: nn.Module) -> bool:
+    """Whether an expert bank's experts are gated (GLU: their up product gives [gate | up])."""
     return type(bank) is GLUExperts or (type(bank) is _int8_types()[0] and bank.gated)
+
+
+def _array(products: list[tuple]) -> ctypes.Array:
+    """A ctypes array of ``_Product`` records (weight, scales, bias, kind) the kernel indexes by expert."""
+    return (native_decode._Product * len(products))(*[native_decode._Product(*p) for p in products])
 
 
 def _int8_bank(bank: nn.Module):
@@ -71,8 +77,7 @@ def _int8_bank(bank: nn.Module):
         if any(type(m) is not Int8Linear or m.bias is not None or m.scales.dtype != torch.float32 for m in linears):
             return None
         copies = [native_int8.blocked(m.qweight, m.scales) for m in linears]
-        arrays.append((native_decode._Product * len(copies))(*[native_decode._Product(w.data_ptr(), s.data_ptr(),
-                                                                                       None, 1) for w, s in copies]))
+        arrays.append(_array([(w.data_ptr(), s.data_ptr(), None, 1) for w, s in copies]))
         tensors += [t for m in linears for t in (m.qweight, m.scales)]
     return arrays, tensors
 
@@ -91,8 +96,7 @@ def _bank(bank: nn.Module):
         if not isinstance(copies, list) or not all(isinstance(c, native_fp32.Blocked)
                                                    and c.data.dtype == torch.float32 for c in copies):
             return None
-        arrays.append((native_decode._Product * len(copies))(*[native_decode._Product(c.data.data_ptr(), None, None, 0)
-                                                                  for c in copies]))
+        arrays.append(_array([(c.data.data_ptr(), None, None, 0) for c in copies]))
     return arrays, list(weights)
 
 
@@ -133,7 +137,7 @@ def record(f: MoE, dense_ffn):
     (up, down), bank_tensors = bank
     shared_F, shared_gated, shared_products, gate, shared_tensors, shared_edges, shared_called = shared
     b = f.experts
-    moe = native_decode._Moe(E, r.top_k, b.d_ff, _gated(b), native_decode.ACTIVATIONS[b.activation],
+    moe = native_decode._Moe(E, r.top_k, b.d_ff, gated_bank(b), native_decode.ACTIVATIONS[b.activation],
                              kind, r.n_groups, r.topk_groups or 0, r.scale, router_w.data_ptr(),
                              None if bias is None else bias.data_ptr(), ctypes.addressof(up), ctypes.addressof(down),
                              shared_F, shared_gated, *shared_products, None if gate is None else gate.data_ptr())
