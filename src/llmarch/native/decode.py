@@ -39,7 +39,8 @@ class _Layer(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "Dh", "F", "norm", "act", "gated")]
                 + [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
                 + [(name, ctypes.c_void_p) for name in ("norm1", "norm2", "norm1_bias", "norm2_bias")]
-                + [(name, _Product) for name in ("qkv", "out", "up", "down")] + [("moe", ctypes.c_void_p)])
+                + [(name, _Product) for name in ("qkv", "out", "up", "down")] + [("moe", ctypes.c_void_p)]
+                + [("bf16", ctypes.c_int64)])
 
 
 NORMS = {"RMSNorm": 0, "LayerNorm": 1}  # decode.c's norm kinds, by llmarch.nn.norm class name

@@ -8,7 +8,8 @@
  * (by their highest probability) get probability 0; then topk_softmax: the K largest logits, softmax over them;
  * softmax_topk: the K largest probabilities; softmax_topk_norm: those divided by their sum; switch: the largest
  * probability (K = 1); the weights times scale. Ties go to the lower expert index. Each expert runs once per call
- * over the rows routed to it, so a step streams each chosen expert's weights once.
+ * over the rows routed to it, so a step streams each chosen expert's weights once. Needs gemv.c and rows.c
+ * included before it.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -68,6 +69,22 @@ static inline float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
+/* v rounded to the nearest bf16 (ties to even), as fp32; a NaN stays a NaN. */
+static inline __m256 round8_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)),
+                                     _mm256_set1_epi32((int)0xffff0000u));
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* a[0..n) rounded to bf16 in place (the values a bf16 tensor would hold). */
+static void round_bf16(float *a, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(a + i, round8_bf16(_mm256_loadu_ps(a + i)));
+  for (; i < n; i++) a[i] = from_bf16(to_bf16(a[i]));
+}
+
 /* act(g) (times up, when up is not NULL) for 8 lanes. */
 static inline __m256 act8(int64_t act, __m256 g) {
   const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
@@ -91,8 +108,9 @@ static inline __m256 act8(int64_t act, __m256 g) {
   return _mm256_loadu_ps(v);
 }
 
-/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). */
-static void activate(int64_t act, int64_t gated, int64_t F, const float *h, float *y, int64_t B) {
+/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). bf16: the activation
+ * and the product each rounded to bf16, as torch's bf16 ops round them. */
+static void activate(int64_t act, int64_t gated, int64_t F, const float *h, float *y, int64_t B, int bf16) {
   const int64_t W = gated ? 2 * F : F;
   for (int64_t r = 0; r < B; r++)
     for (int64_t f = 0; f < F; f += 8) {
@@ -100,9 +118,11 @@ static void activate(int64_t act, int64_t gated, int64_t F, const float *h, floa
       const int64_t n = F - f < 8 ? F - f : 8;
       memcpy(g, h + r * W + f, sizeof(float) * n);
       __m256 a = act8(act, _mm256_loadu_ps(g));
+      if (bf16) a = round8_bf16(a);
       if (gated) {
         memcpy(u, h + r * W + F + f, sizeof(float) * n);
         a = _mm256_mul_ps(a, _mm256_loadu_ps(u));
+        if (bf16) a = round8_bf16(a);
       }
       _mm256_storeu_ps(o, a);
       memcpy(y + r * F + f, o, sizeof(float) * n);
@@ -202,14 +222,14 @@ static void moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t
         }
     if (n == 0) continue;
     product(&M->up[e], xe, gu, n, M->gated ? 2 * F : F, D);
-    activate(M->act, M->gated, F, gu, mid, n);
+    activate(M->act, M->gated, F, gu, mid, n, 0);
     product(&M->down[e], mid, ye, n, D, F);
     for (int64_t i = 0; i < n; i++)
       for (int64_t d = 0; d < D; d++) y[rows[i] * D + d] += ye[i * D + d] * wr[i];
   }
   if (Fs > 0) {
     product(&M->shared_up, h, gu, B, M->shared_gated ? 2 * Fs : Fs, D);
-    activate(M->act, M->shared_gated, Fs, gu, mid, B);
+    activate(M->act, M->shared_gated, Fs, gu, mid, B, 0);
     product(&M->shared_down, mid, ye, B, D, Fs);
     for (int64_t b = 0; b < B; b++) {
       const float g = M->shared_gate ? 1.0f / (1.0f + expf(-dot(h + b * D, M->shared_gate, D))) : 1.0f;

@@ -1,0 +1,108 @@
+"""The bf16 native decode layer (llmarch.native.decode with a bf16 record): a bf16 model's decode step in one native
+call per layer, rounding to bf16 wherever the eager bf16 step rounds. Held to the eager bf16 steps it replaces:
+nearly all logits and every cache entry bit-equal (the rest one rounding apart, where summation order flips a
+rounding), greedy tokens identical, across the attention and FFN shapes of test_fused_decode.py and padded batches;
+and standing aside where the eager bf16 step computes something else (torch's own bf16 kernels, autocast, an
+bf16 model without its blocked copies, mixtures of experts)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmarch import native
+from llmarch.infer.layout import pack_weights, unpack_weights
+from llmarch.native import bf16 as native_bf16
+from llmarch.nn import fused_decode, widened
+
+from tests.decode_util import Spy, generate_both, steps
+from tests.test_fused_decode import BASE, CASES, model_for
+
+pytestmark = pytest.mark.skipif(native.library("decode") is None or not native_bf16.available(),
+                                reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
+
+BF16 = torch.bfloat16
+TOL = dict(rtol=2 ** -6, atol=2 ** -6)  # two bf16 roundings of values up to ~2
+
+
+def bf16_model(**over):
+    model = model_for(**over).to(BF16)
+    pack_weights(model)
+    return model
+
+
+def check_bf16_steps(model, ids, n, monkeypatch, exact=0.95):
+    """n native bf16 steps against the eager bf16 ones: all served; at least ``exact`` of the logits and 99 % of the
+    cache bit-equal, the rest within two roundings; the same greedy tokens."""
+    want, want_tokens, want_cache = steps(model, ids, n, False, monkeypatch)
+    spy = Spy(monkeypatch)
+    got, got_tokens, got_cache = steps(model, ids, n, True, monkeypatch)
+    assert spy.steps == n and got.dtype == BF16
+    assert (got == want).float().mean() >= exact
+    torch.testing.assert_close(got.float(), want.float(), **TOL)
+    assert torch.equal(got_tokens, want_tokens)
+    for i in want_cache.k:
+        for a, b in [(got_cache.k[i], want_cache.k[i]), (got_cache.v[i], want_cache.v[i])]:
+            assert a.dtype == BF16 and (a == b).float().mean() >= 0.99
+            torch.testing.assert_close(a.float(), b.float(), **TOL)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bf16_steps_are_the_eager_bf16_steps(case, monkeypatch):
+    model = bf16_model(**CASES[case])
+    ids = torch.randint(0, BASE["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(3))
+    check_bf16_steps(model, ids, 10, monkeypatch)
+
+
+def test_bf16_rounds_where_the_eager_step_rounds(monkeypatch):
+    """The same steps computed without the bf16 roundings (the fp32 model of the bf16 weights) differ from the
+    eager bf16 steps far more than the native bf16 ones do: the roundings are what makes them bit-equal."""
+    model = bf16_model(n_layers=3)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(4))
+    want = steps(model, ids, 6, False, monkeypatch)[0]
+    got = steps(model, ids, 6, True, monkeypatch)[0]
+    wide = steps(model.float(), ids, 6, True, monkeypatch)[0]  # fp32 arithmetic on the same (bf16) values
+    assert (wide.bfloat16() == want).float().mean() < 0.8 < 0.95 <= (got == want).float().mean()
+
+
+@pytest.mark.parametrize("case", ["gqa", "bloom style"])
+def test_bf16_padded_batches_and_long_generation(case, monkeypatch):
+    model = bf16_model(**CASES[case])
+    ids = torch.randint(0, BASE["vocab_size"], (3, 6), generator=torch.Generator().manual_seed(5))
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]])
+    want, got, spy = generate_both(model, ids, 40, monkeypatch, attention_mask=mask)
+    assert torch.equal(got, want) and spy.steps == 39
+
+
+def test_bf16_stands_aside_where_the_eager_step_computes_otherwise(monkeypatch):
+    ids = torch.randint(0, BASE["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(6))
+    model = bf16_model()
+    spy = Spy(monkeypatch)
+    steps(model, ids, 2, True, monkeypatch)
+    assert spy.steps == 2  # the baseline: these steps qualify
+    monkeypatch.setattr(widened, "ROUTE", False)  # eager bf16 then runs torch's bf16 kernels
+    steps(model, ids, 2, True, monkeypatch)
+    assert spy.steps == 2
+    monkeypatch.undo()
+    spy = Spy(monkeypatch)
+    with torch.autocast("cpu", dtype=BF16):
+        steps(model, ids, 2, True, monkeypatch)
+    unpack_weights(model)  # no blocked bf16 copies
+    steps(model, ids, 2, True, monkeypatch)
+    assert spy.steps == 0
+    moe = bf16_model(ffn="moe", moe=dict(n_experts=4, top_k=2))  # mixtures of experts: fp32 layers only
+    want, got, spy = generate_both(moe, ids, 4, monkeypatch)
+    assert spy.steps == 0 and torch.equal(got, want)
+
+
+def test_one_stack_switches_between_fp32_and_bf16_plans(monkeypatch):
+    """A plan is made for the activations' dtype; converting the model makes and serves the other one."""
+    model = model_for()
+    pack_weights(model)
+    ids = torch.randint(0, BASE["vocab_size"], (1, 5), generator=torch.Generator().manual_seed(7))
+    spy = Spy(monkeypatch)
+    steps(model, ids, 3, True, monkeypatch)
+    assert fused_decode._PLANS[model.decoder].dtype == torch.float32
+    model.to(BF16)
+    pack_weights(model)
+    check_bf16_steps(model, ids, 3, monkeypatch)
+    assert fused_decode._PLANS[model.decoder].dtype == BF16 and spy.steps == 6
