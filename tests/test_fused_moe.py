@@ -185,9 +185,10 @@ def test_native_moe_forward_stands_aside(monkeypatch):
 
 
 def test_latent_attention_moe_model_decodes_with_native_experts(monkeypatch):
-    """DeepSeek-V2 style: latent attention keeps the eager layers; its MoE layers (shared experts, group-limited
-    routing) run natively in every step."""
-    model = llmarch.build(llmarch.preset("deepseek-v2-tiny")).eval()
+    """DeepSeek-V2 style with latent attention that stays eager (``absorb="never"``: its naive form): the MoE
+    layers (shared experts, group-limited routing) still run natively in every step."""
+    cfg = llmarch.preset("deepseek-v2-tiny")
+    model = llmarch.build(cfg.replace(mla=dataclasses.replace(cfg.mla, absorb="never"))).eval()
     pack_weights(model)
     spy = forward_spy(monkeypatch)
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))

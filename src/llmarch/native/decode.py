@@ -35,12 +35,20 @@ class _Moe(ctypes.Structure):
                 + [(name, _Product) for name in ("shared_up", "shared_down")] + [("shared_gate", ctypes.c_void_p)])
 
 
+class _Mla(ctypes.Structure):
+    """attention.c's mla_t: multi-head latent attention (``ukv``: kv_up's plain fp32 weight)."""
+    _fields_ = ([(name, ctypes.c_int64) for name in ("H", "R", "Dn", "Dr", "Dv", "q_rank")]
+                + [(name, ctypes.c_float) for name in ("q_eps", "kv_eps")]
+                + [(name, _Product) for name in ("q", "q_down", "kv_down")]
+                + [(name, ctypes.c_void_p) for name in ("q_norm", "kv_norm", "ukv")])
+
+
 class _Layer(ctypes.Structure):
     _fields_ = ([(name, ctypes.c_int64) for name in ("D", "H", "G", "Dh", "F", "norm", "act", "gated")]
                 + [(name, ctypes.c_float) for name in ("eps1", "eps2", "scale")]
                 + [(name, ctypes.c_void_p) for name in ("norm1", "norm2", "norm1_bias", "norm2_bias")]
                 + [(name, _Product) for name in ("qkv", "out", "up", "down")] + [("moe", ctypes.c_void_p)]
-                + [("bf16", ctypes.c_int64)])
+                + [("bf16", ctypes.c_int64), ("mla", ctypes.c_void_p)])
 
 
 NORMS = {"RMSNorm": 0, "LayerNorm": 1}  # decode.c's norm kinds, by llmarch.nn.norm class name

@@ -122,7 +122,7 @@ def _shared(f: MoE, dense_ffn):
 
 def record(f: MoE, dense_ffn):
     """(kept records: the moe_t first, tensors, module edges, called modules) of an MoE FFN, or None;
-    ``dense_ffn``: ``llmarch.nn.fused_decode``'s reader of a GLU or MLP (for the shared experts)."""
+    ``dense_ffn``: ``llmarch.nn.fused_layers``'s reader of a GLU or MLP (for the shared experts)."""
     r, E = f.router, f.moe.n_experts
     kind = native_decode.ROUTERS.get(f.moe.router)
     router_w = _plain(r.proj, E)
@@ -158,9 +158,9 @@ def forward(f: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
             or torch.is_autocast_enabled("cpu") or _torch_module._has_any_global_hook() or not native_decode.enabled()
             or not native_decode.MOE_KERNEL.available()):
         return None
-    from llmarch.nn.fused_decode import _dense_ffn
+    from llmarch.nn.fused_layers import dense_ffn
 
-    found = record(f, _dense_ffn)
+    found = record(f, dense_ffn)
     if found is None or any(m._forward_hooks or m._forward_pre_hooks for m in found[3][1:]):  # [0]: f, running
         return None
     (N, D), E, K = x.shape, f.moe.n_experts, f.router.top_k
