@@ -59,12 +59,25 @@ def test_latent_steps_are_the_eager_steps(case, B, monkeypatch):
 
 
 def test_padded_batch_and_a_long_generation(monkeypatch):
-    """Left-padded rows attend to their own real keys only; 150 new tokens outgrow the cache's buffers."""
+    """Left-padded rows (each at its own positions) attend to their own real keys only: logits at 1e-5 over steps
+    with a hole in the mask and a masked-out new token; 150 new tokens outgrow the cache's buffers."""
     model = model_for(n_layers=2)
     ids = torch.randint(0, 500, (3, 6), generator=torch.Generator().manual_seed(5))
     mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1]])
     want, got, spy = generate_both(model, ids, 9, monkeypatch, attention_mask=mask)
     assert torch.equal(got, want) and spy.steps == 8
+    results = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
+        cache, m, out = model.new_cache(), mask, []
+        with torch.no_grad():
+            model(ids, attention_mask=m, cache=cache)
+            for i in range(5):
+                m = torch.cat([m, torch.tensor([[1], [0 if i == 2 else 1], [1]])], 1)
+                out.append(model(ids[:, i:i + 1], attention_mask=m, cache=cache).logits)
+        results.append(torch.cat(out, 1))
+    assert spy.steps == 13
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
     want, got, spy = generate_both(model, ids[:1], 150, monkeypatch)
     assert torch.equal(got, want) and spy.steps == 149
 
