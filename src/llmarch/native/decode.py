@@ -32,7 +32,8 @@ class _Moe(ctypes.Structure):
                 + [("scale", ctypes.c_float)]
                 + [(name, ctypes.c_void_p) for name in ("router_w", "router_b", "up", "down")]
                 + [(name, ctypes.c_int64) for name in ("shared_F", "shared_gated")]
-                + [(name, _Product) for name in ("shared_up", "shared_down")] + [("shared_gate", ctypes.c_void_p)])
+                + [(name, _Product) for name in ("shared_up", "shared_down")] + [("shared_gate", ctypes.c_void_p)]
+                + [("bf16", ctypes.c_int64)])
 
 
 class _Mla(ctypes.Structure):

@@ -8,8 +8,11 @@
  * (by their highest probability) get probability 0; then topk_softmax: the K largest logits, softmax over them;
  * softmax_topk: the K largest probabilities; softmax_topk_norm: those divided by their sum; switch: the largest
  * probability (K = 1); the weights times scale. Ties go to the lower expert index. Each expert runs once per call
- * over the rows routed to it, so a step streams each chosen expert's weights once. Needs gemv.c and rows.c
- * included before it.
+ * over the rows routed to it, so a step streams each chosen expert's weights once. In a bf16 layer (M->bf16; h
+ * holding bf16 values, bf16 expert weights, the router's and gate's weights widened to fp32) it rounds where the
+ * eager bf16 MoE rounds: each product's output, the activation and gate product, the routing weight, each weighted
+ * expert output, their sum (accumulated in fp32 in ascending expert index, as the sorted dispatch's index_add
+ * does), the shared gate's logit and sigmoid, the gated shared output and its sum. Needs gemv.c and rows.c included before it.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -140,6 +143,7 @@ typedef struct {
   int64_t shared_F, shared_gated;        /* shared experts' fused width (0: none), gated FFN */
   product_t shared_up, shared_down;
   const float *shared_gate;              /* [D]: sigmoid(h . gate) scales the shared output; NULL: not gated */
+  int64_t bf16;                          /* round as torch's bf16 ops do (see moe_ffn) */
 } moe_t;
 
 /* idx[0..k) = the k largest of v[0..n), largest first; ties: the lower index. */
@@ -201,6 +205,7 @@ static void route(const moe_t *M, const float *h, int64_t D, float *logits, floa
 static void moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t D, float *logits_out,
                     int64_t *experts_out, float *weights_out) {
   const int64_t E = M->E, K = M->K, F = M->F, Fs = M->shared_F, Fm = F > Fs ? F : Fs;
+  const int bf = (int)M->bf16;
   float *logits = malloc(sizeof(float) * 2 * E), *w = malloc(sizeof(float) * B * K), *wr = malloc(sizeof(float) * B);
   int64_t *idx = malloc(sizeof(int64_t) * B * K), *rows = malloc(sizeof(int64_t) * B);
   float *xe = malloc(sizeof(float) * B * D), *ye = malloc(sizeof(float) * B * D);
@@ -222,18 +227,38 @@ static void moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t
         }
     if (n == 0) continue;
     product(&M->up[e], xe, gu, n, M->gated ? 2 * F : F, D);
-    activate(M->act, M->gated, F, gu, mid, n, 0);
+    if (bf) round_bf16(gu, n * (M->gated ? 2 * F : F));
+    activate(M->act, M->gated, F, gu, mid, n, bf);
     product(&M->down[e], mid, ye, n, D, F);
-    for (int64_t i = 0; i < n; i++)
-      for (int64_t d = 0; d < D; d++) y[rows[i] * D + d] += ye[i * D + d] * wr[i];
+    if (bf) round_bf16(ye, n * D);
+    for (int64_t i = 0; i < n; i++) {
+      float *yr = y + rows[i] * D;
+      if (bf) { /* torch's bf16: the weight rounded, the weighted output rounded; summed in fp32 (index_add) */
+        const float w16 = from_bf16(to_bf16(wr[i]));
+        for (int64_t d = 0; d < D; d++) yr[d] += from_bf16(to_bf16(ye[i * D + d] * w16));
+      } else {
+        for (int64_t d = 0; d < D; d++) yr[d] += ye[i * D + d] * wr[i];
+      }
+    }
   }
+  if (bf) round_bf16(y, B * D);  /* the routed sum, rounded once */
   if (Fs > 0) {
     product(&M->shared_up, h, gu, B, M->shared_gated ? 2 * Fs : Fs, D);
-    activate(M->act, M->shared_gated, Fs, gu, mid, B, 0);
+    if (bf) round_bf16(gu, B * (M->shared_gated ? 2 * Fs : Fs));
+    activate(M->act, M->shared_gated, Fs, gu, mid, B, bf);
     product(&M->shared_down, mid, ye, B, D, Fs);
+    if (bf) round_bf16(ye, B * D);
     for (int64_t b = 0; b < B; b++) {
-      const float g = M->shared_gate ? 1.0f / (1.0f + expf(-dot(h + b * D, M->shared_gate, D))) : 1.0f;
-      for (int64_t d = 0; d < D; d++) y[b * D + d] += M->shared_gate ? g * ye[b * D + d] : ye[b * D + d];
+      float g = 1.0f;
+      if (M->shared_gate) {
+        const float z = dot(h + b * D, M->shared_gate, D);
+        g = bf ? from_bf16(to_bf16(1.0f / (1.0f + expf(-from_bf16(to_bf16(z)))))) : 1.0f / (1.0f + expf(-z));
+      }
+      for (int64_t d = 0; d < D; d++) {
+        const float s = M->shared_gate ? g * ye[b * D + d] : ye[b * D + d];
+        y[b * D + d] += bf ? from_bf16(to_bf16(s)) : s;
+      }
+      if (bf) round_bf16(y + b * D, D);
     }
   }
   free(logits), free(w), free(wr), free(idx), free(rows), free(xe), free(ye), free(gu), free(mid);

@@ -12,8 +12,8 @@ A block qualifies when it is
 - with every product on a weight the native kernel reads: fp32 with a current blocked copy
   (``llmarch.nn.dense.pack``; ``generate`` packs when that pays back) or an
   :class:`~llmarch.infer.quantize.Int8Linear`.
-Those are fp32 layers. A bf16 layer is the same with everything bf16 (blocked bf16 copies; no MoE, latent attention
-or int8): it rounds where the eager bf16 step rounds, which it then matches bit for bit up to the rare rounding
+Those are fp32 layers. A bf16 layer is the same with everything bf16 (blocked bf16 copies; no latent attention or
+int8): it rounds where the eager bf16 step rounds, which it then matches bit for bit up to the rare rounding
 summation order flips (tests: ≥ 95 % of logits, ≥ 99 % of the cache).
 """
 from __future__ import annotations
@@ -87,9 +87,9 @@ def dense_ffn(f: nn.Module, dtype: torch.dtype = torch.float32):
 
 def ffn_record(f: nn.Module, dtype: torch.dtype):
     """(F, activation, gated, up and down records, MoE record or None, tensors, edges, called) of a block's FFN,
-    or None. Mixtures of experts: fp32 layers only."""
-    if type(f) is MoE and dtype == torch.float32:
-        moe = fused_moe.record(f, dense_ffn)
+    or None."""
+    if type(f) is MoE:
+        moe = fused_moe.record(f, dense_ffn, dtype)
         if moe is None:
             return None
         bank = f.experts

@@ -35,10 +35,10 @@ if TYPE_CHECKING:  # llmarch.nn.moe imports this module
     from llmarch.nn.moe import MoE
 
 
-def _plain(m: nn.Module, rows: int | None = None) -> torch.Tensor | None:
-    """The fp32 row-major weight of a plain ``nn.Linear`` (with ``rows`` outputs, if given), else None."""
+def _plain(m: nn.Module, rows: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The row-major weight of a plain ``nn.Linear`` of ``dtype`` (with ``rows`` outputs, if given), else None."""
     w = getattr(m, "weight", None)
-    ok = (type(m) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+    ok = (type(m) is nn.Linear and w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous()
           and (rows is None or w.shape[0] == rows))
     return w if ok else None
 
@@ -82,10 +82,11 @@ def _int8_bank(bank: nn.Module):
     return arrays, tensors
 
 
-def _bank(bank: nn.Module):
+def _bank(bank: nn.Module, dtype: torch.dtype):
     """(up, down) ctypes arrays of the bank's E expert products, and the bank's tensors; or None."""
     int8 = type(bank) is _int8_types()[0]
-    if (type(bank) not in (GLUExperts, MLPExperts) and not int8) or bank.activation not in native_decode.ACTIVATIONS:
+    if ((type(bank) not in (GLUExperts, MLPExperts) and not int8) or bank.activation not in native_decode.ACTIVATIONS
+            or (int8 and dtype != torch.float32)):
         return None
     if int8:
         return _int8_bank(bank)
@@ -93,55 +94,59 @@ def _bank(bank: nn.Module):
     arrays = []
     for w in weights:
         copies = dense.packed(w)
-        if not isinstance(copies, list) or not all(isinstance(c, native_fp32.Blocked)
-                                                   and c.data.dtype == torch.float32 for c in copies):
+        if w.dtype != dtype or not isinstance(copies, list) or not all(
+                isinstance(c, native_fp32.Blocked) and c.data.dtype == dtype for c in copies):
             return None
-        arrays.append(_array([(c.data.data_ptr(), None, None, 0) for c in copies]))
+        arrays.append(_array([(c.data.data_ptr(), None, None, 0 if dtype == torch.float32 else 2) for c in copies]))
     return arrays, list(weights)
 
 
-def _shared(f: MoE, dense_ffn):
-    """(shared_F, gated FFN, up and down records, gate weight or None, tensors, edges, called) of the shared
-    experts (all empty without them), or None where the kernel cannot run them."""
+def _shared(f: MoE, dense_ffn, dtype: torch.dtype):
+    """(shared_F, gated FFN, up and down records, gate weight or None (fp32: a bf16 one widened), tensors, edges,
+    called) of the shared experts (all empty without them), or None where the kernel cannot run them."""
     s = f.shared
     if s is None:
         return 0, False, [native_decode._Product()] * 2, None, [], [], []
     gated = type(s) is _moe_module().GatedSharedExperts
-    parts = dense_ffn(s.ffn) if type(s) is _moe_module().SharedExperts or gated else None
+    parts = dense_ffn(s.ffn, dtype) if type(s) is _moe_module().SharedExperts or gated else None
     if parts is None or s.ffn.activation != f.experts.activation:
         return None
-    gate = _plain(s.gate, 1) if gated else None
+    gate = _plain(s.gate, 1, dtype) if gated else None
     if gated and (gate is None or s.gate.bias is not None):
         return None
+    gate = None if gate is None else gate.float()
     products, tensors, edges, called = parts
     edges = edges + [(s, "ffn", s.ffn)] + ([(s, "gate", s.gate)] if gate is not None else [])
     called = called + [s] + ([s.gate] if gate is not None else [])
-    return (s.ffn.down.in_features, type(s.ffn) is GLU, products, gate, tensors + ([gate] if gate is not None else []),
-            edges, called)
+    tensors = tensors + ([s.gate.weight, gate] if gate is not None else [])
+    return s.ffn.down.in_features, type(s.ffn) is GLU, products, gate, tensors, edges, called
 
 
-def record(f: MoE, dense_ffn):
-    """(kept records: the moe_t first, tensors, module edges, called modules) of an MoE FFN, or None;
-    ``dense_ffn``: ``llmarch.nn.fused_layers``'s reader of a GLU or MLP (for the shared experts)."""
+def record(f: MoE, dense_ffn, dtype: torch.dtype = torch.float32):
+    """(kept records: the moe_t first, tensors, module edges, called modules) of an MoE FFN whose experts are of
+    ``dtype`` (fp32, or bf16 for a bf16 layer: the router's weights read widened to fp32, as the router reads them),
+    or None; ``dense_ffn``: ``llmarch.nn.fused_layers``'s reader of a GLU or MLP (for the shared experts)."""
     r, E = f.router, f.moe.n_experts
     kind = native_decode.ROUTERS.get(f.moe.router)
-    router_w = _plain(r.proj, E)
+    router_w = _plain(r.proj, E, dtype)
     bias = r.proj.bias if router_w is not None else None
     if (kind is None or type(r) is not ROUTERS[f.moe.router] or router_w is None or type(f.capacity) is not Dropless
             or f.dispatch is not DISPATCHERS["auto"]
-            or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
+            or (bias is not None and (bias.dtype != dtype or not bias.is_contiguous()))):
         return None
-    bank, shared = _bank(f.experts), _shared(f, dense_ffn)
+    wide = [None if t is None else t.float() for t in (router_w, bias)]  # the same tensors where fp32
+    bank, shared = _bank(f.experts, dtype), _shared(f, dense_ffn, dtype)
     if bank is None or shared is None:
         return None
     (up, down), bank_tensors = bank
     shared_F, shared_gated, shared_products, gate, shared_tensors, shared_edges, shared_called = shared
     b = f.experts
     moe = native_decode._Moe(E, r.top_k, b.d_ff, gated_bank(b), native_decode.ACTIVATIONS[b.activation],
-                             kind, r.n_groups, r.topk_groups or 0, r.scale, router_w.data_ptr(),
-                             None if bias is None else bias.data_ptr(), ctypes.addressof(up), ctypes.addressof(down),
-                             shared_F, shared_gated, *shared_products, None if gate is None else gate.data_ptr())
-    tensors = [router_w, bias, *bank_tensors, *shared_tensors]
+                             kind, r.n_groups, r.topk_groups or 0, r.scale, wide[0].data_ptr(),
+                             None if bias is None else wide[1].data_ptr(), ctypes.addressof(up), ctypes.addressof(down),
+                             shared_F, shared_gated, *shared_products, None if gate is None else gate.data_ptr(),
+                             dtype == torch.bfloat16)
+    tensors = [router_w, bias, *wide, *bank_tensors, *shared_tensors]
     edges = [(f, "router", r), (r, "proj", r.proj), (f, "experts", b), (f, "capacity", f.capacity),
              (f, "shared", f.shared)] + shared_edges
     called = [f, f.dropout, r, r.proj, f.capacity, *b.modules()] + shared_called
