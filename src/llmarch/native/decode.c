@@ -23,6 +23,7 @@
  */
 #include "gemv.c"
 #include "rows.c"
+#include "vec.c"
 #include "ffn.c"
 #include "attention.c"
 
