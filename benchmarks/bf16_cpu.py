@@ -6,12 +6,15 @@ Two tables, one thread by default, interleaved rounds, medians:
    kernel here), llmarch's widened route (``llmarch.nn.widened``: fp32 BLAS, one bf16 rounding), llmarch's native
    bf16 kernel over the blocked copy (``llmarch.native.bf16``, up to 32 rows), and the fp32 product over the
    native fp32 copy for reference. Weight copies cycled so they stream from memory.
-2. Decoding (LLaMA-style model, batch 1 and 8, prompt 16): llmarch bf16 (packed copies, as ``generate`` packs)
-   against transformers' bf16 ``generate`` (sdpa, same weights) and llmarch fp32; tokens/s and the fraction of
-   the read-bandwidth bound for the bf16 weight bytes, and the share of generated tokens equal to transformers'
-   (bf16 products summed in another order can flip a near-tie between two logits).
+2. Decoding (``--models``: the LLaMA-style model, and its Mixtral-style MoE variant from benchmarks/decode.py;
+   batch 1 and 8, prompt 16): llmarch bf16 (packed copies, as ``generate`` packs; native bf16 decode layers) against
+   transformers' bf16 ``generate`` (sdpa, same weights) and llmarch fp32; tokens/s and the fraction of the
+   read-bandwidth bound for the bytes a step streams (``decode.streamed_bytes``: an MoE's experts at the share a
+   step is expected to hit), and the share of generated tokens equal to transformers' (bf16 products summed in
+   another order can flip a near-tie between two logits).
 
     PYTHONPATH=src python benchmarks/bf16_cpu.py [--threads 1] [--repeats 5] [--new-tokens 32] [--no-products]
+        [--models llama,mixtral]
 
 Training (bf16 autocast) and the MoE layer in bf16 are in ``benchmarks/train.py`` and ``benchmarks/moe.py``.
 Writes benchmarks/results/bf16_cpu.json.
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import memory_bandwidth_gbs, print_table, write_results  # noqa: E402
-from decode import CONFIGS, hf_model, round_robin, weight_bytes  # noqa: E402
+from decode import CONFIGS, hf_model, round_robin, streamed_bytes  # noqa: E402
 
 import llmarch  # noqa: E402
 from llmarch.infer.layout import pack_weights  # noqa: E402
@@ -62,12 +65,12 @@ def products(repeats: int) -> list[dict]:
     return out
 
 
-def decoding(args, bandwidth: float) -> list[dict]:
+def decoding(args, bandwidth: float, kind: str) -> list[dict]:
     torch.manual_seed(0)
-    fp32 = llmarch.build(CONFIGS["llama"]()).eval()
+    fp32 = llmarch.build(CONFIGS[kind]()).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        hf = hf_model(fp32, "llama", tmp).to(BF16)
-    ours = llmarch.build(CONFIGS["llama"]()).eval()
+        hf = hf_model(fp32, kind, tmp).to(BF16)
+    ours = llmarch.build(CONFIGS[kind]()).eval()
     ours.load_state_dict(fp32.state_dict())
     ours = ours.to(BF16)
     pack_weights(ours)
@@ -86,11 +89,11 @@ def decoding(args, bandwidth: float) -> list[dict]:
         hf_tps = B * N / statistics.median(times["hf bf16 generate"])
         for name, t in times.items():
             tps = B * N / statistics.median(t)
-            nbytes = weight_bytes(fp32) // (1 if "fp32" in name else 2)
-            rows.append(dict(batch=B, variant=name, tokens_per_s=tps, vs_hf_bf16=tps / hf_tps,
+            nbytes = streamed_bytes(fp32, B) / (1 if "fp32" in name else 2)
+            rows.append(dict(model=kind, batch=B, variant=name, tokens_per_s=tps, vs_hf_bf16=tps / hf_tps,
                              fraction_of_bound=tps / (B * bandwidth * 1e9 / nbytes), tokens_equal_to_hf=same,
                              times=t))
-            print(f"  B={B} {name}: {tps:.1f} tok/s, {tps / hf_tps:.2f}x hf bf16", flush=True)
+            print(f"  {kind} B={B} {name}: {tps:.1f} tok/s, {tps / hf_tps:.2f}x hf bf16", flush=True)
     return rows
 
 
@@ -100,6 +103,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-products", dest="products", action="store_false")
+    p.add_argument("--models", default="llama", help="comma-separated: llama, mixtral")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bandwidth = memory_bandwidth_gbs()
@@ -110,9 +114,9 @@ def main() -> None:
         print_table([[str(r["shape"]), r["rows"]] + [r["us"].get(k, float("nan")) for k in
                      ("torch bf16", "widened", "native bf16", "native fp32")] for r in table],
                     ["shape", "rows", "torch bf16 us", "widened us", "native bf16 us", "native fp32 us"])
-    dec = decoding(args, bandwidth)
-    print_table([[r["batch"], r["variant"], r["tokens_per_s"], r["vs_hf_bf16"], r["fraction_of_bound"]] for r in dec],
-                ["batch", "variant", "tokens/s", "x hf bf16", "of bound"])
+    dec = [r for kind in args.models.split(",") for r in decoding(args, bandwidth, kind)]
+    print_table([[r["model"], r["batch"], r["variant"], r["tokens_per_s"], r["vs_hf_bf16"], r["fraction_of_bound"]]
+                 for r in dec], ["model", "batch", "variant", "tokens/s", "x hf bf16", "of bound"])
     path = write_results("bf16_cpu", dict(threads=args.threads, read_bandwidth_gbs=bandwidth,
                                           onednn_bf16=dense.ONEDNN_BF16, widened=widened.ROUTE,
                                           native_bf16=native_bf16.available(), products=table, decoding=dec))

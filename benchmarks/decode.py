@@ -71,7 +71,7 @@ CONFIGS = {
     "llama": lambda: llmarch.preset("llama-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
                                                           d_ff=1376, vocab_size=8192, max_seq_len=2048),
     "mixtral": _mixtral,  # the LLaMA-style model with 8 experts of its FFN's size, 2 per token
-    "deepseek": _deepseek,  # latent attention (eager layers) and fine-grained MoE layers (natively per layer)
+    "deepseek": _deepseek,  # latent attention and fine-grained MoE layers
 }
 HF_TYPE = {"gpt2": "gpt2", "llama": "llama", "mixtral": "mixtral", "deepseek": "deepseek_v2"}
 HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")  # transformers' CPU experts implementations (default first)

@@ -109,3 +109,20 @@ def test_latent_layers_stand_aside_where_the_eager_layer_computes_otherwise(monk
     pack_weights(bf16)
     steps(bf16, ids, 2, True, monkeypatch)
     assert spy.steps == 2
+
+
+def test_two_threads_and_the_threaded_latent_attention_match(monkeypatch):
+    """Two OpenMP threads: attention over 2 rows x 4 heads x 520 keys x a latent of 128 (past the kernel's 2^18
+    threshold) splits its heads."""
+    model = model_for(n_layers=1, ffn="glu", moe=None, mla=dict(MLA, kv_lora_rank=128))
+    ids = torch.randint(0, 500, (2, 512), generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        want, want_tokens, _ = steps(model, ids, 8, False, monkeypatch)
+        spy = Spy(monkeypatch)
+        got, got_tokens, _ = steps(model, ids, 8, True, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert spy.steps == 8 and torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
