@@ -2,7 +2,7 @@
 call per layer, rounding to bf16 wherever the eager bf16 step rounds. Held to the eager bf16 steps it replaces:
 nearly all logits and every cache entry bit-equal (the rest one rounding apart, where summation order flips a
 rounding), greedy tokens identical, across the attention and FFN shapes of test_fused_decode.py, the mixtures of
-experts of test_fused_moe.py and padded batches; and standing aside where the eager bf16 step computes something
+experts of test_fused_moe.py, the latent attention of test_fused_latent.py and padded batches; and standing aside where the eager bf16 step computes something
 else (torch's own bf16 kernels, autocast, a bf16 model without its blocked copies)."""
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from llmarch.nn import fused_decode, widened
 
 from tests.decode_util import Spy, generate_both, steps
 from tests.test_fused_decode import BASE, CASES, model_for
+from tests.test_fused_latent import CASES as LATENT_CASES
+from tests.test_fused_latent import model_for as latent_model
 from tests.test_fused_moe import CASES as MOE_CASES
 from tests.test_fused_moe import moe_model
 
@@ -64,6 +66,19 @@ def test_bf16_moe_steps_are_the_eager_bf16_steps(case, monkeypatch):
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (4, 7), generator=torch.Generator().manual_seed(4))
     check_bf16_steps(model, ids, 10, monkeypatch)
+
+
+@pytest.mark.parametrize("case", sorted(LATENT_CASES))
+def test_bf16_latent_steps_are_the_eager_bf16_steps(case, monkeypatch):
+    """Latent attention in bf16 layers (DeepSeek-V2 style, a dense then an MoE layer): the absorbed query and the
+    value up-projection rounded once, as the eager layer's bf16 batched products round them; bf16 latent and
+    rope-key caches. Fewer logits are bit-equal than for grouped-query layers (≥ 80 %): the eager layer's attention
+    runs torch's math backend there (q and k each scaled by √scale, another summation order), so its rounded
+    output flips more often, and one flip in a row's last layer moves most of that row's logits by an ulp."""
+    model = latent_model(**LATENT_CASES[case], n_layers=2).to(BF16)
+    pack_weights(model)
+    ids = torch.randint(0, 500, (3, 7), generator=torch.Generator().manual_seed(8))
+    check_bf16_steps(model, ids, 10, monkeypatch, exact=0.8)
 
 
 def test_bf16_rounds_where_the_eager_step_rounds(monkeypatch):

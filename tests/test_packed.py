@@ -115,6 +115,21 @@ def test_a_stale_packed_copy_is_never_used():
     assert dense.packed(lin.weight) is None
 
 
+def test_a_copy_of_another_dtype_or_shape_at_the_same_storage_is_stale():
+    """``model.to(torch.bfloat16)`` keeps each Parameter and its version, and its new storage can land where a freed
+    one was: a copy is only current for the dtype and shape it was made from (the bf16 decode layers once met an
+    expert bank whose fp32 copy looked current after the conversion, and stood aside)."""
+    bank = torch.nn.Parameter(torch.randn(4, 16, 24))
+    dense.pack(bank)
+    assert dense.packed(bank) is not None
+    version, pointer = bank._version, bank.data_ptr()
+    with torch.no_grad():
+        bank.data = bank.data.view(torch.bfloat16)  # the same storage and version, read as bf16 [4, 16, 48]
+    assert bank.data_ptr() == pointer and bank._version == version
+    assert dense.packed(bank) is None
+    assert dense.pack(bank) and dense.packed(bank) is not None
+
+
 def test_gradients_and_autocast_take_the_plain_path():
     lin = dense.Linear(16, 8)
     dense.pack(lin.weight)

@@ -11,10 +11,11 @@
  *   plus -(alibi[h] * (slot - j)) where alibi (ALiBi's per-head slopes) is not NULL; x += attn W_out^T + b;
  *   h = norm2(x); x += act(h W_up^T + b) W_down^T + b, or for a gated FFN (act(gate) * up) W_down^T + b with
  *   [gate | up] = h W_up^T + b; or, where L->moe is set, x += the mixture of experts over h (ffn.c). Where
- *   L->mla is set, the attention is multi-head latent attention (attention.c) over the latent and rope-key caches.
+ *   L->mla is set, the attention is multi-head latent attention (latent.c) over the latent and rope-key caches.
  * Norms: RMSNorm (rows.c's, the mean of squares summed in double) or LayerNorm (mean and variance in double, then
  * (x - mean) * rstd * w + b in fp32). Products: gemv.c's (fp32, int8 or bf16 weights in its blocked layout). The
- * rotation: rows.c's (the bits of llmarch.nn.rope's torch form); the FFN half: ffn.c; attention: attention.c.
+ * rotation: rows.c's (the bits of llmarch.nn.rope's torch form); the FFN half: ffn.c; attention: attention.c,
+ * latent.c.
  * Activations (ffn.c): silu(g) = g / (1 +
  * exp(-g)), the tanh GELU through exp(-2|u|), relu, the erf GELU with erff. Summation order and exp's last bits
  * aside, torch's values (the tests hold logits to the eager step's at 1e-5). A bf16 layer rounds where torch's
@@ -26,6 +27,7 @@
 #include "vec.c"
 #include "ffn.c"
 #include "attention.c"
+#include "latent.c"
 
 #include <math.h>
 #include <stdlib.h>
@@ -38,9 +40,9 @@ typedef struct {
   float eps1, eps2, scale;
   const void *norm1, *norm2, *norm1_bias, *norm2_bias;  /* fp32 (bf16 in a bf16 layer); LayerNorm biases may be NULL */
   product_t qkv, out, up, down;  /* up and down unused where moe is set */
-  const moe_t *moe;              /* a mixture-of-experts FFN, or NULL (fp32 layers only) */
+  const moe_t *moe;              /* a mixture-of-experts FFN, or NULL */
   int64_t bf16;                  /* a bf16 layer (see llmarch_decode_layer) */
-  const mla_t *mla;              /* latent attention (attention.c; fp32 layers only), or NULL: qkv unused, G 1, Dh the
+  const mla_t *mla;              /* latent attention (latent.c), or NULL: qkv unused, G 1, Dh the
                                   * value width, the caches hold the latent and the rope key */
 } layer_t;
 
@@ -143,7 +145,7 @@ static void gqa_attention(const layer_t *L, const float *h, int64_t B, void *kbu
  * bf16 where torch's bf16 ops round: each product's output (its bias added first), the norms (above), each
  * operation of the rotation (rows.c's bf16 form), the attention's output (computed over the widened cache, as
  * llmarch.nn.kernels runs bf16 attention), the activation and the gate product, and each residual sum. With
- * L->mla, the attention half is attention.c's latent attention, over the latent and rope-key caches. */
+ * L->mla, the attention half is latent.c's latent attention, over the latent and rope-key caches. */
 void llmarch_decode_layer(const layer_t *L, void *x_io, int64_t B, void *kbuf, void *vbuf, int64_t cap,
                           int64_t first, int64_t slot, const void *cos, const void *sin, int64_t cos_stride,
                           const uint8_t *valid, int64_t valid_stride, const float *alibi) {
@@ -157,8 +159,8 @@ void llmarch_decode_layer(const layer_t *L, void *x_io, int64_t B, void *kbuf, v
     for (int64_t i = 0; i < B * D; i++) x[i] = from_bf16(((const uint16_t *)x_io)[i]);
   norm(L, x, L->norm1, L->norm1_bias, L->eps1, h, B, s16);
   if (L->mla != NULL)
-    mla_attention(L->mla, h, B, D, (float *)kbuf, (float *)vbuf, cap, first, slot, (const float *)cos,
-                  (const float *)sin, cos_stride, valid, valid_stride, L->scale, att);
+    mla_attention(L->mla, bf16, h, B, D, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride,
+                  L->scale, att);
   else
     gqa_attention(L, h, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride, alibi, att,
                   s16);

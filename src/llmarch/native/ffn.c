@@ -12,7 +12,8 @@
  * holding bf16 values, bf16 expert weights, the router's and gate's weights widened to fp32) it rounds where the
  * eager bf16 MoE rounds: each product's output, the activation and gate product, the routing weight, each weighted
  * expert output, their sum (accumulated in fp32 in ascending expert index, as the sorted dispatch's index_add
- * does), the shared gate's logit and sigmoid, the gated shared output and its sum. Needs gemv.c, rows.c and vec.c included before it.
+ * does), the shared gate's logit and sigmoid, the gated shared output and its sum. Needs gemv.c, rows.c and vec.c
+ * included before it.
  */
 #include <math.h>
 #include <stdlib.h>

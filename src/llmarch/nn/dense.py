@@ -54,7 +54,8 @@ ONEDNN_FP32 = ONEDNN and (_FP32_ENV == "1" or (_FP32_ENV != "0"
 _PLAIN = (torch.Tensor, nn.Parameter)
 MATVEC_MIN_ELEMENTS = 1 << 24  # a one-row product goes to oneDNN only for weights this large (see above)
 PACK_ROWS = 128  # the row count the packed layout is chosen for; measured fastest at 1, 8 and 128 rows alike
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its storage pointer, its version, packed copy)
+# id(weight) -> (weakref to it, its storage pointer, its version, packed copy, its dtype and shape)
+_PACKED: dict[int, tuple] = {}
 _GENERATION = [0]  # counts packed copies made and dropped (llmarch.nn.fused_decode re-reads its plan on a change)
 
 
@@ -114,10 +115,12 @@ def packable(weight: torch.Tensor) -> bool:
 
 
 def packed(weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
-    """The current packed copy of ``weight`` (a bank's: one per expert), or None (never packed, or stale since)."""
+    """The current packed copy of ``weight`` (a bank's: one per expert), or None (never packed, or stale since: its
+    storage, version, dtype or shape changed; ``model.to(torch.bfloat16)`` keeps the Parameter and its version, and
+    the new storage can land where a freed one was)."""
     entry = _PACKED.get(id(weight))
     if (entry is None or entry[0]() is not weight or entry[1] != weight.data_ptr()
-            or entry[2] != native.version(weight)):
+            or entry[2] != native.version(weight) or entry[4] != (weight.dtype, weight.shape)):
         return None
     return entry[3]
 
@@ -142,7 +145,7 @@ def pack(weight: torch.Tensor) -> bool:
         copy = [native_fp32.Blocked(w[e].t()) if blocked else _reorder(w[e].t()) for e in range(w.shape[0])]
     else:
         copy = native_fp32.Blocked(w) if blocked else _reorder(w)
-    _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), native.version(weight), copy)
+    _PACKED[key] = (weakref.ref(weight), weight.data_ptr(), native.version(weight), copy, (weight.dtype, weight.shape))
     _GENERATION[0] += 1
     if fresh:
         weakref.finalize(weight, _PACKED.pop, key, None)

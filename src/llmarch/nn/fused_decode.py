@@ -124,8 +124,8 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
     elif type(rot) is not NoRotation:
         return None
     alibi = ctx.positions.slopes if type(ctx.positions) is AlibiPositions else None  # [H], fp32 or bf16
-    if alibi is not None and (plan.latent or not fused_layers.plain(alibi, alibi.dtype) or alibi.dtype not in (torch.float32, x.dtype)
-                              or plan.heads != {alibi.numel()}):
+    if alibi is not None and (plan.latent or not fused_layers.plain(alibi, alibi.dtype)
+                              or alibi.dtype not in (torch.float32, x.dtype) or plan.heads != {alibi.numel()}):
         return None
     alibi = None if alibi is None else alibi.float()  # the bias is computed in fp32 (exact for bf16 slopes)
     for _, idx, _ in plan.records:

@@ -1,13 +1,14 @@
-"""Multi-head latent attention (DeepSeek-V2) as the attention half of a native decode layer (``attention.c``'s
+"""Multi-head latent attention (DeepSeek-V2) as the attention half of a native decode layer (``latent.c``'s
 ``mla_t``): the query (straight, or through its own normalised latent), the compressed latent and the rope key,
 their rotation and cache write, attention absorbed into the latent, and the per-head value up-projection, in the
-one call :mod:`llmarch.nn.fused_decode` makes per layer (its record: :mod:`llmarch.nn.fused_layers`). The eager layer runs ~25 torch ops for this.
+one call :mod:`llmarch.nn.fused_decode` makes per layer (its record: :mod:`llmarch.nn.fused_layers`). The eager
+layer runs ~25 torch ops for this.
 
 A :class:`~llmarch.nn.latent_attention.LatentAttention` qualifies when it attends absorbed at decode time
 (``absorb`` "decode" or "always": the form computed here; "never" keeps its naive form eagerly), with the sdpa or
 naive kernel, mask execution, a dense causal or sliding-window pattern, fp32 RMSNorms, and projections the native
-kernel reads (fp32 with current blocked copies, or int8); ``kv_up`` is read as its plain fp32 weight (an int8 one
-through a dequantized copy, as the eager absorbed form dequantizes it). fp32 layers only.
+kernel reads (fp32 with current blocked copies, or int8; bf16 in a bf16 layer); ``kv_up`` is read as its plain
+weight (an int8 one through a dequantized fp32 copy, as the eager absorbed form dequantizes it).
 """
 from __future__ import annotations
 
@@ -18,34 +19,34 @@ from llmarch.nn.latent_attention import LatentAttention, LowRankQuery
 from llmarch.nn.norm import RMSNorm
 
 
-def _rms(m) -> bool:
+def _rms(m, dtype: torch.dtype) -> bool:
     w = m.weight
-    return type(m) is RMSNorm and w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous()
+    return type(m) is RMSNorm and w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous()
 
 
-def _up_weight(m):
-    """kv_up's fp32 row-major weight [H (Dn + Dv), R] and the tensors it is read from, or None."""
+def _up_weight(m, dtype: torch.dtype):
+    """kv_up's row-major weight [H (Dn + Dv), R] of ``dtype`` and the tensors it is read from, or None."""
     from llmarch.infer.quantize import Int8Linear  # llmarch.infer imports llmarch.model, which imports this
 
     if type(m) is Int8Linear:
-        return m.dequantize().contiguous(), [m.qweight, m.scales]
+        return (m.dequantize().contiguous(), [m.qweight, m.scales]) if dtype == torch.float32 else None
     w = getattr(m, "weight", None)
-    if w is None or w.dtype != torch.float32 or w.device.type != "cpu":
+    if w is None or w.dtype != dtype or w.device.type != "cpu":
         return None
     return w.contiguous(), [w]
 
 
-def record(a: LatentAttention, product):
-    """(mla record, tensors read, module edges, called modules) of a latent attention, or None where it does not
-    qualify (see the module). ``product(m)``: :func:`llmarch.nn.fused_layers.product`."""
-    if type(a) is not LatentAttention or a.absorb not in ("decode", "always") or not _rms(a.kv_norm):
+def record(a: LatentAttention, product, dtype: torch.dtype = torch.float32):
+    """(mla record, tensors read, module edges, called modules) of a latent attention for a layer of ``dtype``, or
+    None where it does not qualify (see the module). ``product(m, dtype)``: :func:`llmarch.nn.fused_layers.product`."""
+    if type(a) is not LatentAttention or a.absorb not in ("decode", "always") or not _rms(a.kv_norm, dtype):
         return None
     low = type(a.q) is LowRankQuery
-    if low and (not _rms(a.q.norm) or a.q.up.bias is not None):
+    if low and (not _rms(a.q.norm, dtype) or a.q.up.bias is not None):
         return None
     linears = [a.q.up if low else a.q, a.q.down if low else None, a.kv_down]
-    products = [None if m is None else product(m) for m in linears]
-    up = _up_weight(a.kv_up)
+    products = [None if m is None else product(m, dtype) for m in linears]
+    up = _up_weight(a.kv_up, dtype)
     if up is None or any(p is None for m, p in zip(linears, products) if m is not None):
         return None
     empty = (native_decode._Product(), [])

@@ -12,9 +12,9 @@ A block qualifies when it is
 - with every product on a weight the native kernel reads: fp32 with a current blocked copy
   (``llmarch.nn.dense.pack``; ``generate`` packs when that pays back) or an
   :class:`~llmarch.infer.quantize.Int8Linear`.
-Those are fp32 layers. A bf16 layer is the same with everything bf16 (blocked bf16 copies; no latent attention or
-int8): it rounds where the eager bf16 step rounds, which it then matches bit for bit up to the rare rounding
-summation order flips (tests: ≥ 95 % of logits, ≥ 99 % of the cache).
+Those are fp32 layers. A bf16 layer is the same with everything bf16 (blocked bf16 copies; no int8): it rounds
+where the eager bf16 step rounds, which it then matches bit for bit up to the rare rounding summation order flips
+(tests: ≥ 95 % of logits, ≥ 99 % of the cache).
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def attention_record(a: nn.Module, dtype: torch.dtype):
             or type(a.pattern) not in (Dense, Sliding)):
         return None
     if type(a) is LatentAttention:
-        mla = fused_latent.record(a, product) if dtype == torch.float32 else None
+        mla = fused_latent.record(a, product, dtype)
         return None if mla is None else (a.n_heads, 1, a.v_head_dim, a.qk_rope_head_dim, native_decode._Product(),
                                          *mla)
     qkv = product(a.qkv, dtype) if type(a) is Attention else None
