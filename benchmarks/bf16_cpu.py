@@ -6,12 +6,12 @@ Two tables, one thread by default, interleaved rounds, medians:
    kernel here), llmarch's widened route (``llmarch.nn.widened``: fp32 BLAS, one bf16 rounding), llmarch's native
    bf16 kernel over the blocked copy (``llmarch.native.bf16``, up to 32 rows), and the fp32 product over the
    native fp32 copy for reference. Weight copies cycled so they stream from memory.
-2. Decoding (``--models``: the LLaMA-style model, and its Mixtral-style MoE variant from benchmarks/decode.py;
-   batch 1 and 8, prompt 16): llmarch bf16 (packed copies, as ``generate`` packs; native bf16 decode layers) against
-   transformers' bf16 ``generate`` (sdpa, same weights) and llmarch fp32; tokens/s and the fraction of the
-   read-bandwidth bound for the bytes a step streams (``decode.streamed_bytes``: an MoE's experts at the share a
-   step is expected to hit), and the share of generated tokens equal to transformers' (bf16 products summed in
-   another order can flip a near-tie between two logits).
+2. Decoding (``--models``: the LLaMA-style model, its Mixtral-style MoE and DeepSeek-V2 style variants from
+   benchmarks/decode.py; batch 1 and 8, prompt 16): llmarch bf16 (packed copies, as ``generate`` packs; native
+   bf16 decode layers) against transformers' bf16 ``generate`` (sdpa, same weights) and llmarch fp32; tokens/s and
+   the fraction of the read-bandwidth bound for the bytes a step streams (``decode.streamed_bytes``: an MoE's
+   experts at the share a step is expected to hit), and the share of generated tokens equal to transformers' (bf16
+   products summed in another order can flip a near-tie between two logits).
 
     PYTHONPATH=src python benchmarks/bf16_cpu.py [--threads 1] [--repeats 5] [--new-tokens 32] [--no-products]
         [--models llama,mixtral]
@@ -103,7 +103,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--no-products", dest="products", action="store_false")
-    p.add_argument("--models", default="llama", help="comma-separated: llama, mixtral")
+    p.add_argument("--models", default="llama", help="comma-separated: llama, mixtral, deepseek")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     bandwidth = memory_bandwidth_gbs()
