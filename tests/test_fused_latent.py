@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(native.library("decode") is None,
 MLA = dict(kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24)
 CASES = {
     "deepseek-v2-tiny": {},
-    "no query latent, odd widths": dict(mla=dict(kv_lora_rank=40, q_lora_rank=None, qk_rope_head_dim=8,
+    "no query latent, odd widths": dict(mla=dict(kv_lora_rank=36, q_lora_rank=None, qk_rope_head_dim=8,
                                                  qk_nope_head_dim=12, v_head_dim=20)),
     "biases": dict(qkv_bias=True, out_bias=True),
     "sliding": dict(pattern=("sliding",), window=5),

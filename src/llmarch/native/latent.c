@@ -100,17 +100,22 @@ static void mla_attention(const mla_t *M, int bf16, const float *h, int64_t B, i
     }
   }
   memset(qa, 0, sizeof(float) * B * H * R);
-  for (int64_t hd = 0; hd < H; hd++) /* qa[b, h] = q_nope[b, h] @ W_UK[h] ([Dn] x [Dn, R]) */
+  for (int64_t hd = 0; hd < H; hd++) /* qa[b, h] = q_nope[b, h] @ W_UK[h] ([Dn] x [Dn, R]), 8 lanes of R at a time */
     for (int64_t n = 0; n < Dn; n++) {
       const int64_t row = (hd * (Dn + Dv) + n) * R;
-      for (int64_t b = 0; b < B; b++) {
-        const float c = q[b * Q + hd * (Dn + Dr) + n];
-        float *o = qa + (b * H + hd) * R;
-        if (bf16)
-          for (int64_t r = 0; r < R; r++) o[r] += c * from_bf16(((const uint16_t *)M->ukv)[row + r]);
-        else
-          for (int64_t r = 0; r < R; r++) o[r] += c * ((const float *)M->ukv)[row + r];
+      const float *w32 = (const float *)M->ukv + row;
+      const uint16_t *w16 = (const uint16_t *)M->ukv + row;
+      int64_t r = 0;
+      for (; r + 8 <= R; r += 8) {
+        const __m256 w = bf16 ? load8_bf16(w16 + r) : _mm256_loadu_ps(w32 + r);
+        for (int64_t b = 0; b < B; b++) {
+          float *o = qa + (b * H + hd) * R + r;
+          _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_set1_ps(q[b * Q + hd * (Dn + Dr) + n]), w, _mm256_loadu_ps(o)));
+        }
       }
+      for (; r < R; r++)
+        for (int64_t b = 0; b < B; b++)
+          qa[(b * H + hd) * R + r] += q[b * Q + hd * (Dn + Dr) + n] * (bf16 ? from_bf16(w16[r]) : w32[r]);
     }
   if (bf16) round_bf16(qa, B * H * R);
   _Pragma("omp parallel for schedule(static) if (B * H * S * R >= (1 << 18))")
