@@ -1,5 +1,5 @@
 """Chat (Python API and REPL) with a tiny byte-level tokenizer written here; the CLI verbs added for
-inference (generate streaming with a preset, convert --quantize)."""
+inference (generate streaming with a preset, --dtype bf16, convert --quantize)."""
 from __future__ import annotations
 
 import io
@@ -10,6 +10,7 @@ import torch
 import llmarch
 from llmarch.checkpoint import load_model, save_model
 from llmarch.cli import main
+from llmarch.cli.common import load_for_inference
 from llmarch.infer.chat import Chat, TextStream, repl
 from llmarch.infer.quantize import Int8Linear
 
@@ -78,6 +79,26 @@ def test_cli_generate_streams_preset_tokens(capsys):
     torch.manual_seed(0)  # the CLI seeds torch with --seed 0 before building
     model = llmarch.build(llmarch.preset("gpt2-tiny")).eval()
     assert [int(t) for t in toks] == llmarch.generate(model, torch.tensor([[1, 2, 3]]), 5)[0].tolist()
+
+
+def test_cli_generate_and_chat_in_bf16(tmp_path, capsys):
+    """``--dtype bf16`` (generate and chat): the preset's model converted to bf16 gives the tokens printed; a
+    checkpoint loads in bf16; a quantized checkpoint refuses bf16 in one line."""
+    assert main(["generate", "--preset", "gpt2-tiny", "--prompt", "1 2 3", "--max-new-tokens", "5",
+                 "--temperature", "0", "--dtype", "bf16"]) == 0
+    toks = [int(t) for t in capsys.readouterr().out.split()]
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("gpt2-tiny")).eval().to(torch.bfloat16)
+    assert toks == llmarch.generate(model, torch.tensor([[1, 2, 3]]), 5)[0].tolist()
+    save_model(chat_model(), tmp_path / "fp32")
+    loaded = load_for_inference(tmp_path / "fp32", "bf16")
+    assert not loaded.training and {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert main(["convert", str(tmp_path / "fp32"), str(tmp_path / "int8"), "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    for verb in ("generate", "chat"):
+        assert main([verb, "--checkpoint", str(tmp_path / "int8"), "--dtype", "bf16"]) == 2
+        err = capsys.readouterr().err
+        assert "--dtype bf16" in err and "quantized" in err and "Traceback" not in err
 
 
 def test_cli_convert_quantize(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """`llmarch chat`: an interactive conversation with a checkpoint (history, /reset, /quit)."""
 from __future__ import annotations
 
+from llmarch.cli.common import add_dtype_arg, load_for_inference
+
 
 def add(sub) -> None:
     p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (/reset, /image PATH, /quit)")
@@ -14,17 +16,17 @@ def add(sub) -> None:
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.1)
     p.add_argument("--seed", type=int, default=0)
+    add_dtype_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from llmarch.checkpoint import load_model
     from llmarch.infer.chat import Chat, repl
     from llmarch.tokenizer import load_tokenizer_for
     from llmarch.train.checkpoints import resolve_model_dir
 
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
-    model = load_model(path).eval()
+    model = load_for_inference(path, args.dtype)
     from llmarch.infer.images import processor_for
 
     processor = processor_for(model, path) if getattr(model.config, "vision", None) else None

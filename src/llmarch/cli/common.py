@@ -141,3 +141,26 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}" if isinstance(n, float) else str(n)
+
+
+DTYPES = ("fp32", "bf16")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="the model's dtype for inference (bf16: half the bytes to stream; on a CPU without bf16 "
+                        "products it decodes through native bf16 layers)")
+
+
+def load_for_inference(path, dtype: str):
+    """``llmarch.checkpoint.load_model(path)`` in eval mode, in ``dtype`` ("fp32" | "bf16"); a quantized checkpoint
+    keeps its own types (its activations are fp32), so asking it for bf16 is an error that says so."""
+    import torch
+
+    from llmarch.checkpoint import load_model
+
+    if dtype == "bf16" and (Path(path) / "quantization.json").is_file():
+        raise ValueError(f"--dtype bf16: {path} is quantized (quantization.json); its layers run with fp32 "
+                         "activations: drop --dtype")
+    return load_model(path, dtype=torch.bfloat16 if dtype == "bf16" else None).eval()
+

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from llmarch.cli.common import add_dtype_arg, load_for_inference
+
 if TYPE_CHECKING:
     import torch
 
@@ -27,6 +29,7 @@ def add(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--seed", type=int, default=0)
+    add_dtype_arg(p)
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn in the checkpoint's chat "
                    "template (as `chat` does) and stop at the end of the reply")
     p.add_argument("--index", metavar="DIR", help="RETRO: retrieve neighbours from this chunk index (built with "
@@ -91,6 +94,7 @@ def run(args) -> int:
             raise ValueError("--index needs --checkpoint (a trained RETRO run and the tokenizer its index was built "
                              "with), not --preset")
         model = llmarch.build(llmarch.preset(args.preset)).eval()
+        model = model.to(torch.bfloat16) if args.dtype == "bf16" else model
         kw["cache"] = "dynamic" if conditioned else cache_for(model, args.cache)
         ids = token_ids("--prompt", args.prompt) or [0]
         if args.instruction is not None:
@@ -106,12 +110,11 @@ def run(args) -> int:
         _emit("\n" if stream else "".join(f" {t}" for t in out[0, len(ids):].tolist()) + "\n")
         return 0
 
-    from llmarch.checkpoint import load_model
     from llmarch.tokenizer import encode_prompt, load_tokenizer_for
     from llmarch.train.checkpoints import resolve_model_dir
 
     path = resolve_model_dir(args.checkpoint)  # a model directory, or a training run's newest good checkpoint
-    model = load_model(path).eval()
+    model = load_for_inference(path, args.dtype)
     tok = load_tokenizer_for(path)
     kw["cache"] = "dynamic" if conditioned else cache_for(model, args.cache)
     if args.instruction is not None:
