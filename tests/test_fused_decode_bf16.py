@@ -131,3 +131,16 @@ def test_one_stack_switches_between_fp32_and_bf16_plans(monkeypatch):
     pack_weights(model)
     check_bf16_steps(model, ids, 3, monkeypatch)
     assert fused_decode._PLANS[model.decoder].dtype == BF16 and spy.steps == 6
+
+
+def test_bf16_two_threads_and_the_threaded_attention(monkeypatch):
+    """Two OpenMP threads over a bf16 cache: 2 rows x 4 heads x 520 keys x 64 dims, past the kernel's 2^18
+    threshold, so attention splits its heads."""
+    model = bf16_model(n_layers=1, d_model=256, d_ff=64)
+    ids = torch.randint(0, BASE["vocab_size"], (2, 512), generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_bf16_steps(model, ids, 8, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
