@@ -10,8 +10,11 @@ import torch
 import transformers
 
 import llmarch
+from llmarch import native
 from llmarch.hf.io import family
+from llmarch.infer.layout import pack_weights, unpack_weights
 from llmarch.nn import router_stats
+from tests.decode_util import Spy
 from tests.hf_util import assert_close_at, assert_same_weights, hf_logits, make_hf_model, padded_batch
 
 BASE = dict(vocab_size=211, d_model=48, n_layers=3, n_heads=4, d_ff=96, max_seq_len=128)
@@ -65,6 +68,24 @@ def test_greedy_generation_matches(pair):
     mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=16)
     assert torch.equal(mine, hf_out), f"{name}: generations differ\n{mine}\n{hf_out}"
     assert len(set(mine[:, 6:].flatten().tolist())) > 2, f"{name}: degenerate generations: {mine}"
+
+
+@pytest.mark.skipif(native.library("decode") is None,
+                    reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
+def test_greedy_generation_matches_on_native_decode_layers(pair, monkeypatch):
+    """With packed weights every decode step runs latent attention and the MoE layers in native calls
+    (llmarch.nn.fused_decode): still transformers' tokens."""
+    name, cfg, hf_model, ours, _ = pair
+    ids, mask = padded_batch(cfg.vocab_size, lengths=(6, 4), seed=3)
+    hf_out = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                               pad_token_id=0, eos_token_id=None)
+    pack_weights(ours)
+    spy = Spy(monkeypatch)
+    try:
+        mine = llmarch.generate(ours, ids, attention_mask=mask, max_new_tokens=16)
+    finally:
+        unpack_weights(ours)  # the module-scoped model goes back as it was
+    assert spy.steps == 15 and torch.equal(mine, hf_out), f"{name}: generations differ\n{mine}\n{hf_out}"
 
 
 def test_save_reloads_in_transformers(pair):
