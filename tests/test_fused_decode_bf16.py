@@ -2,8 +2,9 @@
 call per layer, rounding to bf16 wherever the eager bf16 step rounds. Held to the eager bf16 steps it replaces:
 nearly all logits and every cache entry bit-equal (the rest one rounding apart, where summation order flips a
 rounding), greedy tokens identical, across the attention and FFN shapes of test_fused_decode.py, the mixtures of
-experts of test_fused_moe.py, the latent attention of test_fused_latent.py and padded batches; and standing aside where the eager bf16 step computes something
-else (torch's own bf16 kernels, autocast, a bf16 model without its blocked copies)."""
+experts of test_fused_moe.py, the latent attention of test_fused_latent.py and padded batches; and standing aside
+where the eager bf16 step computes something else (torch's own bf16 kernels, autocast, a bf16 model without its
+blocked copies)."""
 from __future__ import annotations
 
 import pytest
