@@ -26,7 +26,8 @@ def add(sub) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     p.add_argument("--cache", choices=["auto", "dynamic", "static"], default="auto",
                    help="KV cache: static where the model supports it (auto), else dynamic")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (static cache; on a CPU "
+                   "where llmarch's native decode layers run, eager decoding is faster)")
     p.add_argument("--no-stream", action="store_true", help="print the text at the end instead of as it comes")
     p.add_argument("--seed", type=int, default=0)
     add_dtype_arg(p)
