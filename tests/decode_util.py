@@ -2,6 +2,8 @@
 native path served, and the eager and native runs of the same generation or decode steps."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import llmarch
@@ -61,3 +63,14 @@ def check_steps(model, ids, n, monkeypatch):
         torch.testing.assert_close(got_cache.k[i], want_cache.k[i], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_cache.v[i], want_cache.v[i], rtol=1e-5, atol=1e-5)
     return got_cache
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch's (and so the native kernels' OpenMP) thread count set to n inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

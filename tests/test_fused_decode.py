@@ -20,7 +20,7 @@ from llmarch.native import decode as native_decode
 from llmarch.nn import dense
 from llmarch.rope_config import RopeConfig
 
-from tests.decode_util import Spy, check_steps, generate_both, steps
+from tests.decode_util import Spy, check_steps, generate_both, num_threads
 
 pytestmark = pytest.mark.skipif(native.library("decode") is None,
                                 reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
@@ -84,16 +84,8 @@ def test_two_threads_and_the_threaded_attention_match(monkeypatch):
     model = model_for(n_layers=1, d_model=256, d_ff=64)
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (2, 512), generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        want, want_tokens, _ = steps(model, ids, 8, False, monkeypatch)
-        spy = Spy(monkeypatch)
-        got, got_tokens, _ = steps(model, ids, 8, True, monkeypatch)
-    finally:
-        torch.set_num_threads(before)
-    assert spy.steps == 8 and torch.equal(got_tokens, want_tokens)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with num_threads(2):
+        check_steps(model, ids, 8, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["gqa", "sliding", "learned positions", "bloom style"])

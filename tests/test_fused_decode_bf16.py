@@ -15,7 +15,7 @@ from llmarch.infer.layout import pack_weights, unpack_weights
 from llmarch.native import bf16 as native_bf16
 from llmarch.nn import fused_decode, widened
 
-from tests.decode_util import Spy, generate_both, steps
+from tests.decode_util import Spy, generate_both, num_threads, steps
 from tests.test_fused_decode import BASE, CASES, model_for
 from tests.test_fused_latent import CASES as LATENT_CASES
 from tests.test_fused_latent import model_for as latent_model
@@ -139,9 +139,5 @@ def test_bf16_two_threads_and_the_threaded_attention(monkeypatch):
     threshold, so attention splits its heads."""
     model = bf16_model(n_layers=1, d_model=256, d_ff=64)
     ids = torch.randint(0, BASE["vocab_size"], (2, 512), generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with num_threads(2):
         check_bf16_steps(model, ids, 8, monkeypatch)
-    finally:
-        torch.set_num_threads(before)

@@ -17,7 +17,7 @@ from llmarch.infer.quantize import quantize
 from llmarch.nn import fused_decode
 from llmarch.nn.cache import LatentCache
 
-from tests.decode_util import Spy, check_steps, generate_both, steps
+from tests.decode_util import Spy, check_steps, generate_both, num_threads, steps
 
 pytestmark = pytest.mark.skipif(native.library("decode") is None,
                                 reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
@@ -112,13 +112,5 @@ def test_two_threads_and_the_threaded_latent_attention_match(monkeypatch):
     threshold) splits its heads."""
     model = model_for(n_layers=1, ffn="glu", moe=None, mla=dict(MLA, kv_lora_rank=128))
     ids = torch.randint(0, 500, (2, 512), generator=torch.Generator().manual_seed(6))
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        want, want_tokens, _ = steps(model, ids, 8, False, monkeypatch)
-        spy = Spy(monkeypatch)
-        got, got_tokens, _ = steps(model, ids, 8, True, monkeypatch)
-    finally:
-        torch.set_num_threads(before)
-    assert spy.steps == 8 and torch.equal(got_tokens, want_tokens)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with num_threads(2):
+        check_steps(model, ids, 8, monkeypatch)
