@@ -52,19 +52,11 @@ static inline float elem(const void *t, int64_t i, int bf16) {
 }
 
 /* y = norm(x) over B rows of D. bf16 (x holding bf16 values): RMSNorm as rows.c's bf16 form (x * inv rounded,
- * times the gain rounded); LayerNorm computed in fp32 and rounded once, as torch's bf16 layer_norm. s16: scratch of
- * 2 B D uint16. */
-static void norm(const layer_t *L, const float *x, const void *w, const void *b, float eps, float *y, int64_t B,
-                 uint16_t *s16) {
+ * times the gain rounded); LayerNorm computed in fp32 and rounded once, as torch's bf16 layer_norm. */
+static void norm(const layer_t *L, const float *x, const void *w, const void *b, float eps, float *y, int64_t B) {
   const int64_t D = L->D;
-  if (L->norm == RMS_NORM_KIND && L->bf16) {
-    for (int64_t i = 0; i < B * D; i++) s16[i] = to_bf16(x[i]);
-    llmarch_rms_norm_bf16(s16, (const uint16_t *)w, s16 + B * D, B, D, eps);
-    for (int64_t i = 0; i < B * D; i++) y[i] = from_bf16(s16[B * D + i]);
-    return;
-  }
   if (L->norm == RMS_NORM_KIND) {
-    llmarch_rms_norm(x, (const float *)w, y, B, D, eps);
+    rms_rows((int)L->bf16, x, w, y, B, D, eps);
     return;
   }
   for (int64_t r = 0; r < B; r++) {
@@ -88,27 +80,19 @@ static void residual(float *x, const float *y, int64_t n, int bf16) {
 }
 
 /* att [B, H Dh] = grouped-query attention of rows h [B, D] (normed), writing this step's keys and values to slot
- * `slot` of kbuf / vbuf (fp32, or bf16 in a bf16 layer); see llmarch_decode_layer. s16: bf16 scratch. */
+ * `slot` of kbuf / vbuf (fp32, or bf16 in a bf16 layer); see llmarch_decode_layer. */
 static void gqa_attention(const layer_t *L, const float *h, int64_t B, void *kbuf, void *vbuf, int64_t cap,
                           int64_t first, int64_t slot, const void *cos, const void *sin, int64_t cos_stride,
-                          const uint8_t *valid, int64_t valid_stride, const float *alibi, float *att, uint16_t *s16) {
+                          const uint8_t *valid, int64_t valid_stride, const float *alibi, float *att) {
   const int64_t D = L->D, H = L->H, G = L->G, Dh = L->Dh, W = (H + 2 * G) * Dh, S = slot + 1 - first;
   const int bf16 = (int)L->bf16;
   float *qkv = malloc(sizeof(float) * B * W), *rot = malloc(sizeof(float) * B * (H + G) * Dh);
   product(&L->qkv, h, qkv, B, W, D);
   if (bf16) round_bf16(qkv, B * W);
-  const int64_t n_rot = B * (H + G) * Dh;
-  if (cos != NULL && bf16) { /* rows.c's bf16 rotation over the q and k heads, [B, H+G, 1, Dh] */
-    for (int64_t b = 0; b < B; b++)
-      for (int64_t i = 0; i < (H + G) * Dh; i++) s16[b * (H + G) * Dh + i] = to_bf16(qkv[b * W + i]);
-    llmarch_rotate_half_bf16(s16, cos, sin, s16 + n_rot, B, H + G, 1, Dh, (H + G) * Dh, Dh, Dh, cos_stride,
-                             cos_stride);
-    for (int64_t i = 0; i < n_rot; i++) rot[i] = from_bf16(s16[n_rot + i]);
-  } else if (cos != NULL) { /* q and k heads of each row: [B, H+G, 1, Dh] with row stride W */
-    llmarch_rotate_half(qkv, cos, sin, rot, B, H + G, 1, Dh, W, Dh, Dh, cos_stride, cos_stride);
-  } else {
+  if (cos != NULL) /* q and k heads of each row: [B, H+G, Dh] with row stride W */
+    rotate_rows(bf16, qkv, cos, sin, rot, B, H + G, Dh, W, Dh, cos_stride);
+  else
     for (int64_t b = 0; b < B; b++) memcpy(rot + b * (H + G) * Dh, qkv + b * W, sizeof(float) * (H + G) * Dh);
-  }
   for (int64_t b = 0; b < B; b++)
     for (int64_t g = 0; g < G; g++) {
       const int64_t at = ((b * G + g) * cap + slot) * Dh;
@@ -149,25 +133,23 @@ static void gqa_attention(const layer_t *L, const float *h, int64_t B, void *kbu
 void llmarch_decode_layer(const layer_t *L, void *x_io, int64_t B, void *kbuf, void *vbuf, int64_t cap,
                           int64_t first, int64_t slot, const void *cos, const void *sin, int64_t cos_stride,
                           const uint8_t *valid, int64_t valid_stride, const float *alibi) {
-  const int64_t D = L->D, H = L->H, G = L->G, Dh = L->Dh, F = L->F, W = (H + 2 * G) * Dh;
+  const int64_t D = L->D, H = L->H, Dh = L->Dh, F = L->F;
   const int bf16 = (int)L->bf16;
   float *h = malloc(sizeof(float) * B * (D > F ? D : F)), *att = malloc(sizeof(float) * B * H * Dh);
   float *gu = malloc(sizeof(float) * B * 2 * F), *y = malloc(sizeof(float) * B * D);
   float *x = bf16 ? malloc(sizeof(float) * B * D) : (float *)x_io;
-  uint16_t *s16 = bf16 ? malloc(sizeof(uint16_t) * 2 * B * (D > W ? D : W)) : NULL;
   if (bf16)
     for (int64_t i = 0; i < B * D; i++) x[i] = from_bf16(((const uint16_t *)x_io)[i]);
-  norm(L, x, L->norm1, L->norm1_bias, L->eps1, h, B, s16);
+  norm(L, x, L->norm1, L->norm1_bias, L->eps1, h, B);
   if (L->mla != NULL)
     mla_attention(L->mla, bf16, h, B, D, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride,
                   L->scale, att);
   else
-    gqa_attention(L, h, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride, alibi, att,
-                  s16);
+    gqa_attention(L, h, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride, alibi, att);
   product(&L->out, att, y, B, D, H * Dh);
   if (bf16) round_bf16(y, B * D);
   residual(x, y, B * D, bf16);
-  norm(L, x, L->norm2, L->norm2_bias, L->eps2, h, B, s16);
+  norm(L, x, L->norm2, L->norm2_bias, L->eps2, h, B);
   if (L->moe != NULL) {
     moe_ffn(L->moe, h, y, B, D, NULL, NULL, NULL);
   } else {
@@ -180,7 +162,7 @@ void llmarch_decode_layer(const layer_t *L, void *x_io, int64_t B, void *kbuf, v
   residual(x, y, B * D, bf16);
   if (bf16) {
     for (int64_t i = 0; i < B * D; i++) ((uint16_t *)x_io)[i] = to_bf16(x[i]);
-    free(x), free(s16);
+    free(x);
   }
   free(h), free(att), free(gu), free(y);
 }
