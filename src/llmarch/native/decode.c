@@ -2,6 +2,8 @@
  * the eager step runs ~40 torch ops and 4 kernel calls per layer (llmarch.nn.fused_decode says which layers
  * qualify).
  *
+ * llmarch_decode_stack(table, n, x, B, ...): every layer of the step in turn (see below), one call per step.
+ *
  * llmarch_decode_layer(L, x, B, kbuf, vbuf, cap, first, slot, cos, sin, cos_stride, valid, valid_stride, alibi): a
  * pre-norm block of grouped-query attention and an FFN, x [B, D] the residual stream (updated in place):
  *   h = norm1(x); qkv = h W_qkv^T + b; q, k rotated (half-split RoPE over the whole head, when cos is not NULL);
@@ -171,4 +173,20 @@ void llmarch_decode_layer(const layer_t *L, void *x_io, int64_t B, void *kbuf, v
 void llmarch_moe_ffn(const moe_t *M, const float *h, float *y, int64_t B, int64_t D, float *logits,
                      int64_t *experts, float *weights) {
   moe_ffn(M, h, y, B, D, logits, experts, weights);
+}
+
+/* Layer i of a stack's step: table[i * 8 ..] = {layer, kbuf, vbuf, cap, first, slot, lookback, delta} (the first
+ * three addresses; delta: the absolute slot of buffer slot 0, where valid's flags start). Each layer runs
+ * llmarch_decode_layer at its own slots; then its row moves on: slot + 1, and first to slot + 1 - lookback where a
+ * sliding window keeps only lookback keys (lookback < 0: all). The caller checks that slot < cap for every row. */
+void llmarch_decode_stack(int64_t *table, int64_t n, void *x, int64_t B, const void *cos, const void *sin,
+                          int64_t cos_stride, const uint8_t *valid, int64_t valid_stride, const float *alibi) {
+  for (int64_t i = 0; i < n; i++) {
+    int64_t *r = table + 8 * i;
+    const int64_t first = r[4], slot = r[5], lookback = r[6];
+    llmarch_decode_layer((const layer_t *)r[0], x, B, (void *)r[1], (void *)r[2], r[3], first, slot, cos, sin,
+                         cos_stride, valid == NULL ? NULL : valid + r[7] + first, valid_stride, alibi);
+    r[5] = slot + 1;
+    if (lookback >= 0 && slot + 1 - first > lookback) r[4] = slot + 1 - lookback;
+  }
 }

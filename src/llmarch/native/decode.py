@@ -111,6 +111,14 @@ _ARGS = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, cty
 _KERNEL = native.Kernel("decode", "llmarch_decode_layer", _ARGS, _check)
 available = _KERNEL.available
 
+# llmarch_decode_stack(table, n, x, B, cos, sin, cos_stride, valid, valid_stride, alibi): every layer of a step
+# (table: n rows of {layer, kbuf, vbuf, cap, first, slot, lookback, delta}, int64, which it moves on by one slot);
+# usable where llmarch_decode_layer passed its check (the same library)
+STACK = native.Kernel("decode", "llmarch_decode_stack", [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                                         ctypes.c_int64] + [ctypes.c_void_p] * 2
+                      + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p],
+                      lambda fn: _KERNEL.fn() is not None)
+
 
 def _check_moe(fn) -> bool:
     """A small mixture (4 experts, 2 per row, topk_softmax, gated silu experts) against torch ops."""
@@ -149,4 +157,5 @@ MOE_KERNEL = native.Kernel("decode", "llmarch_moe_ffn", [ctypes.c_void_p] * 3 + 
 def reset() -> None:
     """Forget both functions and the libraries (tests flip ``LLMARCH_NATIVE``)."""
     _KERNEL.reset()
+    STACK.reset()
     MOE_KERNEL.reset()

@@ -4,6 +4,9 @@
 ``start[i]``, the absolute slot of the first stored key. A layer whose pattern only looks back W-1 keys
 (sliding window) keeps only those, so ``start[i]`` moves forward and its memory stays O(W). ``length`` counts the
 slots (tokens, padding included) the cache has seen; the model advances it once per forward.
+
+A native decode step (:mod:`llmarch.nn.fused_decode`) writes every layer's new slot itself and may leave the views
+for later (:meth:`KVCache.defer`): the first read of ``k``, ``v`` or ``start`` brings them up to date.
 """
 from __future__ import annotations
 
@@ -16,11 +19,42 @@ class KVCache:
     GROW = 256  # most spare slots a buffer is allocated with
 
     def __init__(self) -> None:
+        self._pending = None  # a native step's record of slots written but not yet in k / v / start (see defer)
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.start: dict[int, int] = {}
         self.length = 0
         self._buffers: dict[int, tuple] = {}  # layer -> (k buffer, v buffer, offset of k[layer] in them)
+
+    def _views(self, name: str) -> dict:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.sync(self)
+        return self.__dict__[name]
+
+    k = property(lambda self: self._views("_k"), lambda self, d: self.__dict__.__setitem__("_k", d))
+    v = property(lambda self: self._views("_v"), lambda self, d: self.__dict__.__setitem__("_v", d))
+    start = property(lambda self: self._views("_start"), lambda self, d: self.__dict__.__setitem__("_start", d))
+
+    def defer(self, pending) -> None:
+        """Leave ``k`` / ``v`` / ``start`` behind the buffers until first read, when ``pending.sync(cache)`` sets
+        them (without reading them through these properties) from what a native step wrote."""
+        self._pending = pending
+
+    @property
+    def pending(self):
+        """What :meth:`defer` was given, while ``k`` / ``v`` / ``start`` have not been read since."""
+        return self._pending
+
+    def set_views(self, layer: int, bk: torch.Tensor, bv: torch.Tensor, first: int, end: int, start: int) -> None:
+        """k[layer] / v[layer]: the buffers' slots [first, end), the first of them absolute slot ``start``."""
+        k, v = bk.narrow(2, first, end - first), bv.narrow(2, first, end - first)
+        self._k[layer], self._v[layer], self._start[layer] = k, v, start
+        self._buffers[layer] = (bk, bv, first, k, v)
+
+    def __getstate__(self) -> dict:
+        self._views("_k")  # a copy gets the views, not the native step's record (which points at these buffers)
+        return dict(self.__dict__)
 
     def reserve(self, layer: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Buffers (k, v: [B, G, capacity, *]) holding k[layer] / v[layer] at slots [offset, offset + n) with room

@@ -108,7 +108,8 @@ def _dtype_fits(dtype: torch.dtype) -> bool:
 
 def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
     """The stack's layers (not its final norm) over x [B, 1, D] in native calls, or None (run them eagerly)."""
-    if not _call_fits(stack, x, ctx, cache) or not native_decode.available():
+    fn = native_decode.STACK.fn() if _call_fits(stack, x, ctx, cache) else None
+    if fn is None:
         return None
     plan = _plan(stack, x.dtype)
     if plan is None:
@@ -128,23 +129,55 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
                               or alibi.dtype not in (torch.float32, x.dtype) or plan.heads != {alibi.numel()}):
         return None
     alibi = None if alibi is None else alibi.float()  # the bias is computed in fp32 (exact for bf16 slopes)
-    for _, idx, _ in plan.records:
-        k = cache.k.get(idx)
-        if k is None or k.dtype != x.dtype or k.shape[0] != B:
-            return None
     valid = ctx.key_padding  # [B, S_total] bool (True: a real token), or None
     if valid is not None:
         if valid.dtype != torch.bool or valid.shape != (B, cache.length + 1):
             return None
         valid = valid.contiguous()
+    slots = cache.pending
+    if not (type(slots) is _Slots and slots.plan is plan and slots.rows == B and slots.room > 0):
+        slots = _Slots.make(plan, cache, B, x.dtype)
+        if slots is None:
+            return None
     h = x.reshape(B, D).clone()
-    fn = native_decode._KERNEL.fn()
-    cp, sp = (None, None) if cos is None else (cos.data_ptr(), sin.data_ptr())
-    for record, idx, lookback in plan.records:
-        bk, bv, off, n = cache.reserve(idx, 1, x.dtype)
-        vp = None if valid is None else valid.data_ptr() + cache.start[idx]  # the flags of the first key kept
-        fn(record, h.data_ptr(), B, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n, cp, sp, stride, vp,
-           0 if valid is None else valid.shape[1], None if alibi is None else alibi.data_ptr())
-        cache.written(idx, 1, lookback)
+    fn(slots.table.data_ptr(), len(plan.records), h.data_ptr(), B, None if cos is None else cos.data_ptr(),
+       None if sin is None else sin.data_ptr(), stride, None if valid is None else valid.data_ptr(),
+       0 if valid is None else valid.shape[1], None if alibi is None else alibi.data_ptr())
+    slots.room -= 1
+    cache.defer(slots)  # k / v / start follow the table when next read
     fused_moe.forget_routing(plan.moe)
     return h.view(B, 1, D)
+
+
+class _Slots:
+    """A cache's layers as ``llmarch_decode_stack`` reads and moves them on: a table row per layer (its record,
+    buffers, capacity, first and next slot, lookback, and the absolute slot of buffer slot 0), for one plan,
+    batch size and dtype, with room for :attr:`ROOM` steps reserved at once. The cache defers its views to it
+    (:meth:`~llmarch.nn.cache.KVCache.defer`): a step that finds it still pending runs straight on the table;
+    a read of the cache in between ends that, and the next step reserves again."""
+
+    ROOM = 64
+
+    def __init__(self, plan: _Plan, rows: int, table: torch.Tensor, buffers: list):
+        self.plan, self.rows, self.table, self.buffers = plan, rows, table, buffers
+        caps, slots = table[:, 3].tolist(), table[:, 5].tolist()
+        self.room = min(c - s for c, s in zip(caps, slots))
+
+    @classmethod
+    def make(cls, plan: _Plan, cache, B: int, dtype: torch.dtype) -> "_Slots | None":
+        """Reserve every layer's buffers (None where a layer's cache is missing, of another dtype or batch)."""
+        rows, buffers = [], []
+        for record, idx, lookback in plan.records:
+            k = cache.k.get(idx)
+            if k is None or k.dtype != dtype or k.shape[0] != B:
+                return None
+            bk, bv, off, n = cache.reserve(idx, cls.ROOM, dtype)
+            rows.append((record, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n,
+                         -1 if lookback is None else lookback, cache.start[idx] - off))
+            buffers.append((idx, bk, bv))
+        return cls(plan, B, torch.tensor(rows, dtype=torch.int64), buffers)
+
+    def sync(self, cache) -> None:
+        """Set the cache's views to the slots the steps wrote (called by the cache on its first read)."""
+        for (idx, bk, bv), (first, end, _, delta) in zip(self.buffers, self.table[:, 4:].tolist()):
+            cache.set_views(idx, bk, bv, first, end, first + delta)
