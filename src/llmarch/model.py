@@ -11,7 +11,8 @@ from torch import nn
 
 from llmarch.config import ModelConfig
 from llmarch.model_inputs import (_global_mask, _key_padding, check_documents, check_input_ids,  # noqa: F401
-                                  check_token_types, document_positions, position_ids_from_mask)
+                                  check_logits_to_keep, check_token_types, document_positions,
+                                  position_ids_from_mask)
 from llmarch.nn.attention import AttnContext
 from llmarch.nn.block import BLOCKS, CROSS_BLOCKS
 from llmarch.nn.cache import CrossMemory, EncoderDecoderCache, KVCache
@@ -172,7 +173,7 @@ class Model(nn.Module):
                 decoder_attention_mask: torch.Tensor | None = None,
                 global_attention_mask: torch.Tensor | None = None, output_attentions: bool = False,
                 output_exits: bool = False, pixel_values: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> ModelOutput:
+                document_ids: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         """input_ids [B, T] (long); attention_mask [B, S_total] over cached + new tokens (1 = real, 0 = padding);
         position_ids [B, T] (default: from the mask, skipping padding, plus ``position_offset``); token_type_ids
         [B, T] (segments). Encoder-decoders also take decoder_input_ids [B, T'] (+ decoder_attention_mask) and
@@ -182,10 +183,13 @@ class Model(nn.Module):
         and positions restart at each new id (see :func:`document_positions`).
         output_attentions: also return every attention module's weights (computed by the reference kernel).
         output_exits (exit_heads models): also the intermediate predictions and learned exit confidences.
-        pixel_values [n_images, C, H, W] only for models with ``config.vision`` (VisionLanguageModel)."""
+        pixel_values [n_images, C, H, W] only for models with ``config.vision`` (VisionLanguageModel).
+        logits_to_keep: n > 0 runs the head on the last n positions only (logits [B, n, V]; a prefill needs just
+        the last); 0: on every position. ``hidden_states`` keep every position."""
         if pixel_values is not None:  # vision configs build a VisionLanguageModel, which reads them
             raise ValueError("pixel_values: this model reads text only (config.vision is None); use a vision "
                              "preset such as llava-tiny")
+        check_logits_to_keep(logits_to_keep, self.lm_head)
         if output_exits:
             return self._with_exits(input_ids, attention_mask, position_ids, cache, use_cache)
         if output_attentions:
@@ -195,13 +199,13 @@ class Model(nn.Module):
                 out = self(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids=token_type_ids,
                            decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
                            global_attention_mask=global_attention_mask,
-                           document_ids=document_ids)
+                           document_ids=document_ids, logits_to_keep=logits_to_keep)
             out.attentions = {name: w[-1] for name, w in maps.items() if w}  # the last call (recomputation repeats it)
             return out
         kind = self.config.kind
         if kind == "encoder_decoder":
             return self._seq2seq(input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
-                                 decoder_input_ids, decoder_attention_mask)
+                                 decoder_input_ids, decoder_attention_mask, logits_to_keep)
         if decoder_input_ids is not None or decoder_attention_mask is not None:
             raise ValueError(f"decoder_input_ids: only encoder-decoder models take them (kind is {kind!r})")
         if kind == "encoder":
@@ -210,12 +214,12 @@ class Model(nn.Module):
                                  "call it on the whole sequence")
             h = self._run(self.encoder, input_ids, attention_mask, position_ids, token_type_ids, None, None,
                           global_attention_mask, document_ids)
-            return self._output(h, None)
+            return self._output(h, None, logits_to_keep=logits_to_keep)
         if cache is None and use_cache:
             cache = self.new_cache()
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, None,
                       global_attention_mask, document_ids)
-        return self._output(h, cache, input_ids, attention_mask)
+        return self._output(h, cache, input_ids, attention_mask, logits_to_keep)
 
     def _with_exits(self, input_ids, attention_mask, position_ids, cache, use_cache) -> ModelOutput:
         from llmarch.nn.exits import record_layer_outputs
@@ -237,15 +241,17 @@ class Model(nn.Module):
 
     def decode(self, decoder_input_ids: torch.Tensor, memory: CrossMemory,
                decoder_attention_mask: torch.Tensor | None = None,
-               cache: EncoderDecoderCache | None = None) -> ModelOutput:
-        """Run the decoder stack over decoder_input_ids [B, T] against ``memory``; with a cache, only the new tokens."""
+               cache: EncoderDecoderCache | None = None, logits_to_keep: int = 0) -> ModelOutput:
+        """Run the decoder stack over decoder_input_ids [B, T] against ``memory``; with a cache, only the new tokens.
+        ``logits_to_keep`` as in :meth:`forward`."""
+        check_logits_to_keep(logits_to_keep, self.lm_head)
         h = self._run(self.decoder, decoder_input_ids, decoder_attention_mask, None, None, cache, memory)
-        out = self._output(h, cache)
+        out = self._output(h, cache, logits_to_keep=logits_to_keep)
         out.encoder_hidden_states = memory.states
         return out
 
     def _seq2seq(self, input_ids, attention_mask, position_ids, cache, use_cache, token_type_ids,
-                 decoder_input_ids, decoder_attention_mask) -> ModelOutput:
+                 decoder_input_ids, decoder_attention_mask, logits_to_keep=0) -> ModelOutput:
         if decoder_input_ids is None:
             raise ValueError("decoder_input_ids: an encoder-decoder needs decoder inputs (e.g. the decoder start "
                              "token followed by the target shifted right)")
@@ -258,7 +264,7 @@ class Model(nn.Module):
             memory = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
             if cache is not None:
                 cache.memory = memory
-        return self.decode(decoder_input_ids, memory, decoder_attention_mask, cache)
+        return self.decode(decoder_input_ids, memory, decoder_attention_mask, cache, logits_to_keep)
 
     def _run(self, stack: Stack, input_ids, attention_mask, position_ids, token_type_ids, cache,
              memory, global_attention_mask=None, document_ids=None) -> torch.Tensor:
@@ -273,19 +279,22 @@ class Model(nn.Module):
             check_token_types(token_type_ids, (B, T), cfg.type_vocab_size)
         if document_ids is not None:
             document_ids = check_documents(document_ids, (B, T), cache)
+        start = None  # every row's position ids are start, ..., start + T - 1 (known without reading them)
         if position_ids is None:
             if document_ids is not None:
                 position_ids = document_positions(document_ids)
             elif attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, T)
             else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-            if cfg.position_offset:
+                start = past + cfg.position_offset
+                position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            if cfg.position_offset and start is None:
                 position_ids = position_ids + cfg.position_offset
         x = self.embed_inputs(input_ids, stack.positions, position_ids, token_type_ids, memory)
         ctx = AttnContext(past, T, stack.positions, position_ids, _key_padding(attention_mask), causal=stack.causal,
                           device=input_ids.device, memory=memory,
-                          global_mask=_global_mask(global_attention_mask, (B, past + T)), document_ids=document_ids)
+                          global_mask=_global_mask(global_attention_mask, (B, past + T)), document_ids=document_ids,
+                          position_start=start)
         h = stack(x, ctx, cache)
         if cache is not None:
             cache.advance(T)
@@ -297,11 +306,11 @@ class Model(nn.Module):
         return self.embed(input_ids, positions, position_ids, token_type_ids)
 
     def _output(self, h: torch.Tensor, cache: KVCache | None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> ModelOutput:
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0) -> ModelOutput:
         # a head that reads the tokens (the last-token score of a reward model) gets them
         tokens = dict(input_ids=input_ids, attention_mask=attention_mask) if getattr(
             self.lm_head, "reads_tokens", False) else {}
-        outs = self.lm_head.outputs(h, **tokens)
+        outs = self.lm_head.outputs(h[:, -logits_to_keep:] if logits_to_keep else h, **tokens)
         # MoE layers exist only with ffn="moe" (build): a dense model skips the walk over its modules (~0.4 ms
         # of a 12 ms decode step on a slow host)
         aux = aux_loss(self, h) if self.config.moe is not None else h.new_zeros((), dtype=torch.float32)

@@ -1,6 +1,6 @@
 """The inputs of a forward pass, checked and turned into what the stacks read: token ids and token types
 (validated against the vocabulary), the padding mask as key padding, positions that skip left padding, packed
-documents (segment ids and per-document positions) and global-token masks."""
+documents (segment ids and per-document positions), global-token masks, and how many positions the head scores."""
 from __future__ import annotations
 
 import torch
@@ -81,3 +81,14 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> tuple[int, int]
         assert_on_device(((input_ids >= 0) & (input_ids < vocab_size)).all(),
                          f"input_ids: a token id is outside the vocabulary [0, {vocab_size}); check the tokenizer")
     return input_ids.shape[0], input_ids.shape[1]
+
+
+def check_logits_to_keep(n, head) -> None:
+    """logits_to_keep: a non-negative int; 0 only for a head that reads other positions than those it scores."""
+    if n == 0 and not isinstance(n, bool):
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"logits_to_keep must be a non-negative int (0: every position), got {n!r}")
+    if not getattr(head, "per_position", True):
+        raise ValueError(f"logits_to_keep: the {type(head).__name__} reads positions other than those it scores "
+                         "(a pooled first token, the last real token); pass 0")

@@ -39,6 +39,12 @@ def _step(model, tokens: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     return forward_static(model, ids, torch.ones_like(ids), cache)[:, -1].float()
 
 
+def last_logits(model) -> int:
+    """``logits_to_keep`` for a prefill: 1 (the head on the last position only), or 0 for a head that reads other
+    positions (the last-token score)."""
+    return 1 if getattr(model.lm_head, "per_position", True) else 0
+
+
 def prompt_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """What a decoder's output starts with: the prompt itself (ids, mask, no new tokens yet)."""
     return input_ids, attention_mask, []
@@ -62,8 +68,8 @@ class DynamicEngine:
         if (not self.prefill_inputs and not getattr(self.model.lm_head, "reads_tokens", False)
                 and host_reads_ok(attention_mask) and bool(attention_mask.bool().all())):
             self.mask = None
-        return self.model(input_ids, attention_mask=attention_mask, cache=self.cache,
-                          **self.prefill_inputs).logits[:, -1].float()
+        return self.model(input_ids, attention_mask=attention_mask, cache=self.cache, **self.prefill_inputs,
+                          logits_to_keep=last_logits(self.model)).logits[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:

@@ -73,7 +73,7 @@ class EarlyExitDecoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt [1, T] through the full model; returns the last position's logits [1, V]."""
-        return self.model(input_ids, cache=self.cache).logits[:, -1].float()
+        return self.model(input_ids, cache=self.cache, logits_to_keep=1).logits[:, -1].float()
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:

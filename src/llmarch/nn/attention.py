@@ -23,7 +23,8 @@ class AttnContext:
 
     def __init__(self, q_start: int, T: int, positions: PositionScheme, position_ids: torch.Tensor,
                  key_padding: torch.Tensor | None, causal: bool, device: torch.device, memory=None,
-                 global_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None):
+                 global_mask: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                 position_start: int | None = None):
         self.q_start, self.T, self.causal = q_start, T, causal
         self.memory = memory  # CrossMemory: the encoder output a decoder's cross-attention reads (None elsewhere)
         self.q_idx = torch.arange(q_start, q_start + T, device=device)
@@ -31,7 +32,7 @@ class AttnContext:
         self.global_mask = global_mask  # [B, S_total] bool, True = global token (patterns that use one)
         self.document_ids = document_ids  # [B, S_total]: packed documents; a query sees keys of its own only
         self.positions = positions
-        self.rotation = positions.rotation(position_ids)
+        self.rotation = positions.rotation(position_ids, position_start)  # start: ids are a range in every row
         self._masks: dict = {}
         self._biases: dict = {}
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from llmarch.config import ModelConfig
 from llmarch.model import Model, ModelOutput, Stack
+from llmarch.model_inputs import check_logits_to_keep
 from llmarch.nn.cache import KVCache
 from llmarch.nn.condition_fusion import CONDITION_FUSIONS
 
@@ -32,6 +33,7 @@ class ConditionedModel(Model):
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None, use_cache: bool = False, *,
                 style: torch.Tensor | None = None, instruction: torch.Tensor | None = None,
                 instruction_mask: torch.Tensor | None = None, **kwargs) -> ModelOutput:
+        check_logits_to_keep(kwargs.get("logits_to_keep", 0), self.lm_head)
         if cache is None and use_cache:
             cache = self.new_cache()
         if style is None and instruction is None:
@@ -44,7 +46,7 @@ class ConditionedModel(Model):
             cache.condition = c
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, kwargs.get("token_type_ids"), cache,
                       c)
-        return self._output(self.condition_fusion.outputs(h, c), cache)
+        return self._output(self.condition_fusion.outputs(h, c), cache, logits_to_keep=kwargs.get("logits_to_keep", 0))
 
     def inputs_needed(self) -> list[str]:
         return ((["style=ids [batch] (llmarch generate --style N)"] if self.styles is not None else []) +

@@ -4,7 +4,9 @@ and says which of its weights may be tied to the token embedding.
 Protocol: ``head(h)`` returns the logits; ``head.outputs(h)`` returns ``{"logits": ..., **extras}`` (the NSP
 logits and the pooled [CLS] vector where a head has them); ``tied_name`` is the parameter that
 ``tie(embedding)`` shares with the token embedding (None: nothing to tie). A head with ``reads_tokens = True``
-(the last-token score) is called ``outputs(h, input_ids, attention_mask)`` by the model.
+(the last-token score) is called ``outputs(h, input_ids, attention_mask)`` by the model. A head with
+``per_position = False`` reads positions other than the one it scores (the first token's pooled vector, the
+last real token), so ``logits_to_keep`` may not cut its input.
 """
 from __future__ import annotations
 
@@ -94,6 +96,7 @@ class PretrainingHead(nn.Module):
     logits [B, T, V]; extras ``pooled`` [B, D] and ``nsp_logits`` [B, 2]."""
 
     tied_name = "mlm.decoder.weight"
+    per_position = False
 
     def __init__(self, mlm: MLMHead, d_model: int):
         super().__init__()
@@ -122,6 +125,7 @@ class ClassificationHead(nn.Module):
     logits [B, n_labels]; extra ``pooled`` [B, D]. Nothing to tie."""
 
     tied_name = None
+    per_position = False
 
     def __init__(self, d_model: int, n_labels: int, dropout: float = 0.0):
         super().__init__()
@@ -150,6 +154,7 @@ class FirstTokenHead(nn.Module):
     Karpukhin et al. 2020). logits = pooled = [B, D]. No parameters."""
 
     tied_name = None
+    per_position = False
 
     @classmethod
     def from_config(cls, cfg) -> "FirstTokenHead":
@@ -174,6 +179,7 @@ class LastTokenHead(nn.Module):
     (``reads_tokens``: the model passes input_ids and attention_mask to ``outputs``). Nothing to tie."""
 
     tied_name = None
+    per_position = False
     reads_tokens = True
 
     def __init__(self, d_model: int, n_labels: int, pad_token_id: int | None = None):

@@ -30,7 +30,9 @@ class PositionScheme(nn.Module):
     def embed(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def rotation(self, position_ids: torch.Tensor) -> Rotation | NoRotation:
+    def rotation(self, position_ids: torch.Tensor, start: int | None = None) -> Rotation | NoRotation:
+        """The q/k rotation at position_ids [B, T]; ``start``: they are ``start, ..., start + T - 1`` in every
+        row (a scheme may use it to skip work)."""
         return NoRotation()
 
     def score_bias(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor | None:
@@ -132,8 +134,8 @@ class RopePositions(PositionScheme):
         super().__init__()
         self.rotary = RotaryEmbedding(head_dim, rope, rope.original_max_seq_len or max_seq_len)
 
-    def rotation(self, position_ids: torch.Tensor) -> Rotation:
-        return self.rotary(position_ids)
+    def rotation(self, position_ids: torch.Tensor, start: int | None = None) -> Rotation:
+        return self.rotary(position_ids, start)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmarch.config import RopeConfig
+from llmarch import native
 from llmarch.native import rows as native_rows
 
 
@@ -84,8 +85,26 @@ class RotaryEmbedding(nn.Module):
         base = self.rope.theta * ((f * seq_len / self.max_seq_len) - (f - 1)) ** (d / (d - 2))
         return base_inv_freq(base, d).to(self.inv_freq.device)
 
-    def forward(self, position_ids: torch.Tensor) -> "Rotation":
-        """position_ids [B, T] -> a Rotation holding cos/sin [B, 1, T, rot_dim] in fp32."""
+    SPAN = 64  # positions a range's table covers at least (one table serves the next SPAN - 1 decode steps)
+
+    def forward(self, position_ids: torch.Tensor, start: int | None = None) -> "Rotation":
+        """position_ids [B, T] -> a Rotation holding cos/sin [B, 1, T, rot_dim] in fp32. ``start``: the caller
+        knows every row's ids are ``start, ..., start + T - 1``; without a gradient (and outside compilation) the
+        rotation is then a view [1, 1, T, rot_dim] of a table of :attr:`SPAN` positions kept from an earlier call
+        (the same values: computed by the same ops), so a decode step does not recompute its angles."""
+        if (start is None or self.rope.scaling == "dynamic" or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return self._rotation(position_ids)
+        T, inv = position_ids.shape[1], self.inv_freq
+        key = (inv.data_ptr(), inv.dtype, inv.device, native.version(inv))
+        table = getattr(self, "_table", None)
+        if table is None or table[0] != key or not table[1] <= start <= start + T <= table[1] + table[2].shape[2]:
+            ids = torch.arange(start, start + max(T, self.SPAN), device=inv.device)[None]
+            r = self._rotation(ids)
+            table = self._table = (key, start, r.cos, r.sin)
+        return Rotation(table[2].narrow(2, start - table[1], T), table[3].narrow(2, start - table[1], T))
+
+    def _rotation(self, position_ids: torch.Tensor) -> "Rotation":
         inv = self.frequencies(position_ids)
         angles = position_ids[:, :, None].float() * inv[None, None, :]  # [B, T, rot/2]
         emb = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, T, rot]

@@ -85,7 +85,8 @@ class RetroEngine:
         return retrieve_neighbours(self.index, self.embed, tokens, self.k, self.r.neighbour_len)
 
     def _logits(self) -> torch.Tensor:
-        return self.model(self.ids, neighbours=self.nb, neighbour_mask=self.mask).logits[:, -1].float()
+        return self.model(self.ids, neighbours=self.nb, neighbour_mask=self.mask,
+                          logits_to_keep=1).logits[:, -1].float()
 
     def prefill(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
         self.ids = input_ids

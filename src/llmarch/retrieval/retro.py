@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from llmarch.config import ModelConfig
 from llmarch.model import Model, ModelOutput, Stack, cross_attention_for
+from llmarch.model_inputs import check_logits_to_keep
 from llmarch.nn.cache import CrossMemory, KVCache
 from llmarch.nn.cross_attention import CrossAttention
 
@@ -118,11 +119,12 @@ class RetroModel(Model):
         if cache is not None or use_cache:
             raise ValueError("cache: RETRO with neighbours runs whole sequences (the chunk alignment needs every "
                              "token); use llmarch.retrieval.retro_generate, or neighbours=None for the base decoder")
+        check_logits_to_keep(kwargs.get("logits_to_keep", 0), self.lm_head)
         self.check_neighbours(input_ids, neighbours, neighbour_mask)
         memory = Neighbours(neighbours, neighbour_mask, self.encode_neighbours)
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, kwargs.get("token_type_ids"), None,
                       memory)
-        return self._output(h, None)
+        return self._output(h, None, logits_to_keep=kwargs.get("logits_to_keep", 0))
 
     def check_neighbours(self, input_ids: torch.Tensor, neighbours: torch.Tensor, mask: torch.Tensor | None) -> None:
         r = self.config.retrieval

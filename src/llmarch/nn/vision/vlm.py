@@ -9,6 +9,7 @@ from torch import nn
 
 from llmarch.config import ModelConfig
 from llmarch.model import Model, ModelOutput
+from llmarch.model_inputs import check_logits_to_keep
 from llmarch.nn.cache import KVCache
 from llmarch.nn.vision.fusion import FUSIONS, PROJECTORS
 from llmarch.nn.vision.tower import VisionTower
@@ -66,6 +67,7 @@ class VisionLanguageModel(Model):
         ``aspect_ratio_mask``; for ``cross_blocks`` a ``cross_attention_mask``)."""
         if kwargs.get("decoder_input_ids") is not None:
             raise ValueError("decoder_input_ids: a vision-language decoder takes input_ids and pixel_values")
+        check_logits_to_keep(kwargs.get("logits_to_keep", 0), self.lm_head)
         features = None
         if pixel_values is not None:
             features = self.image_features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
@@ -81,7 +83,7 @@ class VisionLanguageModel(Model):
             self.check_no_image_tokens(input_ids, cache)
         h = self._run(self.decoder, input_ids, attention_mask, position_ids, token_type_ids, cache, memory,
                       kwargs.get("global_attention_mask"))
-        return self._output(h, None if private else cache)
+        return self._output(h, None if private else cache, logits_to_keep=kwargs.get("logits_to_keep", 0))
 
     def check_no_image_tokens(self, input_ids: torch.Tensor, cache: KVCache | None) -> None:
         if cache is None or cache.length == 0:
