@@ -116,3 +116,28 @@ def test_a_copy_made_between_steps_is_independent(monkeypatch):
         b = [model(tok, cache=twin).logits for _ in range(3)]
     torch.testing.assert_close(torch.cat(b), torch.cat(a), rtol=0, atol=0)
     _same_cache(twin, cache)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_the_expected_length_is_reserved_once(window, monkeypatch):
+    """generate tells the cache how many slots it will fill (``expected``): the native steps reserve them in one
+    go (no re-made buffers), except in a sliding window's layers, whose buffers stay near the window."""
+    from llmarch.infer.decode import make_engine
+
+    model = model_for(**({"pattern": ("sliding",), "window": window} if window else {}))
+    pack_weights(model)
+    engine = make_engine(model, "dynamic", 2, 6 + 300)
+    assert engine.cache.expected == 306
+    made = []
+    real = fused_decode._Slots.make.__func__
+    monkeypatch.setattr(fused_decode._Slots, "make", classmethod(lambda cls, *a: made.append(1) or real(cls, *a)))
+    ids = torch.randint(0, BASE["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        step = engine.prefill(ids, torch.ones_like(ids))
+        for _ in range(300):
+            step = engine.step(step.argmax(-1))
+    capacity = engine.cache._buffers[0][0].shape[2]
+    if window:
+        assert capacity < 200 and len(made) > 1
+    else:
+        assert capacity >= 306 and len(made) == 1

@@ -53,9 +53,10 @@ def prompt_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor):
 class DynamicEngine:
     """Prefill and step through ``model.forward`` with a growing KV cache."""
 
-    def __init__(self, model, prefill_inputs: dict | None = None):
+    def __init__(self, model, prefill_inputs: dict | None = None, max_len: int | None = None):
         self.model = model
         self.cache = model.new_cache()
+        self.cache.expected = max_len  # the prompt and every new token: a native step reserves that much
         self.mask: torch.Tensor | None = None
         self.prefill_inputs = prefill_inputs or {}  # inputs only the prompt has (pixel_values)
 
@@ -152,7 +153,7 @@ def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = Fals
         if kind != "dynamic" or compile:
             raise ValueError(f"cache: {sorted(prefill_inputs)} decode with cache='dynamic' (the static engine reads "
                              "text only)")
-        return DynamicEngine(model, prefill_inputs)
+        return DynamicEngine(model, prefill_inputs, max_len)
     if model.config.kind == "encoder_decoder":
         if kind != "dynamic" or compile:
             raise ValueError("cache: encoder-decoders decode with cache='dynamic' (no static cache or compile yet)")
@@ -160,7 +161,7 @@ def make_engine(model, kind: str, batch: int, max_len: int, compile: bool = Fals
     if kind == "dynamic":
         if compile:
             raise ValueError("compile=True needs cache='static' (a growing cache changes shape every step)")
-        return DynamicEngine(model)
+        return DynamicEngine(model, max_len=max_len)
     if kind == "static":
         return StaticEngine(model, batch, max_len, compile, compile_mode)
     raise ValueError(f"cache must be 'dynamic' or 'static', got {kind!r}")

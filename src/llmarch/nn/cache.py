@@ -19,6 +19,7 @@ class KVCache:
     GROW = 256  # most spare slots a buffer is allocated with
 
     def __init__(self) -> None:
+        self.expected: int | None = None  # the slots a caller expects to fill (generate: prompt + new tokens), a hint
         self._pending = None  # a native step's record of slots written but not yet in k / v / start (see defer)
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
@@ -66,10 +67,12 @@ class KVCache:
         if (view_k is not old_k or view_v is not old_v or off + n + T > bk.shape[2]
                 or bk.dtype != dtype or bv.dtype != dtype):
             cap, off = n + T + min(self.GROW, n + T), 0  # spare: at most the cache's own size
-            bk = torch.cat([old_k.to(dtype), old_k.new_empty(*old_k.shape[:2], cap - n, old_k.shape[3], dtype=dtype)],
-                           dim=2)
-            bv = torch.cat([old_v.to(dtype), old_v.new_empty(*old_v.shape[:2], cap - n, old_v.shape[3], dtype=dtype)],
-                           dim=2)
+            # the spare slots are left untouched (not copied as torch.cat would): their pages are only faulted
+            # in as steps write them
+            bk = old_k.new_empty(*old_k.shape[:2], cap, old_k.shape[3], dtype=dtype)
+            bv = old_v.new_empty(*old_v.shape[:2], cap, old_v.shape[3], dtype=dtype)
+            bk.narrow(2, 0, n).copy_(old_k)
+            bv.narrow(2, 0, n).copy_(old_v)
         self._buffers[layer] = (bk, bv, off, old_k, old_v)
         return bk, bv, off, n
 

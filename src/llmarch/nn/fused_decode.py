@@ -152,11 +152,13 @@ def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:
 class _Slots:
     """A cache's layers as ``llmarch_decode_stack`` reads and moves them on: a table row per layer (its record,
     buffers, capacity, first and next slot, lookback, and the absolute slot of buffer slot 0), for one plan,
-    batch size and dtype, with room for :attr:`ROOM` steps reserved at once. The cache defers its views to it
+    batch size and dtype, with room for :attr:`ROOM` steps reserved at once, or for the slots the cache expects
+    (``cache.expected``, at most :attr:`MOST_ROOM`) in the layers that keep every key. The cache defers its views to it
     (:meth:`~llmarch.nn.cache.KVCache.defer`): a step that finds it still pending runs straight on the table;
     a read of the cache in between ends that, and the next step reserves again."""
 
     ROOM = 64
+    MOST_ROOM = 2048  # most slots reserved at once for what a caller expects (cache.expected) beyond ROOM
 
     def __init__(self, plan: _Plan, rows: int, table: torch.Tensor, buffers: list):
         self.plan, self.rows, self.table, self.buffers = plan, rows, table, buffers
@@ -167,11 +169,13 @@ class _Slots:
     def make(cls, plan: _Plan, cache, B: int, dtype: torch.dtype) -> "_Slots | None":
         """Reserve every layer's buffers (None where a layer's cache is missing, of another dtype or batch)."""
         rows, buffers = [], []
+        expected = min(cache.expected - cache.length, cls.MOST_ROOM) if cache.expected else 0
         for record, idx, lookback in plan.records:
             k = cache.k.get(idx)
             if k is None or k.dtype != dtype or k.shape[0] != B:
                 return None
-            bk, bv, off, n = cache.reserve(idx, cls.ROOM, dtype)
+            room = max(cls.ROOM, expected if lookback is None else 0)  # a window's cache stays O(window)
+            bk, bv, off, n = cache.reserve(idx, room, dtype)
             rows.append((record, bk.data_ptr(), bv.data_ptr(), bk.shape[2], off, off + n,
                          -1 if lookback is None else lookback, cache.start[idx] - off))
             buffers.append((idx, bk, bv))
