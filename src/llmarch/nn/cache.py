@@ -60,7 +60,8 @@ class KVCache:
     def reserve(self, layer: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Buffers (k, v: [B, G, capacity, *]) holding k[layer] / v[layer] at slots [offset, offset + n) with room
         for T more slots after them, and (offset, n); the buffers are made (with spare slots) when k[layer] is
-        not a view of them any more, they are full, or of another dtype. :meth:`written` records T new slots."""
+        not a view of them any more, they are full, or of another dtype. The caller writes the new slots and then
+        records them (:meth:`update` by appending; a native step through :meth:`set_views`)."""
         old_k, old_v = self.k[layer], self.v[layer]
         n = old_k.shape[2]
         bk, bv, off, view_k, view_v = self._buffers.get(layer, (None,) * 5)
@@ -90,14 +91,6 @@ class KVCache:
         bv.narrow(2, off + n, T).copy_(v)
         self._buffers[layer] = (bk, bv, off)
         return bk.narrow(2, off, n + T), bv.narrow(2, off, n + T)
-
-    def written(self, layer: int, T: int, lookback: int | None) -> None:
-        """Record T slots written into :meth:`reserve`'s buffers after k[layer] / v[layer] (what :meth:`update`
-        does after appending; a native decode step writes them itself)."""
-        bk, bv, off = self._buffers[layer][:3]
-        n = self.k[layer].shape[2] + T
-        self._buffers[layer] = (bk, bv, off)
-        self._keep(layer, bk.narrow(2, off, n), bv.narrow(2, off, n), self.start[layer], lookback)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                lookback: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
