@@ -1,5 +1,5 @@
 """In-process A/B of two versions of the native few-row kernel (``src/llmarch/native/gemv.c``): both built here
-(gcc -O3 -march=native -fopenmp, as ``llmarch.native`` builds it), the fp32 product over the same blocked weights
+with ``llmarch.native``'s compiler and flags, the fp32 product over the same blocked weights
 of the LLaMA-style model's five shapes (16 copies each, ~70 MB, so the weights come from memory), one thread,
 the two builds alternating round by round; GFLOP/s medians and the median of the per-round ratios, per row count.
 
@@ -24,14 +24,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
+from llmarch import native  # noqa: E402
 from llmarch.native.fp32 import Blocked  # noqa: E402
 
 SHAPES = [(768, 512), (512, 512), (2752, 512), (512, 1376), (8192, 512)]  # qkv, out, gate|up, down, head
 
 
 def build(source: str, out: Path):
-    subprocess.run(["gcc", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-o", str(out), source],
-                   check=True)
+    subprocess.run([native._compiler(), *native.FLAGS, "-o", str(out), source], check=True)
     fn = ctypes.CDLL(str(out)).llmarch_f32_gemv
     fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
     return fn
