@@ -34,9 +34,11 @@ def grads(fn, x, bank, counts, need=(True, True)):
 @pytest.mark.parametrize("onednn", [False, True])
 def test_fp32_forward_and_grads_equal_the_loop_on_the_host_route(monkeypatch, onednn):
     """One ``_Bank`` node either way; its products on oneDNN only where ``dense.ONEDNN_FP32`` says so."""
+    from llmarch.native import plain
     from tests.test_dense import Ops  # records the aten ops a call runs
 
     monkeypatch.setattr(dense, "ONEDNN_FP32", onednn)
+    monkeypatch.setattr(plain, "available", lambda: False)  # the few-row kernels: tests/test_plain.py
     x, bank = operands()
     with Ops() as ops:
         y = banks.bank_linear(x.clone().requires_grad_(), bank.clone().requires_grad_(), COUNTS)

@@ -1,7 +1,8 @@
 """Native CPU kernels: C sources shipped with llmarch, compiled on first use for the machine that runs them.
 
 A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row products of
-:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``rows.c``: :mod:`llmarch.native.rows`).
+:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``rows.c``: :mod:`llmarch.native.rows`; ``plain.c``:
+:mod:`llmarch.native.plain`).
 :func:`library` compiles it once with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native
 -fopenmp -ffp-contract=off`` (no multiply-add contracted unless a kernel asks for it) into llmarch's cache
 directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")
 # x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
 # compile without them, and picks the widest vectors the CPU has)
-NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("avx2", "fma"),)}
+NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("avx2", "fma"),),
+         "plain": (("avx2", "fma"),)}
 # sources a kernel library #includes: part of its build's hash
 INCLUDES = {"decode": ("gemv.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c")}
 RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)

@@ -1,11 +1,14 @@
 """Expert-bank products: each expert's rows of a sorted batch times its matrix of a bank [E, in, out]
 (``llmarch.nn.experts``), forward and backward, through the same oneDNN products as :mod:`llmarch.nn.dense` (fp32 on
-hosts where oneDNN is the fp32 route, ``dense.ONEDNN_FP32``; torch's BLAS elsewhere; bf16 widened to fp32 on CPUs
-without bf16 products, ``llmarch.nn.widened``)."""
+hosts where oneDNN is the fp32 route, ``dense.ONEDNN_FP32``; elsewhere llmarch's few-row kernels,
+:mod:`llmarch.native.plain`, for the row counts they take, and torch's BLAS; bf16 widened to fp32 on CPUs without
+bf16 products, ``llmarch.nn.widened``). An expert with no rows gets a zero gradient, written with non-temporal
+stores where the kernels build."""
 from __future__ import annotations
 
 import torch
 
+from llmarch.native import plain
 from llmarch.nn import dense, widened
 
 
@@ -15,26 +18,37 @@ def _onednn(x: torch.Tensor) -> bool:
     return x.dtype != torch.float32 or dense.ONEDNN_FP32
 
 
+def _few_rows(x: torch.Tensor) -> bool:
+    """Whether an expert's fp32 products may go to :mod:`llmarch.native.plain` (which then takes them for its row
+    counts): on hosts whose fp32 route is torch's BLAS, where the kernels were measured (an AVX2 EPYC); hosts where
+    oneDNN is the fp32 route (``dense.ONEDNN_FP32``) keep oneDNN."""
+    return x.dtype == torch.float32 and not dense.ONEDNN_FP32
+
+
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, k] @ w [k, m] for one expert: oneDNN, but torch's BLAS for a single row (measured on an expert's
-    512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not the route.
+    """x [n, k] @ w [k, m] for one expert: fp32 few rows over w's own [in, out] rows through
+    :func:`llmarch.native.plain.mm` (:func:`_few_rows`); else oneDNN, but torch's BLAS for a single row (measured
+    on an expert's 512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not
+    the route.
     bf16 without oneDNN's bf16 products: widened fp32 products (``widened.ROUTE``), but torch's kernel for fewer
     than ``widened.MIN_ROWS`` rows over a weight in nn.Linear's layout (``w.t()`` contiguous), the one it streams
     well."""
+    if _few_rows(x) and (y := plain.mm(x, w)) is not None:  # few rows, the bank's own layout
+        return y
     if x.dtype == torch.bfloat16 and (widened.ROUTE or not dense.ONEDNN_BF16):
         few = x.shape[0] < widened.MIN_ROWS and w.t().is_contiguous()
         return widened.mm(x, w) if widened.ROUTE and not few else x @ w
     return x @ w if x.shape[0] == 1 or not _onednn(x) else dense._mm(x, w.t(), None)
 
 
-def packed_mm(x: torch.Tensor, copy, plain: torch.Tensor) -> torch.Tensor:
-    """x [N, in] times an expert's packed matrix (from ``dense.packed_banks``) -> [N, out]; ``plain`` is the same
+def packed_mm(x: torch.Tensor, copy, matrix: torch.Tensor) -> torch.Tensor:
+    """x [N, in] times an expert's packed matrix (from ``dense.packed_banks``) -> [N, out]; ``matrix`` is the same
     matrix [in, out] from the bank. A native blocked copy serves up to ``native_fp32.MAX_ROWS`` rows; more rows run
-    over ``plain`` (:func:`_rows_mm`), as a 2-D weight's prefill does."""
+    over ``matrix`` (:func:`_rows_mm`), as a 2-D weight's prefill does."""
     if not isinstance(copy, dense.native_fp32.Blocked):
         return dense._mm(x, copy, None)
     y = dense.native_mm(x, copy)
-    return _rows_mm(x, plain) if y is None else y
+    return _rows_mm(x, matrix) if y is None else y
 
 
 def _bank_dtype(dtype: torch.dtype) -> bool:
@@ -59,19 +73,45 @@ class _Bank(torch.autograd.Function):
         counts, pieces = ctx.counts, list(zip(x.split(ctx.counts), g.split(ctx.counts)))
         dx = dbank = None
         if ctx.needs_input_grad[0]:
-            dx = torch.cat([_rows_mm(ge, bank[e].t()) for e, (_, ge) in enumerate(pieces) if counts[e]])
+            dx = torch.cat([_input_grad(ge, bank[e]) for e, (_, ge) in enumerate(pieces) if counts[e]])
         if ctx.needs_input_grad[1]:
             dbank = torch.empty_like(bank)
             for e, (xe, ge) in enumerate(pieces):
-                if counts[e] and xe.dtype == torch.bfloat16:  # the widened route: [out, in] = g_e^T x_e
+                if not counts[e]:
+                    continue
+                if xe.dtype == torch.bfloat16:  # the widened route: [out, in] = g_e^T x_e
                     dbank[e].t().copy_(widened.mm(ge.t(), xe))  # contiguous there for a column-major bank
+                elif _few_rows(xe) and plain.outer(xe, ge, dbank[e]) is not None:  # 1.1-4x BLAS
+                    pass
                 elif counts[e] == 1 or not _onednn(xe):  # BLAS writes in place (outer product 107 against 276 us)
                     torch.mm(xe.t(), ge, out=dbank[e])
-                elif counts[e]:
-                    dbank[e].copy_(dense._mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
                 else:
-                    dbank[e].zero_()
+                    dbank[e].copy_(dense._mm(xe.t(), ge.t(), None))  # x_e^T g_e [in, out]
+            _zero_unused(dbank, counts)
         return dx, dbank, None
+
+
+def _input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """g [n, out] @ w [in, out]^T for one expert (fp32 few rows: :func:`llmarch.native.plain.mm_t`)."""
+    y = plain.mm_t(g, w) if _few_rows(g) else None
+    return _rows_mm(g, w.t()) if y is None else y
+
+
+def _zero_unused(dbank: torch.Tensor, counts: list[int]) -> None:
+    """Zero the gradient of every expert that had no rows, each run of such experts at once (non-temporal stores
+    where :func:`llmarch.native.plain.zero` serves: 1.6-1.8x ``zero_`` for an expert of 2-4 MB)."""
+    e = 0
+    while e < len(counts):
+        if counts[e]:
+            e += 1
+            continue
+        end = e
+        while end < len(counts) and not counts[end]:
+            end += 1
+        run = dbank[e:end]
+        if not plain.zero(run):
+            run.zero_()
+        e = end
 
 
 def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:

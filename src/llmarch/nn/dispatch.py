@@ -12,7 +12,9 @@ only in how the experts run:
 - ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``), for
   fp32 / bf16 CPU inference, and for any bf16 on a CPU without bf16 products (``llmarch.nn.widened``: its
   products widened to fp32, where ``grouped`` and ``padded`` would run torch's generic bf16 kernel, ~100x
-  slower over the bank); else on CPU (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
+  slower over the bank); for fp32 CPU training where llmarch's few-row kernels build and BLAS is the fp32 route
+  (``llmarch.native.plain``, ``llmarch.nn.banks``), ``sliced`` at every size; else on CPU (bf16 aside), ``sliced``
+  once experts average >= ``SLICED_MIN_ROWS`` rows
   (``..._ONEDNN`` in fp32, whose sliced products and their backward run through oneDNN; the E Python iterations
   then cost microseconds against the matmuls), else ``grouped``; off CPU, ``grouped`` where torch has it for the
   dtype (CUDA: bf16), else ``padded``.
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmarch.native import plain
 from llmarch.nn import dense, widened
 from llmarch.nn.device import host_reads_ok
 from llmarch.registry import Registry
@@ -148,6 +151,10 @@ def auto_dispatch(x, experts, weights, keep, bank):
         return sliced_dispatch(x, experts, weights, keep, bank)
     if host and not training and dense.onednn_dtype(x.dtype):
         # inference over unpacked banks: sliced ahead of grouped at 1-2048 tokens (fp32 1.2-1.6x; bf16 1.1-1.6x)
+        return sliced_dispatch(x, experts, weights, keep, bank)
+    if host and training and x.dtype == torch.float32 and not dense.ONEDNN_FP32 and plain.available():
+        # fp32 training over few rows per expert: sliced's products and gradients through llmarch's few-row kernels
+        # (llmarch.nn.banks; forward + backward 1.2-1.4x grouped at 1-16 tokens, benchmarks/moe.py)
         return sliced_dispatch(x, experts, weights, keep, bank)
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
     # bf16 training on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead of or level with

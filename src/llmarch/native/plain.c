@@ -1,0 +1,203 @@
+/* llmarch: products of few rows with a plain fp32 weight (row-major, no packed copy), forward and backward, for
+ * training an expert bank where each expert sees a few rows (llmarch.native.plain; llmarch.nn.banks). AVX2 + FMA.
+ * Rows of every operand are contiguous; row strides are given. Summation runs over the shared index in order,
+ * one fused multiply-add per term (the fp32 product, summation order aside).
+ *
+ * llmarch_plain_mm:    y[R, N] = x[R, K] @ W[K, N]            (the bank's [in, out] layout)
+ *   k in steps of 4, y accumulated in place: four rows of W are read as four sequential streams, while y (R x N,
+ *   L1 or L2 sized for few rows) is loaded, updated and stored; BLAS over the same operands reads W column panels
+ *   (1.2-2.5x slower at 1-8 rows on an AVX2 EPYC, docs/performance.md).
+ * llmarch_plain_mm_t:  y[R, I] = g[R, O] @ W[I, O]^T          (the input gradient through the same weight)
+ *   dot products: two rows of W (two streams) against up to four rows of g at a time, 8 partial sums.
+ * llmarch_plain_outer: out[I, O] = x[n, I]^T @ g[n, O]        (the weight gradient: a sum of n outer products)
+ *   tiles of 2 x 32 outputs; written with non-temporal stores (out is not read back soon: a gradient of several
+ *   MB, which would only evict the operands) when out is 32-byte aligned and O a multiple of 8.
+ * llmarch_plain_zero:  nbytes zero bytes at p, non-temporal (2.5-3x torch's zero_ for a 4-48 MB gradient there).
+ * Each splits its outputs across OpenMP threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if !(defined(__AVX2__) && defined(__FMA__))
+#error "llmarch plain needs AVX2 with FMA"
+#endif
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* y[:, j0:j1] for rows r0 .. r0 + T - 1 (T <= 4) over k in [k0, k1) of 4 at a time; first: y not yet written */
+static inline void mm_k4(float *y, const float *x, const float *w, int64_t T, int64_t N, int64_t ws, int64_t xs,
+                         int64_t k, int64_t j0, int64_t j1, int first) {
+  const float *w0 = w + k * ws, *w1 = w0 + ws, *w2 = w1 + ws, *w3 = w2 + ws;
+  __m256 b[4][4];
+  for (int r = 0; r < 4; r++)
+    for (int q = 0; q < 4; q++) b[r][q] = _mm256_set1_ps(r < T ? x[r * xs + k + q] : 0.f);
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    __m256 v0 = _mm256_loadu_ps(w0 + j), v1 = _mm256_loadu_ps(w1 + j);
+    __m256 v2 = _mm256_loadu_ps(w2 + j), v3 = _mm256_loadu_ps(w3 + j);
+    for (int r = 0; r < 4; r++) {
+      if (r >= T) break;
+      float *yr = y + r * N + j;
+      __m256 a = first ? _mm256_mul_ps(b[r][0], v0) : _mm256_fmadd_ps(b[r][0], v0, _mm256_loadu_ps(yr));
+      a = _mm256_fmadd_ps(b[r][1], v1, a);
+      a = _mm256_fmadd_ps(b[r][2], v2, a);
+      _mm256_storeu_ps(yr, _mm256_fmadd_ps(b[r][3], v3, a));
+    }
+  }
+  for (; j < j1; j++)
+    for (int64_t r = 0; r < T; r++) {
+      float a = first ? x[r * xs + k] * w0[j] : __builtin_fmaf(x[r * xs + k], w0[j], y[r * N + j]);
+      a = __builtin_fmaf(x[r * xs + k + 1], w1[j], a);
+      a = __builtin_fmaf(x[r * xs + k + 2], w2[j], a);
+      y[r * N + j] = __builtin_fmaf(x[r * xs + k + 3], w3[j], a);
+    }
+}
+
+void llmarch_plain_mm(float *y, const float *x, const float *w, int64_t R, int64_t K, int64_t N, int64_t ws,
+                      int64_t xs) {
+#pragma omp parallel
+  {
+#ifdef _OPENMP
+    int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    int64_t parts = 1, me = 0;
+#endif
+    int64_t per = ((N + parts - 1) / parts + 7) / 8 * 8, j0 = min64(N, me * per), j1 = min64(N, j0 + per);
+    if (j0 < j1) {
+      for (int64_t r0 = 0; r0 < R; r0 += 4) {
+        int64_t T = min64(4, R - r0);
+        float *yr = y + r0 * N;
+        const float *xr = x + r0 * xs;
+        int64_t k = 0;
+        for (; k + 4 <= K; k += 4) mm_k4(yr, xr, w, T, N, ws, xs, k, j0, j1, k == 0);
+        for (; k < K; k++)  /* the last K % 4 terms, one at a time */
+          for (int64_t r = 0; r < T; r++)
+            for (int64_t j = j0; j < j1; j++)
+              yr[r * N + j] = k == 0 ? xr[r * xs] * w[j] : __builtin_fmaf(xr[r * xs + k], w[k * ws + j], yr[r * N + j]);
+      }
+    }
+  }
+}
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+void llmarch_plain_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
+                        int64_t gs) {
+  int64_t Ov = O - O % 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < I; i += 2) {
+    int two = i + 1 < I;
+    const float *w0 = w + i * ws, *w1 = w + (two ? i + 1 : i) * ws;
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      int64_t T = min64(4, R - r0);
+      __m256 a[4][2];
+      for (int r = 0; r < 4; r++) a[r][0] = a[r][1] = _mm256_setzero_ps();
+      for (int64_t o = 0; o < Ov; o += 8) {
+        __m256 v0 = _mm256_loadu_ps(w0 + o), v1 = _mm256_loadu_ps(w1 + o);
+        for (int r = 0; r < 4; r++) {
+          if (r >= T) break;
+          __m256 gv = _mm256_loadu_ps(g + (r0 + r) * gs + o);
+          a[r][0] = _mm256_fmadd_ps(gv, v0, a[r][0]);
+          a[r][1] = _mm256_fmadd_ps(gv, v1, a[r][1]);
+        }
+      }
+      for (int64_t r = 0; r < T; r++) {
+        const float *gr = g + (r0 + r) * gs;
+        float s0 = hsum(a[r][0]), s1 = hsum(a[r][1]);
+        for (int64_t o = Ov; o < O; o++) {
+          s0 = __builtin_fmaf(gr[o], w0[o], s0);
+          s1 = __builtin_fmaf(gr[o], w1[o], s1);
+        }
+        y[(r0 + r) * I + i] = s0;
+        if (two) y[(r0 + r) * I + i + 1] = s1;
+      }
+    }
+  }
+}
+
+/* one output row's 64 columns at o: the sum over r of x[r, i] g[r, o:o+64] (xi = x + i) */
+static inline void outer64(float *p, const float *xi, const float *g, int64_t n, int64_t xs, int64_t gs, int stream) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t r = 0; r < n; r++) {
+    const float *gr = g + r * gs;
+    __m256 b = _mm256_broadcast_ss(xi + r * xs);
+    a0 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr), a0);
+    a1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 8), a1);
+    a2 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 16), a2);
+    a3 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 24), a3);
+    a4 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 32), a4);
+    a5 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 40), a5);
+    a6 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 48), a6);
+    a7 = _mm256_fmadd_ps(b, _mm256_loadu_ps(gr + 56), a7);
+  }
+  __m256 a[8] = {a0, a1, a2, a3, a4, a5, a6, a7};
+  for (int v = 0; v < 8; v++) {
+    if (stream)
+      _mm256_stream_ps(p + 8 * v, a[v]);
+    else
+      _mm256_storeu_ps(p + 8 * v, a[v]);
+  }
+}
+
+#define OUTER_PANEL 4096  /* floats of g per pass (16 KiB): its n rows stay in L1 while every output row is made */
+
+void llmarch_plain_outer(float *out, const float *x, const float *g, int64_t n, int64_t I, int64_t O, int64_t xs,
+                         int64_t gs) {
+  int stream = (uintptr_t)out % 32 == 0 && O % 8 == 0;
+  int64_t Ov = O - O % 64, cols = OUTER_PANEL / n / 64 * 64;
+  float *copy = NULL, *xt = malloc((size_t)(n * I) * sizeof(float));
+  if (cols < 64) cols = 64;
+  if (xt) {  /* x transposed, so that one output row's n factors are adjacent (not n lines in a few L1 sets) */
+    for (int64_t r = 0; r < n; r++)
+      for (int64_t i = 0; i < I; i++) xt[i * n + r] = x[r * xs + i];
+    x = xt, xs = 1;
+  }
+  if (n > 4 && gs % 1024 == 0 && (copy = malloc((size_t)(n * (O + 16)) * sizeof(float)))) {
+    /* rows of g 4 KiB apart share the same L1 sets: copied with a 64-byte pad between rows */
+    for (int64_t r = 0; r < n; r++) memcpy(copy + r * (O + 16), g + r * gs, (size_t)O * sizeof(float));
+    g = copy, gs = O + 16;
+  }
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t part = 0; part < I; part += 64) {  /* rows in runs of 64 per thread */
+      int64_t i1 = min64(I, part + 64);
+      for (int64_t o0 = 0; o0 < Ov; o0 += cols)
+        for (int64_t i = part; i < i1; i++)
+          for (int64_t o = o0; o < min64(Ov, o0 + cols); o += 64)
+            outer64(out + i * O + o, xt ? x + i * n : x + i, g + o, n, xt ? 1 : xs, gs, stream);
+      for (int64_t i = part; i < i1; i++)
+        for (int64_t o = Ov; o < O; o++) {
+          float s = 0.f;
+          for (int64_t r = 0; r < n; r++) s = __builtin_fmaf(xt ? x[i * n + r] : x[r * xs + i], g[r * gs + o], s);
+          out[i * O + o] = s;
+        }
+    }
+    _mm_sfence();  /* each thread orders its own non-temporal stores before the region's barrier */
+  }
+  free(copy);
+  free(xt);
+}
+
+void llmarch_plain_zero(char *p, int64_t nbytes) {
+  int64_t head = min64(nbytes, (int64_t)((32 - (uintptr_t)p % 32) % 32));
+  memset(p, 0, (size_t)head);
+  int64_t body = (nbytes - head) / 32 * 32;
+  __m256 z = _mm256_setzero_ps();
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = head; i < head + body; i += 32) _mm256_stream_ps((float *)(p + i), z);
+    _mm_sfence();
+  }
+  memset(p + head + body, 0, (size_t)(nbytes - head - body));
+}

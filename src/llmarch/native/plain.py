@@ -1,0 +1,134 @@
+"""Few-row fp32 products over a plain weight (row-major, no packed copy), forward and backward, through llmarch's
+native AVX2 kernels (``plain.c``), and a non-temporal zero fill.
+
+Training an expert bank (:class:`llmarch.nn.banks`) multiplies each expert's few rows by its [in, out] matrix,
+then takes the input gradient through the same matrix and the weight gradient as a sum of a few outer products.
+torch's BLAS runs these at a fraction of the memory's speed: it reads the weight as column panels and writes a
+4 MB weight gradient of 1-8 rows at 2.5-5 GB/s on an AVX2 EPYC. These kernels read the weight as sequential
+streams and write the gradient with non-temporal stores (``benchmarks/train_rows.py``). Each applies to fp32 CPU
+tensors whose rows are contiguous, for the row counts in :data:`ROWS` (measured there); every function returns
+None where it does not apply, and the caller runs torch's product. Values: the fp32 product, summation order
+aside (one fused multiply-add per term, in order).
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from llmarch import native
+
+# the fewest and most rows each product takes (benchmarks/train_rows.py, AVX2 EPYC, one thread: 1.1-4.5x torch's
+# BLAS from 2 rows up to these, level or behind from about 16; at one row BLAS's matrix-vector products are level
+# with or ahead of the two products, not of the weight gradient)
+ROWS = {"mm": (2, 12), "mm_t": (2, 12), "outer": (1, 12)}
+_I64 = ctypes.c_int64
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _check_products(fn_mm, fn_mm_t, fn_outer) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x, w, d = torch.randn(5, 19, generator=g), torch.randn(19, 37, generator=g), torch.randn(5, 37, generator=g)
+    want = [(x.double() @ w.double()).float(), (d.double() @ w.double().T).float(), (x.double().T @ d.double()).float()]
+    got = [_mm(fn_mm, x, w, torch.empty(5, 37)), _mm_t(fn_mm_t, d, w, torch.empty(5, 19)),
+           _outer(fn_outer, x, d, torch.empty(19, 37))]
+    return all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want))
+
+
+def _mm(fn, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    fn(_ptr(y), _ptr(x), _ptr(w), x.shape[0], x.shape[1], w.shape[1], w.stride(0), x.stride(0))
+    return y
+
+
+def _mm_t(fn, g: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    fn(_ptr(y), _ptr(g), _ptr(w), g.shape[0], w.shape[0], g.shape[1], w.stride(0), g.stride(0))
+    return y
+
+
+def _outer(fn, x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    fn(_ptr(out), _ptr(x), _ptr(g), x.shape[0], x.shape[1], g.shape[1], x.stride(0), g.stride(0))
+    return out
+
+
+_ARGS = [ctypes.c_void_p] * 3 + [_I64] * 5
+_KERNELS = {name: native.Kernel("plain", f"llmarch_plain_{name}", _ARGS, lambda fn: True)
+            for name in ("mm", "mm_t", "outer")}
+_ZERO = native.Kernel("plain", "llmarch_plain_zero", [ctypes.c_void_p, _I64], lambda fn: True)
+_checked: list[bool] = []
+
+
+def _fn(name: str):
+    return _KERNELS[name].fn()
+
+
+def available() -> bool:
+    """Whether the kernels built here and passed their check against a float64 product (once per process)."""
+    if not _checked:
+        fns = [_fn(name) for name in ("mm", "mm_t", "outer")]
+        _checked.append(all(f is not None for f in fns) and _ZERO.fn() is not None and _check_products(*fns))
+    return _checked[0]
+
+
+def reset() -> None:
+    """Forget the kernels and their check (tests flip ``LLMARCH_NATIVE`` or the cache directory)."""
+    for kernel in (*_KERNELS.values(), _ZERO):
+        kernel.reset()
+    _checked.clear()
+
+
+def _takes(kernel: str, rows: int) -> bool:
+    return ROWS[kernel][0] <= rows <= ROWS[kernel][1]
+
+
+def _traced() -> bool:
+    """Under compilation, or under a Python dispatch mode (``torch.utils.flop_counter.FlopCounterMode``, fake or meta
+    tensors): a ctypes call is invisible there, so torch's products run."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def _rows_ok(*ts: torch.Tensor) -> bool:
+    return all(t.dim() == 2 and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1
+               and t.stride(0) >= t.shape[1] for t in ts) and not _traced()
+
+
+def _out_ok(out: torch.Tensor | None, rows: int, cols: int) -> bool:
+    return out is None or (out.shape == (rows, cols) and out.is_contiguous() and out.dtype == torch.float32)
+
+
+def mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [R, K] @ w [K, N] -> [R, N] (into ``out`` if given), or None where the kernel does not apply."""
+    R, N = x.shape[0], w.shape[-1]
+    if (not _takes("mm", R) or not _rows_ok(x, w) or w.shape[0] != x.shape[1] or not _out_ok(out, R, N)
+            or not available()):
+        return None
+    return _mm(_fn("mm"), x, w, torch.empty(R, N) if out is None else out)
+
+
+def mm_t(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """g [R, O] @ w [I, O]^T -> [R, I] (into ``out`` if given), or None where the kernel does not apply."""
+    R, I = g.shape[0], w.shape[0]
+    if (not _takes("mm_t", R) or not _rows_ok(g, w) or w.shape[1] != g.shape[1] or not _out_ok(out, R, I)
+            or not available()):
+        return None
+    return _mm_t(_fn("mm_t"), g, w, torch.empty(R, I) if out is None else out)
+
+
+def outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """x [n, I]^T @ g [n, O] written into ``out`` [I, O] (contiguous), or None where the kernel does not apply."""
+    if (not _takes("outer", x.shape[0]) or not _rows_ok(x, g) or g.shape[0] != x.shape[0]
+            or not _out_ok(out, x.shape[1], g.shape[1]) or not available()):
+        return None
+    return _outer(_fn("outer"), x, g, out)
+
+
+def zero(t: torch.Tensor) -> bool:
+    """Zero a contiguous CPU tensor in place with non-temporal stores; False (nothing done) where the kernel is not
+    available or the tensor does not qualify (call ``t.zero_()``). For a new buffer (a gradient being made): the
+    write bypasses autograd's version counter."""
+    if t.device.type != "cpu" or not t.is_contiguous() or _traced() or not available():
+        return False
+    _ZERO.fn()(_ptr(t), t.numel() * t.element_size())
+    return True

@@ -1,0 +1,207 @@
+"""``llmarch.native.plain``: the few-row products over a plain fp32 weight and the non-temporal zero fill, against
+float64 products written here (odd sizes, strided rows, unaligned outputs, the copied-operand paths); and an
+expert bank's training through them (``llmarch.nn.banks``) against the loop dispatcher."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmarch import native
+from llmarch.native import plain
+from llmarch.nn import banks, dense
+
+# skipped only where the kernels cannot be built; a kernel that builds but fails its self-check fails these tests
+pytestmark = pytest.mark.skipif(native.library("plain") is None, reason="no AVX2 + FMA CPU or no C compiler")
+
+
+def test_the_kernels_pass_their_self_check():
+    assert plain.available()
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def close(got, want):
+    """Within 1e-5 where the sums are short; over long sums, at most 4x the error of torch's own fp32 product
+    (``want`` is float64: its error is that of the fp32 product of the same operands, rounded)."""
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    error = (got.double() - want).abs().max().item()
+    assert error <= max(1e-5, 4 * TORCH_ERROR.get(tuple(want.shape), 0.0)), error
+
+
+TORCH_ERROR: dict[tuple, float] = {}
+
+
+def reference(a, b):
+    """a @ b in float64, remembering the error of torch's fp32 product for :func:`close`."""
+    want = a.double() @ b.double()
+    TORCH_ERROR[tuple(want.shape)] = ((a.float() @ b.float()).double() - want).abs().max().item()
+    return want
+
+
+@pytest.mark.parametrize("R", [2, 3, 5, 12])
+@pytest.mark.parametrize("K,N", [(1, 8), (3, 9), (7, 9), (64, 48), (37, 130), (512, 2048)])
+def test_mm_equals_the_product(R, K, N):
+    x, w = rand(R, K), rand(K, N, seed=1)
+    close(plain.mm(x, w), reference(x, w))
+
+
+@pytest.mark.parametrize("R", [2, 4, 7, 12])
+@pytest.mark.parametrize("I,O", [(5, 9), (33, 64), (130, 37), (512, 2048)])
+def test_mm_t_equals_the_product(R, I, O):
+    g, w = rand(R, O), rand(I, O, seed=1)
+    close(plain.mm_t(g, w), reference(g, w.T))
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 12])  # above 4 rows g is copied when its rows are 4 KiB-strided
+@pytest.mark.parametrize("I,O", [(3, 9), (64, 64), (65, 200), (512, 1024), (20, 2048)])
+def test_outer_equals_the_product(n, I, O):
+    x, g = rand(n, I), rand(n, O, seed=1)
+    out = torch.full((I, O), float("nan"))
+    assert plain.outer(x, g, out) is out
+    close(out, reference(x.T, g))
+
+
+def test_strided_rows_and_an_unaligned_output():
+    """Row strides larger than the rows (slices of wider tensors), and an output not 32-byte aligned (plain stores
+    instead of non-temporal ones)."""
+    x, w, g = rand(6, 40)[:, 3:30], rand(50, 70, seed=1)[:27, 5:69], rand(6, 90, seed=2)[:, 10:74]
+    close(plain.mm(x, w), reference(x, w))
+    w2 = rand(40, 100, seed=3)[:, 20:84]  # [40, 64], row stride 100
+    close(plain.mm_t(g, w2), reference(g, w2.T))
+    buf = torch.full((27 * 64 + 1,), float("nan"))
+    out = buf[1:].view(27, 64)
+    assert out.data_ptr() % 32 != 0
+    plain.outer(x, g, out)
+    close(out, reference(x.T, g))
+    assert torch.isnan(buf[0])  # nothing written before the output
+
+
+def test_outputs_given_are_written_in_place():
+    x, w = rand(3, 16), rand(16, 24, seed=1)
+    y = torch.empty(3, 24)
+    assert plain.mm(x, w, out=y) is y
+    z = torch.empty(3, 16)
+    assert plain.mm_t(y, w, out=z) is z
+    close(z, reference(y, w.T))
+
+
+@pytest.mark.parametrize("case", ["too many rows", "one row", "bf16", "columns strided", "shapes", "bad out"])
+def test_what_the_kernels_leave_to_torch(case):
+    x, w, out = rand(4, 16), rand(16, 24, seed=1), None
+    if case == "too many rows":
+        x = rand(plain.ROWS["mm"][1] + 1, 16)
+    elif case == "one row":
+        x = rand(1, 16)
+    elif case == "bf16":
+        x, w = x.bfloat16(), w.bfloat16()
+    elif case == "columns strided":
+        x = rand(16, 4).T
+    elif case == "shapes":
+        w = rand(15, 24)
+    elif case == "bad out":
+        out = torch.empty(4, 23)
+    assert plain.mm(x, w, out=out) is None
+
+
+def test_a_flop_counter_sees_torch_products_instead():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w = rand(4, 16), rand(16, 24, seed=1)
+    with FlopCounterMode(display=False) as counter:
+        assert plain.mm(x, w) is None and not plain.zero(torch.ones(8))
+        banks.bank_linear(x, torch.stack([w, w]), [2, 2])
+    assert counter.get_total_flops() == 2 * 4 * 16 * 24
+
+
+def test_outer_refuses_more_rows_than_it_takes():
+    n = plain.ROWS["outer"][1] + 1
+    assert plain.outer(rand(n, 8), rand(n, 8), torch.empty(8, 8)) is None
+
+
+@pytest.mark.parametrize("offset,size", [(0, 1), (1, 7), (3, 1000), (0, 4096), (5, 300_001)])
+def test_zero_writes_zeros_there_and_nowhere_else(offset, size):
+    buf = torch.arange(1.0, size + 20.0)
+    assert plain.zero(buf[offset:offset + size])
+    assert (buf[offset:offset + size] == 0).all()
+    torch.testing.assert_close(buf[:offset], torch.arange(1.0, offset + 1.0))
+    torch.testing.assert_close(buf[offset + size:], torch.arange(offset + size + 1.0, size + 20.0))
+
+
+def test_zero_refuses_a_non_contiguous_tensor():
+    t = torch.ones(4, 6)[:, :3]
+    assert not plain.zero(t) and (t == 1).all()
+
+
+COUNTS = [3, 0, 0, 5, 1, 12, 0, 2]  # experts 1-2 and 6 get no rows; 12 rows is the kernels' most
+
+
+def _bank_grads(x, bank, counts):
+    xi, bi = x.clone().requires_grad_(), bank.clone().requires_grad_()
+    y = banks.bank_linear(xi, bi, counts)
+    (y * rand(*y.shape, seed=9)).sum().backward()  # a gradient with contiguous rows (a sum's would be expanded)
+    return y.detach(), xi.grad, bi.grad, y.grad_fn
+
+
+@pytest.fixture
+def host_route(monkeypatch):
+    """The route the kernels serve: fp32 products on torch's BLAS (an AVX2 host)."""
+    monkeypatch.setattr(dense, "ONEDNN_FP32", False)
+
+
+def test_bank_training_through_the_kernels_equals_torch(monkeypatch, host_route):
+    x, bank = rand(sum(COUNTS), 48), rand(len(COUNTS), 48, 72, seed=1) * 0.3
+    calls = {name: 0 for name in ("mm", "mm_t", "outer", "zero")}
+    for name in calls:
+        real = getattr(plain, name)
+        def counted(*a, _real=real, _name=name, **k):  # counts the calls the kernel served
+            out = _real(*a, **k)
+            calls[_name] += out is not None and out is not False
+            return out
+        monkeypatch.setattr(plain, name, counted)
+    y1, gx1, gb1, node = _bank_grads(x, bank, COUNTS)
+    assert type(node).__name__ == "_BankBackward"
+    # 5 experts with rows: forward and input gradient of the 1-row expert stay on BLAS; two runs of empty experts
+    assert calls == {"mm": 4, "mm_t": 4, "outer": 5, "zero": 2}
+    want = [torch.cat([xe.double() @ bank[e].double() for e, xe in enumerate(x.split(COUNTS)) if COUNTS[e]])]
+    g = rand(*y1.shape, seed=9).double()
+    want.append(torch.cat([ge @ bank[e].double().T for e, ge in enumerate(g.split(COUNTS)) if COUNTS[e]]))
+    want.append(torch.stack([xe.double().T @ ge for xe, ge in zip(x.split(COUNTS), g.split(COUNTS))]))
+    for got, ref in zip((y1, gx1, gb1), want):
+        close(got, ref)
+
+
+def test_the_unused_experts_gradient_is_written_as_zeros(monkeypatch, host_route):
+    """The gradient bank starts as garbage (NaN here): every expert without rows must be written."""
+    x, bank = rand(sum(COUNTS), 16), rand(len(COUNTS), 16, 24, seed=1)
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **k: real(t, **k).fill_(float("nan")))
+    _, _, gb, _ = _bank_grads(x, bank, COUNTS)
+    assert not gb.isnan().any()
+    assert all((gb[e] == 0).all() for e, c in enumerate(COUNTS) if not c)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_moe_training_on_the_kernels_equals_the_loop(monkeypatch, host_route, tokens):
+    """``auto`` sends fp32 CPU training to ``sliced`` (the kernels) at every size; gradients equal ``loop``'s."""
+    from llmarch import MoEConfig
+    from llmarch.nn import dispatch
+    from llmarch.nn.moe import MoE
+
+    torch.manual_seed(0)
+    layers = {name: MoE(32, 48, "silu", moe=MoEConfig(n_experts=8, top_k=2, dispatch=name))
+              for name in ("auto", "loop")}
+    layers["loop"].load_state_dict(layers["auto"].state_dict())
+    x = rand(1, tokens, 32, seed=3)
+    chosen = []
+    real = dispatch.sliced_dispatch
+    monkeypatch.setattr(dispatch, "sliced_dispatch", lambda *a: chosen.append(1) or real(*a))
+    grads = {}
+    for name, m in layers.items():
+        xi = x.clone().requires_grad_()
+        (m(xi) * rand(1, tokens, 32, seed=4)).sum().backward()
+        grads[name] = [xi.grad] + [p.grad for p in m.parameters()]
+    assert chosen
+    for a, b in zip(grads["auto"], grads["loop"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
