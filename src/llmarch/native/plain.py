@@ -18,10 +18,11 @@ import torch
 
 from llmarch import native
 
-# the fewest and most rows each product takes (benchmarks/train_rows.py, AVX2 EPYC, one thread: 1.1-4.5x torch's
-# BLAS from 2 rows up to these, level or behind from about 16; at one row BLAS's matrix-vector products are level
-# with or ahead of the two products, not of the weight gradient)
-ROWS = {"mm": (2, 12), "mm_t": (2, 12), "outer": (1, 12)}
+# the fewest and most rows each product takes (benchmarks/train_rows.py, AVX2 EPYC, one thread: 1.1-4.6x torch's
+# BLAS from 2 rows up to these on an expert's 512 x 2048 and 1024 x 512; level or behind from 16 rows, and the
+# weight gradient from 12 on the wider shape; at one row BLAS's matrix-vector products are level with the two
+# products or ahead, and the weight gradient 0.9-1.1x)
+ROWS = {"mm": (2, 12), "mm_t": (2, 12), "outer": (1, 8)}
 _I64 = ctypes.c_int64
 
 
