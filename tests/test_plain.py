@@ -129,9 +129,11 @@ def test_zero_writes_zeros_there_and_nowhere_else(offset, size):
     torch.testing.assert_close(buf[offset + size:], torch.arange(offset + size + 1.0, size + 20.0))
 
 
-def test_zero_refuses_a_non_contiguous_tensor():
+def test_zero_refuses_a_tensor_with_gaps_and_takes_a_column_major_one():
     t = torch.ones(4, 6)[:, :3]
     assert not plain.zero(t) and (t == 1).all()
+    bank = torch.ones(5, 6, 7).transpose(1, 2).contiguous().transpose(1, 2)  # a bf16 bank's layout on the CPU
+    assert plain.zero(bank[1:3]) and (bank[1:3] == 0).all() and (bank[0] == 1).all() and (bank[3:] == 1).all()
 
 
 COUNTS = [3, 0, 0, 5, 1, 8, 0, 2, 13]  # experts 1-2 and 6 get no rows; 13 rows is more than the kernels take

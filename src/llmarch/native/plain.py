@@ -126,10 +126,12 @@ def outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor |
 
 
 def zero(t: torch.Tensor) -> bool:
-    """Zero a contiguous CPU tensor in place with non-temporal stores; False (nothing done) where the kernel is not
+    """Zero a CPU tensor in place with non-temporal stores: contiguous, or so once its last two dimensions are swapped
+    (a column-major expert bank's gradient); False (nothing done) where the kernel is not
     available or the tensor does not qualify (call ``t.zero_()``). For a new buffer (a gradient being made): the
     write bypasses autograd's version counter."""
-    if t.device.type != "cpu" or not t.is_contiguous() or _traced() or not available():
+    dense = t.is_contiguous() or (t.dim() >= 2 and t.transpose(-1, -2).is_contiguous())  # one block of memory
+    if t.device.type != "cpu" or not dense or _traced() or not available():
         return False
     _ZERO.fn()(_ptr(t), t.numel() * t.element_size())
     return True
