@@ -78,6 +78,26 @@ def test_strided_rows_and_an_unaligned_output():
     assert torch.isnan(buf[0])  # nothing written before the output
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_values_do_not_depend_on_the_threads(threads):
+    """Each kernel splits its outputs across OpenMP threads (torch's count): 3 splits 200 columns / rows unevenly."""
+    x, w, g = rand(5, 200), rand(200, 200, seed=1), rand(5, 200, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = [plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 200))]
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        want = [plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 200))]
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)  # the same sums in the same order, whichever thread makes them
+    close(want[0], reference(x, w))
+
+
 def test_outputs_given_are_written_in_place():
     x, w = rand(3, 16), rand(16, 24, seed=1)
     y = torch.empty(3, 24)
