@@ -6,7 +6,7 @@ torch's BLAS, per shape and row count, as an expert bank's training runs them (`
 - ``outer``: x^T @ g -> [in, out]            (the weight gradient, written into a gradient bank)
 - ``zero``:  an expert with no rows: its gradient zeroed (torch's ``zero_`` against the non-temporal fill)
 
-Each call reads its own matrix from a pool of 8 (so weights come from memory, as an expert bank's do), the two
+Each call reads the next matrix of a 96 MB pool (so weights come from memory, as an expert bank's do), the two
 implementations take turns within each round, medians over the rounds. The shapes are ``benchmarks/moe.py``'s
 experts (gate_up 512 -> 2048, down 1024 -> 512).
 
@@ -28,7 +28,7 @@ from llmarch.native import plain
 from llmarch.nn.device import reuse_host_memory
 
 SHAPES = {"gate_up": (512, 2048), "down": (1024, 512)}
-POOL = 8
+POOL_BYTES = 96 << 20  # each shape's pool: three times this host's 32 MB last-level cache
 
 
 def cases(R: int, bank: torch.Tensor, grads: torch.Tensor):
@@ -43,13 +43,11 @@ def cases(R: int, bank: torch.Tensor, grads: torch.Tensor):
     ]
 
 
-def timed(fn, rounds: int) -> list[float]:
-    out = []
-    for i in range(rounds):
-        t0 = time.perf_counter()
-        fn(i % POOL)
-        out.append(time.perf_counter() - t0)
-    return out
+def timed(fn, turn: int, pool: int) -> float:
+    """One call on the pool's matrix for this turn (each turn the next one: from memory, not the cache)."""
+    t0 = time.perf_counter()
+    fn(turn % pool)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -69,15 +67,16 @@ def main() -> None:
         raise SystemExit("llmarch's native plain kernels are not available here (AVX2 + FMA and a C compiler)")
     rows, records = [], []
     for shape, (IN, OUT) in SHAPES.items():
-        bank, grads = torch.randn(POOL, IN, OUT), torch.empty(POOL, IN, OUT)
+        pool = -(-POOL_BYTES // (IN * OUT * 4))
+        bank, grads = torch.randn(pool, IN, OUT), torch.zeros(pool, IN, OUT)  # pages touched before timing
         for R in [int(r) for r in args.rows.split(",")]:
             for kernel, blas, native in cases(R, bank, grads):
                 if native(0) is None:
                     continue  # outside this kernel's ROWS: BLAS runs it
                 t = {"blas": [], "native": []}
-                for _ in range(args.rounds):  # turns within each round: both see the same load
-                    t["blas"] += timed(blas, 1)
-                    t["native"] += timed(native, 1)
+                for i in range(args.rounds):  # turns within each round: both see the same load
+                    t["blas"].append(timed(blas, 2 * i, pool))
+                    t["native"].append(timed(native, 2 * i + 1, pool))
                 med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
                 taken = used[kernel][0] <= R <= used[kernel][1]
                 rows.append([shape, kernel, R, med["blas"], med["native"], med["blas"] / med["native"],
@@ -85,13 +84,13 @@ def main() -> None:
                 records.append(dict(shape=shape, kernel=kernel, rows=R, median_us=med, used=taken))
         t = {"zero_": [], "native": []}
         for i in range(args.rounds):
-            t["zero_"] += timed(lambda e: grads[e].zero_(), 1)
-            t["native"] += timed(lambda e: plain.zero(grads[e]), 1)
+            t["zero_"].append(timed(lambda e: grads[e].zero_(), 2 * i, pool))
+            t["native"].append(timed(lambda e: plain.zero(grads[e]), 2 * i + 1, pool))
         med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
         rows.append([shape, "zero", 0, med["zero_"], med["native"], med["zero_"] / med["native"], "yes"])
         records.append(dict(shape=shape, kernel="zero", rows=0, median_us=med))
     common.print_table(rows, ["shape", "kernel", "rows", "torch us", "native us", "torch / native", "used"])
-    path = common.write_results("train_rows", dict(settings=dict(shapes=SHAPES, pool=POOL, rounds=args.rounds,
+    path = common.write_results("train_rows", dict(settings=dict(shapes=SHAPES, pool_bytes=POOL_BYTES, rounds=args.rounds,
                                                                  threads=args.threads, rows_taken=used),
                                                    limits=common.limits(), results=records))
     print(f"wrote {path}")

@@ -47,7 +47,7 @@ def test_mm_equals_the_product(R, K, N):
     close(plain.mm(x, w), reference(x, w))
 
 
-@pytest.mark.parametrize("R", [2, 4, 7, 12])
+@pytest.mark.parametrize("R", [2, 4, 7, 8])
 @pytest.mark.parametrize("I,O", [(5, 9), (33, 64), (130, 37), (512, 2048)])
 def test_mm_t_equals_the_product(R, I, O):
     g, w = rand(R, O), rand(I, O, seed=1)

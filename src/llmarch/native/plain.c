@@ -5,14 +5,15 @@
  *
  * llmarch_plain_mm:    y[R, N] = x[R, K] @ W[K, N]            (the bank's [in, out] layout)
  *   k in steps of 4, y accumulated in place: four rows of W are read as four sequential streams, while y (R x N,
- *   L1 or L2 sized for few rows) is loaded, updated and stored; BLAS over the same operands reads W column panels
- *   (1.2-2.5x slower at 1-8 rows on an AVX2 EPYC, docs/performance.md).
+ *   L1 or L2 sized for few rows) is loaded, updated and stored (torch's BLAS was 1.2-2x slower at 2-12 rows on an
+ *   AVX2 EPYC for a 512 x 2048 weight from memory, docs/performance.md).
  * llmarch_plain_mm_t:  y[R, I] = g[R, O] @ W[I, O]^T          (the input gradient through the same weight)
  *   dot products: two rows of W (two streams) against up to four rows of g at a time, 8 partial sums.
  * llmarch_plain_outer: out[I, O] = x[n, I]^T @ g[n, O]        (the weight gradient: a sum of n outer products)
- *   tiles of 2 x 32 outputs; written with non-temporal stores (out is not read back soon: a gradient of several
- *   MB, which would only evict the operands) when out is 32-byte aligned and O a multiple of 8.
- * llmarch_plain_zero:  nbytes zero bytes at p, non-temporal (2.5-3x torch's zero_ for a 4-48 MB gradient there).
+ *   one output row's 64 columns at a time, over a panel of g that stays in L1 (x transposed first, g copied with
+ *   a pad when its rows are 4 KiB apart); written with non-temporal stores (out is not read back soon: a gradient
+ *   of several MB, which would only evict the operands) when out is 32-byte aligned and O a multiple of 8.
+ * llmarch_plain_zero:  nbytes zero bytes at p, non-temporal (2.3-3x torch's zero_ for a 2-48 MB gradient there).
  * Each splits its outputs across OpenMP threads.
  */
 #include <stdint.h>

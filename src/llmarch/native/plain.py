@@ -3,11 +3,11 @@ native AVX2 kernels (``plain.c``), and a non-temporal zero fill.
 
 Training an expert bank (:class:`llmarch.nn.banks`) multiplies each expert's few rows by its [in, out] matrix,
 then takes the input gradient through the same matrix and the weight gradient as a sum of a few outer products.
-torch's BLAS runs these at a fraction of the memory's speed: it reads the weight as column panels and writes a
-4 MB weight gradient of 1-8 rows at 2.5-5 GB/s on an AVX2 EPYC. These kernels read the weight as sequential
-streams and write the gradient with non-temporal stores (``benchmarks/train_rows.py``). Each applies to fp32 CPU
-tensors whose rows are contiguous, for the row counts in :data:`ROWS` (measured there); every function returns
-None where it does not apply, and the caller runs torch's product. Values: the fp32 product, summation order
+On an AVX2 EPYC torch's BLAS writes a 4 MB weight gradient of 2-8 rows at ~5 GB/s, and reads a 512 x 2048
+expert's weight for 2-12 rows at a half to two thirds of the speed these kernels reach. They read the weight as
+sequential streams and write the gradient with non-temporal stores (``benchmarks/train_rows.py``). Each applies to
+fp32 CPU tensors whose rows are contiguous, for the row counts in :data:`ROWS` (measured there); every function
+returns None where it does not apply, and the caller runs torch's product. Values: the fp32 product, summation order
 aside (one fused multiply-add per term, in order).
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 
 from llmarch import native
 
-# the fewest and most rows each product takes (benchmarks/train_rows.py, AVX2 EPYC, one thread: 1.1-4.6x torch's
-# BLAS from 2 rows up to these on an expert's 512 x 2048 and 1024 x 512; level or behind from 16 rows, and the
-# weight gradient from 12 on the wider shape; at one row BLAS's matrix-vector products are level with the two
-# products or ahead, and the weight gradient 0.9-1.1x)
-ROWS = {"mm": (2, 12), "mm_t": (2, 12), "outer": (1, 8)}
+# the fewest and most rows each product takes (benchmarks/train_rows.py, AVX2 EPYC, one thread, weights from
+# memory): on an expert's 512 x 2048, x @ W 1.2-2.0x torch's BLAS at 2-12 rows, g @ W^T 1.1-1.4x at 2-8, the
+# weight gradient 2.2-4.3x at 2-8; on its 1024 x 512 the two products 1.0-1.3x (memory-bound), the gradient
+# 2.1-2.6x; from 12-16 rows level or behind; at one row BLAS's matrix-vector products are level or ahead
+ROWS = {"mm": (2, 12), "mm_t": (2, 8), "outer": (1, 8)}
 _I64 = ctypes.c_int64
 
 

@@ -154,7 +154,7 @@ def auto_dispatch(x, experts, weights, keep, bank):
         return sliced_dispatch(x, experts, weights, keep, bank)
     if host and training and x.dtype == torch.float32 and not dense.ONEDNN_FP32 and plain.available():
         # fp32 training over few rows per expert: sliced's products and gradients through llmarch's few-row kernels
-        # (llmarch.nn.banks; forward + backward 1.2-1.4x grouped at 1-16 tokens, benchmarks/moe.py)
+        # (llmarch.nn.banks; forward + backward 1.5x grouped at 1 token, 1.7x at 16: benchmarks/moe.py)
         return sliced_dispatch(x, experts, weights, keep, bank)
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
     # bf16 training on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead of or level with
