@@ -107,7 +107,8 @@ def test_outputs_given_are_written_in_place():
     close(z, reference(y, w.T))
 
 
-@pytest.mark.parametrize("case", ["too many rows", "one row", "bf16", "columns strided", "shapes", "bad out"])
+@pytest.mark.parametrize("case", ["too many rows", "one row", "bf16", "columns strided", "shapes", "bad out",
+                                  "nothing to sum"])
 def test_what_the_kernels_leave_to_torch(case):
     x, w, out = rand(4, 16), rand(16, 24, seed=1), None
     if case == "too many rows":
@@ -122,6 +123,8 @@ def test_what_the_kernels_leave_to_torch(case):
         w = rand(15, 24)
     elif case == "bad out":
         out = torch.empty(4, 23)
+    elif case == "nothing to sum":  # K = 0: torch gives zeros
+        x, w = rand(4, 0), rand(0, 24)
     assert plain.mm(x, w, out=out) is None
 
 

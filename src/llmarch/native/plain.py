@@ -102,8 +102,8 @@ def _out_ok(out: torch.Tensor | None, rows: int, cols: int) -> bool:
 def mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [R, K] @ w [K, N] -> [R, N] (into ``out`` if given), or None where the kernel does not apply."""
     R, N = x.shape[0], w.shape[-1]
-    if (not _takes("mm", R) or not _rows_ok(x, w) or w.shape[0] != x.shape[1] or not _out_ok(out, R, N)
-            or not available()):
+    if (not _takes("mm", R) or not _rows_ok(x, w) or w.shape[0] != x.shape[1] or not x.shape[1]
+            or not _out_ok(out, R, N) or not available()):
         return None
     return _mm(_fn("mm"), x, w, torch.empty(R, N) if out is None else out)
 
