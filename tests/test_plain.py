@@ -231,3 +231,39 @@ def test_moe_training_on_the_kernels_equals_the_loop(monkeypatch, host_route, to
     assert chosen
     for a, b in zip(grads["auto"], grads["loop"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads,tokens,skewed,want", [(2, 64, False, "padded"), (1, 64, False, "sliced"),
+                                                        (2, 64, True, "sliced"), (2, 16, False, "sliced")])
+def test_auto_pads_on_threads_when_padding_is_cheap(monkeypatch, host_route, threads, tokens, skewed, want):
+    """fp32 CPU training on more than one thread takes ``padded`` once experts average 8 rows and the padded batch
+    is at most 1.5x the assignments; on one thread, with 4 rows per expert, or with one expert taking most tokens,
+    ``sliced``."""
+    from llmarch import MoEConfig
+    from llmarch.nn import dispatch
+    from llmarch.nn.moe import MoE
+
+    torch.manual_seed(0)
+    m = MoE(32, 48, "silu", moe=MoEConfig(n_experts=8, top_k=2))
+    x = torch.zeros(1, tokens, 32)
+    x[0, torch.arange(tokens), torch.arange(tokens) % 8] = 5.0  # token t points along dimension t % 8
+    x += rand(1, tokens, 32, seed=3) * 0.01
+    with torch.no_grad():  # token t goes to experts t % 8 and t % 8 + 1: tokens / 4 rows each, no padding
+        w = torch.zeros(8, 32)
+        w[torch.arange(8), torch.arange(8)] = 1.0
+        w[torch.arange(8), (torch.arange(8) - 1) % 8] = 0.5
+        if skewed:
+            w[:2, :8] = 2.0  # experts 0 and 1 win every token: one expert's rows padded for all 8
+        m.router.proj.weight.copy_(w)
+    chosen = []
+    for name in ("padded", "sliced"):
+        real = getattr(dispatch, f"{name}_dispatch")
+        monkeypatch.setattr(dispatch, f"{name}_dispatch", lambda *a, _n=name, _r=real: chosen.append(_n) or _r(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xi = x.clone().requires_grad_()
+        m(xi).sum().backward()
+    finally:
+        torch.set_num_threads(before)
+    assert chosen == [want]
