@@ -13,7 +13,7 @@ import torch
 from llmarch import native
 from llmarch.infer.layout import pack_weights, unpack_weights
 from llmarch.native import bf16 as native_bf16
-from llmarch.nn import fused_decode, widened
+from llmarch.nn import dense, fused_decode, widened
 
 from tests.decode_util import Spy, generate_both, num_threads, steps
 from tests.test_fused_decode import BASE, CASES, model_for
@@ -27,6 +27,17 @@ pytestmark = pytest.mark.skipif(native.library("decode") is None or not native_b
 
 BF16 = torch.bfloat16
 TOL = dict(rtol=2 ** -6, atol=2 ** -6)  # two bf16 roundings of values up to ~2
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_bf16_products():
+    """The layer serves CPUs without bf16 products. On one with them (oneDNN's, AVX-512 BF16 / AMX) the eager bf16
+    step runs oneDNN and the layer stands aside, so the tests take that host for one without: oneDNN's bf16 route
+    off and the widened route on, as such a CPU has them. Its own context: a test's ``monkeypatch.undo()`` keeps it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dense, "ONEDNN_BF16", False)
+        mp.setattr(widened, "ROUTE", True)
+        yield
 
 
 def bf16_model(**over):

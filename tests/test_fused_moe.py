@@ -139,7 +139,7 @@ def forward_spy(monkeypatch) -> Spy:
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2-moe", "groups, norm, scale", "switch, mlp experts"])
-@pytest.mark.parametrize("N", [1, 16, 128])
+@pytest.mark.parametrize("N", [1, 16, native_fp32.MAX_ROWS])  # up to the row limit: 128 on AVX2, 32 on AVX-512
 def test_native_moe_forward_and_its_routing_are_the_eager_ones(case, N, monkeypatch):
     """An MoE layer's inference forward over up to the native row limit (a prefill, or a decode step in a stack
     whose attention is not native) runs in one native call, and records the routing the eager forward records."""
