@@ -12,11 +12,10 @@ only in how the experts run:
 - ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``), for
   fp32 / bf16 CPU inference, and for any bf16 on a CPU without bf16 products (``llmarch.nn.widened``: its
   products widened to fp32, where ``grouped`` and ``padded`` would run torch's generic bf16 kernel, ~100x
-  slower over the bank); for fp32 CPU training where BLAS is the fp32 route: on more than one thread ``padded``
-  once experts average ``PADDED_MIN_ROWS`` rows and padding costs at most ``PADDED_MAX_WASTE``, else, where
-  llmarch's few-row kernels build (``llmarch.native.plain``, ``llmarch.nn.banks``), ``sliced``; else on CPU (bf16
-  aside), ``sliced``
-  once experts average >= ``SLICED_MIN_ROWS`` rows
+  slower over the bank); for fp32 CPU training: where BLAS is the fp32 route and on more than one thread
+  ``padded`` once experts average ``PADDED_MIN_ROWS`` rows and padding costs at most ``PADDED_MAX_WASTE``, else,
+  where llmarch's few-row kernels build (``llmarch.native.plain``, ``llmarch.nn.banks``), ``sliced``; else on CPU
+  (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
   (``..._ONEDNN`` in fp32, whose sliced products and their backward run through oneDNN; the E Python iterations
   then cost microseconds against the matmuls), else ``grouped``; off CPU, ``grouped`` where torch has it for the
   dtype (CUDA: bf16), else ``padded``.
@@ -125,7 +124,8 @@ SLICED_MIN_ROWS_ONEDNN = 1
 # most PADDED_MAX_WASTE times the assignments. BLAS splits each expert's small product across the threads poorly:
 # on an AVX2 EPYC at 2 threads, sliced gained 1.24x over 1 thread at 128 tokens, padded 1.9x; forward + backward
 # padded / sliced 1.37-1.76x at 32-128 tokens (8-32 rows per expert, batch 1.2-1.4x the assignments), 1.04-1.35x at
-# 256-2048, 0.81-0.94x at 16-24 tokens; at one thread 0.70-0.87x (benchmarks/moe.py --threads 2)
+# 256-2048, 0.81-0.94x at 16-24 tokens; at one thread 0.70-0.87x (benchmarks/moe.py --threads 2). Not where oneDNN is
+# the fp32 route (an AVX-512 EPYC at 2 threads: padded / sliced 0.45-0.75x at 1-128 tokens)
 PADDED_MIN_ROWS = 8
 PADDED_MAX_WASTE = 1.5
 
@@ -171,12 +171,14 @@ def auto_dispatch(x, experts, weights, keep, bank):
     if host and not training and dense.onednn_dtype(x.dtype):
         # inference over unpacked banks: sliced ahead of grouped at 1-2048 tokens (fp32 1.2-1.6x; bf16 1.1-1.6x)
         return sliced_dispatch(x, experts, weights, keep, bank)
-    if host and training and x.dtype == torch.float32 and not dense.ONEDNN_FP32:
-        if torch.get_num_threads() > 1 and _padding_pays(experts, keep, bank.n_experts):
+    if host and training and x.dtype == torch.float32:
+        threads = torch.get_num_threads() > 1
+        if threads and not dense.ONEDNN_FP32 and _padding_pays(experts, keep, bank.n_experts):
             return padded_dispatch(x, experts, weights, keep, bank)
         if plain.available():
             # sliced's products and gradients through llmarch's few-row kernels where experts have few rows
-            # (llmarch.nn.banks; forward + backward 1.5x grouped at 1 token, 1.7x at 16: benchmarks/moe.py)
+            # (llmarch.nn.banks; forward + backward against grouped: AVX2 EPYC 1.5x at 1 token, 1.7x at 16;
+            # AVX-512 EPYC, oneDNN's fp32 route, 1.1-1.3x at 1, 1.4-2.0x at 16: benchmarks/moe.py)
             return sliced_dispatch(x, experts, weights, keep, bank)
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
     # bf16 training on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead of or level with
