@@ -124,8 +124,8 @@ SLICED_MIN_ROWS_ONEDNN = 1
 # most PADDED_MAX_WASTE times the assignments. BLAS splits each expert's small product across the threads poorly:
 # on an AVX2 EPYC at 2 threads, sliced gained 1.24x over 1 thread at 128 tokens, padded 1.9x; forward + backward
 # padded / sliced 1.37-1.76x at 32-128 tokens (8-32 rows per expert, batch 1.2-1.4x the assignments), 1.04-1.35x at
-# 256-2048, 0.81-0.94x at 16-24 tokens; at one thread 0.70-0.87x (benchmarks/moe.py --threads 2). Not where oneDNN is
-# the fp32 route (an AVX-512 EPYC at 2 threads: padded / sliced 0.45-0.75x at 1-128 tokens)
+# 256-2048, 0.81-0.94x at 16-24 tokens; at one thread 0.70-0.87x (benchmarks/moe.py --threads 2). Not where
+# oneDNN is the fp32 route (an AVX-512 EPYC at 2 threads: padded / sliced 0.4-0.9x at 1-128 tokens)
 PADDED_MIN_ROWS = 8
 PADDED_MAX_WASTE = 1.5
 
