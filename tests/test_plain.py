@@ -63,19 +63,23 @@ def test_outer_equals_the_product(n, I, O):
     close(out, reference(x.T, g))
 
 
-def test_strided_rows_and_an_unaligned_output():
-    """Row strides larger than the rows (slices of wider tensors), and an output not 32-byte aligned (plain stores
-    instead of non-temporal ones)."""
+def strided_rows_and_an_unaligned_output(rand, close, reference, dtype=torch.float32):
+    """Row strides larger than the rows (slices of wider tensors), and an output one element off alignment (plain
+    stores instead of non-temporal ones); also run by tests/test_plain_bf16.py."""
     x, w, g = rand(6, 40)[:, 3:30], rand(50, 70, seed=1)[:27, 5:69], rand(6, 90, seed=2)[:, 10:74]
     close(plain.mm(x, w), reference(x, w))
     w2 = rand(40, 100, seed=3)[:, 20:84]  # [40, 64], row stride 100
     close(plain.mm_t(g, w2), reference(g, w2.T))
-    buf = torch.full((27 * 64 + 1,), float("nan"))
+    buf = torch.full((27 * 64 + 1,), float("nan"), dtype=dtype)
     out = buf[1:].view(27, 64)
     assert out.data_ptr() % 32 != 0
     plain.outer(x, g, out)
     close(out, reference(x.T, g))
     assert torch.isnan(buf[0])  # nothing written before the output
+
+
+def test_strided_rows_and_an_unaligned_output():
+    strided_rows_and_an_unaligned_output(rand, close, reference)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -107,16 +111,19 @@ def test_outputs_given_are_written_in_place():
     close(z, reference(y, w.T))
 
 
-@pytest.mark.parametrize("case", ["too many rows", "one row", "bf16", "columns strided", "shapes", "bad out",
-                                  "nothing to sum"])
-def test_what_the_kernels_leave_to_torch(case):
+@pytest.mark.parametrize("case", ["too many rows", "one row", "bf16 without its kernels", "mixed dtypes",
+                                  "columns strided", "shapes", "bad out", "nothing to sum"])
+def test_what_the_kernels_leave_to_torch(case, monkeypatch):
     x, w, out = rand(4, 16), rand(16, 24, seed=1), None
     if case == "too many rows":
         x = rand(plain.ROWS["mm"][1] + 1, 16)
     elif case == "one row":
         x = rand(1, 16)
-    elif case == "bf16":
+    elif case == "bf16 without its kernels":  # tests/test_plain_bf16.py: where they build (AVX-512 BF16)
         x, w = x.bfloat16(), w.bfloat16()
+        monkeypatch.setattr(plain, "bf16_available", lambda: False)
+    elif case == "mixed dtypes":
+        x = x.bfloat16()
     elif case == "columns strided":
         x = rand(16, 4).T
     elif case == "shapes":

@@ -37,7 +37,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-f
 # x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
 # compile without them, and picks the widest vectors the CPU has)
 NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("avx2", "fma"),),
-         "plain": (("avx2", "fma"),)}
+         "plain": (("avx2", "fma"),), "plain_bf16": (("avx512f", "avx512bw", "avx512_bf16"),)}
 # sources a kernel library #includes: part of its build's hash
 INCLUDES = {"decode": ("gemv.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c")}
 RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)

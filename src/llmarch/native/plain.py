@@ -9,6 +9,14 @@ sequential streams and write the gradient with non-temporal stores (``benchmarks
 fp32 CPU tensors whose rows are contiguous, for the row counts in :data:`ROWS` (measured there); every function
 returns None where it does not apply, and the caller runs torch's product. Values: the fp32 product, summation order
 aside (one fused multiply-add per term, in order).
+
+bf16 operands (all bf16: an expert bank trained in bf16) go to ``plain_bf16.c`` on CPUs with AVX-512 BF16
+(:func:`bf16_available`), for the row counts in :data:`ROWS_BF16`. Each product is a sum in fp32 of exact products
+of pairs (``VDPBF16PS``, denormals flushed, as in oneDNN's bf16 products): ``mm`` and ``mm_t`` round it to bf16
+once, ``outer`` writes the bf16 weight gradient. The products a column-major bf16 bank takes (its forward is the
+``mm_t`` form, its input gradient the ``mm`` form) from memory at 1-8 rows, on a Zen 5 EPYC against torch's (oneDNN's)
+bf16 products: forward 1.3-2.5x, input gradient 1.5-2.7x, weight gradient 1.9-3.2x; level at 12-16 rows
+(``benchmarks/train_rows.py --dtype bf16``).
 """
 from __future__ import annotations
 
@@ -23,7 +31,11 @@ from llmarch import native
 # weight gradient 2.2-4.3x at 2-8; on its 1024 x 512 the two products 1.0-1.3x (memory-bound), the gradient
 # 2.1-2.6x; from 12-16 rows level or behind; at one row BLAS's matrix-vector products are level or ahead
 ROWS = {"mm": (2, 12), "mm_t": (2, 8), "outer": (1, 8)}
+# bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): ahead of torch's bf16
+# products from one row; at 12 rows 1.0-1.2x, at 16 rows 0.9-1.0x
+ROWS_BF16 = {"mm": (1, 12), "mm_t": (1, 12), "outer": (1, 12)}
 _I64 = ctypes.c_int64
+_BF16 = torch.bfloat16
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -54,11 +66,25 @@ def _outer(fn, x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Ten
     return out
 
 
+def _check_bf16(fn_mm, fn_mm_t, fn_outer) -> bool:
+    """The bf16 kernels against the float64 products of the same bf16 values, rounded to bf16 (within one rounding:
+    fp32 sums), over odd sizes that reach every tail."""
+    g = torch.Generator().manual_seed(0)
+    x, w, d = (torch.randn(*shape, generator=g).to(_BF16) for shape in ((5, 19), (19, 37), (5, 37)))
+    want = [x.double() @ w.double(), d.double() @ w.double().T, x.double().T @ d.double()]
+    got = [_mm(fn_mm, x, w, torch.empty(5, 37)), _mm_t(fn_mm_t, d, w, torch.empty(5, 19)),
+           _outer(fn_outer, x, d, torch.empty(19, 37, dtype=_BF16))]
+    return all(torch.allclose(a.double(), b, rtol=2 ** -7, atol=1e-6) for a, b in zip(got, want))
+
+
 _ARGS = [ctypes.c_void_p] * 3 + [_I64] * 5
 _KERNELS = {name: native.Kernel("plain", f"llmarch_plain_{name}", _ARGS, lambda fn: True)
             for name in ("mm", "mm_t", "outer")}
+_KERNELS_BF16 = {name: native.Kernel("plain_bf16", f"llmarch_plain_bf16_{name}", _ARGS, lambda fn: True)
+                 for name in ("mm", "mm_t", "outer")}
 _ZERO = native.Kernel("plain", "llmarch_plain_zero", [ctypes.c_void_p, _I64], lambda fn: True)
 _checked: list[bool] = []
+_checked_bf16: list[bool] = []
 
 
 def _fn(name: str):
@@ -73,15 +99,32 @@ def available() -> bool:
     return _checked[0]
 
 
+def bf16_available() -> bool:
+    """Whether the bf16 kernels built here (a CPU with AVX-512 BF16) and passed their check (once per process)."""
+    if not _checked_bf16:
+        fns = [_KERNELS_BF16[name].fn() for name in ("mm", "mm_t", "outer")]
+        _checked_bf16.append(all(f is not None for f in fns) and _check_bf16(*fns))
+    return _checked_bf16[0]
+
+
 def reset() -> None:
     """Forget the kernels and their check (tests flip ``LLMARCH_NATIVE`` or the cache directory)."""
-    for kernel in (*_KERNELS.values(), _ZERO):
+    for kernel in (*_KERNELS.values(), *_KERNELS_BF16.values(), _ZERO):
         kernel.reset()
     _checked.clear()
+    _checked_bf16.clear()
 
 
-def _takes(kernel: str, rows: int) -> bool:
-    return ROWS[kernel][0] <= rows <= ROWS[kernel][1]
+def _takes(kernel: str, rows: int, dtype: torch.dtype) -> bool:
+    lo, hi = (ROWS_BF16 if dtype == _BF16 else ROWS)[kernel]
+    return lo <= rows <= hi
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    """The kernel for this dtype, or None where it is not available here."""
+    if dtype == _BF16:
+        return _KERNELS_BF16[name].fn() if bf16_available() else None
+    return _fn(name) if available() else None
 
 
 def _traced() -> bool:
@@ -91,38 +134,52 @@ def _traced() -> bool:
 
 
 def _rows_ok(*ts: torch.Tensor) -> bool:
-    return all(t.dim() == 2 and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(1) == 1
-               and t.stride(0) >= t.shape[1] for t in ts) and not _traced()
+    """2-D CPU tensors, all fp32 or all bf16, with contiguous rows."""
+    dtype = ts[0].dtype
+    return dtype in (torch.float32, _BF16) and all(
+        t.dim() == 2 and t.dtype == dtype and t.device.type == "cpu" and t.stride(1) == 1
+        and t.stride(0) >= t.shape[1] for t in ts) and not _traced()
 
 
-def _out_ok(out: torch.Tensor | None, rows: int, cols: int) -> bool:
-    return out is None or (out.shape == (rows, cols) and out.is_contiguous() and out.dtype == torch.float32)
+def _out_ok(out: torch.Tensor | None, rows: int, cols: int, dtype: torch.dtype) -> bool:
+    return out is None or (out.shape == (rows, cols) and out.is_contiguous() and out.dtype == dtype)
+
+
+def _result(y: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """A bf16 product's fp32 sums rounded to bf16 (into ``out`` if given)."""
+    return y.to(_BF16) if out is None else out.copy_(y)
 
 
 def mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [R, K] @ w [K, N] -> [R, N] (into ``out`` if given), or None where the kernel does not apply."""
-    R, N = x.shape[0], w.shape[-1]
-    if (not _takes("mm", R) or not _rows_ok(x, w) or w.shape[0] != x.shape[1] or not x.shape[1]
-            or not _out_ok(out, R, N) or not available()):
+    R, N, dtype = x.shape[0], w.shape[-1], x.dtype
+    if (not _rows_ok(x, w) or not _takes("mm", R, dtype) or w.shape[0] != x.shape[1] or not x.shape[1]
+            or not _out_ok(out, R, N, dtype) or (fn := _kernel("mm", dtype)) is None):
         return None
-    return _mm(_fn("mm"), x, w, torch.empty(R, N) if out is None else out)
+    if dtype == _BF16:
+        return _result(_mm(fn, x, w, torch.empty(R, N)), out)
+    return _mm(fn, x, w, torch.empty(R, N) if out is None else out)
 
 
 def mm_t(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """g [R, O] @ w [I, O]^T -> [R, I] (into ``out`` if given), or None where the kernel does not apply."""
-    R, I = g.shape[0], w.shape[0]
-    if (not _takes("mm_t", R) or not _rows_ok(g, w) or w.shape[1] != g.shape[1] or not _out_ok(out, R, I)
-            or not available()):
+    R, I, dtype = g.shape[0], w.shape[0], g.dtype
+    if (not _rows_ok(g, w) or not _takes("mm_t", R, dtype) or w.shape[1] != g.shape[1]
+            or not _out_ok(out, R, I, dtype) or (fn := _kernel("mm_t", dtype)) is None):
         return None
-    return _mm_t(_fn("mm_t"), g, w, torch.empty(R, I) if out is None else out)
+    if dtype == _BF16:
+        return _result(_mm_t(fn, g, w, torch.empty(R, I)), out)
+    return _mm_t(fn, g, w, torch.empty(R, I) if out is None else out)
 
 
 def outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-    """x [n, I]^T @ g [n, O] written into ``out`` [I, O] (contiguous), or None where the kernel does not apply."""
-    if (not _takes("outer", x.shape[0]) or not _rows_ok(x, g) or g.shape[0] != x.shape[0]
-            or not _out_ok(out, x.shape[1], g.shape[1]) or not available()):
+    """x [n, I]^T @ g [n, O] written into ``out`` [I, O] (contiguous, of x's dtype), or None where the kernel does
+    not apply."""
+    dtype = x.dtype
+    if (not _rows_ok(x, g) or not _takes("outer", x.shape[0], dtype) or g.shape[0] != x.shape[0]
+            or not _out_ok(out, x.shape[1], g.shape[1], dtype) or (fn := _kernel("outer", dtype)) is None):
         return None
-    return _outer(_fn("outer"), x, g, out)
+    return _outer(fn, x, g, out)
 
 
 def zero(t: torch.Tensor) -> bool:

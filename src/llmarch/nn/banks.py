@@ -23,8 +23,24 @@ def _few_rows(x: torch.Tensor) -> bool:
     counts): fp32, whichever the host's fp32 route. Measured against torch's BLAS on an AVX2 EPYC and against
     oneDNN on an AVX-512 EPYC (``benchmarks/train_rows.py``: the weight gradient 1.6-2.5x oneDNN's at 2-8 rows, the
     forward product 1.0-1.75x; the input gradient 0.6-1.1x, yet the layer's forward + backward was level or ahead
-    with it there, ``benchmarks/moe.py``)."""
-    return x.dtype == torch.float32
+    with it there, ``benchmarks/moe.py``). bf16 where the CPU has oneDNN's bf16 products (the bf16 kernels need
+    AVX-512 BF16; without bf16 products, bf16 takes the widened route)."""
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and dense.ONEDNN_BF16 and not widened.ROUTE)
+
+
+def _plain_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x @ w through :mod:`llmarch.native.plain` for w in either layout: its rows (``mm``) or its columns (``mm_t``
+    over ``w.t()``: a column-major bf16 bank's), else None."""
+    if w.stride(-1) == 1:
+        return plain.mm(x, w)
+    return plain.mm_t(x, w.t()) if w.stride(-2) == 1 else None
+
+
+def _plain_outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> bool:
+    """x^T g written into ``out`` (either layout) through :func:`llmarch.native.plain.outer`; False if not served."""
+    if out.stride(-1) == 1:
+        return plain.outer(x, g, out) is not None
+    return out.stride(-2) == 1 and plain.outer(g, x, out.t()) is not None
 
 
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -35,7 +51,7 @@ def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bf16 without oneDNN's bf16 products: widened fp32 products (``widened.ROUTE``), but torch's kernel for fewer
     than ``widened.MIN_ROWS`` rows over a weight in nn.Linear's layout (``w.t()`` contiguous), the one it streams
     well."""
-    if _few_rows(x) and (y := plain.mm(x, w)) is not None:  # few rows, the bank's own layout
+    if _few_rows(x) and (y := _plain_mm(x, w)) is not None:  # few rows, the bank's own layout
         return y
     if x.dtype == torch.bfloat16 and (widened.ROUTE or not dense.ONEDNN_BF16):
         few = x.shape[0] < widened.MIN_ROWS and w.t().is_contiguous()
@@ -81,10 +97,15 @@ class _Bank(torch.autograd.Function):
             for e, (xe, ge) in enumerate(pieces):
                 if not counts[e]:
                     continue
-                if xe.dtype == torch.bfloat16:  # the widened route: [out, in] = g_e^T x_e
-                    dbank[e].t().copy_(widened.mm(ge.t(), xe))  # contiguous there for a column-major bank
-                elif _few_rows(xe) and plain.outer(xe, ge, dbank[e]) is not None:  # 2-5x BLAS
+                if _few_rows(xe) and _plain_outer(xe, ge, dbank[e]):  # 2-5x BLAS, 1.6-3.2x oneDNN
                     pass
+                elif xe.dtype == torch.bfloat16 and widened.ROUTE:  # [out, in] = g_e^T x_e
+                    dbank[e].t().copy_(widened.mm(ge.t(), xe))  # contiguous there for a column-major bank
+                elif xe.dtype == torch.bfloat16:  # oneDNN's bf16 product, written in place
+                    if dbank[e].t().is_contiguous():
+                        torch.mm(ge.t(), xe, out=dbank[e].t())
+                    else:
+                        dbank[e].copy_(xe.t() @ ge)
                 elif counts[e] == 1 or not _onednn(xe):  # BLAS writes in place (outer product 107 against 276 us)
                     torch.mm(xe.t(), ge, out=dbank[e])
                 else:
@@ -94,9 +115,8 @@ class _Bank(torch.autograd.Function):
 
 
 def _input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g [n, out] @ w [in, out]^T for one expert (fp32 few rows: :func:`llmarch.native.plain.mm_t`)."""
-    y = plain.mm_t(g, w) if _few_rows(g) else None
-    return _rows_mm(g, w.t()) if y is None else y
+    """g [n, out] @ w [in, out]^T for one expert (few rows: :mod:`llmarch.native.plain`)."""
+    return _rows_mm(g, w.t())
 
 
 def _zero_unused(dbank: torch.Tensor, counts: list[int]) -> None:
@@ -116,17 +136,25 @@ def _zero_unused(dbank: torch.Tensor, counts: list[int]) -> None:
         e = end
 
 
+def bf16_kernels(x: torch.Tensor) -> bool:
+    """Whether bf16 rows train through llmarch's bf16 few-row kernels here (a CPU with oneDNN's bf16 products and
+    AVX-512 BF16)."""
+    return x.dtype == torch.bfloat16 and _few_rows(x) and plain.bf16_available()
+
+
 def bank_linear(x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """x [A, in] sorted by expert (``counts[e]`` rows each, sum A > 0), bank [E, in, out] -> [A, out]: each expert's
     rows times its matrix (``cat(x_e @ bank[e])``). CPU inference (fp32, bf16) and fp32 CPU training go to oneDNN
-    (fp32: where ``dense.ONEDNN_FP32``, else torch's BLAS), training through :class:`_Bank` (bf16 training was level
-    with ``torch._grouped_mm`` there, 0.9-1.07x, so it is left to the ``grouped`` dispatcher); anything else
+    (fp32: where ``dense.ONEDNN_FP32``, else torch's BLAS), training through :class:`_Bank`; bf16 training there
+    too where llmarch's bf16 few-row kernels build (AVX-512 BF16; without them it was level with
+    ``torch._grouped_mm``, 0.9-1.07x, and is left to the ``grouped`` dispatcher); anything else
     multiplies ``unbind`` views of the bank with :func:`linear` (their backward stacks the expert gradients
     once). bf16 on CPUs without bf16 products (``widened.ROUTE``) runs like fp32, its products widened: through
     :class:`_Bank` for training, whose gradient comes in the bank's own (column-major) layout; the ``unbind`` form
     cost AccumulateGrad a transposing copy of the whole bank's gradient, 54 ms of a 60 ms step at one token."""
     fits, grad = dense._operands_fit(x, bank, None, _bank_dtype), dense._needs_grad(x, bank, None)
-    if fits and grad and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and widened.ROUTE)):
+    if fits and grad and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and widened.ROUTE)
+                          or bf16_kernels(x)):
         return _Bank.apply(x, bank, counts)
     if fits and not grad:  # fp32 or bf16 inference
         return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])

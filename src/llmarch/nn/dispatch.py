@@ -12,10 +12,12 @@ only in how the experts run:
 - ``auto``: ``sliced`` for inference over packed expert banks (``llmarch.infer.layout.pack_weights``), for
   fp32 / bf16 CPU inference, and for any bf16 on a CPU without bf16 products (``llmarch.nn.widened``: its
   products widened to fp32, where ``grouped`` and ``padded`` would run torch's generic bf16 kernel, ~100x
-  slower over the bank); for fp32 CPU training: where BLAS is the fp32 route and on more than one thread
-  ``padded`` once experts average ``PADDED_MIN_ROWS`` rows and padding costs at most ``PADDED_MAX_WASTE``, else,
-  where llmarch's few-row kernels build (``llmarch.native.plain``, ``llmarch.nn.banks``), ``sliced``; else on CPU
-  (bf16 aside), ``sliced`` once experts average >= ``SLICED_MIN_ROWS`` rows
+  slower over the bank); for bf16 CPU training where llmarch's bf16 few-row kernels build (AVX-512 BF16) while
+  experts average at most ``BF16_SLICED_MAX_ROWS`` rows; for fp32 CPU training: where BLAS is the fp32 route and
+  on more than one thread ``padded`` once experts average ``PADDED_MIN_ROWS`` rows and padding costs at most
+  ``PADDED_MAX_WASTE``, else, where llmarch's few-row kernels build (``llmarch.native.plain``,
+  ``llmarch.nn.banks``), ``sliced``; else on CPU (bf16 aside), ``sliced`` once experts average >=
+  ``SLICED_MIN_ROWS`` rows
   (``..._ONEDNN`` in fp32, whose sliced products and their backward run through oneDNN; the E Python iterations
   then cost microseconds against the matmuls), else ``grouped``; off CPU, ``grouped`` where torch has it for the
   dtype (CUDA: bf16), else ``padded``.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmarch.native import plain
-from llmarch.nn import dense, widened
+from llmarch.nn import banks, dense, widened
 from llmarch.nn.device import host_reads_ok
 from llmarch.registry import Registry
 
@@ -129,6 +131,12 @@ SLICED_MIN_ROWS_ONEDNN = 1
 PADDED_MIN_ROWS = 8
 PADDED_MAX_WASTE = 1.5
 
+# bf16 CPU training where llmarch's bf16 few-row kernels build (AVX-512 BF16, llmarch.native.plain): sliced while
+# experts average at most this many rows, else grouped. Zen 5 EPYC, one thread, top-2 of 8, forward + backward
+# sliced / grouped: 1.31x at 1 token, 1.68x at 16, 1.18x at 32 (8 rows), 1.01x at 48, 0.88x at 64, 0.90-0.98x at
+# 96-2048 (benchmarks/moe.py)
+BF16_SLICED_MAX_ROWS = 8
+
 
 def _padding_pays(experts: torch.Tensor, keep: torch.Tensor | None, E: int) -> bool:
     flat = experts.reshape(-1) if keep is None else experts.reshape(-1)[keep.reshape(-1)]
@@ -180,6 +188,8 @@ def auto_dispatch(x, experts, weights, keep, bank):
             # (llmarch.nn.banks; forward + backward against grouped: AVX2 EPYC 1.5x at 1 token, 1.7x at 16;
             # AVX-512 EPYC, oneDNN's fp32 route, 1.1-1.3x at 1, 1.4-2.0x at 16: benchmarks/moe.py)
             return sliced_dispatch(x, experts, weights, keep, bank)
+    if host and training and banks.bf16_kernels(x) and experts.numel() <= BF16_SLICED_MAX_ROWS * bank.n_experts:
+        return sliced_dispatch(x, experts, weights, keep, bank)  # llmarch's bf16 few-row kernels (llmarch.nn.banks)
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
     # bf16 training on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead of or level with
     # sliced at every size measured (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced over
