@@ -15,7 +15,7 @@ bf16 operands (all bf16: an expert bank trained in bf16) go to ``plain_bf16.c`` 
 of pairs (``VDPBF16PS``, denormals flushed, as in oneDNN's bf16 products): ``mm`` and ``mm_t`` round it to bf16
 once, ``outer`` writes the bf16 weight gradient. The products a column-major bf16 bank takes (its forward is the
 ``mm_t`` form, its input gradient the ``mm`` form) from memory at 1-8 rows, on a Zen 5 EPYC against torch's (oneDNN's)
-bf16 products: forward 1.3-2.5x, input gradient 1.5-2.7x, weight gradient 1.9-3.2x; level at 12-16 rows
+bf16 products: forward 1.2-1.9x, input gradient 1.4-2.5x, weight gradient 1.6-2.6x; at 12 rows 0.9-1.8x
 (``benchmarks/train_rows.py --dtype bf16``).
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ from llmarch import native
 # weight gradient 2.2-4.3x at 2-8; on its 1024 x 512 the two products 1.0-1.3x (memory-bound), the gradient
 # 2.1-2.6x; from 12-16 rows level or behind; at one row BLAS's matrix-vector products are level or ahead
 ROWS = {"mm": (2, 12), "mm_t": (2, 8), "outer": (1, 8)}
-# bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): ahead of torch's bf16
-# products from one row; at 12 rows 1.0-1.2x, at 16 rows 0.9-1.0x
+# bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): 1.2-2.6x torch's bf16
+# products at 1-8 rows, 0.94-1.77x at 12, 0.76-1.33x at 16
 ROWS_BF16 = {"mm": (1, 12), "mm_t": (1, 12), "outer": (1, 12)}
 _I64 = ctypes.c_int64
 _BF16 = torch.bfloat16
