@@ -63,6 +63,15 @@ def test_outer_equals_the_product(n, I, O):
     close(out, reference(x.T, g))
 
 
+def test_one_row(monkeypatch):
+    """One row (taken on AVX-512 hosts, ``plain.ROWS``; held here on any host)."""
+    monkeypatch.setitem(plain.ROWS, "mm", (1, 12))
+    monkeypatch.setitem(plain.ROWS, "mm_t", (1, 8))
+    x, w, g = rand(1, 37), rand(37, 130, seed=1), rand(1, 130, seed=2)
+    close(plain.mm(x, w), reference(x, w))
+    close(plain.mm_t(g, w), reference(g, w.T))
+
+
 def strided_rows_and_an_unaligned_output(rand, close, reference, dtype=torch.float32):
     """Row strides larger than the rows (slices of wider tensors), and an output one element off alignment (plain
     stores instead of non-temporal ones); also run by tests/test_plain_bf16.py."""
@@ -111,14 +120,14 @@ def test_outputs_given_are_written_in_place():
     close(z, reference(y, w.T))
 
 
-@pytest.mark.parametrize("case", ["too many rows", "one row", "bf16 without its kernels", "mixed dtypes",
+@pytest.mark.parametrize("case", ["too many rows", "too few rows", "bf16 without its kernels", "mixed dtypes",
                                   "columns strided", "shapes", "bad out", "nothing to sum"])
 def test_what_the_kernels_leave_to_torch(case, monkeypatch):
     x, w, out = rand(4, 16), rand(16, 24, seed=1), None
     if case == "too many rows":
         x = rand(plain.ROWS["mm"][1] + 1, 16)
-    elif case == "one row":
-        x = rand(1, 16)
+    elif case == "too few rows":  # one on AVX2 hosts (BLAS ahead there), none on AVX-512 hosts
+        x = rand(plain.ROWS["mm"][0] - 1, 16)
     elif case == "bf16 without its kernels":  # tests/test_plain_bf16.py: where they build (AVX-512 BF16)
         x, w = x.bfloat16(), w.bfloat16()
         monkeypatch.setattr(plain, "bf16_available", lambda: False)
@@ -196,9 +205,10 @@ def test_bank_training_through_the_kernels_equals_torch(monkeypatch, host_route)
         monkeypatch.setattr(plain, name, counted)
     y1, gx1, gb1, node = _bank_grads(x, bank, COUNTS)
     assert type(node).__name__ == "_BankBackward"
-    # 6 experts with rows: the 13-row one on BLAS, and the 1-row one's forward and input gradient; two runs of
-    # empty experts
-    assert calls == {"mm": 4, "mm_t": 4, "outer": 5, "zero": 2}
+    # 6 experts with rows: the 13-row one on the host's route, and the 1-row one's forward and input gradient where
+    # the kernels start at 2 rows (AVX2 hosts); two runs of empty experts
+    one = plain.ROWS["mm"][0] == 1 and plain.ROWS["mm_t"][0] == 1
+    assert calls == {"mm": 4 + one, "mm_t": 4 + one, "outer": 5, "zero": 2}
     want = [torch.cat([xe.double() @ bank[e].double() for e, xe in enumerate(x.split(COUNTS)) if COUNTS[e]])]
     g = rand(*y1.shape, seed=9).double()
     want.append(torch.cat([ge @ bank[e].double().T for e, ge in enumerate(g.split(COUNTS)) if COUNTS[e]]))

@@ -29,8 +29,12 @@ from llmarch import native
 # the fewest and most rows each product takes (benchmarks/train_rows.py, AVX2 EPYC, one thread, weights from
 # memory): on an expert's 512 x 2048, x @ W 1.2-2.0x torch's BLAS at 2-12 rows, g @ W^T 1.1-1.4x at 2-8, the
 # weight gradient 2.2-4.3x at 2-8; on its 1024 x 512 the two products 1.0-1.3x (memory-bound), the gradient
-# 2.1-2.6x; from 12-16 rows level or behind; at one row BLAS's matrix-vector products are level or ahead
-ROWS = {"mm": (2, 12), "mm_t": (2, 8), "outer": (1, 8)}
+# 2.1-2.6x; from 12-16 rows level or behind; at one row BLAS's matrix-vector products are level or ahead there.
+# On a Zen 5 EPYC (AVX-512; the kernels prefetching) one row was 1.05-1.27x (x @ W) and 1.26-1.46x (g @ W^T) the
+# one-row products of BLAS and oneDNN, and an MoE layer's forward + backward 1.18-1.22x faster at 1-4 tokens with
+# the kernels taking it: from one row on AVX-512 hosts (as native_fp32.MAX_ROWS, the CPU stands for the host)
+_FIRST = 1 if "avx512f" in native._cpu()[1] else 2
+ROWS = {"mm": (_FIRST, 12), "mm_t": (_FIRST, 8), "outer": (1, 8)}
 # bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): 1.2-2.6x torch's bf16
 # products at 1-8 rows, 0.94-1.77x at 12, 0.76-1.33x at 16
 ROWS_BF16 = {"mm": (1, 12), "mm_t": (1, 12), "outer": (1, 12)}
