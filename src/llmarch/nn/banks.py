@@ -1,9 +1,10 @@
 """Expert-bank products: each expert's rows of a sorted batch times its matrix of a bank [E, in, out]
 (``llmarch.nn.experts``), forward and backward: fp32 through llmarch's few-row kernels (:mod:`llmarch.native.plain`)
 for the row counts they take, else the same oneDNN products as :mod:`llmarch.nn.dense` on hosts where oneDNN is
-the fp32 route (``dense.ONEDNN_FP32``) and torch's BLAS elsewhere; bf16 widened to fp32 on CPUs without bf16
-products (``llmarch.nn.widened``). An expert with no rows gets a zero gradient, written with non-temporal
-stores where the kernels build."""
+the fp32 route (``dense.ONEDNN_FP32``) and torch's BLAS elsewhere; bf16 through the bf16 few-row kernels on CPUs
+with AVX-512 BF16, else oneDNN's bf16 products, and widened to fp32 on CPUs without bf16 products
+(``llmarch.nn.widened``). An expert with no rows gets a zero gradient, written with non-temporal stores where the
+kernels build."""
 from __future__ import annotations
 
 import torch
@@ -21,10 +22,9 @@ def _onednn(x: torch.Tensor) -> bool:
 def _few_rows(x: torch.Tensor) -> bool:
     """Whether an expert's products may go to :mod:`llmarch.native.plain` (which then takes them for its row
     counts): fp32, whichever the host's fp32 route. Measured against torch's BLAS on an AVX2 EPYC and against
-    oneDNN on an AVX-512 EPYC (``benchmarks/train_rows.py``: the weight gradient 1.6-2.5x oneDNN's at 2-8 rows, the
-    forward product 1.0-1.75x; the input gradient 0.6-1.1x, yet the layer's forward + backward was level or ahead
-    with it there, ``benchmarks/moe.py``). bf16 where the CPU has oneDNN's bf16 products (the bf16 kernels need
-    AVX-512 BF16; without bf16 products, bf16 takes the widened route)."""
+    oneDNN on a Zen 5 EPYC (``benchmarks/train_rows.py``, at 2-8 rows: the forward 1.3-2.7x oneDNN's, the input
+    gradient 1.0-1.75x, the weight gradient 1.6-2.6x). bf16 where the CPU has oneDNN's bf16 products (the bf16
+    kernels need AVX-512 BF16; without bf16 products, bf16 takes the widened route)."""
     return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and dense.ONEDNN_BF16 and not widened.ROUTE)
 
 
@@ -44,8 +44,8 @@ def _plain_outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> bool:
 
 
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [n, k] @ w [k, m] for one expert: fp32 few rows over w's own [in, out] rows through
-    :func:`llmarch.native.plain.mm` (:func:`_few_rows`); else oneDNN, but torch's BLAS for a single row (measured
+    """x [n, k] @ w [k, m] for one expert: few rows through :mod:`llmarch.native.plain` over w in its own layout
+    (:func:`_few_rows`, :func:`_plain_mm`); else oneDNN, but torch's BLAS for a single row (measured
     on an expert's 512 x 2048: 1 row 94 against 201 us; 4 rows 250 against 183 us) and for fp32 where oneDNN is not
     the route.
     bf16 without oneDNN's bf16 products: widened fp32 products (``widened.ROUTE``), but torch's kernel for fewer
