@@ -180,8 +180,7 @@ def auto_dispatch(x, experts, weights, keep, bank):
         # inference over unpacked banks: sliced ahead of grouped at 1-2048 tokens (fp32 1.2-1.6x; bf16 1.1-1.6x)
         return sliced_dispatch(x, experts, weights, keep, bank)
     if host and training and x.dtype == torch.float32:
-        threads = torch.get_num_threads() > 1
-        if threads and not dense.ONEDNN_FP32 and _padding_pays(experts, keep, bank.n_experts):
+        if torch.get_num_threads() > 1 and not dense.ONEDNN_FP32 and _padding_pays(experts, keep, bank.n_experts):
             return padded_dispatch(x, experts, weights, keep, bank)
         if plain.available():
             # sliced's products and gradients through llmarch's few-row kernels where experts have few rows
@@ -191,9 +190,10 @@ def auto_dispatch(x, experts, weights, keep, bank):
     if host and training and banks.bf16_kernels(x) and experts.numel() <= BF16_SLICED_MAX_ROWS * bank.n_experts:
         return sliced_dispatch(x, experts, weights, keep, bank)  # llmarch's bf16 few-row kernels (llmarch.nn.banks)
     rows = SLICED_MIN_ROWS_ONEDNN if onednn else SLICED_MIN_ROWS
-    # bf16 training on CPU: grouped over the column-major bank (llmarch.nn.experts) is ahead of or level with
-    # sliced at every size measured (2048 tokens, forward + backward: 16.3k tokens/s against 11.2k sliced over
-    # unbind views; 0.9-1.07x for sliced products straight on oneDNN)
+    # bf16 training on CPU (without llmarch's bf16 kernels, or more rows): grouped over the column-major bank
+    # (llmarch.nn.experts) is ahead of or level with sliced on oneDNN's products at every size measured (2048
+    # tokens, forward + backward: 16.3k tokens/s against 11.2k sliced over unbind views; 0.9-1.07x for sliced
+    # products straight on oneDNN)
     many = experts.numel() >= rows * bank.n_experts
     if host and x.dtype != torch.bfloat16 and many:
         return sliced_dispatch(x, experts, weights, keep, bank)
