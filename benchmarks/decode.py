@@ -1,8 +1,8 @@
 """Decode speed: tokens/s at batch 1 and 8 for GPT-2-124M, a LLaMA-style model and (``--models mixtral``,
 ``deepseek``) a Mixtral-style and a DeepSeek-V2 style one, Hugging Face `generate` against llmarch (eager, static
-cache + torch.compile, int8, speculative), each as a fraction of the memory-bandwidth bound (weight bytes streamed
-per step / measured read bandwidth; for an MoE model the experts' bytes count at the share a step is expected to
-hit).
+cache + torch.compile, int8 with fp32 or int8 activations, speculative), each as a fraction of the
+memory-bandwidth bound (weight bytes streamed per step / measured read bandwidth; for an MoE model the experts'
+bytes count at the share a step is expected to hit).
 
     PYTHONPATH=src python benchmarks/decode.py [--new-tokens 32] [--repeats 3] [--models gpt2,llama] [--no-compile]
     PYTHONPATH=src python benchmarks/decode.py --kernels   # GB/s of each matrix-vector kernel and layout per shape
@@ -17,7 +17,8 @@ latent attention keeps the eager layers while its MoE layers run natively one by
 weights); "layers as torch ops" is the same call with ``LLMARCH_FUSED_DECODE=0``. For an MoE model transformers
 runs each of its CPU experts implementations (``batched_mm`` at batch 1 only: it gathers a weight copy per token
 and expert, 8x slower than ``grouped_mm`` there), and ratios are to the fastest; the compiled variants and
-speculative decoding (its static cache) are left out where they do not apply.
+speculative decoding (its static cache) are left out where they do not apply. The int8 rows carry their accuracy
+against the fp32 model (prompt logits' error, share of greedy tokens equal).
 
 ``--kernels``: for every weight shape of the two models, batch 1 and 8, the GB/s of ``F.linear`` (torch's BLAS)
 and oneDNN over the row-major and the column-major weight, of oneDNN over its packed weight and of llmarch's
@@ -47,6 +48,7 @@ import llmarch  # noqa: E402
 import llmarch.nn.dense as dense  # noqa: E402
 from llmarch.native import fp32 as native_fp32  # noqa: E402
 from llmarch.native import int8 as int8_native  # noqa: E402
+from llmarch.native import w8a8  # noqa: E402
 from llmarch.infer.layout import decode_layout, pack_weights  # noqa: E402
 from llmarch.infer.quantize import quantize  # noqa: E402
 from llmarch.infer.speculative import speculative_generate  # noqa: E402
@@ -233,6 +235,7 @@ def int8_kernel_table(repeats: int) -> list[dict]:
         qs = [torch.randint(-127, 128, (out_f, in_f), dtype=torch.int8) for _ in range(n)]
         ws, scales = [q.float() for q in qs], torch.rand(out_f)
         blocked = [int8_native.block(q, scales) for q in qs] if int8_native.available() else []
+        a8 = [w8a8.block(q, scales) for q in qs] if w8a8.available() else []
         for M in (1, 8, 16, 32, 128):
             x = torch.randn(M, in_f)
             xb, sb = x.to(torch.bfloat16), scales.to(torch.bfloat16)
@@ -243,10 +246,26 @@ def int8_kernel_table(repeats: int) -> list[dict]:
             if blocked:
                 fns["native int8 (fp32)"] = lambda: [int8_native._call(int8_native._KERNEL.fn(), x, w, s, out_f)
                                                      for w, s in blocked]
+            if a8:
+                fns["native int8 (int8 activations)"] = lambda: [w8a8._call(w8a8._KERNEL.fn(), x, w, s, out_f)
+                                                                 for w, s in a8]
             us = {k: statistics.median(t) / n * 1e6 for k, t in round_robin(fns, repeats).items()}
             rows.append(dict(shape=[out_f, in_f], rows=M, us=us))
             print(f"  [{out_f}, {in_f}] M={M}: " + ", ".join(f"{k} {v:.0f} us" for k, v in us.items()), flush=True)
     return rows
+
+
+def quantized_accuracy(model, quantized: dict, ids: torch.Tensor, n: int) -> dict:
+    """Per quantized model: its prompt logits' error against the fp32 model's (mean and max of |diff| / the fp32
+    logits' std) and the share of greedy tokens equal to the fp32 model's over ``n`` new tokens."""
+    ref, ref_ids = model(ids).logits, llmarch.generate(model, ids, n)
+    out = {}
+    for name, q in quantized.items():
+        err = (q(ids).logits - ref).abs() / ref.std()
+        same = (llmarch.generate(q, ids, n)[:, ids.shape[1]:] == ref_ids[:, ids.shape[1]:]).float().mean()
+        out[name] = dict(mean_rel_err=round(err.mean().item(), 5), max_rel_err=round(err.max().item(), 5),
+                         greedy_tokens_equal=round(same.item(), 4))
+    return out
 
 
 def run_model(kind: str, args, bandwidth: float) -> list[dict]:
@@ -258,6 +277,7 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
         hfs = hf_model(model, kind, tmp, HF_EXPERTS) if moe else {}
         hf = hfs[HF_EXPERTS[0]] if moe else hf_model(model, kind, tmp)
     int8 = quantize(copy.deepcopy(model), "int8")
+    a8 = quantize(copy.deepcopy(model), "int8", activations="int8")
     # every variant its own copy: the BLAS and unpacked variants re-lay weights column-major (generate's layout
     # without packed copies) and change what generate's pack check sees, which left most of a shared model's
     # packed copies stale for the eager variant (in the runs before 2026-12-02's sixth round)
@@ -284,6 +304,7 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
             "llmarch eager, unpacked weights": unpacked(lambda: llmarch.generate(plain, ids, N)),
             "llmarch int8 eager": lambda: llmarch.generate(int8, ids, N),
             "llmarch int8 eager, layers as torch ops": torch_layers(lambda: llmarch.generate(int8, ids, N)),
+            "llmarch int8 eager, int8 activations": lambda: llmarch.generate(a8, ids, N),
         }
         if onednn is not None:
             variants["llmarch eager, oneDNN packed (no native)"] = lambda: llmarch.generate(onednn, ids, N)
@@ -299,6 +320,8 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
                 model, int8, ids, N, k=4)
         with torch.no_grad():
             times = round_robin(variants, args.repeats)
+            accuracy = quantized_accuracy(model, {"int8": int8, "int8, int8 activations": a8}, ids, N)
+        print(f"  {kind} B={B} accuracy against fp32: {accuracy}", flush=True)
         # transformers' fastest experts implementation for an MoE model (only the default one for a dense model)
         base = max(B * N / statistics.median(t) for name, t in times.items()
                    if name.startswith("hf generate (sdpa, dynamic"))
@@ -313,6 +336,8 @@ def run_model(kind: str, args, bandwidth: float) -> list[dict]:
                 _, stats = speculative_generate(model, int8, ids, N, k=4)
                 row["acceptance_rate"] = stats.acceptance_rate
                 row["tokens_per_target_call"] = stats.tokens_per_target_call
+            if "int8" in name and "draft" not in name:
+                row["accuracy_vs_fp32"] = accuracy["int8, int8 activations" if "activations" in name else "int8"]
             rows.append(row)
             print(f"  {kind} B={B} {name}: {tps:.1f} tok/s ({tps / bound:.0%} of bound)", flush=True)
     return rows

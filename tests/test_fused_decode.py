@@ -116,8 +116,11 @@ def test_padded_batches_match(case, monkeypatch):
 
 
 
-def test_int8_weights_run_fused_and_match(monkeypatch):
-    model = quantize(model_for(qkv_bias=True), "int8")
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+def test_int8_weights_run_fused_and_match(activations, monkeypatch):
+    """int8 weights with fp32 activations (gemv.c) and with int8 activations (w8a8.c): the native layer's products
+    are the eager Int8Linear's."""
+    model = quantize(model_for(qkv_bias=True), "int8", activations=activations)
     ids = torch.randint(0, BASE["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(1))
     check_steps(model, ids, 10, monkeypatch)
 

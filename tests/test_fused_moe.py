@@ -74,13 +74,14 @@ def test_rows_sharing_experts_and_padding_match(monkeypatch):
     assert spy.steps == 11 and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["qwen2-moe", "switch, mlp experts"])
-def test_int8_model_and_routing_cleared(case, monkeypatch):
+@pytest.mark.parametrize("case, activations", [("qwen2-moe", "fp32"), ("switch, mlp experts", "fp32"),
+                                               ("qwen2-moe", "int8")])
+def test_int8_model_and_routing_cleared(case, activations, monkeypatch):
     """quantize() keeps the routers' scorers and the shared experts' gate in fp32 (it used to make the routers'
     Int8Linear, which the router cannot read: every quantized MoE model failed its first forward); attention, the
     shared experts and the routed experts (Int8Experts) run int8 in the native layer too. A native step leaves no
-    stale routing behind on the layer."""
-    model = quantize(moe_model(**CASES[case]), "int8")
+    stale routing behind on the layer. With int8 activations, every product (experts included) runs w8a8.c."""
+    model = quantize(moe_model(**CASES[case]), "int8", activations=activations)
     assert all(type(m.proj) is torch.nn.Linear for m in model.modules() if isinstance(m, Router))
     assert type(model.decoder.layers[0].ffn.experts) is Int8Experts
     pack_weights(model)

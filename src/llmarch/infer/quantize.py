@@ -1,7 +1,10 @@
-"""Weight-only quantization of Linear layers, dequantized on the fly inside the matmul.
+"""Weight quantization of Linear layers, dequantized on the fly inside the matmul (int8 may also quantize the
+activations).
 
 - int8, per output channel, symmetric: w ≈ q * s[n], q in [-127, 127] (LLM.int8-style absmax, Dettmers et al.
-  2022, without the outlier split).
+  2022, without the outlier split). With ``activations="int8"`` an inference product also quantizes its input
+  per row and block of 32 and multiplies in integers (dynamic W8A8, :mod:`llmarch.native.w8a8`): faster where
+  fp32 arithmetic bounds the int8 kernel (from ~4 rows), less exact.
 - int4, group-wise, asymmetric: each run of ``group_size`` input weights of a row gets its own scale and
   minimum, w ≈ q * s + m with q in [0, 15] (the GPTQ/AWQ storage format, here with plain round-to-nearest).
 
@@ -24,11 +27,13 @@ from torch import nn
 
 from llmarch import native
 from llmarch.native import int8 as int8_native
+from llmarch.native import w8a8
 from llmarch.infer.lowbit import LowBitLinear
 from llmarch.nn import dense
 from llmarch.nn.heads import swap_projection
 
 MODES = ("int8", "int4", "int3", "int2", "ternary")  # below 4 bits: llmarch.infer.lowbit
+ACTIVATIONS = ("fp32", "int8")  # what an int8 layer's inference products multiply its weights with
 GROUP_SIZES = (32, 64, 128)
 log = logging.getLogger(__name__)
 
@@ -83,6 +88,30 @@ def _(x, qweight, scales, bias=None):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
+def w8a8_mm_eager(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (any float) @ (qweight [N, K] int8 * scales [N])ᵀ (+ bias [N]) with x quantized per row and block of
+    32 (:mod:`llmarch.native.w8a8`) -> [M, N] in x's dtype: the native kernel on CPU where it builds, else the same
+    arithmetic in torch ops (any device)."""
+    if x.device.type == "cpu" and w8a8.available():
+        y = w8a8.mm(x, qweight, scales, bias)
+    else:
+        y = w8a8.reference_mm(x, qweight, scales, bias)
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("llmarch::w8a8_mm", mutates_args=())
+def w8a8_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`w8a8_mm_eager` as an opaque op for compiled regions."""
+    return w8a8_mm_eager(x, qweight, scales, bias)
+
+
+@w8a8_mm.register_fake
+def _(x, qweight, scales, bias=None):
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
 @torch.library.custom_op("llmarch::int4_mm", mutates_args=())
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scales_zeros: torch.Tensor,
             n: int) -> torch.Tensor:
@@ -97,11 +126,17 @@ def _(x, packed, group_size, scales_zeros, n):
 
 
 class Int8Linear(nn.Module):
-    """y = x Wᵀ + b with W stored int8 per output channel. x [*, K] -> [*, N]."""
+    """y = x Wᵀ + b with W stored int8 per output channel. x [*, K] -> [*, N].
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    ``activations``: "fp32" (the dequantized product, x unrounded) or "int8" (without gradients, x is quantized per
+    row and block of 32 and the product runs in integers, :func:`w8a8_mm_eager`; with gradients enabled, as
+    "fp32": rounding x has no useful gradient). :func:`quantize` sets it for the whole model."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, activations: str = "fp32"):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"Int8Linear: activations must be one of {ACTIVATIONS}, got {activations!r}")
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -133,9 +168,16 @@ class Int8Linear(nn.Module):
             cached = self._bf16_cache = (key, self.scales.to(torch.bfloat16))
         return cached[1]
 
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"activations={self.activations}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if _kernels_ok(x) and not torch.compiler.is_compiling():
+        if self.activations == "int8" and not torch.is_grad_enabled():
+            compiling = torch.compiler.is_compiling()
+            y = (w8a8_mm if compiling else w8a8_mm_eager)(x2, self.qweight, self.scales, self.bias)
+        elif _kernels_ok(x) and not torch.compiler.is_compiling():
             y = int8_mm_eager(x2, self.qweight, self.scales, self._scales_bf16(), self.bias)
         elif _kernels_ok(x):
             y = int8_mm(x2, self.qweight, self.scales, self.bias)
@@ -212,17 +254,25 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: tuple[str, ...] = ()) -> nn.Module:
+def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: tuple[str, ...] = (),
+             activations: str = "fp32") -> nn.Module:
     """Replace every ``nn.Linear`` (except names in ``skip``) by its quantized version, in place. A tied LM head
     is quantized as its own copy. The embedding table and a mixture of experts' scorers stay in full precision:
     the routers' (``E`` outputs, read in fp32 by design: ``llmarch.nn.router``) and the shared experts' one-output
     gate (``llmarch.nn.moe.GatedSharedExperts``); together a few KB. int8 also quantizes the routed experts'
-    banks (:mod:`llmarch.infer.int8_experts`); the other modes leave them in full precision."""
+    banks (:mod:`llmarch.infer.int8_experts`); the other modes leave them in full precision.
+    ``activations`` (int8 only): "fp32", or "int8" to quantize each inference product's input too (dynamic W8A8:
+    :class:`Int8Linear`); kept in ``model.quantization`` and ``quantization.json``."""
     from llmarch.nn.moe import GatedSharedExperts
     from llmarch.nn.router import Router
 
     if mode not in MODES:
         raise ValueError(f"quantize mode must be one of {MODES}, got {mode!r}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"quantize: activations must be one of {ACTIVATIONS}, got {activations!r}")
+    if activations != "fp32" and mode != "int8":
+        raise ValueError(f"quantize: activations={activations!r} needs mode 'int8' (got {mode!r}); drop it or "
+                         "use int8")
     scorers = {id(m.proj) for m in model.modules() if isinstance(m, Router)}
     scorers |= {id(m.gate) for m in model.modules() if isinstance(m, GatedSharedExperts)}
     targets = [(name, m) for name, m in model.named_modules()
@@ -244,8 +294,11 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 64, skip: t
         from llmarch.infer.int8_experts import quantize_banks
 
         quantize_banks(model, tuple(skip))
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.activations = activations
     model.quantization = dict(mode=mode, group_size=group_size if mode in ("int4", "int3", "int2") else None,
-                              skip=list(skip))
+                              skip=list(skip), activations=activations)
     return model
 
 
@@ -277,7 +330,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     spec = json.loads((path / "quantization.json").read_text())
     model = build(ModelConfig.from_file(path / "config.json"))
-    quantize(model, spec["mode"], spec.get("group_size") or 64, tuple(spec.get("skip", ())))
+    quantize(model, spec["mode"], spec.get("group_size") or 64, tuple(spec.get("skip", ())),
+             spec.get("activations", "fp32"))
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if model.config.tie_embeddings:  # the head's float weight is gone; the embedding keeps the shared one

@@ -1,8 +1,8 @@
 """Native CPU kernels: C sources shipped with llmarch, compiled on first use for the machine that runs them.
 
 A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row products of
-:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``rows.c``: :mod:`llmarch.native.rows`; ``plain.c``:
-:mod:`llmarch.native.plain`).
+:mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``w8a8.c``: :mod:`llmarch.native.w8a8`; ``rows.c``:
+:mod:`llmarch.native.rows`; ``plain.c``: :mod:`llmarch.native.plain`).
 :func:`library` compiles it once with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native
 -fopenmp -ffp-contract=off`` (no multiply-add contracted unless a kernel asks for it) into llmarch's cache
 directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file
@@ -37,9 +37,10 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-f
 # x86-64 CPU flags each kernel needs, as alternatives: one set must be complete (its source also refuses to
 # compile without them, and picks the widest vectors the CPU has)
 NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("avx2", "fma"),),
-         "plain": (("avx2", "fma"),), "plain_bf16": (("avx512f", "avx512bw", "avx512_bf16"),)}
+         "plain": (("avx2", "fma"),), "plain_bf16": (("avx512f", "avx512bw", "avx512_bf16"),),
+         "w8a8": (("avx2", "fma"),)}
 # sources a kernel library #includes: part of its build's hash
-INCLUDES = {"decode": ("gemv.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c")}
+INCLUDES = {"decode": ("gemv.c", "w8a8.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c")}
 RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,12 @@ def block_rows(weight: torch.Tensor) -> torch.Tensor:
 
 class Kernel:
     """One function of a kernel library, loaded on first use: ``symbol`` of :func:`library` ``(name)``, taking
-    ``argtypes`` (ctypes) and returning nothing. ``check(fn)`` runs once first and compares it with torch: a
-    function that fails it is never used (a warning says so). :meth:`fn` is None where it cannot be used."""
+    ``argtypes`` (ctypes) and returning ``restype`` (None: nothing). ``check(fn)`` runs once first and compares it
+    with torch: a function that fails it is never used (a warning says so). :meth:`fn` is None where it cannot be
+    used."""
 
-    def __init__(self, name: str, symbol: str, argtypes: list, check: Callable[[Callable], bool]):
-        self.name, self.symbol, self.argtypes, self.check = name, symbol, argtypes, check
+    def __init__(self, name: str, symbol: str, argtypes: list, check: Callable[[Callable], bool], restype=None):
+        self.name, self.symbol, self.argtypes, self.check, self.restype = name, symbol, argtypes, check, restype
         self._fn: Callable | None = None
         self._loaded = False
 
@@ -169,7 +171,7 @@ class Kernel:
         if lib is None:
             return None
         fn = getattr(lib, self.symbol)
-        fn.argtypes, fn.restype = self.argtypes, None
+        fn.argtypes, fn.restype = self.argtypes, self.restype
         if not self.check(fn):
             log.warning("native %s: %s failed its self-check against torch; using torch's kernels instead",
                         self.name, self.symbol)

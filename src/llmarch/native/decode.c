@@ -15,7 +15,8 @@
  *   [gate | up] = h W_up^T + b; or, where L->moe is set, x += the mixture of experts over h (ffn.c). Where
  *   L->mla is set, the attention is multi-head latent attention (latent.c) over the latent and rope-key caches.
  * Norms: RMSNorm (rows.c's, the mean of squares summed in double) or LayerNorm (mean and variance in double, then
- * (x - mean) * rstd * w + b in fp32). Products: gemv.c's (fp32, int8 or bf16 weights in its blocked layout). The
+ * (x - mean) * rstd * w + b in fp32). Products: gemv.c's (fp32, int8 or bf16 weights in its blocked layout), or
+ * w8a8.c's (int8 weights and activations). The
  * rotation: rows.c's (the bits of llmarch.nn.rope's torch form); the FFN half: ffn.c; attention: attention.c,
  * latent.c.
  * Activations (ffn.c): silu(g) = g / (1 +
@@ -25,6 +26,7 @@
  * summation order flips.
  */
 #include "gemv.c"
+#include "w8a8.c"
 #include "rows.c"
 #include "vec.c"
 #include "ffn.c"

@@ -13,17 +13,17 @@
  * eager bf16 MoE rounds: each product's output, the activation and gate product, the routing weight, each weighted
  * expert output, their sum (accumulated in fp32 in ascending expert index, as the sorted dispatch's index_add
  * does), the shared gate's logit and sigmoid, the gated shared output and its sum. Needs gemv.c, rows.c and vec.c
- * included before it.
+ * (and w8a8.c) included before it.
  */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 typedef struct {
-  const void *w;        /* blocked weight: float, int8_t or uint16_t (bf16) */
+  const void *w;        /* blocked weight: float, int8_t, uint16_t (bf16), or w8a8.c's uint8_t */
   const float *scale;   /* int8: per-output scales padded to the blocks; else NULL */
   const float *bias;    /* [N] or NULL */
-  int64_t kind;         /* 0 fp32, 1 int8, 2 bf16 */
+  int64_t kind;         /* 0 fp32, 1 int8, 2 bf16, 3 int8 with int8 activations (w8a8.c) */
 } product_t;
 
 enum { SILU = 0, GELU_TANH = 1, GELU_ERF = 2, RELU = 3 };
@@ -31,6 +31,8 @@ enum { SILU = 0, GELU_TANH = 1, GELU_ERF = 2, RELU = 3 };
 static void product(const product_t *p, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
   if (p->kind == 1)
     llmarch_int8_gemv(x, (const int8_t *)p->w, p->scale, p->bias, y, M, N, K);
+  else if (p->kind == 3)  /* without memory for the quantized rows, y is NaN */
+    llmarch_w8a8_gemm(x, (const uint8_t *)p->w, p->scale, p->bias, y, M, N, K);
   else if (p->kind == 2)
     llmarch_bf16_gemv(x, (const uint16_t *)p->w, NULL, p->bias, y, M, N, K);
   else

@@ -41,15 +41,21 @@ def block(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, to
     return native.block_rows(qweight), torch.nn.functional.pad(scales.float(), (0, -len(scales) % native.BLOCK))
 
 
-def blocked(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`block` of these tensors, derived once while they stay the same tensors at the same versions."""
+def cached(store: dict, qweight: torch.Tensor, scales: torch.Tensor, make):
+    """``make(qweight, scales)``, kept in ``store`` and derived again only when either tensor is no longer the same
+    tensor at the same version."""
     key = (qweight.data_ptr(), native.version(qweight), scales.data_ptr(), native.version(scales))
-    entry = _blocked.get(id(qweight))
+    entry = store.get(id(qweight))
     if entry is None or entry[0] != key:
         if entry is None:  # the entry goes when the weight does, before its id can be reused
-            weakref.finalize(qweight, _blocked.pop, id(qweight), None)
-        entry = _blocked[id(qweight)] = (key, block(qweight, scales))
+            weakref.finalize(qweight, store.pop, id(qweight), None)
+        entry = store[id(qweight)] = (key, make(qweight, scales))
     return entry[1]
+
+
+def blocked(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`block` of these tensors, derived once while they stay the same tensors at the same versions."""
+    return cached(_blocked, qweight, scales, block)
 
 
 def _call(fn, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, n: int,

@@ -11,7 +11,7 @@ A block qualifies when it is
   relu, or a mixture of experts :mod:`llmarch.nn.fused_moe` takes;
 - with every product on a weight the native kernel reads: fp32 with a current blocked copy
   (``llmarch.nn.dense.pack``; ``generate`` packs when that pays back) or an
-  :class:`~llmarch.infer.quantize.Int8Linear`.
+  :class:`~llmarch.infer.quantize.Int8Linear` (with fp32 or int8 activations, as the layer's eager product).
 Those are fp32 layers. A bf16 layer is the same with everything bf16 (blocked bf16 copies; no int8): it rounds
 where the eager bf16 step rounds, which it then matches bit for bit up to the rare rounding summation order flips
 (tests: ≥ 95 % of logits, ≥ 99 % of the cache).
@@ -26,6 +26,7 @@ from torch import nn
 from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
 from llmarch.native import int8 as native_int8
+from llmarch.native import w8a8 as native_w8a8
 from llmarch.nn import dense, fused_latent, fused_moe
 from llmarch.nn.attention import Attention
 from llmarch.nn.block import PreNormBlock
@@ -59,11 +60,22 @@ def product(m: nn.Module, dtype: torch.dtype = torch.float32):
             return None
         kind = 0 if dtype == torch.float32 else 2
         return native_decode._Product(copy.data.data_ptr(), None, b, kind), [m.weight, bias, wide]
-    if (type(m) is Int8Linear and dtype == torch.float32 and native_int8.available()
-            and m.scales.dtype == torch.float32):
-        w, s = native_int8.blocked(m.qweight, m.scales)
-        return native_decode._Product(w.data_ptr(), s.data_ptr(), b, 1), [m.qweight, m.scales, bias]
+    if type(m) is Int8Linear and dtype == torch.float32 and m.scales.dtype == torch.float32:
+        copy = int8_copy(m)
+        if copy is None:
+            return None
+        return native_decode._Product(copy[0], copy[1], b, copy[2]), [m.qweight, m.scales, bias]
     return None
+
+
+def int8_copy(m: nn.Module) -> tuple[int, int, int] | None:
+    """(weight pointer, scales pointer, kind) of an Int8Linear's kernel copy: gemv.c's blocked int8 weight (kind 1)
+    or, for int8 activations, w8a8.c's (kind 3); None where that kernel is unavailable."""
+    a8 = m.activations == "int8"
+    if not (native_w8a8 if a8 else native_int8).available():
+        return None
+    w, s = (native_w8a8 if a8 else native_int8).blocked(m.qweight, m.scales)
+    return w.data_ptr(), s.data_ptr(), 3 if a8 else 1
 
 
 def norm(m: nn.Module, dtype: torch.dtype):

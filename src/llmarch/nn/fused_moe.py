@@ -24,7 +24,6 @@ from torch.nn.modules import module as _torch_module
 
 from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
-from llmarch.native import int8 as native_int8
 from llmarch.nn import dense
 from llmarch.nn.dispatch import DISPATCHERS, Dropless
 from llmarch.nn.experts import GLUExperts, MLPExperts
@@ -69,15 +68,17 @@ def _array(products: list[tuple]) -> ctypes.Array:
 
 def _int8_bank(bank: nn.Module):
     """(up, down) ctypes arrays of an int8 bank's expert products (their blocked copies), and its tensors."""
+    from llmarch.nn.fused_layers import int8_copy  # it imports this module
+
     Int8Linear = _int8_types()[1]
-    if not native_int8.available():
-        return None
     arrays, tensors = [], []
     for linears in (bank.up, bank.down):
         if any(type(m) is not Int8Linear or m.bias is not None or m.scales.dtype != torch.float32 for m in linears):
             return None
-        copies = [native_int8.blocked(m.qweight, m.scales) for m in linears]
-        arrays.append(_array([(w.data_ptr(), s.data_ptr(), None, 1) for w, s in copies]))
+        copies = [int8_copy(m) for m in linears]
+        if None in copies:
+            return None
+        arrays.append(_array([(w, s, None, kind) for w, s, kind in copies]))
         tensors += [t for m in linears for t in (m.qweight, m.scales)]
     return arrays, tensors
 
