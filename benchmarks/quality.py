@@ -1,5 +1,5 @@
-"""Quality of the inference shortcuts on a trained model: validation perplexity of fp32, int8 (per channel) and
-int4 (groups of 32 / 64 / 128), and early exit (CALM) at several thresholds with the mean layers used per token.
+"""Quality of the inference shortcuts on a trained model: validation perplexity of fp32, int8 (per channel; with
+fp32 or int8 activations) and int4 (groups of 32 / 64 / 128), and early exit (CALM) at several thresholds with the mean layers used per token.
 
     PYTHONPATH=src python benchmarks/quality.py --checkpoint runs/demo [--max-tokens 131072] [--exit-tokens 2048]
 
@@ -125,11 +125,13 @@ def main() -> None:
     s, n = window_nll(model, windows)
     ref = s / n
     rows.append(row("fp32", ref, ref, n, fp32_layers=[], quantized_weight_fraction=0.0))
-    for mode, gs in (("int8", None), ("int4", 32), ("int4", 64), ("int4", 128)):
-        q = quantize(copy.deepcopy(model), mode, group_size=gs or 64)
+    for mode, gs, act in (("int8", None, "fp32"), ("int8", None, "int8"), ("int4", 32, "fp32"), ("int4", 64, "fp32"),
+                          ("int4", 128, "fp32")):
+        q = quantize(copy.deepcopy(model), mode, group_size=gs or 64, activations=act)
         s, n = window_nll(q, windows)
         kept = q.quantization["skip"]  # Linear layers whose in_features the group size does not divide
-        rows.append(row(f"{mode}" + (f" g{gs}" if gs else " per-channel"), s / n, ref, n, fp32_layers=kept,
+        name = f"{mode}" + (f" g{gs}" if gs else " per-channel") + (", int8 activations" if act == "int8" else "")
+        rows.append(row(name, s / n, ref, n, fp32_layers=kept,
                         quantized_weight_fraction=1 - sum(linear_sizes[k] for k in kept) / sum(linear_sizes.values())))
         print(f"  {rows[-1]['variant']}: ppl {rows[-1]['ppl']:.3f}", flush=True)
 
