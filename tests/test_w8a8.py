@@ -133,7 +133,7 @@ def test_kernel_is_the_torch_form(threads):
 
 
 # The kernel's three instruction paths, each built here where the compiler can target it: VPDPBUSD on zmm (the
-# host's, where it has AVX-512 VNNI), the 16-bit multiply-add form on zmm, and the AVX2 form on ymm.
+# host's, where it has AVX-512 VNNI), the sign-flip VPMADDUBSW form on zmm (AVX-512BW), and the AVX2 form on ymm.
 BUILDS = {"no vnni": ("-mno-avx512vnni", "-mno-avxvnni"), "avx2": ("-mno-avx512f", "-mno-avxvnni")}
 
 
@@ -202,6 +202,8 @@ def test_int8_linear_with_int8_activations(monkeypatch):
         assert torch.equal(qz.w8a8_mm(x.view(6, 70), q.qweight, q.scales, q.bias).view(2, 3, 40), fallback)
     with pytest.raises(ValueError, match="activations"):
         Int8Linear(4, 4, activations="int4")
+    with pytest.raises(ValueError, match=r"-128.*\[-127, 127\]"):
+        w8a8.block(torch.full((3, 8), -128, dtype=torch.int8), torch.ones(3))
     assert "activations=int8" in repr(q)
 
 
@@ -225,8 +227,9 @@ def test_quantize_with_int8_activations_saves_reloads_and_stays_near_fp32(tmp_pa
     again = load_model(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(ids).logits, out)
-    gen = llmarch.generate(again, ids[:1, :4], 8, cache="static")
-    assert gen.shape == (1, 12)
+    eager = llmarch.generate(again, ids[:1, :4], 8)
+    compiled = llmarch.generate(again, ids[:1, :4], 8, cache="static", compile=True)  # through llmarch::w8a8_mm
+    assert torch.equal(compiled, eager) and eager.shape == (1, 12)
     for bad in (dict(mode="int8", activations="fp16"), dict(mode="int4", activations="int8")):
         with pytest.raises(ValueError, match="activations"):
             quantize(copy.deepcopy(model), **bad)

@@ -8,10 +8,11 @@
  *   - the weight is per-output-channel int8 (llmarch.infer.quantize.Int8Linear: qw in [-127, 127], scale[n]),
  *     stored offset by 128 as unsigned bytes in [ceil(N/16)][Kp/4][16][4]: per block of 16 outputs, four
  *     consecutive inputs of each output in one 32-bit lane, one 64-byte line per four inputs (padding: qw 0);
- *   - each block's integer dot product is exact (|sum| <= 32 * 255 * 127 < 2^24, so its float is too): the lane
- *     starts at -128 * sum(qx[m, b]) and adds (qw + 128) * qx, four products per lane per instruction (VPDPBUSD
- *     where the CPU has AVX-512 VNNI / AVX-VNNI; elsewhere the same sums from 16-bit multiply-adds); the blocks'
- *     terms are summed in fp32 in ascending order, then y = fma(sum, scale, bias).
+ *   - each block's integer dot product is exact (|sum| <= 32 * 255 * 127 < 2^24, so its float is too): where the
+ *     CPU has AVX-512 VNNI / AVX-VNNI, the lane starts at -128 * sum(qx[m, b]) and adds (qw + 128) * qx, four
+ *     products per lane per instruction (VPDPBUSD); elsewhere it adds qw * qx from 8-bit multiply-adds into 16
+ *     bits (VPMADDUBSW over |qx| and qw with qx's sign) and 16-bit ones into 32 (see a8_dot); the blocks' terms
+ *     are summed in fp32 in ascending order, then y = fma(sum, scale, bias).
  * x, y: fp32 row-major [M, K] and [M, N] (y fully written); scale: padded to the blocks as gemv.c's; bias: [N] or
  * NULL. Groups of output blocks are split across OpenMP threads; each group's weights are read once per tile of up
  * to A8_MAXR rows. llmarch_w8a8_gemm returns 0, or -1 when it could not allocate the quantized activations (y is
@@ -54,17 +55,34 @@ typedef __m256 a8_fvec;
 #error "llmarch w8a8 needs AVX-512BW or AVX2 with FMA"
 #endif
 
-/* acc + the sums of four products (w unsigned, x signed bytes) per 32-bit lane. */
-static inline a8_ivec a8_dot(a8_ivec acc, a8_ivec w, a8_ivec x) {
+/* One broadcast of four activation codes, prepared for a8_dot, and acc + the sums of four products per 32-bit lane
+ * (w: the weights' unsigned offset bytes). With VPDPBUSD the lane adds (w_u8) * x, and A8_OFFSET says the integer
+ * sums start at the offset's correction. Without it, the lane adds w_s8 * x exactly (w_s8 = w_u8 ^ 0x80): the
+ * weight's sign is flipped where x is negative and VPMADDUBSW multiplies it by |x| (each pair's sum within
+ * 2 * 127 * 127, below int16's limit: the weights are in [-127, 127]), VPMADDWD adds the pairs into the lane. */
 #if defined(A8_DPBUSD)
-  return A8_DPBUSD(acc, w, x);
-#else  /* the bytes widened to 16 bits (w's even and odd bytes unsigned, x's signed), pairs summed to 32: exact */
-  const a8_ivec lo = A8(set1_epi16)(0x00ff);
-  const a8_ivec p0 = A8(madd_epi16)(A8I(and)(w, lo), A8(srai_epi16)(A8(slli_epi16)(x, 8), 8));
-  const a8_ivec p1 = A8(madd_epi16)(A8(srli_epi16)(w, 8), A8(srai_epi16)(x, 8));
-  return A8(add_epi32)(acc, A8(add_epi32)(p0, p1));
-#endif
+#define A8_OFFSET 1
+typedef struct { a8_ivec x; } a8_xop;
+static inline a8_xop a8_prep(a8_ivec x) { return (a8_xop){x}; }
+static inline a8_ivec a8_dot(a8_ivec acc, a8_ivec w, a8_xop x) { return A8_DPBUSD(acc, w, x.x); }
+#else
+#define A8_OFFSET 0
+#if A8_VL == 16  /* AVX-512BW: no VPSIGNB on zmm, the sign flip is a masked negation */
+typedef struct { a8_ivec abs; __mmask64 neg; } a8_xop;
+static inline a8_xop a8_prep(a8_ivec x) { return (a8_xop){_mm512_abs_epi8(x), _mm512_movepi8_mask(x)}; }
+static inline a8_ivec a8_signed(a8_ivec ws, a8_xop x) {
+  return _mm512_mask_sub_epi8(ws, x.neg, _mm512_setzero_si512(), ws);
 }
+#else
+typedef struct { a8_ivec abs, x; } a8_xop;
+static inline a8_xop a8_prep(a8_ivec x) { return (a8_xop){_mm256_abs_epi8(x), x}; }
+static inline a8_ivec a8_signed(a8_ivec ws, a8_xop x) { return _mm256_sign_epi8(ws, x.x); }
+#endif
+static inline a8_ivec a8_dot(a8_ivec acc, a8_ivec w, a8_xop x) {
+  const a8_ivec ws = a8_signed(A8I(xor)(w, A8(set1_epi8)((char)0x80)), x);
+  return A8(add_epi32)(acc, A8(madd_epi16)(A8(maddubs_epi16)(x.abs, ws), A8(set1_epi16)(1)));
+}
+#endif
 
 #define A8_NV (A8_NB / A8_VL)  /* vectors per block */
 
@@ -121,7 +139,7 @@ static inline __attribute__((always_inline)) void a8_tile(const int8_t *q, const
     a8_ivec acc[A8_MAXR][A8_NV][2];
     for (int r = 0; r < R; r++)
       for (int v = 0; v < A8_NV; v++) {
-        acc[r][v][0] = A8(set1_epi32)(c[r * nk + b]);
+        acc[r][v][0] = A8_OFFSET ? A8(set1_epi32)(c[r * nk + b]) : A8I(setzero)();
         acc[r][v][1] = A8I(setzero)();
       }
     for (int j = 0; j < A8_KB / 4; j++) {
@@ -130,7 +148,7 @@ static inline __attribute__((always_inline)) void a8_tile(const int8_t *q, const
       for (int r = 0; r < R; r++) {
         int32_t x4;
         memcpy(&x4, q + r * Kp + b * A8_KB + 4 * j, 4);
-        const a8_ivec xv = A8(set1_epi32)(x4);
+        const a8_xop xv = a8_prep(A8(set1_epi32)(x4));
         for (int v = 0; v < A8_NV; v++) acc[r][v][j % U] = a8_dot(acc[r][v][j % U], wv[v], xv);
       }
     }

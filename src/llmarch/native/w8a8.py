@@ -7,9 +7,10 @@ row and block of :data:`KB` inputs (absmax, symmetric, ties to even): ``sx = ama
 amax)``. A block's dot product is exact in integers, so the product is ``Σ_b sx[m, b] · (qx[m, b] · qw[n, b]) ·
 scale[n] + bias[n]``, up to the fp32 summation of the blocks' terms. The fp32-activation int8 path
 (:mod:`llmarch.native.int8`) multiplies the same weights in fp32: it is the more accurate one; this one rounds each
-activation to within ``amax / 254`` of its block, and runs four multiply-adds per instruction and byte pair where
-that path runs one per fp32 lane (VPDPBUSD on AVX-512 VNNI / AVX-VNNI CPUs), so it is not bound by arithmetic at 8
-rows (``benchmarks/decode.py``; figures in docs/performance.md).
+activation to within ``amax / 254`` of its block, and on CPUs with AVX-512 VNNI / AVX-VNNI runs four multiply-adds
+per 32-bit lane and instruction (VPDPBUSD) where that path runs one per fp32 lane, so it is not bound by arithmetic
+at 8 rows (``benchmarks/decode.py``; figures in docs/performance.md). Without VNNI (VPMADDUBSW / VPMADDWD) it was
+only level with that path from 4 rows.
 
 :func:`quantize_rows` and :func:`reference_mm` are the torch form (any device; the kernel's fallback and the tests'
 reference); :func:`mm` the kernel (:func:`available`: it builds and passes its self-check). The kernel's weight,
@@ -69,7 +70,11 @@ def reference_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def block(qweight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """qweight [N, K] int8, scales [N] -> the kernel's weight [ceil(N/16), Kp/4, 16, 4] uint8 (qweight + 128; padding
-    holds 128, a zero weight) and scales padded to the blocks."""
+    holds 128, a zero weight) and scales padded to the blocks. The weights must lie in [-127, 127], as
+    :class:`~llmarch.infer.quantize.Int8Linear` makes them (the kernel's sign flip without VNNI cannot hold -128)."""
+    if (qweight == -128).any():
+        raise ValueError("w8a8: an int8 weight holds -128; int8 weights with int8 activations must lie in [-127, 127] "
+                         "(requantize with llmarch.infer.quantize.Int8Linear.from_weight)")
     N, K = qweight.shape
     w = torch.nn.functional.pad(qweight.detach().to(torch.int16) + 128, (0, padded(K) - K, 0, -N % native.BLOCK),
                                 value=128)
