@@ -1,5 +1,6 @@
 """The bf16 native decode layer (llmarch.native.decode with a bf16 record): a bf16 model's decode step in one native
-call per layer, rounding to bf16 wherever the eager bf16 step rounds. Held to the eager bf16 steps it replaces:
+call per layer, rounding to bf16 wherever the eager bf16 step rounds, on both bf16 routes (oneDNN's bf16 products;
+products widened to fp32). Held to the eager bf16 steps it replaces:
 nearly all logits and every cache entry bit-equal (the rest one rounding apart, where summation order flips a
 rounding), greedy tokens identical, across the attention and FFN shapes of test_fused_decode.py, the mixtures of
 experts of test_fused_moe.py, the latent attention of test_fused_latent.py and padded batches; and standing aside
@@ -29,15 +30,20 @@ BF16 = torch.bfloat16
 TOL = dict(rtol=2 ** -6, atol=2 ** -6)  # two bf16 roundings of values up to ~2
 
 
-@pytest.fixture(autouse=True)
-def cpu_without_bf16_products():
-    """The layer serves CPUs without bf16 products. On one with them (oneDNN's, AVX-512 BF16 / AMX) the eager bf16
-    step runs oneDNN and the layer stands aside, so the tests take that host for one without: oneDNN's bf16 route
-    off and the widened route on, as such a CPU has them. Its own context: a test's ``monkeypatch.undo()`` keeps it."""
+# The bf16 routes an eager step can take, each a real CPU's: oneDNN's bf16 products (AVX-512 BF16 / AMX hosts), and
+# products widened to fp32 (a CPU without bf16 products, e.g. AVX2). This host runs its own route, and on a host with
+# bf16 products also the other one, taken for a CPU without them (oneDNN's bf16 off, the widened route on).
+ROUTES = ["onednn bf16", "widened"] if dense.ONEDNN_BF16 else ["widened"]
+
+
+@pytest.fixture(autouse=True, params=ROUTES)
+def bf16_route(request):
+    """Each test on each route (its own context: a test's ``monkeypatch.undo()`` keeps it)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dense, "ONEDNN_BF16", False)
-        mp.setattr(widened, "ROUTE", True)
-        yield
+        if request.param == "widened":
+            mp.setattr(dense, "ONEDNN_BF16", False)
+            mp.setattr(widened, "ROUTE", True)
+        yield request.param
 
 
 def bf16_model(**over):
@@ -120,6 +126,7 @@ def test_bf16_stands_aside_where_the_eager_step_computes_otherwise(monkeypatch):
     steps(model, ids, 2, True, monkeypatch)
     assert spy.steps == 2  # the baseline: these steps qualify
     monkeypatch.setattr(widened, "ROUTE", False)  # eager bf16 then runs torch's bf16 kernels
+    monkeypatch.setattr(dense, "ONEDNN_BF16", False)
     steps(model, ids, 2, True, monkeypatch)
     assert spy.steps == 2
     monkeypatch.undo()

@@ -169,6 +169,26 @@ def test_bf16_attention_runs_in_fp32_and_equals_torch_bf16(route, T):
         assert err <= 1.5 * err_torch + 1e-3  # as close to fp64 as torch's bf16 kernel, or closer
 
 
+def test_bf16_decode_attention_is_fp32_rounded_once_on_every_cpu(monkeypatch):
+    """A single bf16 query per sequence without gradient (a decode step) runs in fp32 and rounds once whether or not
+    the CPU has bf16 products (the native bf16 decode layer computes the same); the same call with a gradient to
+    compute keeps torch's bf16 kernel where the route is off."""
+    from llmarch.nn.kernels import sdpa_attention
+
+    monkeypatch.setattr(widened, "ROUTE", False)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, n, 16, generator=g).to(BF16) for h, n in ((4, 1), (2, 40), (2, 40)))
+    mask = torch.rand(3, 1, 1, 40, generator=g) > 0.3
+    with torch.no_grad(), Attention() as seen:
+        y = sdpa_attention(q, k, v, mask=mask)
+    assert set(seen.dtypes) == {torch.float32}
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    assert torch.equal(y, want.to(BF16))
+    with Attention() as seen:
+        sdpa_attention(q.clone().requires_grad_(), k, v, mask=mask)
+    assert set(seen.dtypes) == {BF16}
+
+
 class Attention(TorchDispatchMode):
     """The dtypes of the fused attention kernels' query a call runs."""
 

@@ -18,7 +18,9 @@ version counter, hence this check: :func:`unpack` after them.) The copy is
   and a C compiler): its blocked layout; up to ``native_fp32.MAX_ROWS`` rows run there (32 on AVX-512 hosts, 128
   on AVX2 ones; 1.06-1.18x whole decode steps against oneDNN's packed copy), more on the plain weight;
 - for bf16 weights on CPUs without oneDNN's bf16: the same blocked layout in bf16 (:mod:`llmarch.native.bf16`;
-  1.3-1.9x the fp32 kernel's speed at 1-16 rows, 1.8-6x torch's bf16 kernel), more rows widened;
+  1.3-1.9x the fp32 kernel's speed at 1-16 rows, 1.8-6x torch's bf16 kernel), more rows widened; on CPUs with
+  oneDNN's bf16, the same where the native bf16 decode layers run (:func:`native_bf16_copies`), up to
+  :data:`ONEDNN_HOST_BF16_ROWS` rows outside those layers and oneDNN over the plain weight above;
 - else oneDNN's packed layout for 128-row products (fp32, and bf16 where ``ONEDNN_BF16``, bit-identical to
   ``F.linear``): 21-31 GB/s at one row against 17-21 for the best plain layout on the LLaMA-style matrices.
 Expert banks ([E, in, out]) get one copy per expert (``llmarch.nn.banks.packed_mm``) and run their other products
@@ -39,6 +41,7 @@ from torch.utils import flop_counter
 
 from llmarch import native
 from llmarch.native import bf16 as native_bf16
+from llmarch.native import decode as native_decode
 from llmarch.native import fp32 as native_fp32
 
 _OPS = getattr(torch.ops, "mkldnn", None)
@@ -77,9 +80,14 @@ def onednn_dtype(dtype: torch.dtype) -> bool:
 
 
 def native_bf16_copies() -> bool:
-    """Whether bf16 weights get the native kernel's blocked copies: a CPU without oneDNN's bf16 products, where
-    the kernel builds (:mod:`llmarch.native.bf16`)."""
-    return not ONEDNN_BF16 and native_bf16.available()
+    """Whether bf16 weights get the native kernel's blocked copies (where it builds, :mod:`llmarch.native.bf16`): on
+    a CPU without oneDNN's bf16 products, and on one with them where the native bf16 decode layers run
+    (:mod:`llmarch.nn.fused_decode`; ``LLMARCH_FUSED_DECODE=0`` keeps oneDNN's packed copies there). On a Zen 5
+    EPYC the layers decoded a LLaMA-style bf16 model 1.8x / 1.3x faster at batch 1 / 8 than eager layers over
+    oneDNN's copies (seventeenth round, docs/performance.md)."""
+    if not native_bf16.available():
+        return False
+    return not ONEDNN_BF16 or (native_decode.enabled() and native_decode.available())
 
 
 def packs_dtype(dtype: torch.dtype) -> bool:
@@ -140,7 +148,7 @@ def pack(weight: torch.Tensor) -> bool:
     key = id(weight)
     fresh = key not in _PACKED
     w = weight.detach()
-    blocked = native_fp32.available() if w.dtype == torch.float32 else not ONEDNN_BF16  # bf16: packs_dtype
+    blocked = native_fp32.available() if w.dtype == torch.float32 else native_bf16_copies()
     if w.dim() == 3:  # a bank [E, in, out]: one copy per expert, of its [out, in] matrix
         copy = [native_fp32.Blocked(w[e].t()) if blocked else _reorder(w[e].t()) for e in range(w.shape[0])]
     else:
@@ -181,9 +189,17 @@ def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tenso
     return copies
 
 
+# bf16 products over blocked copies on a CPU with oneDNN's bf16 products, outside the native decode layers: up to
+# this many rows on the native kernel, more on oneDNN over the plain weight (from memory, native ÷ oneDNN packed
+# time on the LLaMA-style matrices: 0.81-0.97x at 1 row, 0.93-1.07x at 4, 1.07-1.41x at 8)
+ONEDNN_HOST_BF16_ROWS = 4
+
+
 def native_max_rows(dtype: torch.dtype) -> int:
     """The most rows a product over a native blocked copy of this dtype runs there (more: the plain weight)."""
-    return native_bf16.MAX_ROWS if dtype == torch.bfloat16 else native_fp32.MAX_ROWS
+    if dtype == torch.bfloat16:
+        return ONEDNN_HOST_BF16_ROWS if ONEDNN_BF16 else native_bf16.MAX_ROWS
+    return native_fp32.MAX_ROWS
 
 
 def native_mm(x: torch.Tensor, w: native_fp32.Blocked, bias: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -101,9 +101,11 @@ def _call_fits(stack: nn.Module, x: torch.Tensor, ctx, cache) -> bool:
 
 
 def _dtype_fits(dtype: torch.dtype) -> bool:
-    """fp32, or bf16 where the eager bf16 step computes what the bf16 layer does: products on the native bf16
-    kernel (a CPU without bf16 products), attention widened to fp32 (``llmarch.nn.widened``'s route on)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and widened.ROUTE and native_bf16.available())
+    """fp32, or bf16 where the eager bf16 step computes what the bf16 layer does: products rounded once from fp32
+    sums (widened to fp32, ``llmarch.nn.widened``'s route on a CPU without bf16 products; or oneDNN's bf16
+    products), single-query attention in fp32 rounded once (``llmarch.nn.kernels.sdpa_attention``, any CPU)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and (widened.ROUTE or dense.ONEDNN_BF16)
+                                      and native_bf16.available())
 
 
 def run(stack: nn.Module, x: torch.Tensor, ctx, cache) -> torch.Tensor | None:

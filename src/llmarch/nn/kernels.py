@@ -78,14 +78,24 @@ class _WideFlash(torch.autograd.Function):
         return (*(t.to(torch.bfloat16) for t in grads), None, None, None)
 
 
+def _bf16_decode_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """One bf16 query per sequence on the CPU, no gradient, eager, no CPU autocast (see :func:`sdpa_attention`)."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
+
+
 @KERNELS.register("sdpa")
 def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient / math backends); a single query
     per sequence over a long enough cache (fp32, CPU, no gradient) takes :func:`_single_query` instead. bf16 on a
     CPU without bf16 products (``llmarch.nn.widened``) runs in fp32 and rounds the output once: torch's bf16
     kernels there took 5-6x the fp32 time for forward + backward at [1-4, 8, 512, 64] and 4-6x for a decode
-    step's single query (forward alone level), with the same error against fp64."""
-    if widened.takes(q):
+    step's single query (forward alone level), with the same error against fp64. bf16 decode steps (a single query,
+    no gradient) run that way on every CPU: on an AVX-512 EPYC with bf16 products torch's bf16 kernel took 1.6-10x
+    the widened time at 64-2048 keys, and its values differ from the one-rounding form the native bf16 decode layer
+    computes (:mod:`llmarch.nn.fused_decode`)."""
+    if widened.takes(q) or _bf16_decode_query(q, k, v):
         if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
                 t.requires_grad for t in (q, k, v)):
             return _WideFlash.apply(q, k, v, mask, causal, scale)
