@@ -5,6 +5,7 @@ threads, and the fallbacks (disabled, no compiler, a failed build)."""
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import importlib
 import logging
@@ -74,6 +75,30 @@ def test_bf16_kernel_is_the_product_of_the_bf16_weights_rounded_once(rows, n, k,
     exact = x.double() @ w.double().T + (0 if b is None else b.double())
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * exact.abs().max()).all()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17])
+@pytest.mark.parametrize("n,k", [(37, 21), (50, 130), (16, 1), (100, 64)])
+def test_bf16_dot_product_kernel_is_the_widening_one(rows, n, k):
+    """On CPUs with AVX-512 BF16, bf16 activations take VDPBF16PS (pairs of k, an odd last k paired with zeros):
+    before rounding, the fp32 product of the bf16 operands as the widening kernel gives it, up to summation order;
+    after rounding, equal but for a rare flip; fp32 activations keep the widening kernel."""
+    if "avx512_bf16" not in native._cpu()[1] or native.library("gemv") is None:
+        pytest.skip("the CPU has no AVX-512 BF16 (or no C compiler): the dot-product kernel is not built here")
+    g = torch.Generator().manual_seed(rows * 1000 + n + k)
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(rows, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    blocked = fp32_native.Blocked(w)
+    fn = native.library("gemv").llmarch_bf16_gemv_dp  # as built for this CPU, whatever its self-check says
+    fn.argtypes, fn.restype = bf16_native._DP.argtypes, ctypes.c_int
+    dp = bf16_native._call_dp(fn, x, blocked, b)
+    wide = bf16_native._call(bf16_native._KERNEL.fn(), x, blocked, b)
+    exact = x.double() @ w.double().T + b.double()
+    torch.testing.assert_close(dp.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    torch.testing.assert_close(dp, wide, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    assert bf16_native.dp_available()  # it passes its self-check
+    assert (bf16_native.mm(x, blocked, b) == dp.bfloat16()).all()  # bf16 activations: this kernel
+    assert (bf16_native.mm(x.float(), blocked, b) == wide.bfloat16()).all()  # fp32 ones: the widening kernel
 
 
 def test_the_avx2_build_is_the_fp32_product_too(tmp_path):

@@ -77,7 +77,7 @@ def test_packed_product_equals_f_linear(rows, bias, layout_):
     torch.testing.assert_close(y[:, 0], F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8, 130])
+@pytest.mark.parametrize("rows", [1, 4, 5, 8, 9, 130])
 def test_packed_bf16_product_equals_f_linear(rows):
     """bf16 weights get the native kernel's blocked copies where it builds and the native bf16 decode layers can
     read them (dense.native_bf16_copies): on a CPU without oneDNN's bf16 products (no AVX-512 BW/VL/DQ or

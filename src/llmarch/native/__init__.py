@@ -170,7 +170,9 @@ class Kernel:
         lib = library(self.name)
         if lib is None:
             return None
-        fn = getattr(lib, self.symbol)
+        fn = getattr(lib, self.symbol, None)  # a function its source builds only for some CPUs may be missing
+        if fn is None:
+            return None
         fn.argtypes, fn.restype = self.argtypes, self.restype
         if not self.check(fn):
             log.warning("native %s: %s failed its self-check against torch; using torch's kernels instead",

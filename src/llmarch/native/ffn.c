@@ -33,8 +33,12 @@ static void product(const product_t *p, const float *x, float *y, int64_t M, int
     llmarch_int8_gemv(x, (const int8_t *)p->w, p->scale, p->bias, y, M, N, K);
   else if (p->kind == 3)  /* without memory for the quantized rows, y is NaN */
     llmarch_w8a8_gemm(x, (const uint8_t *)p->w, p->scale, p->bias, y, M, N, K);
-  else if (p->kind == 2)
+  else if (p->kind == 2) {  /* a bf16 layer's activations hold bf16 values: VDPBF16PS where the CPU has it */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+    if (!llmarch_bf16_gemv_dp(x, (const uint16_t *)p->w, p->bias, y, M, N, K)) return;
+#endif
     llmarch_bf16_gemv(x, (const uint16_t *)p->w, NULL, p->bias, y, M, N, K);
+  }
   else
     llmarch_f32_gemv(x, (const float *)p->w, NULL, p->bias, y, M, N, K);
 }

@@ -20,7 +20,7 @@ version counter, hence this check: :func:`unpack` after them.) The copy is
 - for bf16 weights on CPUs without oneDNN's bf16: the same blocked layout in bf16 (:mod:`llmarch.native.bf16`;
   1.3-1.9x the fp32 kernel's speed at 1-16 rows, 1.8-6x torch's bf16 kernel), more rows widened; on CPUs with
   oneDNN's bf16, the same where the native bf16 decode layers run (:func:`native_bf16_copies`), up to
-  :data:`ONEDNN_HOST_BF16_ROWS` rows outside those layers and oneDNN over the plain weight above;
+  :data:`ONEDNN_HOST_BF16_ROWS` rows outside those layers (4-8) and oneDNN over the plain weight above;
 - else oneDNN's packed layout for 128-row products (fp32, and bf16 where ``ONEDNN_BF16``, bit-identical to
   ``F.linear``): 21-31 GB/s at one row against 17-21 for the best plain layout on the LLaMA-style matrices.
 Expert banks ([E, in, out]) get one copy per expert (``llmarch.nn.banks.packed_mm``) and run their other products
@@ -190,16 +190,18 @@ def packed_banks(x: torch.Tensor, *banks: torch.Tensor) -> list[list[torch.Tenso
 
 
 # bf16 products over blocked copies on a CPU with oneDNN's bf16 products, outside the native decode layers: up to
-# this many rows on the native kernel, more on oneDNN over the plain weight (from memory, native ÷ oneDNN packed
-# time on the LLaMA-style matrices: 0.81-0.97x at 1 row, 0.93-1.07x at 4, 1.07-1.41x at 8)
-ONEDNN_HOST_BF16_ROWS = 4
+# this many rows on the native kernel, more on oneDNN over the plain weight. From memory on a Zen 5 EPYC, native ÷
+# oneDNN packed time over the LLaMA-style and GPT-2 matrices: with VDPBF16PS (AVX-512 BF16) 0.83-0.99x at 1 row,
+# 0.87-1.03x at 4, 0.79-1.05x at 8, 1.08-1.25x at 16; widening to fp32 0.81-0.97x at 1, 0.93-1.07x at 4,
+# 1.07-1.41x at 8
+ONEDNN_HOST_BF16_ROWS = {"dot products": 8, "widened": 4}
 
 
 def native_max_rows(dtype: torch.dtype) -> int:
     """The most rows a product over a native blocked copy of this dtype runs there (more: the plain weight)."""
-    if dtype == torch.bfloat16:
-        return ONEDNN_HOST_BF16_ROWS if ONEDNN_BF16 else native_bf16.MAX_ROWS
-    return native_fp32.MAX_ROWS
+    if dtype == torch.bfloat16 and ONEDNN_BF16:
+        return ONEDNN_HOST_BF16_ROWS["dot products" if native_bf16.dp_available() else "widened"]
+    return native_bf16.MAX_ROWS if dtype == torch.bfloat16 else native_fp32.MAX_ROWS
 
 
 def native_mm(x: torch.Tensor, w: native_fp32.Blocked, bias: torch.Tensor | None = None) -> torch.Tensor | None:
