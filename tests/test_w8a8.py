@@ -242,6 +242,10 @@ def test_convert_cli_writes_int8_activations(tmp_path, capsys):
                  "int8"]) == 0
     assert json.loads(capsys.readouterr().out)["activations"] == "int8"
     assert json.loads((tmp_path / "q" / "quantization.json").read_text())["activations"] == "int8"
+    assert main(["inspect", str(tmp_path / "q")]) == 0  # says how the directory stores the weights
+    assert "Stored quantized: int8; int8 activations" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "m"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["quantization"] is None
     assert main(["convert", str(tmp_path / "m"), str(tmp_path / "q4"), "--quantize", "int4", "--activations",
                  "int8"]) == 2
     err = capsys.readouterr().err

@@ -117,15 +117,52 @@ def run(args) -> int:
         return 0
     report = analyze(cfg, seq_len=args.seq_len, batch=args.batch, dtype=args.dtype)
     reach = effective_reach(cfg)
+    stored = quantization(args)
     if args.json:
         emit_json(dict(report.to_dict(), reach=dict(tokens=reach.tokens, per_layer=reach.per_layer,
-                                                    paper_form=reach.paper_form)))
+                                                    paper_form=reach.paper_form), quantization=stored))
         return 0
     print(format_report(model_title(args), report))
     print(f"\nEffective reach: {reach.describe()}")
+    if stored:
+        print(f"\nStored quantized: {describe_quantization(stored)}")
     if images:
         print("\n" + format_images("images", images))
     return 0
+
+
+def quantization(args) -> dict | None:
+    """A quantized checkpoint's ``quantization.json`` (with its weight files' bytes), or None: the tables above
+    count parameters at ``--dtype``, not as the directory stores them."""
+    import json
+    from pathlib import Path
+
+    from llmarch.cli.common import model_spec
+
+    spec = model_spec(args)
+    if not spec or not Path(spec).is_dir():
+        return None
+    from llmarch.train.checkpoints import resolve_model_dir
+
+    model_dir = resolve_model_dir(Path(spec))
+    path = model_dir / "quantization.json"
+    if not path.is_file():
+        return None
+    try:
+        spec = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return dict(spec, weight_file_bytes=sum(f.stat().st_size for f in model_dir.glob("*.safetensors")))
+
+
+def describe_quantization(q: dict) -> str:
+    mode = q.get("mode", "?")
+    parts = [mode + (f", groups of {q['group_size']}" if q.get("group_size") else "")]
+    if mode == "int8":
+        parts.append(f"{q.get('activations', 'fp32')} activations")
+    if q.get("skip"):
+        parts.append(f"{len(q['skip'])} layers kept in full precision")
+    return "; ".join(parts) + f" (quantization.json); weight files {human_bytes(q['weight_file_bytes'])}"
 
 
 def format_images(title: str, s: dict) -> str:
