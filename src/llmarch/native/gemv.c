@@ -284,6 +284,7 @@ static inline __attribute__((always_inline)) void dp_tile(const uint32_t *xp, in
 int llmarch_bf16_gemv_dp(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
                          int64_t K) {
   const int64_t K2 = (K + 1) / 2, nb = (N + NB - 1) / NB, ng = (nb + GROUP - 1) / GROUP;
+  if (M == 0) return 0;
   uint32_t *xp = malloc((size_t)(M * K2) * sizeof(uint32_t));
   if (!xp) return -1;
   for (int64_t m = 0; m < M; m++)

@@ -213,6 +213,7 @@ void llmarch_w8a8_gemm_q(const int8_t *q, const float *s, const int32_t *c, cons
 int llmarch_w8a8_gemm(const float *x, const uint8_t *w, const float *scale, const float *bias, float *y, int64_t M,
                       int64_t N, int64_t K) {
   const int64_t Kp = a8_padded(K), nk = Kp / A8_KB;
+  if (M == 0) return 0;
   char *buf = malloc((size_t)(M * Kp + M * nk * (int64_t)(sizeof(float) + sizeof(int32_t))));
   if (!buf) {
     for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
