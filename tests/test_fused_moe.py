@@ -140,11 +140,13 @@ def forward_spy(monkeypatch) -> Spy:
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen2-moe", "groups, norm, scale", "switch, mlp experts"])
-@pytest.mark.parametrize("N", [1, 16, native_fp32.MAX_ROWS])  # up to the row limit: 128 on AVX2, 32 on AVX-512
+@pytest.mark.parametrize("N", [1, 16, native_fp32.MAX_ROWS, "most"])  # "most": fused_moe.max_tokens
 def test_native_moe_forward_and_its_routing_are_the_eager_ones(case, N, monkeypatch):
-    """An MoE layer's inference forward over up to the native row limit (a prefill, or a decode step in a stack
-    whose attention is not native) runs in one native call, and records the routing the eager forward records."""
+    """An MoE layer's inference forward over up to fused_moe.max_tokens rows (a prefill, or a decode step in a stack
+    whose attention is not native; past the kernel's row limit of 128 on AVX2 and 32 on AVX-512 while the experts
+    average at most 64 rows) runs in one native call, and records the routing the eager forward records."""
     moe = moe_model(**CASES[case]).decoder.layers[0].ffn
+    N = fused_moe.max_tokens(moe) if N == "most" else N
     pack_weights(moe)
     x = torch.randn(1, N, BASE["d_model"], generator=torch.Generator().manual_seed(N))
     results = []
@@ -169,7 +171,7 @@ def test_native_moe_forward_stands_aside(monkeypatch):
     with torch.no_grad():
         moe(x)  # banks not packed
         pack_weights(moe)
-        moe(torch.randn(1, native_fp32.MAX_ROWS + 1, BASE["d_model"]))  # more rows than the kernel takes
+        moe(torch.randn(1, fused_moe.max_tokens(moe) + 1, BASE["d_model"]))  # more rows than it takes
         for hooked in (moe.router, moe.dropout, moe.experts):  # a hook on a module the eager forward calls
             handle = hooked.register_forward_hook(lambda *a: None)
             moe(x)

@@ -154,13 +154,26 @@ def record(f: MoE, dense_ffn, dtype: torch.dtype = torch.float32):
     return (moe, up, down), tensors, edges, called
 
 
+# The native forward takes up to this many rows per expert on average (N * top_k / E), above the native kernel's
+# row limit: one call for routing, experts and combining saves the eager forward's ~40 ops, and the kernel ran the
+# experts' products of ~32-64 rows as fast as oneDNN over their plain weights. On a Zen 5 EPYC (one thread, the
+# moe.py layer, E 8, top-2; docs/performance.md, seventeenth round): 1.16x / 1.24x / 1.17x the eager forward at
+# 64 / 128 / 256 tokens, level at 512 (128 rows per expert), 0.94x at 1024.
+EXPERT_ROWS = 64
+
+
+def max_tokens(f: MoE) -> int:
+    """The most rows of x :func:`forward` takes for ``f``: the native kernel's row limit, or more while the experts
+    average at most :data:`EXPERT_ROWS` rows."""
+    return max(native_fp32.MAX_ROWS, EXPERT_ROWS * f.moe.n_experts // f.router.top_k)
+
+
 def forward(f: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
-    """``f`` over x [N, D] (fp32, CPU, no gradient, eval mode; N at most the native kernel's row limit, so no
-    expert gets more rows than the kernel takes) in one native call, with the routing the eager forward records
-    (its logits, probabilities, weights and experts); or None where it does not serve (run it eagerly).
-    ``LLMARCH_FUSED_DECODE=0`` turns this off with the decode layers."""
+    """``f`` over x [N, D] (fp32, CPU, no gradient, eval mode; N at most :func:`max_tokens`) in one native call, with
+    the routing the eager forward records (its logits, probabilities, weights and experts); or None where it does
+    not serve (run it eagerly). ``LLMARCH_FUSED_DECODE=0`` turns this off with the decode layers."""
     if (f.training or torch.is_grad_enabled() or type(x) is not torch.Tensor or x.dtype != torch.float32
-            or x.device.type != "cpu" or x.shape[0] > native_fp32.MAX_ROWS or torch.compiler.is_compiling()
+            or x.device.type != "cpu" or x.shape[0] > max_tokens(f) or torch.compiler.is_compiling()
             or torch.is_autocast_enabled("cpu") or _torch_module._has_any_global_hook() or not native_decode.enabled()
             or not native_decode.MOE_KERNEL.available()):
         return None
