@@ -14,14 +14,14 @@ import torch
 from llmarch import native
 from llmarch.infer.layout import pack_weights, unpack_weights
 from llmarch.native import bf16 as native_bf16
-from llmarch.nn import dense, fused_decode, widened
+from llmarch.nn import dense, fused_decode, fused_moe, widened
 
 from tests.decode_util import Spy, generate_both, num_threads, steps
 from tests.test_fused_decode import BASE, CASES, model_for
 from tests.test_fused_latent import CASES as LATENT_CASES
 from tests.test_fused_latent import model_for as latent_model
 from tests.test_fused_moe import CASES as MOE_CASES
-from tests.test_fused_moe import moe_model
+from tests.test_fused_moe import forward_spy, moe_model
 
 pytestmark = pytest.mark.skipif(native.library("decode") is None or not native_bf16.available(),
                                 reason="no x86-64 CPU with AVX2 or no C compiler: the native kernels cannot be built")
@@ -84,6 +84,31 @@ def test_bf16_moe_steps_are_the_eager_bf16_steps(case, monkeypatch):
     pack_weights(model)
     ids = torch.randint(0, BASE["vocab_size"], (4, 7), generator=torch.Generator().manual_seed(4))
     check_bf16_steps(model, ids, 10, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen2-moe", "switch, mlp experts"])
+@pytest.mark.parametrize("N", [1, 16, "most"])  # "most": fused_moe.max_tokens
+def test_bf16_moe_forward_is_the_eager_bf16_forward(case, N, monkeypatch):
+    """An MoE layer's own bf16 inference forward (a prefill's, or one in a stack whose attention is not native) runs
+    in one native call over the blocked bf16 copies, rounding where the eager bf16 forward rounds: nearly all
+    outputs bit-equal (the rest one rounding apart), the same experts, the routing's fp32 values."""
+    moe = moe_model(**MOE_CASES[case]).decoder.layers[0].ffn.to(BF16)
+    pack_weights(moe)
+    N = fused_moe.max_tokens(moe) if N == "most" else N
+    x = torch.randn(1, N, BASE["d_model"], generator=torch.Generator().manual_seed(N)).to(BF16)
+    results = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("LLMARCH_FUSED_DECODE", fused)
+        spy = forward_spy(monkeypatch)
+        with torch.no_grad():
+            results.append((moe(x), moe.last_routing[0]))
+    assert spy.steps == 1
+    (want, want_route), (got, got_route) = results
+    assert got.dtype == BF16 and (got == want).float().mean() >= 0.95
+    torch.testing.assert_close(got.float(), want.float(), **TOL)
+    assert torch.equal(got_route.experts, want_route.experts)
+    for name in ("logits", "probs", "weights"):
+        torch.testing.assert_close(getattr(got_route, name), getattr(want_route, name), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", sorted(LATENT_CASES))

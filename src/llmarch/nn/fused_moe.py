@@ -169,26 +169,28 @@ def max_tokens(f: MoE) -> int:
 
 
 def forward(f: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
-    """``f`` over x [N, D] (fp32, CPU, no gradient, eval mode; N at most :func:`max_tokens`) in one native call, with
-    the routing the eager forward records (its logits, probabilities, weights and experts); or None where it does
+    """``f`` over x [N, D] (fp32, or bf16 over blocked bf16 copies, rounded where the eager bf16 forward rounds, as
+    in a bf16 decode layer; CPU, no gradient, eval mode; N at most :func:`max_tokens`) in one native call, with the
+    routing the eager forward records (its logits, probabilities, weights and experts, fp32); or None where it does
     not serve (run it eagerly). ``LLMARCH_FUSED_DECODE=0`` turns this off with the decode layers."""
-    if (f.training or torch.is_grad_enabled() or type(x) is not torch.Tensor or x.dtype != torch.float32
+    if (f.training or torch.is_grad_enabled() or type(x) is not torch.Tensor
+            or x.dtype not in (torch.float32, torch.bfloat16)
             or x.device.type != "cpu" or x.shape[0] > max_tokens(f) or torch.compiler.is_compiling()
             or torch.is_autocast_enabled("cpu") or _torch_module._has_any_global_hook() or not native_decode.enabled()
             or not native_decode.MOE_KERNEL.available()):
         return None
     from llmarch.nn.fused_layers import dense_ffn
 
-    found = record(f, dense_ffn)
+    found = record(f, dense_ffn, x.dtype)
     if found is None or any(m._forward_hooks or m._forward_pre_hooks for m in found[3][1:]):  # [0]: f, running
         return None
     (N, D), E, K = x.shape, f.moe.n_experts, f.router.top_k
-    x = x.contiguous()
+    h = x.float().contiguous()  # bf16: its values, exactly
     y, logits, weights = torch.empty(N, D), torch.empty(N, E), torch.empty(N, K)
     experts = torch.empty(N, K, dtype=torch.long)
-    native_decode.MOE_KERNEL.fn()(ctypes.addressof(found[0][0]), x.data_ptr(), y.data_ptr(), N, D, logits.data_ptr(),
+    native_decode.MOE_KERNEL.fn()(ctypes.addressof(found[0][0]), h.data_ptr(), y.data_ptr(), N, D, logits.data_ptr(),
                                   experts.data_ptr(), weights.data_ptr())
-    return y, Routing(logits, logits.softmax(-1), weights, experts)
+    return y.to(x.dtype), Routing(logits, logits.softmax(-1), weights, experts)  # bf16: rounded values, exactly
 
 
 def forget_routing(layers: list) -> None:
