@@ -22,31 +22,38 @@ MAX_ROWS = 32  # more rows are widened to fp32 (llmarch.nn.widened): the tenth r
 __all__ = ["MAX_ROWS", "available", "dp_available", "mm", "reset"]
 
 
-def _check(fn) -> bool:
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(37, 21, generator=g).bfloat16(), torch.randn(37, generator=g).bfloat16()
-    x = torch.randn(3, 21, generator=g).bfloat16()
-    want = (x.double() @ w.double().T + b.double()).float()
-    return torch.allclose(_call(fn, x, Blocked(w), b), want, rtol=1e-5, atol=1e-5)
+def _checked(call):
+    """A self-check of a kernel called through ``call`` (:func:`_call` or :func:`_call_dp`) against float64."""
+    def check(fn) -> bool:
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(37, 21, generator=g).bfloat16(), torch.randn(37, generator=g).bfloat16()
+        x = torch.randn(3, 21, generator=g).bfloat16()
+        want = (x.double() @ w.double().T + b.double()).float()
+        y = call(fn, x, Blocked(w), b)
+        return y is not None and torch.allclose(y, want, rtol=1e-5, atol=1e-5)
+    return check
 
 
-_KERNEL = native.Kernel("gemv", "llmarch_bf16_gemv", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3, _check)
+def _call(fn, x: torch.Tensor, w: Blocked, bias: torch.Tensor | None, dp: bool = False) -> torch.Tensor | None:
+    """The widening kernel (``fn(x, w, scale, bias, y, M, N, K)``), or with ``dp`` the VDPBF16PS one (no scale;
+    None when it could not allocate its packed activations)."""
+    x, b = x.float().contiguous(), None if bias is None else bias.float().contiguous()  # held during the call
+    y = torch.empty(x.shape[0], w.out_features)
+    ptrs = [x.data_ptr(), w.data.data_ptr()] + ([] if dp else [None]) + [None if b is None else b.data_ptr()]
+    rc = fn(*ptrs, y.data_ptr(), x.shape[0], w.out_features, x.shape[1])
+    return None if dp and rc else y
+
+
+def _call_dp(fn, x: torch.Tensor, w: Blocked, bias: torch.Tensor | None) -> torch.Tensor | None:
+    return _call(fn, x, w, bias, dp=True)
+
+
+_KERNEL = native.Kernel("gemv", "llmarch_bf16_gemv", [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3, _checked(_call))
 available = _KERNEL.available
-
-
-def _check_dp(fn) -> bool:
-    g = torch.Generator().manual_seed(0)
-    w, b = torch.randn(37, 21, generator=g).bfloat16(), torch.randn(37, generator=g).bfloat16()
-    x = torch.randn(3, 21, generator=g).bfloat16()
-    want = (x.double() @ w.double().T + b.double()).float()
-    y = _call_dp(fn, x, Blocked(w), b)
-    return y is not None and torch.allclose(y, want, rtol=1e-5, atol=1e-5)
-
-
 # bf16 activations times bf16 weights on VDPBF16PS (CPUs with AVX-512 BF16; elsewhere not built): 1.1-1.6x the
 # widening kernel at 4-32 rows on a Zen 5 EPYC, level at 1-2 (docs/performance.md, seventeenth round)
-_DP = native.Kernel("gemv", "llmarch_bf16_gemv_dp", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3, _check_dp,
-                    ctypes.c_int)
+_DP = native.Kernel("gemv", "llmarch_bf16_gemv_dp", [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3,
+                    _checked(_call_dp), ctypes.c_int)
 
 
 def reset() -> None:  # tests flip ``LLMARCH_NATIVE``
@@ -56,22 +63,6 @@ def reset() -> None:  # tests flip ``LLMARCH_NATIVE``
 
 def dp_available() -> bool:
     return _DP.available()
-
-
-def _call(fn, x: torch.Tensor, w: Blocked, bias: torch.Tensor | None) -> torch.Tensor:
-    x, b = x.float().contiguous(), None if bias is None else bias.float().contiguous()  # held during the call
-    y = torch.empty(x.shape[0], w.out_features)
-    fn(x.data_ptr(), w.data.data_ptr(), None, None if b is None else b.data_ptr(), y.data_ptr(), x.shape[0],
-       w.out_features, x.shape[1])
-    return y
-
-
-def _call_dp(fn, x: torch.Tensor, w: Blocked, bias: torch.Tensor | None) -> torch.Tensor | None:
-    x, b = x.float().contiguous(), None if bias is None else bias.float().contiguous()
-    y = torch.empty(x.shape[0], w.out_features)
-    rc = fn(x.data_ptr(), w.data.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), x.shape[0],
-            w.out_features, x.shape[1])
-    return None if rc else y
 
 
 def mm(x: torch.Tensor, w: Blocked, bias: torch.Tensor | None = None) -> torch.Tensor:
