@@ -49,7 +49,7 @@ def test_kernel_is_the_fp32_product(rows, n, k):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 32])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130), (100, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
@@ -62,7 +62,7 @@ def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 32])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130), (100, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_bf16_kernel_is_the_product_of_the_bf16_weights_rounded_once(rows, n, k, bias):
@@ -77,10 +77,12 @@ def test_bf16_kernel_is_the_product_of_the_bf16_weights_rounded_once(rows, n, k,
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * exact.abs().max()).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 17])
-@pytest.mark.parametrize("n,k", [(37, 21), (50, 130), (16, 1), (100, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
+@pytest.mark.parametrize("n,k", [(37, 21), (50, 130), (16, 1), (100, 64), (200, 65)])
 def test_bf16_dot_product_kernel_is_the_widening_one(rows, n, k):
-    """On CPUs with AVX-512 BF16, bf16 activations take VDPBF16PS (pairs of k, an odd last k paired with zeros):
+    """On CPUs with AVX-512 BF16, bf16 activations take VDPBF16PS (pairs of k, an odd last k paired with zeros;
+    tiles of 1-8 rows by 1-4 blocks, whole and partial groups of blocks, activations rounded 32 at a time and then
+    one at a time):
     before rounding, the fp32 product of the bf16 operands as the widening kernel gives it, up to summation order;
     after rounding, equal but for a rare flip; fp32 activations keep the widening kernel."""
     if "avx512_bf16" not in native._cpu()[1] or native.library("gemv") is None:

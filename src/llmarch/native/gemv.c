@@ -11,8 +11,10 @@
  * written). Groups of blocks are split across OpenMP threads. Built by llmarch.native with -O3 -march=native
  * -fopenmp; the widest vector unit the CPU has is used, each tuned on the machine it was measured on
  * (benchmarks/decode.py --kernels):
- *   - AVX-512F: one 16-lane zmm per block, up to 8 rows per tile, one block at a time with a software prefetch
- *     2 KiB ahead (an AMD EPYC with AVX-512);
+ *   - AVX-512F: one 16-lane zmm per block, up to 8 rows per tile; a tile of 2-4 rows reads 4 blocks at once, of
+ *     5-8 rows 2 (one sum per row and block: 10-16 registers of sums), each block prefetched 2 KiB ahead; one row
+ *     reads one block with 4 partial sums (a Zen 5 EPYC: 1.2-1.7x the one-block tiles at 2-32 rows in int8 and
+ *     bf16, 1.0-1.3x in fp32; level at one row);
  *   - AVX2 + FMA: two 8-lane ymm per block; 6-row tiles with named registers while 6 or more rows remain (1.05-1.45x
  *     the 4-row tile at 6-32 rows in fp32, 1.0-1.23x in int8 and bf16), then up to 4 rows per tile; one or two
  *     rows read 4 or 2 blocks at once, as that many concurrent streams, without software prefetch (an AMD EPYC
@@ -30,9 +32,9 @@
 #if defined(__AVX512F__)
 typedef __m512 vec;
 #define VL 16
-#define MAXR 8          /* activation rows per tile: 8 rows x 2 partial sums = 16 of the 32 registers */
-#define STREAMS(R) 1
-#define PARTIALS(S, R) ((R) > 4 ? 2 : 4)
+#define MAXR 8          /* activation rows per tile */
+#define STREAMS(R) ((R) >= 5 ? 2 : (R) >= 2 ? 4 : 1)  /* 10-16 sums in registers from 2 rows */
+#define PARTIALS(S, R) ((S) * (R) >= 8 ? 1 : 4)       /* one row: 4 partial sums */
 #define PREFETCH 2048   /* bytes ahead of the weight being read */
 #define WIDE 0          /* no 6-row tile: 8-row tiles of zmm */
 #define V(op) _mm512_##op
@@ -136,8 +138,9 @@ static inline __m256 load8_bf16(const uint16_t *w) {
     int64_t k = 0;                                                                                          \
     for (; k + 4 <= K; k += 4) {                                                                            \
       if (PREFETCH)                                                                                         \
-        for (int line = 0; line < (int)(4 * NB * sizeof(T)); line += 64)                                    \
-          _mm_prefetch((const char *)(w + k * NB) + PREFETCH + line, _MM_HINT_T0);                          \
+        for (int s = 0; s < S; s++)                                                                         \
+          for (int line = 0; line < (int)(4 * NB * sizeof(T)); line += 64)                                  \
+            _mm_prefetch((const char *)(w + s * K * NB + k * NB) + PREFETCH + line, _MM_HINT_T0);           \
       else if (S == 1) /* one block: the next block's lines at these k as a second stream (as WIDE_TILE) */ \
         for (int line = 0; line < (int)(4 * NB * sizeof(T)); line += 64)                                    \
           _mm_prefetch((const char *)(w + (K + k) * NB) + line, _MM_HINT_T0);                               \
@@ -238,47 +241,78 @@ GEMV(llmarch_bf16_gemv, rows_bf16, wide_bf16, uint16_t)
  * bf16 x bf16 products per instruction into its fp32 sum (the instruction flushes denormals), so the result is the
  * fp32 product of the bf16 operands up to summation order and denormals, as llmarch_bf16_gemv's, with half its
  * arithmetic: a pair of consecutive k rows of a block (64 bytes) is interleaved by one permute into the
- * instruction's (k, k + 1) pairs. Rows in tiles of up to 8, one block at a time with gemv.c's prefetch, one sum per
- * row (two interleaved sums per row at 1-2 rows ran 0.81-0.97x as fast); the rows' (k, k + 1) pairs are packed
- * once per call. Returns 0, or -1 without memory for them (y untouched). */
+ * instruction's (k, k + 1) pairs. One sum per row and block, in k order. A tile is R rows (up to 8) by S blocks
+ * (DP_BLOCKS(R)): up to 16 sums in registers, so that the instruction's latency is hidden and each weight load
+ * and each broadcast of a row's pair feeds several instructions. On a Zen 5 EPYC, with the weight in cache, 8 rows
+ * x 2 blocks ran 1.4-1.7x and 4 rows x 4 blocks 2.0-2.3x the one-block tiles of the seventeenth round (380-440
+ * GFLOP/s from 16 rows, oneDNN's level), and 1 row x 4 blocks 2x; streamed from memory, 1-3 rows are level
+ * (bound by bandwidth) and 4-8 rows 1.2-1.3x. Each block is prefetched 2 KiB ahead. The rows' (k, k + 1) pairs
+ * are packed once per call (the bf16 values in order, rounded 32 at a time by VCVTNE2PS2BF16). Returns 0, or -1
+ * without memory for them (y untouched). */
 #define DP_MAXR 8
+#define DP_MAXS 4
+#define DP_BLOCKS(R) ((R) >= 6 ? 2 : (R) == 5 ? 3 : 4)
 static const uint16_t DP_PAIRS[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
-static inline uint32_t dp_bf16(float f) {  /* round to nearest even (NaN kept quiet) */
+static inline uint16_t dp_bf16(float f) {  /* round to nearest even (NaN kept quiet), as VCVTNE2PS2BF16 */
   uint32_t u;
   memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
-  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  if ((u & 0x7f800000u) == 0) u &= 0x80000000u;  /* a denormal reads as zero */
+  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+/* S consecutive blocks (the first at w; bias and y at its first output) for R rows, both compile-time constants. */
 static inline __attribute__((always_inline)) void dp_tile(const uint32_t *xp, int64_t K2, const uint16_t *w,
                                                           int64_t K, const float *bias, float *y, int64_t N,
-                                                          int64_t n0, const int R) {
+                                                          int64_t n0, const int S, const int R) {
   const __m512i pairs = _mm512_loadu_si512((const void *)DP_PAIRS);
-  __m512 acc[DP_MAXR];
-  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  __m512 acc[DP_MAXS][DP_MAXR];
+  for (int s = 0; s < S; s++)
+    for (int r = 0; r < R; r++) acc[s][r] = _mm512_setzero_ps();
   const int64_t full = K / 2;
   for (int64_t j = 0; j < full; j++) {
-    _mm_prefetch((const char *)(w + 2 * j * NB) + PREFETCH, _MM_HINT_T0);
-    const __m512i wv = _mm512_permutexvar_epi16(pairs, _mm512_loadu_si512((const void *)(w + 2 * j * NB)));
-    for (int r = 0; r < R; r++)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)wv, (__m512bh)_mm512_set1_epi32((int)xp[r * K2 + j]));
+    __m512i wv[DP_MAXS];
+    for (int s = 0; s < S; s++) {
+      const uint16_t *ws = w + s * K * NB + 2 * j * NB;
+      _mm_prefetch((const char *)ws + PREFETCH, _MM_HINT_T0);
+      wv[s] = _mm512_permutexvar_epi16(pairs, _mm512_loadu_si512((const void *)ws));
+    }
+    for (int r = 0; r < R; r++) {
+      const __m512bh xr = (__m512bh)_mm512_set1_epi32((int)xp[r * K2 + j]);
+      for (int s = 0; s < S; s++) acc[s][r] = _mm512_dpbf16_ps(acc[s][r], (__m512bh)wv[s], xr);
+    }
   }
-  if (K % 2) {  /* the last k alone, paired with zeros (its x pair's high half is zero too) */
-    const __m512i last = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(w + (K - 1) * NB)));
-    const __m512i wv = _mm512_permutexvar_epi16(pairs, last);
-    for (int r = 0; r < R; r++)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)wv, (__m512bh)_mm512_set1_epi32((int)xp[r * K2 + full]));
+  if (K % 2)  /* the last k alone, paired with zeros (its x pair's high half is zero too) */
+    for (int s = 0; s < S; s++) {
+      const __m256i last = _mm256_loadu_si256((const __m256i *)(w + s * K * NB + (K - 1) * NB));
+      const __m512i wv = _mm512_permutexvar_epi16(pairs, _mm512_zextsi256_si512(last));
+      for (int r = 0; r < R; r++)
+        acc[s][r] = _mm512_dpbf16_ps(acc[s][r], (__m512bh)wv, (__m512bh)_mm512_set1_epi32((int)xp[r * K2 + full]));
+    }
+  for (int s = 0; s < S; s++) {
+    const int64_t ncols = N - n0 - s * NB < NB ? N - n0 - s * NB : NB;
+    float bbuf[NB], ybuf[NB];
+    for (int j = 0; j < NB; j++) bbuf[j] = bias && j < ncols ? bias[s * NB + j] : 0.0f;
+    for (int r = 0; r < R; r++) {
+      float *out = ncols == NB ? y + r * N + s * NB : ybuf;
+      _mm512_storeu_ps(out, _mm512_add_ps(acc[s][r], _mm512_loadu_ps(bbuf)));
+      if (ncols < NB) memcpy(y + r * N + s * NB, ybuf, (size_t)ncols * sizeof(float));
+    }
   }
-  const int64_t ncols = N - n0 < NB ? N - n0 : NB;
-  float bbuf[NB], ybuf[NB];
-  for (int j = 0; j < NB; j++) bbuf[j] = bias && j < ncols ? bias[j] : 0.0f;
-  for (int r = 0; r < R; r++) {
-    float *out = ncols == NB ? y + r * N : ybuf;
-    _mm512_storeu_ps(out, _mm512_add_ps(acc[r], _mm512_loadu_ps(bbuf)));
-    if (ncols < NB) memcpy(y + r * N, ybuf, (size_t)ncols * sizeof(float));
-  }
+}
+
+/* Blocks [b0, b1) for R rows: DP_BLOCKS(R) blocks at a time, then one at a time. */
+static inline __attribute__((always_inline)) void dp_rows(const uint32_t *xp, int64_t K2, const uint16_t *w,
+                                                          int64_t K, const float *bias, float *y, int64_t N,
+                                                          int64_t b0, int64_t b1, const int R) {
+  const int S = DP_BLOCKS(R);
+  int64_t b = b0;
+  for (; S > 1 && b + S <= b1; b += S)
+    dp_tile(xp, K2, w + b * K * NB, K, bias ? bias + b * NB : 0, y + b * NB, N, b * NB, S, R);
+  for (; b < b1; b++)
+    dp_tile(xp, K2, w + b * K * NB, K, bias ? bias + b * NB : 0, y + b * NB, N, b * NB, 1, R);
 }
 
 int llmarch_bf16_gemv_dp(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
@@ -287,31 +321,33 @@ int llmarch_bf16_gemv_dp(const float *x, const uint16_t *w, const float *bias, f
   if (M == 0) return 0;
   uint32_t *xp = malloc((size_t)(M * K2) * sizeof(uint32_t));
   if (!xp) return -1;
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t j = 0; j < K2; j++) {
-      const uint32_t lo = dp_bf16(x[m * K + 2 * j]), hi = 2 * j + 1 < K ? dp_bf16(x[m * K + 2 * j + 1]) : 0;
-      xp[m * K2 + j] = lo | (hi << 16);
-    }
+  for (int64_t m = 0; m < M; m++) {
+    const float *xm = x + m * K;
+    uint16_t *pm = (uint16_t *)(xp + m * K2);
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32)
+      _mm512_storeu_si512((void *)(pm + k), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(xm + k + 16),
+                                                                         _mm512_loadu_ps(xm + k)));
+    for (; k < K; k++) pm[k] = dp_bf16(xm[k]);
+    if (K % 2) pm[K] = 0;
+  }
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < ng; g++) {
     const int64_t b0 = g * GROUP, b1 = b0 + GROUP < nb ? b0 + GROUP : nb;
-    for (int64_t m = 0; m < M; m += DP_MAXR)
-      for (int64_t b = b0; b < b1; b++) {
-        const uint32_t *xm = xp + m * K2;
-        const uint16_t *wb = w + b * K * NB;
-        const float *bb = bias ? bias + b * NB : 0;
-        float *ym = y + m * N + b * NB;
-        switch (M - m < DP_MAXR ? M - m : DP_MAXR) {
-          case 1: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 1); break;
-          case 2: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 2); break;
-          case 3: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 3); break;
-          case 4: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 4); break;
-          case 5: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 5); break;
-          case 6: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 6); break;
-          case 7: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 7); break;
-          default: dp_tile(xm, K2, wb, K, bb, ym, N, b * NB, 8); break;
-        }
+    for (int64_t m = 0; m < M; m += DP_MAXR) {
+      const uint32_t *xm = xp + m * K2;
+      float *ym = y + m * N;
+      switch (M - m < DP_MAXR ? M - m : DP_MAXR) {
+        case 1: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 1); break;
+        case 2: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 2); break;
+        case 3: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 3); break;
+        case 4: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 4); break;
+        case 5: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 5); break;
+        case 6: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 6); break;
+        case 7: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 7); break;
+        default: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 8); break;
       }
+    }
   }
   free(xp);
   return 0;
