@@ -68,23 +68,35 @@ static inline __m256 act8(int64_t act, __m256 g) {
 
 /* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). bf16: the activation
  * and the product each rounded to bf16, as torch's bf16 ops round them. */
+static inline __attribute__((always_inline)) __m256 activate8(int64_t act, int64_t gated, __m256 g, __m256 u,
+                                                               int bf16) {
+  __m256 a = act8(act, g);
+  if (bf16) a = round8_bf16(a);
+  if (gated) {
+    a = _mm256_mul_ps(a, u);
+    if (bf16) a = round8_bf16(a);
+  }
+  return a;
+}
+
 static void activate(int64_t act, int64_t gated, int64_t F, const float *h, float *y, int64_t B, int bf16) {
   const int64_t W = gated ? 2 * F : F;
-  for (int64_t r = 0; r < B; r++)
-    for (int64_t f = 0; f < F; f += 8) {
-      float g[8] = {0}, u[8] = {0}, o[8];
-      const int64_t n = F - f < 8 ? F - f : 8;
-      memcpy(g, h + r * W + f, sizeof(float) * n);
-      __m256 a = act8(act, _mm256_loadu_ps(g));
-      if (bf16) a = round8_bf16(a);
-      if (gated) {
-        memcpy(u, h + r * W + F + f, sizeof(float) * n);
-        a = _mm256_mul_ps(a, _mm256_loadu_ps(u));
-        if (bf16) a = round8_bf16(a);
-      }
-      _mm256_storeu_ps(o, a);
-      memcpy(y + r * F + f, o, sizeof(float) * n);
+  for (int64_t r = 0; r < B; r++) {
+    const float *g = h + r * W, *u = g + F;
+    float *o = y + r * F;
+    int64_t f = 0;
+    for (; f + 8 <= F; f += 8)
+      _mm256_storeu_ps(o + f, activate8(act, gated, _mm256_loadu_ps(g + f),
+                                        gated ? _mm256_loadu_ps(u + f) : _mm256_setzero_ps(), bf16));
+    if (f < F) {  /* the last n < 8 through buffers */
+      float gb[8] = {0}, ub[8] = {0}, ob[8];
+      const int64_t n = F - f;
+      memcpy(gb, g + f, sizeof(float) * n);
+      if (gated) memcpy(ub, u + f, sizeof(float) * n);
+      _mm256_storeu_ps(ob, activate8(act, gated, _mm256_loadu_ps(gb), _mm256_loadu_ps(ub), bf16));
+      memcpy(o + f, ob, sizeof(float) * n);
     }
+  }
 }
 
 enum { TOPK_SOFTMAX = 0, SOFTMAX_TOPK = 1, SOFTMAX_TOPK_NORM = 2, SWITCH = 3 };
