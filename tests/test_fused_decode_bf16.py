@@ -94,7 +94,7 @@ def test_bf16_moe_forward_is_the_eager_bf16_forward(case, N, monkeypatch):
     outputs bit-equal (the rest one rounding apart), the same experts, the routing's fp32 values."""
     moe = moe_model(**MOE_CASES[case]).decoder.layers[0].ffn.to(BF16)
     pack_weights(moe)
-    N = fused_moe.max_tokens(moe) if N == "most" else N
+    N = fused_moe.max_tokens(moe, BF16) if N == "most" else N
     x = torch.randn(1, N, BASE["d_model"], generator=torch.Generator().manual_seed(N)).to(BF16)
     results = []
     for fused in ("0", "1"):

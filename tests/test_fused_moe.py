@@ -144,7 +144,8 @@ def forward_spy(monkeypatch) -> Spy:
 def test_native_moe_forward_and_its_routing_are_the_eager_ones(case, N, monkeypatch):
     """An MoE layer's inference forward over up to fused_moe.max_tokens rows (a prefill, or a decode step in a stack
     whose attention is not native; past the kernel's row limit of 128 on AVX2 and 32 on AVX-512 while the experts
-    average at most 64 rows) runs in one native call, and records the routing the eager forward records."""
+    average at most fused_moe.EXPERT_ROWS rows) runs in one native call, and records the routing the eager forward
+    records."""
     moe = moe_model(**CASES[case]).decoder.layers[0].ffn
     N = fused_moe.max_tokens(moe) if N == "most" else N
     pack_weights(moe)
@@ -185,6 +186,28 @@ def test_native_moe_forward_stands_aside(monkeypatch):
     with torch.no_grad():
         moe(x)
     assert spy.steps == 1
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_native_moe_forward_takes_its_kinds_row_limit(kind, monkeypatch):
+    """Each kind of experts has its own limit (fused_moe.EXPERT_ROWS: int8 experts the lowest, their eager
+    products over dequantized weights being faster with many rows): up to it one native call, one row more the
+    eager forward."""
+    model = moe_model(n_experts=4, top_k=2)
+    if kind == "int8":
+        model = quantize(model, "int8")
+    elif kind == "bf16":
+        model = model.to(torch.bfloat16)
+    moe = model.decoder.layers[0].ffn
+    pack_weights(moe)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    most = fused_moe.max_tokens(moe, dtype)
+    assert most == max(native_fp32.MAX_ROWS, fused_moe.EXPERT_ROWS["int8" if kind == "int8" else dtype] * 4 // 2)
+    spy = forward_spy(monkeypatch)
+    with torch.no_grad():
+        for n, steps in ((most, 1), (most + 1, 1)):
+            moe(torch.randn(1, n, BASE["d_model"]).to(dtype))
+            assert spy.steps == steps
 
 
 def test_latent_attention_moe_model_decodes_with_native_experts(monkeypatch):

@@ -155,17 +155,20 @@ def record(f: MoE, dense_ffn, dtype: torch.dtype = torch.float32):
 
 
 # The native forward takes up to this many rows per expert on average (N * top_k / E), above the native kernel's
-# row limit: one call for routing, experts and combining saves the eager forward's ~40 ops, and the kernel ran the
-# experts' products of ~32-64 rows as fast as oneDNN over their plain weights. On a Zen 5 EPYC (one thread, the
-# moe.py layer, E 8, top-2; docs/performance.md, seventeenth round): 1.16x / 1.24x / 1.17x the eager forward at
-# 64 / 128 / 256 tokens, level at 512 (128 rows per expert), 0.94x at 1024.
-EXPERT_ROWS = 64
+# row limit: one call for routing, experts and combining saves the eager forward's ~40 ops, and the kernels run
+# the experts' products as fast as oneDNN over their plain weights, or faster. On a Zen 5 EPYC (the moe.py layer, E
+# 8, top-2; docs/performance.md, eighteenth round), against the eager forward: fp32 1.43x / 1.25x / 1.21x / 1.19x /
+# 1.12x at 256 / 512 / 1024 / 2048 / 4096 tokens on one thread (1.22x at 2048 on two); bf16 1.24x / 1.11x at 256 /
+# 512, 1.03x / 0.96x at 1024 (one / two threads), 0.99x at 2048; int8 experts (seventeenth round's limit) 1.25x at
+# 128, 0.79x at 512 (the eager forward's oneDNN products over the dequantized experts). Past these, the eager forward.
+EXPERT_ROWS = {torch.float32: 1024, torch.bfloat16: 128, "int8": 64}
 
 
-def max_tokens(f: MoE) -> int:
-    """The most rows of x :func:`forward` takes for ``f``: the native kernel's row limit, or more while the experts
-    average at most :data:`EXPERT_ROWS` rows."""
-    return max(native_fp32.MAX_ROWS, EXPERT_ROWS * f.moe.n_experts // f.router.top_k)
+def max_tokens(f: MoE, dtype: torch.dtype = torch.float32) -> int:
+    """The most rows of x (of ``dtype``) :func:`forward` takes for ``f``: the native kernel's row limit, or more
+    while the experts average at most :data:`EXPERT_ROWS` rows (by ``dtype``, or int8 for int8 experts)."""
+    kind = "int8" if type(f.experts) is _int8_types()[0] else dtype
+    return max(native_fp32.MAX_ROWS, EXPERT_ROWS[kind] * f.moe.n_experts // f.router.top_k)
 
 
 def forward(f: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
@@ -175,7 +178,7 @@ def forward(f: MoE, x: torch.Tensor) -> tuple[torch.Tensor, Routing] | None:
     not serve (run it eagerly). ``LLMARCH_FUSED_DECODE=0`` turns this off with the decode layers."""
     if (f.training or torch.is_grad_enabled() or type(x) is not torch.Tensor
             or x.dtype not in (torch.float32, torch.bfloat16)
-            or x.device.type != "cpu" or x.shape[0] > max_tokens(f) or torch.compiler.is_compiling()
+            or x.device.type != "cpu" or x.shape[0] > max_tokens(f, x.dtype) or torch.compiler.is_compiling()
             or torch.is_autocast_enabled("cpu") or _torch_module._has_any_global_hook() or not native_decode.enabled()
             or not native_decode.MOE_KERNEL.available()):
         return None
