@@ -35,11 +35,12 @@ def _ref(x, q, s):
     return (x.double() @ q.double().T * s.double()).float()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 31])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 16, 31])
 @pytest.mark.parametrize("n,k", [(1, 1), (16, 64), (37, 21), (50, 130), (100, 33)])
 def test_kernel_is_the_fp32_product(rows, n, k):
     """Ragged N (padding of the last block), K not a multiple of 4 (the tail loop), 1-8 rows per tile and more,
-    blocks read several at once and one at a time (100 outputs: a group of 4 blocks and one of 3)."""
+    blocks read several at once and one at a time (100 outputs: a group of 4 blocks and one of 3; past 8 rows, tiles
+    of 2-4 blocks on AVX-512)."""
     g = torch.Generator().manual_seed(rows * 1000 + n + k)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     s, x = torch.rand(n, generator=g) + 0.1, torch.randn(rows, k, generator=g)
@@ -49,7 +50,7 @@ def test_kernel_is_the_fp32_product(rows, n, k):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 12, 13, 32])
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 21), (50, 130), (100, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_kernel_is_the_fp32_product(rows, n, k, bias):
@@ -77,12 +78,12 @@ def test_bf16_kernel_is_the_product_of_the_bf16_weights_rounded_once(rows, n, k,
     assert ((got.double() - exact).abs() <= exact.abs() * 2 ** -8 + 1e-5 * exact.abs().max()).all()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 17])
 @pytest.mark.parametrize("n,k", [(37, 21), (50, 130), (16, 1), (100, 64), (200, 65)])
 def test_bf16_dot_product_kernel_is_the_widening_one(rows, n, k):
     """On CPUs with AVX-512 BF16, bf16 activations take VDPBF16PS (pairs of k, an odd last k paired with zeros;
-    tiles of 1-8 rows by 1-4 blocks, whole and partial groups of blocks, activations rounded 32 at a time and then
-    one at a time):
+    tiles of 1-8 rows by one block, and past 8 rows by 1-4, whole and partial groups of blocks, activations rounded
+    32 at a time and then one at a time):
     before rounding, the fp32 product of the bf16 operands as the widening kernel gives it, up to summation order;
     after rounding, equal but for a rare flip; fp32 activations keep the widening kernel."""
     if "avx512_bf16" not in native._cpu()[1] or native.library("gemv") is None:

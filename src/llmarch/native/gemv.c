@@ -11,10 +11,12 @@
  * written). Groups of blocks are split across OpenMP threads. Built by llmarch.native with -O3 -march=native
  * -fopenmp; the widest vector unit the CPU has is used, each tuned on the machine it was measured on
  * (benchmarks/decode.py --kernels):
- *   - AVX-512F: one 16-lane zmm per block, up to 8 rows per tile; a tile of 2-4 rows reads 4 blocks at once, of
- *     5-8 rows 2 (one sum per row and block: 10-16 registers of sums), each block prefetched 2 KiB ahead; one row
- *     reads one block with 4 partial sums (a Zen 5 EPYC: 1.2-1.7x the one-block tiles at 2-32 rows in int8 and
- *     bf16, 1.0-1.3x in fp32; level at one row);
+ *   - AVX-512F: one 16-lane zmm per block, up to 8 rows per tile, one block at a time (2 or 4 partial sums per
+ *     row) with a software prefetch 2 KiB ahead; past 8 rows, where every row tile after the first reads the
+ *     group's blocks again from cache, a tile of 2-4 rows reads 4 blocks at once and of 5-8 rows 2, one sum per row
+ *     and block (10-16 registers of sums), each block prefetched (a Zen 5 EPYC: 1.1-1.2x at 16-64 rows, weights
+ *     from memory or cache; at 1-8 rows, reading one sequential stream per tile stayed ahead: several blocks at
+ *     once ran 0.89-1.0x there from memory);
  *   - AVX2 + FMA: two 8-lane ymm per block; 6-row tiles with named registers while 6 or more rows remain (1.05-1.45x
  *     the 4-row tile at 6-32 rows in fp32, 1.0-1.23x in int8 and bf16), then up to 4 rows per tile; one or two
  *     rows read 4 or 2 blocks at once, as that many concurrent streams, without software prefetch (an AMD EPYC
@@ -33,8 +35,8 @@
 typedef __m512 vec;
 #define VL 16
 #define MAXR 8          /* activation rows per tile */
-#define STREAMS(R) ((R) >= 5 ? 2 : (R) >= 2 ? 4 : 1)  /* 10-16 sums in registers from 2 rows */
-#define PARTIALS(S, R) ((S) * (R) >= 8 ? 1 : 4)       /* one row: 4 partial sums */
+#define STREAMS(R, MANY) ((MANY) ? ((R) >= 5 ? 2 : (R) >= 2 ? 4 : 1) : 1)  /* MANY: 10-16 sums from 2 rows */
+#define PARTIALS(S, R) ((S) > 1 ? 1 : (R) > 4 ? 2 : 4)  /* one block: 8 rows x 2 = 16 of the 32 registers */
 #define PREFETCH 2048   /* bytes ahead of the weight being read */
 #define WIDE 0          /* no 6-row tile: 8-row tiles of zmm */
 #define V(op) _mm512_##op
@@ -48,7 +50,7 @@ static inline vec load_bf16(const uint16_t *w) {
 typedef __m256 vec;
 #define VL 8
 #define MAXR 4          /* 4 rows x 2 vectors = 8 of the 16 registers (6 rows measured no faster) */
-#define STREAMS(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
+#define STREAMS(R, MANY) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1)
 #define PARTIALS(S, R) ((S) * (R) >= 4 ? 1 : 4 / ((S) * (R)))  /* 8 accumulators where rows x streams allow */
 #define PREFETCH 0
 #define WIDE 6          /* from 6 rows on, 6-row tiles with named registers (wide_*) */
@@ -177,12 +179,15 @@ static inline __m256 load8_bf16(const uint16_t *w) {
     }                                                                                                       \
   }
 
-/* Blocks [b0, b1) for R rows (R a compile-time constant): STREAMS(R) blocks at a time, then one at a time. */
+/* Blocks [b0, b1) for R rows (R and MANY compile-time constants): STREAMS(R, MANY) blocks at a time, then one at a
+ * time. MANY: the product has more than MAXR rows, so that the other row tiles read the group's blocks again from
+ * cache. */
 #define ROWS(NAME, TILE_NAME, T)                                                                               \
   static inline __attribute__((always_inline)) void NAME(const float *x, const T *w, const float *scale,    \
                                                          const float *bias, float *y, int64_t N, int64_t K, \
-                                                         int64_t b0, int64_t b1, const int R) {             \
-    const int S = STREAMS(R);                                                                               \
+                                                         int64_t b0, int64_t b1, const int R,               \
+                                                         const int MANY) {                                  \
+    const int S = STREAMS(R, MANY);                                                                         \
     int64_t b = b0;                                                                                         \
     for (; S > 1 && b + S <= b1; b += S)                                                                    \
       TILE_NAME(x, K, w + b * K * NB, scale ? scale + b * NB : 0, bias ? bias + b * NB : 0, y + b * NB, N,  \
@@ -197,6 +202,7 @@ static inline __m256 load8_bf16(const uint16_t *w) {
   void NAME(const float *x, const T *w, const float *scale, const float *bias, float *y, int64_t M,           \
             int64_t N, int64_t K) {                                                                           \
     const int64_t nb = (N + NB - 1) / NB, ng = (nb + GROUP - 1) / GROUP;                                      \
+    const int many = M > MAXR;                                                                                \
     _Pragma("omp parallel for schedule(static)")                                                              \
     for (int64_t g = 0; g < ng; g++) {                                                                        \
       const int64_t b0 = g * GROUP, b1 = b0 + GROUP < nb ? b0 + GROUP : nb;                                   \
@@ -209,14 +215,22 @@ static inline __m256 load8_bf16(const uint16_t *w) {
         const float *xm = x + m * K;                                                                          \
         float *ym = y + m * N;                                                                                \
         switch (M - m < MAXR ? M - m : MAXR) {                                                                \
-          case 1: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 1); break;                                  \
-          case 2: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 2); break;                                  \
-          case 3: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 3); break;                                  \
-          case 4: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 4); break;                                  \
-          case 5: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 5); break;                                  \
-          case 6: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 6); break;                                  \
-          case 7: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 7); break;                                  \
-          default: ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 8); break;                                 \
+          case 1: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 1, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 1, 0); break;                                \
+          case 2: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 2, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 2, 0); break;                                \
+          case 3: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 3, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 3, 0); break;                                \
+          case 4: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 4, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 4, 0); break;                                \
+          case 5: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 5, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 5, 0); break;                                \
+          case 6: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 6, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 6, 0); break;                                \
+          case 7: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 7, 1);                            \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 7, 0); break;                                \
+          default: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 8, 1);                           \
+            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 8, 0); break;                                \
         }                                                                                                     \
       }                                                                                                       \
     }                                                                                                         \
@@ -241,17 +255,18 @@ GEMV(llmarch_bf16_gemv, rows_bf16, wide_bf16, uint16_t)
  * bf16 x bf16 products per instruction into its fp32 sum (the instruction flushes denormals), so the result is the
  * fp32 product of the bf16 operands up to summation order and denormals, as llmarch_bf16_gemv's, with half its
  * arithmetic: a pair of consecutive k rows of a block (64 bytes) is interleaved by one permute into the
- * instruction's (k, k + 1) pairs. One sum per row and block, in k order. A tile is R rows (up to 8) by S blocks
- * (DP_BLOCKS(R)): up to 16 sums in registers, so that the instruction's latency is hidden and each weight load
- * and each broadcast of a row's pair feeds several instructions. On a Zen 5 EPYC, with the weight in cache, 8 rows
- * x 2 blocks ran 1.4-1.7x and 4 rows x 4 blocks 2.0-2.3x the one-block tiles of the seventeenth round (380-440
- * GFLOP/s from 16 rows, oneDNN's level), and 1 row x 4 blocks 2x; streamed from memory, 1-3 rows are level
- * (bound by bandwidth) and 4-8 rows 1.2-1.3x. Each block is prefetched 2 KiB ahead. The rows' (k, k + 1) pairs
+ * instruction's (k, k + 1) pairs. One sum per row and block, in k order. A tile is R rows (up to 8) by one block,
+ * and past 8 rows (the group's blocks read again from cache by each row tile after the first) by DP_BLOCKS(R, 1):
+ * up to 16 sums in registers, so that the instruction's latency is hidden and each weight load and each broadcast
+ * of a row's pair feeds several instructions. On a Zen 5 EPYC (benchmarks/gemv_ab.py --kernel bf16-dp): 1.1-1.25x
+ * the one-block tiles at 16-64 rows, from memory or cache, up to 1.6x on one expert's weights in L2 (~440 GFLOP/s,
+ * oneDNN's rate); at 1-8 rows from memory several blocks at once ran 0.85-0.94x (one sequential stream per tile
+ * reads faster), though 2x on a weight in cache. Each block is prefetched 2 KiB ahead. The rows' (k, k + 1) pairs
  * are packed once per call (the bf16 values in order, rounded 32 at a time by VCVTNE2PS2BF16). Returns 0, or -1
  * without memory for them (y untouched). */
 #define DP_MAXR 8
 #define DP_MAXS 4
-#define DP_BLOCKS(R) ((R) >= 6 ? 2 : (R) == 5 ? 3 : 4)
+#define DP_BLOCKS(R, MANY) ((MANY) ? ((R) >= 6 ? 2 : (R) == 5 ? 3 : 4) : 1)
 static const uint16_t DP_PAIRS[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
@@ -303,11 +318,11 @@ static inline __attribute__((always_inline)) void dp_tile(const uint32_t *xp, in
   }
 }
 
-/* Blocks [b0, b1) for R rows: DP_BLOCKS(R) blocks at a time, then one at a time. */
+/* Blocks [b0, b1) for R rows: DP_BLOCKS(R, MANY) blocks at a time, then one at a time (MANY as in ROWS). */
 static inline __attribute__((always_inline)) void dp_rows(const uint32_t *xp, int64_t K2, const uint16_t *w,
                                                           int64_t K, const float *bias, float *y, int64_t N,
-                                                          int64_t b0, int64_t b1, const int R) {
-  const int S = DP_BLOCKS(R);
+                                                          int64_t b0, int64_t b1, const int R, const int MANY) {
+  const int S = DP_BLOCKS(R, MANY);
   int64_t b = b0;
   for (; S > 1 && b + S <= b1; b += S)
     dp_tile(xp, K2, w + b * K * NB, K, bias ? bias + b * NB : 0, y + b * NB, N, b * NB, S, R);
@@ -318,6 +333,7 @@ static inline __attribute__((always_inline)) void dp_rows(const uint32_t *xp, in
 int llmarch_bf16_gemv_dp(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N,
                          int64_t K) {
   const int64_t K2 = (K + 1) / 2, nb = (N + NB - 1) / NB, ng = (nb + GROUP - 1) / GROUP;
+  const int many = M > DP_MAXR;
   if (M == 0) return 0;
   uint32_t *xp = malloc((size_t)(M * K2) * sizeof(uint32_t));
   if (!xp) return -1;
@@ -338,14 +354,22 @@ int llmarch_bf16_gemv_dp(const float *x, const uint16_t *w, const float *bias, f
       const uint32_t *xm = xp + m * K2;
       float *ym = y + m * N;
       switch (M - m < DP_MAXR ? M - m : DP_MAXR) {
-        case 1: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 1); break;
-        case 2: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 2); break;
-        case 3: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 3); break;
-        case 4: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 4); break;
-        case 5: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 5); break;
-        case 6: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 6); break;
-        case 7: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 7); break;
-        default: dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 8); break;
+        case 1: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 1, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 1, 0); break;
+        case 2: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 2, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 2, 0); break;
+        case 3: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 3, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 3, 0); break;
+        case 4: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 4, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 4, 0); break;
+        case 5: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 5, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 5, 0); break;
+        case 6: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 6, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 6, 0); break;
+        case 7: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 7, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 7, 0); break;
+        default: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 8, 1);
+          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 8, 0); break;
       }
     }
   }
