@@ -197,6 +197,15 @@ static inline __m256 load8_bf16(const uint16_t *w) {
                 b * NB, 1, R);                                                                              \
   }
 
+/* F(args..., MANY): MANY the compile-time constant of the runtime flag `many` (the tiles compiled for each). */
+#define MANY_CALL(F, ...)      \
+  do {                         \
+    if (many)                  \
+      F(__VA_ARGS__, 1);       \
+    else                       \
+      F(__VA_ARGS__, 0);       \
+  } while (0)
+
 /* The product over all blocks; each OpenMP thread takes a run of groups of blocks, each group all row tiles. */
 #define GEMV(NAME, ROWS_NAME, WIDE_NAME, T)                                                                    \
   void NAME(const float *x, const T *w, const float *scale, const float *bias, float *y, int64_t M,           \
@@ -215,22 +224,14 @@ static inline __m256 load8_bf16(const uint16_t *w) {
         const float *xm = x + m * K;                                                                          \
         float *ym = y + m * N;                                                                                \
         switch (M - m < MAXR ? M - m : MAXR) {                                                                \
-          case 1: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 1, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 1, 0); break;                                \
-          case 2: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 2, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 2, 0); break;                                \
-          case 3: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 3, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 3, 0); break;                                \
-          case 4: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 4, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 4, 0); break;                                \
-          case 5: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 5, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 5, 0); break;                                \
-          case 6: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 6, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 6, 0); break;                                \
-          case 7: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 7, 1);                            \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 7, 0); break;                                \
-          default: if (many) ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 8, 1);                           \
-            else ROWS_NAME(xm, w, scale, bias, ym, N, K, b0, b1, 8, 0); break;                                \
+          case 1: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 1); break;                       \
+          case 2: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 2); break;                       \
+          case 3: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 3); break;                       \
+          case 4: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 4); break;                       \
+          case 5: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 5); break;                       \
+          case 6: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 6); break;                       \
+          case 7: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 7); break;                       \
+          default: MANY_CALL(ROWS_NAME, xm, w, scale, bias, ym, N, K, b0, b1, 8); break;                      \
         }                                                                                                     \
       }                                                                                                       \
     }                                                                                                         \
@@ -354,22 +355,14 @@ int llmarch_bf16_gemv_dp(const float *x, const uint16_t *w, const float *bias, f
       const uint32_t *xm = xp + m * K2;
       float *ym = y + m * N;
       switch (M - m < DP_MAXR ? M - m : DP_MAXR) {
-        case 1: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 1, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 1, 0); break;
-        case 2: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 2, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 2, 0); break;
-        case 3: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 3, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 3, 0); break;
-        case 4: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 4, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 4, 0); break;
-        case 5: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 5, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 5, 0); break;
-        case 6: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 6, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 6, 0); break;
-        case 7: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 7, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 7, 0); break;
-        default: if (many) dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 8, 1);
-          else dp_rows(xm, K2, w, K, bias, ym, N, b0, b1, 8, 0); break;
+        case 1: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 1); break;
+        case 2: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 2); break;
+        case 3: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 3); break;
+        case 4: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 4); break;
+        case 5: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 5); break;
+        case 6: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 6); break;
+        case 7: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 7); break;
+        default: MANY_CALL(dp_rows, xm, K2, w, K, bias, ym, N, b0, b1, 8); break;
       }
     }
   }
