@@ -44,26 +44,19 @@ def build(source: str, out: Path, kernel: str):
     return fn
 
 
-def weight(shape: tuple[int, int], kernel: str) -> tuple[int, int | None]:
-    """(the blocked weight's pointer, its scales' or None) for a random weight of ``shape``; the tensors are kept
-    alive on the function."""
+def weight(shape: tuple[int, int], kernel: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the kernel's blocked weight, its int8 scales or None) for a random weight of ``shape``."""
     w = torch.randn(*shape)
     if kernel == "int8":
         s = w.abs().amax(1) / 127
-        data, scales = int8_native.block((w / s[:, None]).round().to(torch.int8), s)
-        keep = (data, scales)
-    else:
-        data, scales = Blocked(w.bfloat16() if kernel.startswith("bf16") else w).data, None
-        keep = (data,)
-    weight.kept.append(keep)
-    return data.data_ptr(), None if scales is None else scales.data_ptr()
+        return int8_native.block((w / s[:, None]).round().to(torch.int8), s)
+    return Blocked(w.bfloat16() if kernel.startswith("bf16") else w).data, None
 
 
-weight.kept = []
-
-
-def call(fn, kernel: str, x: torch.Tensor, w: tuple[int, int | None], y: torch.Tensor, M: int, N: int, K: int):
-    head = [x.data_ptr(), w[0]] + ([] if kernel == "bf16-dp" else [w[1]])
+def call(fn, kernel: str, x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor | None], y: torch.Tensor, M: int,
+         N: int, K: int):
+    data, scales = w
+    head = [x.data_ptr(), data.data_ptr()] + ([] if kernel == "bf16-dp" else [None if scales is None else scales.data_ptr()])
     fn(*head, None, y.data_ptr(), M, N, K)
 
 

@@ -66,8 +66,7 @@ static inline __m256 act8(int64_t act, __m256 g) {
   return _mm256_loadu_ps(v);
 }
 
-/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). bf16: the activation
- * and the product each rounded to bf16, as torch's bf16 ops round them. */
+/* act(g) (times u, when gated), each rounded to bf16 when bf16, for 8 lanes. */
 static inline __attribute__((always_inline)) __m256 activate8(int64_t act, int64_t gated, __m256 g, __m256 u,
                                                                int bf16) {
   __m256 a = act8(act, g);
@@ -79,6 +78,8 @@ static inline __attribute__((always_inline)) __m256 activate8(int64_t act, int64
   return a;
 }
 
+/* y[r, :F] = act(h[r, :F]) (* h[r, F:2F] when gated) for rows r of h (row length F or 2F). bf16: the activation
+ * and the product each rounded to bf16, as torch's bf16 ops round them. */
 static void activate(int64_t act, int64_t gated, int64_t F, const float *h, float *y, int64_t B, int bf16) {
   const int64_t W = gated ? 2 * F : F;
   for (int64_t r = 0; r < B; r++) {
