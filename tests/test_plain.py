@@ -63,6 +63,58 @@ def test_outer_equals_the_product(n, I, O):
     close(out, reference(x.T, g))
 
 
+# plain.c's register tiles past a few rows (AVX-512 hosts; the AVX2 kernels take these rows elsewhere): tiles of
+# 1-6 rows, 12-row tasks with a tail, one to four vectors of g's rows and more than 64 of them, column tails, sums
+# longer than the 256 terms summed in registers at a time
+MANY_ROWS = [5, 6, 11, 13, 32, 33, 65, 130]
+
+
+@pytest.fixture
+def every_row_count(monkeypatch):
+    for name in ("mm", "mm_t", "outer"):
+        monkeypatch.setitem(plain.ROWS, name, (1, 512))
+
+
+@pytest.mark.parametrize("R", MANY_ROWS)
+def test_mm_of_many_rows_equals_the_product(every_row_count, R):
+    for K, N in [(7, 9), (37, 130), (300, 64), (600, 80)]:
+        x, w = rand(R, K), rand(K, N, seed=1)
+        close(plain.mm(x, w), reference(x, w))
+
+
+@pytest.mark.parametrize("R", MANY_ROWS)
+def test_mm_t_of_many_rows_equals_the_product(every_row_count, R):
+    for I, O in [(5, 9), (25, 130), (64, 300), (13, 600)]:
+        g, w = rand(R, O), rand(I, O, seed=1)
+        close(plain.mm_t(g, w), reference(g, w.T))
+
+
+@pytest.mark.parametrize("n", MANY_ROWS)
+def test_outer_of_many_rows_equals_the_product(every_row_count, n):
+    for I, O in [(3, 9), (13, 130), (64, 80), (100, 600)]:  # 80 columns: whole lines, the last panel partial
+        x, g = rand(n, I), rand(n, O, seed=1)
+        out = torch.full((I, O), float("nan"))
+        assert plain.outer(x, g, out) is out
+        close(out, reference(x.T, g))
+
+
+def test_many_rows_strided_and_on_threads(every_row_count):
+    """Strided rows, an unaligned output, and the same values on 1 and 3 threads (each output made by one)."""
+    strided_rows_and_an_unaligned_output(rand, close, reference, rows=37)
+    x, w, g = rand(40, 200), rand(200, 150, seed=1), rand(40, 150, seed=2)
+    before = torch.get_num_threads()
+    results = []
+    for threads in (3, 1):
+        torch.set_num_threads(threads)
+        try:
+            results.append([plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 150))])
+        finally:
+            torch.set_num_threads(before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    close(results[1][1], reference(g, w.T))
+
+
 def test_one_row(monkeypatch):
     """One row (taken on AVX-512 hosts, ``plain.ROWS``; held here on any host)."""
     monkeypatch.setitem(plain.ROWS, "mm", (1, 12))
@@ -72,10 +124,10 @@ def test_one_row(monkeypatch):
     close(plain.mm_t(g, w), reference(g, w.T))
 
 
-def strided_rows_and_an_unaligned_output(rand, close, reference, dtype=torch.float32):
+def strided_rows_and_an_unaligned_output(rand, close, reference, dtype=torch.float32, rows=6):
     """Row strides larger than the rows (slices of wider tensors), and an output one element off alignment (plain
     stores instead of non-temporal ones); also run by tests/test_plain_bf16.py."""
-    x, w, g = rand(6, 40)[:, 3:30], rand(50, 70, seed=1)[:27, 5:69], rand(6, 90, seed=2)[:, 10:74]
+    x, w, g = rand(rows, 40)[:, 3:30], rand(50, 70, seed=1)[:27, 5:69], rand(rows, 90, seed=2)[:, 10:74]
     close(plain.mm(x, w), reference(x, w))
     w2 = rand(40, 100, seed=3)[:, 20:84]  # [40, 64], row stride 100
     close(plain.mm_t(g, w2), reference(g, w2.T))
@@ -175,7 +227,8 @@ def test_zero_refuses_a_tensor_with_gaps_and_takes_a_column_major_one():
     assert plain.zero(bank[1:3]) and (bank[1:3] == 0).all() and (bank[0] == 1).all() and (bank[3:] == 1).all()
 
 
-COUNTS = [3, 0, 0, 5, 1, 8, 0, 2, 13]  # experts 1-2 and 6 get no rows; 13 rows is more than the kernels take
+# experts 1-2 and 6 get no rows; the last has more rows than any kernel takes (13 on AVX2 hosts, 257 on AVX-512)
+COUNTS = [3, 0, 0, 5, 1, 8, 0, 2, max(hi for _, hi in plain.ROWS.values()) + 1]
 
 
 def _bank_grads(x, bank, counts):
@@ -205,14 +258,21 @@ def test_bank_training_through_the_kernels_equals_torch(monkeypatch, host_route)
         monkeypatch.setattr(plain, name, counted)
     y1, gx1, gb1, node = _bank_grads(x, bank, COUNTS)
     assert type(node).__name__ == "_BankBackward"
-    # 6 experts with rows: the 13-row one on the host's route, and the 1-row one's forward and input gradient where
+    # 6 experts with rows: the last on the host's route, and the 1-row one's forward and input gradient where
     # the kernels start at 2 rows (AVX2 hosts); two runs of empty experts
     one = plain.ROWS["mm"][0] == 1 and plain.ROWS["mm_t"][0] == 1
     assert calls == {"mm": 4 + one, "mm_t": 4 + one, "outer": 5, "zero": 2}
-    want = [torch.cat([xe.double() @ bank[e].double() for e, xe in enumerate(x.split(COUNTS)) if COUNTS[e]])]
-    g = rand(*y1.shape, seed=9).double()
-    want.append(torch.cat([ge @ bank[e].double().T for e, ge in enumerate(g.split(COUNTS)) if COUNTS[e]]))
-    want.append(torch.stack([xe.double().T @ ge for xe, ge in zip(x.split(COUNTS), g.split(COUNTS))]))
+    g = rand(*y1.shape, seed=9)
+
+    def products(dtype):  # the forward, the input gradient and the weight gradient, each expert's in turn
+        xs, gs, b = x.to(dtype).split(COUNTS), g.to(dtype).split(COUNTS), bank.to(dtype)
+        return [torch.cat([xe @ b[e] for e, xe in enumerate(xs) if COUNTS[e]]),
+                torch.cat([ge @ b[e].T for e, ge in enumerate(gs) if COUNTS[e]]),
+                torch.stack([xe.T @ ge for xe, ge in zip(xs, gs)])]
+
+    want = products(torch.float64)
+    for ref, fp32 in zip(want, products(torch.float32)):  # torch's own fp32 error (the longest sum: 257 rows)
+        TORCH_ERROR[tuple(ref.shape)] = (fp32.double() - ref).abs().max().item()
     for got, ref in zip((y1, gx1, gb1), want):
         close(got, ref)
 
@@ -227,7 +287,7 @@ def test_the_unused_experts_gradient_is_written_as_zeros(monkeypatch, host_route
     assert all((gb[e] == 0).all() for e, c in enumerate(COUNTS) if not c)
 
 
-@pytest.mark.parametrize("tokens", [1, 4, 16])
+@pytest.mark.parametrize("tokens", [1, 4, 16, 96])  # 96: ~24 rows per expert, the register tiles on AVX-512
 def test_moe_training_on_the_kernels_equals_the_loop(monkeypatch, host_route, tokens):
     """``auto`` sends fp32 CPU training to ``sliced`` (the kernels) at every size; gradients equal ``loop``'s."""
     from llmarch import MoEConfig

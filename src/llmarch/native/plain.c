@@ -14,7 +14,8 @@
  *   a pad when its rows are 4 KiB apart); written with non-temporal stores (out is not read back soon: a gradient
  *   of several MB, which would only evict the operands) when out is 32-byte aligned and O a multiple of 8.
  * llmarch_plain_zero:  nbytes zero bytes at p, non-temporal (2.3-3x torch's zero_ for a 2-48 MB gradient there).
- * Each splits its outputs across OpenMP threads.
+ * Each splits its outputs across OpenMP threads. Compiled for AVX-512, the first three run register tiles of
+ * several rows past a few (the many_* kernels below).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -29,6 +30,276 @@
 #endif
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+#ifdef __AVX512F__
+/* Past a few rows, on AVX-512: register tiles of several rows, each weight value loaded once per tile. From
+ * MANY_FROM rows the entry points below run these instead (an expert of a training batch often sees 16-64 rows:
+ * top-2 of 8 experts at 128 tokens). Each tile's sums stay in 16 to 24 registers over the whole shared index.
+ * many_mm:    6 rows of y by 64 columns; the first row tile reads W's 64 columns of every row k from memory (the
+ *             next rows prefetched) and copies them to a contiguous panel, which the other row tiles read from L2
+ *             (W's rows are several KB apart: read in place, a panel's lines share a few cache sets).
+ *             Same sums in the same order as the few-row kernel (one fused multiply-add per k, in order).
+ * many_mm_t:  dot products over O, 4 rows of W by 4 rows of g (16 sums of 16 lanes, reduced together), over
+ *             chunks of MANY_CHUNK columns so that the 4 rows of W stay in L1 while every tile of g passes.
+ * many_outer: 6 rows of out by 64 columns, over a 64-column panel of g copied once (n rows, in L1), summed over
+ *             r in order (as the few-row kernel); whole 64-byte lines written with non-temporal stores. */
+#ifndef MANY_FROM  /* the fewest rows for each (benchmarks/train_rows.py; Zen 5 EPYC, one thread, weights from memory:
+                     * mm 1.1-1.6x the few-row kernel at 5-6 rows, mm_t 1.0-1.3x at 11, outer 1.1-1.2x at 6) */
+#define MANY_MM_FROM 5
+#define MANY_MM_T_FROM 11
+#define MANY_OUTER_FROM 6
+#else  /* one count for all three (an A/B build) */
+#define MANY_MM_FROM MANY_FROM
+#define MANY_MM_T_FROM MANY_FROM
+#define MANY_OUTER_FROM MANY_FROM
+#endif
+#define MANY_SUM 256  /* terms summed in registers from zero, then added to the running sums (the error of a
+                        * sum over K grows with its run of sequential additions) */
+
+static inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+/* rows r0 .. r0 + T - 1 of y's 64 columns at j. first: read W (its next rows prefetched) and fill the panel; else
+ * read the panel, and with ahead, prefetch the next panel's columns of W into L2 (read by the next first tile) */
+static inline __attribute__((always_inline)) void many_mm_tile(float *y, const float *x, const float *w,
+                                                                 float *panel, int64_t K, int64_t N, int64_t ws,
+                                                                 int64_t xs, int64_t j, int64_t r0, const int T,
+                                                                 int first, int ahead, const __mmask16 *m) {
+  const float *xr[6];
+  for (int r = 0; r < T; r++) xr[r] = x + (r0 + r) * xs;
+  __m512 a[6][4], z[6][4];
+  for (int64_t k0 = 0; k0 < K; k0 += MANY_SUM) {
+    for (int r = 0; r < T; r++)
+      for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < min64(K, k0 + MANY_SUM); k++) {
+      __m512 b[4];
+      if (first) {
+        const float *wk = w + k * ws + j;
+        for (int v = 0; v < 4; v++) {
+          _mm_prefetch((const char *)(wk + 8 * ws + 16 * v), _MM_HINT_T0);
+          b[v] = _mm512_maskz_loadu_ps(m[v], wk + 16 * v);
+          _mm512_store_ps(panel + k * 64 + 16 * v, b[v]);
+        }
+      } else {
+        if (ahead)
+          for (int v = 0; v < 4; v++) _mm_prefetch((const char *)(w + k * ws + j + 64 + 16 * v), _MM_HINT_T1);
+        for (int v = 0; v < 4; v++) b[v] = _mm512_load_ps(panel + k * 64 + 16 * v);
+      }
+      for (int r = 0; r < T; r++) {
+        __m512 s = _mm512_set1_ps(xr[r][k]);
+        for (int v = 0; v < 4; v++) a[r][v] = _mm512_fmadd_ps(s, b[v], a[r][v]);
+      }
+    }
+    for (int r = 0; r < T; r++)
+      for (int v = 0; v < 4; v++) z[r][v] = k0 == 0 ? a[r][v] : _mm512_add_ps(z[r][v], a[r][v]);
+  }
+  for (int r = 0; r < T; r++)
+    for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(y + (r0 + r) * N + j + 16 * v, m[v], z[r][v]);
+}
+
+/* y's 64 columns at j: R rows in tiles of at most 6, as even as they go (32 rows: 5, 5, 5, 5, 6, 6) */
+static void many_mm_panel(float *y, const float *x, const float *w, float *panel, int64_t R, int64_t K, int64_t N,
+                          int64_t ws, int64_t xs, int64_t j) {
+  __mmask16 m[4];
+  for (int v = 0; v < 4; v++) m[v] = lanes(N - j - 16 * v);
+  int64_t tiles = (R + 5) / 6, r0 = 0;
+  for (int64_t t = 0; t < tiles; t++) {
+    int T = (int)((R - r0) / (tiles - t)), first = t == 0, ahead = t == 1 && j + 64 < N;
+    switch (T) {
+      case 1: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 1, first, ahead, m); break;
+      case 2: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 2, first, ahead, m); break;
+      case 3: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 3, first, ahead, m); break;
+      case 4: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 4, first, ahead, m); break;
+      case 5: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 5, first, ahead, m); break;
+      default: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 6, first, ahead, m);
+    }
+    r0 += T;
+  }
+}
+
+/* a thread's panel of floats, 64-byte aligned (floats: a multiple of 16); on failure NULL, and *ok cleared: the
+ * caller's threads pass a barrier, then work only if every allocation succeeded */
+static float *thread_panel(size_t floats, int *ok) {
+  float *p = aligned_alloc(64, floats * sizeof(float));
+  if (!p) {
+#pragma omp atomic write
+    *ok = 0;
+  }
+  return p;
+}
+
+static int many_mm(float *y, const float *x, const float *w, int64_t R, int64_t K, int64_t N, int64_t ws,
+                   int64_t xs) {
+  int ok = 1;
+#pragma omp parallel
+  {
+    float *panel = thread_panel((size_t)K * 64, &ok);
+#pragma omp barrier
+    if (ok) {
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < N; j += 64) many_mm_panel(y, x, w, panel, R, K, N, ws, xs, j);
+    }
+    free(panel);
+  }
+  return ok;
+}
+
+/* rows i0 .. i0 + MR - 1 of z = W gt (z[i, r] = y[r0 + r, i]; V vectors of 16 rows of g), stored into y */
+static inline __attribute__((always_inline)) void many_mm_t_tile(float *y, const float *w, const float *gt,
+                                                                   int64_t R, int64_t I, int64_t O, int64_t ws,
+                                                                   int64_t i0, int64_t r0, const int V,
+                                                                   const int MR) {
+  const float *wr[12];
+  for (int a = 0; a < MR; a++) wr[a] = w + min64(i0 + a, I - 1) * ws;  /* past I: row I - 1 again, not stored */
+  __m512 acc[12][4];
+  float z[12][64];
+  for (int64_t o0 = 0; o0 < O; o0 += MANY_SUM) {
+    for (int a = 0; a < MR; a++)
+      for (int v = 0; v < V; v++) acc[a][v] = _mm512_setzero_ps();
+    for (int64_t o = o0; o < min64(O, o0 + MANY_SUM); o++) {
+      if ((o & 15) == 0)  /* each row of W a few lines ahead, once per line */
+        for (int a = 0; a < MR; a++) _mm_prefetch((const char *)(wr[a] + o + 64), _MM_HINT_T0);
+      __m512 b[4];
+      for (int v = 0; v < V; v++) b[v] = _mm512_load_ps(gt + o * 16 * V + 16 * v);
+      for (int a = 0; a < MR; a++) {
+        __m512 s = _mm512_set1_ps(wr[a][o]);
+        for (int v = 0; v < V; v++) acc[a][v] = _mm512_fmadd_ps(s, b[v], acc[a][v]);
+      }
+    }
+    for (int a = 0; a < MR; a++)
+      for (int v = 0; v < V; v++)
+        _mm512_storeu_ps(z[a] + 16 * v, o0 == 0 ? acc[a][v] : _mm512_add_ps(_mm512_loadu_ps(z[a] + 16 * v), acc[a][v]));
+  }
+  int64_t rows = min64(R - r0, 16 * V);
+  int64_t cols = min64(MR, I - i0);
+  for (int64_t r = 0; r < rows; r++)  /* row by row: each row's MR values are adjacent in y */
+    for (int a = 0; a < cols; a++) y[(r0 + r) * I + i0 + a] = z[a][r];
+}
+
+/* the 16 x 16 block in r, transposed in place (r[j] becomes column j) */
+static inline void transpose16(__m512 *r) {
+  __m512 t[16];
+  for (int i = 0; i < 8; i++) {  /* per 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3) */
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; i++) {  /* r[4i + j], lane L: column 4L + j of rows 4i .. 4i + 3 */
+    __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int j = 0; j < 4; j++) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+  for (int j = 0; j < 4; j++) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+  }
+}
+
+/* gt[o, 0 : 16 V] = g[r0 .. r0 + rows - 1, o] (zeros past rows), by 16 x 16 blocks */
+static void many_transpose(float *gt, const float *g, int64_t rows, int64_t O, int64_t gs, int V) {
+  for (int v = 0; v < V; v++)
+    for (int64_t o0 = 0; o0 < O; o0 += 16) {
+      __mmask16 m = lanes(O - o0);
+      __m512 r[16];
+      for (int q = 0; q < 16; q++)
+        r[q] = 16 * v + q < rows ? _mm512_maskz_loadu_ps(m, g + (16 * v + q) * gs + o0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16 && o0 + j < O; j++) _mm512_store_ps(gt + (o0 + j) * 16 * V + 16 * v, r[j]);
+    }
+}
+
+/* y[R, I] = g[R, O] W[I, O]^T as z = W g^T: up to 64 rows of g at a time, transposed into a panel gt [O, 16 V]
+ * (L2), so that W is read once, as MR streams */
+static int many_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
+                     int64_t gs) {
+  float *gt = aligned_alloc(64, (size_t)O * 64 * sizeof(float));
+  if (!gt) return 0;
+  for (int64_t r0 = 0; r0 < R; r0 += 64) {
+    int64_t rows = min64(64, R - r0);
+    int V = (int)((rows + 15) / 16);
+    many_transpose(gt, g + r0 * gs, rows, O, gs, V);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < (I + 11) / 12; t++) {
+      int64_t i0 = t * 12;  /* 12 rows of W a task: two tiles of 6 for V 3-4 */
+      switch (V) {
+        case 1: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 1, 12); break;
+        case 2: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 2, 12); break;
+        case 3: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 3, 8);
+                if (i0 + 8 < I) many_mm_t_tile(y, w, gt, R, I, O, ws, i0 + 8, r0, 3, 4);
+                break;
+        default: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 4, 6);
+                 if (i0 + 6 < I) many_mm_t_tile(y, w, gt, R, I, O, ws, i0 + 6, r0, 4, 6);
+      }
+    }
+  }
+  free(gt);
+  return 1;
+}
+
+static int many_outer(float *out, const float *x, const float *g, int64_t n, int64_t I, int64_t O, int64_t xs,
+                      int64_t gs) {
+  int V = (int)((n + 15) / 16);  /* x transposed: row i's n factors adjacent, rows 16 V apart */
+  float *xt = aligned_alloc(64, (size_t)(I + 15) / 16 * 16 * 16 * V * sizeof(float));
+  int ok = xt != NULL, stream = (uintptr_t)out % 64 == 0 && O % 16 == 0;
+  if (!ok) return 0;
+  many_transpose(xt, x, n, I, xs, V);
+#pragma omp parallel
+  {
+    float *panel = thread_panel((size_t)n * 64, &ok);
+#pragma omp barrier
+    if (ok) {
+#pragma omp for schedule(static)
+      for (int64_t o0 = 0; o0 < O; o0 += 64) {
+        __mmask16 m[4];
+        for (int v = 0; v < 4; v++) m[v] = lanes(O - o0 - 16 * v);
+        for (int64_t r = 0; r < n; r++)
+          for (int v = 0; v < 4; v++)
+            _mm512_store_ps(panel + r * 64 + 16 * v, _mm512_maskz_loadu_ps(m[v], g + r * gs + o0 + 16 * v));
+        int whole = stream && o0 + 64 <= O;
+        for (int64_t i0 = 0; i0 < I; i0 += 6) {
+          const float *xr[6];
+          for (int a = 0; a < 6; a++) xr[a] = xt + min64(i0 + a, I - 1) * 16 * V;
+          __m512 acc[6][4];
+          for (int a = 0; a < 6; a++)
+            for (int v = 0; v < 4; v++) acc[a][v] = _mm512_setzero_ps();
+          for (int64_t r = 0; r < n; r++) {
+            __m512 b[4];
+            for (int v = 0; v < 4; v++) b[v] = _mm512_load_ps(panel + r * 64 + 16 * v);
+            for (int a = 0; a < 6; a++) {
+              __m512 s = _mm512_set1_ps(xr[a][r]);
+              for (int v = 0; v < 4; v++) acc[a][v] = _mm512_fmadd_ps(s, b[v], acc[a][v]);
+            }
+          }
+          for (int a = 0; a < 6 && i0 + a < I; a++) {
+            float *p = out + (i0 + a) * O + o0;
+            for (int v = 0; v < 4; v++) {
+              if (whole)
+                _mm512_stream_ps(p + 16 * v, acc[a][v]);
+              else
+                _mm512_mask_storeu_ps(p + 16 * v, m[v], acc[a][v]);
+            }
+          }
+        }
+      }
+    }
+    _mm_sfence();
+    free(panel);
+  }
+  free(xt);
+  return ok;
+}
+#endif
 
 /* y[:, j0:j1] for rows r0 .. r0 + T - 1 (T <= 4) over k in [k0, k1) of 4 at a time; first: y not yet written;
  * ahead: prefetch the next four rows' lines (rows of a few KB are streams too short for the hardware prefetcher:
@@ -65,6 +336,9 @@ static inline void mm_k4(float *y, const float *x, const float *w, int64_t T, in
 
 void llmarch_plain_mm(float *y, const float *x, const float *w, int64_t R, int64_t K, int64_t N, int64_t ws,
                       int64_t xs) {
+#ifdef __AVX512F__
+  if (R >= MANY_MM_FROM && many_mm(y, x, w, R, K, N, ws, xs)) return;
+#endif
 #pragma omp parallel
   {
 #ifdef _OPENMP
@@ -97,6 +371,9 @@ static inline float hsum(__m256 v) {
 
 void llmarch_plain_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
                         int64_t gs) {
+#ifdef __AVX512F__
+  if (R >= MANY_MM_T_FROM && many_mm_t(y, g, w, R, I, O, ws, gs)) return;
+#endif
   int64_t Ov = O - O % 8;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < I; i += 2) {
@@ -161,6 +438,9 @@ static inline void outer64(float *p, const float *xi, const float *g, int64_t n,
 
 void llmarch_plain_outer(float *out, const float *x, const float *g, int64_t n, int64_t I, int64_t O, int64_t xs,
                          int64_t gs) {
+#ifdef __AVX512F__
+  if (n >= MANY_OUTER_FROM && many_outer(out, x, g, n, I, O, xs, gs)) return;
+#endif
   int stream = (uintptr_t)out % 32 == 0 && O % 8 == 0;
   int64_t Ov = O - O % 64, cols = OUTER_PANEL / n / 64 * 64;
   float *copy = NULL, *xt = malloc((size_t)(n * I) * sizeof(float));

@@ -5,10 +5,14 @@ Training an expert bank (:class:`llmarch.nn.banks`) multiplies each expert's few
 then takes the input gradient through the same matrix and the weight gradient as a sum of a few outer products.
 On an AVX2 EPYC torch's BLAS writes a 4 MB weight gradient of 2-8 rows at ~5 GB/s, and reads a 512 x 2048
 expert's weight for 2-12 rows at a half to two thirds of the speed these kernels reach. They read the weight as
-sequential streams and write the gradient with non-temporal stores (``benchmarks/train_rows.py``). Each applies to
-fp32 CPU tensors whose rows are contiguous, for the row counts in :data:`ROWS` (measured there); every function
-returns None where it does not apply, and the caller runs torch's product. Values: the fp32 product, summation order
-aside (one fused multiply-add per term, in order).
+sequential streams and write the gradient with non-temporal stores (``benchmarks/train_rows.py``). On AVX-512
+hosts the same entry points run register tiles of several rows past a few (an expert of a training batch at 128
+tokens, top-2 of 8, sees ~32 rows), which reach 150-200 GFLOP/s on one Zen 5 core where oneDNN's products of these
+shapes reach 100-140: the forward and the weight gradient as 6 x 64 tiles over a copied panel, the input gradient as
+12 x 32 (or 6 x 64) tiles of W g^T over g transposed, so that W is read once. Each applies to fp32 CPU tensors whose
+rows are contiguous, for the row counts in :data:`ROWS` (measured there); every function returns None where it does
+not apply, and the caller runs torch's product. Values: the fp32 product, summation order aside (one fused
+multiply-add per term, in order; the register tiles sum 256 terms at a time, then add the partial sums).
 
 bf16 operands (all bf16: an expert bank trained in bf16) go to ``plain_bf16.c`` on CPUs with AVX-512 BF16
 (:func:`bf16_available`), for the row counts in :data:`ROWS_BF16`. Each product is a sum in fp32 of exact products
@@ -35,6 +39,11 @@ from llmarch import native
 # the kernels taking it: from one row on AVX-512 hosts (as native_fp32.MAX_ROWS, the CPU stands for the host)
 _FIRST = 1 if "avx512f" in native._cpu()[1] else 2
 ROWS = {"mm": (_FIRST, 12), "mm_t": (_FIRST, 8), "outer": (1, 8)}
+# AVX-512 hosts: register tiles of several rows past a few (plain.c's many_* kernels) against oneDNN's products,
+# Zen 5 EPYC, one thread, an expert's gate_up and down: x @ W 1.16-1.6x at 12-128 rows, 1.08-1.13x at 256;
+# g @ W^T 1.04-1.4x at 12-128, 0.96-1.02x at 192-256; the weight gradient 1.2-3.7x at 12-128, 1.15-1.28x at 256
+if "avx512f" in native._cpu()[1]:
+    ROWS = {"mm": (1, 256), "mm_t": (1, 128), "outer": (1, 256)}
 # bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): 1.2-2.6x torch's bf16
 # products at 1-8 rows, 0.94-1.77x at 12, 0.76-1.33x at 16
 ROWS_BF16 = {"mm": (1, 12), "mm_t": (1, 12), "outer": (1, 12)}
