@@ -75,44 +75,51 @@ def every_row_count(monkeypatch):
         monkeypatch.setitem(plain.ROWS, name, (1, 512))
 
 
-@pytest.mark.parametrize("R", MANY_ROWS)
-def test_mm_of_many_rows_equals_the_product(every_row_count, R):
-    for K, N in [(7, 9), (37, 130), (300, 64), (600, 80)]:
-        x, w = rand(R, K), rand(K, N, seed=1)
-        close(plain.mm(x, w), reference(x, w))
+def products_of_many_rows(kernel, R, shapes, rand, close, reference, dtype=torch.float32):
+    """``kernel`` at R rows over each shape (mm: K, N; mm_t: I, O; outer: I, O) against ``reference``; also run by
+    tests/test_plain_bf16.py."""
+    for a, b in shapes:
+        if kernel == "mm":
+            x, w = rand(R, a), rand(a, b, seed=1)
+            close(plain.mm(x, w), reference(x, w))
+        elif kernel == "mm_t":
+            g, w = rand(R, b), rand(a, b, seed=1)
+            close(plain.mm_t(g, w), reference(g, w.T))
+        else:
+            x, g = rand(R, a), rand(R, b, seed=1)
+            out = torch.full((a, b), float("nan"), dtype=dtype)
+            assert plain.outer(x, g, out) is out
+            close(out, reference(x.T, g))
 
 
-@pytest.mark.parametrize("R", MANY_ROWS)
-def test_mm_t_of_many_rows_equals_the_product(every_row_count, R):
-    for I, O in [(5, 9), (25, 130), (64, 300), (13, 600)]:
-        g, w = rand(R, O), rand(I, O, seed=1)
-        close(plain.mm_t(g, w), reference(g, w.T))
-
-
-@pytest.mark.parametrize("n", MANY_ROWS)
-def test_outer_of_many_rows_equals_the_product(every_row_count, n):
-    for I, O in [(3, 9), (13, 130), (64, 80), (100, 600)]:  # 80 columns: whole lines, the last panel partial
-        x, g = rand(n, I), rand(n, O, seed=1)
-        out = torch.full((I, O), float("nan"))
-        assert plain.outer(x, g, out) is out
-        close(out, reference(x.T, g))
-
-
-def test_many_rows_strided_and_on_threads(every_row_count):
+def many_rows_strided_and_on_threads(rand, close, reference, dtype=torch.float32):
     """Strided rows, an unaligned output, and the same values on 1 and 3 threads (each output made by one)."""
-    strided_rows_and_an_unaligned_output(rand, close, reference, rows=37)
+    strided_rows_and_an_unaligned_output(rand, close, reference, dtype, rows=37)
     x, w, g = rand(40, 200), rand(200, 150, seed=1), rand(40, 150, seed=2)
     before = torch.get_num_threads()
     results = []
     for threads in (3, 1):
         torch.set_num_threads(threads)
         try:
-            results.append([plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 150))])
+            results.append([plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 150, dtype=dtype))])
         finally:
             torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
     close(results[1][1], reference(g, w.T))
+
+
+@pytest.mark.parametrize("R", MANY_ROWS)
+@pytest.mark.parametrize("kernel,shapes", [("mm", [(7, 9), (37, 130), (300, 64), (600, 80)]),
+                                           ("mm_t", [(5, 9), (25, 130), (64, 300), (13, 600)]),
+                                           ("outer", [(3, 9), (13, 130), (64, 80), (100, 600)])])
+def test_products_of_many_rows(every_row_count, kernel, shapes, R):
+    """The outer product's 80 columns: whole lines, the last panel partial."""
+    products_of_many_rows(kernel, R, shapes, rand, close, reference)
+
+
+def test_many_rows_strided_and_on_threads(every_row_count):
+    many_rows_strided_and_on_threads(rand, close, reference)
 
 
 def test_one_row(monkeypatch):

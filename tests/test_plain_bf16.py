@@ -11,7 +11,8 @@ from llmarch import native
 from llmarch.native import plain
 from llmarch.nn import banks, dense, widened
 
-from tests.test_plain import strided_rows_and_an_unaligned_output
+from tests.test_plain import (many_rows_strided_and_on_threads, products_of_many_rows,
+                              strided_rows_and_an_unaligned_output)
 
 # skipped only where the kernels cannot be built (they need AVX-512 BF16); one that builds but fails its self-check
 # fails these tests
@@ -70,6 +71,44 @@ def test_strided_rows_and_an_unaligned_output():
     strided_rows_and_an_unaligned_output(rand, close, product, BF16)
 
 
+# plain_bf16.c's register tiles past a few rows: tiles of 1-6 rows, 12-row tasks with a tail, one to four vectors
+# of g's rows and more than 64 of them, odd counts of the shared index (a last pair with a zero), column tails,
+# sums of more than the 128 pairs summed in registers at a time
+MANY_ROWS = [8, 11, 13, 17, 32, 33, 65, 130]
+
+
+@pytest.fixture
+def every_row_count(monkeypatch):
+    for name in ("mm", "mm_t", "outer"):
+        monkeypatch.setitem(plain.ROWS_BF16, name, (1, 512))
+
+
+@pytest.mark.parametrize("R", MANY_ROWS)
+@pytest.mark.parametrize("kernel,shapes", [("mm", [(7, 9), (37, 130), (300, 64), (601, 80)]),
+                                           ("mm_t", [(5, 9), (25, 131), (64, 300), (13, 601)]),
+                                           ("outer", [(3, 9), (13, 130), (64, 96), (100, 600)])])
+def test_products_of_many_rows(every_row_count, kernel, shapes, R):
+    """The outer product's 96 columns: whole lines, the last panel partial."""
+    products_of_many_rows(kernel, R, shapes, rand, close, product, BF16)
+
+
+@pytest.mark.parametrize("R", [5, 40])  # the few-row kernels, the register tiles
+def test_an_odd_count_pairs_its_last_value_with_zero_not_with_the_next_one(every_row_count, R):
+    """A pair past the end of a row of odd length is never read: an infinity right after each row (the next
+    column of a wider tensor) would make inf * 0 = NaN."""
+    def with_inf_after(t):
+        wide = torch.cat([t, torch.full((t.shape[0], 1), float("inf"), dtype=BF16)], dim=1)
+        return wide[:, :-1]
+    x, w = with_inf_after(rand(R, 37)), rand(37, 50, seed=1)
+    close(plain.mm(x, w), product(x, w))
+    g, w2 = rand(R, 37, seed=2), with_inf_after(rand(30, 37, seed=3))
+    close(plain.mm_t(g, w2), product(g, w2.T))
+
+
+def test_many_rows_strided_and_on_threads(every_row_count):
+    many_rows_strided_and_on_threads(rand, close, product, BF16)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_values_do_not_depend_on_the_threads(threads):
     """Each kernel splits its outputs across OpenMP threads: 3 split 200 columns / rows unevenly."""
@@ -112,7 +151,8 @@ def test_what_the_kernels_leave_to_torch(case, monkeypatch):
     assert plain.mm(x, w) is None and plain.mm_t(x, w.T.contiguous()) is None
 
 
-COUNTS = [3, 0, 0, 5, 1, 8, 0, 2, 13]  # experts 1-2 and 6 get no rows; 13 rows is more than the kernels take
+# experts 1-2 and 6 get no rows; 40 rows take the register tiles; the last more rows than any kernel takes
+COUNTS = [3, 0, 0, 5, 1, 8, 0, 2, 40, max(hi for _, hi in plain.ROWS_BF16.values()) + 1]
 
 
 @pytest.fixture
@@ -124,7 +164,7 @@ def bf16_route(monkeypatch):
 
 def test_bank_training_through_the_kernels_equals_the_torch_products(monkeypatch, bf16_route):
     """A column-major bf16 bank (its CPU layout): the forward on ``mm_t``, the input gradient on ``mm``, the weight
-    gradient on ``outer`` written into the column-major gradient, the 13-row expert on oneDNN; values as torch's
+    gradient on ``outer`` written into the column-major gradient, the last expert on oneDNN; values as torch's
     bf16 products per expert."""
     x = rand(sum(COUNTS), 48)
     bank = rand(len(COUNTS), 72, 48, seed=1).transpose(1, 2)  # [E, 48, 72], each expert's [72, 48] rows contiguous
@@ -145,7 +185,7 @@ def test_bank_training_through_the_kernels_equals_the_torch_products(monkeypatch
         grads.append((y.detach(), xi.grad, bi.grad, y.grad_fn))
     (y1, gx1, gb1, node), (y0, gx0, gb0, _) = grads
     assert type(node).__name__ == "_BankBackward"
-    assert calls == {"mm": 5, "mm_t": 5, "outer": 5}  # the 5 experts with 1-8 rows
+    assert calls == {"mm": 6, "mm_t": 6, "outer": 6}  # the 6 experts with 1-40 rows
     assert gb1.stride() == bank.stride()  # the bank's own layout: AccumulateGrad keeps it without a copy
     for got, want in ((y1, y0), (gx1, gx0), (gb1, gb0)):
         assert got.dtype == BF16 and (got == want).float().mean() >= 0.99
@@ -153,9 +193,9 @@ def test_bank_training_through_the_kernels_equals_the_torch_products(monkeypatch
     assert all((gb1[e] == 0).all() for e, c in enumerate(COUNTS) if not c)
 
 
-@pytest.mark.parametrize("tokens,want", [(1, "sliced"), (16, "sliced"), (32, "sliced"), (64, "grouped")])
+@pytest.mark.parametrize("tokens,want", [(1, "sliced"), (16, "sliced"), (256, "sliced"), (260, "grouped")])
 def test_auto_trains_bf16_on_the_kernels_while_experts_have_few_rows(monkeypatch, bf16_route, tokens, want):
-    """``sliced`` while experts average at most 8 rows (top-2 of 8: up to 32 tokens), else ``grouped``; the
+    """``sliced`` while experts average at most 64 rows (top-2 of 8: up to 256 tokens), else ``grouped``; the
     gradients equal the loop dispatcher's."""
     from llmarch import MoEConfig
     from llmarch.nn import dispatch

@@ -40,7 +40,8 @@ NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("av
          "plain": (("avx2", "fma"),), "plain_bf16": (("avx512f", "avx512bw", "avx512_bf16"),),
          "w8a8": (("avx2", "fma"),)}
 # sources a kernel library #includes: part of its build's hash
-INCLUDES = {"decode": ("gemv.c", "w8a8.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c")}
+INCLUDES = {"decode": ("gemv.c", "w8a8.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c"),
+            "plain": ("tiles.c",), "plain_bf16": ("tiles.c",)}
 RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@
 #error "llmarch plain needs AVX2 with FMA"
 #endif
 
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+#include "tiles.c"
+
 
 #ifdef __AVX512F__
 /* Past a few rows, on AVX-512: register tiles of several rows, each weight value loaded once per tile. From
@@ -53,80 +54,67 @@ static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 #define MANY_MM_T_FROM MANY_FROM
 #define MANY_OUTER_FROM MANY_FROM
 #endif
-#define MANY_SUM 256  /* terms summed in registers from zero, then added to the running sums (the error of a
+#define MANY_SUM 128  /* terms summed in registers from zero, then added to the running sums (the error of a
                         * sum over K grows with its run of sequential additions) */
 
-static inline __mmask16 lanes(int64_t left) {
-  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
-}
-
-/* rows r0 .. r0 + T - 1 of y's 64 columns at j. first: read W (its next rows prefetched) and fill the panel; else
- * read the panel, and with ahead, prefetch the next panel's columns of W into L2 (read by the next first tile) */
-static inline __attribute__((always_inline)) void many_mm_tile(float *y, const float *x, const float *w,
-                                                                 float *panel, int64_t K, int64_t N, int64_t ws,
-                                                                 int64_t xs, int64_t j, int64_t r0, const int T,
-                                                                 int first, int ahead, const __mmask16 *m) {
+/* rows r0 .. r0 + T - 1 of y's 64 columns at j, rows k0 .. k1 - 1 of W (the panel [k1 - k0, 64], in L1), added to
+ * y after the first block; next (not NULL): the next block's 64 columns of W, of which this tile prefetches rows
+ * q0 .. q0 + count - 1 into L2, one row every `every` steps (the row tiles share the block's reads evenly: all in
+ * one tile asked for more than the memory gives) */
+static inline __attribute__((always_inline)) void many_mm_tile(float *y, const float *x, const float *panel,
+                                                                 int64_t N, int64_t xs, int64_t j, int64_t r0,
+                                                                 int64_t k0, int64_t k1, const int T,
+                                                                 const __mmask16 *m, const float *next, int64_t ws,
+                                                                 int64_t q0, int64_t count, int every) {
   const float *xr[6];
   for (int r = 0; r < T; r++) xr[r] = x + (r0 + r) * xs;
-  __m512 a[6][4], z[6][4];
-  for (int64_t k0 = 0; k0 < K; k0 += MANY_SUM) {
-    for (int r = 0; r < T; r++)
-      for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < min64(K, k0 + MANY_SUM); k++) {
-      __m512 b[4];
-      if (first) {
-        const float *wk = w + k * ws + j;
-        for (int v = 0; v < 4; v++) {
-          _mm_prefetch((const char *)(wk + 8 * ws + 16 * v), _MM_HINT_T0);
-          b[v] = _mm512_maskz_loadu_ps(m[v], wk + 16 * v);
-          _mm512_store_ps(panel + k * 64 + 16 * v, b[v]);
-        }
-      } else {
-        if (ahead)
-          for (int v = 0; v < 4; v++) _mm_prefetch((const char *)(w + k * ws + j + 64 + 16 * v), _MM_HINT_T1);
-        for (int v = 0; v < 4; v++) b[v] = _mm512_load_ps(panel + k * 64 + 16 * v);
-      }
-      for (int r = 0; r < T; r++) {
-        __m512 s = _mm512_set1_ps(xr[r][k]);
-        for (int v = 0; v < 4; v++) a[r][v] = _mm512_fmadd_ps(s, b[v], a[r][v]);
-      }
+  __m512 a[6][4];
+  for (int r = 0; r < T; r++)
+    for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
+  int wait = 0;
+  for (int64_t k = k0; k < k1; k++) {
+    if (next && count > 0 && --wait <= 0) {  /* the four lines of the next block's row q0 */
+      for (int v = 0; v < 4; v++) _mm_prefetch((const char *)(next + q0 * ws + 16 * v), _MM_HINT_T1);
+      wait = every, q0++, count--;
     }
-    for (int r = 0; r < T; r++)
-      for (int v = 0; v < 4; v++) z[r][v] = k0 == 0 ? a[r][v] : _mm512_add_ps(z[r][v], a[r][v]);
+    __m512 b[4];
+    for (int v = 0; v < 4; v++) b[v] = _mm512_load_ps(panel + (k - k0) * 64 + 16 * v);
+    for (int r = 0; r < T; r++) {
+      __m512 s = _mm512_set1_ps(xr[r][k]);
+      for (int v = 0; v < 4; v++) a[r][v] = _mm512_fmadd_ps(s, b[v], a[r][v]);
+    }
   }
   for (int r = 0; r < T; r++)
-    for (int v = 0; v < 4; v++) _mm512_mask_storeu_ps(y + (r0 + r) * N + j + 16 * v, m[v], z[r][v]);
+    for (int v = 0; v < 4; v++) {
+      float *q = y + (r0 + r) * N + j + 16 * v;
+      _mm512_mask_storeu_ps(q, m[v], k0 == 0 ? a[r][v] : _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], q), a[r][v]));
+    }
 }
 
-/* y's 64 columns at j: R rows in tiles of at most 6, as even as they go (32 rows: 5, 5, 5, 5, 6, 6) */
+/* y's 64 columns at j: blocks of MANY_SUM rows of W copied to the panel, and for each, R rows of y in tiles of at
+ * most 6, as even as they go (32 rows: 5, 5, 5, 5, 6, 6) */
 static void many_mm_panel(float *y, const float *x, const float *w, float *panel, int64_t R, int64_t K, int64_t N,
-                          int64_t ws, int64_t xs, int64_t j) {
+                          int64_t ws, int64_t xs, int64_t j, int64_t j_end) {
   __mmask16 m[4];
   for (int v = 0; v < 4; v++) m[v] = lanes(N - j - 16 * v);
-  int64_t tiles = (R + 5) / 6, r0 = 0;
-  for (int64_t t = 0; t < tiles; t++) {
-    int T = (int)((R - r0) / (tiles - t)), first = t == 0, ahead = t == 1 && j + 64 < N;
-    switch (T) {
-      case 1: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 1, first, ahead, m); break;
-      case 2: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 2, first, ahead, m); break;
-      case 3: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 3, first, ahead, m); break;
-      case 4: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 4, first, ahead, m); break;
-      case 5: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 5, first, ahead, m); break;
-      default: many_mm_tile(y, x, w, panel, K, N, ws, xs, j, r0, 6, first, ahead, m);
+  for (int64_t k0 = 0; k0 < K; k0 += MANY_SUM) {
+    int64_t k1 = min64(K, k0 + MANY_SUM);
+    for (int64_t k = k0; k < k1; k++)
+      for (int v = 0; v < 4; v++)
+        _mm512_store_ps(panel + (k - k0) * 64 + 16 * v, _mm512_maskz_loadu_ps(m[v], w + k * ws + j + 16 * v));
+    /* the next block: these columns' next rows, else the first rows of this thread's next 64 columns */
+    const float *next = k1 < K ? w + k1 * ws + j : j + 64 < j_end ? w + j + 64 : NULL;
+    int64_t rows = k1 < K ? min64(K, k1 + MANY_SUM) - k1 : min64(K, MANY_SUM), tiles = (R + 5) / 6, r0 = 0;
+    int64_t share = (rows + tiles - 1) / tiles;
+    for (int64_t t = 0; t < tiles; t++) {
+      int T = (int)((R - r0) / (tiles - t)), every = (int)((k1 - k0) / share);
+      int64_t q0 = t * share, count = min64(share, rows - q0);
+#define MANY_TILE(T_) many_mm_tile(y, x, panel, N, xs, j, r0, k0, k1, T_, m, next, ws, q0, count, every)
+      TILE_OF_ROWS(MANY_TILE, T)
+#undef MANY_TILE
+      r0 += T;
     }
-    r0 += T;
   }
-}
-
-/* a thread's panel of floats, 64-byte aligned (floats: a multiple of 16); on failure NULL, and *ok cleared: the
- * caller's threads pass a barrier, then work only if every allocation succeeded */
-static float *thread_panel(size_t floats, int *ok) {
-  float *p = aligned_alloc(64, floats * sizeof(float));
-  if (!p) {
-#pragma omp atomic write
-    *ok = 0;
-  }
-  return p;
 }
 
 static int many_mm(float *y, const float *x, const float *w, int64_t R, int64_t K, int64_t N, int64_t ws,
@@ -134,11 +122,12 @@ static int many_mm(float *y, const float *x, const float *w, int64_t R, int64_t 
   int ok = 1;
 #pragma omp parallel
   {
-    float *panel = thread_panel((size_t)K * 64, &ok);
+    float *panel = thread_panel((size_t)MANY_SUM * 64 * sizeof(float), &ok);
 #pragma omp barrier
     if (ok) {
-#pragma omp for schedule(static)
-      for (int64_t j = 0; j < N; j += 64) many_mm_panel(y, x, w, panel, R, K, N, ws, xs, j);
+      int64_t j0, j1;
+      split(N, 64, &j0, &j1);
+      for (int64_t j = j0; j < j1; j += 64) many_mm_panel(y, x, w, panel, R, K, N, ws, xs, j, j1);
     }
     free(panel);
   }
@@ -177,35 +166,6 @@ static inline __attribute__((always_inline)) void many_mm_t_tile(float *y, const
     for (int a = 0; a < cols; a++) y[(r0 + r) * I + i0 + a] = z[a][r];
 }
 
-/* the 16 x 16 block in r, transposed in place (r[j] becomes column j) */
-static inline void transpose16(__m512 *r) {
-  __m512 t[16];
-  for (int i = 0; i < 8; i++) {  /* per 128-bit lane: (a0 b0 a1 b1), (a2 b2 a3 b3) */
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; i++) {  /* r[4i + j], lane L: column 4L + j of rows 4i .. 4i + 3 */
-    __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
-    __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int j = 0; j < 4; j++) {
-    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
-    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-  }
-  for (int j = 0; j < 4; j++) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
-    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
-    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
-  }
-}
-
 /* gt[o, 0 : 16 V] = g[r0 .. r0 + rows - 1, o] (zeros past rows), by 16 x 16 blocks */
 static void many_transpose(float *gt, const float *g, int64_t rows, int64_t O, int64_t gs, int V) {
   for (int v = 0; v < V; v++)
@@ -219,32 +179,16 @@ static void many_transpose(float *gt, const float *g, int64_t rows, int64_t O, i
     }
 }
 
-/* y[R, I] = g[R, O] W[I, O]^T as z = W g^T: up to 64 rows of g at a time, transposed into a panel gt [O, 16 V]
- * (L2), so that W is read once, as MR streams */
-static int many_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
-                     int64_t gs) {
-  float *gt = aligned_alloc(64, (size_t)O * 64 * sizeof(float));
-  if (!gt) return 0;
-  for (int64_t r0 = 0; r0 < R; r0 += 64) {
-    int64_t rows = min64(64, R - r0);
-    int V = (int)((rows + 15) / 16);
-    many_transpose(gt, g + r0 * gs, rows, O, gs, V);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < (I + 11) / 12; t++) {
-      int64_t i0 = t * 12;  /* 12 rows of W a task: two tiles of 6 for V 3-4 */
-      switch (V) {
-        case 1: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 1, 12); break;
-        case 2: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 2, 12); break;
-        case 3: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 3, 8);
-                if (i0 + 8 < I) many_mm_t_tile(y, w, gt, R, I, O, ws, i0 + 8, r0, 3, 4);
-                break;
-        default: many_mm_t_tile(y, w, gt, R, I, O, ws, i0, r0, 4, 6);
-                 if (i0 + 6 < I) many_mm_t_tile(y, w, gt, R, I, O, ws, i0 + 6, r0, 4, 6);
-      }
-    }
-  }
-  free(gt);
-  return 1;
+/* the 12 rows of W at i0 (tiles.c's task_fn) */
+static void many_mm_t_task(float *y, const void *w, const void *gt, int64_t R, int64_t I, int64_t O, int64_t ws,
+                           int64_t i0, int64_t r0, int V) {
+#define MANY_T_TILE(i_, V_, MR_) many_mm_t_tile(y, w, gt, R, I, O, ws, i_, r0, V_, MR_)
+  TASK_OF_12(MANY_T_TILE, V, i0, I)
+#undef MANY_T_TILE
+}
+
+static void many_mm_t_panel(void *gt, const void *g, int64_t rows, int64_t O, int64_t gs, int V) {
+  many_transpose(gt, g, rows, O, gs, V);
 }
 
 static int many_outer(float *out, const float *x, const float *g, int64_t n, int64_t I, int64_t O, int64_t xs,
@@ -256,7 +200,7 @@ static int many_outer(float *out, const float *x, const float *g, int64_t n, int
   many_transpose(xt, x, n, I, xs, V);
 #pragma omp parallel
   {
-    float *panel = thread_panel((size_t)n * 64, &ok);
+    float *panel = thread_panel((size_t)n * 64 * sizeof(float), &ok);
 #pragma omp barrier
     if (ok) {
 #pragma omp for schedule(static)
@@ -372,7 +316,9 @@ static inline float hsum(__m256 v) {
 void llmarch_plain_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
                         int64_t gs) {
 #ifdef __AVX512F__
-  if (R >= MANY_MM_T_FROM && many_mm_t(y, g, w, R, I, O, ws, gs)) return;
+  if (R >= MANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(float), (size_t)O * 64 * sizeof(float),
+                                           many_mm_t_panel, many_mm_t_task))
+    return;
 #endif
   int64_t Ov = O - O % 8;
 #pragma omp parallel for schedule(static)

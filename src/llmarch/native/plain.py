@@ -20,7 +20,8 @@ of pairs (``VDPBF16PS``, denormals flushed, as in oneDNN's bf16 products): ``mm`
 once, ``outer`` writes the bf16 weight gradient. The products a column-major bf16 bank takes (its forward is the
 ``mm_t`` form, its input gradient the ``mm`` form) from memory at 1-8 rows, on a Zen 5 EPYC against torch's (oneDNN's)
 bf16 products: forward 1.2-1.9x, input gradient 1.4-2.5x, weight gradient 1.6-2.6x; at 12 rows 0.9-1.8x
-(``benchmarks/train_rows.py --dtype bf16``).
+(``benchmarks/train_rows.py --dtype bf16``). Past a few rows they too run register tiles over pairs of the shared
+index (``plain_bf16.c``'s ``bmany_*``): 1.0-1.5x oneDNN at 16-64 rows.
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ if "avx512f" in native._cpu()[1]:
 # bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): 1.2-2.6x torch's bf16
 # products at 1-8 rows, 0.94-1.77x at 12, 0.76-1.33x at 16
 ROWS_BF16 = {"mm": (1, 12), "mm_t": (1, 12), "outer": (1, 12)}
+# with plain_bf16.c's register tiles past a few rows, against oneDNN's bf16 products of an expert's gate_up and down
+# from memory: mm (the input gradient) 1.0-1.5x at 16-64 rows, 1.0-1.15x at 128; mm_t (the forward) 1.1-1.45x at
+# 16-64, 0.97-1.03x at 128; outer 1.04-1.8x at 16-256
+ROWS_BF16 = {"mm": (1, 128), "mm_t": (1, 64), "outer": (1, 256)}
 _I64 = ctypes.c_int64
 _BF16 = torch.bfloat16
 

@@ -29,7 +29,7 @@
 #error "llmarch plain_bf16 needs AVX-512 F, BW and BF16"
 #endif
 
-static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+#include "tiles.c"
 
 static inline float widen(uint16_t h) {
   uint32_t u = (uint32_t)h << 16;
@@ -40,17 +40,6 @@ static inline float widen(uint16_t h) {
 
 static inline uint32_t pair_of(const uint16_t *p, int64_t stride, int two) {  /* (p[0], p[stride]) in 32 bits */
   return p[0] | (two ? (uint32_t)p[stride] << 16 : 0u);
-}
-
-static inline void split(int64_t n, int64_t align, int64_t *lo, int64_t *hi) {  /* this thread's share of [0, n) */
-#ifdef _OPENMP
-  int64_t parts = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-  int64_t parts = 1, me = 0;
-#endif
-  int64_t per = ((n + parts - 1) / parts + align - 1) / align * align;
-  *lo = min64(n, me * per);
-  *hi = min64(n, *lo + per);
 }
 
 static inline __m256i load16(const uint16_t *p, __mmask16 m) {  /* p NULL: a row past the end, zeros */
@@ -64,8 +53,244 @@ static inline __m512bh pairs16(const uint16_t *w0, const uint16_t *w1, __mmask16
   return (__m512bh)_mm512_permutex2var_epi16(a, order, b);
 }
 
+/* Past a few rows: register tiles of several rows, as plain.c's many_* kernels, over pairs of the shared index
+ * (VDPBF16PS takes 16 pairs per operand). From BMANY_*_FROM rows the entry points below run these instead.
+ * bmany_mm_t: 12 x 32 (or 8 x 48, 6 x 64) tiles of W g^T, the pairs of g's rows transposed into a panel [O / 2,
+ *             16 V] (L2), so that W is read once, a pair of each row's values at a time.
+ * bmany_mm:   6 rows of y by 64 columns over a panel of W's 64 columns, its rows interleaved into (k, k + 1)
+ *             pairs (from L2 for every row tile but the one that makes it).
+ * bmany_outer: 6 rows of out by 64 columns over a panel of g's 64 columns, its rows interleaved into (r, r + 1)
+ *             pairs (in L1), x's rows paired once; rounded to bf16 and written with non-temporal stores.
+ * Every sum runs over its pairs in order, BMANY_SUM pairs in registers from zero at a time. */
+
+#ifndef BMANY_FROM  /* the fewest rows for each (Zen 5 EPYC, one thread, an expert's gate_up and down from memory,
+                      * against the few-row kernels: mm 1.0-1.3x at 8-9 rows, mm_t 1.1x at 12, outer 1.2-1.5x at 16,
+                      * 0.85-1.26x at 12) */
+#define BMANY_MM_FROM 8
+#define BMANY_MM_T_FROM 11
+#define BMANY_OUTER_FROM 13
+#else  /* one count for all three (an A/B build) */
+#define BMANY_MM_FROM BMANY_FROM
+#define BMANY_MM_T_FROM BMANY_FROM
+#define BMANY_OUTER_FROM BMANY_FROM
+#endif
+#define BMANY_SUM 128
+
+static inline uint32_t pair_at(const uint16_t *p, int two) {  /* (p[0], p[1]), or (p[0], 0) */
+  uint32_t u = p[0];
+  if (two) memcpy(&u, p, sizeof u);
+  return u;
+}
+
+/* (a[c], b[c]) for c in [0, width) as 32-bit pairs at out: zeros past cols, and b NULL is a row of zeros */
+static inline void pair_rows(uint32_t *out, const uint16_t *a, const uint16_t *b, int64_t cols, int64_t width) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                      39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t c = 0; c < width; c += 32) {
+    __mmask32 m = lanes32(cols - c);
+    __m512i va = _mm512_maskz_loadu_epi16(m, a + c);
+    __m512i vb = b ? _mm512_maskz_loadu_epi16(m, b + c) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + c, _mm512_permutex2var_epi16(va, lo, vb));
+    _mm512_storeu_si512(out + c + 16, _mm512_permutex2var_epi16(va, hi, vb));
+  }
+}
+
+/* rows i0 .. i0 + MR - 1 of z = W gt (z[i, r] = y[r0 + r, i]; V vectors of 16 rows of g), stored into y */
+static inline __attribute__((always_inline)) void bmany_mm_t_tile(float *y, const uint16_t *w, const uint32_t *gt,
+                                                                    int64_t R, int64_t I, int64_t O, int64_t ws,
+                                                                    int64_t i0, int64_t r0, const int V,
+                                                                    const int MR) {
+  const uint16_t *wr[12];
+  for (int a = 0; a < MR; a++) wr[a] = w + min64(i0 + a, I - 1) * ws;  /* past I: row I - 1 again, not stored */
+  int64_t P = (O + 1) / 2;
+  __m512 acc[12][4];
+  float z[12][64];
+  for (int64_t p0 = 0; p0 < P; p0 += BMANY_SUM) {
+    for (int a = 0; a < MR; a++)
+      for (int v = 0; v < V; v++) acc[a][v] = _mm512_setzero_ps();
+    int64_t p1 = min64(P, p0 + BMANY_SUM);
+    for (int64_t p = p0; p < p1; p++) {
+      if ((p & 15) == 0)  /* each row of W a few lines ahead, once per line */
+        for (int a = 0; a < MR; a++) _mm_prefetch((const char *)(wr[a] + 2 * p + 128), _MM_HINT_T0);
+      __m512bh b[4];
+      for (int v = 0; v < V; v++) b[v] = (__m512bh)_mm512_load_si512(gt + p * 16 * V + 16 * v);
+      int two = 2 * p + 1 < O;
+      for (int a = 0; a < MR; a++) {
+        __m512bh s = (__m512bh)_mm512_set1_epi32((int)pair_at(wr[a] + 2 * p, two));
+        for (int v = 0; v < V; v++) acc[a][v] = _mm512_dpbf16_ps(acc[a][v], s, b[v]);
+      }
+    }
+    for (int a = 0; a < MR; a++)
+      for (int v = 0; v < V; v++)
+        _mm512_storeu_ps(z[a] + 16 * v, p0 == 0 ? acc[a][v] : _mm512_add_ps(_mm512_loadu_ps(z[a] + 16 * v), acc[a][v]));
+  }
+  int64_t rows = min64(R - r0, 16 * V), cols = min64(MR, I - i0);
+  for (int64_t r = 0; r < rows; r++)  /* row by row: each row's MR values are adjacent in y */
+    for (int a = 0; a < cols; a++) y[(r0 + r) * I + i0 + a] = z[a][r];
+}
+
+/* gt[p, 0 : 16 V] = the pairs (g[r, 2p], g[r, 2p + 1]) of rows r < rows (zeros past them and past O) */
+static void bmany_transpose(uint32_t *gt, const uint16_t *g, int64_t rows, int64_t O, int64_t gs, int V) {
+  int64_t P = (O + 1) / 2;
+  for (int v = 0; v < V; v++)
+    for (int64_t p0 = 0; p0 < P; p0 += 16) {
+      __mmask32 m = lanes32(O - 2 * p0);
+      __m512 r[16];
+      for (int q = 0; q < 16; q++)
+        r[q] = 16 * v + q < rows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, g + (16 * v + q) * gs + 2 * p0))
+                                 : _mm512_setzero_ps();
+      transpose16(r);
+      for (int j = 0; j < 16 && p0 + j < P; j++) _mm512_store_ps((float *)(gt + (p0 + j) * 16 * V + 16 * v), r[j]);
+    }
+}
+
+/* the 12 rows of W at i0 (tiles.c's task_fn) */
+static void bmany_mm_t_task(float *y, const void *w, const void *gt, int64_t R, int64_t I, int64_t O, int64_t ws,
+                            int64_t i0, int64_t r0, int V) {
+#define BMANY_T_TILE(i_, V_, MR_) bmany_mm_t_tile(y, w, gt, R, I, O, ws, i_, r0, V_, MR_)
+  TASK_OF_12(BMANY_T_TILE, V, i0, I)
+#undef BMANY_T_TILE
+}
+
+static void bmany_mm_t_panel(void *gt, const void *g, int64_t rows, int64_t O, int64_t gs, int V) {
+  bmany_transpose(gt, g, rows, O, gs, V);
+}
+
+/* rows r0 .. r0 + T - 1 of y's 64 columns at j, pairs p0 .. p1 - 1 of the shared index (the panel [p1 - p0, 64],
+ * in L1), added to y after the first block; next (not NULL): the next block's rows, of which this tile prefetches
+ * pairs q0 .. q0 + count - 1 into L2, one pair every `every` steps (the row tiles share the block's reads evenly:
+ * all in one tile asked for more than the memory gives) */
+static inline __attribute__((always_inline)) void bmany_mm_tile(float *y, const uint16_t *x, const uint32_t *panel,
+                                                                  int64_t K, int64_t N, int64_t xs, int64_t j,
+                                                                  int64_t r0, int64_t p0, int64_t p1, const int T,
+                                                                  const __mmask16 *m, const uint16_t *next,
+                                                                  int64_t ws, int64_t q0, int64_t count,
+                                                                  int every) {
+  const uint16_t *xr[6];
+  for (int r = 0; r < T; r++) xr[r] = x + (r0 + r) * xs;
+  __m512 a[6][4];
+  for (int r = 0; r < T; r++)
+    for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
+  int wait = 0;
+  for (int64_t p = p0; p < p1; p++) {
+    if (next && count > 0 && --wait <= 0) {  /* the two lines of each row of the next block's pair q0 */
+      for (int q = 0; q < 4; q++)
+        _mm_prefetch((const char *)(next + min64(2 * q0 + q / 2, K - 1 - 2 * p1) * ws + 32 * (q % 2)), _MM_HINT_T1);
+      wait = every, q0++, count--;
+    }
+    __m512bh b[4];
+    for (int v = 0; v < 4; v++) b[v] = (__m512bh)_mm512_load_si512(panel + (p - p0) * 64 + 16 * v);
+    int two = 2 * p + 1 < K;
+    for (int r = 0; r < T; r++) {
+      __m512bh s = (__m512bh)_mm512_set1_epi32((int)pair_at(xr[r] + 2 * p, two));
+      for (int v = 0; v < 4; v++) a[r][v] = _mm512_dpbf16_ps(a[r][v], s, b[v]);
+    }
+  }
+  for (int r = 0; r < T; r++)
+    for (int v = 0; v < 4; v++) {
+      float *q = y + (r0 + r) * N + j + 16 * v;
+      _mm512_mask_storeu_ps(q, m[v], p0 == 0 ? a[r][v] : _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], q), a[r][v]));
+    }
+}
+
+static int bmany_mm(float *y, const uint16_t *x, const uint16_t *w, int64_t R, int64_t K, int64_t N, int64_t ws,
+                    int64_t xs) {
+  int ok = 1;
+  int64_t P = (K + 1) / 2;
+#pragma omp parallel
+  {
+    uint32_t *panel = thread_panel((size_t)BMANY_SUM * 64 * sizeof(uint32_t), &ok);
+    int64_t j0, j1;
+    split(N, 64, &j0, &j1);
+#pragma omp barrier
+    if (ok) {
+      for (int64_t j = j0; j < j1; j += 64) {
+        __mmask16 m[4];
+        for (int v = 0; v < 4; v++) m[v] = lanes(N - j - 16 * v);
+        for (int64_t p0 = 0; p0 < P; p0 += BMANY_SUM) {  /* a block of pairs: its panel in L1 for every row tile */
+          int64_t p1 = min64(P, p0 + BMANY_SUM);
+          for (int64_t p = p0; p < p1; p++)
+            pair_rows(panel + (p - p0) * 64, w + 2 * p * ws + j, 2 * p + 1 < K ? w + (2 * p + 1) * ws + j : NULL,
+                      N - j, 64);
+          int64_t tiles = (R + 5) / 6, r0 = 0;
+          for (int64_t t = 0; t < tiles; t++) {  /* tiles of at most 6 rows, as even as they go */
+            int T = (int)((R - r0) / (tiles - t));
+            const uint16_t *next = p1 < P ? w + 2 * p1 * ws + j : NULL;
+            int64_t share = (min64(P, p1 + BMANY_SUM) - p1 + tiles - 1) / tiles, q0 = t * share;
+            int64_t count = min64(share, min64(P, p1 + BMANY_SUM) - p1 - q0);
+            int every = (int)((p1 - p0) / (share > 0 ? share : 1));
+#define BMANY_TILE(T_) bmany_mm_tile(y, x, panel, K, N, xs, j, r0, p0, p1, T_, m, next, ws, q0, count, every)
+            TILE_OF_ROWS(BMANY_TILE, T)
+#undef BMANY_TILE
+            r0 += T;
+          }
+        }
+      }
+    }
+    free(panel);
+  }
+  return ok;
+}
+
+static int bmany_outer(uint16_t *out, const uint16_t *x, const uint16_t *g, int64_t n, int64_t I, int64_t O,
+                       int64_t xs, int64_t gs) {
+  int64_t P = (n + 1) / 2, Ip = (I + 31) / 32 * 32;
+  uint32_t *xp = aligned_alloc(64, (size_t)P * Ip * sizeof(uint32_t));  /* xp[p, i] = (x[2p, i], x[2p + 1, i]) */
+  int ok = xp != NULL, stream = (uintptr_t)out % 64 == 0 && O % 32 == 0;
+  if (!ok) return 0;
+  for (int64_t p = 0; p < P; p++)
+    pair_rows(xp + p * Ip, x + 2 * p * xs, 2 * p + 1 < n ? x + (2 * p + 1) * xs : NULL, I, Ip);
+#pragma omp parallel
+  {
+    uint32_t *panel = thread_panel((size_t)P * 64 * sizeof(uint32_t), &ok);
+#pragma omp barrier
+    if (ok) {
+#pragma omp for schedule(static)
+      for (int64_t o0 = 0; o0 < O; o0 += 64) {
+        for (int64_t p = 0; p < P; p++)
+          pair_rows(panel + p * 64, g + 2 * p * gs + o0, 2 * p + 1 < n ? g + (2 * p + 1) * gs + o0 : NULL, O - o0, 64);
+        __mmask32 m0 = lanes32(O - o0), m1 = lanes32(O - o0 - 32);
+        int whole = stream && o0 + 64 <= O;
+        for (int64_t i0 = 0; i0 < I; i0 += 6) {
+          int64_t ia[6];
+          for (int a = 0; a < 6; a++) ia[a] = min64(i0 + a, I - 1);  /* past I: row I - 1 again, not stored */
+          __m512 acc[6][4];
+          for (int a = 0; a < 6; a++)
+            for (int v = 0; v < 4; v++) acc[a][v] = _mm512_setzero_ps();
+          for (int64_t p = 0; p < P; p++) {
+            __m512bh b[4];
+            for (int v = 0; v < 4; v++) b[v] = (__m512bh)_mm512_load_si512(panel + p * 64 + 16 * v);
+            for (int a = 0; a < 6; a++) {
+              __m512bh s = (__m512bh)_mm512_set1_epi32((int)xp[p * Ip + ia[a]]);
+              for (int v = 0; v < 4; v++) acc[a][v] = _mm512_dpbf16_ps(acc[a][v], s, b[v]);
+            }
+          }
+          for (int a = 0; a < 6 && i0 + a < I; a++) {
+            uint16_t *q = out + (i0 + a) * O + o0;
+            __m512i h0 = (__m512i)_mm512_cvtne2ps_pbh(acc[a][1], acc[a][0]);
+            __m512i h1 = (__m512i)_mm512_cvtne2ps_pbh(acc[a][3], acc[a][2]);
+            if (whole) {
+              _mm512_stream_si512((__m512i *)q, h0);
+              _mm512_stream_si512((__m512i *)(q + 32), h1);
+            } else {
+              _mm512_mask_storeu_epi16(q, m0, h0);
+              _mm512_mask_storeu_epi16(q + 32, m1, h1);
+            }
+          }
+        }
+      }
+    }
+    _mm_sfence();
+    free(panel);
+  }
+  free(xp);
+  return ok;
+}
+
 void llmarch_plain_bf16_mm(float *y, const uint16_t *x, const uint16_t *w, int64_t R, int64_t K, int64_t N,
                            int64_t ws, int64_t xs) {
+  if (R >= BMANY_MM_FROM && bmany_mm(y, x, w, R, K, N, ws, xs)) return;
   const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
 #pragma omp parallel
@@ -108,6 +333,10 @@ void llmarch_plain_bf16_mm(float *y, const uint16_t *x, const uint16_t *w, int64
 
 void llmarch_plain_bf16_mm_t(float *y, const uint16_t *g, const uint16_t *w, int64_t R, int64_t I, int64_t O,
                              int64_t ws, int64_t gs) {
+  if (R >= BMANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(uint16_t),
+                                            (size_t)(O + 1) / 2 * 64 * sizeof(uint32_t), bmany_mm_t_panel,
+                                            bmany_mm_t_task))
+    return;
 #pragma omp parallel for schedule(static)
   for (int64_t i0 = 0; i0 < I; i0 += 4) {
     int64_t NB = min64(4, I - i0);
@@ -136,6 +365,7 @@ void llmarch_plain_bf16_mm_t(float *y, const uint16_t *g, const uint16_t *w, int
 
 void llmarch_plain_bf16_outer(uint16_t *out, const uint16_t *x, const uint16_t *g, int64_t n, int64_t I, int64_t O,
                               int64_t xs, int64_t gs) {
+  if (n >= BMANY_OUTER_FROM && bmany_outer(out, x, g, n, I, O, xs, gs)) return;
   int64_t P = (n + 1) / 2;  /* pairs of rows; an odd last row pairs with zeros */
   uint32_t *gp = malloc((size_t)(P * O) * sizeof(uint32_t)), *xp = malloc((size_t)(P * I) * sizeof(uint32_t));
   int64_t Ov = gp && xp ? O - O % 64 : 0;  /* no memory: every column by the scalar loop */

@@ -133,9 +133,10 @@ PADDED_MAX_WASTE = 1.5
 
 # bf16 CPU training where llmarch's bf16 few-row kernels build (AVX-512 BF16, llmarch.native.plain): sliced while
 # experts average at most this many rows, else grouped. Zen 5 EPYC, one thread, top-2 of 8, forward + backward
-# sliced / grouped: 1.31x at 1 token, 1.68x at 16, 1.18x at 32 (8 rows), 1.01x at 48, 0.88x at 64, 0.90-0.98x at
-# 96-2048 (benchmarks/moe.py)
-BF16_SLICED_MAX_ROWS = 8
+# sliced / grouped: 1.31x at 1 token, 1.68x at 16; with the register tiles past a few rows (nineteenth round),
+# grouped / sliced 1.38x at 32 tokens (8 rows), 1.21x at 64, 1.12x at 128, 1.05x at 256 (64 rows), 1.01x at 512,
+# 0.96x at 1024 (benchmarks/moe.py)
+BF16_SLICED_MAX_ROWS = 64
 
 
 def _padding_pays(experts: torch.Tensor, keep: torch.Tensor | None, E: int) -> bool:
