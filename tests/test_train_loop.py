@@ -15,7 +15,7 @@ from llmarch.train import Trainer, train
 from llmarch.train import checkpoints as ckpt
 from llmarch.train import loop
 from llmarch.train.metrics import read_metrics
-from llmarch.train.optim import WarmupCosine, param_groups
+from llmarch.train.optim import WarmupCosine, keep_implementation, make_optimizer, param_groups
 from tests.train_util import TINY, settings  # noqa: F401  (fixture)
 
 
@@ -53,6 +53,41 @@ def test_schedule_and_param_groups():
     lrs = [s.lr_at(i) for i in range(16)]
     assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[4] == 1.0
     assert abs(lrs[9] - 0.55) < 1e-12 and lrs[14] == lrs[15] == pytest.approx(0.1)
+
+
+def test_the_optimizer_is_fused_and_updates_as_the_per_tensor_loop():
+    """make_optimizer runs torch's fused AdamW on CPU parameters: the same update as the per-tensor loop (three
+    steps, two groups, weight decay on one), up to the rounding of the order of its operations."""
+    torch.manual_seed(0)
+    models = [llmarch.build(TINY) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = make_optimizer(models[0], lr=1e-2, weight_decay=0.1)
+    loop_ = torch.optim.AdamW(param_groups(models[1], 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-5)
+    assert fused.defaults["fused"] is True and not loop_.defaults["fused"]
+    before = [p.detach().clone() for p in models[0].parameters()]
+    for step in range(3):
+        for m, opt in zip(models, (fused, loop_)):
+            for i, p in enumerate(m.parameters()):
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))
+            opt.step()
+    for a, b, start in zip(*(m.parameters() for m in models), before):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert (a - start).abs().max() > 1e-3  # three steps of lr 1e-2 moved every weight
+
+
+def test_a_loaded_optimizer_state_keeps_the_fused_update():
+    """A state saved by the per-tensor loop (an earlier llmarch's checkpoint) names it in its groups; once loaded,
+    keep_implementation runs the fused update again."""
+    model = llmarch.build(TINY)
+    old = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    opt = make_optimizer(model, lr=1e-3)
+    opt.load_state_dict(old.state_dict())
+    assert not any(g["fused"] for g in opt.param_groups)
+    keep_implementation(opt)
+    assert all(g["fused"] for g in opt.param_groups)
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path, cache, monkeypatch):

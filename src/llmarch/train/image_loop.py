@@ -23,7 +23,7 @@ from llmarch.train.finite import check_record, check_weights
 from llmarch.train.image_text import SOURCES, encode_pairs, split
 from llmarch.train.loop import TrainResult
 from llmarch.train.metrics import Metrics
-from llmarch.train.optim import WarmupCosine, make_optimizer
+from llmarch.train.optim import WarmupCosine, keep_implementation, make_optimizer
 from llmarch.train.rundir import RunDirectory
 from llmarch.train.settings import TrainConfig
 
@@ -100,6 +100,7 @@ class ImageRun:
             s = loaded["state"]
             self.model.load_state_dict(loaded["model"])
             self.optimizer.load_state_dict(loaded["optimizer"])
+            keep_implementation(self.optimizer)
             self.schedule.load_state_dict(s["schedule"])
             self.step = s["step"]
             torch.set_rng_state(loaded["rng"]["rank0.cpu"])

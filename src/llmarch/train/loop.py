@@ -29,7 +29,8 @@ from llmarch.train.metrics import Metrics
 from llmarch.train.objectives import Batch, objective_for
 from llmarch.train.parallel.apply import clip_grad_norm, parallelize, sharded, stage_names
 from llmarch.train.parallel.tensor import loss_context
-from llmarch.train.optim import Precision, WarmupCosine, enable_activation_checkpointing, make_optimizer
+from llmarch.train.optim import (Precision, WarmupCosine, enable_activation_checkpointing, keep_implementation,
+                                 make_optimizer)
 from llmarch.train.posttrain import initial_model, prepare_for, write_adapter
 from llmarch.train.resume import check_resumable
 from llmarch.train.retrieving import with_retrieval
@@ -124,6 +125,7 @@ class Trainer:
                                    local_optimizer_state(loaded["optimizer"], stage_names(self.model)))
         else:
             D.load_optimizer_state(self.model, self.optimizer, loaded["optimizer"])
+        keep_implementation(self.optimizer)
         self.schedule.load_state_dict(s["schedule"])
         self.step, self.consumed = s["step"], s["consumed"]
         if self.precision.scaler is not None and "scaler" in s:

@@ -24,9 +24,42 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# devices whose parameters torch's fused AdamW updates (one kernel per parameter, in place: on a Zen 5 EPYC, one
+# thread, 3.2-3.4x faster than torch's default per-tensor loop and its temporaries on 30-124M-parameter models,
+# 3.5-5.5x when freed memory goes back to the system; GPT-2-124M 70 against 223 ms; benchmarks/optimizer.py)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_ok(params) -> bool:
+    """Whether torch's fused AdamW takes these parameters: plain floating-point tensors (not the DTensors of FSDP2
+    or tensor parallelism, where torch's fused update meets its plain step counters and refuses the mix), all on
+    one device type it serves."""
+    params = list(params)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in params):
+            return False
+    return bool(params) and all(p.is_floating_point() for p in params) and len(
+        {p.device.type for p in params}) == 1 and params[0].device.type in FUSED_DEVICES
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                    eps: float = 1e-5) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+    """AdamW over :func:`param_groups`, fused where torch has the fused kernel for the parameters' device (the same
+    update as the per-tensor loop, up to the rounding of the order of its operations)."""
+    groups = param_groups(model, weight_decay)
+    fused = fused_ok(p for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
+def keep_implementation(optimizer: torch.optim.Optimizer) -> None:
+    """After loading a saved optimizer state: run the implementation this optimizer was made with (a state saved by
+    an earlier llmarch names the per-tensor loop in its groups)."""
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
 
 
 class WarmupCosine:
@@ -128,5 +161,5 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     return n
 
 
-__all__ = ["make_optimizer", "param_groups", "WarmupCosine", "Precision", "enable_activation_checkpointing",
-           "PRECISIONS"]
+__all__ = ["make_optimizer", "keep_implementation", "fused_ok", "param_groups", "WarmupCosine", "Precision",
+           "enable_activation_checkpointing", "PRECISIONS"]
