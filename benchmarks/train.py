@@ -1,8 +1,10 @@
-"""Training throughput: llmarch vs Hugging Face transformers (LlamaForCausalLM), same config, same weights, same
-step (forward, fp32 cross-entropy, backward, clip, AdamW), fp32 and bf16 autocast, eager and torch.compile.
+"""Training throughput: llmarch vs Hugging Face transformers (Llama/GPT-2/Mixtral), same config, same weights, same
+step (forward, fp32 cross-entropy, backward, clip, fused AdamW), fp32 and bf16 autocast, eager and torch.compile.
 
 Configs: the demo preset (llama-tiny, batch 16 x 128), the LLaMA-style benchmark config (d 512, 8 layers,
-8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512) and GPT-2-124M (batch 4 x 512). Achieved FLOP/s =
+8 heads, 2 kv heads, d_ff 1376, vocab 8192, batch 4 x 512), GPT-2-124M (batch 4 x 512) and a Mixtral-style config
+(d 512, 4 layers, 8 experts of F 1024, top-2, batch 1 x 512; transformers' experts on ``grouped_mm``, its default).
+Achieved FLOP/s =
 FLOPs of one training step (counted by torch.utils.flop_counter on our model) / median step time, as a fraction
 of the dense matmul peak measured in the same run (fp32: the faster of torch's default matmul and oneDNN's).
 Timings of the two implementations are interleaved so load on a shared machine hits both alike; "vs HF" is the
@@ -21,6 +23,7 @@ the step allocates (forward, loss and backward; counted by a dispatch mode, so t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -41,12 +44,19 @@ CONFIGS = {
     "llama-bench": (llmarch.preset("llama-tiny").replace(d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
                                                          d_ff=1376, vocab_size=8192, max_seq_len=512), 4, 512),
     "gpt2-124m": (llmarch.preset("gpt2"), 4, 512),
+    # Mixtral-style, 8 experts of F 1024, top-2, one sequence of 512 tokens: ~128 rows per expert and layer, where
+    # llmarch's expert-bank kernels take them (benchmarks/moe.py has the layer alone at 1-2048 tokens)
+    "mixtral-bench": (llmarch.preset("mixtral-tiny").replace(
+        d_model=512, n_layers=4, n_heads=8, n_kv_heads=2, d_ff=1024, vocab_size=8192, max_seq_len=512,
+        moe=dataclasses.replace(llmarch.preset("mixtral-tiny").moe, n_experts=8)), 1, 512),
 }
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def hf_twin(model, device):
-    """The same weights in transformers (LlamaForCausalLM / GPT2LMHeadModel, through llmarch.hf.save), SDPA."""
+    """The same weights in transformers (LlamaForCausalLM / GPT2LMHeadModel / MixtralForCausalLM, through
+    llmarch.hf.save), SDPA; Mixtral's experts on transformers' default, ``grouped_mm``, its fastest for training on
+    the CPU (benchmarks/moe.py)."""
     import transformers
 
     with tempfile.TemporaryDirectory() as d:
@@ -58,7 +68,10 @@ def hf_twin(model, device):
 
 def make_step(model, dtype, device, compiled: bool):
     """One optimizer step on ``ids`` [B, T+1]; returns the loss (a float)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1)
+    # fused, as llmarch's trainer (llmarch.train.optim.make_optimizer) and transformers' Trainer default to on the
+    # CPU: the per-tensor loop took 3.2-3.4x as long (benchmarks/optimizer.py), the same for both libraries
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
+                            fused=device.type in ("cpu", "cuda") or None)
     fwd = torch.compile(model) if compiled else model
 
     def step(ids):
