@@ -31,19 +31,19 @@
 
 #include "tiles.c"
 
-
 #ifdef __AVX512F__
 /* Past a few rows, on AVX-512: register tiles of several rows, each weight value loaded once per tile. From
- * MANY_FROM rows the entry points below run these instead (an expert of a training batch often sees 16-64 rows:
- * top-2 of 8 experts at 128 tokens). Each tile's sums stay in 16 to 24 registers over the whole shared index.
- * many_mm:    6 rows of y by 64 columns; the first row tile reads W's 64 columns of every row k from memory (the
- *             next rows prefetched) and copies them to a contiguous panel, which the other row tiles read from L2
- *             (W's rows are several KB apart: read in place, a panel's lines share a few cache sets).
- *             Same sums in the same order as the few-row kernel (one fused multiply-add per k, in order).
- * many_mm_t:  dot products over O, 4 rows of W by 4 rows of g (16 sums of 16 lanes, reduced together), over
- *             chunks of MANY_CHUNK columns so that the 4 rows of W stay in L1 while every tile of g passes.
- * many_outer: 6 rows of out by 64 columns, over a 64-column panel of g copied once (n rows, in L1), summed over
- *             r in order (as the few-row kernel); whole 64-byte lines written with non-temporal stores. */
+ * MANY_*_FROM rows the entry points below run these instead (an expert of a training batch often sees 16-64 rows:
+ * top-2 of 8 experts at 128 tokens). Each tile's sums (up to 24 registers) run MANY_SUM terms from zero, then add
+ * to the running sums.
+ * many_mm:    tiles of up to 6 rows of y by 64 columns over a panel of MANY_SUM rows of W's 64 columns copied to
+ *             L1 (W's rows are several KB apart: read in place, a panel's lines share a few cache sets); the row
+ *             tiles prefetch the next block's rows between them.
+ * many_mm_t:  y = g W^T as z = W g^T (tiles.c's w_gt_product): up to 64 rows of g transposed 16 x 16 at a time
+ *             into a panel [O, 16 V] in L2, tasks of 12 rows of W in tiles of 12 x 32 (8 x 48, 6 x 64 for more
+ *             rows of g), so that W is read once, as streams of broadcast values.
+ * many_outer: tiles of 6 rows of out by 64 columns over a 64-column panel of g copied once (n rows, in L1), x
+ *             transposed once, summed over r in order; whole 64-byte lines written with non-temporal stores. */
 #ifndef MANY_FROM  /* the fewest rows for each (benchmarks/train_rows.py; Zen 5 EPYC, one thread, weights from memory:
                      * mm 1.1-1.6x the few-row kernel at 5-6 rows, mm_t 1.0-1.3x at 11, outer 1.1-1.2x at 6) */
 #define MANY_MM_FROM 5

@@ -182,7 +182,7 @@ def mm(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> tor
 def mm_t(g: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """g [R, O] @ w [I, O]^T -> [R, I] (into ``out`` if given), or None where the kernel does not apply."""
     R, I, dtype = g.shape[0], w.shape[0], g.dtype
-    if (not _rows_ok(g, w) or not _takes("mm_t", R, dtype) or w.shape[1] != g.shape[1]
+    if (not _rows_ok(g, w) or not _takes("mm_t", R, dtype) or w.shape[1] != g.shape[1] or not g.shape[1]
             or not _out_ok(out, R, I, dtype) or (fn := _kernel("mm_t", dtype)) is None):
         return None
     if dtype == _BF16:

@@ -55,10 +55,12 @@ static inline __m512bh pairs16(const uint16_t *w0, const uint16_t *w1, __mmask16
 
 /* Past a few rows: register tiles of several rows, as plain.c's many_* kernels, over pairs of the shared index
  * (VDPBF16PS takes 16 pairs per operand). From BMANY_*_FROM rows the entry points below run these instead.
- * bmany_mm_t: 12 x 32 (or 8 x 48, 6 x 64) tiles of W g^T, the pairs of g's rows transposed into a panel [O / 2,
- *             16 V] (L2), so that W is read once, a pair of each row's values at a time.
- * bmany_mm:   6 rows of y by 64 columns over a panel of W's 64 columns, its rows interleaved into (k, k + 1)
- *             pairs (from L2 for every row tile but the one that makes it).
+ * bmany_mm_t: 12 x 32 (or 8 x 48, 6 x 64) tiles of W g^T (tiles.c's w_gt_product), the pairs of g's rows
+ *             transposed into a panel [O / 2, 16 V] (L2), so that W is read once, a pair of each row's values at a
+ *             time.
+ * bmany_mm:   tiles of up to 6 rows of y by 64 columns over a panel of BMANY_SUM pairs of W's rows (their 64
+ *             columns interleaved into (k, k + 1) pairs, in L1); the row tiles prefetch the next block's rows
+ *             between them.
  * bmany_outer: 6 rows of out by 64 columns over a panel of g's 64 columns, its rows interleaved into (r, r + 1)
  *             pairs (in L1), x's rows paired once; rounded to bf16 and written with non-temporal stores.
  * Every sum runs over its pairs in order, BMANY_SUM pairs in registers from zero at a time. */
