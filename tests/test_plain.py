@@ -92,21 +92,29 @@ def products_of_many_rows(kernel, R, shapes, rand, close, reference, dtype=torch
             close(out, reference(x.T, g))
 
 
-def many_rows_strided_and_on_threads(rand, close, reference, dtype=torch.float32):
-    """Strided rows, an unaligned output, and the same values on 1 and 3 threads (each output made by one)."""
-    strided_rows_and_an_unaligned_output(rand, close, reference, dtype, rows=37)
-    x, w, g = rand(40, 200), rand(200, 150, seed=1), rand(40, 150, seed=2)
+def products_on_threads(x, w, g, threads, dtype=torch.float32):
+    """mm, mm_t and outer on ``threads`` threads equal to the same on one (each kernel splits its outputs across
+    OpenMP threads, torch's count: each output made by one thread, the same sums in the same order); returns the
+    one-thread results. Also run by tests/test_plain_bf16.py."""
     before = torch.get_num_threads()
     results = []
-    for threads in (3, 1):
-        torch.set_num_threads(threads)
+    for t in (threads, 1):
+        torch.set_num_threads(t)
         try:
-            results.append([plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 150, dtype=dtype))])
+            results.append([plain.mm(x, w), plain.mm_t(g, w),
+                            plain.outer(x, g, torch.empty(x.shape[1], g.shape[1], dtype=dtype))])
         finally:
             torch.set_num_threads(before)
     for a, b in zip(*results):
         assert torch.equal(a, b)
-    close(results[1][1], reference(g, w.T))
+    return results[1]
+
+
+def many_rows_strided_and_on_threads(rand, close, reference, dtype=torch.float32):
+    """Strided rows, an unaligned output, and the same values on 1 and 3 threads."""
+    strided_rows_and_an_unaligned_output(rand, close, reference, dtype, rows=37)
+    x, w, g = rand(40, 200), rand(200, 150, seed=1), rand(40, 150, seed=2)
+    close(products_on_threads(x, w, g, 3, dtype)[1], reference(g, w.T))
 
 
 @pytest.mark.parametrize("R", MANY_ROWS)
@@ -152,22 +160,9 @@ def test_strided_rows_and_an_unaligned_output():
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_values_do_not_depend_on_the_threads(threads):
-    """Each kernel splits its outputs across OpenMP threads (torch's count): 3 splits 200 columns / rows unevenly."""
+    """3 threads split 200 columns / rows unevenly."""
     x, w, g = rand(5, 200), rand(200, 200, seed=1), rand(5, 200, seed=2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        got = [plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 200))]
-    finally:
-        torch.set_num_threads(before)
-    torch.set_num_threads(1)
-    try:
-        want = [plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 200))]
-    finally:
-        torch.set_num_threads(before)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)  # the same sums in the same order, whichever thread makes them
-    close(want[0], reference(x, w))
+    close(products_on_threads(x, w, g, threads)[0], reference(x, w))
 
 
 def test_outputs_given_are_written_in_place():

@@ -11,7 +11,7 @@ from llmarch import native
 from llmarch.native import plain
 from llmarch.nn import banks, dense, widened
 
-from tests.test_plain import (many_rows_strided_and_on_threads, products_of_many_rows,
+from tests.test_plain import (many_rows_strided_and_on_threads, products_of_many_rows, products_on_threads,
                               strided_rows_and_an_unaligned_output)
 
 # skipped only where the kernels cannot be built (they need AVX-512 BF16); one that builds but fails its self-check
@@ -111,19 +111,9 @@ def test_many_rows_strided_and_on_threads(every_row_count):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_values_do_not_depend_on_the_threads(threads):
-    """Each kernel splits its outputs across OpenMP threads: 3 split 200 columns / rows unevenly."""
+    """3 threads split 200 columns / rows unevenly."""
     x, w, g = rand(5, 200), rand(200, 200, seed=1), rand(5, 200, seed=2)
-    before = torch.get_num_threads()
-    results = []
-    for t in (threads, 1):
-        torch.set_num_threads(t)
-        try:
-            results.append([plain.mm(x, w), plain.mm_t(g, w), plain.outer(x, g, torch.empty(200, 200, dtype=BF16))])
-        finally:
-            torch.set_num_threads(before)
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
-    close(results[0][0], product(x, w))
+    close(products_on_threads(x, w, g, threads, BF16)[0], product(x, w))
 
 
 def test_outputs_given_are_written_in_place_and_nan_propagates():

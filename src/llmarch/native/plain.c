@@ -167,7 +167,9 @@ static inline __attribute__((always_inline)) void many_mm_t_tile(float *y, const
 }
 
 /* gt[o, 0 : 16 V] = g[r0 .. r0 + rows - 1, o] (zeros past rows), by 16 x 16 blocks */
-static void many_transpose(float *gt, const float *g, int64_t rows, int64_t O, int64_t gs, int V) {
+static void many_transpose(void *panel, const void *rows_of_g, int64_t rows, int64_t O, int64_t gs, int V) {
+  float *gt = panel;
+  const float *g = rows_of_g;
   for (int v = 0; v < V; v++)
     for (int64_t o0 = 0; o0 < O; o0 += 16) {
       __mmask16 m = lanes(O - o0);
@@ -185,10 +187,6 @@ static void many_mm_t_task(float *y, const void *w, const void *gt, int64_t R, i
 #define MANY_T_TILE(i_, V_, MR_) many_mm_t_tile(y, w, gt, R, I, O, ws, i_, r0, V_, MR_)
   TASK_OF_12(MANY_T_TILE, V, i0, I)
 #undef MANY_T_TILE
-}
-
-static void many_mm_t_panel(void *gt, const void *g, int64_t rows, int64_t O, int64_t gs, int V) {
-  many_transpose(gt, g, rows, O, gs, V);
 }
 
 static int many_outer(float *out, const float *x, const float *g, int64_t n, int64_t I, int64_t O, int64_t xs,
@@ -317,7 +315,7 @@ void llmarch_plain_mm_t(float *y, const float *g, const float *w, int64_t R, int
                         int64_t gs) {
 #ifdef __AVX512F__
   if (R >= MANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(float), (size_t)O * 64 * sizeof(float),
-                                           many_mm_t_panel, many_mm_t_task))
+                                           many_transpose, many_mm_t_task))
     return;
 #endif
   int64_t Ov = O - O % 8;

@@ -133,7 +133,9 @@ static inline __attribute__((always_inline)) void bmany_mm_t_tile(float *y, cons
 }
 
 /* gt[p, 0 : 16 V] = the pairs (g[r, 2p], g[r, 2p + 1]) of rows r < rows (zeros past them and past O) */
-static void bmany_transpose(uint32_t *gt, const uint16_t *g, int64_t rows, int64_t O, int64_t gs, int V) {
+static void bmany_transpose(void *panel, const void *rows_of_g, int64_t rows, int64_t O, int64_t gs, int V) {
+  uint32_t *gt = panel;
+  const uint16_t *g = rows_of_g;
   int64_t P = (O + 1) / 2;
   for (int v = 0; v < V; v++)
     for (int64_t p0 = 0; p0 < P; p0 += 16) {
@@ -153,10 +155,6 @@ static void bmany_mm_t_task(float *y, const void *w, const void *gt, int64_t R, 
 #define BMANY_T_TILE(i_, V_, MR_) bmany_mm_t_tile(y, w, gt, R, I, O, ws, i_, r0, V_, MR_)
   TASK_OF_12(BMANY_T_TILE, V, i0, I)
 #undef BMANY_T_TILE
-}
-
-static void bmany_mm_t_panel(void *gt, const void *g, int64_t rows, int64_t O, int64_t gs, int V) {
-  bmany_transpose(gt, g, rows, O, gs, V);
 }
 
 /* rows r0 .. r0 + T - 1 of y's 64 columns at j, pairs p0 .. p1 - 1 of the shared index (the panel [p1 - p0, 64],
@@ -336,7 +334,7 @@ void llmarch_plain_bf16_mm(float *y, const uint16_t *x, const uint16_t *w, int64
 void llmarch_plain_bf16_mm_t(float *y, const uint16_t *g, const uint16_t *w, int64_t R, int64_t I, int64_t O,
                              int64_t ws, int64_t gs) {
   if (R >= BMANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(uint16_t),
-                                            (size_t)(O + 1) / 2 * 64 * sizeof(uint32_t), bmany_mm_t_panel,
+                                            (size_t)(O + 1) / 2 * 64 * sizeof(uint32_t), bmany_transpose,
                                             bmany_mm_t_task))
     return;
 #pragma omp parallel for schedule(static)
