@@ -139,8 +139,12 @@ static inline __attribute__((always_inline)) void many_mm_t_tile(float *y, const
                                                                    int64_t R, int64_t I, int64_t O, int64_t ws,
                                                                    int64_t i0, int64_t r0, const int V,
                                                                    const int MR) {
-  const float *wr[12];
-  for (int a = 0; a < MR; a++) wr[a] = w + min64(i0 + a, I - 1) * ws;  /* past I: row I - 1 again, not stored */
+  const float *wr[12], *nx[12];  /* this tile's rows, the next tile's (as many) */
+  for (int a = 0; a < MR; a++) {
+    wr[a] = w + min64(i0 + a, I - 1) * ws;  /* past I: row I - 1 again, not stored */
+    nx[a] = w + min64(i0 + MR + a, I - 1) * ws;
+  }
+  int64_t lines = min64((O + 15) / 16, AHEAD_LINES);
   __m512 acc[12][4];
   float z[12][64];
   for (int64_t o0 = 0; o0 < O; o0 += MANY_SUM) {
@@ -149,6 +153,8 @@ static inline __attribute__((always_inline)) void many_mm_t_tile(float *y, const
     for (int64_t o = o0; o < min64(O, o0 + MANY_SUM); o++) {
       if ((o & 15) == 0)  /* each row of W a few lines ahead, once per line */
         for (int a = 0; a < MR; a++) _mm_prefetch((const char *)(wr[a] + o + 64), _MM_HINT_T0);
+      if (o < MR * lines)  /* the next tile's rows into L2, the first line of each first */
+        _mm_prefetch((const char *)(nx[o % MR] + (o / MR) * 16), _MM_HINT_T1);
       __m512 b[4];
       for (int v = 0; v < V; v++) b[v] = _mm512_load_ps(gt + o * 16 * V + 16 * v);
       for (int a = 0; a < MR; a++) {

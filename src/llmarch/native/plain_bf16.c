@@ -103,9 +103,12 @@ static inline __attribute__((always_inline)) void bmany_mm_t_tile(float *y, cons
                                                                     int64_t R, int64_t I, int64_t O, int64_t ws,
                                                                     int64_t i0, int64_t r0, const int V,
                                                                     const int MR) {
-  const uint16_t *wr[12];
-  for (int a = 0; a < MR; a++) wr[a] = w + min64(i0 + a, I - 1) * ws;  /* past I: row I - 1 again, not stored */
-  int64_t P = (O + 1) / 2;
+  const uint16_t *wr[12], *nx[12];  /* this tile's rows, the next tile's (as many) */
+  for (int a = 0; a < MR; a++) {
+    wr[a] = w + min64(i0 + a, I - 1) * ws;  /* past I: row I - 1 again, not stored */
+    nx[a] = w + min64(i0 + MR + a, I - 1) * ws;
+  }
+  int64_t P = (O + 1) / 2, lines = min64((O + 31) / 32, AHEAD_LINES);
   __m512 acc[12][4];
   float z[12][64];
   for (int64_t p0 = 0; p0 < P; p0 += BMANY_SUM) {
@@ -115,6 +118,8 @@ static inline __attribute__((always_inline)) void bmany_mm_t_tile(float *y, cons
     for (int64_t p = p0; p < p1; p++) {
       if ((p & 15) == 0)  /* each row of W a few lines ahead, once per line */
         for (int a = 0; a < MR; a++) _mm_prefetch((const char *)(wr[a] + 2 * p + 128), _MM_HINT_T0);
+      if (p < MR * lines)  /* the next tile's rows into L2, the first line of each first */
+        _mm_prefetch((const char *)(nx[p % MR] + (p / MR) * 32), _MM_HINT_T1);
       __m512bh b[4];
       for (int v = 0; v < V; v++) b[v] = (__m512bh)_mm512_load_si512(gt + p * 16 * V + 16 * v);
       int two = 2 * p + 1 < O;
@@ -158,15 +163,15 @@ static void bmany_mm_t_task(float *y, const void *w, const void *gt, int64_t R, 
 }
 
 /* rows r0 .. r0 + T - 1 of y's 64 columns at j, pairs p0 .. p1 - 1 of the shared index (the panel [p1 - p0, 64],
- * in L1), added to y after the first block; next (not NULL): the next block's rows, of which this tile prefetches
- * pairs q0 .. q0 + count - 1 into L2, one pair every `every` steps (the row tiles share the block's reads evenly:
- * all in one tile asked for more than the memory gives) */
+ * in L1), added to y after the first block; next (not NULL): the next block's rows (its rows 0 .. last), of which
+ * this tile prefetches pairs q0 .. q0 + count - 1 into L2, one pair every `every` steps (the row tiles share the
+ * block's reads evenly: all in one tile asked for more than the memory gives) */
 static inline __attribute__((always_inline)) void bmany_mm_tile(float *y, const uint16_t *x, const uint32_t *panel,
                                                                   int64_t K, int64_t N, int64_t xs, int64_t j,
                                                                   int64_t r0, int64_t p0, int64_t p1, const int T,
                                                                   const __mmask16 *m, const uint16_t *next,
-                                                                  int64_t ws, int64_t q0, int64_t count,
-                                                                  int every) {
+                                                                  int64_t ws, int64_t last, int64_t q0,
+                                                                  int64_t count, int every) {
   const uint16_t *xr[6];
   for (int r = 0; r < T; r++) xr[r] = x + (r0 + r) * xs;
   __m512 a[6][4];
@@ -176,7 +181,7 @@ static inline __attribute__((always_inline)) void bmany_mm_tile(float *y, const 
   for (int64_t p = p0; p < p1; p++) {
     if (next && count > 0 && --wait <= 0) {  /* the two lines of each row of the next block's pair q0 */
       for (int q = 0; q < 4; q++)
-        _mm_prefetch((const char *)(next + min64(2 * q0 + q / 2, K - 1 - 2 * p1) * ws + 32 * (q % 2)), _MM_HINT_T1);
+        _mm_prefetch((const char *)(next + min64(2 * q0 + q / 2, last) * ws + 32 * (q % 2)), _MM_HINT_T1);
       wait = every, q0++, count--;
     }
     __m512bh b[4];
@@ -216,11 +221,14 @@ static int bmany_mm(float *y, const uint16_t *x, const uint16_t *w, int64_t R, i
           int64_t tiles = (R + 5) / 6, r0 = 0;
           for (int64_t t = 0; t < tiles; t++) {  /* tiles of at most 6 rows, as even as they go */
             int T = (int)((R - r0) / (tiles - t));
-            const uint16_t *next = p1 < P ? w + 2 * p1 * ws + j : NULL;
-            int64_t share = (min64(P, p1 + BMANY_SUM) - p1 + tiles - 1) / tiles, q0 = t * share;
-            int64_t count = min64(share, min64(P, p1 + BMANY_SUM) - p1 - q0);
+            /* the next block: these columns' next pairs, else the first pairs of this thread's next 64 columns */
+            int64_t row0 = p1 < P ? 2 * p1 : 0, col = p1 < P ? j : j + 64;
+            int64_t pairs = p1 < P ? min64(P, p1 + BMANY_SUM) - p1 : col < j1 ? min64(P, BMANY_SUM) : 0;
+            const uint16_t *next = pairs ? w + row0 * ws + col : NULL;
+            int64_t share = (pairs + tiles - 1) / tiles, q0 = t * share, count = min64(share, pairs - q0);
             int every = (int)((p1 - p0) / (share > 0 ? share : 1));
-#define BMANY_TILE(T_) bmany_mm_tile(y, x, panel, K, N, xs, j, r0, p0, p1, T_, m, next, ws, q0, count, every)
+#define BMANY_TILE(T_) \
+  bmany_mm_tile(y, x, panel, K, N, xs, j, r0, p0, p1, T_, m, next, ws, K - 1 - row0, q0, count, every)
             TILE_OF_ROWS(BMANY_TILE, T)
 #undef BMANY_TILE
             r0 += T;
