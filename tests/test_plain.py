@@ -65,8 +65,9 @@ def test_outer_equals_the_product(n, I, O):
 
 # plain.c's register tiles past a few rows (AVX-512 hosts; the AVX2 kernels take these rows elsewhere): tiles of
 # 1-6 rows, 12-row tasks with a tail, one to four vectors of g's rows and more than 64 of them, column tails, sums
-# longer than the 256 terms summed in registers at a time
-MANY_ROWS = [5, 6, 11, 13, 32, 33, 65, 130]
+# longer than the 256 terms summed in registers at a time; mm_t as W g^T (11, 13, 32 rows) and over the transposed
+# panel (20, 33, 65, 130: tiles.c's by_panel)
+MANY_ROWS = [5, 6, 11, 13, 20, 32, 33, 65, 130]
 
 
 @pytest.fixture
@@ -112,14 +113,15 @@ def products_on_threads(x, w, g, threads, dtype=torch.float32):
 
 def many_rows_strided_and_on_threads(rand, close, reference, dtype=torch.float32):
     """Strided rows, an unaligned output, and the same values on 1 and 3 threads."""
-    strided_rows_and_an_unaligned_output(rand, close, reference, dtype, rows=37)
-    x, w, g = rand(40, 200), rand(200, 150, seed=1), rand(40, 150, seed=2)
-    close(products_on_threads(x, w, g, 3, dtype)[1], reference(g, w.T))
+    for rows in (32, 37):  # mm_t as W g^T, over the transposed panel
+        strided_rows_and_an_unaligned_output(rand, close, reference, dtype, rows=rows)
+        x, w, g = rand(rows, 200), rand(200, 150, seed=1), rand(rows, 150, seed=2)
+        close(products_on_threads(x, w, g, 3, dtype)[1], reference(g, w.T))
 
 
 @pytest.mark.parametrize("R", MANY_ROWS)
 @pytest.mark.parametrize("kernel,shapes", [("mm", [(7, 9), (37, 130), (300, 64), (600, 80)]),
-                                           ("mm_t", [(5, 9), (25, 130), (64, 300), (13, 600)]),
+                                           ("mm_t", [(5, 9), (25, 130), (64, 300), (13, 600), (150, 70)]),
                                            ("outer", [(3, 9), (13, 130), (64, 80), (100, 600)])])
 def test_products_of_many_rows(every_row_count, kernel, shapes, R):
     """The outer product's 80 columns: whole lines, the last panel partial."""

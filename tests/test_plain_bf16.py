@@ -73,7 +73,8 @@ def test_strided_rows_and_an_unaligned_output():
 
 # plain_bf16.c's register tiles past a few rows: tiles of 1-6 rows, 12-row tasks with a tail, one to four vectors
 # of g's rows and more than 64 of them, odd counts of the shared index (a last pair with a zero), column tails,
-# sums of more than the 128 pairs summed in registers at a time
+# sums of more than the 128 pairs summed in registers at a time; mm_t as W g^T (11, 13, 32 rows) and over the
+# transposed panel (17, 33, 65, 130)
 MANY_ROWS = [8, 11, 13, 17, 32, 33, 65, 130]
 
 
@@ -85,14 +86,14 @@ def every_row_count(monkeypatch):
 
 @pytest.mark.parametrize("R", MANY_ROWS)
 @pytest.mark.parametrize("kernel,shapes", [("mm", [(7, 9), (37, 130), (300, 64), (601, 80)]),
-                                           ("mm_t", [(5, 9), (25, 131), (64, 300), (13, 601)]),
+                                           ("mm_t", [(5, 9), (25, 131), (64, 300), (13, 601), (150, 71)]),
                                            ("outer", [(3, 9), (13, 130), (64, 96), (100, 600)])])
 def test_products_of_many_rows(every_row_count, kernel, shapes, R):
     """The outer product's 96 columns: whole lines, the last panel partial."""
     products_of_many_rows(kernel, R, shapes, rand, close, product, BF16)
 
 
-@pytest.mark.parametrize("R", [5, 40])  # the few-row kernels, the register tiles
+@pytest.mark.parametrize("R", [5, 32, 40])  # the few-row kernels, the register tiles (mm_t: W g^T, the panel)
 def test_an_odd_count_pairs_its_last_value_with_zero_not_with_the_next_one(every_row_count, R):
     """A pair past the end of a row of odd length is never read: an infinity right after each row (the next
     column of a wider tensor) would make inf * 0 = NaN."""

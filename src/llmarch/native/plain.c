@@ -41,7 +41,9 @@
  *             tiles prefetch the next block's rows between them.
  * many_mm_t:  y = g W^T as z = W g^T (tiles.c's w_gt_product): up to 64 rows of g transposed 16 x 16 at a time
  *             into a panel [O, 16 V] in L2, tasks of 12 rows of W in tiles of 12 x 32 (8 x 48, 6 x 64 for more
- *             rows of g), so that W is read once, as streams of broadcast values.
+ *             rows of g), so that W is read once, as streams of broadcast values; or, for row counts that would
+ *             leave W g^T's last vector largely empty (tiles.c's by_panel), as many_mm over W's rows transposed
+ *             16 x 16 into its panel (`trans`).
  * many_outer: tiles of 6 rows of out by 64 columns over a 64-column panel of g copied once (n rows, in L1), x
  *             transposed once, summed over r in order; whole 64-byte lines written with non-temporal stores. */
 #ifndef MANY_FROM  /* the fewest rows for each (benchmarks/train_rows.py; Zen 5 EPYC, one thread, weights from memory:
@@ -65,7 +67,7 @@ static inline __attribute__((always_inline)) void many_mm_tile(float *y, const f
                                                                  int64_t N, int64_t xs, int64_t j, int64_t r0,
                                                                  int64_t k0, int64_t k1, const int T,
                                                                  const __mmask16 *m, const float *next, int64_t ws,
-                                                                 int64_t q0, int64_t count, int every) {
+                                                                 int64_t q0, int64_t count, int every, int trans) {
   const float *xr[6];
   for (int r = 0; r < T; r++) xr[r] = x + (r0 + r) * xs;
   __m512 a[6][4];
@@ -73,8 +75,9 @@ static inline __attribute__((always_inline)) void many_mm_tile(float *y, const f
     for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
   int wait = 0;
   for (int64_t k = k0; k < k1; k++) {
-    if (next && count > 0 && --wait <= 0) {  /* the four lines of the next block's row q0 */
-      for (int v = 0; v < 4; v++) _mm_prefetch((const char *)(next + q0 * ws + 16 * v), _MM_HINT_T1);
+    if (next && count > 0 && --wait <= 0) {  /* the next block's row q0 (trans: half q0 % 2 of row q0 / 2) */
+      const float *line = next + (q0 >> trans) * ws + (q0 & trans) * 64;
+      for (int v = 0; v < 4; v++) _mm_prefetch((const char *)(line + 16 * v), _MM_HINT_T1);
       wait = every, q0++, count--;
     }
     __m512 b[4];
@@ -91,25 +94,47 @@ static inline __attribute__((always_inline)) void many_mm_tile(float *y, const f
     }
 }
 
-/* y's 64 columns at j: blocks of MANY_SUM rows of W copied to the panel, and for each, R rows of y in tiles of at
- * most 6, as even as they go (32 rows: 5, 5, 5, 5, 6, 6) */
+/* the panel [k1 - k0, 64]: rows k0 .. k1 - 1 of W's 64 columns at j, copied; trans: W given as its transpose
+ * (w [N, K], rows ws apart), 16 x 16 blocks of its rows j .. j + 63 transposed (zeros past N) */
+static inline void many_fill(float *panel, const float *w, int64_t K, int64_t N, int64_t ws, int64_t j, int64_t k0,
+                             int64_t k1, const __mmask16 *m, int trans) {
+  if (!trans) {
+    for (int64_t k = k0; k < k1; k++)
+      for (int v = 0; v < 4; v++)
+        _mm512_store_ps(panel + (k - k0) * 64 + 16 * v, _mm512_maskz_loadu_ps(m[v], w + k * ws + j + 16 * v));
+    return;
+  }
+  for (int v = 0; v < 4; v++)
+    for (int64_t k = k0; k < k1; k += 16) {
+      __mmask16 mk = lanes(k1 - k);
+      __m512 r[16];
+      for (int q = 0; q < 16; q++)
+        r[q] = j + 16 * v + q < N ? _mm512_maskz_loadu_ps(mk, w + (j + 16 * v + q) * ws + k) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int t = 0; t < 16 && k + t < k1; t++) _mm512_store_ps(panel + (k + t - k0) * 64 + 16 * v, r[t]);
+    }
+  (void)K;
+}
+
+/* y's 64 columns at j: blocks of MANY_SUM rows of W made into the panel (many_fill), and for each, R rows of y in
+ * tiles of at most 6, as even as they go (32 rows: 5, 5, 5, 5, 6, 6) */
 static void many_mm_panel(float *y, const float *x, const float *w, float *panel, int64_t R, int64_t K, int64_t N,
-                          int64_t ws, int64_t xs, int64_t j, int64_t j_end) {
+                          int64_t ws, int64_t xs, int64_t j, int64_t j_end, int trans) {
   __mmask16 m[4];
   for (int v = 0; v < 4; v++) m[v] = lanes(N - j - 16 * v);
   for (int64_t k0 = 0; k0 < K; k0 += MANY_SUM) {
     int64_t k1 = min64(K, k0 + MANY_SUM);
-    for (int64_t k = k0; k < k1; k++)
-      for (int v = 0; v < 4; v++)
-        _mm512_store_ps(panel + (k - k0) * 64 + 16 * v, _mm512_maskz_loadu_ps(m[v], w + k * ws + j + 16 * v));
-    /* the next block: these columns' next rows, else the first rows of this thread's next 64 columns */
-    const float *next = k1 < K ? w + k1 * ws + j : j + 64 < j_end ? w + j + 64 : NULL;
-    int64_t rows = k1 < K ? min64(K, k1 + MANY_SUM) - k1 : min64(K, MANY_SUM), tiles = (R + 5) / 6, r0 = 0;
-    int64_t share = (rows + tiles - 1) / tiles;
+    many_fill(panel, w, K, N, ws, j, k0, k1, m, trans);
+    /* the next block: these columns' next rows, else the first rows of this thread's next 64 columns; trans: its
+     * rows of w in halves of 64 values (two per row) */
+    int64_t jn = k1 < K ? j : j + 64, kn = k1 < K ? k1 : 0;
+    const float *next = jn >= j_end ? NULL : trans ? w + jn * ws + kn : w + kn * ws + jn;
+    int64_t rows = !next ? 0 : trans ? 2 * min64(64, N - jn) : min64(K, kn + MANY_SUM) - kn, tiles = (R + 5) / 6;
+    int64_t share = (rows + tiles - 1) / tiles, r0 = 0;
     for (int64_t t = 0; t < tiles; t++) {
-      int T = (int)((R - r0) / (tiles - t)), every = (int)((k1 - k0) / share);
+      int T = (int)((R - r0) / (tiles - t)), every = (int)((k1 - k0) / (share > 0 ? share : 1));
       int64_t q0 = t * share, count = min64(share, rows - q0);
-#define MANY_TILE(T_) many_mm_tile(y, x, panel, N, xs, j, r0, k0, k1, T_, m, next, ws, q0, count, every)
+#define MANY_TILE(T_) many_mm_tile(y, x, panel, N, xs, j, r0, k0, k1, T_, m, next, ws, q0, count, every, trans)
       TILE_OF_ROWS(MANY_TILE, T)
 #undef MANY_TILE
       r0 += T;
@@ -118,7 +143,7 @@ static void many_mm_panel(float *y, const float *x, const float *w, float *panel
 }
 
 static int many_mm(float *y, const float *x, const float *w, int64_t R, int64_t K, int64_t N, int64_t ws,
-                   int64_t xs) {
+                   int64_t xs, int trans) {
   int ok = 1;
 #pragma omp parallel
   {
@@ -127,7 +152,7 @@ static int many_mm(float *y, const float *x, const float *w, int64_t R, int64_t 
     if (ok) {
       int64_t j0, j1;
       split(N, 64, &j0, &j1);
-      for (int64_t j = j0; j < j1; j += 64) many_mm_panel(y, x, w, panel, R, K, N, ws, xs, j, j1);
+      for (int64_t j = j0; j < j1; j += 64) many_mm_panel(y, x, w, panel, R, K, N, ws, xs, j, j1, trans);
     }
     free(panel);
   }
@@ -285,7 +310,7 @@ static inline void mm_k4(float *y, const float *x, const float *w, int64_t T, in
 void llmarch_plain_mm(float *y, const float *x, const float *w, int64_t R, int64_t K, int64_t N, int64_t ws,
                       int64_t xs) {
 #ifdef __AVX512F__
-  if (R >= MANY_MM_FROM && many_mm(y, x, w, R, K, N, ws, xs)) return;
+  if (R >= MANY_MM_FROM && many_mm(y, x, w, R, K, N, ws, xs, 0)) return;
 #endif
 #pragma omp parallel
   {
@@ -320,6 +345,7 @@ static inline float hsum(__m256 v) {
 void llmarch_plain_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
                         int64_t gs) {
 #ifdef __AVX512F__
+  if (R >= MANY_MM_T_FROM && MM_T_PANEL(R) && many_mm(y, g, w, R, O, I, ws, gs, 1)) return;
   if (R >= MANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(float), (size_t)O * 64 * sizeof(float),
                                            many_transpose, many_mm_t_task))
     return;

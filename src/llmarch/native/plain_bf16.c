@@ -57,7 +57,8 @@ static inline __m512bh pairs16(const uint16_t *w0, const uint16_t *w1, __mmask16
  * (VDPBF16PS takes 16 pairs per operand). From BMANY_*_FROM rows the entry points below run these instead.
  * bmany_mm_t: 12 x 32 (or 8 x 48, 6 x 64) tiles of W g^T (tiles.c's w_gt_product), the pairs of g's rows
  *             transposed into a panel [O / 2, 16 V] (L2), so that W is read once, a pair of each row's values at a
- *             time.
+ *             time; or, for row counts that would leave W g^T's last vector largely empty (tiles.c's by_panel),
+ *             bmany_mm over W's rows, whose pairs are 32-bit words, transposed 16 x 16 into its panel (`trans`).
  * bmany_mm:   tiles of up to 6 rows of y by 64 columns over a panel of BMANY_SUM pairs of W's rows (their 64
  *             columns interleaved into (k, k + 1) pairs, in L1); the row tiles prefetch the next block's rows
  *             between them.
@@ -171,7 +172,7 @@ static inline __attribute__((always_inline)) void bmany_mm_tile(float *y, const 
                                                                   int64_t r0, int64_t p0, int64_t p1, const int T,
                                                                   const __mmask16 *m, const uint16_t *next,
                                                                   int64_t ws, int64_t last, int64_t q0,
-                                                                  int64_t count, int every) {
+                                                                  int64_t count, int every, int trans) {
   const uint16_t *xr[6];
   for (int r = 0; r < T; r++) xr[r] = x + (r0 + r) * xs;
   __m512 a[6][4];
@@ -179,9 +180,12 @@ static inline __attribute__((always_inline)) void bmany_mm_tile(float *y, const 
     for (int v = 0; v < 4; v++) a[r][v] = _mm512_setzero_ps();
   int wait = 0;
   for (int64_t p = p0; p < p1; p++) {
-    if (next && count > 0 && --wait <= 0) {  /* the two lines of each row of the next block's pair q0 */
+    if (next && count > 0 && --wait <= 0) {  /* the two lines of each row of the next block's pair q0; trans:
+                                               * half q0 % 2 of row q0 / 2 (four lines) */
       for (int q = 0; q < 4; q++)
-        _mm_prefetch((const char *)(next + min64(2 * q0 + q / 2, last) * ws + 32 * (q % 2)), _MM_HINT_T1);
+        _mm_prefetch((const char *)(trans ? next + min64(q0 >> 1, last) * ws + ((q0 & 1) * 4 + q) * 32
+                                          : next + min64(2 * q0 + q / 2, last) * ws + 32 * (q % 2)),
+                     _MM_HINT_T1);
       wait = every, q0++, count--;
     }
     __m512bh b[4];
@@ -199,8 +203,31 @@ static inline __attribute__((always_inline)) void bmany_mm_tile(float *y, const 
     }
 }
 
+/* the panel [p1 - p0, 64]: pairs p0 .. p1 - 1 of W's rows, their 64 columns at j interleaved; trans: W given as its
+ * transpose (w [N, K], rows ws apart), whose rows j .. j + 63 hold the pairs as 32-bit words: 16 x 16 blocks of
+ * them transposed (zeros past N, and past K in the last word of an odd K) */
+static inline void bmany_fill(uint32_t *panel, const uint16_t *w, int64_t K, int64_t N, int64_t ws, int64_t j,
+                              int64_t p0, int64_t p1, int trans) {
+  if (!trans) {
+    for (int64_t p = p0; p < p1; p++)
+      pair_rows(panel + (p - p0) * 64, w + 2 * p * ws + j, 2 * p + 1 < K ? w + (2 * p + 1) * ws + j : NULL, N - j,
+                64);
+    return;
+  }
+  for (int v = 0; v < 4; v++)
+    for (int64_t p = p0; p < p1; p += 16) {
+      __mmask32 m = lanes32(K - 2 * p);
+      __m512 r[16];
+      for (int q = 0; q < 16; q++)
+        r[q] = j + 16 * v + q < N ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, w + (j + 16 * v + q) * ws + 2 * p))
+                                  : _mm512_setzero_ps();
+      transpose16(r);
+      for (int t = 0; t < 16 && p + t < p1; t++) _mm512_store_ps((float *)(panel + (p + t - p0) * 64 + 16 * v), r[t]);
+    }
+}
+
 static int bmany_mm(float *y, const uint16_t *x, const uint16_t *w, int64_t R, int64_t K, int64_t N, int64_t ws,
-                    int64_t xs) {
+                    int64_t xs, int trans) {
   int ok = 1;
   int64_t P = (K + 1) / 2;
 #pragma omp parallel
@@ -215,20 +242,20 @@ static int bmany_mm(float *y, const uint16_t *x, const uint16_t *w, int64_t R, i
         for (int v = 0; v < 4; v++) m[v] = lanes(N - j - 16 * v);
         for (int64_t p0 = 0; p0 < P; p0 += BMANY_SUM) {  /* a block of pairs: its panel in L1 for every row tile */
           int64_t p1 = min64(P, p0 + BMANY_SUM);
-          for (int64_t p = p0; p < p1; p++)
-            pair_rows(panel + (p - p0) * 64, w + 2 * p * ws + j, 2 * p + 1 < K ? w + (2 * p + 1) * ws + j : NULL,
-                      N - j, 64);
+          bmany_fill(panel, w, K, N, ws, j, p0, p1, trans);
           int64_t tiles = (R + 5) / 6, r0 = 0;
           for (int64_t t = 0; t < tiles; t++) {  /* tiles of at most 6 rows, as even as they go */
             int T = (int)((R - r0) / (tiles - t));
-            /* the next block: these columns' next pairs, else the first pairs of this thread's next 64 columns */
-            int64_t row0 = p1 < P ? 2 * p1 : 0, col = p1 < P ? j : j + 64;
-            int64_t pairs = p1 < P ? min64(P, p1 + BMANY_SUM) - p1 : col < j1 ? min64(P, BMANY_SUM) : 0;
-            const uint16_t *next = pairs ? w + row0 * ws + col : NULL;
-            int64_t share = (pairs + tiles - 1) / tiles, q0 = t * share, count = min64(share, pairs - q0);
+            /* the next block: these columns' next pairs, else the first pairs of this thread's next 64 columns;
+             * trans: its rows of w in halves of 4 lines (two per row) */
+            int64_t pn = p1 < P ? p1 : 0, jn = p1 < P ? j : j + 64;
+            int64_t steps = jn >= j1 ? 0 : trans ? 2 * min64(64, N - jn) : min64(P, pn + BMANY_SUM) - pn;
+            const uint16_t *next = !steps ? NULL : trans ? w + jn * ws + 2 * pn : w + 2 * pn * ws + jn;
+            int64_t last = trans ? N - 1 - jn : K - 1 - 2 * pn;
+            int64_t share = (steps + tiles - 1) / tiles, q0 = t * share, count = min64(share, steps - q0);
             int every = (int)((p1 - p0) / (share > 0 ? share : 1));
 #define BMANY_TILE(T_) \
-  bmany_mm_tile(y, x, panel, K, N, xs, j, r0, p0, p1, T_, m, next, ws, K - 1 - row0, q0, count, every)
+  bmany_mm_tile(y, x, panel, K, N, xs, j, r0, p0, p1, T_, m, next, ws, last, q0, count, every, trans)
             TILE_OF_ROWS(BMANY_TILE, T)
 #undef BMANY_TILE
             r0 += T;
@@ -298,7 +325,7 @@ static int bmany_outer(uint16_t *out, const uint16_t *x, const uint16_t *g, int6
 
 void llmarch_plain_bf16_mm(float *y, const uint16_t *x, const uint16_t *w, int64_t R, int64_t K, int64_t N,
                            int64_t ws, int64_t xs) {
-  if (R >= BMANY_MM_FROM && bmany_mm(y, x, w, R, K, N, ws, xs)) return;
+  if (R >= BMANY_MM_FROM && bmany_mm(y, x, w, R, K, N, ws, xs, 0)) return;
   const __m512i order = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
 #pragma omp parallel
@@ -341,6 +368,7 @@ void llmarch_plain_bf16_mm(float *y, const uint16_t *x, const uint16_t *w, int64
 
 void llmarch_plain_bf16_mm_t(float *y, const uint16_t *g, const uint16_t *w, int64_t R, int64_t I, int64_t O,
                              int64_t ws, int64_t gs) {
+  if (R >= BMANY_MM_T_FROM && MM_T_PANEL(R) && bmany_mm(y, g, w, R, O, I, ws, gs, 1)) return;
   if (R >= BMANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(uint16_t),
                                             (size_t)(O + 1) / 2 * 64 * sizeof(uint32_t), bmany_transpose,
                                             bmany_mm_t_task))

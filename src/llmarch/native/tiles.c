@@ -97,6 +97,19 @@ static inline void transpose16(__m512 *r) {
   }
 }
 
+/* y = g W^T past a few rows either as W g^T (w_gt_product below), whose vectors run over 16 rows of g each, or as an
+ * x @ W product over W's rows transposed into its panel (plain.c's many_mm, plain_bf16.c's bmany_mm, `trans`), which
+ * pads no rows but transposes every block of W. Zen 5 EPYC, one thread, an expert's two matrices from memory, fp32
+ * and bf16: the transposed panel 1.05-1.4x at 17-24 and 33-47 rows (W g^T's last vector a half to seven eighths
+ * empty), level at 24, 0.67-0.93x at multiples of 16 and at 25-31 rows. An A/B build may set MM_T_PANEL(R). */
+#ifndef MM_T_PANEL
+#define MM_T_PANEL(R) by_panel(R)
+#endif
+static inline int by_panel(int64_t R) {
+  int64_t rem = R % 16;
+  return R > 16 && rem != 0 && (R > 32 || rem <= 8);
+}
+
 /* y[R, I] = g[R, O] W[I, O]^T as z = W g^T (plain.c's many_mm_t, plain_bf16.c's bmany_mm_t): up to 64 rows of g at
  * a time made into a panel gt by panel(gt, g rows, rows, O, gs, V) (V = vectors of 16 of the rows), then tasks of
  * 12 rows of W, task(y, w, gt, R, I, O, ws, i0, r0, V), split across threads. g's elements are `elem` bytes;
