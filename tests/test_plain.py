@@ -251,16 +251,27 @@ def host_route(monkeypatch, request):
     return request.param
 
 
+def counting_kernels(monkeypatch) -> dict[str, int]:
+    """Counts the products llmarch's kernels serve (one call per expert, for a bank or one matrix) and the
+    non-temporal zero fills; also used by tests/test_plain_bf16.py."""
+    calls = {name: 0 for name in ("mm", "mm_t", "outer", "zero")}
+    real_kernel, real_zero = plain._kernel, plain.zero
+
+    def counting_kernel(name, dtype):
+        fn = real_kernel(name, dtype)
+        return None if fn is None else lambda *a: calls.__setitem__(name, calls[name] + 1) or fn(*a)
+
+    def counting_zero(t):
+        calls["zero"] += (served := real_zero(t))
+        return served
+    monkeypatch.setattr(plain, "_kernel", counting_kernel)
+    monkeypatch.setattr(plain, "zero", counting_zero)
+    return calls
+
+
 def test_bank_training_through_the_kernels_equals_torch(monkeypatch, host_route):
     x, bank = rand(sum(COUNTS), 48), rand(len(COUNTS), 48, 72, seed=1) * 0.3
-    calls = {name: 0 for name in ("mm", "mm_t", "outer", "zero")}
-    for name in calls:
-        real = getattr(plain, name)
-        def counted(*a, _real=real, _name=name, **k):  # counts the calls the kernel served
-            out = _real(*a, **k)
-            calls[_name] += out is not None and out is not False
-            return out
-        monkeypatch.setattr(plain, name, counted)
+    calls = counting_kernels(monkeypatch)
     y1, gx1, gb1, node = _bank_grads(x, bank, COUNTS)
     assert type(node).__name__ == "_BankBackward"
     # 6 experts with rows: the last on the host's route, and the 1-row one's forward and input gradient where

@@ -11,8 +11,8 @@ from llmarch import native
 from llmarch.native import plain
 from llmarch.nn import banks, dense, widened
 
-from tests.test_plain import (many_rows_strided_and_on_threads, products_of_many_rows, products_on_threads,
-                              strided_rows_and_an_unaligned_output)
+from tests.test_plain import (counting_kernels, many_rows_strided_and_on_threads, products_of_many_rows,
+                              products_on_threads, strided_rows_and_an_unaligned_output)
 
 # skipped only where the kernels cannot be built (they need AVX-512 BF16); one that builds but fails its self-check
 # fails these tests
@@ -159,14 +159,7 @@ def test_bank_training_through_the_kernels_equals_the_torch_products(monkeypatch
     bf16 products per expert."""
     x = rand(sum(COUNTS), 48)
     bank = rand(len(COUNTS), 72, 48, seed=1).transpose(1, 2)  # [E, 48, 72], each expert's [72, 48] rows contiguous
-    calls = {name: 0 for name in ("mm", "mm_t", "outer")}
-    for name in calls:
-        real = getattr(plain, name)
-        def counted(*a, _real=real, _name=name, **k):
-            out = _real(*a, **k)
-            calls[_name] += out is not None
-            return out
-        monkeypatch.setattr(plain, name, counted)
+    calls = counting_kernels(monkeypatch)
     g = rand(sum(COUNTS), 72, seed=9)
     grads = []
     for fn in (banks.bank_linear, lambda x, b, c: torch.cat([xe @ b[e] for e, xe in enumerate(x.split(c)) if c[e]])):
@@ -176,7 +169,7 @@ def test_bank_training_through_the_kernels_equals_the_torch_products(monkeypatch
         grads.append((y.detach(), xi.grad, bi.grad, y.grad_fn))
     (y1, gx1, gb1, node), (y0, gx0, gb0, _) = grads
     assert type(node).__name__ == "_BankBackward"
-    assert calls == {"mm": 6, "mm_t": 6, "outer": 6}  # the 6 experts with 1-40 rows
+    assert calls == {"mm": 6, "mm_t": 6, "outer": 6, "zero": 2}  # the 6 experts with 1-40 rows; 2 runs of empty ones
     assert gb1.stride() == bank.stride()  # the bank's own layout: AccumulateGrad keeps it without a copy
     for got, want in ((y1, y0), (gx1, gx0), (gb1, gb0)):
         assert got.dtype == BF16 and (got == want).float().mean() >= 0.99

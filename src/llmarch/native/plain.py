@@ -200,6 +200,70 @@ def outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor |
     return _outer(fn, x, g, out)
 
 
+def _bank_ok(a: torch.Tensor, bank: torch.Tensor) -> bool:
+    """``a`` 2-D rows and ``bank`` [E, ., .] of one kernel dtype on the CPU, a's rows contiguous."""
+    return (a.dim() == 2 and bank.dim() == 3 and a.dtype in (torch.float32, _BF16) and bank.dtype == a.dtype
+            and a.device.type == "cpu" and bank.device.type == "cpu" and a.stride(1) == 1
+            and a.stride(0) >= a.shape[1] and not _traced())
+
+
+def bank_mm(a: torch.Tensor, mats: torch.Tensor, counts: list[int], out: torch.Tensor) -> list[bool] | None:
+    """For each expert e, its ``counts[e]`` rows of ``a`` [A, k] (sorted by expert) times ``mats[e]`` [k, n], into
+    the same rows of ``out`` [A, n] (fp32, contiguous: the kernels' sums; bf16 operands' sums for the caller to
+    round), one Python check for the whole bank. ``mats`` is a bank or a bank transposed: ``mm`` over matrices
+    whose rows are contiguous, ``mm_t`` over those whose columns are (a column-major bank). Returns which experts
+    the kernels took (by :data:`ROWS` / :data:`ROWS_BF16`; the caller computes the others), or None where they do
+    not apply."""
+    if not _bank_ok(a, mats) or mats.shape[1] != a.shape[1] or not a.shape[1] or out.dtype != torch.float32:
+        return None
+    E, k, n = mats.shape
+    if out.shape != (a.shape[0], n) or not out.is_contiguous() or len(counts) != E:
+        return None
+    if mats.stride(2) == 1 and mats.stride(1) >= n:  # rows of each matrix contiguous
+        name, ws = "mm", mats.stride(1)
+    elif mats.stride(1) == 1 and mats.stride(2) >= k:  # columns contiguous: mm_t over each matrix transposed
+        name, ws = "mm_t", mats.stride(2)
+    else:
+        return None
+    if (fn := _kernel(name, a.dtype)) is None:
+        return None
+    size, row0, done = a.element_size(), 0, []
+    pa, pw, py, sa, se = _ptr(a), _ptr(mats), _ptr(out), a.stride(0), mats.stride(0)
+    for e, R in enumerate(counts):
+        done.append(R > 0 and _takes(name, R, a.dtype))
+        if done[-1]:  # mm: (y, x, w, R, K, N, ws, xs); mm_t: (y, g, w, R, I, O, ws, gs)
+            fn(py + row0 * n * 4, pa + row0 * sa * size, pw + e * se * size, R, *((k, n) if name == "mm" else (n, k)),
+               ws, sa)
+        row0 += R
+    return done
+
+
+def bank_outer(x: torch.Tensor, g: torch.Tensor, counts: list[int], grad: torch.Tensor) -> list[bool] | None:
+    """For each expert e, x_e^T g_e of its ``counts[e]`` rows of ``x`` [A, I] and ``g`` [A, O] written into
+    ``grad[e]`` [I, O] (x's dtype; each expert's matrix contiguous in either layout, a bank's gradient), one Python
+    check for the whole bank. Returns which experts the kernel took (the caller writes the others), or None where
+    it does not apply."""
+    if not _bank_ok(x, grad) or not _bank_ok(g, grad) or grad.shape[1:] != (x.shape[1], g.shape[1]):
+        return None
+    E, I, O = grad.shape
+    if x.shape[0] != g.shape[0] or len(counts) != E or (fn := _kernel("outer", x.dtype)) is None:
+        return None
+    if grad.stride(2) == 1 and grad.stride(1) == O:  # out [I, O] = x^T g
+        first, second, cols = x, g, (I, O)
+    elif grad.stride(1) == 1 and grad.stride(2) == I:  # a column-major bank's: out^T [O, I] = g^T x
+        first, second, cols = g, x, (O, I)
+    else:
+        return None
+    size, row0, done = x.element_size(), 0, []
+    p1, p2, po, s1, s2, se = _ptr(first), _ptr(second), _ptr(grad), first.stride(0), second.stride(0), grad.stride(0)
+    for e, n in enumerate(counts):
+        done.append(n > 0 and _takes("outer", n, x.dtype))
+        if done[-1]:  # (out, x, g, n, I, O, xs, gs)
+            fn(po + e * se * size, p1 + row0 * s1 * size, p2 + row0 * s2 * size, n, *cols, s1, s2)
+        row0 += n
+    return done
+
+
 def zero(t: torch.Tensor) -> bool:
     """Zero a CPU tensor in place with non-temporal stores: contiguous, or so once its last two dimensions are swapped
     (a column-major expert bank's gradient); False (nothing done) where the kernel is not

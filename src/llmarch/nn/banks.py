@@ -36,13 +36,6 @@ def _plain_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     return plain.mm_t(x, w.t()) if w.stride(-2) == 1 else None
 
 
-def _plain_outer(x: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> bool:
-    """x^T g written into ``out`` (either layout) through :func:`llmarch.native.plain.outer`; False if not served."""
-    if out.stride(-1) == 1:
-        return plain.outer(x, g, out) is not None
-    return out.stride(-2) == 1 and plain.outer(g, x, out.t()) is not None
-
-
 def _rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [n, k] @ w [k, m] for one expert: few rows through :mod:`llmarch.native.plain` over w in its own layout
     (:func:`_few_rows`, :func:`_plain_mm`); else oneDNN, but torch's BLAS for a single row (measured
@@ -83,23 +76,23 @@ class _Bank(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, bank: torch.Tensor, counts: list[int]) -> torch.Tensor:
         ctx.save_for_backward(x, bank)
         ctx.counts = counts
-        return torch.cat([_rows_mm(xe, bank[e]) for e, xe in enumerate(x.split(counts)) if counts[e]])
+        return _bank_rows(x, bank, counts)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x, bank = ctx.saved_tensors
         counts, pieces = ctx.counts, list(zip(x.split(ctx.counts), g.split(ctx.counts)))
         dx = dbank = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.cat([_input_grad(ge, bank[e]) for e, (_, ge) in enumerate(pieces) if counts[e]])
+        if ctx.needs_input_grad[0]:  # g_e @ W_e^T
+            dx = _bank_rows(g, bank.transpose(1, 2), counts)
         if ctx.needs_input_grad[1]:
             dbank = torch.empty_like(bank)
+            # few rows: llmarch's kernels (2-5x BLAS, 1.6-3.2x oneDNN), written into the bank's gradient
+            done = plain.bank_outer(x, g, counts, dbank) if _few_rows(x) else None
             for e, (xe, ge) in enumerate(pieces):
-                if not counts[e]:
+                if not counts[e] or (done is not None and done[e]):
                     continue
-                if _few_rows(xe) and _plain_outer(xe, ge, dbank[e]):  # 2-5x BLAS, 1.6-3.2x oneDNN
-                    pass
-                elif xe.dtype == torch.bfloat16 and widened.ROUTE:  # [out, in] = g_e^T x_e
+                if xe.dtype == torch.bfloat16 and widened.ROUTE:  # [out, in] = g_e^T x_e
                     dbank[e].t().copy_(widened.mm(ge.t(), xe))  # contiguous there for a column-major bank
                 elif xe.dtype == torch.bfloat16:  # oneDNN's bf16 product, written in place
                     if dbank[e].t().is_contiguous():
@@ -114,9 +107,23 @@ class _Bank(torch.autograd.Function):
         return dx, dbank, None
 
 
-def _input_grad(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """g [n, out] @ w [in, out]^T for one expert (few rows: :mod:`llmarch.native.plain`)."""
-    return _rows_mm(g, w.t())
+def _bank_rows(a: torch.Tensor, mats: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``cat(a_e @ mats[e])`` over the experts with rows (``mats``: a bank [E, k, n], or a bank transposed for the
+    input gradient): few rows per expert through :func:`llmarch.native.plain.bank_mm`, all experts' sums written
+    into one fp32 output (bf16: rounded once, at the end) with one Python check for the bank (a per-expert call
+    cost ~10 us of checks, 48 of them per MoE layer's forward + backward); experts past its row limits, and banks
+    it does not take, through :func:`_rows_mm`."""
+    if _few_rows(a):
+        out = torch.empty(a.shape[0], mats.shape[-1])
+        done = plain.bank_mm(a, mats, counts, out)
+        if done is not None:
+            row0 = 0
+            for e, R in enumerate(counts):
+                if R and not done[e]:
+                    out[row0:row0 + R].copy_(_rows_mm(a[row0:row0 + R], mats[e]))
+                row0 += R
+            return out if a.dtype == torch.float32 else out.to(a.dtype)
+    return torch.cat([_rows_mm(ae, mats[e]) for e, ae in enumerate(a.split(counts)) if counts[e]])
 
 
 def _zero_unused(dbank: torch.Tensor, counts: list[int]) -> None:
