@@ -55,7 +55,7 @@ def loop_dispatch(x, experts, weights, keep, bank):
             chosen = chosen & keep
         token, k = chosen.nonzero(as_tuple=True)
         if token.numel():
-            y = bank.one(e, x[token])
+            y = bank.one(e, x.index_select(0, token))
             out.index_add_(0, token, y * weights[token, k, None].to(x.dtype))
     return out
 
@@ -93,7 +93,7 @@ def padded_dispatch(x, experts, weights, keep, bank):
     slot = torch.arange(order.numel(), device=x.device) - starts[by_expert]  # [A] row within its expert
     row = by_expert * C + slot  # [A] row in the flattened [E * C] batch
     token = order // K
-    packed = x.new_zeros(E * C, D).index_copy(0, row, x[token])  # [E*C, D]
+    packed = x.new_zeros(E * C, D).index_copy(0, row, x.index_select(0, token))  # [E*C, D]
     y = bank.batched(packed.view(E, C, D)).view(E * C, D)
     w = weights.reshape(-1)[order].to(x.dtype)
     return torch.zeros_like(x).index_add(0, token, y[row] * w[:, None])
@@ -107,7 +107,7 @@ def grouped_dispatch(x, experts, weights, keep, bank):
     if counts_list is not None and (not counts_list or sum(counts_list) == 0):
         return torch.zeros_like(x)
     token = order // K
-    y = bank.grouped(x[token], counts.cumsum(0).to(torch.int32))  # [A, D]
+    y = bank.grouped(x.index_select(0, token), counts.cumsum(0).to(torch.int32))  # [A, D]
     w = weights.reshape(-1)[order].to(x.dtype)
     return torch.zeros_like(x).index_add(0, token, y * w[:, None])
 
@@ -159,7 +159,9 @@ def sliced_dispatch(x, experts, weights, keep, bank):
     if sum(counts_list) == 0:
         return torch.zeros_like(x)
     token = order // K
-    y = bank.sliced(x[token], counts_list)  # [A, D]
+    # index_select, not x[token]: its backward is index_add (CPU, 256 x 512 bf16 rows: 20 us against the accumulating
+    # index_put of x[token]'s, 172 us; forward 5 against 45 us), as in the other dispatchers
+    y = bank.sliced(x.index_select(0, token), counts_list)  # [A, D]
     w = weights.reshape(-1)[order].to(x.dtype)
     return torch.zeros_like(x).index_add(0, token, y * w[:, None])
 

@@ -66,7 +66,7 @@ class AllToAllDispatch:
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # [ep * El]: source rank i, local expert e
         send_split = counts.view(ep, El).sum(1).tolist()
         recv_split = recv_counts.view(ep, El).sum(1).tolist()
-        recv = all_to_all(x[token], recv_split, send_split, self.group)  # [A_recv, D]
+        recv = all_to_all(x.index_select(0, token), recv_split, send_split, self.group)  # [A_recv, D]
         local = torch.repeat_interleave(torch.arange(El, device=x.device).repeat(ep), recv_counts)  # [A_recv]
         perm = local.argsort(stable=True)  # rows grouped by local expert
         local_counts = recv_counts.view(ep, El).sum(0).tolist()
