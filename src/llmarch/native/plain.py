@@ -47,16 +47,21 @@ _FIRST = 1 if "avx512f" in native._cpu()[1] else 2
 ROWS = {"mm": (_FIRST, 12), "mm_t": (_FIRST, 8), "outer": (1, 8)}
 # AVX-512 hosts: register tiles of several rows past a few (plain.c's many_* kernels) against oneDNN's products,
 # Zen 5 EPYC, one thread, an expert's gate_up and down: x @ W 1.16-1.6x at 12-128 rows, 1.08-1.13x at 256;
-# g @ W^T 1.04-1.4x at 12-128, 0.96-1.02x at 192-256; the weight gradient 1.2-3.7x at 12-128, 1.15-1.28x at 256
+# g @ W^T 1.04-1.4x at 12-128, 0.96-1.02x at 192-256; the weight gradient 1.2-3.7x at 12-128, 1.15-1.28x at 256.
+# Since the input gradient's transposed panel (twentieth round), an MoE layer's fp32 forward + backward (top-2 of 8,
+# llmarch's benchmarks/moe.py layer) ran 1.05-1.15x faster with the input and weight gradients up to 1024 rows than
+# with oneDNN's past 128 / 256 (512 and 2048 tokens: ~128 and ~512 rows per expert); the forward past 256: level
 if "avx512f" in native._cpu()[1]:
-    ROWS = {"mm": (1, 256), "mm_t": (1, 128), "outer": (1, 256)}
+    ROWS = {"mm": (1, 256), "mm_t": (1, 1024), "outer": (1, 1024)}
 # bf16 (benchmarks/train_rows.py --dtype bf16, Zen 5 EPYC, one thread, weights from memory): 1.2-2.6x torch's bf16
 # products at 1-8 rows, 0.94-1.77x at 12, 0.76-1.33x at 16
 ROWS_BF16 = {"mm": (1, 12), "mm_t": (1, 12), "outer": (1, 12)}
 # with plain_bf16.c's register tiles past a few rows, against oneDNN's bf16 products of an expert's gate_up and down
 # from memory: mm (the input gradient) 1.0-1.5x at 16-64 rows, 1.0-1.15x at 128; mm_t (the forward) 1.1-1.45x at
-# 16-64, 0.97-1.03x at 128; outer 1.04-1.8x at 16-256
-ROWS_BF16 = {"mm": (1, 128), "mm_t": (1, 64), "outer": (1, 256)}
+# 16-64, 0.97-1.03x at 128; outer 1.04-1.8x at 16-256. With the forward's prefetch and transposed panel (twentieth
+# round) an MoE layer's bf16 forward + backward ran 1.01-1.06x faster at 192-256 tokens (48-64 rows per expert on
+# average, many past 64) with the forward up to 128 rows; sending it to oneDNN past 16 rows cost 1.21x at 128 tokens
+ROWS_BF16 = {"mm": (1, 128), "mm_t": (1, 128), "outer": (1, 256)}
 _I64 = ctypes.c_int64
 _BF16 = torch.bfloat16
 
