@@ -287,7 +287,7 @@ def test_bank_training_through_the_kernels_equals_torch(monkeypatch, host_route)
                 torch.stack([xe.T @ ge for xe, ge in zip(xs, gs)])]
 
     want = products(torch.float64)
-    for ref, fp32 in zip(want, products(torch.float32)):  # torch's own fp32 error (the longest sum: the last expert's rows)
+    for ref, fp32 in zip(want, products(torch.float32)):  # torch's own fp32 error (the longest sum)
         TORCH_ERROR[tuple(ref.shape)] = (fp32.double() - ref).abs().max().item()
     for got, ref in zip((y1, gx1, gb1), want):
         close(got, ref)
