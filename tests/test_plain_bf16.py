@@ -73,8 +73,8 @@ def test_strided_rows_and_an_unaligned_output():
 
 # plain_bf16.c's register tiles past a few rows: tiles of 1-6 rows, 12-row tasks with a tail, one to four vectors
 # of g's rows and more than 64 of them, odd counts of the shared index (a last pair with a zero), column tails,
-# sums of more than the 128 pairs summed in registers at a time; mm_t as W g^T (11, 13, 32 rows) and over the
-# transposed panel (17, 33, 65, 130)
+# sums of more than the 128 pairs summed in registers at a time; mm_t as W g^T (11, 13, 17, 32 rows) and over the
+# transposed panel (33, 65, 130)
 MANY_ROWS = [8, 11, 13, 17, 32, 33, 65, 130]
 
 

@@ -345,7 +345,7 @@ static inline float hsum(__m256 v) {
 void llmarch_plain_mm_t(float *y, const float *g, const float *w, int64_t R, int64_t I, int64_t O, int64_t ws,
                         int64_t gs) {
 #ifdef __AVX512F__
-  if (R >= MANY_MM_T_FROM && MM_T_PANEL(R) && many_mm(y, g, w, R, O, I, ws, gs, 1)) return;
+  if (R >= MANY_MM_T_FROM && MM_T_PANEL(R, 0) && many_mm(y, g, w, R, O, I, ws, gs, 1)) return;
   if (R >= MANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(float), (size_t)O * 64 * sizeof(float),
                                            many_transpose, many_mm_t_task))
     return;

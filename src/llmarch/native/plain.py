@@ -24,7 +24,7 @@ bf16 products: forward 1.2-1.9x, input gradient 1.4-2.5x, weight gradient 1.6-2.
 index (``plain_bf16.c``'s ``bmany_*``): 1.0-1.5x oneDNN at 16-64 rows.
 
 ``mm_t`` past a few rows (both dtypes) is W g^T over g's rows in vectors of 16, or, where that would leave the last
-vector largely empty (17-24 rows, and past 32 rows but at multiples of 16: ``tiles.c``'s ``by_panel``), ``mm``'s
+vector largely empty (past 32 rows but at multiples of 16, and fp32 at 17-24: ``tiles.c``'s ``by_panel``), ``mm``'s
 tiles over W's rows transposed into their panel. :func:`bank_mm` and :func:`bank_outer` run a whole expert bank's
 products (each expert's slice of a sorted batch) with one Python check: a per-expert call cost ~10 us of checks.
 """

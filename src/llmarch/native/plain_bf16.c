@@ -368,7 +368,7 @@ void llmarch_plain_bf16_mm(float *y, const uint16_t *x, const uint16_t *w, int64
 
 void llmarch_plain_bf16_mm_t(float *y, const uint16_t *g, const uint16_t *w, int64_t R, int64_t I, int64_t O,
                              int64_t ws, int64_t gs) {
-  if (R >= BMANY_MM_T_FROM && MM_T_PANEL(R) && bmany_mm(y, g, w, R, O, I, ws, gs, 1)) return;
+  if (R >= BMANY_MM_T_FROM && MM_T_PANEL(R, 1) && bmany_mm(y, g, w, R, O, I, ws, gs, 1)) return;
   if (R >= BMANY_MM_T_FROM && w_gt_product(y, g, w, R, I, O, ws, gs, sizeof(uint16_t),
                                             (size_t)(O + 1) / 2 * 64 * sizeof(uint32_t), bmany_transpose,
                                             bmany_mm_t_task))

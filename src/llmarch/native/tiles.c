@@ -99,15 +99,17 @@ static inline void transpose16(__m512 *r) {
 
 /* y = g W^T past a few rows either as W g^T (w_gt_product below), whose vectors run over 16 rows of g each, or as an
  * x @ W product over W's rows transposed into its panel (plain.c's many_mm, plain_bf16.c's bmany_mm, `trans`), which
- * pads no rows but transposes every block of W. Zen 5 EPYC, one thread, an expert's two matrices from memory, fp32
- * and bf16: the transposed panel 1.05-1.4x at 17-24 and 33-47 rows (W g^T's last vector a half to seven eighths
- * empty), level at 24, 0.67-0.93x at multiples of 16 and at 25-31 rows. An A/B build may set MM_T_PANEL(R). */
+ * pads no rows but transposes every block of W. Zen 5 EPYC, one thread, an expert's two matrices from memory
+ * (benchmarks/plain_ab.py, the panel against --before-flags=-DMM_T_PANEL(R,p)=0): past 32 rows but at multiples of
+ * 16 the panel ran 1.1-1.4x (fp32 and bf16); at 17-24 rows 1.05-1.16x for fp32's 512 x 2048 and 0.98x for its
+ * 1024 x 512, but 0.84-1.0x in bf16 (pairs: p = 1); at multiples of 16 and at 25-31 rows 0.67-0.93x. An A/B build
+ * may set MM_T_PANEL(R, p). */
 #ifndef MM_T_PANEL
-#define MM_T_PANEL(R) by_panel(R)
+#define MM_T_PANEL(R, p) by_panel(R, p)
 #endif
-static inline int by_panel(int64_t R) {
+static inline int by_panel(int64_t R, int pairs) {
   int64_t rem = R % 16;
-  return R > 16 && rem != 0 && (R > 32 || rem <= 8);
+  return R > 16 && rem != 0 && (R > 32 || (!pairs && rem <= 8));
 }
 
 /* y[R, I] = g[R, O] W[I, O]^T as z = W g^T (plain.c's many_mm_t, plain_bf16.c's bmany_mm_t): up to 64 rows of g at
