@@ -2,8 +2,8 @@
 ``plain_bf16.c`` for bf16, with the ``tiles.c`` beside each): both built here with ``llmarch.native``'s compiler and
 flags (plus ``--before-flags=...`` / ``--after-flags=...``, e.g. ``-DMM_T_PANEL(R,p)=0`` to hold ``g W^T`` to its
 ``W g^T`` form), one thread, the two builds alternating call by call. The products are an expert bank's, in the
-layout the bank trains in (``llmarch.nn.banks``): fp32 row-major (forward ``mm``, input gradient ``mm_t``, weight gradient
-``outer``), bf16 column-major (forward ``mm_t``, input gradient ``mm``, weight gradient ``outer`` into the
+layout the bank trains in (``llmarch.nn.banks``): fp32 row-major (forward ``mm``, input gradient ``mm_t``, weight
+gradient ``outer``), bf16 column-major (forward ``mm_t``, input gradient ``mm``, weight gradient ``outer`` into the
 transposed gradient), over ``benchmarks/moe.py``'s experts (gate_up 512 -> 2048, down 1024 -> 512), each call on the
 next matrix of a 96 MB pool (weights from memory, as a bank's are). Prints median times and the median of the
 per-round ratios (before / after: above 1, the new build is faster) per product and row count.
