@@ -96,8 +96,8 @@ static inline __attribute__((always_inline)) void many_mm_tile(float *y, const f
 
 /* the panel [k1 - k0, 64]: rows k0 .. k1 - 1 of W's 64 columns at j, copied; trans: W given as its transpose
  * (w [N, K], rows ws apart), 16 x 16 blocks of its rows j .. j + 63 transposed (zeros past N) */
-static inline void many_fill(float *panel, const float *w, int64_t K, int64_t N, int64_t ws, int64_t j, int64_t k0,
-                             int64_t k1, const __mmask16 *m, int trans) {
+static inline void many_fill(float *panel, const float *w, int64_t N, int64_t ws, int64_t j, int64_t k0, int64_t k1,
+                             const __mmask16 *m, int trans) {
   if (!trans) {
     for (int64_t k = k0; k < k1; k++)
       for (int v = 0; v < 4; v++)
@@ -113,7 +113,6 @@ static inline void many_fill(float *panel, const float *w, int64_t K, int64_t N,
       transpose16(r);
       for (int t = 0; t < 16 && k + t < k1; t++) _mm512_store_ps(panel + (k + t - k0) * 64 + 16 * v, r[t]);
     }
-  (void)K;
 }
 
 /* y's 64 columns at j: blocks of MANY_SUM rows of W made into the panel (many_fill), and for each, R rows of y in
@@ -124,7 +123,7 @@ static void many_mm_panel(float *y, const float *x, const float *w, float *panel
   for (int v = 0; v < 4; v++) m[v] = lanes(N - j - 16 * v);
   for (int64_t k0 = 0; k0 < K; k0 += MANY_SUM) {
     int64_t k1 = min64(K, k0 + MANY_SUM);
-    many_fill(panel, w, K, N, ws, j, k0, k1, m, trans);
+    many_fill(panel, w, N, ws, j, k0, k1, m, trans);
     /* the next block: these columns' next rows, else the first rows of this thread's next 64 columns; trans: its
      * rows of w in halves of 64 values (two per row) */
     int64_t jn = k1 < K ? j : j + 64, kn = k1 < K ? k1 : 0;
