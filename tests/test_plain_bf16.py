@@ -128,6 +128,37 @@ def test_outputs_given_are_written_in_place_and_nan_propagates():
     assert plain.mm(x, w)[1].isnan().all() and not plain.mm(x, w)[[0, 2]].isnan().any()
 
 
+@pytest.mark.parametrize("layout", ["rows", "columns"])  # the bank's mm and (column-major) mm_t
+def test_a_bank_rounded_in_the_call_equals_torchs_rounding_of_its_sums(layout):
+    """``bank_mm`` into a bf16 output rounds each expert's fp32 sums in its kernel call as torch rounds them: ties
+    to even (both ways), overflow to infinity, NaN; and 80 x 1024 sums of two experts, rounded on two threads."""
+    c = torch.arange(64, dtype=torch.float64)
+    w = torch.stack([1 + c * 2 ** -7, torch.ones(64)])  # [2, 64]: column c sums to a[r, 0] (1 + c 2^-7) + a[r, 1]
+    w[0, 7] = 0
+    mats = torch.stack([w, w * 2.0 ** 100]).to(BF16)  # expert 1's sums overflow fp32 where a has 2^100
+    # ties half way between bf16 neighbours, one rounding down, 2^100 (x 2^100: infinity), infinity (x 0: NaN)
+    a = torch.tensor([[1.0, 2 ** -8], [1.0, 3 * 2 ** -8], [1.0, 2 ** -9], [2.0 ** 100, 0], [float("inf"), 0]])
+    big, wide = rand(80, 256, seed=3), rand(2, 256, 1024, seed=4)
+    for a, mats in ((a.to(BF16).repeat(2, 1), mats), (big, wide)):
+        if layout == "columns":
+            mats = mats.transpose(1, 2).contiguous().transpose(1, 2)
+        counts = [a.shape[0] // 2, a.shape[0] - a.shape[0] // 2]
+        sums, rounded = torch.empty(a.shape[0], mats.shape[2]), torch.empty(a.shape[0], mats.shape[2], dtype=BF16)
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            assert plain.bank_mm(a, mats, counts, sums) == [True, True]
+            assert plain.bank_mm(a, mats, counts, rounded) == [True, True]
+        finally:
+            torch.set_num_threads(before)
+        torch.testing.assert_close(rounded, sums.to(BF16), rtol=0, atol=0, equal_nan=True)
+        if a.shape[0] == 10:
+            ties = torch.cat([rounded[:2, 8:], rounded[5:7, 8:]]).float() - torch.cat([sums[:2, 8:], sums[5:7, 8:]])
+            assert (ties > 0).any() and (ties < 0).any() and (ties != 0).all()
+            assert sums[8].isinf().any() and sums[4, 7].isnan() and rounded[4, 7].isnan()
+    assert rounded.shape == (80, 1024) and sums.isfinite().all()
+
+
 @pytest.mark.parametrize("case", ["too many rows", "mixed dtypes", "columns strided", "not built"])
 def test_what_the_kernels_leave_to_torch(case, monkeypatch):
     x, w = rand(4, 16), rand(16, 24, seed=1)

@@ -108,8 +108,11 @@ def _check_bf16(fn_mm, fn_mm_t, fn_outer) -> bool:
 _ARGS = [ctypes.c_void_p] * 3 + [_I64] * 5
 _KERNELS = {name: native.Kernel("plain", f"llmarch_plain_{name}", _ARGS, lambda fn: True)
             for name in ("mm", "mm_t", "outer")}
-_KERNELS_BF16 = {name: native.Kernel("plain_bf16", f"llmarch_plain_bf16_{name}", _ARGS, lambda fn: True)
-                 for name in ("mm", "mm_t", "outer")}
+# and mm_round / mm_t_round: the same two products with their sums rounded to bf16 in the call (arguments: the
+# bf16 output, then mm's / mm_t's, whose fp32 output is the scratch for the sums)
+_KERNELS_BF16 = {name: native.Kernel("plain_bf16", f"llmarch_plain_bf16_{name}",
+                                     [ctypes.c_void_p] * name.endswith("_round") + _ARGS, lambda fn: True)
+                 for name in ("mm", "mm_t", "outer", "mm_round", "mm_t_round")}
 _ZERO = native.Kernel("plain", "llmarch_plain_zero", [ctypes.c_void_p, _I64], lambda fn: True)
 _checked: list[bool] = []
 _checked_bf16: list[bool] = []
@@ -219,12 +222,14 @@ def _bank_ok(a: torch.Tensor, bank: torch.Tensor) -> bool:
 
 def bank_mm(a: torch.Tensor, mats: torch.Tensor, counts: list[int], out: torch.Tensor) -> list[bool] | None:
     """For each expert e, its ``counts[e]`` rows of ``a`` [A, k] (sorted by expert) times ``mats[e]`` [k, n], into
-    the same rows of ``out`` [A, n] (fp32, contiguous: the kernels' sums; bf16 operands' sums for the caller to
-    round), one Python check for the whole bank. ``mats`` is a bank or a bank transposed: ``mm`` over matrices
-    whose rows are contiguous, ``mm_t`` over those whose columns are (a column-major bank). Returns which experts
-    the kernels took (by :data:`ROWS` / :data:`ROWS_BF16`; the caller computes the others), or None where they do
-    not apply."""
-    if not _bank_ok(a, mats) or mats.shape[1] != a.shape[1] or not a.shape[1] or out.dtype != torch.float32:
+    the same rows of ``out`` [A, n] (contiguous; fp32: the kernels' sums, or, for bf16 operands, bf16: the sums
+    rounded expert by expert in the kernels' call, while in cache), one Python check for the whole bank. ``mats``
+    is a bank or a bank transposed: ``mm`` over matrices whose rows are contiguous, ``mm_t`` over those whose
+    columns are (a column-major bank). Returns which experts the kernels took (by :data:`ROWS` /
+    :data:`ROWS_BF16`; the caller computes the others), or None where they do not apply."""
+    rounded = out.dtype == _BF16
+    if (not _bank_ok(a, mats) or mats.shape[1] != a.shape[1] or not a.shape[1]
+            or out.dtype not in (torch.float32, a.dtype)):
         return None
     E, k, n = mats.shape
     if out.shape != (a.shape[0], n) or not out.is_contiguous() or len(counts) != E:
@@ -235,15 +240,16 @@ def bank_mm(a: torch.Tensor, mats: torch.Tensor, counts: list[int], out: torch.T
         name, ws = "mm_t", mats.stride(2)
     else:
         return None
-    if (fn := _kernel(name, a.dtype)) is None:
+    if (fn := _kernel(name + "_round" if rounded else name, a.dtype)) is None:
         return None
-    size, row0, done = a.element_size(), 0, []
+    done = [R > 0 and _takes(name, R, a.dtype) for R in counts]
+    scratch = torch.empty(max((R for R, d in zip(counts, done) if d), default=0), n) if rounded else None
+    size, row0, sums = a.element_size(), 0, [_ptr(scratch)] if rounded else []
     pa, pw, py, sa, se = _ptr(a), _ptr(mats), _ptr(out), a.stride(0), mats.stride(0)
     for e, R in enumerate(counts):
-        done.append(R > 0 and _takes(name, R, a.dtype))
-        if done[-1]:  # mm: (y, x, w, R, K, N, ws, xs); mm_t: (y, g, w, R, I, O, ws, gs)
-            fn(py + row0 * n * 4, pa + row0 * sa * size, pw + e * se * size, R, *((k, n) if name == "mm" else (n, k)),
-               ws, sa)
+        if done[e]:  # mm: (y, x, w, R, K, N, ws, xs), mm_t: (y, g, w, R, I, O, ws, gs); rounded: (out, y, ...)
+            fn(py + row0 * n * out.element_size(), *sums, pa + row0 * sa * size, pw + e * se * size, R,
+               *((k, n) if name == "mm" else (n, k)), ws, sa)
         row0 += R
     return done
 

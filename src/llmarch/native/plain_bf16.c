@@ -12,6 +12,7 @@
  * llmarch_plain_bf16_outer: out[I, O] = x[n, I]^T @ g[n, O]   (the weight gradient, bf16)
  *   rows paired first (x's per output row, g's per column), 64 columns per step, non-temporal stores when out is
  *   64-byte aligned and O a multiple of 32.
+ * llmarch_plain_bf16_mm_round, _mm_t_round: the two products, their fp32 sums then rounded to bf16 while in cache.
  *
  * The rows of a weight of a few hundred to a thousand values fill a 4 KiB page in a few lines each, too short a
  * stream for the hardware prefetcher: each product prefetches the lines of its next rows (from memory on a Zen 5
@@ -445,4 +446,35 @@ void llmarch_plain_bf16_outer(uint16_t *out, const uint16_t *x, const uint16_t *
   }
   free(gp);
   free(xp);
+}
+
+/* dst[0 : n] = src's fp32 values rounded to bf16 as torch rounds them (to nearest, ties to even, subnormals kept),
+ * split across threads in whole blocks of 1024. The sums' NaNs are the products' (x86's default NaN) or carry a
+ * bf16 operand's payload: their low 16 bits are zero, so the rounding bias leaves them NaN */
+static void round_to_bf16(uint16_t *dst, const float *src, int64_t n) {
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+#pragma omp parallel for schedule(static) if (n >= 65536)
+  for (int64_t b = 0; b < (n + 1023) / 1024; b++)
+    for (int64_t i = b * 1024; i < min64(n, b * 1024 + 1024); i += 16) {
+      __mmask16 m = lanes(n - i);
+      __m512i u = _mm512_maskz_loadu_epi32(m, src + i);
+      __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);  /* the kept part's last bit: ties to even */
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, bias)), 16);
+      _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(r));
+    }
+}
+
+/* llmarch_plain_bf16_mm and _mm_t with their sums rounded to bf16 into out (y: the fp32 sums, scratch [R, N] /
+ * [R, I]), while they are in cache: an expert bank's products rounded expert by expert, where one pass over the
+ * whole fp32 batch afterwards read it back from memory */
+void llmarch_plain_bf16_mm_round(uint16_t *out, float *y, const uint16_t *x, const uint16_t *w, int64_t R,
+                                 int64_t K, int64_t N, int64_t ws, int64_t xs) {
+  llmarch_plain_bf16_mm(y, x, w, R, K, N, ws, xs);
+  round_to_bf16(out, y, R * N);
+}
+
+void llmarch_plain_bf16_mm_t_round(uint16_t *out, float *y, const uint16_t *g, const uint16_t *w, int64_t R,
+                                   int64_t I, int64_t O, int64_t ws, int64_t gs) {
+  llmarch_plain_bf16_mm_t(y, g, w, R, I, O, ws, gs);
+  round_to_bf16(out, y, R * I);
 }

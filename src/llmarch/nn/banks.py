@@ -109,12 +109,13 @@ class _Bank(torch.autograd.Function):
 
 def _bank_rows(a: torch.Tensor, mats: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """``cat(a_e @ mats[e])`` over the experts with rows (``mats``: a bank [E, k, n], or a bank transposed for the
-    input gradient): few rows per expert through :func:`llmarch.native.plain.bank_mm`, all experts' sums written
-    into one fp32 output (bf16: rounded once, at the end) with one Python check for the bank (a per-expert call
-    cost ~10 us of checks, 48 of them per MoE layer's forward + backward); experts past its row limits, and banks
-    it does not take, through :func:`_rows_mm`."""
+    input gradient): few rows per expert through :func:`llmarch.native.plain.bank_mm`, all experts' products
+    written into one output of a's dtype (bf16: each expert's fp32 sums rounded in its kernel call, while in cache;
+    one pass over the batch's fp32 sums afterwards read them back from memory) with one Python check for the bank
+    (a per-expert call cost ~10 us of checks, 48 of them per MoE layer's forward + backward); experts past its row
+    limits, and banks it does not take, through :func:`_rows_mm`."""
     if _few_rows(a):
-        out = torch.empty(a.shape[0], mats.shape[-1])
+        out = torch.empty(a.shape[0], mats.shape[-1], dtype=a.dtype)
         done = plain.bank_mm(a, mats, counts, out)
         if done is not None:
             row0 = 0
@@ -122,7 +123,7 @@ def _bank_rows(a: torch.Tensor, mats: torch.Tensor, counts: list[int]) -> torch.
                 if R and not done[e]:
                     out[row0:row0 + R].copy_(_rows_mm(a[row0:row0 + R], mats[e]))
                 row0 += R
-            return out if a.dtype == torch.float32 else out.to(a.dtype)
+            return out
     return torch.cat([_rows_mm(ae, mats[e]) for e, ae in enumerate(a.split(counts)) if counts[e]])
 
 
