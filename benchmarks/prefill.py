@@ -1,9 +1,10 @@
 """Time to the first token: one ``generate`` call making one token after a 1 x T prompt, so the call is the
 prefill (and one sampling), for transformers `generate` (sdpa) and llmarch, whose prefill runs the head on the
-last position only (``logits_to_keep=1``), and llmarch with the head on every position (what the prefill did
-before; ``llmarch.infer.decode.last_logits`` patched to 0). The variants take turns within each round (after one
-warmup each); medians. Also listed: the logits each llmarch variant makes (T x V fp32 numbers for a full head),
-and whether all three pick the same first token.
+last position only (``logits_to_keep=1``), llmarch with the head on every position (what the prefill did
+before; ``llmarch.infer.decode.last_logits`` patched to 0), and llmarch with torch's attention kernel instead of
+its own many-query one (``llmarch.native.flash``, where it builds: AVX-512). The variants take turns within each
+round (after one warmup each); medians. Also listed: the logits each llmarch variant makes (T x V fp32 numbers for
+a full head), and whether all pick the same first token.
 
     PYTHONPATH=src python benchmarks/prefill.py [--cases llama:2048,gpt2:512] [--rounds 3] [--threads 1]
 
@@ -25,6 +26,7 @@ from decode import CONFIGS, hf_model, round_robin  # noqa: E402
 
 import llmarch  # noqa: E402
 from llmarch.infer import decode  # noqa: E402
+from llmarch.native import flash  # noqa: E402
 
 
 def full_head(fn):
@@ -38,6 +40,17 @@ def full_head(fn):
     return run
 
 
+def torch_attention(fn):
+    """fn with llmarch's attention running torch's kernel (llmarch.native.flash set aside)."""
+    def run():
+        keep, flash.available = flash.available, lambda: False
+        try:
+            return fn()
+        finally:
+            flash.available = keep
+    return run
+
+
 def run_case(kind: str, T: int, rounds: int) -> list[dict]:
     torch.manual_seed(0)
     model = llmarch.build(CONFIGS[kind]()).eval()
@@ -47,6 +60,8 @@ def run_case(kind: str, T: int, rounds: int) -> list[dict]:
     fns = {"hf generate (sdpa)": lambda: hf.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0),
            "llmarch (head on the last position)": lambda: llmarch.generate(model, ids, 1),
            "llmarch, head on every position": full_head(lambda: llmarch.generate(model, ids, 1))}
+    if flash.available():
+        fns["llmarch, torch's attention kernel"] = torch_attention(lambda: llmarch.generate(model, ids, 1))
     got = {k: fn() for k, fn in fns.items()}
     same = all(torch.equal(g[:, -1], got["hf generate (sdpa)"][:, -1]) for g in got.values())
     times = round_robin(fns, rounds)

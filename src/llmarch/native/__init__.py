@@ -2,7 +2,7 @@
 
 A kernel library lives next to this file as ``NAME.c`` (``gemv.c``: the few-row products of
 :mod:`llmarch.native.fp32` and :mod:`llmarch.native.int8`; ``w8a8.c``: :mod:`llmarch.native.w8a8`; ``rows.c``:
-:mod:`llmarch.native.rows`; ``plain.c``: :mod:`llmarch.native.plain`).
+:mod:`llmarch.native.rows`; ``plain.c``: :mod:`llmarch.native.plain`; ``flash.c``: :mod:`llmarch.native.flash`).
 :func:`library` compiles it once with the system's C compiler (``$CC``, else ``cc``) at ``-O3 -march=native
 -fopenmp -ffp-contract=off`` (no multiply-add contracted unless a kernel asks for it) into llmarch's cache
 directory (``$LLMARCH_CACHE``, else ``~/.cache/llmarch``; under ``kernels/``) and loads it with ctypes. The file
@@ -38,10 +38,10 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-f
 # compile without them, and picks the widest vectors the CPU has)
 NEEDS = {"gemv": (("avx512f",), ("avx2", "fma")), "rows": ((),), "decode": (("avx2", "fma"),),
          "plain": (("avx2", "fma"),), "plain_bf16": (("avx512f", "avx512bw", "avx512_bf16"),),
-         "w8a8": (("avx2", "fma"),)}
+         "w8a8": (("avx2", "fma"),), "flash": (("avx512f",),)}
 # sources a kernel library #includes: part of its build's hash
-INCLUDES = {"decode": ("gemv.c", "w8a8.c", "rows.c", "vec.c", "ffn.c", "attention.c", "latent.c"),
-            "plain": ("tiles.c",), "plain_bf16": ("tiles.c",)}
+INCLUDES = {"decode": ("gemv.c", "w8a8.c", "rows.c", "vec.c", "exp.c", "ffn.c", "attention.c", "latent.c"),
+            "plain": ("tiles.c",), "plain_bf16": ("tiles.c",), "flash": ("tiles.c", "exp.c")}
 RETRY_AFTER_S = 24 * 3600  # a failed build is retried once its marker is this old (a transient failure heals)
 log = logging.getLogger(__name__)
 
