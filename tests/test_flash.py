@@ -1,8 +1,8 @@
-"""llmarch.native.flash: attention of many queries without the [T, S] scores (``flash.c``), held to float64
-attention written out here: causal with T == S and after a cache (T < S), over all keys, grouped-query and
-multi-query heads, head and value widths off the vector width, query counts off the block size, strided queries,
-several threads; what it leaves to torch; and ``sdpa_attention`` serving a model's prefill (fp32, and bf16 widened
-to it and rounded once) through it."""
+"""llmarch.native.flash: attention of many queries without the [T, S] scores (``flash.c``), forward and backward,
+held to float64 attention and its autograd gradients written out here: causal with T == S and after a cache
+(T < S), over all keys, grouped-query and multi-query heads, head and value widths off the vector width, query and
+key counts off the block sizes, strided queries, several threads; bf16 as the fp32 kernels rounded once; what it
+leaves to torch; and ``sdpa_attention`` serving a model's prefill and training step through it."""
 from __future__ import annotations
 
 import math
@@ -51,7 +51,9 @@ def test_forward_equals_float64_attention(B, H, G, T, S, Dh, Dv, causal):
     k, v = rand(B, G, S, Dh, seed=1), rand(B, G, S, Dv, seed=2)
     scale = 1 / math.sqrt(Dh)
     got = flash.forward(q, k, v, scale, causal)
-    assert got is not None and got.shape == (B, H, T, Dv) and got.is_contiguous()
+    assert got is not None and got.shape == (B, H, T, Dv) and got.transpose(1, 2).is_contiguous()  # as q: [B, T, H]
+    contiguous_q = flash.forward(q.contiguous(), k, v, scale, causal)
+    assert contiguous_q.is_contiguous() and torch.equal(contiguous_q, got)
     torch.testing.assert_close(got.double(), reference(q, k, v, scale, causal), rtol=1e-5, atol=1e-5)
 
 
@@ -83,15 +85,75 @@ def test_large_scores_and_a_far_key_stay_finite():
     assert (got.double() - want).abs().max() <= 2 * torch_error + 1e-6
 
 
-@pytest.mark.parametrize("case", ["gradient", "bf16", "few queries", "more queries than keys", "strided values",
-                                  "not built"])
+@pytest.mark.parametrize("B,H,G,T,S,Dh,Dv,causal", [
+    (2, 4, 2, 100, 100, 64, 64, True),     # several blocks of queries and keys, with tails
+    (1, 4, 1, 17, 130, 80, 67, True),      # after a cache: key blocks no query sees in part
+    (1, 6, 3, 50, 70, 19, 130, False),     # every key; values past two vectors
+])
+def test_gradients_equal_float64_autograd(B, H, G, T, S, Dh, Dv, causal):
+    q = rand(B, T, H, Dh).transpose(1, 2).requires_grad_()
+    k, v = rand(B, G, S, Dh, seed=1).requires_grad_(), rand(B, G, S, Dv, seed=2).requires_grad_()
+    g = rand(B, H, T, Dv, seed=3)
+    scale = 1 / math.sqrt(Dh)
+    # the kernels' autograd function (flash.forward sends value widths apart from key widths to torch for training)
+    y = flash._Attention.apply(q, k, v, scale, causal) if Dv != Dh else flash.forward(q, k, v, scale, causal)
+    assert type(y.grad_fn).__name__ == "_AttentionBackward"
+    got = torch.autograd.grad(y, (q, k, v), g)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(reference(qd, kd, vd, scale, causal), (qd, kd, vd), g.double())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads,shares", [(1, True), (3, True), (3, False), (1, False)])
+def test_gradients_on_threads_and_by_either_pass_for_dq(threads, shares, monkeypatch):
+    """dq from each thread's own sums, added up (shares), or from a second pass over query blocks: both as float64's
+    on 1 and 3 threads."""
+    monkeypatch.setattr(flash, "DQ_SHARES_MAX", flash.DQ_SHARES_MAX if shares else -1)
+    q, k, v = (rand(2, 3, 150, 24, seed=s).requires_grad_() for s in range(3))
+    g = rand(2, 3, 150, 24, seed=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.autograd.grad(flash.forward(q, k, v, 0.25, True), (q, k, v), g)
+    finally:
+        torch.set_num_threads(before)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(reference(*exact, 0.25, True), exact, g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_is_the_fp32_kernel_on_the_bf16_values():
+    """bf16: the output is the fp32 kernel's rounded once; the gradients (from the output as saved, in bf16, as
+    torch's bf16 kernel saves it) no further from float64's than torch's bf16 kernel's are."""
+    q, k, v = (rand(1, 4, 70, 32, seed=s).bfloat16().requires_grad_() for s in range(3))
+    g = rand(1, 4, 70, 32, seed=3).bfloat16()
+    y = flash.forward(q, k, v, 0.2, True)
+    got = torch.autograd.grad(y, (q, k, v), g)
+    wide = [t.detach().float() for t in (q, k, v)]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, flash.forward(*wide, 0.2, True).bfloat16())
+    exact = [t.double().requires_grad_() for t in wide]
+    want = torch.autograd.grad(reference(*exact, 0.2, True), exact, g.double())
+    torch_grads = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2), (q, k, v), g)
+    for a, b, c in zip(got, want, torch_grads):
+        assert a.dtype == torch.bfloat16
+        assert (a.double() - b).abs().max() <= 1.5 * (c.double() - b).abs().max()
+        assert (a.double() - b).abs().mean() <= 1.1 * (c.double() - b).abs().mean()
+
+
+@pytest.mark.parametrize("case", ["few queries", "more queries than keys", "strided values", "mixed dtypes",
+                                  "training with values wider than keys", "not built"])
 def test_what_it_leaves_to_torch(case, monkeypatch):
     q, k, v = rand(1, 2, 32, 8), rand(1, 2, 32, 8, seed=1), rand(1, 2, 32, 8, seed=2)
     causal = True
-    if case == "gradient":
-        q.requires_grad_()
-    elif case == "bf16":
-        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    if case == "training with values wider than keys":
+        v = rand(1, 2, 32, 12, seed=2).requires_grad_()
+        with torch.no_grad():
+            assert flash.forward(q, k, v, 0.3, causal) is not None  # inference takes them
+    elif case == "mixed dtypes":
+        k = k.bfloat16()
     elif case == "few queries":
         q = q[:, :, :flash.MIN_QUERIES - 1]
     elif case == "more queries than keys":
@@ -103,13 +165,17 @@ def test_what_it_leaves_to_torch(case, monkeypatch):
     assert flash.forward(q, k, v, 0.3, causal) is None
 
 
-def counting(monkeypatch) -> list[int]:
-    calls, real = [0], flash._call
+def counting(monkeypatch) -> dict[str, int]:
+    """Counts the kernels' forward and backward calls."""
+    calls = {"fwd": 0, "bwd": 0}
 
-    def count(*a):
-        calls[0] += 1
-        return real(*a)
-    monkeypatch.setattr(flash, "_call", count)
+    def counted(name, real):
+        def count(*a, **kw):
+            calls[name] += 1
+            return real(*a, **kw)
+        return count
+    monkeypatch.setattr(flash, "_fwd", counted("fwd", flash._fwd))
+    monkeypatch.setattr(flash, "_bwd", counted("bwd", flash._bwd))
     return calls
 
 
@@ -117,8 +183,8 @@ def counting(monkeypatch) -> list[int]:
 def test_sdpa_attention_serves_a_prefill_through_the_kernel(dtype, monkeypatch):
     """A LLaMA-style model's forward without gradients: every layer's attention on the kernel (bf16: widened to fp32
     and rounded once), logits as torch's kernel gives them (fp32: within 1e-5; bf16: within a few roundings of
-    torch's bf16 kernel's, and no further than those from the fp32 model of the same weights); with a gradient,
-    torch's kernel."""
+    torch's bf16 kernel's, and no further than those from the fp32 model of the same weights); a training step's
+    forward and backward on it too, gradients as torch's kernel gives them."""
     torch.manual_seed(0)
     cfg = llmarch.preset("llama-tiny").replace(max_seq_len=128)
     model = llmarch.build(cfg).eval().to(dtype)
@@ -126,7 +192,7 @@ def test_sdpa_attention_serves_a_prefill_through_the_kernel(dtype, monkeypatch):
     calls = counting(monkeypatch)
     with torch.no_grad():
         got = model(ids).logits
-    assert calls[0] == model.config.n_layers
+    assert calls == {"fwd": model.config.n_layers, "bwd": 0}
     monkeypatch.setattr(flash, "available", lambda: False)
     with torch.no_grad():
         want = model(ids).logits
@@ -141,8 +207,18 @@ def test_sdpa_attention_serves_a_prefill_through_the_kernel(dtype, monkeypatch):
         assert (got.float() - exact).abs().mean() <= 1.1 * (want.float() - exact).abs().mean()
     monkeypatch.undo()
     calls = counting(monkeypatch)
-    model(ids).logits.sum().backward()
-    assert calls[0] == 0
+    model.zero_grad()
+    model(ids).logits.float().square().mean().backward()
+    assert calls == {"fwd": model.config.n_layers, "bwd": model.config.n_layers}
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    monkeypatch.setattr(flash, "available", lambda: False)
+    model.zero_grad()
+    model(ids).logits.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        if dtype == torch.float32:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6)
+        else:  # bf16 gradients through two different bf16 attentions: close, not equal
+            assert (got[name].float() - p.grad.float()).abs().max() <= 0.1 * p.grad.float().abs().max() + 1e-3
 
 
 def test_bf16_many_queries_are_the_fp32_kernel_rounded_once():
@@ -165,7 +241,7 @@ def test_masked_attention_is_left_to_torch(dtype, monkeypatch):
     calls = counting(monkeypatch)
     with torch.no_grad():
         got = kernels.sdpa_attention(q, k, v, mask=mask)
-    assert calls[0] == 0
+    assert calls == {"fwd": 0, "bwd": 0}
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), kernels.naive_attention(q.double(), k.double(), v.double(), mask=mask),

@@ -1,7 +1,7 @@
 /* llmarch: exp of softmax arguments (x <= 0), shared by the native decode layer (vec.c: 8 lanes, AVX2) and the
  * many-query attention (flash.c: 16 lanes, AVX-512): x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r
- * (Cephes' coefficients) and 2^n through the exponent bits, within 2 ulp of expf; below -87 the result is 0. Both
- * widths run the same steps, written once over each width's set1 / add / sub / mul. */
+ * (Cephes' coefficients) and 2^n through the exponent bits, within 2 ulp of expf; below -87 the result is 0, a
+ * NaN stays NaN. Both widths run the same steps, written once over each width's set1 / add / sub / mul. */
 #include <immintrin.h>
 
 /* r = x - n ln2 in two parts (ln2's first part exact in few bits), then p = e^r */
@@ -21,7 +21,7 @@
 static inline __m256 exp_neg(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
   __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), r, p;
-  x = _mm256_max_ps(x, lo);
+  x = _mm256_max_ps(lo, x);  /* a NaN (the second operand) stays NaN */
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   EXP_NEG_STEPS(_mm256_set1_ps, _mm256_add_ps, _mm256_sub_ps, _mm256_mul_ps, x, n, r, p);
@@ -34,7 +34,7 @@ static inline __m512 exp_neg16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.0f);
   __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
   __m512 r, p;
-  x = _mm512_max_ps(x, lo);
+  x = _mm512_max_ps(lo, x);
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   EXP_NEG_STEPS(_mm512_set1_ps, _mm512_add_ps, _mm512_sub_ps, _mm512_mul_ps, x, n, r, p);

@@ -61,9 +61,9 @@ class _WideFlash(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mask, causal: bool, scale):
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         with torch.autocast("cpu", enabled=False):
-            out, lse = flash(q.float(), k.float(), v.float(), 0.0, causal, attn_mask=_additive(mask), scale=scale)
+            out, lse = kernel(q.float(), k.float(), v.float(), 0.0, causal, attn_mask=_additive(mask), scale=scale)
         out = out.to(torch.bfloat16)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.causal, ctx.scale = causal, scale
@@ -79,15 +79,11 @@ class _WideFlash(torch.autograd.Function):
         return (*(t.to(torch.bfloat16) for t in grads), None, None, None)
 
 
-def _bf16_widened_queries(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, bias, dropout_p: float) -> bool:
-    """bf16 on the CPU, no gradient, eager, no CPU autocast, and either one query per sequence or queries that
-    :func:`llmarch.native.flash.forward` takes in fp32 (many, no mask, no bias; see :func:`sdpa_attention`)."""
-    if not (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 4
+def _bf16_decode_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """One bf16 query per sequence on the CPU, no gradient, eager, no CPU autocast (see :func:`sdpa_attention`)."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")):
-        return False
-    return q.shape[2] == 1 or (q.shape[2] >= flash.MIN_QUERIES and mask is None and bias is None and dropout_p == 0.0
-                               and flash.available())
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
 
 @KERNELS.register("sdpa")
@@ -99,10 +95,14 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
     step's single query (forward alone level), with the same error against fp64. bf16 decode steps (a single query,
     no gradient) run that way on every CPU: on an AVX-512 EPYC with bf16 products torch's bf16 kernel took 1.6-10x
     the widened time at 64-2048 keys, and its values differ from the one-rounding form the native bf16 decode layer
-    computes (:mod:`llmarch.nn.fused_decode`). fp32 attention of many queries without a gradient, causal or
-    unmasked, runs on llmarch's kernel (:mod:`llmarch.native.flash`; 1.5-2.6x torch's on a Zen 5 core), and bf16
-    such attention widened to it (1.8-2.7x torch's bf16 kernel there, the same error against fp64)."""
-    if widened.takes(q) or _bf16_widened_queries(q, k, v, mask, bias, dropout_p):
+    computes (:mod:`llmarch.nn.fused_decode`). Before all that, attention of many queries per sequence, causal or
+    unmasked, without bias or dropout, runs on llmarch's kernels where they build (:mod:`llmarch.native.flash`,
+    AVX-512), forward and backward, bf16 widened to fp32: on a Zen 5 core the forward 1.5-2.6x torch's fp32 kernel
+    and 1.8-2.7x its bf16 one, with the same error against fp64 (docs/performance.md, twenty-first round)."""
+    if mask is None and bias is None and dropout_p == 0.0 and (y := flash.forward(
+            q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal)) is not None:
+        return y
+    if widened.takes(q) or _bf16_decode_query(q, k, v):
         if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
                 t.requires_grad for t in (q, k, v)):
             return _WideFlash.apply(q, k, v, mask, causal, scale)
@@ -114,9 +114,6 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
             and q.dtype == torch.float32 and k.shape[0] * k.shape[2] >= SINGLE_QUERY_MIN_KEYS
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
         return _single_query(q, k, v, mask, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
-    if mask is None and bias is None and dropout_p == 0.0 and (y := flash.forward(
-            q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal)) is not None:
-        return y
     gqa = k.shape[1] != q.shape[1]
     if bias is not None:
         m = _full_mask(mask, q.shape[2], k.shape[2], causal, q.device)
