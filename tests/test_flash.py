@@ -231,6 +231,18 @@ def test_bf16_many_queries_are_the_fp32_kernel_rounded_once():
                                                                            is_causal=True), rtol=1e-2, atol=1e-2)
 
 
+def test_torch_func_transforms_get_torchs_kernel(monkeypatch):
+    """Under torch.func (vmap, grad) the attention runs torch's kernel, which the transforms see through."""
+    q, k, v = rand(3, 2, 32, 8), rand(3, 2, 32, 8, seed=1), rand(3, 2, 32, 8, seed=2)
+    calls = counting(monkeypatch)
+    got = torch.func.vmap(lambda a: kernels.sdpa_attention(a[None], k[:1], v[:1], causal=True)[0])(q)
+    assert calls == {"fwd": 0, "bwd": 0}
+    grad = torch.func.grad(lambda a: kernels.sdpa_attention(a, k, v, causal=True).sum())(q)
+    assert calls == {"fwd": 0, "bwd": 0} and grad.shape == q.shape
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k[:1].expand_as(k), v[:1].expand_as(v),
+                                                                   is_causal=True), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_attention_is_left_to_torch(dtype, monkeypatch):
     """A padding mask (or any mask) over many queries: torch's kernel with the mask, not the kernel."""

@@ -140,7 +140,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     """softmax(q k^T * scale) v for q [B, H, T, Dh], k [B, G, S, Dh], v [B, G, S, Dv] (G dividing H), causal (T <= S:
     query t sees keys up to t + S - T) or over all keys -> [B, H, T, Dv], differentiable (where Dv == Dh); or None
     where the kernels do not apply: fp32 or bf16 CPU tensors (all one dtype) whose last dimension is contiguous, at
-    least :data:`MIN_QUERIES` queries, outside compilation and dispatch modes."""
+    least :data:`MIN_QUERIES` queries, outside compilation, dispatch modes and torch.func transforms."""
     if not (q.dim() == k.dim() == v.dim() == 4 and q.dtype in (torch.float32, torch.bfloat16) and all(
             type(t) is torch.Tensor and t.dtype == q.dtype and t.device.type == "cpu" and t.stride(-1) == 1
             for t in (q, k, v))):  # plain tensors: not a DTensor's shards, not a fake tensor
@@ -149,7 +149,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
     if (T < MIN_QUERIES or (Bk, Dk) != (B, Dh) or (Bv, Gv, Sv) != (B, G, S) or not G or H % G or not S or not Dv
             or not Dh or (causal and T > S)):
         return None
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0 or not available():
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active() or not available()):  # ctypes is invisible to those
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # training: where torch's flash kernel would run (values as wide as keys), so what the step saves is what
