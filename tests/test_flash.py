@@ -166,7 +166,8 @@ def test_what_it_leaves_to_torch(case, monkeypatch):
 
 
 def counting(monkeypatch) -> dict[str, int]:
-    """Counts the kernels' forward and backward calls."""
+    """Counts the kernels' forward and backward calls (after their first-use checks, which call them too)."""
+    assert flash.available()
     calls = {"fwd": 0, "bwd": 0}
 
     def counted(name, real):
@@ -258,3 +259,32 @@ def test_masked_attention_is_left_to_torch(dtype, monkeypatch):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), kernels.naive_attention(q.double(), k.double(), v.double(), mask=mask),
                                rtol=tol, atol=tol)
+
+
+def test_a_prefill_after_a_cache_takes_the_kernel_as_causal(monkeypatch):
+    """The attention module masks a chunk of queries after cached keys with the offset-causal mask: the kernel takes
+    exactly that mask (as causal, T < S), and a model continuing its cache by 24 tokens gives the logits of one
+    48-token forward; any other mask stays on torch's kernel."""
+    q, k, v = rand(1, 4, 20, 16), rand(1, 2, 50, 16, seed=1), rand(1, 2, 50, 16, seed=2)
+    mask = torch.ones(1, 1, 20, 50, dtype=torch.bool).tril(30)
+    calls = counting(monkeypatch)
+    with torch.no_grad():
+        got = kernels.sdpa_attention(q, k, v, mask=mask)
+        assert calls["fwd"] == 1
+        torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
+                                   rtol=1e-5, atol=1e-5)
+        other = mask.clone()
+        other[0, 0, 3, 40] = True  # one query sees one key past its place
+        kernels.sdpa_attention(q, k, v, mask=other)
+        assert calls["fwd"] == 1
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(max_seq_len=128)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 48))
+    with torch.no_grad():
+        whole = model(ids).logits
+        cache = model.new_cache()
+        model(ids[:, :24], cache=cache, use_cache=True)
+        calls["fwd"] = 0
+        rest = model(ids[:, 24:], cache=cache, use_cache=True).logits
+    assert calls["fwd"] == model.config.n_layers
+    torch.testing.assert_close(rest, whole[:, 24:], rtol=1e-4, atol=1e-5)

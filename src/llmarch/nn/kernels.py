@@ -86,6 +86,17 @@ def _bf16_decode_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
 
+def _offset_causal(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``mask`` is one [1, 1, T, S] causal mask of queries at the end of the keys (T < S: a prefill after a
+    cache, each query seeing the cached keys and those up to its own), which llmarch's attention kernels take as
+    causal; only checked where they could take it (CPU, at least flash.MIN_QUERIES queries)."""
+    T, S = q.shape[-2], k.shape[-2]
+    if (mask.dtype != torch.bool or mask.shape != (1, 1, T, S) or T >= S or T < flash.MIN_QUERIES
+            or mask.device.type != "cpu" or not flash.available()):
+        return False
+    return bool(torch.equal(mask[0, 0], torch.ones(T, S, dtype=torch.bool).tril(S - T)))
+
+
 @KERNELS.register("sdpa")
 def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient / math backends); a single query
@@ -95,12 +106,13 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
     step's single query (forward alone level), with the same error against fp64. bf16 decode steps (a single query,
     no gradient) run that way on every CPU: on an AVX-512 EPYC with bf16 products torch's bf16 kernel took 1.6-10x
     the widened time at 64-2048 keys, and its values differ from the one-rounding form the native bf16 decode layer
-    computes (:mod:`llmarch.nn.fused_decode`). Before all that, attention of many queries per sequence, causal or
-    unmasked, without bias or dropout, runs on llmarch's kernels where they build (:mod:`llmarch.native.flash`,
+    computes (:mod:`llmarch.nn.fused_decode`). Before all that, attention of many queries per sequence, causal (also
+    after a cache) or unmasked, without bias or dropout, runs on llmarch's kernels where they build (:mod:`llmarch.native.flash`,
     AVX-512), forward and backward, bf16 widened to fp32: on a Zen 5 core the forward 1.5-2.6x torch's fp32 kernel
     and 1.8-2.7x its bf16 one, with the same error against fp64 (docs/performance.md, twenty-first round)."""
-    if mask is None and bias is None and dropout_p == 0.0 and (y := flash.forward(
-            q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal)) is not None:
+    if bias is None and dropout_p == 0.0 and (mask is None or _offset_causal(mask, q, k)) and (
+            y := flash.forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
+                               causal or mask is not None)) is not None:
         return y
     if widened.takes(q) or _bf16_decode_query(q, k, v):
         if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
