@@ -107,9 +107,10 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
     no gradient) run that way on every CPU: on an AVX-512 EPYC with bf16 products torch's bf16 kernel took 1.6-10x
     the widened time at 64-2048 keys, and its values differ from the one-rounding form the native bf16 decode layer
     computes (:mod:`llmarch.nn.fused_decode`). Before all that, attention of many queries per sequence, causal (also
-    after a cache) or unmasked, without bias or dropout, runs on llmarch's kernels where they build (:mod:`llmarch.native.flash`,
-    AVX-512), forward and backward, bf16 widened to fp32: on a Zen 5 core the forward 1.5-2.6x torch's fp32 kernel
-    and 1.8-2.7x its bf16 one, with the same error against fp64 (docs/performance.md, twenty-first round)."""
+    after a cache) or unmasked, without bias or dropout, runs on llmarch's kernels where they build
+    (:mod:`llmarch.native.flash`, AVX-512), forward and backward, bf16 widened to fp32: on a Zen 5 core the forward
+    1.5-2.6x torch's fp32 kernel and 1.8-2.7x its bf16 one, with the same error against fp64 (docs/performance.md,
+    twenty-first round)."""
     if bias is None and dropout_p == 0.0 and (mask is None or _offset_causal(mask, q, k)) and (
             y := flash.forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
                                causal or mask is not None)) is not None:
