@@ -94,7 +94,7 @@ def _offset_causal(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool
     if (mask.dtype != torch.bool or mask.shape != (1, 1, T, S) or T >= S or T < flash.MIN_QUERIES
             or mask.device.type != "cpu" or not flash.available()):
         return False
-    return bool(torch.equal(mask[0, 0], torch.ones(T, S, dtype=torch.bool).tril(S - T)))
+    return torch.equal(mask, _full_mask(None, T, S, True, mask.device))
 
 
 @KERNELS.register("sdpa")
