@@ -40,6 +40,27 @@ def test_compiled_static_decode_equals_full_recomputation():
     assert torch.equal(got, want)
 
 
+def test_every_tensor_a_static_step_writes_is_a_fixed_address_input():
+    """CUDA graphs (compile_mode="reduce-overhead") replay a step only if every input it writes in place is marked
+    as fixed-address; an unmarked one makes inductor skip the graph (seen on an H200). Find the written tensors by
+    running steps, and require each to be marked, unguarded (a new cache re-records rather than recompiles)."""
+    from llmarch.infer.decode import StaticEngine
+
+    model = model_for("llama-gqa")
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        engine = StaticEngine(model, batch=2, max_len=12)
+        cache = engine.cache
+        tensors = [t for v in vars(cache).values() for t in (v if isinstance(v, list) else [v])
+                   if isinstance(t, torch.Tensor)]
+        before = [(t, t.data_ptr(), t.clone()) for t in tensors]
+        engine.prefill(ids, torch.ones_like(ids))
+        engine.step(ids[:, 0])
+    written = [t for t, ptr, old in before if t.data_ptr() == ptr and not torch.equal(t, old)]
+    assert len(written) >= 2 * model.config.n_layers + 3  # k, v per layer; pos, key_valid, n_real
+    assert all(getattr(t, "_dynamo_static_input_type", None) == "unguarded" for t in written)
+
+
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_static_cache_logits_equal_full_forward(name):
     """Prefill + steps on the static cache give the full forward's logits at every position (padded batch)."""
@@ -129,3 +150,28 @@ def test_static_cache_errors_name_the_fix():
         StaticKVCache.for_model(model, 1, 1000)
     with pytest.raises(ValueError, match="cache='static'"):
         llmarch.generate(model, torch.tensor([[1, 2]]), 2, compile=True)
+
+
+def test_compiled_steps_logits_survive_the_next_step(monkeypatch):
+    """A CUDA-graph step returns its own output buffer, overwritten by the next replay; the engine copies it out,
+    so logits kept across steps stay what they were (simulated: a step that reuses one buffer)."""
+    from llmarch.infer import decode
+
+    model = model_for("llama-gqa")
+    buffer = torch.zeros(1, 97)
+
+    def reusing(model, tokens, cache):
+        buffer.copy_(decode._step(model, tokens, cache))
+        return buffer
+
+    monkeypatch.setattr(decode, "compiled_step", lambda model, mode: reusing)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        engine = decode.StaticEngine(model, batch=1, max_len=16, compile=True, compile_mode="reduce-overhead")
+        engine.prefill(ids, torch.ones_like(ids))
+        kept = [engine.step(ids[:, i]) for i in range(3)]
+        fresh = decode.StaticEngine(model, batch=1, max_len=16)
+        fresh.prefill(ids, torch.ones_like(ids))
+        want = [fresh.step(ids[:, i]) for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(kept, want))
+    assert not torch.equal(want[0], want[2])

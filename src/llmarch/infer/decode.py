@@ -15,7 +15,6 @@ import torch
 
 from llmarch.infer.static_cache import StaticContext, StaticKVCache
 from llmarch.nn.cache import EncoderDecoderCache
-from llmarch.nn.device import host_reads_ok
 
 
 def forward_static(model, input_ids: torch.Tensor, new_mask: torch.Tensor, cache: StaticKVCache,
@@ -64,10 +63,11 @@ class DynamicEngine:
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.mask = attention_mask
-        # no padding (read once, CPU only): the steps pass no mask, so the model derives positions from the
-        # cache length instead of a cumulative sum over a mask grown each step (same positions, fewer ops)
+        # no padding (read once per generate: one sync on an accelerator): the steps pass no mask, so the model
+        # derives positions from the cache length instead of a cumulative sum over a mask grown each step (same
+        # positions, fewer ops), and attention needs no mask (on a GPU: flash attention, which takes none)
         if (not self.prefill_inputs and not getattr(self.model.lm_head, "reads_tokens", False)
-                and host_reads_ok(attention_mask) and bool(attention_mask.bool().all())):
+                and not torch.compiler.is_compiling() and bool(attention_mask.bool().all())):
             self.mask = None
         return self.model(input_ids, attention_mask=attention_mask, cache=self.cache, **self.prefill_inputs,
                           logits_to_keep=last_logits(self.model)).logits[:, -1].float()
@@ -101,12 +101,16 @@ class StaticEngine:
         self.model = model
         self.cache = StaticKVCache.for_model(model, batch, max_len)
         self._step = compiled_step(model, compile_mode) if compile else _step
+        # CUDA graphs (reduce-overhead, max-autotune) hand back their own output buffer, overwritten by the next
+        # replay: a step's logits are copied out, so a caller may keep them (found on an H200)
+        self._copy_out = compile and compile_mode is not None and "no-cudagraphs" not in compile_mode
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return forward_static(self.model, input_ids, attention_mask, self.cache, last_only=True)[:, -1].float()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._step(self.model, tokens, self.cache)
+        logits = self._step(self.model, tokens, self.cache)
+        return logits.clone() if self._copy_out else logits
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """All-real tokens [B, T] -> fp32 logits [B, T, V] for every position (speculative verification)."""

@@ -34,6 +34,10 @@ class StaticKVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = torch.zeros(1, dtype=torch.long, device=device)  # slots written by the current call [T]
+        # a compiled step writes these in place; marked as fixed-address inputs, CUDA graphs (reduce-overhead)
+        # replay over them instead of refusing a graph with mutated inputs. A new cache re-records, not recompiles.
+        for t in self.k + self.v + [self.pos, self.key_valid, self.n_real]:
+            torch._dynamo.mark_static_address(t, guard=False)
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> "StaticKVCache":
