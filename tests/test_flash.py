@@ -288,3 +288,48 @@ def test_a_prefill_after_a_cache_takes_the_kernel_as_causal(monkeypatch):
         rest = model(ids[:, 24:], cache=cache, use_cache=True).logits
     assert calls["fwd"] == model.config.n_layers
     torch.testing.assert_close(rest, whole[:, 24:], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("T, S, grad, user_off, expect_cudnn", [
+    (8, 8, False, False, False),  # inference: a prefill of a new length would build a cuDNN plan
+    (1, 9, False, False, False),  # a decode step over a cache
+    (4, 12, True, False, False),  # keys from a cache, even with gradients
+    (8, 8, True, False, True),  # training: torch's choice
+    (1, 9, False, True, True),  # flash and memory-efficient switched off by the user: cuDNN stays
+])
+def test_accelerator_inference_sets_cudnn_attention_aside_for_the_call(monkeypatch, T, S, grad, user_off,
+                                                                     expect_cudnn):
+    """On a non-CPU device (meta here; the GPU run measured it) torch's SDPA runs with cuDNN's backend off for
+    inference and cached keys, and the user's setting is restored afterwards, also when the call raises."""
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def recording(*a, **kw):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return real(*a, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    q = torch.empty(1, 4, T, 16, device="meta", requires_grad=grad)
+    k, v = (torch.empty(1, 2, S, 16, device="meta", requires_grad=grad) for _ in range(2))
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+    try:
+        if user_off:
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+        with torch.set_grad_enabled(grad):
+            out = kernels.sdpa_attention(q, k, v, causal=T == S)
+        assert out.shape == (1, 4, T, 16) and seen == [expect_cudnn]
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        cpu = kernels.sdpa_attention(*(torch.randn(1, 2, 3, 16) for _ in range(3)))  # the CPU is left alone
+        assert cpu.shape == (1, 2, 3, 16) and seen[-1]
+
+        def failing(*a, **kw):
+            raise RuntimeError("kernel failed")
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", failing)
+        with pytest.raises(RuntimeError), torch.no_grad():
+            kernels.sdpa_attention(q, k, v)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(flags[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
