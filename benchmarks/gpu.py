@@ -32,6 +32,7 @@ import common  # noqa: E402
 import decode as decode_bench  # noqa: E402
 
 import llmarch  # noqa: E402
+from llmarch.nn import kernels  # noqa: E402
 from llmarch.train import distributed as D  # noqa: E402
 from llmarch.train.chunked_ce import chunked_ce_sum  # noqa: E402
 
@@ -126,6 +127,12 @@ def correctness(device) -> list[list]:
                     rows.append(["correctness", f"{kind} cached decode vs full (fp32)", cached_vs_full(model, kw),
                                  TOL[dtype], None])
                     rows[-1][-1] = "ok" if rows[-1][2] <= TOL[dtype] else "FAIL"
+                if kind == "decoder" and dtype == torch.float32:
+                    mode = "reduce-overhead" if device.type == "cuda" else None
+                    graphs = " + compiled step (CUDA graphs)" if mode else ""
+                    rows.append(["correctness", f"decoder static cache{graphs} vs full (fp32)",
+                                 static_vs_full(model, kw, mode), TOL[dtype], None])
+                    rows[-1][-1] = "ok" if rows[-1][2] <= TOL[dtype] else "FAIL"
     return rows
 
 
@@ -136,6 +143,21 @@ def cached_vs_full(model, kw) -> float:
     pre = model(ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
     step = model(ids[:, -1:], attention_mask=mask, cache=pre.cache).logits[:, -1]
     return float((step - full).abs().max() / full.abs().max())
+
+
+def static_vs_full(model, kw, compile_mode: str | None, steps: int = 4) -> float:
+    """Relative max difference of the logits of ``steps`` one-token steps on the static cache (compiled with
+    ``compile_mode``: replayed CUDA graphs after the first steps) against the full forward's at those positions."""
+    from llmarch.infer.decode import StaticEngine
+
+    ids, mask = kw["input_ids"], kw["attention_mask"]
+    T = ids.shape[1]
+    full = model(ids, attention_mask=mask).logits[:, T - steps:]
+    engine = StaticEngine(model, batch=ids.shape[0], max_len=64, compile=compile_mode is not None,
+                          compile_mode=compile_mode)
+    engine.prefill(ids[:, :T - steps], mask[:, :T - steps])
+    got = torch.stack([engine.step(ids[:, t]) for t in range(T - steps, T)], 1)
+    return float((got - full).abs().max() / full.abs().max())
 
 
 # --- (2) training MFU -----------------------------------------------------------------------------------------
@@ -182,35 +204,77 @@ def training(device, dry: bool, peak_tflops: float, backend: str) -> tuple[list[
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     rows = [["training", f"~{n_matmul / 1e9:.2f}B llama-style bf16, {B}x{T}: MFU", mfu, 0.45,
              f"{B * T / t:.0f} tok/s, step {t * 1e3:.0f} ms, compile+warmup {compile_s:.0f} s, peak mem {mem:.1f} GiB"]]
+    mm = measured_matmul_tflops(device) if device.type == "cuda" else float("nan")
+    rows.append(["training", "achieved FLOP/s / the bf16 matmul rate measured here", flops / t / (mm * 1e12),
+                 float("nan"), f"8192^3 bf16 matmul: {mm:.0f} TFLOP/s"])
     del model, opt
     return rows, dict(params_matmul=n_matmul, batch=B, seq=T, step_s=times, flops_per_step=flops, mfu=mfu,
-                      compile_s=compile_s, peak_mem_gib=mem)
+                      compile_s=compile_s, peak_mem_gib=mem, matmul_tflops=mm)
 
 
 # --- (3) decode -----------------------------------------------------------------------------------------------
 def decode(device, dry: bool, bandwidth_tbs: float) -> tuple[list[list], dict]:
     cfg = llmarch.preset("llama-tiny" if dry else "llama-2-7b")
-    N = 8 if dry else 128
+    # the headline N and a shorter run share one cache size (rounded up to 64 slots), so one compiled step: their
+    # difference is the steady per-token time, free of the prefill and of the graph recorded for each new cache
+    N, short = (8, 4) if dry else (176, 116)
     torch.manual_seed(0)
     model = llmarch.build(cfg, device=device, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, cfg.vocab_size, (1, 16), device=device)
     mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs
-    compile = not dry  # inductor's CPU codegen alone takes minutes: the dry run keeps the static-cache engine only
-    run = lambda: llmarch.generate(model, ids, N, cache="static", compile=compile, compile_mode=mode)  # noqa: E731
+    # inductor's CPU codegen alone takes minutes: a CPU dry run keeps the static-cache engine only
+    compile = device.type == "cuda" or not dry
+    run = lambda n=N: llmarch.generate(model, ids, n, cache="static", compile=compile,  # noqa: E731
+                                       compile_mode=mode)
     compile_s = sum(timed(run, device, 1 if dry else 2))
-    times = timed(run, device, 1 if dry else 3)
-    eager = timed(lambda: llmarch.generate(model, ids, N), device, 1)[0]
-    same = bool(torch.equal(run(), llmarch.generate(model, ids, N)))
+    times, short_times = [], []
+    for _ in range(1 if dry else 3):  # interleaved
+        times += timed(run, device, 1)
+        short_times += timed(lambda: run(short), device, 1)
+    # eager (the growing cache, no compile): llmarch's choice for cached keys (cuDNN's attention set aside) against
+    # torch's own backend choice, interleaved, after a warm-up call
+    eager_n = 8 if dry else 48
+    llmarch.generate(model, ids, eager_n)
+    eager_t = {True: [], False: []}
+    try:
+        for _ in range(1 if dry else 2):
+            for skip in (True, False):
+                kernels.CUDNN_ONLY_FOR_TRAINING = skip
+                eager_t[skip] += timed(lambda: llmarch.generate(model, ids, eager_n), device, 1)
+    finally:
+        kernels.CUDNN_ONLY_FOR_TRAINING = True
+    eager = statistics.median(eager_t[True]) * N / eager_n
+    got, want = run(), llmarch.generate(model, ids, N)
+    same = bool(torch.equal(got, want))
+    differ = (got != want)[0].nonzero()
+    first_diff = int(differ[0]) - ids.shape[1] if len(differ) else None
+    gap = float("nan")  # eager's top-2 logit gap where the two first differ: a near-tie flips on rounding
+    if first_diff is not None:
+        with torch.no_grad():
+            top2 = model(want[:, :ids.shape[1] + first_diff]).logits[0, -1].float().topk(2).values
+        gap = float(top2[0] - top2[1])
     tps = N / statistics.median(times)
+    steady = (N - short) / max(statistics.median(times) - statistics.median(short_times), 1e-9)
     nbytes = decode_bench.weight_bytes(model)
     bound = bandwidth_tbs * 1e12 / nbytes
+    read = measured_bandwidth_tbs(device) if device.type == "cuda" else float("nan")
+    agree = "equal" if same else f"differ from new token {first_diff} (top-2 gap {gap:.3g})"
     rows = [["decode", f"{'llama-tiny' if dry else 'llama-2-7b'} bf16 batch 1, static cache"
              f"{' + compile' if compile else ''}: fraction of HBM bound", tps / bound, 0.70,
-             f"{tps:.0f} tok/s (bound {bound:.0f}; eager {N / eager:.0f}); compile {compile_s:.0f} s; "
-             f"tokens {'equal' if same else 'DIFFER'} to eager"]]
+             f"{tps:.0f} tok/s over {N} (steady {steady:.0f}; bound {bound:.0f}; eager {N / eager:.0f}); compile "
+             f"{compile_s:.0f} s; tokens {agree} to eager"],
+            ["decode", "steady step: fraction of the bound at the read bandwidth measured here", steady * nbytes
+             / (read * 1e12), 0.70, f"reads {read:.2f} TB/s (a 4 GiB sum)"],
+            ["decode", "eager (growing cache): cached keys off cuDNN / torch's backend choice, speed",
+             statistics.median(eager_t[False]) / statistics.median(eager_t[True]), float("nan"),
+             f"{eager_n / statistics.median(eager_t[True]):.1f} against "
+             f"{eager_n / statistics.median(eager_t[False]):.1f} tok/s over {eager_n}"]]
     del model
-    return rows, dict(new_tokens=N, times_s=times, tokens_per_s=tps, bound_tokens_per_s=bound, weight_bytes=nbytes,
-                      eager_tokens_per_s=N / eager, compile_s=compile_s, tokens_equal_eager=same)
+    return rows, dict(new_tokens=N, times_s=times, short_new_tokens=short, short_times_s=short_times,
+                      tokens_per_s=tps, steady_tokens_per_s=steady, bound_tokens_per_s=bound, weight_bytes=nbytes,
+                      read_tbs=read, eager_tokens_per_s=N / eager, eager_new_tokens=eager_n,
+                      eager_s={str(k): v for k, v in eager_t.items()}, compile_s=compile_s,
+                      tokens_equal_eager=same, first_differing_new_token=first_diff, top2_gap=gap)
 
 
 # --- (4) MoE vs transformers grouped_mm -----------------------------------------------------------------------
