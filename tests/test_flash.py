@@ -96,7 +96,7 @@ def test_gradients_equal_float64_autograd(B, H, G, T, S, Dh, Dv, causal):
     g = rand(B, H, T, Dv, seed=3)
     scale = 1 / math.sqrt(Dh)
     # the kernels' autograd function (flash.forward sends value widths apart from key widths to torch for training)
-    y = flash._Attention.apply(q, k, v, scale, causal) if Dv != Dh else flash.forward(q, k, v, scale, causal)
+    y = flash._Attention.apply(q, k, v, scale, causal, None) if Dv != Dh else flash.forward(q, k, v, scale, causal)
     assert type(y.grad_fn).__name__ == "_AttentionBackward"
     got = torch.autograd.grad(y, (q, k, v), g)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -244,21 +244,147 @@ def test_torch_func_transforms_get_torchs_kernel(monkeypatch):
                                                                    is_causal=True), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_masked_attention_is_left_to_torch(dtype, monkeypatch):
-    """A padding mask (or any mask) over many queries: torch's kernel with the mask, not the kernel."""
-    q, k, v = (rand(2, 4, 40, 16, seed=s).to(dtype) for s in range(3))
-    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
-    mask[1, :, :, :7] = False  # the second sequence's first 7 keys are padding
-    mask[1, :, :7] = True  # (its padding queries see everything, as llmarch's masks make them)
+def run_mask(kind: str, B: int, T: int, S: int) -> torch.Tensor:
+    """[B, 1, T, S] boolean masks whose every row is one run of keys, as llmarch's attention builds them (queries at
+    the end of the keys, T <= S)."""
+    t, s = torch.arange(T)[:, None] + (S - T), torch.arange(S)[None, :]
+    causal = (s <= t).expand(B, T, S)
+    if kind == "left padding":  # the padding queries see every key
+        m = causal & (s >= torch.tensor([0, 7])[:B, None, None])
+        m = m | ~m.any(-1, keepdim=True)
+    elif kind == "right padding":
+        m = causal & (s < torch.tensor([S, S - 9])[:B, None, None])
+    elif kind == "encoder padding":
+        m = (s < torch.tensor([S - 5, S - 40])[:B, None, None]).expand(B, T, S)
+    elif kind == "documents":  # packed: documents of 30, 40 and the rest keys
+        doc = (torch.arange(S) >= 30).long() + (torch.arange(S) >= 70).long()
+        m = causal & (doc[None, :] == doc[S - T:, None])
+    elif kind == "sliding window":
+        m = causal & (s > t - 20)
+    else:  # any runs
+        g = torch.Generator().manual_seed(5)
+        lo = torch.randint(0, S, (B, T, 1), generator=g)
+        hi = lo + 1 + (torch.rand(B, T, 1, generator=g) * (S - lo)).long()
+        m = (s >= lo) & (s < hi)
+    return m[:, None].contiguous()
+
+
+def masked_reference(q, k, v, mask, scale):
+    H, G = q.shape[1], k.shape[1]
+    kd, vd = (t.repeat_interleave(H // G, 1) for t in (k, v))
+    return (q @ kd.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")).softmax(-1) @ vd
+
+
+KINDS = ["left padding", "right padding", "encoder padding", "documents", "sliding window", "any runs"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,S", [(100, 100), (70, 130)])
+def test_masks_of_key_runs_take_the_kernel(kind, T, S, monkeypatch):
+    """A mask whose rows are each one run of keys (padding either side, packed documents, a sliding window, any)
+    runs on the kernel as key ranges: forward and gradients as float64 attention under that mask."""
+    B, H, G, D = 2, 4, 2, 24
+    q = rand(B, T, H, D).transpose(1, 2).requires_grad_()
+    k, v = rand(B, G, S, D, seed=1).requires_grad_(), rand(B, G, S, D, seed=2).requires_grad_()
+    g = rand(B, H, T, D, seed=3)
+    mask = run_mask(kind, B, T, S)
     calls = counting(monkeypatch)
+    y = kernels.sdpa_attention(q, k, v, mask=mask)
+    got = torch.autograd.grad(y, (q, k, v), g)
+    assert calls == {"fwd": 1, "bwd": 1}
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want_y = masked_reference(*exact, mask, 1 / math.sqrt(D))
+    want = torch.autograd.grad(want_y, exact, g.double())
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads,shares", [(1, True), (3, True), (3, False)])
+def test_key_ranges_on_threads_and_by_either_pass_for_dq(threads, shares, monkeypatch):
+    monkeypatch.setattr(flash, "DQ_SHARES_MAX", flash.DQ_SHARES_MAX if shares else -1)
+    q, k, v = (rand(2, 3, 150, 24, seed=s).requires_grad_() for s in range(3))
+    g = rand(2, 3, 150, 24, seed=3)
+    mask = run_mask("any runs", 2, 150, 150)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.sdpa_attention(q, k, v, mask=mask, scale=0.25)
+        got = torch.autograd.grad(y, (q, k, v), g)
+    finally:
+        torch.set_num_threads(before)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(masked_reference(*exact, mask, 0.25), exact, g.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["a hole in a row", "a query seeing no key", "float mask", "one row per head"])
+def test_other_masks_are_left_to_torch(case, monkeypatch):
+    q, k, v = (rand(2, 4, 40, 16, seed=s) for s in range(3))
+    mask = run_mask("right padding", 2, 40, 40)
+    if case == "a hole in a row":
+        mask[0, 0, 30, 12] = False
+    elif case == "a query seeing no key":
+        mask[1, 0, 5] = False
+    elif case == "one row per head":
+        mask = mask.expand(2, 4, 40, 40)
+    calls = counting(monkeypatch)
+    attn_mask = mask.float().log() if case == "float mask" else mask  # 0 / -inf
     with torch.no_grad():
-        got = kernels.sdpa_attention(q, k, v, mask=mask)
+        got = kernels.sdpa_attention(q, k, v, mask=attn_mask)
     assert calls == {"fwd": 0, "bwd": 0}
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+
+
+def test_a_mask_is_read_once_and_again_after_a_change(monkeypatch):
+    """The layers of a forward share one mask: its key ranges are found once; an in-place change finds them anew."""
+    q, k, v = (rand(2, 4, 40, 16, seed=s) for s in range(3))
+    mask = run_mask("right padding", 2, 40, 40)
+    seen = []
+    real = torch.Tensor.flip
+    monkeypatch.setattr(torch.Tensor, "flip", lambda t, *a: seen.append(1) or real(t, *a))
+    with torch.no_grad():
+        for _ in range(3):
+            kernels.sdpa_attention(q, k, v, mask=mask)
+        assert len(seen) == 1
+        mask[0, 0, 30, 12] = False  # now a hole: torch's kernel with the mask as it is
+        got = kernels.sdpa_attention(q, k, v, mask=mask)
+    assert len(seen) == 2
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got.double(), kernels.naive_attention(q.double(), k.double(), v.double(), mask=mask),
-                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_padded_batch_trains_and_generates_through_the_kernel(dtype, monkeypatch):
+    """A right-padded batch (fine-tuning) and a left-padded one (batched prompts): every layer's attention on the
+    kernel, logits at the real positions and gradients as with torch's kernel."""
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(max_seq_len=128)).to(dtype)
+    ids = torch.randint(3, model.config.vocab_size, (3, 40))
+    right = (torch.arange(40)[None] < torch.tensor([[40], [31], [22]])).long()
+    left = right.flip(-1)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(flash, "available", lambda: False)
+        calls = counting(monkeypatch) if kernel else None
+        model.zero_grad()
+        out = model(ids, attention_mask=right).logits
+        out.float()[right.bool()].square().mean().backward()
+        with torch.no_grad():
+            prompts = model(ids, attention_mask=left).logits
+        if kernel:
+            assert calls == {"fwd": 2 * model.config.n_layers, "bwd": model.config.n_layers}
+        results.append((out[right.bool()], prompts[left.bool()], [p.grad.clone() for p in model.parameters()]))
+    (a_out, a_prompts, a_grads), (b_out, b_prompts, b_grads) = results
+    torch.testing.assert_close(a_out.float(), b_out.float(), **tol)
+    torch.testing.assert_close(a_prompts.float(), b_prompts.float(), **tol)
+    for a, b in zip(a_grads, b_grads):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        else:
+            assert (a.float() - b.float()).abs().max() <= 0.1 * b.float().abs().max() + 1e-3
 
 
 def test_a_prefill_after_a_cache_takes_the_kernel_as_causal(monkeypatch):

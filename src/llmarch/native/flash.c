@@ -4,7 +4,9 @@
  * llmarch_flash_fwd: out[b, h] = softmax(q[b, h] k[b, g]^T * scale, causal) v[b, g] for every batch row b and
  *   query head h (g = h / (H / G): grouped-query attention), queries t of T against keys s of S, where a causal
  *   query t sees the keys s <= t + S - T (its place at the end of the keys, as a prefill after a cache); and,
- *   where asked, each query's log-sum-exp of its scaled scores (for the backward).
+ *   where asked, each query's log-sum-exp of its scaled scores (for the backward). With key ranges lo, hi [B, T]
+ *   (int32) query t of row b sees exactly the keys lo[b, t] <= s < hi[b, t] instead (padding, documents, sliding
+ *   windows, causal: every mask whose rows are one run of keys; each range holds a key).
  * llmarch_flash_bwd: dq, dk, dv from dout, out and the log-sum-exp, the weights recomputed block by block: one pass
  *   over (b, g, block of 64 keys) for dk and dv (summed over the group's query heads and the queries that see the
  *   block), one over (b, h, block of queries) for dq; no scores saved, no two threads writing one sum.
@@ -104,41 +106,69 @@ static void panel(float *kt, const float *k, int64_t ks, int64_t D, int64_t n) {
     for (int64_t j = 0; j < KB; j++) kt[d * KB + j] = j < n ? k[j * ks + d] : 0.0f;
 }
 
-/* how many of the n keys from j0 query t sees */
-static inline int64_t seen_by(int64_t t, int64_t j0, int64_t n, int64_t off, int causal) {
-  return causal ? min64(n, t + off + 1 - j0) : n;
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* which keys query t sees: its range, or causal (s <= t + off), or all of the S keys */
+typedef struct {
+  const int32_t *lo, *hi;  /* [T] of the batch row, or NULL */
+  int64_t off, S;
+  int causal;
+} Seen;
+
+static inline int64_t first_key(const Seen *w, int64_t t) { return w->lo ? w->lo[t] : 0; }
+static inline int64_t end_key(const Seen *w, int64_t t) {
+  return w->lo ? w->hi[t] : w->causal ? min64(w->S, t + w->off + 1) : w->S;
+}
+
+/* the lanes of block vector u (keys j0 + 16u ..) that query t sees, of the block's n keys */
+static inline __mmask16 seen_lanes(const Seen *w, int64_t t, int64_t j0, int64_t n, int u) {
+  const int64_t a = first_key(w, t) - j0 - 16 * u, e = min64(end_key(w, t) - j0, n) - 16 * u;
+  return (__mmask16)(lanes(e) & ~lanes(a));
+}
+
+/* whether query t sees a key of j0 .. j0 + n - 1 */
+static inline int sees(const Seen *w, int64_t t, int64_t j0, int64_t n) {
+  return first_key(w, t) < j0 + n && end_key(w, t) > j0;
+}
+
+/* the keys queries t0 .. t0 + R - 1 see between them: [*a, *e) */
+static inline void block_keys(const Seen *w, int64_t t0, int64_t R, int64_t *a, int64_t *e) {
+  *a = w->S, *e = 0;
+  for (int64_t r = 0; r < R; r++) *a = min64(*a, first_key(w, t0 + r)), *e = max64(*e, end_key(w, t0 + r));
 }
 
 /* queries t0 .. t0 + R - 1 of one (b, h): q rows qs apart, k and v rows ks / vs apart, out rows os apart; buf: the
  * task's memory (kt [Dh, 64], s [QB, 64], o [QB, Dv], m and l [QB]); lse (or NULL): each query's log-sum-exp */
 static void block(float *out, int64_t os, float *lse, const float *q, const float *k, const float *v, int64_t qs,
-                  int64_t ks, int64_t vs, int64_t t0, int64_t R, int64_t S, int64_t Dh, int64_t Dv, int64_t off,
-                  int causal, float scale, float *buf) {
+                  int64_t ks, int64_t vs, int64_t t0, int64_t R, int64_t Dh, int64_t Dv, const Seen *w, float scale,
+                  float *buf) {
   float *kt = buf, *s = kt + Dh * KB, *o = s + QB * KB, *mx = o + QB * Dv, *sum = mx + QB;
   memset(o, 0, sizeof(float) * (size_t)(R * Dv));
   for (int64_t r = 0; r < R; r++) mx[r] = -INFINITY, sum[r] = 0.0f;
-  const int64_t end = causal ? min64(S, t0 + R + off) : S;  /* the keys the block's last query sees */
-  for (int64_t j0 = 0; j0 < end; j0 += KB) {
+  int64_t start, end;  /* the keys the block's queries see between them */
+  block_keys(w, t0, R, &start, &end);
+  for (int64_t j0 = start; j0 < end; j0 += KB) {
     const int64_t n = min64(KB, end - j0);
     panel(kt, k + j0 * ks, ks, Dh, n);
     scores(s, q + t0 * qs, qs, kt, Dh, R);
     for (int64_t r = 0; r < R; r++) {  /* the online softmax: masked scores to weights, the outputs rescaled */
       float *sr = s + r * KB;
-      const int64_t seen = seen_by(t0 + r, j0, n, off, causal);  /* keys j0 .. j0 + seen - 1 */
-      if (seen <= 0) {  /* a causal query before this block's keys: no weight */
+      if (!sees(w, t0 + r, j0, n)) {  /* a query that sees none of this block's keys: no weight */
         memset(sr, 0, sizeof(float) * KB);
         continue;
       }
       __m512 vmax = _mm512_set1_ps(-INFINITY), sc[4];
+      __mmask16 m[4];
       for (int u = 0; u < 4; u++) {
-        sc[u] = _mm512_maskz_mul_ps(lanes(seen - 16 * u), _mm512_load_ps(sr + 16 * u), _mm512_set1_ps(scale));
-        vmax = _mm512_mask_max_ps(vmax, lanes(seen - 16 * u), vmax, sc[u]);
+        m[u] = seen_lanes(w, t0 + r, j0, n, u);
+        sc[u] = _mm512_maskz_mul_ps(m[u], _mm512_load_ps(sr + 16 * u), _mm512_set1_ps(scale));
+        vmax = _mm512_mask_max_ps(vmax, m[u], vmax, sc[u]);
       }
       const float m_new = fmaxf(mx[r], _mm512_reduce_max_ps(vmax));
       const float alpha = mx[r] == -INFINITY ? 0.0f : expf(mx[r] - m_new);
       __m512 acc = _mm512_setzero_ps();
       for (int u = 0; u < 4; u++) {
-        __m512 e = _mm512_maskz_mov_ps(lanes(seen - 16 * u), exp_neg16(_mm512_sub_ps(sc[u], _mm512_set1_ps(m_new))));
+        __m512 e = _mm512_maskz_mov_ps(m[u], exp_neg16(_mm512_sub_ps(sc[u], _mm512_set1_ps(m_new))));
         _mm512_store_ps(sr + 16 * u, e);
         acc = _mm512_add_ps(acc, e);
       }
@@ -157,10 +187,12 @@ static void block(float *out, int64_t os, float *lse, const float *q, const floa
 }
 
 /* out [B, H, T, Dv], q [B, H, T, Dh], k [B, G, S, Dh], v [B, G, S, Dv] with the strides given (batch, head, row;
- * elements of a row contiguous); lse [B, H, T] or NULL. Returns 0, or -1 without memory (out untouched). */
+ * elements of a row contiguous); lse [B, H, T] or NULL; lo, hi [B, T] key ranges or NULL. Returns 0, or -1 without
+ * memory (out untouched). */
 int llmarch_flash_fwd(float *out, const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t G,
                       int64_t T, int64_t S, int64_t Dh, int64_t Dv, const int64_t *qst, const int64_t *kst,
-                      const int64_t *vst, float scale, int64_t causal, float *lse, const int64_t *ost) {
+                      const int64_t *vst, float scale, int64_t causal, float *lse, const int64_t *ost,
+                      const int32_t *lo, const int32_t *hi) {
   const int64_t blocks = (T + QB - 1) / QB, tasks = B * H * blocks, per = H / G, off = S - T;
   const size_t floats = (size_t)(Dh * KB + QB * KB + QB * Dv + 2 * QB);
   int ok = 1;
@@ -174,9 +206,10 @@ int llmarch_flash_fwd(float *out, const float *q, const float *k, const float *v
         /* the query blocks of a head last to first: with causal keys the longest tasks first */
         const int64_t b = i / (H * blocks), h = i / blocks % H, t0 = (blocks - 1 - i % blocks) * QB;
         const int64_t g = h / per;
+        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
         block(out + b * ost[0] + h * ost[1] + t0 * ost[2], ost[2], lse ? lse + (b * H + h) * T + t0 : NULL,
               q + b * qst[0] + h * qst[1], k + b * kst[0] + g * kst[1], v + b * vst[0] + g * vst[1], qst[2],
-              kst[2], vst[2], t0, min64(QB, T - t0), S, Dh, Dv, off, (int)causal, scale, buf);
+              kst[2], vst[2], t0, min64(QB, T - t0), Dh, Dv, &w, scale, buf);
       }
     }
     free(buf);
@@ -186,15 +219,14 @@ int llmarch_flash_fwd(float *out, const float *q, const float *k, const float *v
 
 /* the weights p [R, 64] of queries t0 .. t0 + R - 1 over keys j0 .. j0 + n - 1 from their scores s (in place):
  * exp(s * scale - lse), zero where a query does not see a key */
-static void weights(float *s, const float *lse, int64_t t0, int64_t R, int64_t j0, int64_t n, int64_t off,
-                    int causal, float scale) {
+static void weights(float *s, const float *lse, int64_t t0, int64_t R, int64_t j0, int64_t n, const Seen *w,
+                    float scale) {
   for (int64_t r = 0; r < R; r++) {
-    const int64_t seen = seen_by(t0 + r, j0, n, off, causal);
     const __m512 l = _mm512_set1_ps(lse[r]), sc = _mm512_set1_ps(scale);
     for (int u = 0; u < 4; u++) {
       float *x = s + r * KB + 16 * u;
       const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(x), sc), l));
-      _mm512_store_ps(x, _mm512_maskz_mov_ps(lanes(seen - 16 * u), e));
+      _mm512_store_ps(x, _mm512_maskz_mov_ps(seen_lanes(w, t0 + r, j0, n, u), e));
     }
   }
 }
@@ -219,11 +251,12 @@ static void transpose_block(float *at, const float *a, int64_t R) {
  * log-sum-exp lse and delta = rowsum(dout * out) [B, H, T]; q, k, v as there. The pass over key blocks also adds
  * each block's share of dq into its thread's own dq sums (the first thread's is dq), added up at the end; where
  * those would take more than shares_max bytes (or shares_max < 0), a second pass over query blocks recomputes the
- * weights for dq instead. Returns 0, or -1 without memory. */
+ * weights for dq instead. lo, hi: as the forward's. Returns 0, or -1 without memory. */
 int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
                       const float *dout, const float *lse, const float *delta, int64_t B, int64_t H, int64_t G,
                       int64_t T, int64_t S, int64_t Dh, int64_t Dv, const int64_t *qst, const int64_t *kst,
-                      const int64_t *vst, float scale, int64_t causal, int64_t shares_max) {
+                      const int64_t *vst, float scale, int64_t causal, int64_t shares_max, const int32_t *lo,
+                      const int32_t *hi) {
   const int64_t per = H / G, off = S - T, kblocks = (S + KB - 1) / KB, qblocks = (T + QB - 1) / QB;
   const int64_t D = Dh > Dv ? Dh : Dv, nq = B * H * T * Dh;
   /* kt, vt [D, 64]; s, dp [QB, 64]; at [64, QB]; acc_k [64, Dh], acc_v [64, Dv] (or acc_q [QB, Dh]) */
@@ -233,9 +266,20 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
 #else
   const int64_t team = 1;
 #endif
+  /* each query block's keys between its queries: [kspan[2i], kspan[2i + 1]) of block i = b * qblocks + t0 / QB */
+  int64_t *kspan = malloc(sizeof(int64_t) * (size_t)(2 * B * qblocks));
+  if (!kspan) return -1;
+  for (int64_t i = 0; i < B * qblocks; i++) {
+    const int64_t b = i / qblocks, t0 = i % qblocks * QB;
+    const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
+    block_keys(&w, t0, min64(QB, T - t0), kspan + 2 * i, kspan + 2 * i + 1);
+  }
   float *shares = NULL;  /* threads 1 .. team - 1's dq sums from zeros (a thread with no work adds zeros); 0's: dq */
   const int share = shares_max >= 0 && (team - 1) * nq * (int64_t)sizeof(float) <= shares_max;
-  if (share && team > 1 && !(shares = calloc((size_t)((team - 1) * nq), sizeof(float)))) return -1;
+  if (share && team > 1 && !(shares = calloc((size_t)((team - 1) * nq), sizeof(float)))) {
+    free(kspan);
+    return -1;
+  }
   if (share) memset(dq, 0, sizeof(float) * (size_t)nq);
   int ok = 1;
 #pragma omp parallel
@@ -258,13 +302,15 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
         panel(kt, kb, kst[2], Dh, n);
         panel(vt, vb, vst[2], Dv, n);
         memset(acc_k, 0, sizeof(float) * (size_t)(KB * (Dh + Dv)));
-        const int64_t first = causal ? (j0 - off > 0 ? (j0 - off) / QB * QB : 0) : 0;  /* the first query seeing j0 */
+        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
         for (int64_t h = g * per; h < (g + 1) * per; h++)
-          for (int64_t t0 = first; t0 < T; t0 += QB) {
+          for (int64_t t0 = 0; t0 < T; t0 += QB) {
+            const int64_t *span = kspan + 2 * (b * qblocks + t0 / QB);
+            if (span[0] >= j0 + n || span[1] <= j0) continue;  /* no query of the block sees these keys */
             const int64_t R = min64(QB, T - t0), bh = b * H + h;
             const float *qb = q + b * qst[0] + h * qst[1] + t0 * qst[2], *gb = dout + (bh * T + t0) * Dv;
             scores(s, qb, qst[2], kt, Dh, R);
-            weights(s, lse + bh * T + t0, t0, R, j0, n, off, (int)causal, scale);
+            weights(s, lse + bh * T + t0, t0, R, j0, n, &w, scale);
             transpose_block(at, s, R);
             accumulate(acc_v, Dv, at, QB, gb, Dv, R, Dv, n);  /* dv += p^T dout */
             scores(dp, gb, Dv, vt, Dv, R);                    /* dp = dout v^T */
@@ -287,16 +333,17 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
       for (int64_t i = 0; i < (share ? 0 : B * H * qblocks); i++) {  /* dq of the queries t0 .. t0 + R - 1 of (b, h) */
         const int64_t b = i / (H * qblocks), h = i / qblocks % H, t0 = (qblocks - 1 - i % qblocks) * QB;
         const int64_t R = min64(QB, T - t0), bh = b * H + h, g = h / per;
-        const int64_t end = causal ? min64(S, t0 + R + off) : S;
+        const int64_t *span = kspan + 2 * (b * qblocks + t0 / QB), end = span[1];
+        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
         const float *qb = q + b * qst[0] + h * qst[1] + t0 * qst[2], *gb = dout + (bh * T + t0) * Dv;
         memset(acc_q, 0, sizeof(float) * (size_t)(QB * Dh));
-        for (int64_t j0 = 0; j0 < end; j0 += KB) {
+        for (int64_t j0 = span[0]; j0 < end; j0 += KB) {
           const int64_t n = min64(KB, end - j0);
           const float *kb = k + b * kst[0] + g * kst[1] + j0 * kst[2];
           panel(kt, kb, kst[2], Dh, n);
           panel(vt, v + b * vst[0] + g * vst[1] + j0 * vst[2], vst[2], Dv, n);
           scores(s, qb, qst[2], kt, Dh, R);
-          weights(s, lse + bh * T + t0, t0, R, j0, n, off, (int)causal, scale);
+          weights(s, lse + bh * T + t0, t0, R, j0, n, &w, scale);
           scores(dp, gb, Dv, vt, Dv, R);
           score_grads(dp, s, delta + bh * T + t0, R, scale);
           accumulate(acc_q, Dh, dp, KB, kb, kst[2], n, Dh, R);  /* dq += ds k */
@@ -307,5 +354,6 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
     free(buf);
   }
   free(shares);
+  free(kspan);
   return ok ? 0 : -1;
 }

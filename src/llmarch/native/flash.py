@@ -2,8 +2,9 @@
 backward: a prefill's, an encoder's over unpadded inputs, and a training step's causal attention. torch's CPU
 flash kernel runs such attention at ~45-90 GFLOP/s on a Zen 5 core (fp32 or bf16, 8 heads of 64); this one keeps
 each block of 48 queries' scores, weights and outputs in L1 and runs every product as register tiles
-(docs/performance.md, twenty-first round). Causal (a query sees the keys up to its place at the end of the keys)
-or over all keys, grouped-query heads read in place; fp32, and bf16 computed in fp32 from the bf16 values with the
+(docs/performance.md, twenty-first round). Causal (a query sees the keys up to its place at the end of the keys),
+over all keys, or over one run of keys per query (``ranges``: padded rows, packed documents, sliding windows: the
+masks llmarch's attention builds), grouped-query heads read in place; fp32, and bf16 computed in fp32 from the bf16 values with the
 output and gradients rounded once. Values: the fp32 attention up to summation order and a 2-ulp exp.
 
 :func:`forward` returns None where it does not apply (the caller runs torch's kernel).
@@ -21,8 +22,8 @@ from llmarch import native
 MIN_QUERIES = 16
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
-_FWD = [_P] * 4 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _P, _P]
-_BWD = [_P] * 9 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _I64]
+_FWD = [_P] * 4 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _P, _P, _P, _P]
+_BWD = [_P] * 9 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _I64, _P, _P]
 # the backward adds each thread's share of dq into the thread's own sums while it has the weights of a block of
 # keys (1.4-2x faster than a second pass recomputing them for dq), where these sums take at most this many bytes
 # beyond dq itself (threads - 1 copies of dq); -1: always the second pass
@@ -33,8 +34,13 @@ def _strides(*ts: torch.Tensor) -> list:
     return [(_I64 * 3)(*t.stride()[:3]) for t in ts]
 
 
-def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False):
-    """(out [B, H, T, Dv], log-sum-exp [B, H, T] or None) of fp32 q, k, v, or None without memory."""
+def _ranges(ranges) -> tuple:
+    return (None, None) if ranges is None else (ranges[0].data_ptr(), ranges[1].data_ptr())
+
+
+def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False, ranges=None):
+    """(out [B, H, T, Dv], log-sum-exp [B, H, T] or None) of fp32 q, k, v, or None without memory; ``ranges``: (lo,
+    hi) [B, T] int32, query t of row b seeing keys lo[b, t] <= s < hi[b, t]."""
     B, H, T, Dh = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     # the output in q's order of heads and rows, as torch's CPU flash kernel lays it out: a q viewed from [B, T, H,
@@ -43,11 +49,11 @@ def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False):
     out = torch.empty(B, T, H, Dv).transpose(1, 2) if rows_first else torch.empty(B, H, T, Dv)
     m = torch.empty(B, H, T) if lse else None
     rc = fn(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, G, T, S, Dh, Dv, *_strides(q, k, v),
-            scale, int(causal), None if m is None else m.data_ptr(), *_strides(out))
+            scale, int(causal), None if m is None else m.data_ptr(), *_strides(out), *_ranges(ranges))
     return None if rc else (out, m)
 
 
-def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool):
+def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool, ranges=None):
     """(dq, dk, dv) of fp32 tensors, contiguous, or None without memory."""
     B, H, T, Dh = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -56,7 +62,7 @@ def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool):
     dq, dk, dv = torch.empty(B, H, T, Dh), torch.empty(B, G, S, Dh), torch.empty(B, G, S, Dv)
     rc = fn(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(),
             lse.data_ptr(), delta.data_ptr(), B, H, G, T, S, Dh, Dv, *_strides(q, k, v), scale, int(causal),
-            DQ_SHARES_MAX)
+            DQ_SHARES_MAX, *_ranges(ranges))
     return None if rc else (dq, dk, dv)
 
 
@@ -117,45 +123,58 @@ class _Attention(torch.autograd.Function):
     flash kernel does."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, causal: bool):
-        got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, lse=True)
+    def forward(ctx, q, k, v, scale: float, causal: bool, ranges):
+        got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, lse=True, ranges=ranges)
         if got is None:
             raise MemoryError("llmarch.native.flash: no memory for the attention's blocks")
         out = got[0].to(q.dtype)
         ctx.save_for_backward(q, k, v, out, got[1])
-        ctx.scale, ctx.causal = scale, causal
+        ctx.scale, ctx.causal, ctx.ranges = scale, causal, ranges
         return out
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse = ctx.saved_tensors
         grads = _bwd(_BWD_KERNEL.fn(), q.float(), k.float(), v.float(), out.float(), lse, g.float(), ctx.scale,
-                     ctx.causal)
+                     ctx.causal, ctx.ranges)
         if grads is None:
             raise MemoryError("llmarch.native.flash: no memory for the attention's gradient blocks")
-        return (*(d.to(t.dtype) for d, t in zip(grads, (q, k, v))), None, None)
+        return (*(d.to(t.dtype) for d, t in zip(grads, (q, k, v))), None, None, None)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> torch.Tensor | None:
+def runnable() -> bool:
+    """Whether a call can run the kernels here: built and checked, outside compilation, dispatch modes (FLOP
+    counting, fake tensors) and torch.func transforms, to all of which a ctypes call is invisible."""
+    return not (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or torch._C._are_functorch_transforms_active()) and available()
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+            ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """softmax(q k^T * scale) v for q [B, H, T, Dh], k [B, G, S, Dh], v [B, G, S, Dv] (G dividing H), causal (T <= S:
-    query t sees keys up to t + S - T) or over all keys -> [B, H, T, Dv], differentiable (where Dv == Dh); or None
-    where the kernels do not apply: fp32 or bf16 CPU tensors (all one dtype) whose last dimension is contiguous, at
-    least :data:`MIN_QUERIES` queries, outside compilation, dispatch modes and torch.func transforms."""
+    query t sees keys up to t + S - T), over all keys, or with ``ranges`` (lo, hi) [B, T] int32 (contiguous, CPU)
+    over the keys lo[b, t] <= s < hi[b, t] (each range non-empty; ``causal`` then ignored) -> [B, H, T, Dv],
+    differentiable (where Dv == Dh); or None where the kernels do not apply: fp32 or bf16 CPU tensors (all one
+    dtype) whose last dimension is contiguous, at least :data:`MIN_QUERIES` queries, where :func:`runnable`."""
     if not (q.dim() == k.dim() == v.dim() == 4 and q.dtype in (torch.float32, torch.bfloat16) and all(
             type(t) is torch.Tensor and t.dtype == q.dtype and t.device.type == "cpu" and t.stride(-1) == 1
             for t in (q, k, v))):  # plain tensors: not a DTensor's shards, not a fake tensor
         return None
     (B, H, T, Dh), (Bk, G, S, Dk), (Bv, Gv, Sv, Dv) = q.shape, k.shape, v.shape
     if (T < MIN_QUERIES or (Bk, Dk) != (B, Dh) or (Bv, Gv, Sv) != (B, G, S) or not G or H % G or not S or not Dv
-            or not Dh or (causal and T > S)):
+            or not Dh or (causal and T > S and ranges is None)):
         return None
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._are_functorch_transforms_active() or not available()):  # ctypes is invisible to those
+    if ranges is not None:
+        if not all(r.shape == (B, T) and r.dtype == torch.int32 and r.is_contiguous() and r.device.type == "cpu"
+                   for r in ranges):
+            raise ValueError(f"ranges: (lo, hi) must be contiguous int32 CPU tensors of shape {(B, T)}")
+        causal = False
+    if not runnable():
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # training: where torch's flash kernel would run (values as wide as keys), so what the step saves is what
         # llmarch.analysis plans for it; torch runs value widths apart from key widths (latent attention) on its
         # math path, which the plan models
-        return _Attention.apply(q, k, v, scale, causal) if Dv == Dh else None
-    got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal)  # bf16: exact in fp32
+        return _Attention.apply(q, k, v, scale, causal, ranges) if Dv == Dh else None
+    got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, ranges=ranges)  # bf16: exact
     return None if got is None else got[0].to(q.dtype)  # bf16: one rounding

@@ -86,15 +86,28 @@ def _bf16_decode_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> boo
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
 
-def _offset_causal(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``mask`` is one [1, 1, T, S] causal mask of queries at the end of the keys (T < S: a prefill after a
-    cache, each query seeing the cached keys and those up to its own), which llmarch's attention kernels take as
-    causal; only checked where they could take it (CPU, at least flash.MIN_QUERIES queries)."""
-    T, S = q.shape[-2], k.shape[-2]
-    if (mask.dtype != torch.bool or mask.shape != (1, 1, T, S) or T >= S or T < flash.MIN_QUERIES
-            or mask.device.type != "cpu" or not flash.available()):
-        return False
-    return torch.equal(mask, _full_mask(None, T, S, True, mask.device))
+def _key_ranges(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(lo, hi) [B, T] int32 where every query's row of the boolean ``mask`` [B|1, 1, T, S] is one run of keys
+    lo <= s < hi (the masks llmarch's attention builds: causal, also after a cache; padded rows, whose padding queries
+    see every key; packed documents; sliding windows), which llmarch's attention kernels take; else None. Only
+    checked where they could take it (CPU, at least flash.MIN_QUERIES queries), and once per mask: the layers of a
+    forward share it."""
+    B, T, S = q.shape[0], q.shape[-2], k.shape[-2]
+    if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:] != (1, T, S) or mask.shape[0] not in (1, B)
+            or T < flash.MIN_QUERIES or mask.device.type != "cpu" or not flash.runnable()):
+        return None
+    memo = getattr(mask, "_llmarch_key_ranges", None)
+    if memo is not None and memo[0] == mask._version and memo[1] == B:
+        return memo[2]
+    m = mask[:, 0]  # [B|1, T, S]
+    lo = m.to(torch.uint8).argmax(-1)  # the first key seen (0 in a row of none)
+    hi = S - m.flip(-1).to(torch.uint8).argmax(-1)  # past the last (S in a row of none: no match below)
+    keys = torch.arange(S)
+    got = None
+    if torch.equal(m, (keys >= lo[..., None]) & (keys < hi[..., None])):
+        got = tuple(r.to(torch.int32).expand(B, T).contiguous() for r in (lo, hi))
+    mask._llmarch_key_ranges = (mask._version, B, got)
+    return got
 
 
 @KERNELS.register("sdpa")
@@ -107,13 +120,15 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
     no gradient) run that way on every CPU: on an AVX-512 EPYC with bf16 products torch's bf16 kernel took 1.6-10x
     the widened time at 64-2048 keys, and its values differ from the one-rounding form the native bf16 decode layer
     computes (:mod:`llmarch.nn.fused_decode`). Before all that, attention of many queries per sequence, causal (also
-    after a cache) or unmasked, without bias or dropout, runs on llmarch's kernels where they build
+    after a cache), unmasked, or under a mask whose rows are each one run of keys (padding on either side, packed
+    documents, sliding windows: :func:`_key_ranges`), without bias or dropout, runs on llmarch's kernels where they
+    build
     (:mod:`llmarch.native.flash`, AVX-512), forward and backward, bf16 widened to fp32: on a Zen 5 core the forward
     1.5-2.6x torch's fp32 kernel and 1.8-2.7x its bf16 one, with the same error against fp64 (docs/performance.md,
     twenty-first round)."""
-    if bias is None and dropout_p == 0.0 and (mask is None or _offset_causal(mask, q, k)) and (
-            y := flash.forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale,
-                               causal or mask is not None)) is not None:
+    if bias is None and dropout_p == 0.0 and (mask is None or (ranges := _key_ranges(mask, q, k)) is not None) and (
+            y := flash.forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal,
+                               None if mask is None else ranges)) is not None:
         return y
     if widened.takes(q) or _bf16_decode_query(q, k, v):
         if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
