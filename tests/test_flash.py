@@ -255,7 +255,7 @@ def run_mask(kind: str, B: int, T: int, S: int) -> torch.Tensor:
     elif kind == "right padding":
         m = causal & (s < torch.tensor([S, S - 9])[:B, None, None])
     elif kind == "encoder padding":
-        m = (s < torch.tensor([S - 5, S - 40])[:B, None, None]).expand(B, T, S)
+        m = (s < torch.tensor([S - 5, S - 40])[:B, None, None]).expand(B, T, S)  # (cross-attention: T > S)
     elif kind == "documents":  # packed: documents of 30, 40 and the rest keys
         doc = (torch.arange(S) >= 30).long() + (torch.arange(S) >= 70).long()
         m = causal & (doc[None, :] == doc[S - T:, None])
@@ -278,8 +278,8 @@ def masked_reference(q, k, v, mask, scale):
 KINDS = ["left padding", "right padding", "encoder padding", "documents", "sliding window", "any runs"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("T,S", [(100, 100), (70, 130)])
+@pytest.mark.parametrize("kind,T,S", [(kind, T, S) for kind in KINDS for T, S in ((100, 100), (70, 130))]
+                         + [("encoder padding", 130, 60), ("any runs", 130, 60)])  # more queries than keys: cross
 def test_masks_of_key_runs_take_the_kernel(kind, T, S, monkeypatch):
     """A mask whose rows are each one run of keys (padding either side, packed documents, a sliding window, any)
     runs on the kernel as key ranges: forward and gradients as float64 attention under that mask."""
