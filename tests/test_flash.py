@@ -96,7 +96,7 @@ def test_gradients_equal_float64_autograd(B, H, G, T, S, Dh, Dv, causal):
     g = rand(B, H, T, Dv, seed=3)
     scale = 1 / math.sqrt(Dh)
     # the kernels' autograd function (flash.forward sends value widths apart from key widths to torch for training)
-    y = flash._Attention.apply(q, k, v, scale, causal, None) if Dv != Dh else flash.forward(q, k, v, scale, causal)
+    y = flash._Attention.apply(q, k, v, scale, causal, None, None) if Dv != Dh else flash.forward(q, k, v, scale, causal)
     assert type(y.grad_fn).__name__ == "_AttentionBackward"
     got = torch.autograd.grad(y, (q, k, v), g)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -459,3 +459,100 @@ def test_accelerator_inference_sets_cudnn_attention_aside_for_the_call(monkeypat
     finally:
         torch.backends.cuda.enable_flash_sdp(flags[0])
         torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
+
+
+def alibi_bias(H: int, T: int, S: int) -> torch.Tensor:
+    """ALiBi's bias as llmarch's position scheme builds it, for queries at the end of the keys."""
+    from llmarch.nn.position import AlibiPositions
+
+    return AlibiPositions(n_heads=H).score_bias(torch.arange(T) + S - T, torch.arange(S))
+
+
+@pytest.mark.parametrize("H,T,S,kind", [(4, 100, 100, None), (6, 70, 130, None), (4, 100, 100, "right padding"),
+                                        (4, 70, 130, "left padding")])
+def test_alibi_bias_takes_the_kernel(H, T, S, kind, monkeypatch):
+    """ALiBi (BLOOM): the bias recognised as slopes and added in the kernel: forward and gradients as float64
+    attention with that bias, causal or under a padding mask; 6 heads: slopes of a head count not a power of 2."""
+    B, D = 2, 16
+    q = rand(B, T, H, D).transpose(1, 2).requires_grad_()
+    k, v = rand(B, H, S, D, seed=1).requires_grad_(), rand(B, H, S, D, seed=2).requires_grad_()
+    g = rand(B, H, T, D, seed=3)
+    bias = alibi_bias(H, T, S)
+    mask = run_mask(kind, B, T, S) if kind else torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
+    calls = counting(monkeypatch)
+    if kind is None and T == S:  # as a model's unpadded forward passes it: causal, no mask
+        y = kernels.sdpa_attention(q, k, v, bias=bias, causal=True)
+    else:
+        y = kernels.sdpa_attention(q, k, v, mask=mask, bias=bias)
+    got = torch.autograd.grad(y, (q, k, v), g)
+    assert calls == {"fwd": 1, "bwd": 1}
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    scores = exact[0] @ exact[1].transpose(-1, -2) / math.sqrt(D) + bias.double()
+    want_y = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ exact[2]
+    want = torch.autograd.grad(want_y, exact, g.double())
+    torch.testing.assert_close(y.double(), want_y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["relative buckets", "slopes off by an ulp", "queries not at the end", "bf16 bias"])
+def test_other_biases_are_left_to_torch(case, monkeypatch):
+    q, k, v = (rand(1, 4, 40, 16, seed=s) for s in range(3))
+    bias = alibi_bias(4, 40, 40)
+    if case == "relative buckets":
+        bias = rand(1, 4, 40, 40, seed=7)
+    elif case == "slopes off by an ulp":
+        bias[0, 2, 30, 12] = torch.nextafter(bias[0, 2, 30, 12], torch.tensor(0.0))
+    elif case == "queries not at the end":
+        from llmarch.nn.position import AlibiPositions
+
+        bias = AlibiPositions(n_heads=4).score_bias(torch.arange(40) + 1, torch.arange(40))  # one slot later
+    elif case == "bf16 bias":
+        bias = bias.bfloat16()
+    calls = counting(monkeypatch)
+    with torch.no_grad():
+        got = kernels.sdpa_attention(q, k, v, bias=bias, causal=True)
+    assert calls == {"fwd": 0, "bwd": 0}
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float().masked_fill(~mask, float("-inf")))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bloom_model_trains_and_prefills_through_the_kernel(monkeypatch):
+    """A BLOOM-style model (ALiBi), padded and not: every layer on the kernel, logits and gradients as with torch's."""
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("bloom-tiny").replace(max_seq_len=128))
+    ids = torch.randint(3, model.config.vocab_size, (2, 40))
+    right = (torch.arange(40)[None] < torch.tensor([[40], [29]])).long()
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(flash, "available", lambda: False)
+        calls = counting(monkeypatch) if kernel else None
+        model.zero_grad()
+        out = model(ids, attention_mask=right).logits
+        out[right.bool()].square().mean().backward()
+        with torch.no_grad():
+            plain = model(ids).logits
+        if kernel:
+            assert calls == {"fwd": 2 * model.config.n_layers, "bwd": model.config.n_layers}
+        results.append((out[right.bool()], plain, [p.grad.clone() for p in model.parameters()]))
+    for a, b in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_an_alibi_bias_changed_in_place_is_read_again(monkeypatch):
+    q, k, v = (rand(1, 4, 40, 16, seed=s) for s in range(3))
+    bias = alibi_bias(4, 40, 40)
+    calls = counting(monkeypatch)
+    with torch.no_grad():
+        kernels.sdpa_attention(q, k, v, bias=bias, causal=True)
+        assert calls["fwd"] == 1
+        bias[0, 1, 20, 3] += 1.0  # no longer ALiBi's
+        got = kernels.sdpa_attention(q, k, v, bias=bias, causal=True)
+    assert calls["fwd"] == 1
+    mask = torch.ones(40, 40, dtype=torch.bool).tril()
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.masked_fill(~mask, float("-inf"))), rtol=1e-5, atol=1e-5)

@@ -17,7 +17,8 @@ activation dtype's bytes per number; statistics kept in fp32 count 4. Per token:
   input, the expert's [*, F] tensors, its output and weighted output, int64 ids and fp32 weights (3·a·D + 32);
   a gated shared expert also its output and fp32 gate (a·D + 4).
 - residual adds save nothing; dropout keeps a 1-byte mask per element.
-- ALiBi: its fp32 score bias per layer, shared by the batch (:func:`score_bias_bytes_per_token`).
+- ALiBi: its fp32 score bias per layer, shared by the batch, where torch's attention runs and saves it
+  (:func:`score_bias_bytes_per_token`; llmarch's attention kernels add it from the slopes and save none).
 - around the stack: token ids (8), the embedding norm if any, RoPE's fp32 cos/sin tables (8·R; in another
   dtype the copy each layer casts, 2·a·R·L), the final norm, the head's input (a·D), and the training loss
   (``ce_sum``): the logits and their fp32 log-sum-exp (a·V + 4; vocabulary-parallel logits keep the fp32
@@ -97,10 +98,23 @@ def layer_activation_bytes_per_token(cfg, layer: int, act_bytes: float, cross: b
             + a * saved_f * shared_width(cfg) + gated + masks)
 
 
-def score_bias_bytes_per_token(cfg, seq_len: int, batch: int) -> float:
-    """ALiBi's fp32 score bias [1, H, T, S], built and saved in each layer and shared by the batch: 4·H·T / B per
-    token and layer (0 for other position schemes)."""
-    return 4 * cfg.n_heads * seq_len / batch if cfg.position == "alibi" else 0.0
+def alibi_bias_saved(seq_len: int) -> bool:
+    """Whether a training step here saves ALiBi's score bias: torch's attention keeps it as its mask input, while
+    llmarch's own attention kernels (:mod:`llmarch.native.flash`, on CPUs where they build, from its fewest
+    queries on) add the bias themselves from the slopes and keep nothing of it. The plan describes this host, as
+    the measurement it is held to does (the first call may build the kernels)."""
+    from llmarch.native import flash
+
+    return not (seq_len >= flash.MIN_QUERIES and flash.available())
+
+
+def score_bias_bytes_per_token(cfg, seq_len: int, batch: int, saved: bool | None = None) -> float:
+    """ALiBi's fp32 score bias [1, H, T, S], built in each layer and shared by the batch: 4·H·T / B per token and
+    layer where the step saves it (``saved``; default :func:`alibi_bias_saved`), else 0; 0 for other position
+    schemes."""
+    if cfg.position != "alibi" or not (alibi_bias_saved(seq_len) if saved is None else saved):
+        return 0.0
+    return 4 * cfg.n_heads * seq_len / batch
 
 
 def outer_bytes_per_token(cfg, act_bytes: float, n_layers: int, vocab_shards: int = 1, first: bool = True,
@@ -175,4 +189,4 @@ def measure_saved_bytes(step, params=()) -> int:
 
 
 __all__ = ["FFN_SAVED_F", "norm_bytes_per_token", "layer_activation_bytes_per_token", "outer_bytes_per_token",
-           "score_bias_bytes_per_token", "ffn_saved_f", "rotary_dim", "measure_saved_bytes"]
+           "score_bias_bytes_per_token", "alibi_bias_saved", "ffn_saved_f", "rotary_dim", "measure_saved_bytes"]

@@ -6,7 +6,8 @@
  *   query t sees the keys s <= t + S - T (its place at the end of the keys, as a prefill after a cache); and,
  *   where asked, each query's log-sum-exp of its scaled scores (for the backward). With key ranges lo, hi [B, T]
  *   (int32) query t of row b sees exactly the keys lo[b, t] <= s < hi[b, t] instead (padding, documents, sliding
- *   windows, causal: every mask whose rows are one run of keys; each range holds a key).
+ *   windows, causal: every mask whose rows are one run of keys; each range holds a key). With ALiBi slopes [H]
+ *   each score gains -slope[h] * |t + S - T - s| (the bias computed as llmarch's ALiBi computes it, in fp32).
  * llmarch_flash_bwd: dq, dk, dv from dout, out and the log-sum-exp, the weights recomputed block by block: one pass
  *   over (b, g, block of 64 keys) for dk and dv (summed over the group's query heads and the queries that see the
  *   block), one over (b, h, block of queries) for dq; no scores saved, no two threads writing one sum.
@@ -113,7 +114,17 @@ typedef struct {
   const int32_t *lo, *hi;  /* [T] of the batch row, or NULL */
   int64_t off, S;
   int causal;
+  const float *slope;  /* the head's ALiBi slope, or NULL */
 } Seen;
+
+/* the ALiBi bias of query t over keys j0 + 16u .. j0 + 16u + 15: -(slope * |t + off - s|), rounded as torch's
+ * -(slopes * dist.float()) is (the distance is exact in fp32 below 2^24) */
+static inline __m512 alibi16(const Seen *w, int64_t t, int64_t j0, int u) {
+  const __m512i s = _mm512_add_epi32(_mm512_set1_epi32((int32_t)(j0 + 16 * u - t - w->off)),
+                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512 product = _mm512_mul_ps(_mm512_set1_ps(*w->slope), _mm512_cvtepi32_ps(_mm512_abs_epi32(s)));
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(product), _mm512_set1_epi32(INT32_MIN)));
+}
 
 static inline int64_t first_key(const Seen *w, int64_t t) { return w->lo ? w->lo[t] : 0; }
 static inline int64_t end_key(const Seen *w, int64_t t) {
@@ -162,6 +173,7 @@ static void block(float *out, int64_t os, float *lse, const float *q, const floa
       for (int u = 0; u < 4; u++) {
         m[u] = seen_lanes(w, t0 + r, j0, n, u);
         sc[u] = _mm512_maskz_mul_ps(m[u], _mm512_load_ps(sr + 16 * u), _mm512_set1_ps(scale));
+        if (w->slope) sc[u] = _mm512_maskz_add_ps(m[u], sc[u], alibi16(w, t0 + r, j0, u));
         vmax = _mm512_mask_max_ps(vmax, m[u], vmax, sc[u]);
       }
       const float m_new = fmaxf(mx[r], _mm512_reduce_max_ps(vmax));
@@ -192,7 +204,7 @@ static void block(float *out, int64_t os, float *lse, const float *q, const floa
 int llmarch_flash_fwd(float *out, const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t G,
                       int64_t T, int64_t S, int64_t Dh, int64_t Dv, const int64_t *qst, const int64_t *kst,
                       const int64_t *vst, float scale, int64_t causal, float *lse, const int64_t *ost,
-                      const int32_t *lo, const int32_t *hi) {
+                      const int32_t *lo, const int32_t *hi, const float *slopes) {
   const int64_t blocks = (T + QB - 1) / QB, tasks = B * H * blocks, per = H / G, off = S - T;
   const size_t floats = (size_t)(Dh * KB + QB * KB + QB * Dv + 2 * QB);
   int ok = 1;
@@ -206,7 +218,8 @@ int llmarch_flash_fwd(float *out, const float *q, const float *k, const float *v
         /* the query blocks of a head last to first: with causal keys the longest tasks first */
         const int64_t b = i / (H * blocks), h = i / blocks % H, t0 = (blocks - 1 - i % blocks) * QB;
         const int64_t g = h / per;
-        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
+        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal,
+                        slopes ? slopes + h : NULL};
         block(out + b * ost[0] + h * ost[1] + t0 * ost[2], ost[2], lse ? lse + (b * H + h) * T + t0 : NULL,
               q + b * qst[0] + h * qst[1], k + b * kst[0] + g * kst[1], v + b * vst[0] + g * vst[1], qst[2],
               kst[2], vst[2], t0, min64(QB, T - t0), Dh, Dv, &w, scale, buf);
@@ -225,7 +238,9 @@ static void weights(float *s, const float *lse, int64_t t0, int64_t R, int64_t j
     const __m512 l = _mm512_set1_ps(lse[r]), sc = _mm512_set1_ps(scale);
     for (int u = 0; u < 4; u++) {
       float *x = s + r * KB + 16 * u;
-      const __m512 e = exp_neg16(_mm512_sub_ps(_mm512_mul_ps(_mm512_load_ps(x), sc), l));
+      __m512 z = _mm512_mul_ps(_mm512_load_ps(x), sc);
+      if (w->slope) z = _mm512_add_ps(z, alibi16(w, t0 + r, j0, u));
+      const __m512 e = exp_neg16(_mm512_sub_ps(z, l));
       _mm512_store_ps(x, _mm512_maskz_mov_ps(seen_lanes(w, t0 + r, j0, n, u), e));
     }
   }
@@ -251,12 +266,12 @@ static void transpose_block(float *at, const float *a, int64_t R) {
  * log-sum-exp lse and delta = rowsum(dout * out) [B, H, T]; q, k, v as there. The pass over key blocks also adds
  * each block's share of dq into its thread's own dq sums (the first thread's is dq), added up at the end; where
  * those would take more than shares_max bytes (or shares_max < 0), a second pass over query blocks recomputes the
- * weights for dq instead. lo, hi: as the forward's. Returns 0, or -1 without memory. */
+ * weights for dq instead. lo, hi, slopes: as the forward's. Returns 0, or -1 without memory. */
 int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
                       const float *dout, const float *lse, const float *delta, int64_t B, int64_t H, int64_t G,
                       int64_t T, int64_t S, int64_t Dh, int64_t Dv, const int64_t *qst, const int64_t *kst,
                       const int64_t *vst, float scale, int64_t causal, int64_t shares_max, const int32_t *lo,
-                      const int32_t *hi) {
+                      const int32_t *hi, const float *slopes) {
   const int64_t per = H / G, off = S - T, kblocks = (S + KB - 1) / KB, qblocks = (T + QB - 1) / QB;
   const int64_t D = Dh > Dv ? Dh : Dv, nq = B * H * T * Dh;
   /* kt, vt [D, 64]; s, dp [QB, 64]; at [64, QB]; acc_k [64, Dh], acc_v [64, Dv] (or acc_q [QB, Dh]) */
@@ -271,7 +286,7 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
   if (!kspan) return -1;
   for (int64_t i = 0; i < B * qblocks; i++) {
     const int64_t b = i / qblocks, t0 = i % qblocks * QB;
-    const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
+    const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal, NULL};
     block_keys(&w, t0, min64(QB, T - t0), kspan + 2 * i, kspan + 2 * i + 1);
   }
   float *shares = NULL;  /* threads 1 .. team - 1's dq sums from zeros (a thread with no work adds zeros); 0's: dq */
@@ -302,9 +317,10 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
         panel(kt, kb, kst[2], Dh, n);
         panel(vt, vb, vst[2], Dv, n);
         memset(acc_k, 0, sizeof(float) * (size_t)(KB * (Dh + Dv)));
-        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
+        Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal, NULL};
         for (int64_t h = g * per; h < (g + 1) * per; h++)
           for (int64_t t0 = 0; t0 < T; t0 += QB) {
+            w.slope = slopes ? slopes + h : NULL;
             const int64_t *span = kspan + 2 * (b * qblocks + t0 / QB);
             if (span[0] >= j0 + n || span[1] <= j0) continue;  /* no query of the block sees these keys */
             const int64_t R = min64(QB, T - t0), bh = b * H + h;
@@ -334,7 +350,8 @@ int llmarch_flash_bwd(float *dq, float *dk, float *dv, const float *q, const flo
         const int64_t b = i / (H * qblocks), h = i / qblocks % H, t0 = (qblocks - 1 - i % qblocks) * QB;
         const int64_t R = min64(QB, T - t0), bh = b * H + h, g = h / per;
         const int64_t *span = kspan + 2 * (b * qblocks + t0 / QB), end = span[1];
-        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal};
+        const Seen w = {lo ? lo + b * T : NULL, hi ? hi + b * T : NULL, off, S, (int)causal,
+                        slopes ? slopes + h : NULL};
         const float *qb = q + b * qst[0] + h * qst[1] + t0 * qst[2], *gb = dout + (bh * T + t0) * Dv;
         memset(acc_q, 0, sizeof(float) * (size_t)(QB * Dh));
         for (int64_t j0 = span[0]; j0 < end; j0 += KB) {

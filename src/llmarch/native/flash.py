@@ -4,7 +4,7 @@ GFLOP/s on a Zen 5 core (fp32 or bf16, 8 heads of 64); this one keeps each block
 and outputs in L1 and runs every product as register tiles (docs/performance.md, twenty-first round). Causal (a
 query sees the keys up to its place at the end of the keys), over all keys, or over one run of keys per query
 (``ranges``: padded rows, packed documents, sliding windows: the masks llmarch's attention builds), grouped-query
-heads read in place; fp32, and bf16 computed in fp32 from the bf16 values with the output and gradients rounded
+heads read in place, optionally with ALiBi's bias (``slopes``); fp32, and bf16 computed in fp32 from the bf16 values with the output and gradients rounded
 once. Values: the fp32 attention up to summation order and a 2-ulp exp.
 
 :func:`forward` returns None where it does not apply (the caller runs torch's kernel).
@@ -22,8 +22,8 @@ from llmarch import native
 MIN_QUERIES = 16
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
-_FWD = [_P] * 4 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _P, _P, _P, _P]
-_BWD = [_P] * 9 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _I64, _P, _P]
+_FWD = [_P] * 4 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _P, _P, _P, _P, _P]
+_BWD = [_P] * 9 + [_I64] * 7 + [_P] * 3 + [ctypes.c_float, _I64, _I64, _P, _P, _P]
 # the backward adds each thread's share of dq into the thread's own sums while it has the weights of a block of
 # keys (1.4-2x faster than a second pass recomputing them for dq), where these sums take at most this many bytes
 # beyond dq itself (threads - 1 copies of dq); -1: always the second pass
@@ -38,9 +38,13 @@ def _ranges(ranges) -> tuple:
     return (None, None) if ranges is None else (ranges[0].data_ptr(), ranges[1].data_ptr())
 
 
-def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False, ranges=None):
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False, ranges=None, slopes=None):
     """(out [B, H, T, Dv], log-sum-exp [B, H, T] or None) of fp32 q, k, v, or None without memory; ``ranges``: (lo,
-    hi) [B, T] int32, query t of row b seeing keys lo[b, t] <= s < hi[b, t]."""
+    hi) [B, T] int32, query t of row b seeing keys lo[b, t] <= s < hi[b, t]; ``slopes``: ALiBi's [H] fp32."""
     B, H, T, Dh = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
     # the output in q's order of heads and rows, as torch's CPU flash kernel lays it out: a q viewed from [B, T, H,
@@ -49,11 +53,11 @@ def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False, ranges=None
     out = torch.empty(B, T, H, Dv).transpose(1, 2) if rows_first else torch.empty(B, H, T, Dv)
     m = torch.empty(B, H, T) if lse else None
     rc = fn(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, G, T, S, Dh, Dv, *_strides(q, k, v),
-            scale, int(causal), None if m is None else m.data_ptr(), *_strides(out), *_ranges(ranges))
+            scale, int(causal), None if m is None else m.data_ptr(), *_strides(out), *_ranges(ranges), _ptr(slopes))
     return None if rc else (out, m)
 
 
-def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool, ranges=None):
+def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool, ranges=None, slopes=None):
     """(dq, dk, dv) of fp32 tensors, contiguous, or None without memory."""
     B, H, T, Dh = q.shape
     G, S, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -62,7 +66,7 @@ def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool, ranges=None):
     dq, dk, dv = torch.empty(B, H, T, Dh), torch.empty(B, G, S, Dh), torch.empty(B, G, S, Dv)
     rc = fn(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(),
             lse.data_ptr(), delta.data_ptr(), B, H, G, T, S, Dh, Dv, *_strides(q, k, v), scale, int(causal),
-            DQ_SHARES_MAX, *_ranges(ranges))
+            DQ_SHARES_MAX, *_ranges(ranges), _ptr(slopes))
     return None if rc else (dq, dk, dv)
 
 
@@ -123,23 +127,24 @@ class _Attention(torch.autograd.Function):
     flash kernel does."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, causal: bool, ranges):
-        got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, lse=True, ranges=ranges)
+    def forward(ctx, q, k, v, scale: float, causal: bool, ranges, slopes):
+        got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, lse=True, ranges=ranges,
+                   slopes=slopes)
         if got is None:
             raise MemoryError("llmarch.native.flash: no memory for the attention's blocks")
         out = got[0].to(q.dtype)
         ctx.save_for_backward(q, k, v, out, got[1])
-        ctx.scale, ctx.causal, ctx.ranges = scale, causal, ranges
+        ctx.scale, ctx.causal, ctx.ranges, ctx.slopes = scale, causal, ranges, slopes
         return out
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse = ctx.saved_tensors
         grads = _bwd(_BWD_KERNEL.fn(), q.float(), k.float(), v.float(), out.float(), lse, g.float(), ctx.scale,
-                     ctx.causal, ctx.ranges)
+                     ctx.causal, ctx.ranges, ctx.slopes)
         if grads is None:
             raise MemoryError("llmarch.native.flash: no memory for the attention's gradient blocks")
-        return (*(d.to(t.dtype) for d, t in zip(grads, (q, k, v))), None, None, None)
+        return (*(d.to(t.dtype) for d, t in zip(grads, (q, k, v))), None, None, None, None)
 
 
 def runnable() -> bool:
@@ -150,10 +155,12 @@ def runnable() -> bool:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-            ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+            ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+            slopes: torch.Tensor | None = None) -> torch.Tensor | None:
     """softmax(q k^T * scale) v for q [B, H, T, Dh], k [B, G, S, Dh], v [B, G, S, Dv] (G dividing H), causal (T <= S:
     query t sees keys up to t + S - T), over all keys, or with ``ranges`` (lo, hi) [B, T] int32 (contiguous, CPU)
-    over the keys lo[b, t] <= s < hi[b, t] (each range non-empty; ``causal`` then ignored) -> [B, H, T, Dv],
+    over the keys lo[b, t] <= s < hi[b, t] (each range non-empty; ``causal`` then ignored), each score plus ALiBi's
+    bias -(slopes[h] * |t + S - T - s|) where ``slopes`` [H] (fp32, contiguous, CPU) is given -> [B, H, T, Dv],
     differentiable (where Dv == Dh); or None where the kernels do not apply: fp32 or bf16 CPU tensors (all one
     dtype) whose last dimension is contiguous, at least :data:`MIN_QUERIES` queries, where :func:`runnable`."""
     if not (q.dim() == k.dim() == v.dim() == 4 and q.dtype in (torch.float32, torch.bfloat16) and all(
@@ -169,12 +176,16 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cau
                    for r in ranges):
             raise ValueError(f"ranges: (lo, hi) must be contiguous int32 CPU tensors of shape {(B, T)}")
         causal = False
+    if slopes is not None and not (slopes.shape == (H,) and slopes.dtype == torch.float32 and slopes.is_contiguous()
+                                   and slopes.device.type == "cpu"):
+        raise ValueError(f"slopes: must be a contiguous float32 CPU tensor of shape {(H,)}")
     if not runnable():
         return None
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         # training: where torch's flash kernel would run (values as wide as keys), so what the step saves is what
         # llmarch.analysis plans for it; torch runs value widths apart from key widths (latent attention) on its
         # math path, which the plan models
-        return _Attention.apply(q, k, v, scale, causal, ranges) if Dv == Dh else None
-    got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, ranges=ranges)  # bf16: exact
+        return _Attention.apply(q, k, v, scale, causal, ranges, slopes) if Dv == Dh else None
+    got = _fwd(_FWD_KERNEL.fn(), q.float(), k.float(), v.float(), scale, causal, ranges=ranges,
+               slopes=slopes)  # bf16: exact in fp32
     return None if got is None else got[0].to(q.dtype)  # bf16: one rounding

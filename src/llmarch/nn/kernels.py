@@ -110,6 +110,26 @@ def _key_ranges(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[t
     return got
 
 
+def _alibi_slopes(bias: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """ALiBi's slopes [H] (fp32) where ``bias`` [1, H, T, S] is exactly -(slope_h * |t + S - T - s|) as
+    ``llmarch.nn.position.AlibiPositions`` builds it for queries at the end of the keys, which llmarch's attention
+    kernels add to the scores themselves; else None. Checked once per bias tensor, where the kernels could run."""
+    H, T, S = q.shape[1], q.shape[-2], k.shape[-2]
+    if (bias.dtype != torch.float32 or bias.shape != (1, H, T, S) or S < 2 or T < flash.MIN_QUERIES
+            or bias.device.type != "cpu" or not flash.runnable()):
+        return None
+    memo = getattr(bias, "_llmarch_alibi", None)
+    if memo is not None and memo[0] == bias._version:
+        return memo[1]
+    off = S - T
+    j = off + 1 if off + 1 < S else off - 1  # a key one step from the first query: its bias is -slope
+    slopes = (-bias[0, :, 0, j]).contiguous()
+    dist = ((torch.arange(T)[:, None] + off) - torch.arange(S)[None, :]).abs().float()
+    got = slopes if torch.equal(bias[0], -(slopes[:, None, None] * dist)) else None
+    bias._llmarch_alibi = (bias._version, got)
+    return got
+
+
 @KERNELS.register("sdpa")
 def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, dropout_p=0.0) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (flash / memory-efficient / math backends); a single query
@@ -121,14 +141,15 @@ def sdpa_attention(q, k, v, mask=None, bias=None, scale=None, causal=False, drop
     the widened time at 64-2048 keys, and its values differ from the one-rounding form the native bf16 decode layer
     computes (:mod:`llmarch.nn.fused_decode`). Before all that, attention of many queries per sequence, causal (also
     after a cache), unmasked, or under a mask whose rows are each one run of keys (padding on either side, packed
-    documents, sliding windows: :func:`_key_ranges`), without bias or dropout, runs on llmarch's kernels where they
-    build
+    documents, sliding windows: :func:`_key_ranges`), without bias (but ALiBi's, :func:`_alibi_slopes`) or dropout,
+    runs on llmarch's kernels where they build
     (:mod:`llmarch.native.flash`, AVX-512), forward and backward, bf16 widened to fp32: on a Zen 5 core the forward
     1.5-2.6x torch's fp32 kernel and 1.8-2.7x its bf16 one, with the same error against fp64 (docs/performance.md,
     twenty-first round)."""
-    if bias is None and dropout_p == 0.0 and (mask is None or (ranges := _key_ranges(mask, q, k)) is not None) and (
+    if dropout_p == 0.0 and (bias is None or (slopes := _alibi_slopes(bias, q, k)) is not None) and (
+            mask is None or (ranges := _key_ranges(mask, q, k)) is not None) and (
             y := flash.forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale, causal,
-                               None if mask is None else ranges)) is not None:
+                               None if mask is None else ranges, None if bias is None else slopes)) is not None:
         return y
     if widened.takes(q) or _bf16_decode_query(q, k, v):
         if bias is None and dropout_p == 0.0 and torch.is_grad_enabled() and any(
