@@ -96,7 +96,8 @@ def test_gradients_equal_float64_autograd(B, H, G, T, S, Dh, Dv, causal):
     g = rand(B, H, T, Dv, seed=3)
     scale = 1 / math.sqrt(Dh)
     # the kernels' autograd function (flash.forward sends value widths apart from key widths to torch for training)
-    y = flash._Attention.apply(q, k, v, scale, causal, None, None) if Dv != Dh else flash.forward(q, k, v, scale, causal)
+    y = (flash._Attention.apply(q, k, v, scale, causal, None, None) if Dv != Dh
+         else flash.forward(q, k, v, scale, causal))
     assert type(y.grad_fn).__name__ == "_AttentionBackward"
     got = torch.autograd.grad(y, (q, k, v), g)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -354,6 +355,27 @@ def test_a_mask_is_read_once_and_again_after_a_change(monkeypatch):
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+def kernel_then_torch(model, ids, train_mask, infer_mask, monkeypatch) -> list[tuple]:
+    """(logits at train_mask's real slots, logits of a forward without gradients under infer_mask, gradients of a
+    loss over the first) with llmarch's kernels (each layer's attention on them, forward and backward), then with
+    torch's kernel."""
+    results = []
+    for kernel in (True, False):
+        if not kernel:
+            monkeypatch.setattr(flash, "available", lambda: False)
+        calls = counting(monkeypatch) if kernel else None
+        model.zero_grad()
+        out = model(ids, attention_mask=train_mask).logits
+        out.float()[train_mask.bool()].square().mean().backward()
+        with torch.no_grad():
+            other = model(ids, attention_mask=infer_mask).logits
+        if kernel:
+            assert calls == {"fwd": 2 * model.config.n_layers, "bwd": model.config.n_layers}
+        results.append((out[train_mask.bool()], other if infer_mask is None else other[infer_mask.bool()],
+                        [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_padded_batch_trains_and_generates_through_the_kernel(dtype, monkeypatch):
     """A right-padded batch (fine-tuning) and a left-padded one (batched prompts): every layer's attention on the
@@ -364,19 +386,7 @@ def test_a_padded_batch_trains_and_generates_through_the_kernel(dtype, monkeypat
     right = (torch.arange(40)[None] < torch.tensor([[40], [31], [22]])).long()
     left = right.flip(-1)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
-    results = []
-    for kernel in (True, False):
-        if not kernel:
-            monkeypatch.setattr(flash, "available", lambda: False)
-        calls = counting(monkeypatch) if kernel else None
-        model.zero_grad()
-        out = model(ids, attention_mask=right).logits
-        out.float()[right.bool()].square().mean().backward()
-        with torch.no_grad():
-            prompts = model(ids, attention_mask=left).logits
-        if kernel:
-            assert calls == {"fwd": 2 * model.config.n_layers, "bwd": model.config.n_layers}
-        results.append((out[right.bool()], prompts[left.bool()], [p.grad.clone() for p in model.parameters()]))
+    results = kernel_then_torch(model, ids, right, left, monkeypatch)
     (a_out, a_prompts, a_grads), (b_out, b_prompts, b_grads) = results
     torch.testing.assert_close(a_out.float(), b_out.float(), **tol)
     torch.testing.assert_close(a_prompts.float(), b_prompts.float(), **tol)
@@ -524,19 +534,7 @@ def test_a_bloom_model_trains_and_prefills_through_the_kernel(monkeypatch):
     model = llmarch.build(llmarch.preset("bloom-tiny").replace(max_seq_len=128))
     ids = torch.randint(3, model.config.vocab_size, (2, 40))
     right = (torch.arange(40)[None] < torch.tensor([[40], [29]])).long()
-    results = []
-    for kernel in (True, False):
-        if not kernel:
-            monkeypatch.setattr(flash, "available", lambda: False)
-        calls = counting(monkeypatch) if kernel else None
-        model.zero_grad()
-        out = model(ids, attention_mask=right).logits
-        out[right.bool()].square().mean().backward()
-        with torch.no_grad():
-            plain = model(ids).logits
-        if kernel:
-            assert calls == {"fwd": 2 * model.config.n_layers, "bwd": model.config.n_layers}
-        results.append((out[right.bool()], plain, [p.grad.clone() for p in model.parameters()]))
+    results = kernel_then_torch(model, ids, right, None, monkeypatch)  # padded, then unpadded (causal)
     for a, b in zip(results[0][:2], results[1][:2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for a, b in zip(results[0][2], results[1][2]):

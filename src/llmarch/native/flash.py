@@ -4,8 +4,8 @@ GFLOP/s on a Zen 5 core (fp32 or bf16, 8 heads of 64); this one keeps each block
 and outputs in L1 and runs every product as register tiles (docs/performance.md, twenty-first round). Causal (a
 query sees the keys up to its place at the end of the keys), over all keys, or over one run of keys per query
 (``ranges``: padded rows, packed documents, sliding windows: the masks llmarch's attention builds), grouped-query
-heads read in place, optionally with ALiBi's bias (``slopes``); fp32, and bf16 computed in fp32 from the bf16 values with the output and gradients rounded
-once. Values: the fp32 attention up to summation order and a 2-ulp exp.
+heads read in place, optionally with ALiBi's bias (``slopes``); fp32, and bf16 computed in fp32 from the bf16
+values with the output and gradients rounded once. Values: the fp32 attention up to summation order and a 2-ulp exp.
 
 :func:`forward` returns None where it does not apply (the caller runs torch's kernel).
 """
