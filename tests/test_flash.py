@@ -355,25 +355,32 @@ def test_a_mask_is_read_once_and_again_after_a_change(monkeypatch):
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-def kernel_then_torch(model, ids, train_mask, infer_mask, monkeypatch) -> list[tuple]:
-    """(logits at train_mask's real slots, logits of a forward without gradients under infer_mask, gradients of a
-    loss over the first) with llmarch's kernels (each layer's attention on them, forward and backward), then with
-    torch's kernel."""
+def on_kernel_then_torch(model, step, forwards: int, monkeypatch) -> list[tuple]:
+    """(what ``step()`` returns, the gradients it left) with llmarch's kernels — ``forwards`` forwards per layer and
+    one backward on them — then with torch's kernel."""
     results = []
     for kernel in (True, False):
         if not kernel:
             monkeypatch.setattr(flash, "available", lambda: False)
         calls = counting(monkeypatch) if kernel else None
         model.zero_grad()
+        out = step()
+        if kernel:
+            assert calls == {"fwd": forwards * model.config.n_layers, "bwd": model.config.n_layers}
+        results.append((out, [p.grad.clone() for p in model.parameters()]))
+    return results
+
+
+def kernel_then_torch(model, ids, train_mask, infer_mask, monkeypatch) -> list[tuple]:
+    """(logits at train_mask's real slots, logits of a forward without gradients under infer_mask, gradients of a
+    loss over the first) on llmarch's kernels, then on torch's."""
+    def step():
         out = model(ids, attention_mask=train_mask).logits
         out.float()[train_mask.bool()].square().mean().backward()
         with torch.no_grad():
             other = model(ids, attention_mask=infer_mask).logits
-        if kernel:
-            assert calls == {"fwd": 2 * model.config.n_layers, "bwd": model.config.n_layers}
-        results.append((out[train_mask.bool()], other if infer_mask is None else other[infer_mask.bool()],
-                        [p.grad.clone() for p in model.parameters()]))
-    return results
+        return out[train_mask.bool()], other if infer_mask is None else other[infer_mask.bool()]
+    return [(*out, grads) for out, grads in on_kernel_then_torch(model, step, 2, monkeypatch)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -554,3 +561,24 @@ def test_an_alibi_bias_changed_in_place_is_read_again(monkeypatch):
     mask = torch.ones(40, 40, dtype=torch.bool).tril()
     torch.testing.assert_close(got, F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias.masked_fill(~mask, float("-inf"))), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_fine_tuning_rows_run_on_the_kernel(monkeypatch):
+    """Packed chat rows (conversations side by side, right padding: ``document_ids`` 1, 2, ..., 0 on padding) give
+    masks of runs: the step runs on the kernels, with the loss and gradients of torch's kernel."""
+    from llmarch.train.chat_data import Row, causal_targets, collate
+    from llmarch.train.masking import IGNORE
+
+    torch.manual_seed(0)
+    model = llmarch.build(llmarch.preset("llama-tiny").replace(max_seq_len=128))
+    rows = [Row(list(range(3, 33)), [1] * 30, [1] * 12 + [2] * 18), Row(list(range(5, 25)), [1] * 20, [1] * 20)]
+    inputs, labels = causal_targets(collate(rows, pad_id=0))
+    def step():
+        loss = F.cross_entropy(model(**inputs).logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+        loss.backward()
+        return loss.detach()
+
+    results = on_kernel_then_torch(model, step, 1, monkeypatch)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
