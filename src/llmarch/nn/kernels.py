@@ -182,7 +182,8 @@ def _torch_sdpa(q, k, v, **kw) -> torch.Tensor:
     H200 (torch 2.11, cuDNN 9.19; docs/performance.md, GPU run) eager batch-1 decode of a 7B model ran at 19 against
     49 tokens/s over 48 tokens (8 tokens/s over 176 new lengths), and a prefill of a new length took 66 against
     25 ms; on a repeated length the two were level. Training (equal query and key lengths, gradients: shapes
-    repeat) keeps torch's choice; a compiled step chooses at trace time."""
+    repeat) keeps torch's choice; a compiled step chooses at trace time. The flag is process-wide for the call's
+    length, as torch's own ``sdpa_kernel`` context is."""
     if (CUDNN_ONLY_FOR_TRAINING and q.device.type != "cpu" and not torch.compiler.is_compiling()
             and (k.shape[2] != q.shape[2] or not (torch.is_grad_enabled() and any(
                 t.requires_grad for t in (q, k, v))))
