@@ -34,10 +34,6 @@ def _strides(*ts: torch.Tensor) -> list:
     return [(_I64 * 3)(*t.stride()[:3]) for t in ts]
 
 
-def _ranges(ranges) -> tuple:
-    return (None, None) if ranges is None else (ranges[0].data_ptr(), ranges[1].data_ptr())
-
-
 def _ptr(t):
     return None if t is None else t.data_ptr()
 
@@ -53,7 +49,7 @@ def _fwd(fn, q, k, v, scale: float, causal: bool, lse: bool = False, ranges=None
     out = torch.empty(B, T, H, Dv).transpose(1, 2) if rows_first else torch.empty(B, H, T, Dv)
     m = torch.empty(B, H, T) if lse else None
     rc = fn(out.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, H, G, T, S, Dh, Dv, *_strides(q, k, v),
-            scale, int(causal), None if m is None else m.data_ptr(), *_strides(out), *_ranges(ranges), _ptr(slopes))
+            scale, int(causal), _ptr(m), *_strides(out), *map(_ptr, ranges or (None, None)), _ptr(slopes))
     return None if rc else (out, m)
 
 
@@ -66,7 +62,7 @@ def _bwd(fn, q, k, v, out, lse, g, scale: float, causal: bool, ranges=None, slop
     dq, dk, dv = torch.empty(B, H, T, Dh), torch.empty(B, G, S, Dh), torch.empty(B, G, S, Dv)
     rc = fn(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), g.data_ptr(),
             lse.data_ptr(), delta.data_ptr(), B, H, G, T, S, Dh, Dv, *_strides(q, k, v), scale, int(causal),
-            DQ_SHARES_MAX, *_ranges(ranges), _ptr(slopes))
+            DQ_SHARES_MAX, *map(_ptr, ranges or (None, None)), _ptr(slopes))
     return None if rc else (dq, dk, dv)
 
 
